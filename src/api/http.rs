@@ -1,0 +1,200 @@
+//! The HTTP/JSON transport (axum). Handlers only extract and answer; the
+//! service validates and dispatches. Every error, including extractor
+//! rejections and unknown routes, is `{"error": {"type", "message"}}`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use super::types::*;
+use super::Service;
+use crate::error::ServeError;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub service: Arc<Service>,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(state: HttpState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{model}", get(get_model))
+        .route("/v1/models/{model}/recommend", post(recommend))
+        .route("/v1/models/{model}/score", post(score))
+        .route("/v1/users/{user_id}", post(upsert_user))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// An error as an HTTP answer.
+pub struct ApiError(pub ServeError);
+
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            error: ErrorDetail {
+                kind: self.0.kind().to_string(),
+                message: self.0.to_string(),
+            },
+        };
+        let mut resp = (status, Json(body)).into_response();
+        if let ServeError::Overloaded { retry_after_ms, .. } = &self.0 {
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&secs.to_string()).expect("digits are a valid header"),
+            );
+        }
+        resp
+    }
+}
+
+/// A JSON body parsed with rankd's error mapping: syntax errors are 400,
+/// well-formed JSON with wrong types or values 422, an oversized body 413.
+/// The content type is not required, so a bare `curl -d` works.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &HttpState) -> Result<Self, Self::Rejection> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                let got = declared.map_or_else(|| "more".to_string(), |n| n.to_string());
+                ServeError::TooLarge(format!(
+                    "request body must be <= {} bytes, got {got}",
+                    state.max_body_bytes
+                ))
+            } else {
+                ServeError::Malformed(format!("could not read the request body: {rejection}"))
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody).map_err(ApiError)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServeError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ServeError::Malformed(
+            "request body is empty; a JSON object is required".into(),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ServeError::Invalid(format!("invalid request: {e}")),
+        _ => ServeError::Malformed(format!("malformed JSON: {e}")),
+    })
+}
+
+/// Path segments parsed by hand so a bad one gets rankd's error shape.
+fn parse_user_id(raw: &str) -> Result<u64, ServeError> {
+    raw.parse::<u64>().map_err(|_| {
+        ServeError::Invalid(format!(
+            "user_id must be an unsigned 64-bit integer, got '{raw}'"
+        ))
+    })
+}
+
+async fn list_models(State(s): State<HttpState>) -> Json<ModelsResponse> {
+    Json(s.service.models())
+}
+
+async fn get_model(
+    State(s): State<HttpState>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelInfo>, ApiError> {
+    Ok(Json(s.service.model(&model)?))
+}
+
+async fn recommend(
+    State(s): State<HttpState>,
+    Path(model): Path<String>,
+    JsonBody(req): JsonBody<RecommendRequest>,
+) -> Result<Json<RecommendResponse>, ApiError> {
+    Ok(Json(s.service.recommend(&model, req).await?))
+}
+
+async fn score(
+    State(s): State<HttpState>,
+    Path(model): Path<String>,
+    JsonBody(req): JsonBody<ScoreRequest>,
+) -> Result<Json<ScoreResponse>, ApiError> {
+    Ok(Json(s.service.score(&model, req).await?))
+}
+
+async fn upsert_user(
+    State(s): State<HttpState>,
+    Path(user_id): Path<String>,
+    JsonBody(req): JsonBody<UserRequest>,
+) -> Result<Json<UserResponse>, ApiError> {
+    let user_id = parse_user_id(&user_id)?;
+    Ok(Json(s.service.upsert_user(user_id, req).await?))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let r = s.service.readiness();
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(r)).into_response()
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.service.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError(ServeError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    )))
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            kind: "method_not_allowed".into(),
+            message: format!("{} is not allowed on {}", req.method(), req.uri().path()),
+        },
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}

@@ -1,0 +1,127 @@
+//! Daemon configuration: built from an optional TOML file, then overridden by
+//! flags and `RANKD_*` environment variables (clap reads both).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Model repository root.
+    pub models: PathBuf,
+    /// HTTP listen address.
+    pub http: String,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Deadline for requests that carry no `timeout_ms`.
+    pub default_timeout_ms: u64,
+    /// Largest `timeout_ms` a request may ask for.
+    pub max_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            models: PathBuf::from("./models"),
+            http: "127.0.0.1:8080".into(),
+            max_body_bytes: 1 << 20,
+            default_timeout_ms: 1000,
+            max_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.max_body_bytes > 0, "max_body_bytes must be > 0, got 0");
+        anyhow::ensure!(
+            self.default_timeout_ms > 0 && self.default_timeout_ms <= self.max_timeout_ms,
+            "default_timeout_ms must be in 1..={}, got {}",
+            self.max_timeout_ms,
+            self.default_timeout_ms
+        );
+        Ok(())
+    }
+}
+
+/// `rankd serve` flags. Each is optional so that an unset flag leaves the
+/// config file's value (or the default) in place.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Model repository: DIR/<name>/<version>/model.toml [default: ./models]
+    #[arg(long, env = "RANKD_MODELS", value_name = "DIR")]
+    pub models: Option<PathBuf>,
+    /// HTTP listen address (port 0 picks a free port) [default: 127.0.0.1:8080]
+    #[arg(long, env = "RANKD_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// TOML config file with any of the keys below; flags and RANKD_* variables win
+    #[arg(long, env = "RANKD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Largest request body, in bytes [default: 1048576]
+    #[arg(long, env = "RANKD_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Deadline for requests without timeout_ms, in milliseconds [default: 1000]
+    #[arg(long, env = "RANKD_DEFAULT_TIMEOUT_MS", value_name = "MS")]
+    pub default_timeout_ms: Option<u64>,
+    /// Largest timeout_ms a request may ask for [default: 60000]
+    #[arg(long, env = "RANKD_MAX_TIMEOUT_MS", value_name = "MS")]
+    pub max_timeout_ms: Option<u64>,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.models {
+            c.models = v;
+        }
+        if let Some(v) = self.http {
+            c.http = v;
+        }
+        if let Some(v) = self.max_body_bytes {
+            c.max_body_bytes = v;
+        }
+        if let Some(v) = self.default_timeout_ms {
+            c.default_timeout_ms = v;
+        }
+        if let Some(v) = self.max_timeout_ms {
+            c.max_timeout_ms = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rankd.toml");
+        std::fs::write(&path, "http = \"0.0.0.0:9000\"\ndefault_timeout_ms = 20\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            default_timeout_ms: Some(30),
+            ..Default::default()
+        };
+        let c = args.into_config().unwrap();
+        assert_eq!(c.http, "0.0.0.0:9000");
+        assert_eq!(c.default_timeout_ms, 30);
+        assert_eq!(c.models, PathBuf::from("./models"));
+
+        std::fs::write(&path, "htp = \"x\"\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

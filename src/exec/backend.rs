@@ -1,0 +1,78 @@
+//! The contract between the executor and a compute device. It speaks in plain
+//! host types (item-table rows, f32 slices), not candle or CUDA ones, so the
+//! queue, the batcher and the servers build and test without any device code.
+
+use crate::model::{ItemTable, ModelKind, TowerWeights};
+
+/// Index of a loaded model in the executor.
+pub type ModelId = usize;
+
+/// What a backend needs to know about a model besides its weights.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelDesc {
+    pub kind: ModelKind,
+    pub dim: usize,
+    pub user_feature_dim: usize,
+}
+
+/// One request row group of a batch: a user (history and features) and what to
+/// compute for them.
+#[derive(Debug, Clone)]
+pub struct Query<'a> {
+    /// Item-table rows of the user's recent history (already cut to the
+    /// model's `history_len`), oldest first. Pooled with a plain mean.
+    pub history: &'a [u32],
+    /// Dense user features, `user_feature_dim` long; `None` means zeros.
+    pub features: Option<&'a [f32]>,
+    pub task: Task<'a>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Task<'a> {
+    /// Top `k` live items by score, skipping `exclude` (sorted rows).
+    TopK { k: usize, exclude: &'a [u32] },
+    /// One score per given row, in order.
+    Score { rows: &'a [u32] },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub id: u64,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    TopK(Vec<Scored>),
+    Scores(Vec<f32>),
+}
+
+/// A failed batch. `Clone`, so one failure can be sent to every waiter.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{device}: {message}")]
+pub struct BackendError {
+    pub device: String,
+    pub message: String,
+}
+
+pub trait Backend: Send {
+    /// `cpu`, `cuda:0`, ...
+    fn device(&self) -> String;
+
+    /// Makes a model resident. Called once per model, before any `run`.
+    fn load(
+        &mut self,
+        id: ModelId,
+        desc: ModelDesc,
+        weights: &TowerWeights,
+    ) -> Result<(), BackendError>;
+
+    /// Computes one batch. `items` is the host copy of record of the model's
+    /// item table; a device backend keeps its own mirror in step with it.
+    fn run(
+        &mut self,
+        id: ModelId,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Result<Vec<Output>, BackendError>;
+}

@@ -1,0 +1,468 @@
+//! The executor thread: it owns the backend, the item tables and the user
+//! store, and it alone drives the batch queues. Commands arrive on one channel
+//! in arrival order, so an update applied before a request arrived is seen by
+//! that request. The thread blocks on the channel, never on a tokio worker.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flume::{Receiver, RecvTimeoutError, TryRecvError};
+use tokio::sync::oneshot;
+
+use super::backend::{Backend, ModelDesc, ModelId, Query, Task};
+use super::{
+    deadline_exceeded, Command, ExecutorHandle, InferRequest, LoadState, Op, Registry, UserSummary,
+    UserUpdate,
+};
+use crate::batch::BatchQueue;
+use crate::error::ServeError;
+use crate::features::UserStore;
+use crate::metrics::Metrics;
+use crate::model::{ItemTable, ModelEntry, ModelKind, ModelSpec, TowerWeights};
+
+struct Slot {
+    name: String,
+    spec: Option<ModelSpec>,
+    /// Index into `tables` once loaded.
+    table: Option<usize>,
+    queue: BatchQueue<InferRequest>,
+}
+
+struct Executor {
+    backend: Box<dyn Backend>,
+    device: String,
+    slots: Vec<Slot>,
+    tables: Vec<ItemTable>,
+    users: UserStore,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+}
+
+/// Starts the executor thread for `backend`. It loads `entries` (which must be
+/// in registry order) before taking requests; `loaded` fires when all are done.
+pub fn spawn(
+    backend: Box<dyn Backend>,
+    entries: Vec<ModelEntry>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+) -> (ExecutorHandle, oneshot::Receiver<()>) {
+    let (tx, rx) = flume::unbounded();
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    let handle = ExecutorHandle {
+        tx,
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+    };
+    let device = backend.device();
+    registry.set_device(device.clone());
+    std::thread::Builder::new()
+        .name(format!("rankd-exec-{device}"))
+        .spawn(move || {
+            let slots = entries
+                .iter()
+                .map(|e| {
+                    let b = e
+                        .spec
+                        .as_ref()
+                        .map(|s| s.batching.clone())
+                        .unwrap_or_default();
+                    Slot {
+                        name: e.name.clone(),
+                        spec: e.spec.as_ref().ok().cloned(),
+                        table: None,
+                        queue: BatchQueue::new(
+                            b.max_batch_size,
+                            Duration::from_micros(b.max_queue_delay_us),
+                        ),
+                    }
+                })
+                .collect();
+            let history_cap = entries
+                .iter()
+                .filter_map(|e| e.spec.as_ref().ok().map(|s| s.history_len))
+                .max()
+                .unwrap_or(1);
+            let mut exec = Executor {
+                backend,
+                device,
+                slots,
+                tables: Vec::new(),
+                users: UserStore::new(history_cap),
+                registry,
+                metrics,
+            };
+            exec.load_all(&entries);
+            let _ = loaded_tx.send(());
+            exec.run(rx);
+        })
+        .expect("spawning the executor thread");
+    (handle, loaded_rx)
+}
+
+impl Executor {
+    fn load_all(&mut self, entries: &[ModelEntry]) {
+        let mut table_paths: HashMap<PathBuf, usize> = HashMap::new();
+        for (id, entry) in entries.iter().enumerate() {
+            let started = Instant::now();
+            let served = self.registry.by_id(id).clone();
+            let result = entry
+                .spec
+                .clone()
+                .and_then(|spec| self.load_one(id, entry, &spec, &mut table_paths));
+            match result {
+                Ok(()) => {
+                    served.set_state(LoadState::Ready);
+                    self.metrics
+                        .set_model_state(&entry.name, entry.version, "ready");
+                    tracing::info!(
+                        model = %entry.name,
+                        version = entry.version,
+                        device = %self.device,
+                        ms = started.elapsed().as_millis() as u64,
+                        "model loaded and warmed"
+                    );
+                }
+                Err(e) => {
+                    served.set_state(LoadState::Failed(e.to_string()));
+                    self.metrics
+                        .set_model_state(&entry.name, entry.version, "failed");
+                    tracing::error!(model = %entry.name, version = entry.version, error = %e, "model failed to load");
+                }
+            }
+        }
+    }
+
+    fn load_one(
+        &mut self,
+        id: ModelId,
+        entry: &ModelEntry,
+        spec: &ModelSpec,
+        table_paths: &mut HashMap<PathBuf, usize>,
+    ) -> Result<(), crate::model::ModelError> {
+        use crate::model::ModelError;
+        let weights = TowerWeights::load(&entry.resolve(&spec.weights), spec)?;
+        let items_path = entry.resolve(&spec.items);
+        let key = items_path.canonicalize().map_err(|e| ModelError::Io {
+            path: items_path.clone(),
+            message: e.to_string(),
+        })?;
+        let table = match table_paths.get(&key) {
+            Some(&t) if self.tables[t].dim() == spec.dim => t,
+            Some(&t) => {
+                return Err(ModelError::Shape {
+                    path: items_path,
+                    tensor: "embeddings".into(),
+                    expected: format!("[N, {}]", spec.dim),
+                    actual: vec![self.tables[t].rows(), self.tables[t].dim()],
+                })
+            }
+            None => {
+                let t = ItemTable::load(&items_path, spec.dim)?;
+                self.tables.push(t);
+                table_paths.insert(key, self.tables.len() - 1);
+                self.tables.len() - 1
+            }
+        };
+        let desc = ModelDesc {
+            kind: spec.kind,
+            dim: spec.dim,
+            user_feature_dim: spec.user_feature_dim,
+        };
+        let backend_err = |e: super::backend::BackendError| ModelError::Io {
+            path: entry.dir.clone(),
+            message: e.to_string(),
+        };
+        self.backend.load(id, desc, &weights).map_err(backend_err)?;
+        // Warm up at the largest batch the model will see, so the first real
+        // batch pays no first-use costs.
+        let first_row = [0u32];
+        let some_row: &[u32] = if self.tables[table].rows() > 0 {
+            &first_row
+        } else {
+            &[]
+        };
+        let queries: Vec<Query<'_>> = (0..spec.batching.max_batch_size)
+            .map(|_| Query {
+                history: some_row,
+                features: None,
+                task: match spec.kind {
+                    ModelKind::TwoTower => Task::TopK {
+                        k: 10,
+                        exclude: &[],
+                    },
+                    ModelKind::Ranker => Task::Score { rows: some_row },
+                },
+            })
+            .collect();
+        self.backend
+            .run(id, &self.tables[table], &queries)
+            .map_err(backend_err)?;
+        self.slots[id].table = Some(table);
+        self.registry
+            .by_id(id)
+            .set_item_count(self.tables[table].live_count());
+        Ok(())
+    }
+
+    fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return self.finish(),
+                }
+            }
+            let now = Instant::now();
+            if let Some(id) = self.ready_queue(now) {
+                self.execute(id);
+                continue;
+            }
+            let next = self.slots.iter().filter_map(|s| s.queue.deadline()).min();
+            let cmd = match next {
+                Some(deadline) => match rx.recv_deadline(deadline) {
+                    Ok(cmd) => cmd,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return self.finish(),
+                },
+                None => match rx.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => return self.finish(),
+                },
+            };
+            self.handle(cmd);
+        }
+    }
+
+    /// Every handle is gone: answer what is still queued, then stop.
+    fn finish(mut self) {
+        while let Some(id) = (0..self.slots.len()).find(|&i| !self.slots[i].queue.is_empty()) {
+            self.execute(id);
+        }
+        tracing::debug!(device = %self.device, "executor stopped");
+    }
+
+    /// The ready queue whose oldest request has waited longest.
+    fn ready_queue(&self, now: Instant) -> Option<ModelId> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.queue.is_ready(now))
+            .min_by_key(|(_, s)| s.queue.oldest())
+            .map(|(i, _)| i)
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Infer(req) => self.slots[req.model].queue.push(req),
+            Command::UpsertUser(update, reply) => {
+                let result = self.upsert_user(update);
+                if result.is_ok() {
+                    self.metrics.user_updates.with_label_values(&["api"]).inc();
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn upsert_user(&mut self, update: UserUpdate) -> Result<UserSummary, ServeError> {
+        if let Some(history) = &update.history {
+            if let Some(unknown) = history
+                .iter()
+                .find(|&&id| !self.tables.iter().any(|t| t.row_of(id).is_some()))
+            {
+                return Err(ServeError::Invalid(format!(
+                    "unknown item id {unknown} in history"
+                )));
+            }
+        }
+        if let Some(features) = &update.features {
+            let dims: Vec<usize> = self
+                .slots
+                .iter()
+                .filter(|s| s.table.is_some())
+                .filter_map(|s| s.spec.as_ref().map(|s| s.user_feature_dim))
+                .collect();
+            if !dims.contains(&features.len()) {
+                let expected = dims.first().copied().unwrap_or(0);
+                return Err(ServeError::Invalid(format!(
+                    "features must have {expected} values (user_feature_dim), got {}",
+                    features.len()
+                )));
+            }
+        }
+        if let Some(history) = &update.history {
+            self.users.set_history(update.user_id, history);
+        }
+        if let Some(features) = update.features {
+            self.users.set_features(update.user_id, features);
+        }
+        let state = self.users.get(update.user_id).cloned().unwrap_or_default();
+        Ok(UserSummary {
+            user_id: update.user_id,
+            history: state.history.into_iter().collect(),
+            features: state.features,
+        })
+    }
+
+    fn execute(&mut self, id: ModelId) {
+        let slot = &mut self.slots[id];
+        let batch = slot.queue.take_batch();
+        let served = self.registry.by_id(id);
+        let depth = served.release(batch.len());
+        let name = slot.name.clone();
+        self.metrics
+            .queue_depth
+            .with_label_values(&[&name])
+            .set(depth as i64);
+        let (Some(spec), Some(table)) = (slot.spec.as_ref(), slot.table) else {
+            for req in batch {
+                let _ = req.reply.send(Err(ServeError::NotReady(format!(
+                    "model {name} is not loaded"
+                ))));
+            }
+            return;
+        };
+        let items = &self.tables[table];
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(batch.len());
+        let mut prepared = Vec::with_capacity(batch.len());
+        for req in batch {
+            if req.reply.is_closed() {
+                self.metrics
+                    .dropped
+                    .with_label_values(&[&name, "cancelled"])
+                    .inc();
+                continue;
+            }
+            if req.deadline <= now {
+                self.metrics
+                    .dropped
+                    .with_label_values(&[&name, "deadline"])
+                    .inc();
+                let _ = req
+                    .reply
+                    .send(Err(deadline_exceeded(req.deadline - req.enqueued)));
+                continue;
+            }
+            match prepare(&req.op, spec, items, &self.users) {
+                Ok(p) => {
+                    self.metrics
+                        .queue_seconds
+                        .with_label_values(&[&name])
+                        .observe((now - req.enqueued).as_secs_f64());
+                    prepared.push(p);
+                    live.push(req);
+                }
+                Err(e) => {
+                    let _ = req.reply.send(Err(e));
+                }
+            }
+        }
+        if live.is_empty() {
+            return;
+        }
+        let queries: Vec<Query<'_>> = prepared
+            .iter()
+            .zip(&live)
+            .map(|(p, req)| Query {
+                history: &p.history,
+                features: match &req.op {
+                    Op::Recommend { user_id, .. } | Op::Score { user_id, .. } => self
+                        .users
+                        .get(*user_id)
+                        .and_then(|u| u.features.as_deref())
+                        .filter(|f| f.len() == spec.user_feature_dim),
+                },
+                task: match &req.op {
+                    Op::Recommend { k, .. } => Task::TopK {
+                        k: *k,
+                        exclude: &p.rows,
+                    },
+                    Op::Score { .. } => Task::Score { rows: &p.rows },
+                },
+            })
+            .collect();
+        let rows: usize = live.iter().map(|r| r.rows).sum();
+        let started = Instant::now();
+        let result = self.backend.run(id, items, &queries);
+        self.metrics
+            .exec_seconds
+            .with_label_values(&[&name, &self.device])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .batch_rows
+            .with_label_values(&[&name])
+            .observe(rows as f64);
+        self.metrics
+            .batch_requests
+            .with_label_values(&[&name])
+            .observe(live.len() as f64);
+        match result {
+            Ok(outputs) => {
+                debug_assert_eq!(outputs.len(), live.len());
+                for (req, out) in live.into_iter().zip(outputs) {
+                    let _ = req.reply.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                tracing::error!(model = %name, error = %e, "batch failed");
+                for req in live {
+                    let _ = req.reply.send(Err(ServeError::Backend(e.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Per-request inputs resolved against the item table and the user store.
+struct Prepared {
+    /// History rows used for pooling (the newest `history_len`).
+    history: Vec<u32>,
+    /// Sorted excluded rows (recommend) or candidate rows (score).
+    rows: Vec<u32>,
+}
+
+fn prepare(
+    op: &Op,
+    spec: &ModelSpec,
+    items: &ItemTable,
+    users: &UserStore,
+) -> Result<Prepared, ServeError> {
+    let user_id = match op {
+        Op::Recommend { user_id, .. } | Op::Score { user_id, .. } => *user_id,
+    };
+    let full_history = users.get(user_id).map(|u| &u.history);
+    let history: Vec<u32> = full_history
+        .map(|h| {
+            h.iter()
+                .skip(h.len().saturating_sub(spec.history_len))
+                .filter_map(|&id| items.row_of(id))
+                .collect()
+        })
+        .unwrap_or_default();
+    let rows = match op {
+        Op::Recommend { exclude, .. } => {
+            let mut rows: Vec<u32> = full_history
+                .into_iter()
+                .flatten()
+                .chain(exclude)
+                .filter_map(|&id| items.row_of(id))
+                .collect();
+            rows.sort_unstable();
+            rows.dedup();
+            rows
+        }
+        Op::Score { items: ids, .. } => ids
+            .iter()
+            .map(|&id| {
+                items
+                    .live_row_of(id)
+                    .ok_or_else(|| ServeError::Invalid(format!("unknown item id {id} in items")))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(Prepared { history, rows })
+}

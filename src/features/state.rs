@@ -1,0 +1,86 @@
+//! The user store: a bounded history ring (newest last) and optional dense
+//! features per user id.
+
+use std::collections::{HashMap, VecDeque};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserState {
+    pub history: VecDeque<u64>,
+    pub features: Option<Vec<f32>>,
+}
+
+#[derive(Debug)]
+pub struct UserStore {
+    users: HashMap<u64, UserState>,
+    history_cap: usize,
+}
+
+impl UserStore {
+    /// `history_cap` is the longest `history_len` among the served models.
+    pub fn new(history_cap: usize) -> Self {
+        Self {
+            users: HashMap::new(),
+            history_cap: history_cap.max(1),
+        }
+    }
+
+    pub fn history_cap(&self) -> usize {
+        self.history_cap
+    }
+
+    pub fn set_history_cap(&mut self, cap: usize) {
+        self.history_cap = cap.max(1);
+    }
+
+    pub fn get(&self, user_id: u64) -> Option<&UserState> {
+        self.users.get(&user_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Replaces the history (oldest first); only the newest `history_cap` are kept.
+    pub fn set_history(&mut self, user_id: u64, history: &[u64]) {
+        let keep = &history[history.len().saturating_sub(self.history_cap)..];
+        let u = self.users.entry(user_id).or_default();
+        u.history.clear();
+        u.history.extend(keep.iter().copied());
+    }
+
+    /// Appends one engaged item, dropping the oldest beyond `history_cap`.
+    pub fn append(&mut self, user_id: u64, item: u64) {
+        let cap = self.history_cap;
+        let u = self.users.entry(user_id).or_default();
+        if u.history.len() == cap {
+            u.history.pop_front();
+        }
+        u.history.push_back(item);
+    }
+
+    pub fn set_features(&mut self, user_id: u64, features: Vec<f32>) {
+        self.users.entry(user_id).or_default().features = Some(features);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_keeps_the_newest() {
+        let mut s = UserStore::new(3);
+        s.set_history(1, &[1, 2, 3, 4, 5]);
+        assert_eq!(s.get(1).unwrap().history, VecDeque::from(vec![3, 4, 5]));
+        s.append(1, 6);
+        s.append(1, 6);
+        assert_eq!(s.get(1).unwrap().history, VecDeque::from(vec![5, 6, 6]));
+        s.set_features(2, vec![0.5]);
+        assert!(s.get(2).unwrap().history.is_empty());
+        assert_eq!(s.len(), 2);
+    }
+}

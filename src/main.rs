@@ -1,0 +1,99 @@
+//! The `rankd` command line: parse, build a config, hand over to the library.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rankd",
+    version,
+    about = "A batch inference daemon for real-time recommendations"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the models of a repository over HTTP
+    Serve(rankd::config::ServeArgs),
+    /// Manage the model repository
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Write the demo repository's missing files (deterministic, from a fixed seed)
+    Generate {
+        /// Repository to write into
+        #[arg(
+            long,
+            env = "RANKD_MODELS",
+            default_value = "./models",
+            value_name = "DIR"
+        )]
+        models: PathBuf,
+        /// Seed for the generated weights
+        #[arg(long, default_value_t = rankd::model::demo::DEMO_SEED)]
+        seed: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RANKD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.into_config()?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(rankd::run(config, shutdown_signal()))
+        }
+        Command::Models {
+            command: ModelsCommand::Generate { models, seed },
+        } => {
+            let written = rankd::model::demo::generate(&models, seed)?;
+            for f in &written {
+                println!("wrote {}", models.join(f).display());
+            }
+            if written.is_empty() {
+                println!("{}: every demo file is already there", models.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

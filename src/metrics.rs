@@ -1,0 +1,151 @@
+//! Prometheus metrics, one registry per daemon (several daemons can live in one
+//! test process). All names start with `rankd_`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by model, route and HTTP-equivalent status.
+    pub requests: IntCounterVec,
+    /// Whole request latency as the server saw it.
+    pub request_seconds: HistogramVec,
+    /// Time from admission to the start of the batch that carried it.
+    pub queue_seconds: HistogramVec,
+    /// Backend time per batch.
+    pub exec_seconds: HistogramVec,
+    /// Rows per executed batch.
+    pub batch_rows: HistogramVec,
+    /// Requests per executed batch.
+    pub batch_requests: HistogramVec,
+    /// Requests admitted and not yet taken into a batch.
+    pub queue_depth: IntGaugeVec,
+    /// 1 for the model's current state, 0 for the others.
+    pub model_state: IntGaugeVec,
+    /// Requests dropped before execution, by reason.
+    pub dropped: IntCounterVec,
+    /// User-state updates applied, by source.
+    pub user_updates: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        Self {
+            requests: counter(
+                "rankd_requests_total",
+                "Requests by model, route and status code.",
+                &["model", "route", "status"],
+            ),
+            request_seconds: histogram(
+                "rankd_request_duration_seconds",
+                "Request latency inside the server, admission to answer.",
+                &["model", "route"],
+                LATENCY_BUCKETS,
+            ),
+            queue_seconds: histogram(
+                "rankd_queue_duration_seconds",
+                "Time a request waited for its batch to start.",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            exec_seconds: histogram(
+                "rankd_batch_execution_seconds",
+                "Backend execution time per batch.",
+                &["model", "device"],
+                LATENCY_BUCKETS,
+            ),
+            batch_rows: histogram(
+                "rankd_batch_size",
+                "Rows per executed batch.",
+                &["model"],
+                BATCH_BUCKETS,
+            ),
+            batch_requests: histogram(
+                "rankd_batch_requests",
+                "Requests per executed batch.",
+                &["model"],
+                BATCH_BUCKETS,
+            ),
+            queue_depth: gauge(
+                "rankd_queue_depth",
+                "Requests admitted and waiting for a batch.",
+                &["model"],
+            ),
+            model_state: gauge(
+                "rankd_model_state",
+                "1 for the model's current load state (loading, ready, failed).",
+                &["model", "version", "state"],
+            ),
+            dropped: counter(
+                "rankd_requests_dropped_total",
+                "Requests dropped before execution, by reason (deadline, cancelled).",
+                &["model", "reason"],
+            ),
+            user_updates: counter(
+                "rankd_user_updates_total",
+                "User-state updates applied, by source.",
+                &["source"],
+            ),
+            registry,
+        }
+    }
+
+    pub fn set_model_state(&self, model: &str, version: u64, state: &str) {
+        let v = version.to_string();
+        for s in ["loading", "ready", "failed"] {
+            self.model_state
+                .with_label_values(&[model, &v, s])
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding metrics to memory");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,179 @@
+//! `model.toml`: the per-version description of a model in the repository.
+//! Every key is documented in the README; unknown keys are rejected so a typo
+//! never silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::ModelError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    TwoTower,
+    Ranker,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::TwoTower => "two_tower",
+            ModelKind::Ranker => "ranker",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub kind: ModelKind,
+    /// Item embedding dimension `d`.
+    pub dim: usize,
+    /// Dense user feature dimension.
+    pub user_feature_dim: usize,
+    /// How many of the user's most recent items feed the history mean.
+    pub history_len: usize,
+    /// Item table (safetensors: `ids` u64 [N], `embeddings` f32 [N, d]),
+    /// relative to the version directory.
+    pub items: PathBuf,
+    /// Tower weights, relative to the version directory.
+    #[serde(default = "default_weights")]
+    pub weights: PathBuf,
+    #[serde(default)]
+    pub batching: BatchingSpec,
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// Present on the bundled demo models: missing weight files are generated
+    /// from this seed instead of failing the load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demo: Option<DemoSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingSpec {
+    /// A batch closes when this many rows are waiting (a recommend request is
+    /// one row, a ranker score request one row per candidate).
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+    /// ... or when the oldest waiting request has waited this long.
+    #[serde(default = "default_max_queue_delay_us")]
+    pub max_queue_delay_us: u64,
+    /// Requests waiting beyond this are refused with 429.
+    #[serde(default = "default_max_queue_size")]
+    pub max_queue_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Largest `k` a recommend request may ask for.
+    #[serde(default = "default_max_k")]
+    pub max_k: usize,
+    /// Most candidates in one score request.
+    #[serde(default = "default_max_items")]
+    pub max_items: usize,
+    /// Most ids in a recommend request's `exclude` list.
+    #[serde(default = "default_max_exclude")]
+    pub max_exclude: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DemoSpec {
+    pub seed: u64,
+}
+
+fn default_weights() -> PathBuf {
+    PathBuf::from("weights.safetensors")
+}
+fn default_max_batch_size() -> usize {
+    64
+}
+fn default_max_queue_delay_us() -> u64 {
+    500
+}
+fn default_max_queue_size() -> usize {
+    1024
+}
+fn default_max_k() -> usize {
+    1000
+}
+fn default_max_items() -> usize {
+    1000
+}
+fn default_max_exclude() -> usize {
+    10_000
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        Self {
+            max_batch_size: default_max_batch_size(),
+            max_queue_delay_us: default_max_queue_delay_us(),
+            max_queue_size: default_max_queue_size(),
+        }
+    }
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_k: default_max_k(),
+            max_items: default_max_items(),
+            max_exclude: default_max_exclude(),
+        }
+    }
+}
+
+impl ModelSpec {
+    pub fn read(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let spec: ModelSpec = toml::from_str(&text).map_err(|e| ModelError::Spec {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        spec.check().map_err(|message| ModelError::Spec {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(spec)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("dim", self.dim),
+            ("history_len", self.history_len),
+            ("batching.max_batch_size", self.batching.max_batch_size),
+            ("batching.max_queue_size", self.batching.max_queue_size),
+            ("limits.max_k", self.limits.max_k),
+            ("limits.max_items", self.limits.max_items),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("{key} must be > 0, got 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Width of the tower's input layer.
+    pub fn input_dim(&self) -> usize {
+        match self.kind {
+            ModelKind::TwoTower => self.dim + self.user_feature_dim,
+            ModelKind::Ranker => 3 * self.dim + self.user_feature_dim,
+        }
+    }
+
+    /// Width of the tower's output layer.
+    pub fn output_dim(&self) -> usize {
+        match self.kind {
+            ModelKind::TwoTower => self.dim,
+            ModelKind::Ranker => 1,
+        }
+    }
+}
