@@ -1,0 +1,606 @@
+//! The HTTP API end to end: the real daemon, the demo models, a real client.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use rankd::model::demo::Rng;
+use rankd::model::{ItemTable, ModelSpec, TowerWeights};
+use serde_json::{json, Value};
+
+/// Independent reference of the model math in f64, straight from the files.
+struct Reference {
+    items: ItemTable,
+    two_tower: TowerWeights,
+    ranker: TowerWeights,
+}
+
+impl Reference {
+    fn load() -> Self {
+        let root = demo_models();
+        let spec = ModelSpec::read(&root.join("demo/1/model.toml")).unwrap();
+        let rspec = ModelSpec::read(&root.join("demo-ranker/1/model.toml")).unwrap();
+        Self {
+            items: ItemTable::load(&root.join("catalogues/demo/items.safetensors"), 64).unwrap(),
+            two_tower: TowerWeights::load(&root.join("demo/1/weights.safetensors"), &spec).unwrap(),
+            ranker: TowerWeights::load(&root.join("demo-ranker/1/weights.safetensors"), &rspec)
+                .unwrap(),
+        }
+    }
+
+    fn emb(&self, id: u64) -> Vec<f64> {
+        let row = self.items.row_of(id).unwrap();
+        self.items
+            .embedding(row)
+            .iter()
+            .map(|&x| x as f64)
+            .collect()
+    }
+
+    fn mean(&self, history: &[u64]) -> Vec<f64> {
+        let mut h = vec![0.0; 64];
+        for &id in history {
+            for (a, b) in h.iter_mut().zip(self.emb(id)) {
+                *a += b;
+            }
+        }
+        if !history.is_empty() {
+            h.iter_mut().for_each(|a| *a /= history.len() as f64);
+        }
+        h
+    }
+
+    fn tower(w: &TowerWeights, mut x: Vec<f64>) -> Vec<f64> {
+        for (i, l) in w.layers.iter().enumerate() {
+            let mut y: Vec<f64> = (0..l.out_dim)
+                .map(|o| {
+                    l.bias[o] as f64
+                        + (0..l.in_dim)
+                            .map(|j| l.weight[o * l.in_dim + j] as f64 * x[j])
+                            .sum::<f64>()
+                })
+                .collect();
+            if i + 1 < w.layers.len() {
+                y.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            x = y;
+        }
+        x
+    }
+
+    fn query(&self, history: &[u64], features: &[f64]) -> Vec<f64> {
+        let mut x = self.mean(history);
+        x.extend_from_slice(features);
+        Self::tower(&self.two_tower, x)
+    }
+
+    /// Top-k over every item, excluding history and `exclude`, ties by smaller id.
+    fn recommend(
+        &self,
+        history: &[u64],
+        features: &[f64],
+        k: usize,
+        exclude: &[u64],
+    ) -> Vec<(u64, f64)> {
+        let q = self.query(history, features);
+        let mut all: Vec<(u64, f64)> = self
+            .items
+            .ids()
+            .iter()
+            .filter(|id| !history.contains(id) && !exclude.contains(id))
+            .map(|&id| (id, self.emb(id).iter().zip(&q).map(|(a, b)| a * b).sum()))
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(k);
+        all
+    }
+
+    fn rank(&self, history: &[u64], features: &[f64], candidate: u64) -> f64 {
+        let h = self.mean(history);
+        let e = self.emb(candidate);
+        let mut x = h.clone();
+        x.extend_from_slice(features);
+        x.extend_from_slice(&e);
+        x.extend(h.iter().zip(&e).map(|(a, b)| a * b));
+        let z = Self::tower(&self.ranker, x)[0];
+        1.0 / (1.0 + (-z).exp())
+    }
+}
+
+fn random_history(rng: &mut Rng, len: usize) -> Vec<u64> {
+    (0..len).map(|_| 1 + rng.below(100_000)).collect()
+}
+
+fn random_features(rng: &mut Rng) -> Vec<f64> {
+    (0..16)
+        .map(|_| (rng.uniform() * 2.0 - 1.0) as f32 as f64)
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn models_health_and_readiness() {
+    let d = Daemon::start();
+    let c = Daemon::client();
+    let (s, body) = get(&c, &d.url("/healthz")).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = get(&c, &d.url("/readyz")).await;
+    assert_eq!(s, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["ready"], true);
+    assert_eq!(ready["device"], "cpu");
+    let (s, body) = get(&c, &d.url("/v1/models")).await;
+    assert_eq!(s, 200);
+    let models: Value = serde_json::from_str(&body).unwrap();
+    let list = models["models"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let (s, body) = get(&c, &d.url("/v1/models/demo")).await;
+    assert_eq!(s, 200);
+    let m: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["kind"], "two_tower");
+    assert_eq!(m["version"], 1);
+    assert_eq!(m["state"], "ready");
+    assert_eq!(m["device"], "cpu");
+    assert_eq!(m["dim"], 64);
+    assert_eq!(m["user_feature_dim"], 16);
+    assert_eq!(m["history_len"], 50);
+    assert_eq!(m["items"], 100_000);
+    assert_eq!(m["batching"]["max_batch_size"], 64);
+    assert_eq!(m["batching"]["max_queue_delay_us"], 500);
+    let (_, body) = get(&c, &d.url("/v1/models/demo-ranker")).await;
+    let m: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["kind"], "ranker");
+}
+
+#[tokio::test]
+async fn a_cluster_history_brings_back_that_cluster() {
+    let d = Daemon::start();
+    let c = Daemon::client();
+    let clusters = demo_clusters();
+    let mut by_cluster: HashMap<u32, Vec<u64>> = HashMap::new();
+    for (&id, &cl) in &clusters {
+        by_cluster.entry(cl).or_default().push(id);
+    }
+    by_cluster.values_mut().for_each(|v| v.sort_unstable());
+    let mut rng = Rng::new(99);
+    for cluster in [0u32, 7, 13, 21, 34, 49] {
+        let pool = &by_cluster[&cluster];
+        let history: Vec<u64> = (0..5)
+            .map(|_| pool[rng.below(pool.len() as u64) as usize])
+            .collect();
+        let user = 5000 + cluster as u64;
+        let (s, body) = post(
+            &c,
+            &d.url(&format!("/v1/users/{user}")),
+            json!({ "history": history }),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let (s, body) = post(
+            &c,
+            &d.url("/v1/models/demo/recommend"),
+            json!({ "user_id": user, "k": 10 }),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let got = ids(&body);
+        assert_eq!(got.len(), 10);
+        let same = got.iter().filter(|id| clusters[id] == cluster).count();
+        assert!(
+            same >= 8,
+            "cluster {cluster}: only {same} of 10 from the cluster: {got:?}"
+        );
+        assert!(
+            got.iter().all(|id| !history.contains(id)),
+            "history items must be excluded"
+        );
+        // The ranker agrees: in-cluster candidates score above others.
+        let other = by_cluster[&((cluster + 1) % 50)][0];
+        let (s, body) = post(
+            &c,
+            &d.url("/v1/models/demo-ranker/score"),
+            json!({ "user_id": user, "items": [got[0], other] }),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let scores = body["scores"].as_array().unwrap();
+        assert!(
+            scores[0].as_f64().unwrap() > 0.5 && scores[1].as_f64().unwrap() < 0.5,
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn answers_match_an_independent_reference() {
+    let d = Daemon::start();
+    let c = Daemon::client();
+    let reference = Reference::load();
+    let mut rng = Rng::new(2026);
+    for user in 0..6u64 {
+        let len = 1 + rng.below(60) as usize;
+        let history = random_history(&mut rng, len);
+        let features = random_features(&mut rng);
+        let exclude = random_history(&mut rng, 3);
+        let (s, body) = post(
+            &c,
+            &d.url(&format!("/v1/users/{user}")),
+            json!({ "history": history, "features": features }),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        // Only the newest 50 feed the model, but every stored item is excluded.
+        let kept = &history[history.len().saturating_sub(50)..];
+        let expected = reference.recommend(kept, &features, 20, &exclude);
+        let (s, body) = post(
+            &c,
+            &d.url("/v1/models/demo/recommend"),
+            json!({ "user_id": user, "k": 20, "exclude": exclude }),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let items = body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 20);
+        for (got, (id, score)) in items.iter().zip(&expected) {
+            let gs = got["score"].as_f64().unwrap();
+            assert!(
+                (gs - score).abs() <= 1e-4 * score.abs().max(1.0),
+                "user {user}: {got} vs ({id}, {score})"
+            );
+        }
+        // Ids agree except where two reference scores are within float noise.
+        for (i, (got, (id, score))) in items.iter().zip(&expected).enumerate() {
+            if got["id"].as_u64().unwrap() != *id {
+                let neighbour_close = expected.iter().any(|(other, s)| {
+                    other == &got["id"].as_u64().unwrap() && (s - score).abs() < 1e-5
+                });
+                assert!(
+                    neighbour_close,
+                    "user {user}, rank {i}: got {got}, expected ({id}, {score})"
+                );
+            }
+        }
+        let candidates: Vec<u64> = random_history(&mut rng, 7);
+        let (s, body) = post(
+            &c,
+            &d.url("/v1/models/demo-ranker/score"),
+            json!({ "user_id": user, "items": candidates }),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        for (got, &cand) in body["scores"].as_array().unwrap().iter().zip(&candidates) {
+            let want = reference.rank(kept, &features, cand);
+            assert!(
+                (got.as_f64().unwrap() - want).abs() < 1e-5,
+                "ranker {cand}: {got} vs {want}"
+            );
+        }
+        let (s, body) = post(
+            &c,
+            &d.url("/v1/models/demo/score"),
+            json!({ "user_id": user, "items": candidates }),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let q = reference.query(kept, &features);
+        for (got, &cand) in body["scores"].as_array().unwrap().iter().zip(&candidates) {
+            let want: f64 = reference.emb(cand).iter().zip(&q).map(|(a, b)| a * b).sum();
+            assert!(
+                (got.as_f64().unwrap() - want).abs() < 1e-4,
+                "dot {cand}: {got} vs {want}"
+            );
+        }
+    }
+    // A user never seen: zero history and features, still answered.
+    let expected = reference.recommend(&[], &[0.0; 16], 5, &[]);
+    let (s, body) = post(
+        &c,
+        &d.url("/v1/models/demo/recommend"),
+        json!({ "user_id": 987654321, "k": 5 }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(ids(&body), expected.iter().map(|e| e.0).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn batched_answers_equal_one_at_a_time() {
+    let d = Daemon::start();
+    let c = Daemon::client();
+    let mut rng = Rng::new(5);
+    let users: Vec<u64> = (100..164).collect();
+    for &u in &users {
+        let history = random_history(&mut rng, 10);
+        let (s, _) = post(
+            &c,
+            &d.url(&format!("/v1/users/{u}")),
+            json!({ "history": history }),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let mut sequential = Vec::new();
+    for &u in &users {
+        let (s, body) = post(
+            &c,
+            &d.url("/v1/models/demo/recommend"),
+            json!({ "user_id": u, "k": 10 }),
+        )
+        .await;
+        assert_eq!(s, 200);
+        sequential.push(body);
+    }
+    let metrics_before = get(&c, &d.url("/metrics")).await.1;
+    let concurrent = futures::future::join_all(users.iter().map(|&u| {
+        let c = c.clone();
+        let url = d.url("/v1/models/demo/recommend");
+        async move { post(&c, &url, json!({ "user_id": u, "k": 10 })).await }
+    }))
+    .await;
+    for ((s, body), seq) in concurrent.iter().zip(&sequential) {
+        assert_eq!(*s, 200);
+        assert_eq!(ids(body), ids(seq));
+        for (a, b) in body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(seq["items"].as_array().unwrap())
+        {
+            assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() < 1e-5);
+        }
+    }
+    // The concurrent burst really was batched: fewer batches than requests.
+    let batches = |text: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with("rankd_batch_requests_count{model=\"demo\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0.0, |v| v.parse().unwrap())
+    };
+    let metrics_after = get(&c, &d.url("/metrics")).await.1;
+    let burst_batches = batches(&metrics_after) - batches(&metrics_before);
+    assert!(
+        burst_batches < users.len() as f64,
+        "{burst_batches} batches for {} requests",
+        users.len()
+    );
+}
+
+#[tokio::test]
+async fn user_updates_replace_only_the_given_parts() {
+    let d = Daemon::start();
+    let c = Daemon::client();
+    let url = d.url("/v1/users/77");
+    let (s, body) = post(&c, &url, json!({ "history": [1, 2, 3] })).await;
+    assert_eq!((s, body["history"].clone()), (200, json!([1, 2, 3])));
+    let features: Vec<f32> = (0..16).map(|i| i as f32 / 10.0).collect();
+    let (s, body) = post(&c, &url, json!({ "features": features })).await;
+    assert_eq!(s, 200);
+    assert_eq!(body["history"], json!([1, 2, 3]));
+    assert_eq!(body["features"].as_array().unwrap().len(), 16);
+    let (s, body) = post(&c, &url, json!({ "history": [] })).await;
+    assert_eq!(s, 200);
+    assert_eq!(body["history"], json!([]));
+    assert_eq!(body["features"].as_array().unwrap().len(), 16);
+    let (s, body) = post(&c, &url, json!({ "history": [5, 100001] })).await;
+    assert_eq!(s, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100001"),
+        "{body}"
+    );
+    let (s, body) = post(&c, &url, json!({ "features": [1.0, 2.0] })).await;
+    assert_eq!(s, 422, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("16") && msg.contains('2'), "{msg}");
+}
+
+#[tokio::test]
+async fn a_passed_deadline_is_504_and_a_full_queue_is_429() {
+    let dir = tempfile::tempdir().unwrap();
+    // A batch waits 300 ms for company unless it fills: a lone request sits in
+    // the queue, long enough for a short deadline to pass and for the queue
+    // (one slot) to be full.
+    derived_model(dir.path(), "slow", "demo", |t| {
+        t.replace("max_queue_delay_us = 500", "max_queue_delay_us = 300000")
+            .replace("max_queue_size = 1024", "max_queue_size = 1")
+    });
+    let d = Daemon::start_with(dir.path(), &[]);
+    let c = Daemon::client();
+    let url = d.url("/v1/models/slow/recommend");
+    let first = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { post(&c, &url, json!({ "user_id": 1, "timeout_ms": 50 })).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let r = c
+        .post(&url)
+        .json(&json!({ "user_id": 2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "overloaded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_queue_size is 1"),
+        "{body}"
+    );
+    let (s, body) = first.await.unwrap();
+    assert_eq!(s, 504, "{body}");
+    assert_eq!(body["error"]["type"], "deadline_exceeded");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("50"),
+        "{body}"
+    );
+    // Once the queue drains, requests are admitted again.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let (s, body) = post(&c, &url, json!({ "user_id": 3, "k": 3 })).await;
+    assert_eq!(s, 200, "{body}");
+    let metrics = get(&c, &d.url("/metrics")).await.1;
+    assert!(
+        metrics.contains("rankd_requests_dropped_total{model=\"slow\",reason=\"deadline\"} 1")
+            || metrics
+                .contains("rankd_requests_dropped_total{model=\"slow\",reason=\"cancelled\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_broken_model_does_not_take_the_others_down() {
+    let dir = tempfile::tempdir().unwrap();
+    derived_model(dir.path(), "good", "demo", |t| t);
+    // Ranker weights under a two_tower spec: the first layer's input width is wrong.
+    derived_model(dir.path(), "bad", "demo", |t| {
+        t.replace(
+            "demo/1/weights.safetensors",
+            "demo-ranker/1/weights.safetensors",
+        )
+    });
+    std::fs::create_dir_all(dir.path().join("typo/1")).unwrap();
+    std::fs::write(
+        dir.path().join("typo/1/model.toml"),
+        "kind = \"three_tower\"\n",
+    )
+    .unwrap();
+    let d = Daemon::start_with(dir.path(), &[]);
+    let c = Daemon::client();
+    let (s, body) = get(&c, &d.url("/readyz")).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("bad") && body.contains("failed"), "{body}");
+    let (_, body) = get(&c, &d.url("/v1/models/bad")).await;
+    let m: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["state"], "failed");
+    let err = m["error"].as_str().unwrap();
+    assert!(
+        err.contains("weights.safetensors")
+            && err.contains("tower.0.weight")
+            && err.contains("[out, 80]")
+            && err.contains("[32, 208]"),
+        "{err}"
+    );
+    let (_, body) = get(&c, &d.url("/v1/models/typo")).await;
+    assert!(
+        body.contains("three_tower") && body.contains("failed"),
+        "{body}"
+    );
+    let (s, body) = post(
+        &c,
+        &d.url("/v1/models/bad/recommend"),
+        json!({ "user_id": 1 }),
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["error"]["type"], "not_ready");
+    let (s, body) = post(
+        &c,
+        &d.url("/v1/models/good/recommend"),
+        json!({ "user_id": 1, "k": 4 }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(ids(&body).len(), 4);
+}
+
+#[tokio::test]
+async fn metrics_cover_requests_batches_queues_and_models() {
+    let d = Daemon::start();
+    let c = Daemon::client();
+    let (s, _) = post(
+        &c,
+        &d.url("/v1/models/demo/recommend"),
+        json!({ "user_id": 1 }),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = post(
+        &c,
+        &d.url("/v1/models/demo/recommend"),
+        json!({ "user_id": 1, "k": 0 }),
+    )
+    .await;
+    assert_eq!(s, 422);
+    let (s, text) = get(&c, &d.url("/metrics")).await;
+    assert_eq!(s, 200);
+    for needle in [
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\"} 1",
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"422\"} 1",
+        "rankd_request_duration_seconds_bucket{model=\"demo\",route=\"recommend\"",
+        "rankd_queue_duration_seconds_count{model=\"demo\"} 1",
+        "rankd_batch_execution_seconds_count{device=\"cpu\",model=\"demo\"} 1",
+        "rankd_batch_size_bucket{model=\"demo\"",
+        "rankd_queue_depth{model=\"demo\"} 0",
+        "rankd_model_state{model=\"demo\",state=\"ready\",version=\"1\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+}
+
+#[test]
+fn demo_files_are_reproducible_and_generated_on_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["demo/1", "demo-ranker/1"] {
+        std::fs::create_dir_all(dir.path().join(f)).unwrap();
+        std::fs::copy(
+            demo_models().join(f).join("model.toml"),
+            dir.path().join(f).join("model.toml"),
+        )
+        .unwrap();
+    }
+    let d = Daemon::start_with(dir.path(), &[]);
+    assert!(
+        d.log().contains("generated the demo model files"),
+        "{}",
+        d.log()
+    );
+    for f in rankd::model::demo::files() {
+        let a = std::fs::read(demo_models().join(&f)).unwrap();
+        let b = std::fs::read(dir.path().join(&f)).unwrap();
+        assert!(a == b, "{} differs between two generations", f.display());
+    }
+}
+
+#[test]
+fn cli_documents_flags_and_reads_the_environment() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rankd"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--models",
+        "--http",
+        "--config",
+        "RANKD_MODELS",
+        "RANKD_HTTP",
+        "RANKD_CONFIG",
+    ] {
+        assert!(
+            help.contains(flag),
+            "{flag} missing from serve --help:\n{help}"
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rankd"))
+        .arg("serve")
+        .env("RANKD_MODELS", "/nonexistent/models")
+        .env("RANKD_HTTP", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/models"), "{err}");
+}
