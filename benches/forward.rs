@@ -1,1 +1,85 @@
-fn main() {}
+//! The demo model's forward pass on the CPU backend at batch sizes 1–256,
+//! beside a large f32 matrix product through the same GEMM library (candle →
+//! gemm) in the same run. Throughput is reported in elements/s where one
+//! element is one floating-point operation, so `Gelem/s` reads as GFLOP/s:
+//! scoring counts 2·N·d per user (the item-table product), the matmul 2·n³.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rankd::exec::backend::{Backend, ModelDesc, Query, Task};
+use rankd::exec::cpu::CpuBackend;
+use rankd::model::demo::{self, Rng};
+use rankd::model::{ItemTable, ModelSpec, TowerWeights};
+
+fn demo_forward(c: &mut Criterion) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    demo::generate(&root, demo::DEMO_SEED).expect("writing the demo repository");
+    let spec = ModelSpec::read(&root.join("demo/1/model.toml")).unwrap();
+    let weights = TowerWeights::load(&root.join("demo/1/weights.safetensors"), &spec).unwrap();
+    let items = ItemTable::load(&root.join("catalogues/demo/items.safetensors"), spec.dim).unwrap();
+    let mut backend = CpuBackend::new();
+    let desc = ModelDesc {
+        kind: spec.kind,
+        dim: spec.dim,
+        user_feature_dim: spec.user_feature_dim,
+    };
+    backend.load(0, desc, &weights).unwrap();
+    let mut rng = Rng::new(1);
+    let histories: Vec<Vec<u32>> = (0..256)
+        .map(|_| {
+            (0..20)
+                .map(|_| rng.below(items.rows() as u64) as u32)
+                .collect()
+        })
+        .collect();
+    let excludes: Vec<Vec<u32>> = histories
+        .iter()
+        .map(|h| {
+            let mut e = h.clone();
+            e.sort_unstable();
+            e.dedup();
+            e
+        })
+        .collect();
+    let mut group = c.benchmark_group("demo_recommend_k10");
+    group.sample_size(20);
+    for batch in [1usize, 4, 16, 64, 256] {
+        let queries: Vec<Query<'_>> = (0..batch)
+            .map(|i| Query {
+                history: &histories[i],
+                features: None,
+                task: Task::TopK {
+                    k: 10,
+                    exclude: &excludes[i],
+                },
+            })
+            .collect();
+        group.throughput(Throughput::Elements(
+            (2 * items.rows() * spec.dim * batch) as u64,
+        ));
+        group.bench_with_input(BenchmarkId::from_parameter(batch), &queries, |b, q| {
+            b.iter(|| backend.run(0, &items, q).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn matmul(c: &mut Criterion) {
+    let n = 2048;
+    let mut rng = Rng::new(2);
+    let mut data = || -> Vec<f32> { (0..n * n).map(|_| rng.uniform() as f32).collect() };
+    let a = Tensor::from_vec(data(), (n, n), &Device::Cpu).unwrap();
+    let b = Tensor::from_vec(data(), (n, n), &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("matmul_f32");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(2 * (n as u64).pow(3)));
+    group.bench_function(BenchmarkId::from_parameter(n), |bch| {
+        bch.iter(|| a.matmul(&b).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, matmul, demo_forward);
+criterion_main!(benches);

@@ -18,6 +18,14 @@ pub struct Config {
     pub default_timeout_ms: u64,
     /// Largest `timeout_ms` a request may ask for.
     pub max_timeout_ms: u64,
+    /// Unix socket path; empty turns the socket off.
+    pub uds: String,
+    /// Largest socket frame accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Requests one socket connection may have in flight.
+    pub uds_max_inflight: usize,
+    /// A socket client that blocks our writes this long is disconnected.
+    pub uds_write_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -28,6 +36,10 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             default_timeout_ms: 1000,
             max_timeout_ms: 60_000,
+            uds: "./rankd.sock".into(),
+            max_frame_bytes: 1 << 20,
+            uds_max_inflight: 256,
+            uds_write_timeout_ms: 5000,
         }
     }
 }
@@ -46,6 +58,16 @@ impl Config {
             "default_timeout_ms must be in 1..={}, got {}",
             self.max_timeout_ms,
             self.default_timeout_ms
+        );
+        anyhow::ensure!(
+            self.max_frame_bytes > 0 && self.max_frame_bytes <= u32::MAX as usize,
+            "max_frame_bytes must be in 1..={}, got {}",
+            u32::MAX,
+            self.max_frame_bytes
+        );
+        anyhow::ensure!(
+            self.uds_max_inflight > 0,
+            "uds_max_inflight must be > 0, got 0"
         );
         Ok(())
     }
@@ -73,6 +95,18 @@ pub struct ServeArgs {
     /// Largest timeout_ms a request may ask for [default: 60000]
     #[arg(long, env = "RANKD_MAX_TIMEOUT_MS", value_name = "MS")]
     pub max_timeout_ms: Option<u64>,
+    /// Unix socket path ('' turns it off) [default: ./rankd.sock]
+    #[arg(long, env = "RANKD_UDS", value_name = "PATH")]
+    pub uds: Option<String>,
+    /// Largest socket frame, in bytes [default: 1048576]
+    #[arg(long, env = "RANKD_MAX_FRAME_BYTES", value_name = "BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Requests one socket connection may have in flight [default: 256]
+    #[arg(long, env = "RANKD_UDS_MAX_INFLIGHT", value_name = "N")]
+    pub uds_max_inflight: Option<usize>,
+    /// Disconnect a socket client that blocks writes this long [default: 5000]
+    #[arg(long, env = "RANKD_UDS_WRITE_TIMEOUT_MS", value_name = "MS")]
+    pub uds_write_timeout_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -95,6 +129,18 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_timeout_ms {
             c.max_timeout_ms = v;
+        }
+        if let Some(v) = self.uds {
+            c.uds = v;
+        }
+        if let Some(v) = self.max_frame_bytes {
+            c.max_frame_bytes = v;
+        }
+        if let Some(v) = self.uds_max_inflight {
+            c.uds_max_inflight = v;
+        }
+        if let Some(v) = self.uds_write_timeout_ms {
+            c.uds_write_timeout_ms = v;
         }
         c.validate()?;
         Ok(c)

@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod batch;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod exec;
 pub mod features;
+pub mod loadgen;
 pub mod metrics;
 pub mod model;
 
@@ -28,9 +30,13 @@ use model::Repository;
 /// A started daemon: listening, loading or loaded.
 pub struct Daemon {
     pub http_addr: SocketAddr,
+    /// The socket path, when the socket is on.
+    pub uds_path: Option<std::path::PathBuf>,
     pub registry: Arc<Registry>,
     loaded: Option<oneshot::Receiver<()>>,
     stop: Option<oneshot::Sender<()>>,
+    uds_stop: Option<oneshot::Sender<()>>,
+    uds_task: Option<tokio::task::JoinHandle<()>>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -77,6 +83,11 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         .await
         .with_context(|| format!("cannot listen on http {}", config.http))?;
     let http_addr = listener.local_addr()?;
+    let uds_listener = if config.uds.is_empty() {
+        None
+    } else {
+        Some(api::uds::bind(std::path::Path::new(&config.uds))?)
+    };
     let (exec, loaded) = exec::spawn(
         Box::new(exec::cpu::CpuBackend::new()),
         repo.models.clone(),
@@ -92,10 +103,23 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         },
     ));
     let app = api::http::router(api::http::HttpState {
-        service,
+        service: service.clone(),
         max_body_bytes: config.max_body_bytes,
     });
     let (stop, stopped) = oneshot::channel::<()>();
+    let (uds_stop, uds_stopped) = oneshot::channel::<()>();
+    let uds_path = uds_listener
+        .as_ref()
+        .map(|_| std::path::PathBuf::from(&config.uds));
+    let uds_task = uds_listener.map(|l| {
+        let uds_config = api::uds::UdsConfig {
+            path: std::path::PathBuf::from(&config.uds),
+            max_frame_bytes: config.max_frame_bytes,
+            max_inflight: config.uds_max_inflight,
+            write_timeout: Duration::from_millis(config.uds_write_timeout_ms),
+        };
+        tokio::spawn(api::uds::serve(l, service, uds_config, uds_stopped))
+    });
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -105,9 +129,12 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     });
     Ok(Daemon {
         http_addr,
+        uds_path,
         registry,
         loaded: Some(loaded),
         stop: Some(stop),
+        uds_stop: Some(uds_stop),
+        uds_task,
         server,
     })
 }
@@ -120,21 +147,31 @@ impl Daemon {
         }
     }
 
-    /// `ready: 2 models on cpu; http://127.0.0.1:8080`
+    /// `ready: 2 models on cpu; http://127.0.0.1:8080; unix:./rankd.sock`
     pub fn ready_line(&self) -> String {
         let n = self.registry.ready_count();
-        format!(
+        let mut line = format!(
             "ready: {n} model{} on {}; http://{}",
             if n == 1 { "" } else { "s" },
             self.registry.device(),
             self.http_addr
-        )
+        );
+        if let Some(p) = &self.uds_path {
+            line.push_str(&format!("; unix:{}", p.display()));
+        }
+        line
     }
 
     /// Stops accepting, finishes in-flight requests, and returns.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(stop) = self.uds_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.uds_task.take() {
+            let _ = task.await;
         }
         self.server.await??;
         Ok(())

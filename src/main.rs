@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Serve the models of a repository over HTTP
     Serve(rankd::config::ServeArgs),
+    /// Drive load at a daemon and report throughput, latency and batch sizes
+    Bench(rankd::loadgen::BenchArgs),
     /// Manage the model repository
     Models {
         #[command(subcommand)]
@@ -61,6 +63,11 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(rankd::run(config, shutdown_signal()))
         }
+        Command::Bench(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(rankd::loadgen::run(args))
+            .map(|_| ()),
         Command::Models {
             command: ModelsCommand::Generate { models, seed },
         } => {

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub dropped: IntCounterVec,
     /// User-state updates applied, by source.
     pub user_updates: IntCounterVec,
+    /// Open socket connections.
+    pub uds_connections: prometheus::IntGauge,
+    /// Socket connections closed for a protocol error, by reason.
+    pub uds_errors: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -120,6 +124,22 @@ impl Metrics {
                 "rankd_user_updates_total",
                 "User-state updates applied, by source.",
                 &["source"],
+            ),
+            uds_connections: {
+                let g = prometheus::IntGauge::new(
+                    "rankd_uds_connections",
+                    "Open Unix-socket connections.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            uds_errors: counter(
+                "rankd_uds_protocol_errors_total",
+                "Socket connections closed for a protocol error, by reason.",
+                &["reason"],
             ),
             registry,
         }

@@ -17,6 +17,9 @@ use crate::model::{ItemTable, ModelKind, TowerWeights};
 /// block of scores for 64 queries another 512 KiB, so both stay in L2/L3.
 const BLOCK_ROWS: usize = 2048;
 
+/// Scores tested per branch-free compare in the top-k scan.
+const SCAN_LANES: usize = 16;
+
 struct CpuModel {
     desc: ModelDesc,
     layers: Vec<Linear>,
@@ -232,19 +235,26 @@ pub fn score_topk(items: &ItemTable, qs: &[f32], specs: &[(usize, &[u32])]) -> V
                 let exclude = specs[qi].1;
                 let row_scores = &scores[qi * rows..(qi + 1) * rows];
                 let mut threshold = heap.threshold();
-                for (j, &s) in row_scores.iter().enumerate() {
-                    if s < threshold {
+                // Most scores lose against a full heap: test 16 at a time with a
+                // branch-free (vectorisable) compare and look closer only on a hit.
+                for (c, lanes) in row_scores.chunks(SCAN_LANES).enumerate() {
+                    if !lanes.iter().fold(false, |hit, &s| hit | (s >= threshold)) {
                         continue;
                     }
-                    let row = start + j;
-                    if !live[row] || exclude.binary_search(&(row as u32)).is_ok() {
-                        continue;
+                    for (j, &s) in lanes.iter().enumerate() {
+                        if s < threshold {
+                            continue;
+                        }
+                        let row = start + c * SCAN_LANES + j;
+                        if !live[row] || exclude.binary_search(&(row as u32)).is_ok() {
+                            continue;
+                        }
+                        heap.offer(Scored {
+                            id: ids[row],
+                            score: s,
+                        });
+                        threshold = heap.threshold();
                     }
-                    heap.offer(Scored {
-                        id: ids[row],
-                        score: s,
-                    });
-                    threshold = heap.threshold();
                 }
             }
             (heaps, scores)

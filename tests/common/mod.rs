@@ -46,6 +46,8 @@ pub fn demo_clusters() -> std::collections::HashMap<u64, u32> {
 pub struct Daemon {
     child: Child,
     pub http: String,
+    /// The daemon's socket (in its temporary folder).
+    pub uds: PathBuf,
     pub stderr_log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -59,11 +61,14 @@ impl Daemon {
     pub fn start_with(models: &Path, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let stderr_log = dir.path().join("stderr.log");
+        let uds = dir.path().join("rankd.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_rankd"))
             .arg("serve")
             .arg("--models")
             .arg(models)
             .args(["--http", "127.0.0.1:0"])
+            .arg("--uds")
+            .arg(&uds)
             .args(extra)
             .env("RANKD_LOG", "info")
             .stdout(Stdio::piped())
@@ -80,12 +85,14 @@ impl Daemon {
         );
         let http = line
             .trim()
-            .rsplit_once("http://")
-            .map(|(_, a)| format!("http://{a}"))
-            .unwrap_or_else(|| panic!("no http address in {line:?}"));
+            .split("; ")
+            .find(|p| p.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no http address in {line:?}"))
+            .to_string();
         Self {
             child,
             http,
+            uds,
             stderr_log,
             _dir: dir,
         }
