@@ -61,14 +61,20 @@ impl Daemon {
     pub fn start_with(models: &Path, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let stderr_log = dir.path().join("stderr.log");
-        let uds = dir.path().join("rankd.sock");
+        let uds = match extra.iter().position(|a| *a == "--uds") {
+            Some(i) => PathBuf::from(extra[i + 1]),
+            None => dir.path().join("rankd.sock"),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_rankd"))
             .arg("serve")
             .arg("--models")
             .arg(models)
             .args(["--http", "127.0.0.1:0"])
-            .arg("--uds")
-            .arg(&uds)
+            .args(if extra.contains(&"--uds") {
+                vec![]
+            } else {
+                vec!["--uds".into(), uds.clone().into_os_string()]
+            })
             .args(extra)
             .env("RANKD_LOG", "info")
             .stdout(Stdio::piped())

@@ -1,0 +1,271 @@
+//! The Unix-socket transport end to end: framing, pipelining, equality with
+//! HTTP answers, socket file lifecycle.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+use rankd::api::types::*;
+use rankd::client::{Client, HttpClient, UdsClient};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+fn frame(v: &Value) -> Vec<u8> {
+    let payload = rmp_serde::to_vec_named(v).unwrap();
+    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
+    out.extend(payload);
+    out
+}
+
+async fn read_frame(s: &mut UnixStream) -> Value {
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
+        .await
+        .expect("answer within 10 s")
+        .unwrap();
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.unwrap();
+    rmp_serde::from_slice(&buf).unwrap()
+}
+
+#[tokio::test]
+async fn single_calls_of_every_op() {
+    let d = Daemon::start();
+    let mut s = UnixStream::connect(&d.uds).await.unwrap();
+    let calls = [
+        serde_json::json!({"id": 1, "op": "health"}),
+        serde_json::json!({"id": 2, "op": "upsert_user", "user_id": 9, "history": [1, 2, 3]}),
+        serde_json::json!({"id": 3, "op": "recommend", "model": "demo", "user_id": 9, "k": 3}),
+        serde_json::json!({"id": 4, "op": "score", "model": "demo-ranker", "user_id": 9, "items": [4, 5]}),
+        serde_json::json!({"id": 5, "op": "models"}),
+        serde_json::json!({"id": 6, "op": "models", "model": "demo"}),
+        serde_json::json!({"id": 7, "op": "recommend", "model": "nope", "user_id": 9}),
+        serde_json::json!({"id": 8, "op": "recommend", "model": "demo", "user_id": 9, "k": 0}),
+    ];
+    for c in &calls {
+        s.write_all(&frame(c)).await.unwrap();
+        let r = read_frame(&mut s).await;
+        assert_eq!(r["id"], c["id"], "{r}");
+        match c["id"].as_u64().unwrap() {
+            1 => assert_eq!(r["result"]["ready"], true, "{r}"),
+            2 => assert_eq!(r["result"]["history"], serde_json::json!([1, 2, 3]), "{r}"),
+            3 => {
+                assert_eq!(r["ok"], true);
+                assert_eq!(r["result"]["model"], "demo");
+                assert_eq!(r["result"]["items"].as_array().unwrap().len(), 3);
+            }
+            4 => assert_eq!(r["result"]["scores"].as_array().unwrap().len(), 2, "{r}"),
+            5 => assert_eq!(r["result"]["models"].as_array().unwrap().len(), 2, "{r}"),
+            6 => assert_eq!(r["result"]["kind"], "two_tower", "{r}"),
+            7 => {
+                assert_eq!(r["ok"], false);
+                assert_eq!(r["error"]["type"], "not_found");
+            }
+            8 => {
+                assert_eq!(r["error"]["type"], "invalid");
+                assert!(
+                    r["error"]["message"].as_str().unwrap().contains("got 0"),
+                    "{r}"
+                );
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_pipelined_calls_come_back_by_id() {
+    let d = Daemon::start();
+    let mut s = UnixStream::connect(&d.uds).await.unwrap();
+    let mut wire = Vec::new();
+    let mut sent = HashMap::new();
+    for id in 1..=1000u64 {
+        // Slow recommends interleaved with instant health checks: the health
+        // answers overtake the recommends queued before them.
+        let req = if id % 2 == 1 {
+            serde_json::json!({"id": id, "op": "recommend", "model": "demo", "user_id": id, "k": 50})
+        } else {
+            serde_json::json!({"id": id, "op": "health"})
+        };
+        wire.extend(frame(&req));
+        sent.insert(id, req);
+    }
+    let (mut rd, mut wr) = s.split();
+    let writer = async {
+        wr.write_all(&wire).await.unwrap();
+    };
+    let reader = async {
+        let mut order = Vec::new();
+        for _ in 0..1000 {
+            let mut len = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(20), rd.read_exact(&mut len))
+                .await
+                .expect("answer within 20 s")
+                .unwrap();
+            let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+            rd.read_exact(&mut buf).await.unwrap();
+            let v: Value = rmp_serde::from_slice(&buf).unwrap();
+            order.push(v);
+        }
+        order
+    };
+    let ((), answers) = tokio::join!(writer, reader);
+    let mut seen = std::collections::HashSet::new();
+    for a in &answers {
+        let id = a["id"].as_u64().unwrap();
+        assert!(seen.insert(id), "id {id} answered twice");
+        assert_eq!(a["ok"], true, "{a}");
+        match sent[&id]["op"].as_str().unwrap() {
+            "recommend" => assert_eq!(a["result"]["items"].as_array().unwrap().len(), 50),
+            _ => assert_eq!(a["result"]["ready"], true),
+        }
+    }
+    assert_eq!(seen.len(), 1000);
+    let ids: Vec<u64> = answers.iter().map(|a| a["id"].as_u64().unwrap()).collect();
+    assert!(
+        ids.windows(2).any(|w| w[0] > w[1]),
+        "answers came back strictly in order"
+    );
+}
+
+#[tokio::test]
+async fn socket_answers_equal_http_answers() {
+    let d = Daemon::start();
+    let uds = UdsClient::connect(&d.uds).await.unwrap();
+    let http = HttpClient::new(&d.http);
+    for user in 0..20u64 {
+        let history: Vec<u64> = (0..5)
+            .map(|i| 1 + (user * 7919 + i * 104_729) % 100_000)
+            .collect();
+        uds.upsert_user(
+            user,
+            UserRequest {
+                history: Some(history),
+                features: None,
+            },
+        )
+        .await
+        .unwrap();
+        let req = RecommendRequest {
+            user_id: user,
+            k: 15,
+            exclude: vec![1, 2],
+            timeout_ms: None,
+        };
+        let a = uds.recommend("demo", req.clone()).await.unwrap();
+        let b = http.recommend("demo", req).await.unwrap();
+        assert_eq!(a, b, "user {user}");
+        let req = ScoreRequest {
+            user_id: user,
+            items: vec![10, 20, 30, 40],
+            timeout_ms: None,
+        };
+        let a = uds.score("demo-ranker", req.clone()).await.unwrap();
+        let b = http.score("demo-ranker", req).await.unwrap();
+        assert_eq!(a, b, "user {user}");
+    }
+    let e1 = uds
+        .recommend(
+            "demo",
+            RecommendRequest {
+                user_id: 1,
+                k: 5000,
+                exclude: vec![],
+                timeout_ms: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    let e2 = http
+        .recommend(
+            "demo",
+            RecommendRequest {
+                user_id: 1,
+                k: 5000,
+                exclude: vec![],
+                timeout_ms: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e1, e2);
+    assert_eq!(e1.kind(), "invalid");
+}
+
+#[tokio::test]
+async fn many_connections_and_one_shared_pipelined_client() {
+    let d = Daemon::start();
+    let shared = UdsClient::connect(&d.uds).await.unwrap();
+    let mut tasks = Vec::new();
+    for c in 0..24u64 {
+        let path = d.uds.clone();
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let own = UdsClient::connect(&path).await.unwrap();
+            for i in 0..20u64 {
+                let user = c * 100 + i;
+                let client = if i % 2 == 0 { &own } else { &shared };
+                let r = client
+                    .recommend(
+                        "demo",
+                        RecommendRequest {
+                            user_id: user,
+                            k: 7,
+                            exclude: vec![],
+                            timeout_ms: None,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(r.items.len(), 7);
+                assert!(r.items.windows(2).all(|w| w[0].score >= w[1].score));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[test]
+fn socket_file_mode_stale_replacement_live_refusal_and_cleanup() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rankd.sock");
+    // A stale socket file: bound by a listener that is gone.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let path_str = path.to_str().unwrap().to_string();
+    let mut d = Daemon::start_with(&demo_models(), &["--uds", &path_str]);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+    assert!(d.log().contains("stale"), "{}", d.log());
+    // A second daemon must not take the live socket.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rankd"))
+        .args(["serve", "--http", "127.0.0.1:0", "--models"])
+        .arg(demo_models())
+        .args(["--uds", &path_str])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+    assert!(d.is_running());
+    // Clean shutdown removes the file.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &d.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for _ in 0..100 {
+        if !d.is_running() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!d.is_running(), "rankd did not stop on SIGTERM");
+    assert!(!path.exists(), "socket file left behind");
+}
