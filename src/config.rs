@@ -1,6 +1,7 @@
 //! Daemon configuration: built from an optional TOML file, then overridden by
 //! flags and `RANKD_*` environment variables (clap reads both).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,28 @@ pub struct Config {
     pub uds_max_inflight: usize,
     /// A socket client that blocks our writes this long is disconnected.
     pub uds_write_timeout_ms: u64,
+    /// Kafka bootstrap servers; ingestion is off when absent.
+    pub kafka_brokers: Option<String>,
+    /// Consumer group id used for offset commits.
+    pub kafka_group: String,
+    pub kafka_events_topic: String,
+    pub kafka_items_topic: String,
+    pub kafka_users_topic: String,
+    /// Invalid messages are copied here when set.
+    pub kafka_dead_letter_topic: Option<String>,
+    /// Event types that append to a user's history.
+    pub kafka_event_types: Vec<String>,
+    /// Any librdkafka property (SASL, TLS, ...); values of secret-looking keys
+    /// are redacted in logs.
+    pub kafka_properties: BTreeMap<String, String>,
+    /// An update batch is applied when it holds this many messages ...
+    pub ingest_batch_max: usize,
+    /// ... or when its first message has waited this long.
+    pub ingest_batch_wait_us: u64,
+    /// Where feature-state snapshots go; empty turns them off.
+    pub snapshot_dir: String,
+    /// How often the state is snapshotted (when it changed).
+    pub snapshot_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -40,6 +63,18 @@ impl Default for Config {
             max_frame_bytes: 1 << 20,
             uds_max_inflight: 256,
             uds_write_timeout_ms: 5000,
+            kafka_brokers: None,
+            kafka_group: "rankd".into(),
+            kafka_events_topic: "rankd.events".into(),
+            kafka_items_topic: "rankd.items".into(),
+            kafka_users_topic: "rankd.users".into(),
+            kafka_dead_letter_topic: None,
+            kafka_event_types: vec!["click".into(), "add_to_cart".into(), "purchase".into()],
+            kafka_properties: BTreeMap::new(),
+            ingest_batch_max: 1024,
+            ingest_batch_wait_us: 2000,
+            snapshot_dir: "./rankd-state".into(),
+            snapshot_interval_ms: 5000,
         }
     }
 }
@@ -49,6 +84,21 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config file {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    /// A copy safe to log: values of secret-looking Kafka properties hidden.
+    pub fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        for (k, v) in c.kafka_properties.iter_mut() {
+            let k = k.to_ascii_lowercase();
+            if ["password", "secret", "jaas", "key", "token", "credential"]
+                .iter()
+                .any(|s| k.contains(s))
+            {
+                *v = "<redacted>".into();
+            }
+        }
+        c
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -68,6 +118,14 @@ impl Config {
         anyhow::ensure!(
             self.uds_max_inflight > 0,
             "uds_max_inflight must be > 0, got 0"
+        );
+        anyhow::ensure!(
+            self.ingest_batch_max > 0,
+            "ingest_batch_max must be > 0, got 0"
+        );
+        anyhow::ensure!(
+            self.snapshot_interval_ms > 0,
+            "snapshot_interval_ms must be > 0, got 0"
         );
         Ok(())
     }
@@ -107,6 +165,36 @@ pub struct ServeArgs {
     /// Disconnect a socket client that blocks writes this long [default: 5000]
     #[arg(long, env = "RANKD_UDS_WRITE_TIMEOUT_MS", value_name = "MS")]
     pub uds_write_timeout_ms: Option<u64>,
+    /// Kafka bootstrap servers HOST:PORT[,...]; turns ingestion on
+    #[arg(long, env = "RANKD_KAFKA_BROKERS", value_name = "HOSTS")]
+    pub kafka_brokers: Option<String>,
+    /// Consumer group for offset commits [default: rankd]
+    #[arg(long, env = "RANKD_KAFKA_GROUP", value_name = "GROUP")]
+    pub kafka_group: Option<String>,
+    /// User events topic [default: rankd.events]
+    #[arg(long, env = "RANKD_KAFKA_EVENTS_TOPIC", value_name = "TOPIC")]
+    pub kafka_events_topic: Option<String>,
+    /// Item embedding upserts topic [default: rankd.items]
+    #[arg(long, env = "RANKD_KAFKA_ITEMS_TOPIC", value_name = "TOPIC")]
+    pub kafka_items_topic: Option<String>,
+    /// User feature upserts topic [default: rankd.users]
+    #[arg(long, env = "RANKD_KAFKA_USERS_TOPIC", value_name = "TOPIC")]
+    pub kafka_users_topic: Option<String>,
+    /// Topic that receives invalid messages [default: none]
+    #[arg(long, env = "RANKD_KAFKA_DEAD_LETTER_TOPIC", value_name = "TOPIC")]
+    pub kafka_dead_letter_topic: Option<String>,
+    /// Messages per applied update batch, at most [default: 1024]
+    #[arg(long, env = "RANKD_INGEST_BATCH_MAX", value_name = "N")]
+    pub ingest_batch_max: Option<usize>,
+    /// Longest wait before a partial update batch is applied [default: 2000]
+    #[arg(long, env = "RANKD_INGEST_BATCH_WAIT_US", value_name = "US")]
+    pub ingest_batch_wait_us: Option<u64>,
+    /// Feature-state snapshot folder ('' turns snapshots off) [default: ./rankd-state]
+    #[arg(long, env = "RANKD_SNAPSHOT_DIR", value_name = "DIR")]
+    pub snapshot_dir: Option<String>,
+    /// Snapshot period, when the state changed [default: 5000]
+    #[arg(long, env = "RANKD_SNAPSHOT_INTERVAL_MS", value_name = "MS")]
+    pub snapshot_interval_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -142,6 +230,36 @@ impl ServeArgs {
         if let Some(v) = self.uds_write_timeout_ms {
             c.uds_write_timeout_ms = v;
         }
+        if self.kafka_brokers.is_some() {
+            c.kafka_brokers = self.kafka_brokers;
+        }
+        if let Some(v) = self.kafka_group {
+            c.kafka_group = v;
+        }
+        if let Some(v) = self.kafka_events_topic {
+            c.kafka_events_topic = v;
+        }
+        if let Some(v) = self.kafka_items_topic {
+            c.kafka_items_topic = v;
+        }
+        if let Some(v) = self.kafka_users_topic {
+            c.kafka_users_topic = v;
+        }
+        if self.kafka_dead_letter_topic.is_some() {
+            c.kafka_dead_letter_topic = self.kafka_dead_letter_topic;
+        }
+        if let Some(v) = self.ingest_batch_max {
+            c.ingest_batch_max = v;
+        }
+        if let Some(v) = self.ingest_batch_wait_us {
+            c.ingest_batch_wait_us = v;
+        }
+        if let Some(v) = self.snapshot_dir {
+            c.snapshot_dir = v;
+        }
+        if let Some(v) = self.snapshot_interval_ms {
+            c.snapshot_interval_ms = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -165,6 +283,18 @@ mod tests {
         assert_eq!(c.http, "0.0.0.0:9000");
         assert_eq!(c.default_timeout_ms, 30);
         assert_eq!(c.models, PathBuf::from("./models"));
+
+        std::fs::write(
+            &path,
+            "[kafka_properties]\n\"sasl.password\" = \"hunter2\"\n\"client.id\" = \"a\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&path).unwrap();
+        let shown = format!("{:?}", c.redacted());
+        assert!(
+            !shown.contains("hunter2") && shown.contains("client.id"),
+            "{shown}"
+        );
 
         std::fs::write(&path, "htp = \"x\"\n").unwrap();
         let err = Config::from_file(&path).unwrap_err().to_string();

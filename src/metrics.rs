@@ -31,6 +31,22 @@ pub struct Metrics {
     pub uds_connections: prometheus::IntGauge,
     /// Socket connections closed for a protocol error, by reason.
     pub uds_errors: IntCounterVec,
+    /// 1 while a Kafka broker is reachable.
+    pub kafka_connected: prometheus::IntGauge,
+    /// Updates applied from Kafka, by topic.
+    pub ingest_applied: IntCounterVec,
+    /// Invalid update messages skipped, by reason.
+    pub ingest_rejected: IntCounterVec,
+    /// Valid messages rankd does not act on, by reason.
+    pub ingest_ignored: IntCounterVec,
+    /// Updates ignored because a newer version was stored.
+    pub ingest_stale: prometheus::IntCounter,
+    /// Messages per applied update batch.
+    pub ingest_batch_messages: prometheus::Histogram,
+    /// Consumer lag per topic-partition (end offset − applied offset).
+    pub ingest_lag: IntGaugeVec,
+    /// Time applied − message timestamp.
+    pub ingest_freshness: prometheus::Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -141,6 +157,76 @@ impl Metrics {
                 "Socket connections closed for a protocol error, by reason.",
                 &["reason"],
             ),
+            kafka_connected: {
+                let g = prometheus::IntGauge::new(
+                    "rankd_kafka_connected",
+                    "1 while a Kafka broker is reachable.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            ingest_applied: counter(
+                "rankd_ingest_updates_applied_total",
+                "Updates applied from Kafka, by topic.",
+                &["topic"],
+            ),
+            ingest_rejected: counter(
+                "rankd_ingest_rejected_total",
+                "Invalid update messages skipped, by reason.",
+                &["reason"],
+            ),
+            ingest_ignored: counter(
+                "rankd_ingest_ignored_total",
+                "Valid update messages rankd does not act on, by reason.",
+                &["reason"],
+            ),
+            ingest_stale: {
+                let c = prometheus::IntCounter::new(
+                    "rankd_ingest_stale_total",
+                    "Updates ignored because a newer version was stored.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            ingest_batch_messages: {
+                let h = prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "rankd_ingest_batch_messages",
+                        "Messages per applied update batch.",
+                    )
+                    .buckets(BATCH_BUCKETS.to_vec()),
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
+            ingest_lag: gauge(
+                "rankd_ingest_lag",
+                "Consumer lag per topic-partition: end offset minus applied offset.",
+                &["topic", "partition"],
+            ),
+            ingest_freshness: {
+                let h = prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "rankd_ingest_freshness_seconds",
+                        "Time from a message's timestamp to its update being applied.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
             registry,
         }
     }

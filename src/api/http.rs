@@ -30,6 +30,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/models/{model}/recommend", post(recommend))
         .route("/v1/models/{model}/score", post(score))
         .route("/v1/users/{user_id}", post(upsert_user))
+        .route("/v1/items/{item_id}", post(write_item))
+        .route("/v1/ingest", get(ingest))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -84,6 +86,13 @@ impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        // Refuse on the header alone rather than after reading the limit.
+        if let Some(n) = declared.filter(|&n| n > state.max_body_bytes as u64) {
+            return Err(ApiError(ServeError::TooLarge(format!(
+                "request body must be <= {} bytes, got {n}",
+                state.max_body_bytes
+            ))));
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 let got = declared.map_or_else(|| "more".to_string(), |n| n.to_string());
@@ -99,23 +108,40 @@ impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
     }
 }
 
+/// Syntax first (400 for any syntax error anywhere in the body), then shape
+/// and values (422): a body must be a JSON object of the request's fields.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServeError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        ServeError::Malformed(format!("request body is not valid UTF-8: {e}"))
+    })?;
+    let Some(first) = text.trim_start().chars().next() else {
         return Err(ServeError::Malformed(
             "request body is empty; a JSON object is required".into(),
         ));
+    };
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|e| ServeError::Malformed(format!("malformed JSON: {e}")))?;
+    if first != '{' {
+        let kind = match first {
+            '[' => "an array",
+            '"' => "a string",
+            't' | 'f' => "a boolean",
+            'n' => "null",
+            _ => "a number",
+        };
+        let value: String = text.trim().chars().take(64).collect();
+        return Err(ServeError::Invalid(format!(
+            "invalid type: the request body must be a JSON object, got {kind}: {value}"
+        )));
     }
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ServeError::Invalid(format!("invalid request: {e}")),
-        _ => ServeError::Malformed(format!("malformed JSON: {e}")),
-    })
+    serde_json::from_str(text).map_err(|e| ServeError::Invalid(format!("invalid request: {e}")))
 }
 
 /// Path segments parsed by hand so a bad one gets rankd's error shape.
-fn parse_user_id(raw: &str) -> Result<u64, ServeError> {
+fn parse_id(field: &str, raw: &str) -> Result<u64, ServeError> {
     raw.parse::<u64>().map_err(|_| {
         ServeError::Invalid(format!(
-            "user_id must be an unsigned 64-bit integer, got '{raw}'"
+            "{field} must be an unsigned 64-bit integer, got '{raw}'"
         ))
     })
 }
@@ -152,8 +178,21 @@ async fn upsert_user(
     Path(user_id): Path<String>,
     JsonBody(req): JsonBody<UserRequest>,
 ) -> Result<Json<UserResponse>, ApiError> {
-    let user_id = parse_user_id(&user_id)?;
+    let user_id = parse_id("user_id", &user_id)?;
     Ok(Json(s.service.upsert_user(user_id, req).await?))
+}
+
+async fn write_item(
+    State(s): State<HttpState>,
+    Path(item_id): Path<String>,
+    JsonBody(req): JsonBody<ItemRequest>,
+) -> Result<Json<crate::exec::state::ItemSummary>, ApiError> {
+    let item_id = parse_id("item_id", &item_id)?;
+    Ok(Json(s.service.write_item(item_id, req).await?))
+}
+
+async fn ingest(State(s): State<HttpState>) -> Json<crate::features::ingest::IngestReport> {
+    Json(s.service.ingest())
 }
 
 async fn healthz() -> Json<serde_json::Value> {

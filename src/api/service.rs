@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::types::*;
 use crate::error::ServeError;
+use crate::exec::state::{ItemSummary, ItemWrite};
 use crate::exec::{ExecutorHandle, LoadState, Op, Output, ServedModel, UserUpdate};
+use crate::features::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
 use crate::model::ModelKind;
 
@@ -23,6 +25,7 @@ pub struct Service {
     exec: ExecutorHandle,
     metrics: Arc<Metrics>,
     limits: ServiceLimits,
+    ingest: std::sync::OnceLock<Arc<IngestStatus>>,
 }
 
 impl Service {
@@ -31,6 +34,24 @@ impl Service {
             exec,
             metrics,
             limits,
+            ingest: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Reports Kafka ingestion in `/readyz` and `/v1/ingest` from now on.
+    pub fn set_ingest(&self, status: Arc<IngestStatus>) {
+        let _ = self.ingest.set(status);
+    }
+
+    pub fn ingest(&self) -> IngestReport {
+        match self.ingest.get() {
+            Some(s) => s.report(),
+            None => IngestReport {
+                enabled: false,
+                connected: false,
+                updates_applied: 0,
+                partitions: Vec::new(),
+            },
         }
     }
 
@@ -225,20 +246,17 @@ impl Service {
         user_id: u64,
         req: UserRequest,
     ) -> Result<UserResponse, ServeError> {
-        if let Some(features) = &req.features {
-            if let Some(i) = features.iter().position(|v| !v.is_finite()) {
-                return Err(ServeError::Invalid(format!(
-                    "features[{i}] must be a finite number, got {}",
-                    features[i]
-                )));
-            }
-        }
+        let features = req
+            .features
+            .as_deref()
+            .map(|f| finite_f32(f, "features"))
+            .transpose()?;
         let summary = self
             .exec
             .upsert_user(UserUpdate {
                 user_id,
                 history: req.history,
-                features: req.features,
+                features,
             })
             .await?;
         Ok(UserResponse {
@@ -246,6 +264,45 @@ impl Service {
             history: summary.history,
             features: summary.features,
         })
+    }
+
+    pub async fn write_item(
+        &self,
+        item_id: u64,
+        req: ItemRequest,
+    ) -> Result<ItemSummary, ServeError> {
+        let started = Instant::now();
+        let result = self.write_item_inner(item_id, req).await;
+        self.observe("", "write_item", started, &result);
+        result
+    }
+
+    async fn write_item_inner(
+        &self,
+        item_id: u64,
+        req: ItemRequest,
+    ) -> Result<ItemSummary, ServeError> {
+        let embedding = match (req.deleted, &req.embedding) {
+            (true, Some(_)) => {
+                return Err(ServeError::Invalid(
+                    "give either `embedding` or `deleted: true`, not both".into(),
+                ))
+            }
+            (true, None) => None,
+            (false, Some(e)) => Some(finite_f32(e, "embedding")?),
+            (false, None) => {
+                return Err(ServeError::Invalid(
+                    "an item write needs `embedding` or `deleted: true`".into(),
+                ))
+            }
+        };
+        self.exec
+            .write_item(ItemWrite {
+                item_id,
+                embedding,
+                version: req.version,
+            })
+            .await
     }
 
     pub fn models(&self) -> ModelsResponse {
@@ -302,6 +359,14 @@ impl Service {
         Readiness {
             ready: reason.is_none(),
             device: registry.device(),
+            kafka: self.ingest.get().map(|s| {
+                if s.connected() {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .to_string()
+            }),
             reason,
             models: registry
                 .models()
@@ -310,6 +375,25 @@ impl Service {
                 .collect(),
         }
     }
+}
+
+/// JSON numbers to f32, naming the first value that is not a finite f32.
+fn finite_f32(values: &[f64], field: &str) -> Result<Vec<f32>, ServeError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let f = v as f32;
+            if f.is_finite() {
+                Ok(f)
+            } else {
+                Err(ServeError::Invalid(format!(
+                    "{field}[{i}] must be a finite 32-bit float (|x| <= {:e}), got {v:e}",
+                    f32::MAX
+                )))
+            }
+        })
+        .collect()
 }
 
 fn ready_spec(served: &ServedModel) -> Result<&crate::model::ModelSpec, ServeError> {

@@ -34,8 +34,24 @@ pub struct ScoreRequest {
 pub struct UserRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<Vec<u64>>,
+    /// Read as f64 so that a value too large for f32 is reported as sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub features: Option<Vec<f32>>,
+    pub features: Option<Vec<f64>>,
+}
+
+/// `POST /v1/items/{item_id}`: `{"embedding": [...], "version": 7}` writes the
+/// item (a new id grows the catalogue); `{"deleted": true, "version": 8}`
+/// removes it from results. Without `version` the write is newer than whatever
+/// is stored; with one, a version not newer than the stored one is ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -109,6 +125,10 @@ pub struct ModelsResponse {
 pub struct Readiness {
     pub ready: bool,
     pub device: String,
+    /// `connected` or `disconnected` when Kafka ingestion is on (stale
+    /// features still serve, so a disconnected broker does not make rankd unready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<String>,
     /// Why not ready, when not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

@@ -110,6 +110,7 @@ async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<UdsCo
     let (tx, rx) = mpsc::channel::<Vec<u8>>(config.max_inflight.max(1) * 2);
     let writer = tokio::spawn(write_loop(wr, rx, config.write_timeout));
     let inflight = Arc::new(Semaphore::new(config.max_inflight.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
     let decoder = FrameDecoder::new(config.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     'conn: loop {
@@ -121,7 +122,8 @@ async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<UdsCo
                         _ = tx.closed() => break 'conn,
                     };
                     let (service, tx) = (service.clone(), tx.clone());
-                    tokio::spawn(async move {
+                    while tasks.try_join_next().is_some() {}
+                    tasks.spawn(async move {
                         let answer = handle(&service, &frame).await;
                         let _ = tx.send(answer).await;
                         drop(permit);
@@ -153,7 +155,12 @@ async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<UdsCo
             }
         }
     }
+    if tx.is_closed() {
+        // The writer gave up on this client: its pending work is wasted.
+        tasks.abort_all();
+    }
     drop(tx);
+    while tasks.join_next().await.is_some() {}
     let _ = writer.await;
     metrics.uds_connections.dec();
 }
@@ -209,6 +216,12 @@ async fn write_loop(
 
 /// Decodes and serves one request frame; always returns an answer frame.
 async fn handle(service: &Service, frame: &[u8]) -> Vec<u8> {
+    // A request is a map; serde would also read a struct from an array.
+    let is_map = matches!(frame.first(), Some(0x80..=0x8f | 0xde | 0xdf));
+    if !is_map {
+        let err = ServeError::Invalid("a request must be a MessagePack map".into());
+        return error_frame(0, &err);
+    }
     let req: WireRequest = match rmp_serde::from_slice(frame) {
         Ok(r) => r,
         Err(e) => {
@@ -274,6 +287,19 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 .await
                 .map(WireResult::User)
         }
+        "upsert_item" => {
+            let item_id = required(req.item_id, "item_id", op)?;
+            let body = ItemRequest {
+                embedding: req.embedding,
+                deleted: req.deleted.unwrap_or(false),
+                version: req.version,
+            };
+            service
+                .write_item(item_id, body)
+                .await
+                .map(WireResult::Item)
+        }
+        "ingest" => Ok(WireResult::Ingest(service.ingest())),
         "models" => match req.model {
             Some(m) => service.model(&m).map(WireResult::Model),
             None => Ok(WireResult::Models(service.models())),

@@ -25,7 +25,16 @@ pub struct WireRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<Vec<u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub features: Option<Vec<f32>>,
+    pub features: Option<Vec<f64>>,
+    /// `upsert_item`: the item to write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 /// Just the id, to answer a request whose other fields do not decode.
@@ -55,6 +64,16 @@ pub enum WireResult {
     Models(ModelsResponse),
     Model(ModelInfo),
     Health(Readiness),
+    Item(crate::exec::state::ItemSummary),
+    Ingest(crate::features::ingest::IngestReport),
 }
 
-pub const OPS: &[&str] = &["recommend", "score", "upsert_user", "models", "health"];
+pub const OPS: &[&str] = &[
+    "recommend",
+    "score",
+    "upsert_user",
+    "upsert_item",
+    "models",
+    "health",
+    "ingest",
+];

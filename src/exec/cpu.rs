@@ -13,9 +13,9 @@ use super::backend::{Backend, BackendError, ModelDesc, ModelId, Output, Query, S
 use super::topk::TopK;
 use crate::model::{ItemTable, ModelKind, TowerWeights};
 
-/// Rows of the item table scored per GEMM: 2,048 × 64 f32 is 512 KiB, and the
-/// block of scores for 64 queries another 512 KiB, so both stay in L2/L3.
-const BLOCK_ROWS: usize = 2048;
+/// Rows of the item table scored per GEMM: 512 × 64 f32 is 128 KiB, and the
+/// block of scores for 64 queries another 128 KiB, so both stay in L2.
+const BLOCK_ROWS: usize = 512;
 
 /// Scores tested per branch-free compare in the top-k scan.
 const SCAN_LANES: usize = 16;
@@ -204,23 +204,25 @@ pub fn score_topk(items: &ItemTable, qs: &[f32], specs: &[(usize, &[u32])]) -> V
         .fold(fresh, |(mut heaps, mut scores), blk| {
             let start = blk * BLOCK_ROWS;
             let rows = BLOCK_ROWS.min(n - start);
-            // scores[b, rows] = qs[b, d] · emb[start.., d]ᵀ
+            // scoresᵀ[rows, b] = emb[start.., d] · qs[b, d]ᵀ, stored column-major
+            // so each query's scores for the block are contiguous.
             // SAFETY: every pointer/stride pair addresses memory inside the
-            // slices above: lhs b×d (row stride d), rhs d×rows read as the
-            // transpose of the row-major block (column stride d), dst b×rows.
+            // slices above: lhs is the row-major block rows×d (row stride d),
+            // rhs d×b reads qs transposed (column stride d), dst rows×b with
+            // column stride `rows` fits the b·BLOCK_ROWS buffer.
             unsafe {
                 gemm::gemm(
-                    b,
                     rows,
+                    b,
                     d,
                     scores.as_mut_ptr(),
-                    1,
                     rows as isize,
+                    1,
                     false,
-                    qs.as_ptr(),
+                    emb[start * d..].as_ptr(),
                     1,
                     d as isize,
-                    emb[start * d..].as_ptr(),
+                    qs.as_ptr(),
                     d as isize,
                     1,
                     0.0,

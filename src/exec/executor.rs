@@ -12,12 +12,11 @@ use flume::{Receiver, RecvTimeoutError, TryRecvError};
 use tokio::sync::oneshot;
 
 use super::backend::{Backend, ModelDesc, ModelId, Query, Task};
-use super::{
-    deadline_exceeded, Command, ExecutorHandle, InferRequest, LoadState, Op, Registry, UserSummary,
-    UserUpdate,
-};
+use super::state::State;
+use super::{deadline_exceeded, Command, ExecutorHandle, InferRequest, LoadState, Op, Registry};
 use crate::batch::BatchQueue;
 use crate::error::ServeError;
+use crate::features::snapshot::Snapshot;
 use crate::features::UserStore;
 use crate::metrics::Metrics;
 use crate::model::{ItemTable, ModelEntry, ModelKind, ModelSpec, TowerWeights};
@@ -34,8 +33,7 @@ struct Executor {
     backend: Box<dyn Backend>,
     device: String,
     slots: Vec<Slot>,
-    tables: Vec<ItemTable>,
-    users: UserStore,
+    state: State,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
 }
@@ -45,6 +43,7 @@ struct Executor {
 pub fn spawn(
     backend: Box<dyn Backend>,
     entries: Vec<ModelEntry>,
+    snapshot: Option<Snapshot>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
 ) -> (ExecutorHandle, oneshot::Receiver<()>) {
@@ -88,12 +87,20 @@ pub fn spawn(
                 backend,
                 device,
                 slots,
-                tables: Vec::new(),
-                users: UserStore::new(history_cap),
+                state: State::new(history_cap),
                 registry,
                 metrics,
             };
             exec.load_all(&entries);
+            if let Some(s) = snapshot {
+                exec.state.restore(&s);
+                exec.publish_item_counts();
+                tracing::info!(
+                    users = s.users.len(),
+                    items = s.items.len(),
+                    "feature state restored from the snapshot"
+                );
+            }
             let _ = loaded_tx.send(());
             exec.run(rx);
         })
@@ -149,20 +156,20 @@ impl Executor {
             message: e.to_string(),
         })?;
         let table = match table_paths.get(&key) {
-            Some(&t) if self.tables[t].dim() == spec.dim => t,
+            Some(&t) if self.state.tables[t].dim() == spec.dim => t,
             Some(&t) => {
                 return Err(ModelError::Shape {
                     path: items_path,
                     tensor: "embeddings".into(),
                     expected: format!("[N, {}]", spec.dim),
-                    actual: vec![self.tables[t].rows(), self.tables[t].dim()],
+                    actual: vec![self.state.tables[t].rows(), self.state.tables[t].dim()],
                 })
             }
             None => {
                 let t = ItemTable::load(&items_path, spec.dim)?;
-                self.tables.push(t);
-                table_paths.insert(key, self.tables.len() - 1);
-                self.tables.len() - 1
+                self.state.tables.push(t);
+                table_paths.insert(key, self.state.tables.len() - 1);
+                self.state.tables.len() - 1
             }
         };
         let desc = ModelDesc {
@@ -178,7 +185,7 @@ impl Executor {
         // Warm up at the largest batch the model will see, so the first real
         // batch pays no first-use costs.
         let first_row = [0u32];
-        let some_row: &[u32] = if self.tables[table].rows() > 0 {
+        let some_row: &[u32] = if self.state.tables[table].rows() > 0 {
             &first_row
         } else {
             &[]
@@ -197,12 +204,12 @@ impl Executor {
             })
             .collect();
         self.backend
-            .run(id, &self.tables[table], &queries)
+            .run(id, &self.state.tables[table], &queries)
             .map_err(backend_err)?;
         self.slots[id].table = Some(table);
         self.registry
             .by_id(id)
-            .set_item_count(self.tables[table].live_count());
+            .set_item_count(self.state.tables[table].live_count());
         Ok(())
     }
 
@@ -258,53 +265,48 @@ impl Executor {
         match cmd {
             Command::Infer(req) => self.slots[req.model].queue.push(req),
             Command::UpsertUser(update, reply) => {
-                let result = self.upsert_user(update);
+                let dims = self.feature_dims();
+                let result = self.state.upsert_user(update, &dims);
                 if result.is_ok() {
                     self.metrics.user_updates.with_label_values(&["api"]).inc();
                 }
                 let _ = reply.send(result);
             }
+            Command::WriteItem(write, reply) => {
+                let result = self.state.write_item_request(write);
+                self.publish_item_counts();
+                let _ = reply.send(result);
+            }
+            Command::Apply(batch, reply) => {
+                let report = self.state.apply(&batch);
+                if report.items > 0 {
+                    self.publish_item_counts();
+                }
+                let _ = reply.send(Ok(report));
+            }
+            Command::Snapshot(reply) => {
+                let _ = reply.send(Ok((self.state.changes, self.state.snapshot())));
+            }
         }
     }
 
-    fn upsert_user(&mut self, update: UserUpdate) -> Result<UserSummary, ServeError> {
-        if let Some(history) = &update.history {
-            if let Some(unknown) = history
-                .iter()
-                .find(|&&id| !self.tables.iter().any(|t| t.row_of(id).is_some()))
-            {
-                return Err(ServeError::Invalid(format!(
-                    "unknown item id {unknown} in history"
-                )));
+    fn feature_dims(&self) -> Vec<usize> {
+        self.slots
+            .iter()
+            .filter(|s| s.table.is_some())
+            .filter_map(|s| s.spec.as_ref().map(|s| s.user_feature_dim))
+            .collect()
+    }
+
+    /// Tells the registry how many live items each model's table holds.
+    fn publish_item_counts(&self) {
+        for (id, slot) in self.slots.iter().enumerate() {
+            if let Some(t) = slot.table {
+                self.registry
+                    .by_id(id)
+                    .set_item_count(self.state.tables[t].live_count());
             }
         }
-        if let Some(features) = &update.features {
-            let dims: Vec<usize> = self
-                .slots
-                .iter()
-                .filter(|s| s.table.is_some())
-                .filter_map(|s| s.spec.as_ref().map(|s| s.user_feature_dim))
-                .collect();
-            if !dims.contains(&features.len()) {
-                let expected = dims.first().copied().unwrap_or(0);
-                return Err(ServeError::Invalid(format!(
-                    "features must have {expected} values (user_feature_dim), got {}",
-                    features.len()
-                )));
-            }
-        }
-        if let Some(history) = &update.history {
-            self.users.set_history(update.user_id, history);
-        }
-        if let Some(features) = update.features {
-            self.users.set_features(update.user_id, features);
-        }
-        let state = self.users.get(update.user_id).cloned().unwrap_or_default();
-        Ok(UserSummary {
-            user_id: update.user_id,
-            history: state.history.into_iter().collect(),
-            features: state.features,
-        })
     }
 
     fn execute(&mut self, id: ModelId) {
@@ -325,7 +327,7 @@ impl Executor {
             }
             return;
         };
-        let items = &self.tables[table];
+        let items = &self.state.tables[table];
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
         let mut prepared = Vec::with_capacity(batch.len());
@@ -347,7 +349,7 @@ impl Executor {
                     .send(Err(deadline_exceeded(req.deadline - req.enqueued)));
                 continue;
             }
-            match prepare(&req.op, spec, items, &self.users) {
+            match prepare(&req.op, spec, items, &self.state.users) {
                 Ok(p) => {
                     self.metrics
                         .queue_seconds
@@ -371,6 +373,7 @@ impl Executor {
                 history: &p.history,
                 features: match &req.op {
                     Op::Recommend { user_id, .. } | Op::Score { user_id, .. } => self
+                        .state
                         .users
                         .get(*user_id)
                         .and_then(|u| u.features.as_deref())

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cpu;
 mod executor;
 pub mod registry;
+pub mod state;
 pub mod topk;
 
 use std::sync::Arc;
@@ -73,6 +74,14 @@ pub struct UserSummary {
 pub enum Command {
     Infer(InferRequest),
     UpsertUser(UserUpdate, Reply<UserSummary>),
+    WriteItem(state::ItemWrite, Reply<state::ItemSummary>),
+    /// Applies a batch of feature updates between scoring batches.
+    Apply(
+        crate::features::updates::UpdateBatch,
+        Reply<state::ApplyReport>,
+    ),
+    /// A copy of the feature state and its change counter.
+    Snapshot(Reply<(u64, crate::features::snapshot::Snapshot)>),
 }
 
 /// Cheap, cloneable access to the executor.
@@ -142,14 +151,52 @@ impl ExecutorHandle {
         }
     }
 
-    /// Applies a user-state change in order with scoring batches.
-    pub async fn upsert_user(&self, update: UserUpdate) -> Result<UserSummary, ServeError> {
+    fn command<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<oneshot::Receiver<Result<T, ServeError>>, ServeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::UpsertUser(update, reply))
+            .send(make(reply))
             .map_err(|_| ServeError::NotReady("the executor has stopped".into()))?;
-        rx.await
-            .map_err(|_| ServeError::Internal("the executor dropped the update".into()))?
+        Ok(rx)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ServeError> {
+        self.command(make)?
+            .await
+            .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
+    }
+
+    /// Applies a user-state change in order with scoring batches.
+    pub async fn upsert_user(&self, update: UserUpdate) -> Result<UserSummary, ServeError> {
+        self.ask(|r| Command::UpsertUser(update, r)).await
+    }
+
+    pub async fn write_item(
+        &self,
+        write: state::ItemWrite,
+    ) -> Result<state::ItemSummary, ServeError> {
+        self.ask(|r| Command::WriteItem(write, r)).await
+    }
+
+    /// Applies an update batch; blocks the calling (non-async) thread.
+    pub fn apply_blocking(
+        &self,
+        batch: crate::features::updates::UpdateBatch,
+    ) -> Result<state::ApplyReport, ServeError> {
+        self.command(|r| Command::Apply(batch, r))?
+            .blocking_recv()
+            .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
+    }
+
+    /// The feature state as a snapshot, with its change counter; blocking.
+    pub fn snapshot_blocking(
+        &self,
+    ) -> Result<(u64, crate::features::snapshot::Snapshot), ServeError> {
+        self.command(Command::Snapshot)?
+            .blocking_recv()
+            .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
     }
 }
 

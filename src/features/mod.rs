@@ -2,6 +2,9 @@
 //! dense feature vector. Owned by the executor thread; changed only through
 //! update commands, so scoring and updates are ordered without locks.
 
+pub mod ingest;
+pub mod snapshot;
 pub mod state;
+pub mod updates;
 
 pub use state::{UserState, UserStore};

@@ -7,6 +7,8 @@ use std::collections::{HashMap, VecDeque};
 pub struct UserState {
     pub history: VecDeque<u64>,
     pub features: Option<Vec<f32>>,
+    /// Version of the last features update from a versioned source.
+    pub features_version: u64,
 }
 
 #[derive(Debug)]
@@ -65,6 +67,31 @@ impl UserStore {
     pub fn set_features(&mut self, user_id: u64, features: Vec<f32>) {
         self.users.entry(user_id).or_default().features = Some(features);
     }
+
+    /// Sets features if `version` is newer than the stored one; true if applied.
+    pub fn set_features_versioned(
+        &mut self,
+        user_id: u64,
+        features: Vec<f32>,
+        version: u64,
+    ) -> bool {
+        let u = self.users.entry(user_id).or_default();
+        if u.features.is_some() && u.features_version >= version {
+            return false;
+        }
+        u.features = Some(features);
+        u.features_version = version;
+        true
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &UserState)> {
+        self.users.iter()
+    }
+
+    /// Replaces a user's whole state (restoring a snapshot).
+    pub fn restore(&mut self, user_id: u64, state: UserState) {
+        self.users.insert(user_id, state);
+    }
 }
 
 #[cfg(test)]
@@ -82,5 +109,9 @@ mod tests {
         s.set_features(2, vec![0.5]);
         assert!(s.get(2).unwrap().history.is_empty());
         assert_eq!(s.len(), 2);
+        assert!(s.set_features_versioned(3, vec![1.0], 5));
+        assert!(!s.set_features_versioned(3, vec![2.0], 5));
+        assert!(s.set_features_versioned(3, vec![3.0], 6));
+        assert_eq!(s.get(3).unwrap().features, Some(vec![3.0]));
     }
 }

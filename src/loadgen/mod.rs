@@ -198,6 +198,8 @@ fn start_daemon(models: &std::path::Path) -> anyhow::Result<Started> {
         .arg(models)
         .args(["--http", "127.0.0.1:0", "--uds"])
         .arg(&uds)
+        .arg("--snapshot-dir")
+        .arg(dir.path().join("state"))
         .env("RANKD_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()

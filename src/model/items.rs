@@ -134,6 +134,11 @@ impl ItemTable {
         self.row_of(id).filter(|&r| self.live[r as usize])
     }
 
+    /// Stored version of an item (0 for items from the file).
+    pub fn version_of(&self, id: u64) -> Option<u64> {
+        self.row_of(id).map(|r| self.versions[r as usize])
+    }
+
     pub fn id(&self, row: u32) -> u64 {
         self.ids[row as usize]
     }
@@ -191,6 +196,27 @@ impl ItemTable {
                 self.versions.push(version);
                 self.live_count += 1;
                 ItemChange::Applied { row }
+            }
+        }
+    }
+
+    /// Sets a row exactly as recorded in a snapshot, whatever is stored.
+    pub fn restore(&mut self, id: u64, embedding: &[f32], version: u64, live: bool) {
+        let row = match self.index.get(&id).copied() {
+            Some(row) => row as usize,
+            None => {
+                self.upsert(id, embedding, version);
+                self.index[&id] as usize
+            }
+        };
+        self.embeddings[row * self.dim..(row + 1) * self.dim].copy_from_slice(embedding);
+        self.versions[row] = version;
+        if self.live[row] != live {
+            self.live[row] = live;
+            if live {
+                self.live_count += 1;
+            } else {
+                self.live_count -= 1;
             }
         }
     }

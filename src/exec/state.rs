@@ -1,0 +1,284 @@
+//! The feature state the executor owns: item tables, the user store, the
+//! source offsets already applied, and what changed since the catalogue was
+//! loaded (for snapshots). Only the executor thread touches it.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::{UserSummary, UserUpdate};
+use crate::error::ServeError;
+use crate::features::snapshot::{Snapshot, SnapshotItem, SnapshotOffset, SnapshotUser};
+use crate::features::updates::{Position, Update, UpdateBatch};
+use crate::features::{UserState, UserStore};
+use crate::model::items::ItemChange;
+use crate::model::ItemTable;
+
+/// What applying an update batch did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ApplyReport {
+    pub events: usize,
+    pub items: usize,
+    pub users: usize,
+    /// Updates ignored because a newer version was stored.
+    pub stale: usize,
+}
+
+/// An item write from HTTP or the socket; `version: None` means "newer than
+/// whatever is stored".
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemWrite {
+    pub item_id: u64,
+    /// `None` deletes the item.
+    pub embedding: Option<Vec<f32>>,
+    pub version: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ItemSummary {
+    pub item_id: u64,
+    pub version: u64,
+    pub deleted: bool,
+    /// False when a newer version was already stored.
+    pub applied: bool,
+}
+
+pub struct State {
+    pub tables: Vec<ItemTable>,
+    pub users: UserStore,
+    /// Next offset per topic-partition that the state includes.
+    pub applied: BTreeMap<Position, i64>,
+    dirty_items: HashSet<u64>,
+    /// Bumped on every change, so a snapshot is only written when needed.
+    pub changes: u64,
+}
+
+impl State {
+    pub fn new(history_cap: usize) -> Self {
+        Self {
+            tables: Vec::new(),
+            users: UserStore::new(history_cap),
+            applied: BTreeMap::new(),
+            dirty_items: HashSet::new(),
+            changes: 0,
+        }
+    }
+
+    pub fn knows_item(&self, id: u64) -> bool {
+        self.tables.iter().any(|t| t.row_of(id).is_some())
+    }
+
+    fn write_item(&mut self, update: &Update) -> bool {
+        let mut applied = false;
+        for t in &mut self.tables {
+            let change = match update {
+                Update::ItemUpsert {
+                    item_id,
+                    embedding,
+                    version,
+                } if embedding.len() == t.dim() => t.upsert(*item_id, embedding, *version),
+                Update::ItemDelete { item_id, version } => t.delete(*item_id, *version),
+                _ => continue,
+            };
+            applied |= matches!(change, ItemChange::Applied { .. });
+        }
+        if applied {
+            if let Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } = update
+            {
+                self.dirty_items.insert(*item_id);
+            }
+        }
+        applied
+    }
+
+    pub fn apply(&mut self, batch: &UpdateBatch) -> ApplyReport {
+        let mut r = ApplyReport::default();
+        for &(user, item) in &batch.events {
+            self.users.append(user, item);
+            r.events += 1;
+        }
+        for u in &batch.items {
+            if self.write_item(u) {
+                r.items += 1;
+            } else {
+                r.stale += 1;
+            }
+        }
+        for u in &batch.users {
+            if let Update::UserFeatures {
+                user_id,
+                features,
+                version,
+            } = u
+            {
+                if self
+                    .users
+                    .set_features_versioned(*user_id, features.clone(), *version)
+                {
+                    r.users += 1;
+                } else {
+                    r.stale += 1;
+                }
+            }
+        }
+        for (pos, &next) in &batch.positions {
+            let e = self.applied.entry(pos.clone()).or_insert(next);
+            *e = (*e).max(next);
+        }
+        self.changes += 1;
+        r
+    }
+
+    pub fn write_item_request(&mut self, w: ItemWrite) -> Result<ItemSummary, ServeError> {
+        let stored = self
+            .tables
+            .iter()
+            .filter_map(|t| t.version_of(w.item_id))
+            .max();
+        let version = match w.version {
+            Some(v) => v,
+            None => stored.map_or(1, |v| v + 1),
+        };
+        let update = match w.embedding {
+            Some(embedding) => {
+                if !self.tables.iter().any(|t| t.dim() == embedding.len()) {
+                    let dims: Vec<String> =
+                        self.tables.iter().map(|t| t.dim().to_string()).collect();
+                    return Err(ServeError::Invalid(format!(
+                        "embedding must have {} values, got {}",
+                        dims.join(" or "),
+                        embedding.len()
+                    )));
+                }
+                Update::ItemUpsert {
+                    item_id: w.item_id,
+                    embedding,
+                    version,
+                }
+            }
+            None => {
+                if stored.is_none() {
+                    return Err(ServeError::NotFound(format!(
+                        "unknown item id {}",
+                        w.item_id
+                    )));
+                }
+                Update::ItemDelete {
+                    item_id: w.item_id,
+                    version,
+                }
+            }
+        };
+        let deleted = matches!(update, Update::ItemDelete { .. });
+        let applied = self.write_item(&update);
+        self.changes += 1;
+        Ok(ItemSummary {
+            item_id: w.item_id,
+            version,
+            deleted,
+            applied,
+        })
+    }
+
+    /// Validates and applies a user change; `feature_dims` are the served models'.
+    pub fn upsert_user(
+        &mut self,
+        update: UserUpdate,
+        feature_dims: &[usize],
+    ) -> Result<UserSummary, ServeError> {
+        if let Some(history) = &update.history {
+            if let Some(unknown) = history.iter().find(|&&id| !self.knows_item(id)) {
+                return Err(ServeError::Invalid(format!(
+                    "unknown item id {unknown} in history"
+                )));
+            }
+        }
+        if let Some(features) = &update.features {
+            if !feature_dims.contains(&features.len()) {
+                let expected = feature_dims.first().copied().unwrap_or(0);
+                return Err(ServeError::Invalid(format!(
+                    "features must have {expected} values (user_feature_dim), got {}",
+                    features.len()
+                )));
+            }
+        }
+        if let Some(history) = &update.history {
+            self.users.set_history(update.user_id, history);
+        }
+        if let Some(features) = update.features {
+            self.users.set_features(update.user_id, features);
+        }
+        self.changes += 1;
+        let state = self.users.get(update.user_id).cloned().unwrap_or_default();
+        Ok(UserSummary {
+            user_id: update.user_id,
+            history: state.history.into_iter().collect(),
+            features: state.features,
+        })
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot::new();
+        s.offsets = self
+            .applied
+            .iter()
+            .map(|((topic, partition), &next)| SnapshotOffset {
+                topic: topic.clone(),
+                partition: *partition,
+                next_offset: next,
+            })
+            .collect();
+        s.users = self
+            .users
+            .iter()
+            .map(|(&id, u)| SnapshotUser {
+                id,
+                history: u.history.iter().copied().collect(),
+                features: u.features.clone(),
+                features_version: u.features_version,
+            })
+            .collect();
+        s.users.sort_by_key(|u| u.id);
+        let mut items: Vec<u64> = self.dirty_items.iter().copied().collect();
+        items.sort_unstable();
+        s.items = items
+            .into_iter()
+            .filter_map(|id| {
+                let t = self.tables.iter().find(|t| t.row_of(id).is_some())?;
+                let row = t.row_of(id)?;
+                Some(SnapshotItem {
+                    id,
+                    version: t.version_of(id).unwrap_or(0),
+                    deleted: !t.is_live(row),
+                    embedding: t.embedding(row).to_vec(),
+                })
+            })
+            .collect();
+        s
+    }
+
+    pub fn restore(&mut self, s: &Snapshot) {
+        for u in &s.users {
+            self.users.restore(
+                u.id,
+                UserState {
+                    history: u.history.iter().copied().collect(),
+                    features: u.features.clone(),
+                    features_version: u.features_version,
+                },
+            );
+        }
+        for it in &s.items {
+            for t in self
+                .tables
+                .iter_mut()
+                .filter(|t| t.dim() == it.embedding.len())
+            {
+                t.restore(it.id, &it.embedding, it.version, !it.deleted);
+            }
+            self.dirty_items.insert(it.id);
+        }
+        for o in &s.offsets {
+            self.applied
+                .insert((o.topic.clone(), o.partition), o.next_offset);
+        }
+    }
+}

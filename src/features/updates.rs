@@ -1,0 +1,451 @@
+//! Feature updates: decoding and validating the JSON messages of the events,
+//! items and users topics (also used by the HTTP and socket update calls), and
+//! coalescing them into update batches the executor applies in one step.
+//!
+//! Coalescing keeps what sequential application would leave behind: events are
+//! appended in offset order; for an item or a user's features only the update
+//! with the highest version survives (the later one on a tie), because an update
+//! whose version is not newer than the stored one is ignored anyway.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+
+/// Which stream a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stream {
+    Events,
+    Items,
+    Users,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Events => "events",
+            Stream::Items => "items",
+            Stream::Users => "users",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// The user engaged with the item: append it to their history.
+    Event { user_id: u64, item_id: u64 },
+    /// Write an item's embedding (a new id grows the table).
+    ItemUpsert {
+        item_id: u64,
+        embedding: Vec<f32>,
+        version: u64,
+    },
+    /// Remove an item from results.
+    ItemDelete { item_id: u64, version: u64 },
+    /// Set a user's dense features.
+    UserFeatures {
+        user_id: u64,
+        features: Vec<f32>,
+        version: u64,
+    },
+}
+
+/// What decoding a message can end in besides an update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rejection {
+    /// Valid, but not something rankd acts on (an event type not counted).
+    Ignored(&'static str),
+    /// Invalid: counted by reason, dead-lettered, skipped.
+    Invalid {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+/// The dimensions messages are checked against.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    pub item_dim: usize,
+    pub user_feature_dim: usize,
+    /// Event types that append to the history; others are ignored.
+    pub event_types: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct EventMsg {
+    user_id: u64,
+    item_id: u64,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    ts_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ItemMsg {
+    item_id: u64,
+    #[serde(default)]
+    embedding: Option<Vec<f64>>,
+    #[serde(default)]
+    deleted: bool,
+    version: u64,
+}
+
+#[derive(Deserialize)]
+struct UserMsg {
+    user_id: u64,
+    features: Vec<f64>,
+    version: u64,
+}
+
+fn invalid(reason: &'static str, detail: impl Into<String>) -> Rejection {
+    Rejection::Invalid {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+fn parse<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Rejection> {
+    serde_json::from_slice(payload).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => invalid("wrong_type", e.to_string()),
+        _ => invalid("bad_json", e.to_string()),
+    })
+}
+
+/// f64 JSON numbers to f32, rejecting values that are not finite as f32.
+pub fn finite_vector(values: &[f64], expected: usize, field: &str) -> Result<Vec<f32>, Rejection> {
+    if values.len() != expected {
+        return Err(invalid(
+            "wrong_length",
+            format!("{field} must have {expected} values, got {}", values.len()),
+        ));
+    }
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let f = v as f32;
+            if f.is_finite() {
+                Ok(f)
+            } else {
+                Err(invalid(
+                    "non_finite",
+                    format!("{field}[{i}] must be a finite f32, got {v}"),
+                ))
+            }
+        })
+        .collect()
+}
+
+impl Validator {
+    pub fn decode(&self, stream: Stream, payload: &[u8]) -> Result<Update, Rejection> {
+        match stream {
+            Stream::Events => {
+                let m: EventMsg = parse(payload)?;
+                if !self.event_types.iter().any(|t| *t == m.kind) {
+                    return Err(Rejection::Ignored("event_type"));
+                }
+                Ok(Update::Event {
+                    user_id: m.user_id,
+                    item_id: m.item_id,
+                })
+            }
+            Stream::Items => {
+                let m: ItemMsg = parse(payload)?;
+                match (m.deleted, m.embedding) {
+                    (true, _) => Ok(Update::ItemDelete {
+                        item_id: m.item_id,
+                        version: m.version,
+                    }),
+                    (false, Some(e)) => Ok(Update::ItemUpsert {
+                        item_id: m.item_id,
+                        embedding: finite_vector(&e, self.item_dim, "embedding")?,
+                        version: m.version,
+                    }),
+                    (false, None) => Err(invalid(
+                        "missing_field",
+                        "an item message needs `embedding` or `deleted: true`",
+                    )),
+                }
+            }
+            Stream::Users => {
+                let m: UserMsg = parse(payload)?;
+                Ok(Update::UserFeatures {
+                    user_id: m.user_id,
+                    features: finite_vector(&m.features, self.user_feature_dim, "features")?,
+                    version: m.version,
+                })
+            }
+        }
+    }
+}
+
+/// A source position: the next offset to read of one topic-partition.
+pub type Position = (String, i32);
+
+/// Updates gathered for one apply, with the source positions they cover.
+#[derive(Debug, Clone, Default)]
+pub struct UpdateBatch {
+    /// (user, item) in source order.
+    pub events: Vec<(u64, u64)>,
+    /// Per item, the surviving upsert or delete.
+    pub items: Vec<Update>,
+    /// Per user, the surviving features.
+    pub users: Vec<Update>,
+    /// Next offset per topic-partition once this batch is applied.
+    pub positions: BTreeMap<Position, i64>,
+    /// Source timestamps (ms since the epoch) of the messages, for freshness.
+    pub timestamps_ms: Vec<i64>,
+    /// Messages that went into the batch, valid or not.
+    pub messages: usize,
+}
+
+impl UpdateBatch {
+    pub fn updates(&self) -> usize {
+        self.events.len() + self.items.len() + self.users.len()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    batch: UpdateBatch,
+    items: HashMap<u64, usize>,
+    users: HashMap<u64, usize>,
+}
+
+fn version_of(u: &Update) -> u64 {
+    match u {
+        Update::ItemUpsert { version, .. }
+        | Update::ItemDelete { version, .. }
+        | Update::UserFeatures { version, .. } => *version,
+        Update::Event { .. } => 0,
+    }
+}
+
+impl Coalescer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Messages gathered so far (valid or not).
+    pub fn len(&self) -> usize {
+        self.batch.messages
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.messages == 0
+    }
+
+    /// Records that a message at `offset` was consumed (whatever it held).
+    pub fn consumed(&mut self, position: Option<(&str, i32, i64)>, timestamp_ms: Option<i64>) {
+        self.batch.messages += 1;
+        if let Some((topic, partition, offset)) = position {
+            let next = self
+                .batch
+                .positions
+                .entry((topic.to_string(), partition))
+                .or_insert(offset + 1);
+            *next = (*next).max(offset + 1);
+        }
+        if let Some(ts) = timestamp_ms {
+            self.batch.timestamps_ms.push(ts);
+        }
+    }
+
+    pub fn push(&mut self, update: Update) {
+        match update {
+            Update::Event { user_id, item_id } => self.batch.events.push((user_id, item_id)),
+            Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } => {
+                Self::keep_newest(&mut self.items, &mut self.batch.items, item_id, update)
+            }
+            Update::UserFeatures { user_id, .. } => {
+                Self::keep_newest(&mut self.users, &mut self.batch.users, user_id, update)
+            }
+        }
+    }
+
+    fn keep_newest(index: &mut HashMap<u64, usize>, list: &mut Vec<Update>, key: u64, u: Update) {
+        match index.get(&key) {
+            Some(&i) => {
+                if version_of(&u) >= version_of(&list[i]) {
+                    list[i] = u;
+                }
+            }
+            None => {
+                index.insert(key, list.len());
+                list.push(u);
+            }
+        }
+    }
+
+    pub fn take(&mut self) -> UpdateBatch {
+        self.items.clear();
+        self.users.clear();
+        std::mem::take(&mut self.batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validator() -> Validator {
+        Validator {
+            item_dim: 2,
+            user_feature_dim: 1,
+            event_types: vec!["click".into()],
+        }
+    }
+
+    #[test]
+    fn decodes_each_stream_and_names_what_is_wrong() {
+        let v = validator();
+        assert_eq!(
+            v.decode(
+                Stream::Events,
+                br#"{"user_id": 1, "item_id": 2, "type": "click", "ts_ms": 5}"#
+            ),
+            Ok(Update::Event {
+                user_id: 1,
+                item_id: 2
+            })
+        );
+        assert_eq!(
+            v.decode(
+                Stream::Events,
+                br#"{"user_id": 1, "item_id": 2, "type": "view"}"#
+            ),
+            Err(Rejection::Ignored("event_type"))
+        );
+        assert_eq!(
+            v.decode(
+                Stream::Items,
+                br#"{"item_id": 3, "embedding": [1, 2.5], "version": 7}"#
+            ),
+            Ok(Update::ItemUpsert {
+                item_id: 3,
+                embedding: vec![1.0, 2.5],
+                version: 7
+            })
+        );
+        assert_eq!(
+            v.decode(
+                Stream::Items,
+                br#"{"item_id": 3, "deleted": true, "version": 8}"#
+            ),
+            Ok(Update::ItemDelete {
+                item_id: 3,
+                version: 8
+            })
+        );
+        let reason = |r: Result<Update, Rejection>| match r {
+            Err(Rejection::Invalid { reason, .. }) => reason,
+            other => panic!("expected a rejection, got {other:?}"),
+        };
+        assert_eq!(reason(v.decode(Stream::Items, b"{not json")), "bad_json");
+        assert_eq!(
+            reason(v.decode(Stream::Items, br#"{"item_id": "x", "version": 1}"#)),
+            "wrong_type"
+        );
+        assert_eq!(
+            reason(v.decode(
+                Stream::Items,
+                br#"{"item_id": 1, "embedding": [1], "version": 1}"#
+            )),
+            "wrong_length"
+        );
+        assert_eq!(
+            reason(v.decode(
+                Stream::Items,
+                br#"{"item_id": 1, "embedding": [1, 1e39], "version": 1}"#
+            )),
+            "non_finite"
+        );
+        assert_eq!(
+            reason(v.decode(Stream::Items, br#"{"item_id": 1, "version": 1}"#)),
+            "missing_field"
+        );
+        assert_eq!(
+            reason(v.decode(
+                Stream::Users,
+                br#"{"user_id": -1, "features": [1], "version": 1}"#
+            )),
+            "wrong_type"
+        );
+    }
+
+    #[test]
+    fn coalescing_keeps_event_order_and_the_newest_version() {
+        let mut c = Coalescer::new();
+        for (i, u) in [
+            Update::Event {
+                user_id: 1,
+                item_id: 10,
+            },
+            Update::ItemUpsert {
+                item_id: 5,
+                embedding: vec![1.0],
+                version: 8,
+            },
+            Update::Event {
+                user_id: 1,
+                item_id: 11,
+            },
+            Update::ItemUpsert {
+                item_id: 5,
+                embedding: vec![2.0],
+                version: 7,
+            },
+            Update::UserFeatures {
+                user_id: 1,
+                features: vec![1.0],
+                version: 2,
+            },
+            Update::UserFeatures {
+                user_id: 1,
+                features: vec![3.0],
+                version: 2,
+            },
+            Update::ItemDelete {
+                item_id: 6,
+                version: 1,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            c.consumed(Some(("t", 0, 100 + i as i64)), Some(1000 + i as i64));
+            c.push(u);
+        }
+        c.consumed(Some(("t", 1, 4)), None);
+        let b = c.take();
+        assert!(c.is_empty());
+        assert_eq!(b.events, vec![(1, 10), (1, 11)]);
+        assert_eq!(
+            b.items,
+            vec![
+                Update::ItemUpsert {
+                    item_id: 5,
+                    embedding: vec![1.0],
+                    version: 8
+                },
+                Update::ItemDelete {
+                    item_id: 6,
+                    version: 1
+                },
+            ]
+        );
+        assert_eq!(
+            b.users,
+            vec![Update::UserFeatures {
+                user_id: 1,
+                features: vec![3.0],
+                version: 2
+            }]
+        );
+        assert_eq!(b.positions[&("t".to_string(), 0)], 107);
+        assert_eq!(b.positions[&("t".to_string(), 1)], 5);
+        assert_eq!(b.messages, 8);
+        assert_eq!(b.timestamps_ms.len(), 7);
+    }
+}
