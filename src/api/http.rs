@@ -29,7 +29,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/models/{model}/recommend", post(recommend))
         .route("/v1/models/{model}/score", post(score))
-        .route("/v1/users/{user_id}", post(upsert_user))
+        .route("/v1/users/{user_id}", post(upsert_user).get(get_user))
         .route("/v1/items/{item_id}", post(write_item))
         .route("/v1/ingest", get(ingest))
         .route("/healthz", get(healthz))
@@ -111,9 +111,8 @@ impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
 /// Syntax first (400 for any syntax error anywhere in the body), then shape
 /// and values (422): a body must be a JSON object of the request's fields.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServeError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        ServeError::Malformed(format!("request body is not valid UTF-8: {e}"))
-    })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ServeError::Malformed(format!("request body is not valid UTF-8: {e}")))?;
     let Some(first) = text.trim_start().chars().next() else {
         return Err(ServeError::Malformed(
             "request body is empty; a JSON object is required".into(),
@@ -180,6 +179,18 @@ async fn upsert_user(
 ) -> Result<Json<UserResponse>, ApiError> {
     let user_id = parse_id("user_id", &user_id)?;
     Ok(Json(s.service.upsert_user(user_id, req).await?))
+}
+
+async fn get_user(
+    State(s): State<HttpState>,
+    Path(user_id): Path<String>,
+) -> Result<Json<UserResponse>, ApiError> {
+    let user_id = parse_id("user_id", &user_id)?;
+    Ok(Json(
+        s.service
+            .upsert_user(user_id, UserRequest::default())
+            .await?,
+    ))
 }
 
 async fn write_item(

@@ -18,7 +18,8 @@ pub struct ApplyReport {
     pub events: usize,
     pub items: usize,
     pub users: usize,
-    /// Updates ignored because a newer version was stored.
+    /// Updates ignored because a version at least as new was stored (or came
+    /// earlier in the same batch).
     pub stale: usize,
 }
 
@@ -90,7 +91,10 @@ impl State {
     }
 
     pub fn apply(&mut self, batch: &UpdateBatch) -> ApplyReport {
-        let mut r = ApplyReport::default();
+        let mut r = ApplyReport {
+            stale: batch.superseded,
+            ..Default::default()
+        };
         for &(user, item) in &batch.events {
             self.users.append(user, item);
             r.events += 1;
@@ -200,13 +204,15 @@ impl State {
                 )));
             }
         }
+        if update.history.is_some() || update.features.is_some() {
+            self.changes += 1;
+        }
         if let Some(history) = &update.history {
             self.users.set_history(update.user_id, history);
         }
         if let Some(features) = update.features {
             self.users.set_features(update.user_id, features);
         }
-        self.changes += 1;
         let state = self.users.get(update.user_id).cloned().unwrap_or_default();
         Ok(UserSummary {
             user_id: update.user_id,

@@ -242,6 +242,8 @@ impl Ingest {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "1000")
+            // Freshness over fetch efficiency: an idle fetch returns within 10 ms.
+            .set("fetch.wait.max.ms", "10")
             .set("enable.partition.eof", "false");
         for (k, v) in &config.properties {
             cc.set(k, v);

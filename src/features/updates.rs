@@ -4,8 +4,8 @@
 //!
 //! Coalescing keeps what sequential application would leave behind: events are
 //! appended in offset order; for an item or a user's features only the update
-//! with the highest version survives (the later one on a tie), because an update
-//! whose version is not newer than the stored one is ignored anyway.
+//! with the highest version survives (the earlier one on a tie), because an
+//! update whose version is not newer than the stored one is ignored anyway.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -198,6 +198,9 @@ pub struct UpdateBatch {
     pub timestamps_ms: Vec<i64>,
     /// Messages that went into the batch, valid or not.
     pub messages: usize,
+    /// Updates dropped while coalescing because another one for the same key
+    /// had a version at least as new (what sequential application would ignore).
+    pub superseded: usize,
 }
 
 impl UpdateBatch {
@@ -256,24 +259,24 @@ impl Coalescer {
         match update {
             Update::Event { user_id, item_id } => self.batch.events.push((user_id, item_id)),
             Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } => {
-                Self::keep_newest(&mut self.items, &mut self.batch.items, item_id, update)
+                let b = &mut self.batch;
+                keep_newest(
+                    &mut self.items,
+                    &mut b.items,
+                    &mut b.superseded,
+                    item_id,
+                    update,
+                )
             }
             Update::UserFeatures { user_id, .. } => {
-                Self::keep_newest(&mut self.users, &mut self.batch.users, user_id, update)
-            }
-        }
-    }
-
-    fn keep_newest(index: &mut HashMap<u64, usize>, list: &mut Vec<Update>, key: u64, u: Update) {
-        match index.get(&key) {
-            Some(&i) => {
-                if version_of(&u) >= version_of(&list[i]) {
-                    list[i] = u;
-                }
-            }
-            None => {
-                index.insert(key, list.len());
-                list.push(u);
+                let b = &mut self.batch;
+                keep_newest(
+                    &mut self.users,
+                    &mut b.users,
+                    &mut b.superseded,
+                    user_id,
+                    update,
+                )
             }
         }
     }
@@ -282,6 +285,29 @@ impl Coalescer {
         self.items.clear();
         self.users.clear();
         std::mem::take(&mut self.batch)
+    }
+}
+
+/// Keeps, per key, the update sequential application would leave in place:
+/// a later one replaces an earlier one only with a strictly newer version.
+fn keep_newest(
+    index: &mut HashMap<u64, usize>,
+    list: &mut Vec<Update>,
+    superseded: &mut usize,
+    key: u64,
+    u: Update,
+) {
+    match index.get(&key) {
+        Some(&i) => {
+            *superseded += 1;
+            if version_of(&u) > version_of(&list[i]) {
+                list[i] = u;
+            }
+        }
+        None => {
+            index.insert(key, list.len());
+            list.push(u);
+        }
     }
 }
 
@@ -439,10 +465,12 @@ mod tests {
             b.users,
             vec![Update::UserFeatures {
                 user_id: 1,
-                features: vec![3.0],
+                features: vec![1.0],
                 version: 2
-            }]
+            }],
+            "on equal versions the first one stays, as sequential application would"
         );
+        assert_eq!(b.superseded, 2);
         assert_eq!(b.positions[&("t".to_string(), 0)], 107);
         assert_eq!(b.positions[&("t".to_string(), 1)], 5);
         assert_eq!(b.messages, 8);

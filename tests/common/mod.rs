@@ -180,3 +180,4 @@ pub fn derived_model(root: &Path, name: &str, base: &str, edit: impl Fn(String) 
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("model.toml"), text).unwrap();
 }
+pub mod kafka;

@@ -1,0 +1,487 @@
+//! Kafka ingestion against a real broker (tansu): freshness, item upserts and
+//! deletes, malformed messages, SIGKILL and restart, broker outages.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::kafka::Broker;
+use common::*;
+use rankd::model::demo::Rng;
+use serde_json::{json, Value};
+
+const EVENTS: &str = "rankd.events";
+const ITEMS: &str = "rankd.items";
+const USERS: &str = "rankd.users";
+const DEAD: &str = "rankd.dead";
+
+fn broker_with_topics() -> Broker {
+    let b = Broker::start();
+    b.create_topics(&[EVENTS, ITEMS, USERS, DEAD], 3);
+    b
+}
+
+fn rankd_on(broker: &Broker, state: &std::path::Path) -> Daemon {
+    let bootstrap = broker.bootstrap();
+    let state = state.to_str().unwrap().to_string();
+    Daemon::start_with(
+        &demo_models(),
+        &[
+            "--kafka-brokers",
+            &bootstrap,
+            "--kafka-dead-letter-topic",
+            DEAD,
+            "--snapshot-dir",
+            &state,
+            "--snapshot-interval-ms",
+            "100",
+        ],
+    )
+}
+
+async fn json_get(c: &reqwest::Client, url: &str) -> Value {
+    let (s, body) = get(c, url).await;
+    assert_eq!(s, 200, "{url}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until `/v1/ingest` says `topic`'s partitions have applied `count`
+/// messages in all.
+async fn wait_applied(c: &reqwest::Client, d: &Daemon, topic: &str, count: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = json_get(c, &d.url("/v1/ingest")).await;
+        let applied: i64 = r["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["topic"] == topic)
+            .map(|p| p["applied_offset"].as_i64().unwrap())
+            .sum();
+        if applied >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic}: {applied} of {count} applied after {within:?}: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_connected(c: &reqwest::Client, d: &Daemon, want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, body) = get(c, &d.url("/readyz")).await;
+        let r: Value = serde_json::from_str(&body).unwrap();
+        let state = if want { "connected" } else { "disconnected" };
+        if r["kafka"] == state {
+            assert_eq!(s, 200, "rankd stays ready whatever the broker does: {body}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kafka never became {state}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn history(c: &reqwest::Client, d: &Daemon, user: u64) -> Vec<u64> {
+    let v = json_get(c, &d.url(&format!("/v1/users/{user}"))).await;
+    v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+fn by_cluster() -> HashMap<u32, Vec<u64>> {
+    let mut m: HashMap<u32, Vec<u64>> = HashMap::new();
+    for (id, c) in demo_clusters() {
+        m.entry(c).or_default().push(id);
+    }
+    m.values_mut().for_each(|v| v.sort_unstable());
+    m
+}
+
+fn event(user: u64, item: u64) -> String {
+    json!({"user_id": user, "item_id": item, "type": "click", "ts_ms": 1764000000000u64})
+        .to_string()
+}
+
+#[tokio::test]
+async fn five_clicks_reshape_the_next_answer_within_200ms() {
+    let broker = broker_with_topics();
+    let state = tempfile::tempdir().unwrap();
+    let d = rankd_on(&broker, state.path());
+    let c = Daemon::client();
+    wait_connected(&c, &d, true).await;
+    let clusters = demo_clusters();
+    let groups = by_cluster();
+    let producer = broker.producer();
+    for (round, cluster) in [3u32, 17, 41].into_iter().enumerate() {
+        let user = 700_000 + round as u64;
+        let items: Vec<u64> = groups[&cluster]
+            .iter()
+            .step_by(97)
+            .take(5)
+            .copied()
+            .collect();
+        let started = Instant::now();
+        for &i in &items {
+            producer.send(EVENTS, &user.to_string(), &event(user, i));
+        }
+        producer.flush();
+        let flushed = started.elapsed();
+        loop {
+            let (s, body) = post(
+                &c,
+                &d.url("/v1/models/demo/recommend"),
+                json!({"user_id": user, "k": 10}),
+            )
+            .await;
+            assert_eq!(s, 200, "{body}");
+            let top: Vec<u64> = body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["id"].as_u64().unwrap())
+                .collect();
+            let same = top.iter().filter(|id| clusters[id] == cluster).count();
+            if same >= 8 {
+                assert!(
+                    top.iter().all(|id| !items.contains(id)),
+                    "clicked items are excluded"
+                );
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_millis(200),
+                "cluster {cluster}: after {:?} (produce took {flushed:?}) only {same} of 10 in the cluster",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        eprintln!(
+            "cluster {cluster}: reshaped {:?} after the first produce (flush {flushed:?})",
+            started.elapsed()
+        );
+    }
+    let metrics = get(&c, &d.url("/metrics")).await.1;
+    assert!(
+        metrics.contains("rankd_ingest_updates_applied_total{topic=\"rankd.events\"} 15"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rankd_ingest_freshness_seconds_count 15"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn item_upserts_appear_where_their_embedding_puts_them_and_deletes_remove_them() {
+    let broker = broker_with_topics();
+    let state = tempfile::tempdir().unwrap();
+    let d = rankd_on(&broker, state.path());
+    let c = Daemon::client();
+    wait_connected(&c, &d, true).await;
+    let groups = by_cluster();
+    let table =
+        rankd::model::ItemTable::load(&demo_models().join("catalogues/demo/items.safetensors"), 64)
+            .unwrap();
+    // A new item pointing where cluster 5's items point, but longer: it must
+    // rank first for a cluster-5 user.
+    let members = &groups[&5];
+    let mut centre = vec![0f64; 64];
+    for &id in members {
+        for (c, e) in centre
+            .iter_mut()
+            .zip(table.embedding(table.row_of(id).unwrap()))
+        {
+            *c += *e as f64 / members.len() as f64;
+        }
+    }
+    let new_item = 500_001u64;
+    let embedding: Vec<f64> = centre.iter().map(|x| x * 3.0).collect();
+    let user = 42_424u64;
+    let (s, _) = post(
+        &c,
+        &d.url(&format!("/v1/users/{user}")),
+        json!({"history": members[..5]}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let producer = broker.producer();
+    producer.send(
+        ITEMS,
+        &new_item.to_string(),
+        &json!({"item_id": new_item, "embedding": embedding, "version": 1}).to_string(),
+    );
+    producer.flush();
+    wait_applied(&c, &d, ITEMS, 1, Duration::from_secs(10)).await;
+    let top = |body: &Value| -> Vec<u64> {
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_u64().unwrap())
+            .collect()
+    };
+    let (_, body) = post(
+        &c,
+        &d.url("/v1/models/demo/recommend"),
+        json!({"user_id": user, "k": 5}),
+    )
+    .await;
+    assert_eq!(top(&body)[0], new_item, "{body}");
+    let (_, m) = get(&c, &d.url("/v1/models/demo")).await;
+    assert!(m.contains("\"items\":100001"), "{m}");
+    // The ranker sees the same catalogue.
+    let (s, body) = post(
+        &c,
+        &d.url("/v1/models/demo-ranker/score"),
+        json!({"user_id": user, "items": [new_item]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body["scores"][0].as_f64().unwrap() > 0.9, "{body}");
+
+    producer.send(
+        ITEMS,
+        &new_item.to_string(),
+        &json!({"item_id": new_item, "deleted": true, "version": 2}).to_string(),
+    );
+    // A replay of the old upsert must not resurrect it.
+    producer.send(
+        ITEMS,
+        &new_item.to_string(),
+        &json!({"item_id": new_item, "embedding": embedding, "version": 1}).to_string(),
+    );
+    producer.flush();
+    wait_applied(&c, &d, ITEMS, 3, Duration::from_secs(10)).await;
+    let (_, body) = post(
+        &c,
+        &d.url("/v1/models/demo/recommend"),
+        json!({"user_id": user, "k": 50}),
+    )
+    .await;
+    assert!(!top(&body).contains(&new_item), "{body}");
+    let metrics = get(&c, &d.url("/metrics")).await.1;
+    assert!(metrics.contains("rankd_ingest_stale_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn malformed_messages_are_counted_dead_lettered_and_skipped() {
+    let broker = broker_with_topics();
+    let state = tempfile::tempdir().unwrap();
+    let d = rankd_on(&broker, state.path());
+    let c = Daemon::client();
+    wait_connected(&c, &d, true).await;
+    let producer = broker.producer();
+    let bad: Vec<(&str, String, &str)> = vec![
+        (EVENTS, "{not json".into(), "bad_json"),
+        (
+            EVENTS,
+            json!({"user_id": "x", "item_id": 1, "type": "click"}).to_string(),
+            "wrong_type",
+        ),
+        (
+            ITEMS,
+            json!({"item_id": 9, "embedding": [1.0, 2.0], "version": 3}).to_string(),
+            "wrong_length",
+        ),
+        (
+            ITEMS,
+            format!(
+                "{{\"item_id\": 9, \"embedding\": [{}], \"version\": 3}}",
+                vec!["1e39"; 64].join(",")
+            ),
+            "non_finite",
+        ),
+        (
+            ITEMS,
+            "{\"item_id\": 9, \"embedding\": [NaN], \"version\": 3}".into(),
+            "bad_json",
+        ),
+        (
+            USERS,
+            json!({"user_id": 1, "features": [1.0], "version": 1}).to_string(),
+            "wrong_length",
+        ),
+        (
+            USERS,
+            json!({"user_id": 1, "features": "abc", "version": 1}).to_string(),
+            "wrong_type",
+        ),
+    ];
+    let mut expected: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut rng = Rng::new(11);
+    let mut sent_events = 0;
+    for round in 0..10 {
+        for u in 0..20u64 {
+            let user = 10_000 + u;
+            let item = 1 + rng.below(100_000);
+            producer.send(EVENTS, &user.to_string(), &event(user, item));
+            expected.entry(user).or_default().push(item);
+            sent_events += 1;
+        }
+        // An event type rankd does not count: valid, ignored.
+        producer.send(
+            EVENTS,
+            "1",
+            &json!({"user_id": 1, "item_id": 5, "type": "impression"}).to_string(),
+        );
+        sent_events += 1;
+        let (topic, payload, _) = &bad[round % bad.len()];
+        producer.send(topic, "k", payload);
+        if *topic == EVENTS {
+            sent_events += 1;
+        }
+    }
+    let features: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    producer.send(
+        USERS,
+        "10000",
+        &json!({"user_id": 10_000, "features": features, "version": 1}).to_string(),
+    );
+    producer.flush();
+    wait_applied(&c, &d, EVENTS, sent_events, Duration::from_secs(15)).await;
+    wait_applied(&c, &d, USERS, 3, Duration::from_secs(15)).await;
+    for (user, items) in &expected {
+        assert_eq!(&history(&c, &d, *user).await, items, "user {user}");
+    }
+    let u = json_get(&c, &d.url("/v1/users/10000")).await;
+    assert_eq!(u["features"].as_array().unwrap().len(), 16);
+    let metrics = get(&c, &d.url("/metrics")).await.1;
+    let count = |reason: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "rankd_ingest_rejected_total{{reason=\"{reason}\"}} "
+                ))
+            })
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    let mut want: HashMap<&str, u64> = HashMap::new();
+    for round in 0..10 {
+        *want.entry(bad[round % bad.len()].2).or_default() += 1;
+    }
+    for (reason, n) in &want {
+        assert_eq!(count(reason), *n, "reason {reason}\n{metrics}");
+    }
+    assert!(
+        metrics.contains("rankd_ingest_ignored_total{reason=\"event_type\"} 10"),
+        "{metrics}"
+    );
+    // Every invalid message reached the dead-letter topic, with its reason.
+    let dead = common::kafka::consume_all(&broker, DEAD, 10, Duration::from_secs(15));
+    assert_eq!(dead.len(), 10, "{dead:?}");
+    assert!(
+        dead.iter()
+            .all(|(reason, _)| want.contains_key(reason.as_str())),
+        "{dead:?}"
+    );
+    assert!(
+        d.log().contains("skipping an invalid update message"),
+        "{}",
+        d.log()
+    );
+}
+
+#[tokio::test]
+async fn sigkill_and_restart_neither_lose_nor_double_apply() {
+    let broker = broker_with_topics();
+    let state = tempfile::tempdir().unwrap();
+    let c = Daemon::client();
+    let producer = broker.producer();
+    let mut rng = Rng::new(77);
+    let mut expected: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut send = |n: usize, expected: &mut HashMap<u64, Vec<u64>>| {
+        for _ in 0..n {
+            let user = 20_000 + rng.below(60);
+            let item = 1 + rng.below(100_000);
+            producer.send(EVENTS, &user.to_string(), &event(user, item));
+            expected.entry(user).or_default().push(item);
+        }
+        producer.flush();
+    };
+    let mut first = rankd_on(&broker, state.path());
+    wait_connected(&c, &first, true).await;
+    send(1500, &mut expected);
+    // Let it apply part of the stream and snapshot at least once, then kill it
+    // while more arrives.
+    wait_applied(&c, &first, EVENTS, 500, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    send(500, &mut expected);
+    let pid = first.pid();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    for _ in 0..100 {
+        if !first.is_running() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!first.is_running());
+    let snapshots = std::fs::read_dir(state.path()).unwrap().count();
+    assert!(snapshots > 0, "no snapshot was written before the kill");
+    send(1000, &mut expected);
+    let second = rankd_on(&broker, state.path());
+    assert!(
+        second.log().contains("loading the feature-state snapshot"),
+        "{}",
+        second.log()
+    );
+    wait_applied(&c, &second, EVENTS, 3000, Duration::from_secs(30)).await;
+    for (user, items) in &expected {
+        let want: Vec<u64> = items[items.len().saturating_sub(50)..].to_vec();
+        assert_eq!(history(&c, &second, *user).await, want, "user {user}");
+    }
+    drop(first);
+}
+
+#[tokio::test]
+async fn a_broker_outage_keeps_rankd_serving_and_it_catches_up() {
+    let mut broker = broker_with_topics();
+    let state = tempfile::tempdir().unwrap();
+    let d = rankd_on(&broker, state.path());
+    let c = Daemon::client();
+    wait_connected(&c, &d, true).await;
+    let user = 31_337u64;
+    {
+        let p = broker.producer();
+        p.send(EVENTS, &user.to_string(), &event(user, 11));
+        p.flush();
+    }
+    wait_applied(&c, &d, EVENTS, 1, Duration::from_secs(10)).await;
+    broker.stop();
+    wait_connected(&c, &d, false).await;
+    for _ in 0..20 {
+        let (s, body) = post(
+            &c,
+            &d.url("/v1/models/demo/recommend"),
+            json!({"user_id": user, "k": 5}),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+    }
+    let metrics = get(&c, &d.url("/metrics")).await.1;
+    assert!(metrics.contains("rankd_kafka_connected 0"), "{metrics}");
+    broker.restart();
+    wait_connected(&c, &d, true).await;
+    {
+        let p = broker.producer();
+        for item in [12, 13, 14] {
+            p.send(EVENTS, &user.to_string(), &event(user, item));
+        }
+        p.flush();
+    }
+    wait_applied(&c, &d, EVENTS, 4, Duration::from_secs(30)).await;
+    assert_eq!(history(&c, &d, user).await, vec![11, 12, 13, 14]);
+}
