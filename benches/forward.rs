@@ -25,7 +25,7 @@ fn demo_forward(c: &mut Criterion) {
         dim: spec.dim,
         user_feature_dim: spec.user_feature_dim,
     };
-    backend.load(0, desc, &weights).unwrap();
+    backend.load(0, desc, 0, &weights).unwrap();
     let mut rng = Rng::new(1);
     let histories: Vec<Vec<u32>> = (0..256)
         .map(|_| {

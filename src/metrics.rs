@@ -47,6 +47,16 @@ pub struct Metrics {
     pub ingest_lag: IntGaugeVec,
     /// Time applied − message timestamp.
     pub ingest_freshness: prometheus::Histogram,
+    /// GPU telemetry from NVML, by device.
+    pub gpu_utilization: prometheus::GaugeVec,
+    pub gpu_memory_used: IntGaugeVec,
+    pub gpu_memory_total: IntGaugeVec,
+    pub gpu_temperature: prometheus::GaugeVec,
+    pub gpu_power: prometheus::GaugeVec,
+    /// Batches re-executed on the CPU after a device error, by reason.
+    pub fallbacks: IntCounterVec,
+    /// 1 while the device serves batches, 0 while the CPU stands in for it.
+    pub device_healthy: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -227,6 +237,62 @@ impl Metrics {
                     .expect("unique metric");
                 h
             },
+            gpu_utilization: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "rankd_gpu_utilization_ratio",
+                        "GPU busy fraction over the last sample period (NVML).",
+                    ),
+                    &["device"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            gpu_memory_used: gauge(
+                "rankd_gpu_memory_used_bytes",
+                "GPU memory in use (NVML).",
+                &["device"],
+            ),
+            gpu_memory_total: gauge(
+                "rankd_gpu_memory_total_bytes",
+                "GPU memory in all (NVML).",
+                &["device"],
+            ),
+            gpu_temperature: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new("rankd_gpu_temperature_celsius", "GPU temperature (NVML)."),
+                    &["device"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            gpu_power: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new("rankd_gpu_power_watts", "GPU power draw (NVML)."),
+                    &["device"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            fallbacks: counter(
+                "rankd_fallback_total",
+                "Batches re-executed on the CPU after a device error, by reason.",
+                &["reason"],
+            ),
+            device_healthy: gauge(
+                "rankd_device_healthy",
+                "1 while the device serves batches, 0 while the CPU stands in for it.",
+                &["device"],
+            ),
             registry,
         }
     }

@@ -7,6 +7,9 @@ use crate::model::{ItemTable, ModelKind, TowerWeights};
 /// Index of a loaded model in the executor.
 pub type ModelId = usize;
 
+/// Index of an item table in the executor (models may share one).
+pub type TableId = usize;
+
 /// What a backend needs to know about a model besides its weights.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelDesc {
@@ -52,18 +55,48 @@ pub enum Output {
 #[error("{device}: {message}")]
 pub struct BackendError {
     pub device: String,
+    /// Short label for metrics: `launch`, `out_of_memory`, `hardware`,
+    /// `driver`, `other`.
+    pub reason: &'static str,
     pub message: String,
+}
+
+impl BackendError {
+    pub fn new(
+        device: impl Into<String>,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// How a backend's device is doing, for `/readyz` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceHealth {
+    pub healthy: bool,
+    /// Why the device is not used right now, when it is not.
+    pub reason: Option<String>,
 }
 
 pub trait Backend: Send {
     /// `cpu`, `cuda:0`, ...
     fn device(&self) -> String;
 
+    /// Makes an item table resident. Called once per table, before the
+    /// models that use it are loaded.
+    fn load_table(&mut self, table: TableId, items: &ItemTable) -> Result<(), BackendError>;
+
     /// Makes a model resident. Called once per model, before any `run`.
     fn load(
         &mut self,
         id: ModelId,
         desc: ModelDesc,
+        table: TableId,
         weights: &TowerWeights,
     ) -> Result<(), BackendError>;
 
@@ -75,4 +108,20 @@ pub trait Backend: Send {
         items: &ItemTable,
         queries: &[Query<'_>],
     ) -> Result<Vec<Output>, BackendError>;
+
+    /// `rows` of a table changed on the host (upserts, deletes, new rows at
+    /// the end): bring any device copy in step before the next `run`.
+    fn items_changed(
+        &mut self,
+        table: TableId,
+        items: &ItemTable,
+        rows: &[u32],
+    ) -> Result<(), BackendError>;
+
+    fn health(&self) -> DeviceHealth {
+        DeviceHealth {
+            healthy: true,
+            reason: None,
+        }
+    }
 }

@@ -9,7 +9,9 @@ use candle_core::{Device, Tensor};
 use candle_nn::{Linear, Module};
 use rayon::prelude::*;
 
-use super::backend::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Scored, Task};
+use super::backend::{
+    Backend, BackendError, ModelDesc, ModelId, Output, Query, Scored, TableId, Task,
+};
 use super::topk::TopK;
 use crate::model::{ItemTable, ModelKind, TowerWeights};
 
@@ -31,10 +33,7 @@ pub struct CpuBackend {
 }
 
 fn err(e: impl std::fmt::Display) -> BackendError {
-    BackendError {
-        device: "cpu".into(),
-        message: e.to_string(),
-    }
+    BackendError::new("cpu", "other", e.to_string())
 }
 
 impl CpuBackend {
@@ -48,10 +47,25 @@ impl Backend for CpuBackend {
         "cpu".into()
     }
 
+    /// The CPU scores straight from the host table: nothing to copy.
+    fn load_table(&mut self, _table: TableId, _items: &ItemTable) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn items_changed(
+        &mut self,
+        _table: TableId,
+        _items: &ItemTable,
+        _rows: &[u32],
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     fn load(
         &mut self,
         id: ModelId,
         desc: ModelDesc,
+        _table: TableId,
         weights: &TowerWeights,
     ) -> Result<(), BackendError> {
         let layers = weights

@@ -94,6 +94,7 @@ pub fn spawn(
             exec.load_all(&entries);
             if let Some(s) = snapshot {
                 exec.state.restore(&s);
+                exec.sync_backend_tables();
                 exec.publish_item_counts();
                 tracing::info!(
                     users = s.users.len(),
@@ -168,8 +169,15 @@ impl Executor {
             None => {
                 let t = ItemTable::load(&items_path, spec.dim)?;
                 self.state.tables.push(t);
-                table_paths.insert(key, self.state.tables.len() - 1);
-                self.state.tables.len() - 1
+                let id = self.state.tables.len() - 1;
+                table_paths.insert(key, id);
+                self.backend
+                    .load_table(id, &self.state.tables[id])
+                    .map_err(|e| ModelError::Io {
+                        path: items_path.clone(),
+                        message: e.to_string(),
+                    })?;
+                id
             }
         };
         let desc = ModelDesc {
@@ -181,7 +189,9 @@ impl Executor {
             path: entry.dir.clone(),
             message: e.to_string(),
         };
-        self.backend.load(id, desc, &weights).map_err(backend_err)?;
+        self.backend
+            .load(id, desc, table, &weights)
+            .map_err(backend_err)?;
         // Warm up at the largest batch the model will see, so the first real
         // batch pays no first-use costs.
         let first_row = [0u32];
@@ -274,12 +284,14 @@ impl Executor {
             }
             Command::WriteItem(write, reply) => {
                 let result = self.state.write_item_request(write);
+                self.sync_backend_tables();
                 self.publish_item_counts();
                 let _ = reply.send(result);
             }
             Command::Apply(batch, reply) => {
                 let report = self.state.apply(&batch);
                 if report.items > 0 {
+                    self.sync_backend_tables();
                     self.publish_item_counts();
                 }
                 let _ = reply.send(Ok(report));
@@ -296,6 +308,18 @@ impl Executor {
             .filter(|s| s.table.is_some())
             .filter_map(|s| s.spec.as_ref().map(|s| s.user_feature_dim))
             .collect()
+    }
+
+    /// Hands the rows written on the host to the backend's device copy.
+    fn sync_backend_tables(&mut self) {
+        for (table, rows) in self.state.take_changed_rows() {
+            if let Err(e) = self
+                .backend
+                .items_changed(table, &self.state.tables[table], &rows)
+            {
+                tracing::error!(table, error = %e, "device copy of the item table not updated");
+            }
+        }
     }
 
     /// Tells the registry how many live items each model's table holds.

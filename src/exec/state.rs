@@ -48,6 +48,8 @@ pub struct State {
     /// Next offset per topic-partition that the state includes.
     pub applied: BTreeMap<Position, i64>,
     dirty_items: HashSet<u64>,
+    /// Rows written since the backend last heard of them, per table.
+    changed_rows: BTreeMap<usize, Vec<u32>>,
     /// Bumped on every change, so a snapshot is only written when needed.
     pub changes: u64,
 }
@@ -59,6 +61,7 @@ impl State {
             users: UserStore::new(history_cap),
             applied: BTreeMap::new(),
             dirty_items: HashSet::new(),
+            changed_rows: BTreeMap::new(),
             changes: 0,
         }
     }
@@ -69,7 +72,7 @@ impl State {
 
     fn write_item(&mut self, update: &Update) -> bool {
         let mut applied = false;
-        for t in &mut self.tables {
+        for (ti, t) in self.tables.iter_mut().enumerate() {
             let change = match update {
                 Update::ItemUpsert {
                     item_id,
@@ -79,7 +82,10 @@ impl State {
                 Update::ItemDelete { item_id, version } => t.delete(*item_id, *version),
                 _ => continue,
             };
-            applied |= matches!(change, ItemChange::Applied { .. });
+            if let ItemChange::Applied { row } = change {
+                self.changed_rows.entry(ti).or_default().push(row);
+                applied = true;
+            }
         }
         if applied {
             if let Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } = update
@@ -259,6 +265,16 @@ impl State {
             })
             .collect();
         s
+    }
+
+    /// Rows written since the last call, per table, for the backend's mirror.
+    pub fn take_changed_rows(&mut self) -> BTreeMap<usize, Vec<u32>> {
+        let mut m = std::mem::take(&mut self.changed_rows);
+        m.values_mut().for_each(|rows| {
+            rows.sort_unstable();
+            rows.dedup();
+        });
+        m
     }
 
     pub fn restore(&mut self, s: &Snapshot) {
