@@ -13,6 +13,8 @@ pub struct Config {
     pub models: PathBuf,
     /// HTTP listen address.
     pub http: String,
+    /// `auto`, `cpu` or `cuda:N`.
+    pub device: String,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// Deadline for requests that carry no `timeout_ms`.
@@ -56,6 +58,7 @@ impl Default for Config {
         Self {
             models: PathBuf::from("./models"),
             http: "127.0.0.1:8080".into(),
+            device: "auto".into(),
             max_body_bytes: 1 << 20,
             default_timeout_ms: 1000,
             max_timeout_ms: 60_000,
@@ -141,6 +144,9 @@ pub struct ServeArgs {
     /// HTTP listen address (port 0 picks a free port) [default: 127.0.0.1:8080]
     #[arg(long, env = "RANKD_HTTP", value_name = "ADDR")]
     pub http: Option<String>,
+    /// Device: auto (GPU 0 if usable, else CPU), cpu, or cuda:N [default: auto]
+    #[arg(long, env = "RANKD_DEVICE", value_name = "DEVICE")]
+    pub device: Option<String>,
     /// TOML config file with any of the keys below; flags and RANKD_* variables win
     #[arg(long, env = "RANKD_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -208,6 +214,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.http {
             c.http = v;
+        }
+        if let Some(v) = self.device {
+            c.device = v;
         }
         if let Some(v) = self.max_body_bytes {
             c.max_body_bytes = v;

@@ -101,8 +101,10 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         "" => None,
         path => Some(api::uds::bind(Path::new(path))?),
     };
+    let selected = exec::device::select(&config.device, &metrics).map_err(anyhow::Error::msg)?;
+    registry.set_device_reason(selected.reason);
     let (exec, executor_loaded) = exec::spawn(
-        Box::new(exec::cpu::CpuBackend::new()),
+        selected.backend,
         repo.models.clone(),
         snapshot,
         registry.clone(),

@@ -335,6 +335,7 @@ impl Service {
                 _ => None,
             },
             device: self.exec.registry().device(),
+            device_reason: self.device_reason(),
             dim: spec.map(|s| s.dim),
             user_feature_dim: spec.map(|s| s.user_feature_dim),
             history_len: spec.map(|s| s.history_len),
@@ -353,12 +354,28 @@ impl Service {
         }
     }
 
+    /// Why the GPU is not serving: not used at start, or failed and standing by.
+    fn device_reason(&self) -> Option<String> {
+        let registry = self.exec.registry();
+        let health = registry.health();
+        match (registry.device_reason(), health.healthy) {
+            (Some(r), _) => Some(r),
+            (None, false) => Some(format!(
+                "unhealthy, serving from the CPU: {}",
+                health.reason.unwrap_or_default()
+            )),
+            (None, true) => None,
+        }
+    }
+
     pub fn readiness(&self) -> Readiness {
         let registry = self.exec.registry();
         let reason = registry.not_ready_reason();
         Readiness {
             ready: reason.is_none(),
             device: registry.device(),
+            device_reason: self.device_reason(),
+            device_healthy: registry.health().healthy,
             kafka: self.ingest.get().map(|s| {
                 if s.connected() {
                     "connected"

@@ -106,6 +106,9 @@ pub struct ModelInfo {
     /// Why the model failed to load.
     pub error: Option<String>,
     pub device: String,
+    /// Why the GPU is not used, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_reason: Option<String>,
     pub dim: Option<usize>,
     pub user_feature_dim: Option<usize>,
     pub history_len: Option<usize>,
@@ -125,6 +128,11 @@ pub struct ModelsResponse {
 pub struct Readiness {
     pub ready: bool,
     pub device: String,
+    /// Why the GPU is not used, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_reason: Option<String>,
+    /// False while the CPU stands in for a failed device (still ready).
+    pub device_healthy: bool,
     /// `connected` or `disconnected` when Kafka ingestion is on (stale
     /// features still serve, so a disconnected broker does not make rankd unready).
     #[serde(default, skip_serializing_if = "Option::is_none")]

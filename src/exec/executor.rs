@@ -92,6 +92,7 @@ pub fn spawn(
                 metrics,
             };
             exec.load_all(&entries);
+            exec.publish_health();
             if let Some(s) = snapshot {
                 exec.state.restore(&s);
                 exec.sync_backend_tables();
@@ -333,6 +334,13 @@ impl Executor {
         }
     }
 
+    fn publish_health(&self) {
+        let health = self.backend.health();
+        if health != self.registry.health() {
+            self.registry.set_health(health);
+        }
+    }
+
     fn execute(&mut self, id: ModelId) {
         let slot = &mut self.slots[id];
         let batch = slot.queue.take_batch();
@@ -427,6 +435,7 @@ impl Executor {
             .batch_requests
             .with_label_values(&[&name])
             .observe(live.len() as f64);
+        self.publish_health();
         match result {
             Ok(outputs) => {
                 debug_assert_eq!(outputs.len(), live.len());

@@ -4,7 +4,9 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod device;
 mod executor;
+pub mod fallback;
 pub mod registry;
 pub mod state;
 pub mod topk;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use super::backend::DeviceHealth;
 use crate::model::ModelSpec;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +91,9 @@ pub struct Registry {
     models: Vec<Arc<ServedModel>>,
     by_name: HashMap<String, usize>,
     device: RwLock<String>,
+    /// Why the GPU is not used, when it is not.
+    device_reason: RwLock<Option<String>>,
+    health: RwLock<DeviceHealth>,
 }
 
 impl Registry {
@@ -103,6 +107,11 @@ impl Registry {
             models: models.into_iter().map(Arc::new).collect(),
             by_name,
             device: RwLock::new("cpu".into()),
+            device_reason: RwLock::new(None),
+            health: RwLock::new(DeviceHealth {
+                healthy: true,
+                reason: None,
+            }),
         }
     }
 
@@ -124,6 +133,25 @@ impl Registry {
 
     pub fn set_device(&self, device: String) {
         *self.device.write().expect("device lock poisoned") = device;
+    }
+
+    pub fn device_reason(&self) -> Option<String> {
+        self.device_reason
+            .read()
+            .expect("device lock poisoned")
+            .clone()
+    }
+
+    pub fn set_device_reason(&self, reason: Option<String>) {
+        *self.device_reason.write().expect("device lock poisoned") = reason;
+    }
+
+    pub fn health(&self) -> DeviceHealth {
+        self.health.read().expect("health lock poisoned").clone()
+    }
+
+    pub fn set_health(&self, health: DeviceHealth) {
+        *self.health.write().expect("health lock poisoned") = health;
     }
 
     /// `None` when every model is ready, else why not.

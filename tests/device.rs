@@ -1,0 +1,123 @@
+//! Device selection and CPU fallback through the real daemon, on a host
+//! without a GPU: `auto` falls back to the CPU and says why; the fault-
+//! injecting device fails every third batch and every request still gets the
+//! right answer exactly once.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn auto_on_a_host_without_a_gpu_serves_on_the_cpu_and_says_why() {
+    let d = Daemon::start_with(&demo_models(), &["--device", "auto"]);
+    let c = Daemon::client();
+    let (s, body) = get(&c, &d.url("/readyz")).await;
+    assert_eq!(s, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["device"], "cpu");
+    let reason = r["device_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("cuda:0 not used"), "{body}");
+    let (_, body) = get(&c, &d.url("/v1/models/demo")).await;
+    assert!(body.contains("cuda:0 not used"), "{body}");
+    assert!(d.log().contains("serving on the CPU"), "{}", d.log());
+}
+
+#[test]
+fn an_unknown_device_is_refused_at_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rankd"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--uds",
+            "",
+            "--snapshot-dir",
+            "",
+            "--device",
+            "tpu:0",
+            "--models",
+        ])
+        .arg(demo_models())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown device 'tpu:0'"), "{err}");
+}
+
+#[tokio::test]
+async fn failed_batches_are_re_executed_and_no_request_is_lost() {
+    let reference = Daemon::start_with(&demo_models(), &["--device", "cpu"]);
+    let d = Daemon::start_with(&demo_models(), &["--device", "faulty-cpu:3"]);
+    let c = Daemon::client();
+    let users: Vec<u64> = (0..240).collect();
+    for daemon in [&reference, &d] {
+        for &u in &users {
+            let history: Vec<u64> = (0..4)
+                .map(|i| 1 + (u * 7919 + i * 104_729) % 100_000)
+                .collect();
+            let (s, _) = post(
+                &c,
+                &daemon.url(&format!("/v1/users/{u}")),
+                json!({"history": history}),
+            )
+            .await;
+            assert_eq!(s, 200);
+        }
+    }
+    let mut expected = Vec::new();
+    for &u in &users {
+        let (s, body) = post(
+            &c,
+            &reference.url("/v1/models/demo/recommend"),
+            json!({"user_id": u, "k": 10}),
+        )
+        .await;
+        assert_eq!(s, 200);
+        expected.push(body);
+    }
+    // Concurrent waves, so batches of several requests fail and are re-run.
+    for wave in users.chunks(60) {
+        let answers = futures::future::join_all(wave.iter().map(|&u| {
+            let (c, url) = (c.clone(), d.url("/v1/models/demo/recommend"));
+            async move { post(&c, &url, json!({"user_id": u, "k": 10})).await }
+        }))
+        .await;
+        for (&u, (s, body)) in wave.iter().zip(answers) {
+            assert_eq!(s, 200, "user {u}: {body}");
+            let want = &expected[u as usize];
+            let ids = |v: &Value| -> Vec<u64> {
+                v["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i["id"].as_u64().unwrap())
+                    .collect()
+            };
+            assert_eq!(ids(&body), ids(want), "user {u}");
+        }
+    }
+    let (_, metrics) = get(&c, &d.url("/metrics")).await;
+    let fallbacks: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rankd_fallback_total{reason=\"launch\"} "))
+        .map_or(0.0, |v| v.parse().unwrap());
+    assert!(fallbacks >= 1.0, "{metrics}");
+    let served: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\"} ",
+            )
+        })
+        .map_or(0.0, |v| v.parse().unwrap());
+    assert_eq!(
+        served as usize,
+        users.len(),
+        "every request answered exactly once"
+    );
+    let (s, body) = get(&c, &d.url("/readyz")).await;
+    assert_eq!(s, 200, "an unhealthy device leaves rankd ready: {body}");
+    assert!(d.log().contains("serving from the CPU copy"), "{}", d.log());
+}
