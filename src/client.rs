@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::api::frame::{encode_frame, FrameDecoder};
 use crate::api::types::*;
@@ -62,8 +62,19 @@ pub trait Client: Clone + Send + Sync + 'static {
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Answer<BytesMut>>>>;
 
+/// Bytes accepted by `call` and not yet taken by the socket.
+struct Outbox {
+    buf: Vec<u8>,
+    /// Set when the connection can no longer be written.
+    broken: bool,
+}
+
 struct Shared {
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    wr: tokio::net::unix::OwnedWriteHalf,
+    out: Mutex<Outbox>,
+    /// Wakes the flusher when a caller could not write everything at once
+    /// (and when the connection is dropped, so the flusher ends).
+    backlog: Arc<tokio::sync::Notify>,
     pending: Pending,
     next_id: AtomicU64,
     closed: AtomicBool,
@@ -86,28 +97,39 @@ impl UdsClient {
         max_frame_bytes: usize,
     ) -> std::io::Result<Self> {
         let stream = UnixStream::connect(path).await?;
-        let (mut rd, mut wr) = stream.into_split();
-        let (frames, mut outbox) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (mut rd, wr) = stream.into_split();
         let shared = Arc::new(Shared {
-            frames,
+            wr,
+            out: Mutex::new(Outbox {
+                buf: Vec::with_capacity(16 * 1024),
+                broken: false,
+            }),
+            backlog: Arc::new(tokio::sync::Notify::new()),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         });
+        // Callers write straight into the socket (no hand-off on the common
+        // path); what the socket does not take at once is flushed here.
+        let flusher = Arc::downgrade(&shared);
+        let backlog = shared.backlog.clone();
         tokio::spawn(async move {
-            let mut out = Vec::with_capacity(16 * 1024);
-            while let Some(frame) = outbox.recv().await {
-                out.extend_from_slice(&frame);
-                while let Ok(more) = outbox.try_recv() {
-                    out.extend_from_slice(&more);
+            loop {
+                let notified = backlog.notified();
+                let Some(s) = flusher.upgrade() else { return };
+                if s.out.lock().expect("outbox lock").buf.is_empty() {
+                    drop(s);
+                    notified.await;
+                    continue;
                 }
-                if wr.write_all(&out).await.is_err() {
+                if s.wr.writable().await.is_err() || !s.flush() {
                     return;
                 }
-                out.clear();
             }
         });
-        let reader = shared.clone();
+        // The reader holds the connection weakly: once every clone of the
+        // client is gone, the write half closes and the daemon ends the stream.
+        let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
             let decoder = FrameDecoder::new(max_frame_bytes);
             let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -115,6 +137,7 @@ impl UdsClient {
                 loop {
                     match decoder.decode(&mut buf) {
                         Ok(Some(frame)) => {
+                            let Some(reader) = weak.upgrade() else { return };
                             let id = rmp_serde::from_slice::<WireId>(&frame).map_or(0, |w| w.id);
                             let waiter = reader.pending.lock().expect("pending lock").remove(&id);
                             match waiter {
@@ -137,6 +160,7 @@ impl UdsClient {
                     Err(e) => break e.to_string(),
                 }
             };
+            let Some(reader) = weak.upgrade() else { return };
             reader.closed.store(true, Ordering::SeqCst);
             let waiters: Vec<_> = reader
                 .pending
@@ -164,7 +188,7 @@ impl UdsClient {
             .lock()
             .expect("pending lock")
             .insert(id, tx);
-        if self.shared.closed.load(Ordering::SeqCst) || self.shared.frames.send(frame).is_err() {
+        if self.shared.closed.load(Ordering::SeqCst) || !self.shared.send(&frame) {
             self.shared
                 .pending
                 .lock()
@@ -192,6 +216,54 @@ impl UdsClient {
     /// Sends a raw request map (any `op`), for tools and tests.
     pub async fn request<R: DeserializeOwned>(&self, req: WireRequest) -> Answer<R> {
         self.call(req).await
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.backlog.notify_one();
+    }
+}
+
+impl Shared {
+    /// Queues a whole frame and writes what the socket takes now. No await
+    /// happens between queueing and writing, so a cancelled caller never
+    /// leaves half a frame behind. False once the connection is broken.
+    fn send(&self, frame: &[u8]) -> bool {
+        let mut out = self.out.lock().expect("outbox lock");
+        if out.broken {
+            return false;
+        }
+        let was_empty = out.buf.is_empty();
+        out.buf.extend_from_slice(frame);
+        if was_empty {
+            drop(out);
+            if !self.flush() {
+                return false;
+            }
+            if !self.out.lock().expect("outbox lock").buf.is_empty() {
+                self.backlog.notify_one();
+            }
+        }
+        true
+    }
+
+    /// Writes queued bytes until the socket would block; false on a write error.
+    fn flush(&self) -> bool {
+        let mut out = self.out.lock().expect("outbox lock");
+        while !out.buf.is_empty() {
+            match self.wr.try_write(&out.buf) {
+                Ok(n) => {
+                    out.buf.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(_) => {
+                    out.broken = true;
+                    return false;
+                }
+            }
+        }
+        true
     }
 }
 

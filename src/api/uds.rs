@@ -117,6 +117,23 @@ async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<UdsCo
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
+                    let req = match decode(&frame) {
+                        Ok(req) => req,
+                        Err(answer) => {
+                            if tx.send(answer).await.is_err() {
+                                break 'conn;
+                            }
+                            continue;
+                        }
+                    };
+                    // Calls that never wait on the executor are answered here,
+                    // without a task hand-off.
+                    if matches!(req.op.as_str(), "health" | "models" | "ingest") {
+                        if tx.send(answer(&service, req).await).await.is_err() {
+                            break 'conn;
+                        }
+                        continue;
+                    }
                     let permit = tokio::select! {
                         p = inflight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
                         _ = tx.closed() => break 'conn,
@@ -124,8 +141,7 @@ async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<UdsCo
                     let (service, tx) = (service.clone(), tx.clone());
                     while tasks.try_join_next().is_some() {}
                     tasks.spawn(async move {
-                        let answer = handle(&service, &frame).await;
-                        let _ = tx.send(answer).await;
+                        let _ = tx.send(answer(&service, req).await).await;
                         drop(permit);
                     });
                 }
@@ -214,27 +230,28 @@ async fn write_loop(
     let _ = wr.shutdown().await;
 }
 
-/// Decodes and serves one request frame; always returns an answer frame.
-async fn handle(service: &Service, frame: &[u8]) -> Vec<u8> {
+/// Decodes one request frame, or returns the error frame that answers it.
+fn decode(frame: &[u8]) -> Result<WireRequest, Vec<u8>> {
     // A request is a map; serde would also read a struct from an array.
     let is_map = matches!(frame.first(), Some(0x80..=0x8f | 0xde | 0xdf));
     if !is_map {
         let err = ServeError::Invalid("a request must be a MessagePack map".into());
-        return error_frame(0, &err);
+        return Err(error_frame(0, &err));
     }
-    let req: WireRequest = match rmp_serde::from_slice(frame) {
-        Ok(r) => r,
-        Err(e) => {
-            let id = rmp_serde::from_slice::<WireId>(frame).map_or(0, |w| w.id);
-            let err = match e {
-                rmp_serde::decode::Error::Syntax(_) | rmp_serde::decode::Error::TypeMismatch(_) => {
-                    ServeError::Invalid(format!("invalid request: {e}"))
-                }
-                _ => ServeError::Malformed(format!("undecodable MessagePack request: {e}")),
-            };
-            return error_frame(id, &err);
-        }
-    };
+    rmp_serde::from_slice(frame).map_err(|e| {
+        let id = rmp_serde::from_slice::<WireId>(frame).map_or(0, |w| w.id);
+        let err = match e {
+            rmp_serde::decode::Error::Syntax(_) | rmp_serde::decode::Error::TypeMismatch(_) => {
+                ServeError::Invalid(format!("invalid request: {e}"))
+            }
+            _ => ServeError::Malformed(format!("undecodable MessagePack request: {e}")),
+        };
+        error_frame(id, &err)
+    })
+}
+
+/// Serves one decoded request; always returns an answer frame.
+async fn answer(service: &Service, req: WireRequest) -> Vec<u8> {
     let id = req.id;
     match dispatch(service, req).await {
         Ok(result) => encode(&WireResponse {
