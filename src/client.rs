@@ -401,6 +401,7 @@ impl Client for HttpClient {
         async move { self.post(&path, &req).await }
     }
 
+    #[allow(clippy::manual_async_fn)] // the trait promises a Send future
     fn upsert_user(
         &self,
         user_id: u64,
@@ -409,6 +410,7 @@ impl Client for HttpClient {
         async move { self.post(&format!("/v1/users/{user_id}"), &req).await }
     }
 
+    #[allow(clippy::manual_async_fn)] // the trait promises a Send future
     fn health(&self) -> impl Future<Output = Answer<Readiness>> + Send {
         async move {
             let resp = self

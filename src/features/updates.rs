@@ -142,7 +142,7 @@ impl Validator {
         match stream {
             Stream::Events => {
                 let m: EventMsg = parse(payload)?;
-                if !self.event_types.iter().any(|t| *t == m.kind) {
+                if !self.event_types.contains(&m.kind) {
                     return Err(Rejection::Ignored("event_type"));
                 }
                 Ok(Update::Event {

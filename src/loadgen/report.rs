@@ -239,7 +239,8 @@ pub fn plot(reports: &[Report], path: &Path) -> anyhow::Result<()> {
         .x_desc("offered load (requests/s)")
         .y_desc("latency (ms)")
         .draw()?;
-    let series: [(&str, fn(&Figures) -> f64, RGBColor); 4] = [
+    type Series = (&'static str, fn(&Figures) -> f64, RGBColor);
+    let series: [Series; 4] = [
         ("p50", |f| f.p50, BLUE),
         ("p90", |f| f.p90, GREEN),
         ("p99", |f| f.p99, RED),
