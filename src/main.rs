@@ -21,6 +21,17 @@ enum Command {
     Serve(rankd::config::ServeArgs),
     /// Drive load at a daemon and report throughput, latency and batch sizes
     Bench(rankd::loadgen::BenchArgs),
+    /// Check the GPU backend: kernels against the CPU reference, bandwidth,
+    /// fused top-k against GEMM + top-k (--dry-run: the host-side parts only)
+    #[cfg(feature = "cuda")]
+    GpuCheck {
+        /// Run without a GPU: references, inputs and NVRTC compiles only
+        #[arg(long)]
+        dry_run: bool,
+        /// GPU ordinal
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
     /// Manage the model repository
     Models {
         #[command(subcommand)]
@@ -68,6 +79,17 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(rankd::loadgen::run(args))
             .map(|_| ()),
+        #[cfg(feature = "cuda")]
+        Command::GpuCheck { dry_run, device } => {
+            let table =
+                rankd::exec::cuda::check::run_check(rankd::exec::cuda::check::CheckOptions {
+                    dry_run,
+                    ordinal: device,
+                    ..Default::default()
+                })?;
+            println!("{table}");
+            Ok(())
+        }
         Command::Models {
             command: ModelsCommand::Generate { models, seed },
         } => {

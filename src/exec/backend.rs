@@ -2,7 +2,7 @@
 //! host types (item-table rows, f32 slices), not candle or CUDA ones, so the
 //! queue, the batcher and the servers build and test without any device code.
 
-use crate::model::{ItemTable, ModelKind, TowerWeights};
+use crate::model::{ItemDtype, ItemTable, ModelKind, TowerWeights};
 
 /// Index of a loaded model in the executor.
 pub type ModelId = usize;
@@ -87,9 +87,14 @@ pub trait Backend: Send {
     /// `cpu`, `cuda:0`, ...
     fn device(&self) -> String;
 
-    /// Makes an item table resident. Called once per table, before the
-    /// models that use it are loaded.
-    fn load_table(&mut self, table: TableId, items: &ItemTable) -> Result<(), BackendError>;
+    /// Makes an item table resident, stored as `dtype` where the device has a
+    /// choice. Called once per table, before the models that use it are loaded.
+    fn load_table(
+        &mut self,
+        table: TableId,
+        items: &ItemTable,
+        dtype: ItemDtype,
+    ) -> Result<(), BackendError>;
 
     /// Makes a model resident. Called once per model, before any `run`.
     fn load(

@@ -13,7 +13,7 @@ use super::backend::{
     Backend, BackendError, ModelDesc, ModelId, Output, Query, Scored, TableId, Task,
 };
 use super::topk::TopK;
-use crate::model::{ItemTable, ModelKind, TowerWeights};
+use crate::model::{ItemDtype, ItemTable, ModelKind, TowerWeights};
 
 /// Rows of the item table scored per GEMM: 512 × 64 f32 is 128 KiB, and the
 /// block of scores for 64 queries another 128 KiB, so both stay in L2.
@@ -47,8 +47,13 @@ impl Backend for CpuBackend {
         "cpu".into()
     }
 
-    /// The CPU scores straight from the host table: nothing to copy.
-    fn load_table(&mut self, _table: TableId, _items: &ItemTable) -> Result<(), BackendError> {
+    /// The CPU scores straight from the f32 host table: nothing to copy.
+    fn load_table(
+        &mut self,
+        _table: TableId,
+        _items: &ItemTable,
+        _dtype: ItemDtype,
+    ) -> Result<(), BackendError> {
         Ok(())
     }
 

@@ -15,9 +15,16 @@ pub struct Selected {
     pub reason: Option<String>,
 }
 
-// WIRING: replaced by the CUDA backend constructor once src/exec/cuda lands.
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize, metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, String> {
+    let backend = super::cuda::CudaBackend::new(ordinal)?;
+    super::cuda::telemetry::start(ordinal, metrics.clone());
+    Ok(Box::new(backend))
+}
+
+#[cfg(not(feature = "cuda"))]
 fn open_cuda(_ordinal: usize, _metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, String> {
-    Err("the GPU backend is not wired in yet".into())
+    Err("this rankd was built without the `cuda` feature".into())
 }
 
 fn cpu(reason: String) -> Selected {

@@ -173,7 +173,7 @@ impl Executor {
                 let id = self.state.tables.len() - 1;
                 table_paths.insert(key, id);
                 self.backend
-                    .load_table(id, &self.state.tables[id])
+                    .load_table(id, &self.state.tables[id], spec.item_dtype)
                     .map_err(|e| ModelError::Io {
                         path: items_path.clone(),
                         message: e.to_string(),

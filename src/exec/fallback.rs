@@ -14,7 +14,7 @@ use super::backend::{
 };
 use super::cpu::CpuBackend;
 use crate::metrics::Metrics;
-use crate::model::{ItemTable, TowerWeights};
+use crate::model::{ItemDtype, ItemTable, TowerWeights};
 
 /// Where time comes from (injectable, so back-off is tested without sleeping).
 pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
@@ -39,6 +39,7 @@ pub struct Fallback {
     stale_tables: BTreeSet<TableId>,
     stale_models: BTreeSet<ModelId>,
     models: HashMap<ModelId, (ModelDesc, TableId, TowerWeights)>,
+    table_dtypes: HashMap<TableId, ItemDtype>,
     clock: Clock,
     metrics: Option<Arc<Metrics>>,
 }
@@ -64,6 +65,7 @@ impl Fallback {
             stale_tables: BTreeSet::new(),
             stale_models: BTreeSet::new(),
             models: HashMap::new(),
+            table_dtypes: HashMap::new(),
             clock,
             metrics,
         }
@@ -114,7 +116,8 @@ impl Fallback {
         items: &ItemTable,
     ) -> Result<(), BackendError> {
         if self.stale_tables.contains(&table) {
-            self.primary.load_table(table, items)?;
+            let dtype = self.table_dtypes.get(&table).copied().unwrap_or_default();
+            self.primary.load_table(table, items, dtype)?;
             self.stale_tables.remove(&table);
             self.pending_rows.remove(&table);
         }
@@ -137,9 +140,15 @@ impl Backend for Fallback {
         self.device.clone()
     }
 
-    fn load_table(&mut self, table: TableId, items: &ItemTable) -> Result<(), BackendError> {
-        self.cpu.load_table(table, items)?;
-        if let Err(e) = self.primary.load_table(table, items) {
+    fn load_table(
+        &mut self,
+        table: TableId,
+        items: &ItemTable,
+        dtype: ItemDtype,
+    ) -> Result<(), BackendError> {
+        self.cpu.load_table(table, items, dtype)?;
+        self.table_dtypes.insert(table, dtype);
+        if let Err(e) = self.primary.load_table(table, items, dtype) {
             self.mark_unhealthy(&e);
             self.stale_tables.insert(table);
         }
@@ -266,8 +275,13 @@ pub mod faulty {
         fn device(&self) -> String {
             "faulty-cpu".into()
         }
-        fn load_table(&mut self, table: TableId, items: &ItemTable) -> Result<(), BackendError> {
-            self.inner.load_table(table, items)
+        fn load_table(
+            &mut self,
+            table: TableId,
+            items: &ItemTable,
+            dtype: ItemDtype,
+        ) -> Result<(), BackendError> {
+            self.inner.load_table(table, items, dtype)
         }
         fn load(
             &mut self,
@@ -363,7 +377,7 @@ mod tests {
             dim: d,
             user_feature_dim: 0,
         };
-        fb.load_table(0, &items).unwrap();
+        fb.load_table(0, &items, ItemDtype::F32).unwrap();
         fb.load(0, desc, 0, &weights).unwrap();
         (fb, plan, clock, items)
     }

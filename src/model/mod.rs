@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 pub use items::ItemTable;
 pub use repository::{ModelEntry, Repository};
-pub use spec::{BatchingSpec, LimitsSpec, ModelKind, ModelSpec};
+pub use spec::{BatchingSpec, ItemDtype, LimitsSpec, ModelKind, ModelSpec};
 pub use weights::{Layer, TowerWeights};
 
 /// Why a model could not be loaded. Messages name the file, the tensor and

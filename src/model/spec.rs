@@ -24,6 +24,17 @@ impl ModelKind {
     }
 }
 
+/// How a device keeps the item table's embeddings. Scores are accumulated in
+/// f32 whatever the storage; the CPU backend always scores the f32 table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
@@ -40,6 +51,9 @@ pub struct ModelSpec {
     /// Tower weights, relative to the version directory.
     #[serde(default = "default_weights")]
     pub weights: PathBuf,
+    /// Storage of the item table on a GPU: f32, f16 or bf16.
+    #[serde(default)]
+    pub item_dtype: ItemDtype,
     #[serde(default)]
     pub batching: BatchingSpec,
     #[serde(default)]

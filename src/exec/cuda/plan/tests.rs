@@ -1,0 +1,260 @@
+use super::*;
+use crate::exec::topk::TopK;
+use crate::model::demo::Rng;
+
+const H100: DeviceLimits = DeviceLimits {
+    sms: 132,
+    smem_optin: 227 * 1024,
+    smem_per_sm: 228 * 1024,
+};
+/// Shared memory and the 2-blocks-per-SM launch bound, as the driver would
+/// answer for the fused kernel.
+fn resident(limits: DeviceLimits) -> impl Fn(usize) -> usize {
+    move |smem| (limits.smem_per_sm / (smem + 1024)).clamp(1, 2)
+}
+
+const A100: DeviceLimits = DeviceLimits {
+    sms: 108,
+    smem_optin: 163 * 1024,
+    smem_per_sm: 164 * 1024,
+};
+
+#[test]
+fn order_keys_follow_total_cmp_and_invert() {
+    let mut rng = Rng::new(11);
+    let mut v: Vec<f32> = (0..2000)
+        .map(|_| f32::from_bits(rng.next_u64() as u32))
+        .filter(|f| !f.is_nan())
+        .collect();
+    v.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+        -1e-40,
+    ]);
+    for w in v.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        assert_eq!(
+            order_key(a).cmp(&order_key(b)),
+            a.total_cmp(&b),
+            "{a} vs {b}"
+        );
+        assert_eq!(key_score(order_key(a)).to_bits(), a.to_bits());
+    }
+    // Real scores never map to the kernels' "empty slot" key.
+    assert!(order_key(f32::NEG_INFINITY) > i32::MIN);
+}
+
+fn check_invariants(p: &TopkPlan, n: usize, nq: usize, k: usize, limits: DeviceLimits) {
+    assert!(p.group >= 1 && p.group <= MAX_GROUP, "{p:?}");
+    assert!(
+        p.group * p.groups >= nq && p.group * (p.groups - 1) < nq,
+        "{p:?}"
+    );
+    assert!(
+        p.kps >= k && p.kps.is_power_of_two() && p.kps >= 2 * TILE,
+        "{p:?}"
+    );
+    assert_eq!(p.chunk_rows % TILE, 0);
+    assert!(p.chunks * p.chunk_rows >= n, "{p:?}");
+    assert!(n == 0 || (p.chunks - 1) * p.chunk_rows < n, "{p:?}");
+    assert!(p.chunks <= 65_535);
+    assert!(p.partial_smem <= limits.smem_optin, "{p:?}");
+    assert!(p.merge_kps >= k && p.merge_kps >= 2 * THREADS && p.merge_smem <= limits.smem_optin);
+}
+
+#[test]
+fn plans_fit_the_device_for_every_size_the_service_uses() {
+    for limits in [H100, A100] {
+        for n in [0, 1, 63, 1000, 100_000, 10_000_000, 50_000_000] {
+            for nq in [1, 8, 32, 33, 64] {
+                for k in [1, 10, 100, 1000] {
+                    for (ld, es) in [(64, 4), (128, 2), (128, 4), (256, 2), (1024, 4)] {
+                        let p = plan_topk(n, ld, es, nq, k, limits, &resident(limits)).unwrap();
+                        check_invariants(&p, n, nq, k, limits);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn small_k_scores_a_whole_batch_in_one_pass_over_the_table() {
+    let p = plan_topk(10_000_000, 128, 2, 32, 100, H100, &resident(H100)).unwrap();
+    assert_eq!((p.group, p.groups), (32, 1), "{p:?}");
+    // Two blocks fit an SM, and every SM gets work.
+    assert!(p.partial_smem * 2 <= H100.smem_per_sm, "{p:?}");
+    assert!(p.chunks >= H100.sms, "{p:?}");
+    // 33 queries split evenly.
+    let p = plan_topk(10_000_000, 128, 2, 33, 10, H100, &resident(H100)).unwrap();
+    assert_eq!((p.group, p.groups), (17, 2));
+}
+
+#[test]
+fn tiny_tables_use_one_chunk_and_oversized_requests_are_refused() {
+    let p = plan_topk(1000, 64, 4, 4, 10, H100, &resident(H100)).unwrap();
+    assert_eq!(p.chunks, 1);
+    let err = plan_topk(1000, 64, 4, 1, MAX_K + 1, H100, &resident(H100)).unwrap_err();
+    assert!(err.contains("k must be <= 4096"), "{err}");
+}
+
+#[test]
+fn packing_matches_the_batch() {
+    let hist = [3u32, 1, 4];
+    let feats = [0.5f32, -1.0];
+    let excl = [9u32, 2];
+    let cand = [5u32, 6, 7];
+    let queries = vec![
+        Query {
+            history: &hist,
+            features: Some(&feats),
+            task: Task::TopK {
+                k: 5,
+                exclude: &excl,
+            },
+        },
+        Query {
+            history: &[],
+            features: None,
+            task: Task::Score { rows: &cand },
+        },
+        Query {
+            history: &hist[..1],
+            features: None,
+            task: Task::TopK { k: 0, exclude: &[] },
+        },
+    ];
+    let u = pack_users(&queries, 2);
+    assert_eq!(u.hist_off, vec![0, 3, 3, 4]);
+    assert_eq!(u.hist_rows, vec![3, 1, 4, 3]);
+    assert_eq!(u.feats, vec![0.5, -1.0, 0.0, 0.0, 0.0, 0.0]);
+    let t = pack_topk(&queries);
+    assert_eq!(t.qsel, vec![0, 2]);
+    assert_eq!(t.ks, vec![5, 0]);
+    assert_eq!(t.excl_off, vec![0, 2, 2]);
+    assert_eq!(
+        t.excl_rows,
+        vec![2, 9],
+        "exclusions are sorted for the binary search"
+    );
+    assert_eq!(t.kmax, 5);
+    let p = pack_pairs(&queries);
+    assert_eq!(p.pair_q, vec![1, 1, 1]);
+    assert_eq!(p.pair_row, vec![5, 6, 7]);
+    assert!(check_rows(&queries, 10, 2).is_ok());
+    let err = check_rows(&queries, 8, 2).unwrap_err();
+    assert!(
+        err.contains("row 9 is outside the item table of 8 rows"),
+        "{err}"
+    );
+    let err = check_rows(&queries, 10, 3).unwrap_err();
+    assert!(
+        err.contains("user features have 2 values, the model takes 3"),
+        "{err}"
+    );
+
+    let ids: Vec<u64> = (100..110).collect();
+    let keys = vec![order_key(2.0), order_key(1.0), 0, 0, 0, 0, 0, 0, 0, 0];
+    let rows = vec![4, 7, NONE_ROW, 0, 0, 0, 0, 0, 0, 0];
+    let lists = decode_topk(&keys, &rows, &t.ks, t.kmax, &ids);
+    assert_eq!(
+        lists,
+        vec![
+            vec![
+                Scored {
+                    id: 104,
+                    score: 2.0
+                },
+                Scored {
+                    id: 107,
+                    score: 1.0
+                }
+            ],
+            vec![]
+        ]
+    );
+    let out = assemble(&queries, lists, &[0.1, 0.2, 0.3]);
+    assert_eq!(out[1], Output::Scores(vec![0.1, 0.2, 0.3]));
+    assert!(matches!(&out[2], Output::TopK(v) if v.is_empty()));
+}
+
+/// The two kernels' data flow replayed on the host with the CPU's TopK: per
+/// chunk of the plan a top-k laid out as [nq][chunks][kmax] (with empty
+/// slots), then the merge over each query's first k of every chunk. Equal to
+/// a single pass over the table, ties and exclusions included.
+#[test]
+fn chunked_candidates_merge_to_the_single_pass_result() {
+    let mut rng = Rng::new(5);
+    let n = 20_000;
+    let ids: Vec<u64> = (0..n as u64).map(|i| (i * 7919) % 100_003).collect();
+    // Coarse scores: many ties, decided by id.
+    let scores: Vec<Vec<f32>> = (0..3)
+        .map(|_| (0..n).map(|_| rng.below(40) as f32 * 0.25).collect())
+        .collect();
+    let live: Vec<bool> = (0..n).map(|_| rng.below(10) != 0).collect();
+    let excl: Vec<u32> = (0..n as u32).filter(|r| r % 97 == 0).collect();
+    let ks = [7u32, 300, 1];
+    let kmax = 300;
+    let plan = plan_topk(n, 64, 4, 3, kmax, DeviceLimits { sms: 8, ..H100 }, &|_| 2).unwrap();
+    assert!(plan.chunks > 1, "{plan:?}");
+    let eligible = |r: usize| live[r] && excl.binary_search(&(r as u32)).is_err();
+    let row_of: std::collections::HashMap<u64, u32> = ids
+        .iter()
+        .enumerate()
+        .map(|(r, &id)| (id, r as u32))
+        .collect();
+    let mut keys = vec![i32::MIN; plan.partial_len()];
+    let mut rows = vec![NONE_ROW; plan.partial_len()];
+    for q in 0..3 {
+        for c in 0..plan.chunks {
+            let mut t = TopK::new(ks[q] as usize);
+            let end = ((c + 1) * plan.chunk_rows).min(n);
+            for r in (c * plan.chunk_rows..end).filter(|&r| eligible(r)) {
+                t.offer(Scored {
+                    id: ids[r],
+                    score: scores[q][r],
+                });
+            }
+            for (i, s) in t.into_sorted().into_iter().enumerate() {
+                let o = (q * plan.chunks + c) * kmax + i;
+                keys[o] = order_key(s.score);
+                rows[o] = row_of[&s.id];
+            }
+        }
+    }
+    let mut merged_keys = vec![0; 3 * kmax];
+    let mut merged_rows = vec![NONE_ROW; 3 * kmax];
+    for q in 0..3 {
+        let mut t = TopK::new(ks[q] as usize);
+        for c in 0..plan.chunks {
+            for i in 0..ks[q] as usize {
+                let o = (q * plan.chunks + c) * kmax + i;
+                if rows[o] != NONE_ROW {
+                    t.offer(Scored {
+                        id: ids[rows[o] as usize],
+                        score: key_score(keys[o]),
+                    });
+                }
+            }
+        }
+        for (i, s) in t.into_sorted().into_iter().enumerate() {
+            merged_keys[q * kmax + i] = order_key(s.score);
+            merged_rows[q * kmax + i] = row_of[&s.id];
+        }
+    }
+    let got = decode_topk(&merged_keys, &merged_rows, &ks, kmax, &ids);
+    for q in 0..3 {
+        let mut t = TopK::new(ks[q] as usize);
+        for r in (0..n).filter(|&r| eligible(r)) {
+            t.offer(Scored {
+                id: ids[r],
+                score: scores[q][r],
+            });
+        }
+        assert_eq!(got[q].len(), ks[q] as usize);
+        assert_eq!(got[q], t.into_sorted(), "query {q}");
+    }
+}
