@@ -394,23 +394,8 @@ impl Service {
     }
 }
 
-/// JSON numbers to f32, naming the first value that is not a finite f32.
 fn finite_f32(values: &[f64], field: &str) -> Result<Vec<f32>, ServeError> {
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let f = v as f32;
-            if f.is_finite() {
-                Ok(f)
-            } else {
-                Err(ServeError::Invalid(format!(
-                    "{field}[{i}] must be a finite 32-bit float (|x| <= {:e}), got {v:e}",
-                    f32::MAX
-                )))
-            }
-        })
-        .collect()
+    crate::features::updates::finite_f32(values, field).map_err(ServeError::Invalid)
 }
 
 fn ready_spec(served: &ServedModel) -> Result<&crate::model::ModelSpec, ServeError> {

@@ -112,14 +112,9 @@ fn parse<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Rejection> {
     })
 }
 
-/// f64 JSON numbers to f32, rejecting values that are not finite as f32.
-pub fn finite_vector(values: &[f64], expected: usize, field: &str) -> Result<Vec<f32>, Rejection> {
-    if values.len() != expected {
-        return Err(invalid(
-            "wrong_length",
-            format!("{field} must have {expected} values, got {}", values.len()),
-        ));
-    }
+/// JSON numbers (read as f64) to f32; the error names the first element that
+/// is not a finite f32, with the value as sent.
+pub fn finite_f32(values: &[f64], field: &str) -> Result<Vec<f32>, String> {
     values
         .iter()
         .enumerate()
@@ -128,13 +123,24 @@ pub fn finite_vector(values: &[f64], expected: usize, field: &str) -> Result<Vec
             if f.is_finite() {
                 Ok(f)
             } else {
-                Err(invalid(
-                    "non_finite",
-                    format!("{field}[{i}] must be a finite f32, got {v}"),
+                Err(format!(
+                    "{field}[{i}] must be a finite 32-bit float (|x| <= {:e}), got {v:e}",
+                    f32::MAX
                 ))
             }
         })
         .collect()
+}
+
+/// A vector field of an update message: the expected length, finite f32 values.
+pub fn finite_vector(values: &[f64], expected: usize, field: &str) -> Result<Vec<f32>, Rejection> {
+    if values.len() != expected {
+        return Err(invalid(
+            "wrong_length",
+            format!("{field} must have {expected} values, got {}", values.len()),
+        ));
+    }
+    finite_f32(values, field).map_err(|detail| invalid("non_finite", detail))
 }
 
 impl Validator {
