@@ -101,7 +101,7 @@ enum Cmd {
         partitions: i32,
     },
     /// One round of targets 2-4 against a fresh broker; writes the figures as JSON
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Prints the table of every round's figures with the targets
     Summarize { files: Vec<PathBuf> },
     /// Offsets a consumer group committed on rankd's topics, per partition
@@ -1024,7 +1024,6 @@ fn probe(brokers: &str, rate: f64, secs: f64, seed: u64, commit_ms: Option<u64>)
     while (lat.len() as u64) < p.produced && Instant::now() < grace {
         step(&mut lat)?;
     }
-    drop(step);
     let ctx = consumer.context();
     let commit_first_error = ctx.first_error.lock().expect("lock").clone();
     let (commit_callbacks_ok, commit_callbacks_err) = (
@@ -1117,7 +1116,7 @@ fn start_rankd(a: &RunArgs, log: &Path, commands: &mut Vec<String>) -> Result<Ra
         let _ = tx.send(line);
         // Keep reading so the daemon never writes into a closed pipe.
         let mut sink = String::new();
-        while r.read_line(&mut sink).map_or(false, |n| n > 0) {
+        while r.read_line(&mut sink).is_ok_and(|n| n > 0) {
             sink.clear();
         }
     });
@@ -1832,7 +1831,7 @@ fn main() -> Result<()> {
             brokers,
             partitions,
         } => create_topics(&brokers, partitions),
-        Cmd::Run(a) => run(a),
+        Cmd::Run(a) => run(*a),
         Cmd::Committed { brokers, group } => {
             let consumer: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
