@@ -70,6 +70,31 @@ async fn wait_applied(c: &reqwest::Client, d: &Daemon, topic: &str, count: i64, 
     }
 }
 
+/// Waits until every partition's committed offset has caught up with its
+/// applied offset (commits happen once a second, after apply).
+async fn wait_committed(c: &reqwest::Client, d: &Daemon, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = json_get(c, &d.url("/v1/ingest")).await;
+        let parts = r["partitions"].as_array().unwrap();
+        let behind: Vec<&Value> = parts
+            .iter()
+            .filter(|p| {
+                p["applied_offset"].as_i64() > Some(0)
+                    && p["committed_offset"] != p["applied_offset"]
+            })
+            .collect();
+        if !parts.is_empty() && behind.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "commits did not catch up with applied offsets: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_connected(c: &reqwest::Client, d: &Daemon, want: bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -350,6 +375,7 @@ async fn malformed_messages_are_counted_dead_lettered_and_skipped() {
     producer.flush();
     wait_applied(&c, &d, EVENTS, sent_events, Duration::from_secs(15)).await;
     wait_applied(&c, &d, USERS, 3, Duration::from_secs(15)).await;
+    wait_committed(&c, &d, Duration::from_secs(5)).await;
     for (user, items) in &expected {
         assert_eq!(&history(&c, &d, *user).await, items, "user {user}");
     }

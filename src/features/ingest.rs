@@ -1,9 +1,10 @@
 //! Kafka ingestion. One thread owns the consumer: it decodes and validates
 //! messages, coalesces them into update batches (by size or time), hands each
-//! batch to the executor and waits until it is applied, then commits the
-//! batch's offsets. Every rankd needs every update, so it assigns itself all
-//! partitions of the three topics (the group id is used for commits, which
-//! tools read for lag) and resumes from the offsets recorded in its snapshot,
+//! batch to the executor and waits until it is applied; applied offsets are
+//! committed once a second (and at shutdown), never before they are applied.
+//! Every rankd needs every update, so it assigns itself all partitions of the
+//! three topics (the group id is used for commits, which tools read for lag)
+//! and resumes from the offsets recorded in its snapshot,
 //! or from the beginning when it has none: the state and the offsets it
 //! includes always move together.
 
@@ -119,7 +120,7 @@ impl IngestStatus {
 }
 
 /// librdkafka callbacks: broker state and partition ends from the statistics,
-/// commit results, errors.
+/// errors.
 struct Ctx {
     status: Arc<IngestStatus>,
     metrics: Arc<Metrics>,
@@ -168,25 +169,7 @@ impl ClientContext for Ctx {
     }
 }
 
-impl ConsumerContext for Ctx {
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        offsets: &TopicPartitionList,
-    ) {
-        if result.is_err() {
-            return;
-        }
-        for e in offsets.elements() {
-            if let Offset::Offset(o) = e.offset() {
-                self.status
-                    .with_partition(&(e.topic().to_string(), e.partition()), |s| {
-                        s.committed_offset = o
-                    });
-            }
-        }
-    }
-}
+impl ConsumerContext for Ctx {}
 
 /// Warns at most once a minute per reason.
 struct RateLimitedLog(HashMap<&'static str, Instant>);
@@ -277,6 +260,8 @@ impl Ingest {
             status: status.clone(),
             stop: stop.clone(),
             log: RateLimitedLog(HashMap::new()),
+            uncommitted: BTreeMap::new(),
+            last_commit: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("rankd-ingest".into())
@@ -308,7 +293,14 @@ struct Worker {
     status: Arc<IngestStatus>,
     stop: Arc<AtomicBool>,
     log: RateLimitedLog,
+    /// Applied positions not yet committed to the group.
+    uncommitted: BTreeMap<Position, i64>,
+    last_commit: Instant,
 }
+
+/// Offsets are committed at most this often (and at shutdown): a synchronous
+/// commit per second costs the broker far less than one per 2 ms batch.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Worker {
     fn stream_of(&self, topic: &str) -> Option<Stream> {
@@ -402,6 +394,9 @@ impl Worker {
                 self.flush(&mut coalescer);
                 batch_started = None;
             }
+            if !stopping {
+                self.commit(false);
+            }
             if stopping {
                 break;
             }
@@ -448,9 +443,7 @@ impl Worker {
                 None => {}
             }
         }
-        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(error = %e, "final commit skipped");
-        }
+        self.commit(true);
         if let Some(p) = &self.producer {
             let _ = p.flush(Duration::from_secs(2));
         }
@@ -532,18 +525,40 @@ impl Worker {
                 .ingest_freshness
                 .observe((applied_at as i64 - ts).max(0) as f64 / 1000.0);
         }
-        let mut tpl = TopicPartitionList::new();
         for ((topic, partition), next) in &positions {
             self.status
                 .with_partition(&(topic.clone(), *partition), |s| {
                     s.applied_offset = s.applied_offset.max(*next);
                     s.last_apply_ms = applied_at;
                 });
+            let e = self
+                .uncommitted
+                .entry((topic.clone(), *partition))
+                .or_insert(*next);
+            *e = (*e).max(*next);
+        }
+    }
+
+    /// Commits the applied positions (only ever those) when the interval has
+    /// passed or `now` is set; on success `/v1/ingest` shows them committed.
+    fn commit(&mut self, now: bool) {
+        if self.uncommitted.is_empty() || (!now && self.last_commit.elapsed() < COMMIT_INTERVAL) {
+            return;
+        }
+        self.last_commit = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in &self.uncommitted {
             let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
         }
-        if tpl.count() > 0 {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-                tracing::debug!(error = %e, "offset commit failed; the next batch commits again");
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                for (pos, next) in std::mem::take(&mut self.uncommitted) {
+                    self.status
+                        .with_partition(&pos, |s| s.committed_offset = next);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "offset commit failed; retried at the next interval")
             }
         }
     }
