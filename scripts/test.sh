@@ -30,8 +30,8 @@ export LD_LIBRARY_PATH="$RANKD_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "== build (release: the tests drive the optimised daemon)"
 cargo build --release --all-targets --locked
 
-echo "== tests"
-cargo test --release --locked
-
 echo "== GPU check, host side (the GPU parts run where a GPU is: benches/gpu/check.sh)"
 OUT="$(mktemp -d)" benches/gpu/check.sh --dry-run
+
+echo "== tests"
+cargo test --release --locked
