@@ -27,7 +27,6 @@ pub struct Daemon {
     /// The socket path, when the socket is on.
     pub uds_path: Option<PathBuf>,
     pub registry: Arc<Registry>,
-    exec: ExecutorHandle,
     loaded: watch::Receiver<bool>,
     stop: Option<oneshot::Sender<()>>,
     uds_stop: Option<oneshot::Sender<()>>,
@@ -184,7 +183,6 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         http_addr,
         uds_path,
         registry,
-        exec,
         loaded,
         stop: Some(stop),
         uds_stop: Some(uds_stop),
@@ -298,10 +296,6 @@ impl Daemon {
             line.push_str(&format!("; unix:{}", p.display()));
         }
         line
-    }
-
-    pub fn executor(&self) -> &ExecutorHandle {
-        &self.exec
     }
 
     /// Stops accepting, finishes in-flight requests, applies and commits the

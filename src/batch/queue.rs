@@ -82,12 +82,6 @@ impl<T: Queued> BatchQueue<T> {
         self.rows -= rows;
         batch
     }
-
-    /// Removes every request (for shutdown).
-    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
-        self.rows = 0;
-        self.items.drain(..)
-    }
 }
 
 #[cfg(test)]

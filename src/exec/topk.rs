@@ -31,11 +31,6 @@ impl Ord for Worst {
     }
 }
 
-/// True when `a` ranks before `b`.
-pub fn ranks_before(a: &Scored, b: &Scored) -> bool {
-    Worst(*a) < Worst(*b)
-}
-
 #[derive(Debug, Clone)]
 pub struct TopK {
     k: usize,

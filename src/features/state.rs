@@ -26,14 +26,6 @@ impl UserStore {
         }
     }
 
-    pub fn history_cap(&self) -> usize {
-        self.history_cap
-    }
-
-    pub fn set_history_cap(&mut self, cap: usize) {
-        self.history_cap = cap.max(1);
-    }
-
     pub fn get(&self, user_id: u64) -> Option<&UserState> {
         self.users.get(&user_id)
     }

@@ -91,11 +91,6 @@ impl TowerWeights {
         }
         Ok(Self { layers })
     }
-
-    /// Multiply-adds of one forward pass of one row, for FLOP accounting.
-    pub fn macs_per_row(&self) -> usize {
-        self.layers.iter().map(|l| l.in_dim * l.out_dim).sum()
-    }
 }
 
 /// Reads an f32 tensor, rejecting other dtypes and non-finite values.
