@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use rankd::exec::backend::{Backend, ModelDesc, Query, Task};
+use rankd::exec::backend::{Backend, BatchBounds, ModelDesc, Query, Task};
 use rankd::exec::cpu::CpuBackend;
 use rankd::model::demo::{self, Rng};
 use rankd::model::{ItemTable, ModelSpec, TowerWeights};
@@ -24,6 +24,7 @@ fn demo_forward(c: &mut Criterion) {
         kind: spec.kind,
         dim: spec.dim,
         user_feature_dim: spec.user_feature_dim,
+        bounds: BatchBounds::of(&spec),
     };
     backend.load(0, desc, 0, &weights).unwrap();
     let mut rng = Rng::new(1);

@@ -2,7 +2,7 @@
 //! host types (item-table rows, f32 slices), not candle or CUDA ones, so the
 //! queue, the batcher and the servers build and test without any device code.
 
-use crate::model::{ItemDtype, ItemTable, ModelKind, TowerWeights};
+use crate::model::{ItemDtype, ItemTable, ModelKind, ModelSpec, TowerWeights};
 
 /// Index of a loaded model in the executor.
 pub type ModelId = usize;
@@ -16,6 +16,35 @@ pub struct ModelDesc {
     pub kind: ModelKind,
     pub dim: usize,
     pub user_feature_dim: usize,
+    /// The largest batch the executor will hand over; a device backend sizes
+    /// its batch buffers for it at load.
+    pub bounds: BatchBounds,
+}
+
+/// The largest batch a model can be given, from its model.toml: requests
+/// beyond these limits are refused before they reach a batch. All zero means
+/// "unknown": buffers are then sized by the first batches instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchBounds {
+    pub max_batch: usize,
+    pub history_len: usize,
+    pub max_k: usize,
+    /// Candidates per score request.
+    pub max_items: usize,
+    /// Exclusions per recommend request, besides the user's history.
+    pub max_exclude: usize,
+}
+
+impl BatchBounds {
+    pub fn of(spec: &ModelSpec) -> Self {
+        Self {
+            max_batch: spec.batching.max_batch_size,
+            history_len: spec.history_len,
+            max_k: spec.limits.max_k,
+            max_items: spec.limits.max_items,
+            max_exclude: spec.limits.max_exclude,
+        }
+    }
 }
 
 /// One request row group of a batch: a user (history and features) and what to
@@ -122,6 +151,12 @@ pub trait Backend: Send {
         items: &ItemTable,
         rows: &[u32],
     ) -> Result<(), BackendError>;
+
+    /// Batch sizes to run once at load so none pays first-use costs later:
+    /// the shapes this backend rounds batches up to, up to `max_batch`.
+    fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
+        vec![max_batch]
+    }
 
     fn health(&self) -> DeviceHealth {
         DeviceHealth {

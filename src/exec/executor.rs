@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use flume::{Receiver, RecvTimeoutError, TryRecvError};
 use tokio::sync::oneshot;
 
-use super::backend::{Backend, ModelDesc, ModelId, Query, Task};
+use super::backend::{Backend, BatchBounds, ModelDesc, ModelId, Query, Task};
 use super::state::State;
 use super::{deadline_exceeded, Command, ExecutorHandle, InferRequest, LoadState, Op, Registry};
 use crate::batch::BatchQueue;
@@ -185,6 +185,7 @@ impl Executor {
             kind: spec.kind,
             dim: spec.dim,
             user_feature_dim: spec.user_feature_dim,
+            bounds: BatchBounds::of(spec),
         };
         let backend_err = |e: super::backend::BackendError| ModelError::Io {
             path: entry.dir.clone(),
@@ -193,30 +194,32 @@ impl Executor {
         self.backend
             .load(id, desc, table, &weights)
             .map_err(backend_err)?;
-        // Warm up at the largest batch the model will see, so the first real
-        // batch pays no first-use costs.
+        // Warm up at every batch shape the backend will run, so the first
+        // real batches pay no first-use costs.
         let first_row = [0u32];
         let some_row: &[u32] = if self.state.tables[table].rows() > 0 {
             &first_row
         } else {
             &[]
         };
-        let queries: Vec<Query<'_>> = (0..spec.batching.max_batch_size)
-            .map(|_| Query {
-                history: some_row,
-                features: None,
-                task: match spec.kind {
-                    ModelKind::TwoTower => Task::TopK {
-                        k: 10,
-                        exclude: &[],
+        for size in self.backend.warm_batch_sizes(spec.batching.max_batch_size) {
+            let queries: Vec<Query<'_>> = (0..size)
+                .map(|_| Query {
+                    history: some_row,
+                    features: None,
+                    task: match spec.kind {
+                        ModelKind::TwoTower => Task::TopK {
+                            k: 10,
+                            exclude: &[],
+                        },
+                        ModelKind::Ranker => Task::Score { rows: some_row },
                     },
-                    ModelKind::Ranker => Task::Score { rows: some_row },
-                },
-            })
-            .collect();
-        self.backend
-            .run(id, &self.state.tables[table], &queries)
-            .map_err(backend_err)?;
+                })
+                .collect();
+            self.backend
+                .run(id, &self.state.tables[table], &queries)
+                .map_err(backend_err)?;
+        }
         self.slots[id].table = Some(table);
         self.registry
             .by_id(id)

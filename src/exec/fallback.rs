@@ -221,6 +221,10 @@ impl Backend for Fallback {
         Ok(())
     }
 
+    fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
+        self.primary.warm_batch_sizes(max_batch)
+    }
+
     fn health(&self) -> DeviceHealth {
         DeviceHealth {
             healthy: self.healthy,
@@ -376,6 +380,7 @@ mod tests {
             kind: ModelKind::TwoTower,
             dim: d,
             user_feature_dim: 0,
+            bounds: Default::default(),
         };
         fb.load_table(0, &items, ItemDtype::F32).unwrap();
         fb.load(0, desc, 0, &weights).unwrap();

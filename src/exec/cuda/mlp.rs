@@ -54,6 +54,11 @@ impl DeviceMlp {
         self.layers.last().map_or(0, |l| l.out_dim)
     }
 
+    /// The widest layer output: what each activation buffer holds per row.
+    pub fn max_width(&self) -> usize {
+        self.layers.iter().map(|l| l.out_dim).max().unwrap_or(0)
+    }
+
     /// Runs `x` ([rows, in_dim]) through every layer; returns which of `bufs`
     /// holds the output ([rows, out_dim]). `last` is the final activation.
     // Every argument is a distinct device part; a struct would only rename them.

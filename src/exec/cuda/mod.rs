@@ -27,6 +27,7 @@ pub mod libs;
 mod mlp;
 pub mod ops;
 pub mod plan;
+pub mod staging;
 pub mod tables;
 pub mod telemetry;
 
@@ -335,8 +336,21 @@ impl Backend for CudaBackend {
                 desc.kind.as_str()
             )));
         }
+        let dev = Dev {
+            stream: &self.stream,
+            blas: &self.blas,
+            k: &self.kernels,
+            limits: self.info.limits(),
+        };
+        let t = &self.tables[&table];
+        let sized = ops::reserve_for(&dev, t, &desc, &mlp, &mut self.scratch);
+        sized.map_err(|e| self.fail(e))?;
         self.models.insert(id, GpuModel { desc, table, mlp });
         Ok(())
+    }
+
+    fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
+        plan::warm_sizes(max_batch)
     }
 
     fn run(

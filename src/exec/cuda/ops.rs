@@ -11,6 +11,7 @@ use super::error::{Ctx, GpuError};
 use super::kernels::Kernels;
 use super::mlp::{DeviceMlp, ACT_NONE, ACT_SIGMOID};
 use super::plan::{self, DeviceLimits, PackedPairs, PackedTopk, PackedUsers, TopkPlan};
+use super::staging::{Readback, Staged};
 use super::tables::{Buf, DeviceTable};
 use crate::exec::backend::{ModelDesc, Output, Query, Scored, Task};
 use crate::model::ItemTable;
@@ -25,41 +26,118 @@ pub struct Dev<'a> {
 
 #[derive(Default)]
 pub struct UserBufs {
-    hist_off: Buf<u32>,
-    hist_rows: Buf<u32>,
-    feats: Buf<f32>,
-    /// [B, d + fd] embedding-bag output.
+    hist_off: Staged<u32>,
+    hist_rows: Staged<u32>,
+    feats: Staged<f32>,
+    /// [bucket(B), d + fd] embedding-bag output.
     pub xu: Buf<f32>,
 }
 
 #[derive(Default)]
 pub struct TopkBufs {
-    qsel: Buf<u32>,
-    ks: Buf<u32>,
-    excl_off: Buf<u32>,
-    excl_rows: Buf<u32>,
+    qsel: Staged<u32>,
+    ks: Staged<u32>,
+    excl_off: Staged<u32>,
+    excl_rows: Staged<u32>,
     pub part_key: Buf<i32>,
     pub part_row: Buf<u32>,
     pub top_key: Buf<i32>,
     pub top_row: Buf<u32>,
+    out_key: Readback<i32>,
+    out_row: Readback<u32>,
 }
 
 #[derive(Default)]
 pub struct PairBufs {
-    pair_q: Buf<u32>,
-    pair_row: Buf<u32>,
+    pair_q: Staged<u32>,
+    pair_row: Staged<u32>,
     out: Buf<f32>,
     /// [P, 3d + fd] ranker inputs.
     rank_x: Buf<f32>,
+    scores: Readback<f32>,
 }
 
-/// Batch buffers, allocated on first use and reused while large enough.
+/// Batch buffers: sized for a model's largest batch when it is loaded
+/// (`reserve_for`), grown only by a batch larger than any seen before.
 #[derive(Default)]
 pub struct Scratch {
     pub users: UserBufs,
     pub act: [Buf<f32>; 2],
     pub topk: TopkBufs,
     pub pairs: PairBufs,
+}
+
+/// Sizes every batch buffer for the largest batch `desc` allows, so serving
+/// that model never allocates (device or page-locked host memory).
+pub fn reserve_for(
+    dev: &Dev<'_>,
+    table: &DeviceTable,
+    desc: &ModelDesc,
+    mlp: &DeviceMlp,
+    s: &mut Scratch,
+) -> Result<(), GpuError> {
+    let z = plan::batch_sizes(desc, mlp.max_width());
+    if z.queries == 0 {
+        return Ok(());
+    }
+    let st = dev.stream;
+    let u = &mut s.users;
+    u.hist_off.reserve(st, z.queries + 1)?;
+    u.hist_rows.reserve(st, z.hist_rows)?;
+    u.feats.reserve(st, z.feats)?;
+    u.xu.reserve(st, z.xu)?;
+    for a in &mut s.act {
+        a.reserve(st, z.act)?;
+    }
+    let p = &mut s.pairs;
+    p.pair_q.reserve(st, z.pairs)?;
+    p.pair_row.reserve(st, z.pairs)?;
+    p.out.reserve(st, z.pairs)?;
+    p.rank_x.reserve(st, z.rank_x)?;
+    p.scores.reserve(st, z.pairs)?;
+    if z.topk_out > 0 {
+        let t = &mut s.topk;
+        t.qsel.reserve(st, z.queries)?;
+        t.ks.reserve(st, z.queries)?;
+        t.excl_off.reserve(st, z.queries + 1)?;
+        t.excl_rows.reserve(st, z.excl_rows)?;
+        // A k this device cannot run is refused per request with the plan's
+        // reason; it is no reason to refuse the model.
+        if let Ok(kp) = topk_plan(dev, table, z.queries, desc.bounds.max_k.min(plan::MAX_K)) {
+            t.part_key.reserve(st, kp.partial_len())?;
+            t.part_row.reserve(st, kp.partial_len())?;
+        }
+        t.top_key.reserve(st, z.topk_out)?;
+        t.top_row.reserve(st, z.topk_out)?;
+        t.out_key.reserve(st, z.topk_out)?;
+        t.out_row.reserve(st, z.topk_out)?;
+    }
+    Ok(())
+}
+
+/// The fused top-k's launch shape for `nq` queries of up to `kmax` over
+/// `table` on this device.
+fn topk_plan(
+    dev: &Dev<'_>,
+    table: &DeviceTable,
+    nq: usize,
+    kmax: usize,
+) -> Result<TopkPlan, GpuError> {
+    let f = &dev.k.topk_partial[table.dtype.index()];
+    let resident = |smem: usize| {
+        f.occupancy_max_active_blocks_per_multiprocessor(plan::THREADS as u32, smem, None)
+            .map_or(1, |b| b as usize)
+    };
+    plan::plan_topk(
+        table.rows,
+        table.ld,
+        table.dtype.bytes(),
+        nq,
+        kmax,
+        dev.limits,
+        &resident,
+    )
+    .map_err(GpuError::Invalid)
 }
 
 fn grid(blocks: usize) -> (u32, u32, u32) {
@@ -94,7 +172,9 @@ pub fn embedding_bag(
     u.hist_off.upload(dev.stream, &packed.hist_off)?;
     u.hist_rows.upload(dev.stream, &packed.hist_rows)?;
     u.feats.upload(dev.stream, &packed.feats)?;
-    u.xu.reserve(dev.stream, b * (table.dim + fd))?;
+    // Rows past `b` up to the bucket are never read back; the tower runs
+    // over them so that only bucketed GEMM shapes occur.
+    u.xu.reserve(dev.stream, plan::bucket(b) * (table.dim + fd))?;
     if b == 0 {
         return Ok(());
     }
@@ -135,20 +215,7 @@ pub fn topk_launch(
 ) -> Result<TopkPlan, GpuError> {
     let nq = t.qsel.len();
     let f = &dev.k.topk_partial[table.dtype.index()];
-    let resident = |smem: usize| {
-        f.occupancy_max_active_blocks_per_multiprocessor(plan::THREADS as u32, smem, None)
-            .map_or(1, |b| b as usize)
-    };
-    let p = plan::plan_topk(
-        table.rows,
-        table.ld,
-        table.dtype.bytes(),
-        nq,
-        t.kmax,
-        dev.limits,
-        &resident,
-    )
-    .map_err(GpuError::Invalid)?;
+    let p = topk_plan(dev, table, nq, t.kmax)?;
     b.qsel.upload(dev.stream, &t.qsel)?;
     b.ks.upload(dev.stream, &t.ks)?;
     b.excl_off.upload(dev.stream, &t.excl_off)?;
@@ -300,21 +367,41 @@ pub fn dense_topk_launch(
     Ok(p)
 }
 
-/// Reads the merged top-k back; `ids` is the host copy of the table's ids.
-pub fn topk_collect(
-    dev: &Dev<'_>,
+/// Queues the copy of the merged top-k to the host (`topk_decode` reads it
+/// once the stream is synchronised).
+pub fn topk_fetch(dev: &Dev<'_>, b: &mut TopkBufs, p: &TopkPlan) -> Result<(), GpuError> {
+    let len = p.nq * p.kmax;
+    b.out_key.fetch(dev.stream, b.top_key.get(), len)?;
+    b.out_row.fetch(dev.stream, b.top_row.get(), len)
+}
+
+/// The fetched top-k as results; call after the stream is synchronised.
+/// `ids` is the host copy of the table's ids.
+pub fn topk_decode(
     b: &TopkBufs,
     p: &TopkPlan,
     t: &PackedTopk,
     ids: &[u64],
 ) -> Result<Vec<Vec<Scored>>, GpuError> {
-    let len = t.qsel.len() * p.kmax;
-    let keys = download(dev.stream, b.top_key.get(), len)?;
-    let rows = download(dev.stream, b.top_row.get(), len)?;
-    Ok(plan::decode_topk(&keys, &rows, &t.ks, p.kmax, ids))
+    let (keys, rows) = (b.out_key.read()?, b.out_row.read()?);
+    Ok(plan::decode_topk(keys, rows, &t.ks, p.kmax, ids))
 }
 
-/// One dot product per (query, row) pair: `queries` is [*, d].
+/// Reads the merged top-k back: fetch, wait, decode.
+pub fn topk_collect(
+    dev: &Dev<'_>,
+    b: &mut TopkBufs,
+    p: &TopkPlan,
+    t: &PackedTopk,
+    ids: &[u64],
+) -> Result<Vec<Vec<Scored>>, GpuError> {
+    topk_fetch(dev, b, p)?;
+    dev.stream.synchronize().ctx("waiting for the batch")?;
+    topk_decode(b, p, t, ids)
+}
+
+/// One dot product per (query, row) pair: `queries` is [*, d]. Waits for
+/// the batch and returns the scores.
 pub fn score_pairs(
     dev: &Dev<'_>,
     table: &DeviceTable,
@@ -322,9 +409,23 @@ pub fn score_pairs(
     queries: &CudaSlice<f32>,
     pairs: &PackedPairs,
 ) -> Result<Vec<f32>, GpuError> {
+    score_pairs_launch(dev, table, b, queries, pairs)?;
+    dev.stream.synchronize().ctx("waiting for the batch")?;
+    Ok(b.scores.read()?.to_vec())
+}
+
+/// Launches the pair scores and queues their copy into `b.scores`.
+pub fn score_pairs_launch(
+    dev: &Dev<'_>,
+    table: &DeviceTable,
+    b: &mut PairBufs,
+    queries: &CudaSlice<f32>,
+    pairs: &PackedPairs,
+) -> Result<(), GpuError> {
     let np = pairs.pair_q.len();
+    b.scores.clear();
     if np == 0 {
-        return Ok(Vec::new());
+        return Ok(());
     }
     b.pair_q.upload(dev.stream, &pairs.pair_q)?;
     b.pair_row.upload(dev.stream, &pairs.pair_row)?;
@@ -351,7 +452,7 @@ pub fn score_pairs(
             .launch(cfg)
     }
     .ctx("score_rows launch")?;
-    download(dev.stream, b.out.get(), np)
+    b.scores.fetch(dev.stream, b.out.get(), np)
 }
 
 /// Two-tower batch: embedding bag → tower → fused top-k / pair scores.
@@ -366,29 +467,34 @@ pub fn run_two_tower(
 ) -> Result<Vec<Output>, GpuError> {
     let (d, fd) = (desc.dim, desc.user_feature_dim);
     let users = plan::pack_users(queries, fd);
+    let t = plan::pack_topk(queries);
+    let pairs = plan::pack_pairs(queries);
     embedding_bag(dev, table, &mut s.users, &users, fd)?;
     let which = mlp.forward(
         dev.stream,
         dev.blas,
         &dev.k.bias_act,
         s.users.xu.get(),
-        queries.len(),
+        plan::bucket(queries.len()),
         &mut s.act,
         ACT_NONE,
     )?;
     let qv = s.act[which].get();
-    let t = plan::pack_topk(queries);
-    let lists = if t.qsel.is_empty() {
-        Vec::new()
-    } else if t.kmax == 0 {
-        vec![Vec::new(); t.qsel.len()]
+    // Everything is queued before the one wait for the batch.
+    let topk = if t.qsel.is_empty() || t.kmax == 0 {
+        None
     } else {
         let p = topk_launch(dev, table, &mut s.topk, qv, d, &t)?;
-        topk_collect(dev, &s.topk, &p, &t, items.ids())?
+        topk_fetch(dev, &mut s.topk, &p)?;
+        Some(p)
     };
-    let pairs = plan::pack_pairs(queries);
-    let scores = score_pairs(dev, table, &mut s.pairs, qv, &pairs)?;
-    Ok(plan::assemble(queries, lists, &scores))
+    score_pairs_launch(dev, table, &mut s.pairs, qv, &pairs)?;
+    dev.stream.synchronize().ctx("waiting for the batch")?;
+    let lists = match &topk {
+        Some(p) => topk_decode(&s.topk, p, &t, items.ids())?,
+        None => vec![Vec::new(); t.qsel.len()],
+    };
+    Ok(plan::assemble(queries, lists, s.pairs.scores.read()?))
 }
 
 /// Ranker batch: embedding bag → [h ‖ f ‖ e ‖ h⊙e] per candidate → tower →
@@ -449,6 +555,7 @@ pub fn run_ranker(
         &mut s.act,
         ACT_SIGMOID,
     )?;
-    let scores = download(dev.stream, s.act[which].get(), np)?;
-    Ok(plan::assemble(queries, Vec::new(), &scores))
+    b.scores.fetch(dev.stream, s.act[which].get(), np)?;
+    dev.stream.synchronize().ctx("waiting for the batch")?;
+    Ok(plan::assemble(queries, Vec::new(), b.scores.read()?))
 }

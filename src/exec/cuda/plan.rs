@@ -3,7 +3,8 @@
 //! uploaded as, and decoding of the kernels' (key, row) candidates. Nothing
 //! here touches the device, so all of it is unit-tested on any machine.
 
-use crate::exec::backend::{Output, Query, Scored, Task};
+use crate::exec::backend::{ModelDesc, Output, Query, Scored, Task};
+use crate::model::ModelKind;
 
 /// Table rows per step of the fused kernel (`TILE` in score_topk.cu).
 pub const TILE: usize = 64;
@@ -157,6 +158,69 @@ pub fn plan_topk(
         kmax,
         nq,
     })
+}
+
+/// The row count a batch of `b` queries runs the tower at: the next power
+/// of two, so only a handful of GEMM shapes ever occur and all of them are
+/// warmed when the model loads.
+pub fn bucket(b: usize) -> usize {
+    b.max(1).next_power_of_two()
+}
+
+/// Batch sizes that together touch every bucket up to `max_batch`: the
+/// powers of two below it, then `max_batch` itself.
+pub fn warm_sizes(max_batch: usize) -> Vec<usize> {
+    let max_batch = max_batch.max(1);
+    let mut sizes: Vec<usize> = (0..usize::BITS)
+        .map(|i| 1usize << i)
+        .take_while(|&b| b < max_batch)
+        .collect();
+    sizes.push(max_batch);
+    sizes
+}
+
+/// Element counts of the batch buffers for a model's largest batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSizes {
+    pub queries: usize,
+    pub hist_rows: usize,
+    pub feats: usize,
+    /// Embedding-bag output, at the bucketed row count.
+    pub xu: usize,
+    /// Each tower activation buffer.
+    pub act: usize,
+    /// Excluded rows: the request's list plus the user's history.
+    pub excl_rows: usize,
+    /// (query, row) pairs of score tasks.
+    pub pairs: usize,
+    /// Ranker inputs, [pairs, 3d + fd] (zero for a two-tower model).
+    pub rank_x: usize,
+    /// Merged top-k entries, [queries, max_k] (zero for a ranker).
+    pub topk_out: usize,
+}
+
+/// What `desc.bounds` implies for each buffer; `max_width` is the widest
+/// layer output of the model's tower. A two-tower model may be asked both
+/// recommend and score, a ranker only score.
+pub fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
+    let z = desc.bounds;
+    let (b, d, fd) = (z.max_batch, desc.dim, desc.user_feature_dim);
+    let pairs = b * z.max_items;
+    let (tower_rows, rank_x, topk_out) = match desc.kind {
+        ModelKind::TwoTower => (bucket(b), 0, b * z.max_k),
+        ModelKind::Ranker => (pairs, pairs * (3 * d + fd), 0),
+    };
+    BatchSizes {
+        queries: b,
+        hist_rows: b * z.history_len,
+        feats: b * fd,
+        xu: bucket(b) * (d + fd),
+        act: tower_rows * max_width,
+        excl_rows: b * (z.max_exclude + z.history_len),
+        pairs,
+        rank_x,
+        topk_out,
+    }
 }
 
 /// Histories (CSR) and features of a batch, as `embedding_bag` reads them.

@@ -150,7 +150,7 @@ pub(super) fn run(
             Ok(())
         })?;
         let p = shape.expect("launched at least once");
-        let lists = ops::topk_collect(&dev, &scratch.topk, &p, &t, &ids)?;
+        let lists = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, &ids)?;
         let read = bytes as f64 / (ms / 1e3);
         let share = read / copy_bw;
         let ok = well_formed(&lists, k, rows) && (k != K || share >= 0.5);

@@ -214,7 +214,7 @@ fn gpu_checks(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = plan::pack_topk(&tt);
     let p = ops::topk_launch(&dev, table, &mut scratch.topk, &qdev, D, &t)?;
-    let got = ops::topk_collect(&dev, &scratch.topk, &p, &t, inp.items.ids())?;
+    let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, inp.items.ids())?;
     let qs: Vec<f32> = t
         .qsel
         .iter()
@@ -281,7 +281,7 @@ fn gpu_checks(
         .collect();
     let t = plan::pack_topk(&tie_queries);
     let p = ops::topk_launch(&dev, tie_table, &mut scratch.topk, &tq, D, &t)?;
-    let got = ops::topk_collect(&dev, &scratch.topk, &p, &t, inp.ties.ids())?;
+    let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, inp.ties.ids())?;
     let inputs = format!("{name}: N={}, scores in 0.5 steps, k 1..1000", N / 3);
     judge_topk(
         report,
@@ -387,7 +387,7 @@ fn scatter_check(
         .collect();
     let t = plan::pack_topk(&qspecs);
     let p = ops::topk_launch(&dev, table, &mut scratch.topk, &qdev, D, &t)?;
-    let got = ops::topk_collect(&dev, &scratch.topk, &p, &t, host.ids())?;
+    let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, host.ids())?;
     let specs: Vec<(usize, &[u32])> = t.ks.iter().map(|&k| (k as usize, &[][..])).collect();
     let want = cpu::score_topk(&host_q, &qs, &specs);
     judge_topk(

@@ -254,6 +254,7 @@ pub(super) fn desc(kind: ModelKind) -> ModelDesc {
         kind,
         dim: D,
         user_feature_dim: FD,
+        bounds: Default::default(),
     }
 }
 

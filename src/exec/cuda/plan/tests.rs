@@ -258,3 +258,86 @@ fn chunked_candidates_merge_to_the_single_pass_result() {
         assert_eq!(got[q], t.into_sorted(), "query {q}");
     }
 }
+
+#[test]
+fn batches_round_up_to_power_of_two_buckets_and_warm_up_covers_them_all() {
+    assert_eq!(
+        (0..=9).map(bucket).collect::<Vec<_>>(),
+        [1, 1, 2, 4, 4, 8, 8, 8, 8, 16]
+    );
+    assert_eq!(warm_sizes(64), [1, 2, 4, 8, 16, 32, 64]);
+    assert_eq!(warm_sizes(48), [1, 2, 4, 8, 16, 32, 48]);
+    assert_eq!(warm_sizes(1), [1]);
+    for max in 1..=300 {
+        let warmed: std::collections::BTreeSet<usize> =
+            warm_sizes(max).into_iter().map(bucket).collect();
+        let needed: std::collections::BTreeSet<usize> = (1..=max).map(bucket).collect();
+        assert_eq!(warmed, needed, "max_batch {max}");
+    }
+}
+
+/// A batch at every limit of its model.toml fits the buffers reserved at
+/// load, so serving it allocates nothing.
+#[test]
+fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
+    use crate::exec::backend::{BatchBounds, ModelDesc};
+    let bounds = BatchBounds {
+        max_batch: 48,
+        history_len: 50,
+        max_k: 1000,
+        max_items: 300,
+        max_exclude: 700,
+    };
+    let (d, fd) = (64, 16);
+    let history: Vec<u32> = (0..bounds.history_len as u32).collect();
+    let exclude: Vec<u32> = (0..(bounds.max_exclude + bounds.history_len) as u32).collect();
+    let cands: Vec<u32> = (0..bounds.max_items as u32).collect();
+    let feats = vec![0.5f32; fd];
+    for kind in [ModelKind::TwoTower, ModelKind::Ranker] {
+        let desc = ModelDesc {
+            kind,
+            dim: d,
+            user_feature_dim: fd,
+            bounds,
+        };
+        let z = batch_sizes(&desc, 256);
+        for recommend in [true, false] {
+            if recommend && kind == ModelKind::Ranker {
+                continue;
+            }
+            let queries: Vec<Query<'_>> = (0..bounds.max_batch)
+                .map(|_| Query {
+                    history: &history,
+                    features: Some(&feats),
+                    task: if recommend {
+                        Task::TopK {
+                            k: bounds.max_k,
+                            exclude: &exclude,
+                        }
+                    } else {
+                        Task::Score { rows: &cands }
+                    },
+                })
+                .collect();
+            let u = pack_users(&queries, fd);
+            let t = pack_topk(&queries);
+            let p = pack_pairs(&queries);
+            assert_eq!(u.hist_off.len(), z.queries + 1);
+            assert!(u.hist_rows.len() <= z.hist_rows, "{kind:?}");
+            assert!(u.feats.len() <= z.feats);
+            assert!(bucket(queries.len()) * (d + fd) <= z.xu);
+            assert!(t.qsel.len() <= z.queries && t.excl_off.len() <= z.queries + 1);
+            assert!(t.excl_rows.len() <= z.excl_rows, "{kind:?}");
+            assert!(t.qsel.len() * t.kmax <= z.topk_out, "{kind:?}");
+            assert!(p.pair_q.len() <= z.pairs);
+            let tower_rows = match kind {
+                ModelKind::TwoTower => bucket(queries.len()),
+                ModelKind::Ranker => p.pair_q.len(),
+            };
+            assert!(tower_rows * 256 <= z.act, "{kind:?}");
+            if kind == ModelKind::Ranker {
+                assert!(p.pair_q.len() * (3 * d + fd) <= z.rank_x);
+            }
+        }
+    }
+}
