@@ -297,7 +297,29 @@ fn executor_stalls(c: &mut Criterion) {
     let mut group = c.benchmark_group("executor_stalls");
     group.sample_size(10);
     group.bench_function("state_snapshot_100k_users", |b| {
-        b.iter(|| black_box(state.snapshot()))
+        // The snapshot thread drops it, not the executor.
+        b.iter_with_large_drop(|| state.snapshot())
+    });
+    // What the executor does per snapshot instead: copy what changed since
+    // the last capture. Each sample follows 2 chunks of messages (32,768,
+    // more than 5 s of updates at 5,000/s).
+    black_box(state.capture(true));
+    group.bench_function("state_capture_after_32k_updates", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                for _ in 0..2 {
+                    let msgs = mix.chunk();
+                    pipeline(&v, &mut state, &msgs);
+                }
+                black_box(state.take_changed_rows());
+                let started = Instant::now();
+                let delta = black_box(state.capture(false));
+                timed += started.elapsed();
+                drop(delta);
+            }
+            timed
+        })
     });
     group.finish();
 }

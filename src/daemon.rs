@@ -16,7 +16,7 @@ use crate::api;
 use crate::config::Config;
 use crate::exec::{self, ExecutorHandle, LoadState, Registry, ServedModel};
 use crate::features::ingest::{Ingest, KafkaConfig};
-use crate::features::snapshot::Snapshot;
+use crate::features::snapshot::{Snapshot, SnapshotBase};
 use crate::features::updates::Validator;
 use crate::metrics::Metrics;
 use crate::model::{self, Repository};
@@ -228,7 +228,10 @@ fn start_ingest(
 }
 
 /// Writes a snapshot every `interval` when the state changed, and a final one
-/// when stopped.
+/// when stopped. The thread keeps its own copy of the state, brought up to
+/// date by a capture of what changed (the whole state only the first time),
+/// so the executor pauses for the changes alone and the copy is serialised
+/// and written here.
 struct Snapshotter {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
@@ -242,6 +245,7 @@ impl Snapshotter {
             .name("rankd-snapshot".into())
             .spawn(move || {
                 let mut written = 0u64;
+                let mut base = SnapshotBase::default();
                 loop {
                     let mut waited = Duration::ZERO;
                     while waited < interval && !flag.load(Ordering::Relaxed) {
@@ -250,15 +254,20 @@ impl Snapshotter {
                         waited += step;
                     }
                     let last = flag.load(Ordering::Relaxed);
-                    match exec.snapshot_blocking() {
-                        Ok((changes, snap)) if changes != written => match snap.write(&dir) {
-                            Ok(path) => {
-                                written = changes;
-                                tracing::debug!(path = %path.display(), users = snap.users.len(), "snapshot written");
+                    match exec.capture_blocking(!base.is_complete()) {
+                        Ok(delta) => {
+                            let changes = delta.changes;
+                            base.merge(delta);
+                            if changes != written {
+                                match base.write(&dir) {
+                                    Ok(path) => {
+                                        written = changes;
+                                        tracing::debug!(path = %path.display(), users = base.users(), "snapshot written");
+                                    }
+                                    Err(e) => tracing::error!(dir = %dir.display(), error = %e, "snapshot failed"),
+                                }
                             }
-                            Err(e) => tracing::error!(dir = %dir.display(), error = %e, "snapshot failed"),
-                        },
-                        Ok(_) => {}
+                        }
                         Err(e) => tracing::debug!(error = %e, "no snapshot: executor stopped"),
                     }
                     if last {

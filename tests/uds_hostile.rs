@@ -685,7 +685,8 @@ async fn wrong_types_get_an_error_with_their_id_and_the_connection_stays_usable(
     // MessagePack array is not a request map: its first element is not an
     // `id` field, so an answer with id 0 or with that first element is fine,
     // as long as it is an error.
-    let cases: Vec<(&str, Vec<u8>, &[u64], &[&str])> = vec![
+    type Case<'a> = (&'a str, Vec<u8>, &'a [u64], &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         (
             "user_id as a string",
             msgpack(

@@ -300,8 +300,8 @@ impl Executor {
                 }
                 let _ = reply.send(Ok(report));
             }
-            Command::Snapshot(reply) => {
-                let _ = reply.send(Ok((self.state.changes, self.state.snapshot())));
+            Command::Capture { full, reply } => {
+                let _ = reply.send(Ok(self.state.capture(full)));
             }
         }
     }

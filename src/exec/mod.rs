@@ -84,8 +84,12 @@ pub enum Command {
         crate::features::updates::UpdateBatch,
         Reply<state::ApplyReport>,
     ),
-    /// A copy of the feature state and its change counter.
-    Snapshot(Reply<(u64, crate::features::snapshot::Snapshot)>),
+    /// A copy of what changed in the feature state since the last capture
+    /// (of all of it when `full`), with its change counter.
+    Capture {
+        full: bool,
+        reply: Reply<crate::features::snapshot::SnapshotDelta>,
+    },
 }
 
 /// Cheap, cloneable access to the executor.
@@ -194,11 +198,13 @@ impl ExecutorHandle {
             .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
     }
 
-    /// The feature state as a snapshot, with its change counter; blocking.
-    pub fn snapshot_blocking(
+    /// What changed in the feature state since the last capture (all of it
+    /// when `full`); blocking.
+    pub fn capture_blocking(
         &self,
-    ) -> Result<(u64, crate::features::snapshot::Snapshot), ServeError> {
-        self.command(Command::Snapshot)?
+        full: bool,
+    ) -> Result<crate::features::snapshot::SnapshotDelta, ServeError> {
+        self.command(|reply| Command::Capture { full, reply })?
             .blocking_recv()
             .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
     }

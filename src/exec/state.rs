@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::{UserSummary, UserUpdate};
 use crate::error::ServeError;
-use crate::features::snapshot::{Snapshot, SnapshotItem, SnapshotOffset, SnapshotUser};
+use crate::features::snapshot::{
+    Snapshot, SnapshotDelta, SnapshotItem, SnapshotOffset, SnapshotUser,
+};
 use crate::features::updates::{Position, Update, UpdateBatch};
 use crate::features::{UserState, UserStore};
 use crate::model::items::ItemChange;
@@ -48,6 +50,9 @@ pub struct State {
     /// Next offset per topic-partition that the state includes.
     pub applied: BTreeMap<Position, i64>,
     dirty_items: HashSet<u64>,
+    /// Users and items changed since the last `capture`.
+    users_since: HashSet<u64>,
+    items_since: HashSet<u64>,
     /// Rows written since the backend last heard of them, per table.
     changed_rows: BTreeMap<usize, Vec<u32>>,
     /// Bumped on every change, so a snapshot is only written when needed.
@@ -61,6 +66,8 @@ impl State {
             users: UserStore::new(history_cap),
             applied: BTreeMap::new(),
             dirty_items: HashSet::new(),
+            users_since: HashSet::new(),
+            items_since: HashSet::new(),
             changed_rows: BTreeMap::new(),
             changes: 0,
         }
@@ -91,6 +98,7 @@ impl State {
             if let Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } = update
             {
                 self.dirty_items.insert(*item_id);
+                self.items_since.insert(*item_id);
             }
         }
         applied
@@ -103,6 +111,7 @@ impl State {
         };
         for &(user, item) in &batch.events {
             self.users.append(user, item);
+            self.users_since.insert(user);
             r.events += 1;
         }
         for u in &batch.items {
@@ -123,6 +132,7 @@ impl State {
                     .users
                     .set_features_versioned(*user_id, features.clone(), *version)
                 {
+                    self.users_since.insert(*user_id);
                     r.users += 1;
                 } else {
                     r.stale += 1;
@@ -212,6 +222,7 @@ impl State {
         }
         if update.history.is_some() || update.features.is_some() {
             self.changes += 1;
+            self.users_since.insert(update.user_id);
         }
         if let Some(history) = &update.history {
             self.users.set_history(update.user_id, history);
@@ -227,44 +238,81 @@ impl State {
         })
     }
 
+    /// The whole feature state as a snapshot.
     pub fn snapshot(&self) -> Snapshot {
         let mut s = Snapshot::new();
-        s.offsets = self
-            .applied
-            .iter()
-            .map(|((topic, partition), &next)| SnapshotOffset {
-                topic: topic.clone(),
-                partition: *partition,
-                next_offset: next,
-            })
-            .collect();
+        s.offsets = self.snapshot_offsets();
         s.users = self
             .users
             .iter()
-            .map(|(&id, u)| SnapshotUser {
-                id,
-                history: u.history.iter().copied().collect(),
-                features: u.features.clone(),
-                features_version: u.features_version,
-            })
+            .map(|(&id, u)| snapshot_user(id, u))
             .collect();
         s.users.sort_by_key(|u| u.id);
         let mut items: Vec<u64> = self.dirty_items.iter().copied().collect();
         items.sort_unstable();
         s.items = items
             .into_iter()
-            .filter_map(|id| {
-                let t = self.tables.iter().find(|t| t.row_of(id).is_some())?;
-                let row = t.row_of(id)?;
-                Some(SnapshotItem {
-                    id,
-                    version: t.version_of(id).unwrap_or(0),
-                    deleted: !t.is_live(row),
-                    embedding: t.embedding(row).to_vec(),
-                })
-            })
+            .filter_map(|id| self.snapshot_item(id))
             .collect();
         s
+    }
+
+    /// What a snapshot needs that changed since the last capture (all of it
+    /// when `full`), for a `SnapshotBase` to fold in. Users are shared, not
+    /// copied (the store copies a shared user on its next change), so this
+    /// costs the executor a pointer per changed user and a copy per changed
+    /// item, where `snapshot` copies the whole state.
+    pub fn capture(&mut self, full: bool) -> SnapshotDelta {
+        let users_since = std::mem::take(&mut self.users_since);
+        let items_since = std::mem::take(&mut self.items_since);
+        let (users, items) = if full {
+            let users = self.users.iter_shared().collect();
+            let items = self
+                .dirty_items
+                .iter()
+                .filter_map(|&id| self.snapshot_item(id))
+                .collect();
+            (users, items)
+        } else {
+            let users = users_since
+                .into_iter()
+                .filter_map(|id| Some((id, self.users.shared(id)?)))
+                .collect();
+            let items = items_since
+                .into_iter()
+                .filter_map(|id| self.snapshot_item(id))
+                .collect();
+            (users, items)
+        };
+        SnapshotDelta {
+            changes: self.changes,
+            full,
+            offsets: self.snapshot_offsets(),
+            users,
+            items,
+        }
+    }
+
+    fn snapshot_offsets(&self) -> Vec<SnapshotOffset> {
+        self.applied
+            .iter()
+            .map(|((topic, partition), &next)| SnapshotOffset {
+                topic: topic.clone(),
+                partition: *partition,
+                next_offset: next,
+            })
+            .collect()
+    }
+
+    fn snapshot_item(&self, id: u64) -> Option<SnapshotItem> {
+        let t = self.tables.iter().find(|t| t.row_of(id).is_some())?;
+        let row = t.row_of(id)?;
+        Some(SnapshotItem {
+            id,
+            version: t.version_of(id).unwrap_or(0),
+            deleted: !t.is_live(row),
+            embedding: t.embedding(row).to_vec(),
+        })
     }
 
     /// Rows written since the last call, per table, for the backend's mirror.
@@ -277,6 +325,7 @@ impl State {
         m
     }
 
+    /// Loads a snapshot into the state (at start, before any capture).
     pub fn restore(&mut self, s: &Snapshot) {
         for u in &s.users {
             self.users.restore(
@@ -302,5 +351,106 @@ impl State {
             self.applied
                 .insert((o.topic.clone(), o.partition), o.next_offset);
         }
+    }
+}
+
+fn snapshot_user(id: u64, u: &UserState) -> SnapshotUser {
+    SnapshotUser {
+        id,
+        history: u.history.iter().copied().collect(),
+        features: u.features.clone(),
+        features_version: u.features_version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::demo::Rng;
+
+    /// Captures folded into a `SnapshotBase` at any points of a random
+    /// stream of changes (Kafka batches, user and item writes) always add up
+    /// to the full snapshot of the state at that point.
+    #[test]
+    fn captured_changes_add_up_to_the_full_snapshot() {
+        let dim = 4;
+        let ids: Vec<u64> = (1..=50).collect();
+        let emb: Vec<f32> = (0..50 * dim).map(|i| i as f32 * 0.01).collect();
+        let mut state = State::new(5);
+        state.tables.push(ItemTable::new(dim, ids, emb).unwrap());
+        let mut base = crate::features::snapshot::SnapshotBase::default();
+        let mut rng = Rng::new(7);
+        let mut offset = 0i64;
+        let mut deltas = 0;
+        for step in 0..400 {
+            match rng.below(4) {
+                0 => {
+                    let mut b = UpdateBatch::default();
+                    for _ in 0..rng.below(6) {
+                        b.events.push((rng.below(30), 1 + rng.below(60)));
+                    }
+                    for _ in 0..rng.below(3) {
+                        let item_id = 1 + rng.below(70);
+                        let version = rng.below(8);
+                        b.items.push(if rng.below(4) == 0 {
+                            Update::ItemDelete { item_id, version }
+                        } else {
+                            Update::ItemUpsert {
+                                item_id,
+                                embedding: vec![step as f32; dim],
+                                version,
+                            }
+                        });
+                    }
+                    if rng.below(2) == 0 {
+                        b.users.push(Update::UserFeatures {
+                            user_id: rng.below(30),
+                            features: vec![step as f32; 2],
+                            version: rng.below(8),
+                        });
+                    }
+                    offset += 1 + rng.below(5) as i64;
+                    b.positions.insert(("events".into(), step % 2), offset);
+                    state.apply(&b);
+                }
+                1 => {
+                    let update = UserUpdate {
+                        user_id: rng.below(30),
+                        history: (rng.below(2) == 0).then(|| vec![1 + rng.below(50); 3]),
+                        features: (rng.below(2) == 0).then(|| vec![0.5; 2]),
+                    };
+                    state.upsert_user(update, &[2]).unwrap();
+                }
+                2 => {
+                    let w = ItemWrite {
+                        item_id: 1 + rng.below(50),
+                        embedding: Some(vec![-(step as f32); dim]),
+                        version: None,
+                    };
+                    state.write_item_request(w).unwrap();
+                }
+                _ => {
+                    let delta = state.capture(!base.is_complete());
+                    assert_eq!(delta.changes, state.changes);
+                    if deltas > 0 {
+                        assert!(!delta.full);
+                        // Only what changed travels.
+                        assert!(delta.users.len() <= 30);
+                    }
+                    deltas += 1;
+                    base.merge(delta);
+                    let mut got = base.to_snapshot();
+                    let mut want = state.snapshot();
+                    got.created_ms = 0;
+                    want.created_ms = 0;
+                    assert_eq!(got, want, "after step {step}");
+                }
+            }
+        }
+        assert!(deltas > 50, "{deltas} captures");
+        // Nothing changed since the last capture: an empty delta.
+        state.capture(false);
+        let idle = state.capture(false);
+        assert!(idle.users.is_empty() && idle.items.is_empty());
     }
 }

@@ -8,10 +8,14 @@
 //! `snapshot-<created_ms>.msgpack`, written to a temporary name, synced and
 //! renamed, so a crash never leaves a partial file under the final name.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use super::UserState;
 
 pub const FORMAT: u32 = 1;
 /// Snapshots kept on disk; older ones are removed after a successful write.
@@ -51,6 +55,129 @@ pub struct SnapshotItem {
     pub embedding: Vec<f32>,
 }
 
+/// What changed in the feature state since the previous capture: users are
+/// shared with the executor's store (copy on write), items copied. The
+/// executor's pause for it scales with the changes, not with the state; the
+/// snapshot thread folds it into its own full copy, a `SnapshotBase`.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotDelta {
+    /// The executor's change counter at capture.
+    pub changes: u64,
+    /// `users` and `items` are the whole state, not only changes.
+    pub full: bool,
+    /// Always all of them.
+    pub offsets: Vec<SnapshotOffset>,
+    pub users: Vec<(u64, Arc<UserState>)>,
+    pub items: Vec<SnapshotItem>,
+}
+
+/// The snapshot thread's copy of the state, kept in step by deltas and
+/// written from there, off the executor.
+#[derive(Debug, Default)]
+pub struct SnapshotBase {
+    offsets: Vec<SnapshotOffset>,
+    users: HashMap<u64, Arc<UserState>>,
+    items: HashMap<u64, SnapshotItem>,
+    /// A full capture has been merged: the copy is the whole state.
+    complete: bool,
+}
+
+/// A snapshot borrowed from a `SnapshotBase`: serialises exactly as
+/// `Snapshot` (same field names and order) without cloning the state.
+#[derive(Serialize)]
+struct SnapshotView<'a> {
+    format: u32,
+    created_ms: u64,
+    offsets: &'a [SnapshotOffset],
+    users: Vec<UserView<'a>>,
+    items: Vec<&'a SnapshotItem>,
+}
+
+/// A `SnapshotUser` borrowed from a user's state (same fields, same order).
+#[derive(Serialize)]
+struct UserView<'a> {
+    id: u64,
+    history: &'a VecDeque<u64>,
+    features: &'a Option<Vec<f32>>,
+    features_version: u64,
+}
+
+impl UserView<'_> {
+    fn to_owned(&self) -> SnapshotUser {
+        SnapshotUser {
+            id: self.id,
+            history: self.history.iter().copied().collect(),
+            features: self.features.clone(),
+            features_version: self.features_version,
+        }
+    }
+}
+
+impl SnapshotBase {
+    /// True once a full capture has been merged.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn merge(&mut self, delta: SnapshotDelta) {
+        if delta.full {
+            self.users.clear();
+            self.items.clear();
+            self.complete = true;
+        }
+        self.offsets = delta.offsets;
+        self.users.extend(delta.users);
+        self.items
+            .extend(delta.items.into_iter().map(|i| (i.id, i)));
+    }
+
+    fn view(&self) -> SnapshotView<'_> {
+        let mut users: Vec<UserView<'_>> = self
+            .users
+            .iter()
+            .map(|(&id, u)| UserView {
+                id,
+                history: &u.history,
+                features: &u.features,
+                features_version: u.features_version,
+            })
+            .collect();
+        users.sort_unstable_by_key(|u| u.id);
+        let mut items: Vec<&SnapshotItem> = self.items.values().collect();
+        items.sort_unstable_by_key(|i| i.id);
+        SnapshotView {
+            format: FORMAT,
+            created_ms: now_ms(),
+            offsets: &self.offsets,
+            users,
+            items,
+        }
+    }
+
+    /// Writes the copy as a snapshot file into `dir` (see `Snapshot::write`).
+    pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let view = self.view();
+        let bytes = rmp_serde::to_vec_named(&view).map_err(std::io::Error::other)?;
+        write_file(dir, view.created_ms, &bytes)
+    }
+
+    /// The copy as an owned snapshot.
+    pub fn to_snapshot(&self) -> Snapshot {
+        let v = self.view();
+        Snapshot {
+            format: v.format,
+            created_ms: v.created_ms,
+            offsets: v.offsets.to_vec(),
+            users: v.users.iter().map(UserView::to_owned).collect(),
+            items: v.items.into_iter().cloned().collect(),
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -68,25 +195,8 @@ impl Snapshot {
 
     /// Writes the snapshot into `dir` and prunes old ones; returns its path.
     pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
-        std::fs::create_dir_all(dir)?;
         let bytes = rmp_serde::to_vec_named(self).map_err(std::io::Error::other)?;
-        // Never go back in time, even if the clock does.
-        let newest = list(dir)?.last().map_or(0, |(ms, _)| *ms);
-        let ms = self.created_ms.max(newest + 1);
-        let path = dir.join(format!("snapshot-{ms:013}.msgpack"));
-        let tmp = dir.join(format!(".snapshot-{ms:013}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        let all = list(dir)?;
-        for (_, old) in all.iter().take(all.len().saturating_sub(KEEP)) {
-            let _ = std::fs::remove_file(old);
-        }
-        Ok(path)
+        write_file(dir, self.created_ms, &bytes)
     }
 
     /// The newest readable snapshot in `dir`, if any. Unreadable files are
@@ -111,6 +221,29 @@ impl Snapshot {
         }
         Ok(None)
     }
+}
+
+/// Writes `bytes` as `snapshot-<ms>.msgpack` (never older than the newest
+/// there, even if the clock went back) through a synced temporary file, then
+/// prunes old snapshots; returns the path.
+fn write_file(dir: &Path, created_ms: u64, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let newest = list(dir)?.last().map_or(0, |(ms, _)| *ms);
+    let ms = created_ms.max(newest + 1);
+    let path = dir.join(format!("snapshot-{ms:013}.msgpack"));
+    let tmp = dir.join(format!(".snapshot-{ms:013}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    let all = list(dir)?;
+    for (_, old) in all.iter().take(all.len().saturating_sub(KEEP)) {
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(path)
 }
 
 /// Snapshot files in `dir`, oldest first.

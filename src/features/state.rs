@@ -1,7 +1,12 @@
 //! The user store: a bounded history ring (newest last) and optional dense
 //! features per user id.
+//!
+//! Each user's state sits behind an `Arc`, so a snapshot capture shares it
+//! instead of copying it; the next change to a shared user copies that user
+//! alone (copy on write).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UserState {
@@ -13,7 +18,7 @@ pub struct UserState {
 
 #[derive(Debug)]
 pub struct UserStore {
-    users: HashMap<u64, UserState>,
+    users: HashMap<u64, Arc<UserState>>,
     history_cap: usize,
 }
 
@@ -27,7 +32,17 @@ impl UserStore {
     }
 
     pub fn get(&self, user_id: u64) -> Option<&UserState> {
-        self.users.get(&user_id)
+        self.users.get(&user_id).map(|u| &**u)
+    }
+
+    /// The user's state, shared: it stays as it is now while the store
+    /// moves on.
+    pub fn shared(&self, user_id: u64) -> Option<Arc<UserState>> {
+        self.users.get(&user_id).cloned()
+    }
+
+    fn entry(&mut self, user_id: u64) -> &mut UserState {
+        Arc::make_mut(self.users.entry(user_id).or_default())
     }
 
     pub fn len(&self) -> usize {
@@ -41,7 +56,7 @@ impl UserStore {
     /// Replaces the history (oldest first); only the newest `history_cap` are kept.
     pub fn set_history(&mut self, user_id: u64, history: &[u64]) {
         let keep = &history[history.len().saturating_sub(self.history_cap)..];
-        let u = self.users.entry(user_id).or_default();
+        let u = self.entry(user_id);
         u.history.clear();
         u.history.extend(keep.iter().copied());
     }
@@ -49,7 +64,7 @@ impl UserStore {
     /// Appends one engaged item, dropping the oldest beyond `history_cap`.
     pub fn append(&mut self, user_id: u64, item: u64) {
         let cap = self.history_cap;
-        let u = self.users.entry(user_id).or_default();
+        let u = self.entry(user_id);
         if u.history.len() == cap {
             u.history.pop_front();
         }
@@ -57,7 +72,7 @@ impl UserStore {
     }
 
     pub fn set_features(&mut self, user_id: u64, features: Vec<f32>) {
-        self.users.entry(user_id).or_default().features = Some(features);
+        self.entry(user_id).features = Some(features);
     }
 
     /// Sets features if `version` is newer than the stored one; true if applied.
@@ -67,22 +82,30 @@ impl UserStore {
         features: Vec<f32>,
         version: u64,
     ) -> bool {
-        let u = self.users.entry(user_id).or_default();
-        if u.features.is_some() && u.features_version >= version {
+        if self
+            .get(user_id)
+            .is_some_and(|u| u.features.is_some() && u.features_version >= version)
+        {
             return false;
         }
+        let u = self.entry(user_id);
         u.features = Some(features);
         u.features_version = version;
         true
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&u64, &UserState)> {
-        self.users.iter()
+        self.users.iter().map(|(id, u)| (id, &**u))
+    }
+
+    /// Every user, shared (see `shared`).
+    pub fn iter_shared(&self) -> impl Iterator<Item = (u64, Arc<UserState>)> + '_ {
+        self.users.iter().map(|(&id, u)| (id, u.clone()))
     }
 
     /// Replaces a user's whole state (restoring a snapshot).
     pub fn restore(&mut self, user_id: u64, state: UserState) {
-        self.users.insert(user_id, state);
+        self.users.insert(user_id, Arc::new(state));
     }
 }
 
