@@ -534,9 +534,17 @@ async fn metrics_cover_requests_batches_queues_and_models() {
     )
     .await;
     assert_eq!(s, 422);
+    let (s, _) = post(&c, &d.url("/v1/users/7"), json!({ "history": [1, 2] })).await;
+    assert_eq!(s, 200);
+    for _ in 0..2 {
+        let (s, _) = get(&c, &d.url("/v1/users/7")).await;
+        assert_eq!(s, 200);
+    }
     let (s, text) = get(&c, &d.url("/metrics")).await;
     assert_eq!(s, 200);
     for needle in [
+        "rankd_requests_total{model=\"\",route=\"upsert_user\",status=\"200\"} 1",
+        "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\"} 2",
         "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\"} 1",
         "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"422\"} 1",
         "rankd_request_duration_seconds_bucket{model=\"demo\",route=\"recommend\"",

@@ -186,11 +186,7 @@ async fn get_user(
     Path(user_id): Path<String>,
 ) -> Result<Json<UserResponse>, ApiError> {
     let user_id = parse_id("user_id", &user_id)?;
-    Ok(Json(
-        s.service
-            .upsert_user(user_id, UserRequest::default())
-            .await?,
-    ))
+    Ok(Json(s.service.get_user(user_id).await?))
 }
 
 async fn write_item(

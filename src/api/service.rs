@@ -241,6 +241,16 @@ impl Service {
         result
     }
 
+    /// A user's stored history and features (empty for an unknown user).
+    pub async fn get_user(&self, user_id: u64) -> Result<UserResponse, ServeError> {
+        let started = Instant::now();
+        let result = self
+            .upsert_user_inner(user_id, UserRequest::default())
+            .await;
+        self.observe("", "get_user", started, &result);
+        result
+    }
+
     async fn upsert_user_inner(
         &self,
         user_id: u64,

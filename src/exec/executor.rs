@@ -195,27 +195,34 @@ impl Executor {
             .load(id, desc, table, &weights)
             .map_err(backend_err)?;
         // Warm up at every batch shape the backend will run, so the first
-        // real batches pay no first-use costs.
-        let first_row = [0u32];
-        let some_row: &[u32] = if self.state.tables[table].rows() > 0 {
-            &first_row
-        } else {
-            &[]
+        // real batches pay no first-use costs. A two-tower batch row is a
+        // request; a ranker's is a candidate, and one request may bring up
+        // to max_items of them.
+        let has_rows = self.state.tables[table].rows() > 0;
+        let some_row: &[u32] = if has_rows { &[0] } else { &[] };
+        let max_rows = match spec.kind {
+            ModelKind::TwoTower => spec.batching.max_batch_size,
+            ModelKind::Ranker => spec.batching.max_batch_size.max(spec.limits.max_items),
         };
-        for size in self.backend.warm_batch_sizes(spec.batching.max_batch_size) {
-            let queries: Vec<Query<'_>> = (0..size)
-                .map(|_| Query {
-                    history: some_row,
-                    features: None,
-                    task: match spec.kind {
-                        ModelKind::TwoTower => Task::TopK {
+        for size in self.backend.warm_batch_sizes(max_rows) {
+            let candidates = vec![0u32; if has_rows { size } else { 0 }];
+            let queries: Vec<Query<'_>> = match spec.kind {
+                ModelKind::TwoTower => (0..size)
+                    .map(|_| Query {
+                        history: some_row,
+                        features: None,
+                        task: Task::TopK {
                             k: 10,
                             exclude: &[],
                         },
-                        ModelKind::Ranker => Task::Score { rows: some_row },
-                    },
-                })
-                .collect();
+                    })
+                    .collect(),
+                ModelKind::Ranker => vec![Query {
+                    history: some_row,
+                    features: None,
+                    task: Task::Score { rows: &candidates },
+                }],
+            };
             self.backend
                 .run(id, &self.state.tables[table], &queries)
                 .map_err(backend_err)?;

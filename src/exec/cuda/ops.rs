@@ -101,11 +101,18 @@ pub fn reserve_for(
         t.ks.reserve(st, z.queries)?;
         t.excl_off.reserve(st, z.queries + 1)?;
         t.excl_rows.reserve(st, z.excl_rows)?;
-        // A k this device cannot run is refused per request with the plan's
+        // The partial output is not monotonic in the query count (groups
+        // and chunks are rounded), so take the largest over every count. A k
+        // this device cannot run is refused per request with the plan's
         // reason; it is no reason to refuse the model.
-        if let Ok(kp) = topk_plan(dev, table, z.queries, desc.bounds.max_k.min(plan::MAX_K)) {
-            t.part_key.reserve(st, kp.partial_len())?;
-            t.part_row.reserve(st, kp.partial_len())?;
+        let kmax = desc.bounds.max_k.min(plan::MAX_K);
+        let partial = (1..=z.queries)
+            .filter_map(|nq| topk_plan(dev, table, nq, kmax).ok())
+            .map(|p| p.partial_len())
+            .max();
+        if let Some(len) = partial {
+            t.part_key.reserve(st, len)?;
+            t.part_row.reserve(st, len)?;
         }
         t.top_key.reserve(st, z.topk_out)?;
         t.top_row.reserve(st, z.topk_out)?;
@@ -523,7 +530,9 @@ pub fn run_ranker(
     let b = &mut s.pairs;
     b.pair_q.upload(dev.stream, &pairs.pair_q)?;
     b.pair_row.upload(dev.stream, &pairs.pair_row)?;
-    b.rank_x.reserve(dev.stream, np * (3 * d + fd))?;
+    // Padding rows up to the bucket are never read back (see embedding_bag).
+    let rows = plan::bucket(np);
+    b.rank_x.reserve(dev.stream, rows * (3 * d + fd))?;
     let (ld, d32, fd32) = (table.ld as u32, d as u32, fd as u32);
     let cfg = LaunchConfig {
         grid_dim: grid(np),
@@ -551,7 +560,7 @@ pub fn run_ranker(
         dev.blas,
         &dev.k.bias_act,
         b.rank_x.get(),
-        np,
+        rows,
         &mut s.act,
         ACT_SIGMOID,
     )?;

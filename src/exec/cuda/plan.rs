@@ -201,14 +201,19 @@ pub struct BatchSizes {
 
 /// What `desc.bounds` implies for each buffer; `max_width` is the widest
 /// layer output of the model's tower. A two-tower model may be asked both
-/// recommend and score, a ranker only score.
+/// recommend and score, and a request counts one batch row; a ranker is only
+/// asked score, and each candidate counts a row, so its batch holds at most
+/// `max(max_batch, max_items)` pairs (a batch is closed before it passes
+/// `max_batch` rows, unless one request alone is larger).
 pub fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
     let z = desc.bounds;
     let (b, d, fd) = (z.max_batch, desc.dim, desc.user_feature_dim);
-    let pairs = b * z.max_items;
-    let (tower_rows, rank_x, topk_out) = match desc.kind {
-        ModelKind::TwoTower => (bucket(b), 0, b * z.max_k),
-        ModelKind::Ranker => (pairs, pairs * (3 * d + fd), 0),
+    let (pairs, tower_rows, rank_x, topk_out) = match desc.kind {
+        ModelKind::TwoTower => (b * z.max_items, bucket(b), 0, b * z.max_k),
+        ModelKind::Ranker => {
+            let pairs = b.max(z.max_items);
+            (pairs, bucket(pairs), bucket(pairs) * (3 * d + fd), 0)
+        }
     };
     BatchSizes {
         queries: b,

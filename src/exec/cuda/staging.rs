@@ -118,24 +118,40 @@ impl<T: Plain> Staged<T> {
 }
 
 /// A batch output: copied from the device into page-locked memory without a
-/// host wait; read after the stream has been synchronised.
+/// host wait; `read` waits for the copy.
 pub struct Readback<T> {
     host: Option<PinnedHostSlice<T>>,
     /// Elements the last queued copy brings back.
     len: usize,
+    /// Recorded after the last copy into `host`.
+    copied: Option<CudaEvent>,
 }
 
 impl<T> Default for Readback<T> {
     fn default() -> Self {
-        Self { host: None, len: 0 }
+        Self {
+            host: None,
+            len: 0,
+            copied: None,
+        }
     }
 }
 
 impl<T: Plain> Readback<T> {
     pub fn reserve(&mut self, stream: &Arc<CudaStream>, len: usize) -> Result<(), GpuError> {
         if self.host.as_ref().is_none_or(|h| h.len() < len.max(1)) {
+            // A copy into the old buffer may still be queued (a batch that
+            // failed before its wait): it must land before the memory goes.
+            self.wait()?;
             self.host = None;
             self.host = Some(alloc_readback(stream, grown(len))?);
+        }
+        Ok(())
+    }
+
+    fn wait(&self) -> Result<(), GpuError> {
+        if let Some(e) = &self.copied {
+            e.synchronize().ctx("waiting for a batch download")?;
         }
         Ok(())
     }
@@ -162,12 +178,18 @@ impl<T: Plain> Readback<T> {
         stream
             .memcpy_dtoh(&src.slice(..len), &mut dst[..len])
             .ctx("copying results to the host")?;
+        match &self.copied {
+            Some(e) => e.record(stream),
+            None => stream.record_event(None).map(|e| self.copied = Some(e)),
+        }
+        .ctx("recording a batch download")?;
         Ok(())
     }
 
-    /// The fetched elements. Call only after `stream.synchronize()` following
-    /// the `fetch`: before that the copy may still be in flight.
+    /// The fetched elements, once their copy has landed (free after the
+    /// batch's stream wait).
     pub fn read(&self) -> Result<&[T], GpuError> {
+        self.wait()?;
         match &self.host {
             Some(h) if self.len > 0 => Ok(&h.as_slice().ctx("reading a batch back")?[..self.len]),
             _ => Ok(&[]),

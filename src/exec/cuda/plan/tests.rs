@@ -277,67 +277,87 @@ fn batches_round_up_to_power_of_two_buckets_and_warm_up_covers_them_all() {
 }
 
 /// A batch at every limit of its model.toml fits the buffers reserved at
-/// load, so serving it allocates nothing.
+/// load, so serving it allocates nothing. Two-tower batches hold up to
+/// `max_batch` requests; ranker batches up to `max_batch` candidate rows, or
+/// one request of up to `max_items`.
 #[test]
 fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
     use crate::exec::backend::{BatchBounds, ModelDesc};
-    let bounds = BatchBounds {
-        max_batch: 48,
-        history_len: 50,
-        max_k: 1000,
-        max_items: 300,
-        max_exclude: 700,
-    };
-    let (d, fd) = (64, 16);
-    let history: Vec<u32> = (0..bounds.history_len as u32).collect();
-    let exclude: Vec<u32> = (0..(bounds.max_exclude + bounds.history_len) as u32).collect();
-    let cands: Vec<u32> = (0..bounds.max_items as u32).collect();
+    let (d, fd, width) = (64, 16, 256);
+    let history: Vec<u32> = (0..50).collect();
     let feats = vec![0.5f32; fd];
-    for kind in [ModelKind::TwoTower, ModelKind::Ranker] {
-        let desc = ModelDesc {
+    for (max_batch, max_items) in [(48, 300), (256, 100)] {
+        let bounds = BatchBounds {
+            max_batch,
+            history_len: 50,
+            max_k: 1000,
+            max_items,
+            max_exclude: 700,
+        };
+        let exclude: Vec<u32> = (0..(bounds.max_exclude + bounds.history_len) as u32).collect();
+        let cands: Vec<u32> = (0..max_items as u32).collect();
+        let desc = |kind| ModelDesc {
             kind,
             dim: d,
             user_feature_dim: fd,
             bounds,
         };
-        let z = batch_sizes(&desc, 256);
-        for recommend in [true, false] {
-            if recommend && kind == ModelKind::Ranker {
-                continue;
-            }
-            let queries: Vec<Query<'_>> = (0..bounds.max_batch)
-                .map(|_| Query {
-                    history: &history,
-                    features: Some(&feats),
-                    task: if recommend {
-                        Task::TopK {
-                            k: bounds.max_k,
-                            exclude: &exclude,
-                        }
-                    } else {
-                        Task::Score { rows: &cands }
-                    },
-                })
-                .collect();
-            let u = pack_users(&queries, fd);
-            let t = pack_topk(&queries);
-            let p = pack_pairs(&queries);
-            assert_eq!(u.hist_off.len(), z.queries + 1);
-            assert!(u.hist_rows.len() <= z.hist_rows, "{kind:?}");
-            assert!(u.feats.len() <= z.feats);
-            assert!(bucket(queries.len()) * (d + fd) <= z.xu);
+        let query = |task| Query {
+            history: &history,
+            features: Some(&feats),
+            task,
+        };
+        let recommend = Task::TopK {
+            k: bounds.max_k,
+            exclude: &exclude,
+        };
+        let score = |n: usize| Task::Score { rows: &cands[..n] };
+        let legal: Vec<(ModelKind, Vec<Query<'_>>)> = vec![
+            (
+                ModelKind::TwoTower,
+                vec![query(recommend.clone()); max_batch],
+            ),
+            (
+                ModelKind::TwoTower,
+                vec![query(score(max_items)); max_batch],
+            ),
+            (ModelKind::Ranker, vec![query(score(1)); max_batch]),
+            (ModelKind::Ranker, vec![query(score(max_items))]),
+            (
+                ModelKind::Ranker,
+                vec![query(score(max_items.min(max_batch) / 4)); 4],
+            ),
+        ];
+        for (kind, queries) in &legal {
+            let z = batch_sizes(&desc(*kind), width);
+            let u = pack_users(queries, fd);
+            let t = pack_topk(queries);
+            let p = pack_pairs(queries);
+            let case = format!("{kind:?}, {} queries, bounds {bounds:?}", queries.len());
+            assert!(u.hist_off.len() <= z.queries + 1, "{case}");
+            assert!(u.hist_rows.len() <= z.hist_rows, "{case}");
+            assert!(u.feats.len() <= z.feats, "{case}");
             assert!(t.qsel.len() <= z.queries && t.excl_off.len() <= z.queries + 1);
-            assert!(t.excl_rows.len() <= z.excl_rows, "{kind:?}");
-            assert!(t.qsel.len() * t.kmax <= z.topk_out, "{kind:?}");
-            assert!(p.pair_q.len() <= z.pairs);
+            assert!(t.excl_rows.len() <= z.excl_rows, "{case}");
+            assert!(t.qsel.len() * t.kmax <= z.topk_out, "{case}");
+            assert!(p.pair_q.len() <= z.pairs, "{case}");
             let tower_rows = match kind {
-                ModelKind::TwoTower => bucket(queries.len()),
-                ModelKind::Ranker => p.pair_q.len(),
+                ModelKind::TwoTower => {
+                    assert!(bucket(queries.len()) * (d + fd) <= z.xu, "{case}");
+                    bucket(queries.len())
+                }
+                ModelKind::Ranker => {
+                    let rows = bucket(p.pair_q.len());
+                    assert!(rows * (3 * d + fd) <= z.rank_x, "{case}");
+                    rows
+                }
             };
-            assert!(tower_rows * 256 <= z.act, "{kind:?}");
-            if kind == ModelKind::Ranker {
-                assert!(p.pair_q.len() * (3 * d + fd) <= z.rank_x);
-            }
+            assert!(tower_rows * width <= z.act, "{case}");
         }
+        // A ranker reserves for its largest batch of pairs, not for
+        // max_batch requests of max_items each.
+        let r = batch_sizes(&desc(ModelKind::Ranker), width);
+        assert_eq!(r.pairs, max_batch.max(max_items));
+        assert_eq!(r.topk_out, 0);
     }
 }
