@@ -189,6 +189,9 @@ pub struct ServeArgs {
     /// Topic that receives invalid messages [default: none]
     #[arg(long, env = "RANKD_KAFKA_DEAD_LETTER_TOPIC", value_name = "TOPIC")]
     pub kafka_dead_letter_topic: Option<String>,
+    /// A librdkafka property (repeatable); overrides [kafka_properties]
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+    pub kafka_property: Vec<String>,
     /// Messages per applied update batch, at most [default: 1024]
     #[arg(long, env = "RANKD_INGEST_BATCH_MAX", value_name = "N")]
     pub ingest_batch_max: Option<usize>,
@@ -257,6 +260,21 @@ impl ServeArgs {
         if self.kafka_dead_letter_topic.is_some() {
             c.kafka_dead_letter_topic = self.kafka_dead_letter_topic;
         }
+        for p in &self.kafka_property {
+            let (key, value) = p
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| {
+                    // The value may be a secret: name only what was wrong.
+                    let key = p.split_once('=').map_or(p.as_str(), |(k, _)| k);
+                    anyhow::anyhow!(
+                        "--kafka-property must be KEY=VALUE, got {:?}",
+                        if p.contains('=') { "=<value>" } else { key }
+                    )
+                })?;
+            c.kafka_properties
+                .insert(key.trim().to_string(), value.to_string());
+        }
         if let Some(v) = self.ingest_batch_max {
             c.ingest_batch_max = v;
         }
@@ -304,6 +322,30 @@ mod tests {
             !shown.contains("hunter2") && shown.contains("client.id"),
             "{shown}"
         );
+
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            kafka_property: vec![
+                "client.id=b".into(),
+                "fetch.wait.max.ms=50".into(),
+                "sasl.password=a=b".into(),
+            ],
+            ..Default::default()
+        };
+        let c = args.into_config().unwrap();
+        let props = &c.kafka_properties;
+        assert_eq!(props["client.id"], "b");
+        assert_eq!(props["fetch.wait.max.ms"], "50");
+        assert_eq!(props["sasl.password"], "a=b");
+        assert!(!format!("{:?}", c.redacted()).contains("a=b"));
+        for bad in ["fetch.wait.max.ms", "=50"] {
+            let args = ServeArgs {
+                kafka_property: vec![bad.into()],
+                ..Default::default()
+            };
+            let err = args.into_config().unwrap_err().to_string();
+            assert!(err.contains("--kafka-property must be KEY=VALUE"), "{err}");
+        }
 
         std::fs::write(&path, "htp = \"x\"\n").unwrap();
         let err = Config::from_file(&path).unwrap_err().to_string();
