@@ -57,6 +57,14 @@ pub struct PairBufs {
     scores: Readback<f32>,
 }
 
+/// A batch's inputs packed on the host, before staging.
+#[derive(Default)]
+pub struct Packed {
+    pub users: PackedUsers,
+    pub topk: PackedTopk,
+    pub pairs: PackedPairs,
+}
+
 /// Batch buffers: sized for a model's largest batch when it is loaded
 /// (`reserve_for`), grown only by a batch larger than any seen before.
 #[derive(Default)]
@@ -65,6 +73,7 @@ pub struct Scratch {
     pub act: [Buf<f32>; 2],
     pub topk: TopkBufs,
     pub pairs: PairBufs,
+    packed: Packed,
 }
 
 /// Sizes every batch buffer for the largest batch `desc` allows, so serving
@@ -81,6 +90,18 @@ pub fn reserve_for(
         return Ok(());
     }
     let st = dev.stream;
+    let pk = &mut s.packed;
+    pk.users.hist_off.reserve(z.queries + 1);
+    pk.users.hist_rows.reserve(z.hist_rows);
+    pk.users.feats.reserve(z.feats);
+    pk.pairs.pair_q.reserve(z.pairs);
+    pk.pairs.pair_row.reserve(z.pairs);
+    if z.topk_out > 0 {
+        pk.topk.qsel.reserve(z.queries);
+        pk.topk.ks.reserve(z.queries);
+        pk.topk.excl_off.reserve(z.queries + 1);
+        pk.topk.excl_rows.reserve(z.excl_rows);
+    }
     let u = &mut s.users;
     u.hist_off.reserve(st, z.queries + 1)?;
     u.hist_rows.reserve(st, z.hist_rows)?;
@@ -473,10 +494,12 @@ pub fn run_two_tower(
     queries: &[Query<'_>],
 ) -> Result<Vec<Output>, GpuError> {
     let (d, fd) = (desc.dim, desc.user_feature_dim);
-    let users = plan::pack_users(queries, fd);
-    let t = plan::pack_topk(queries);
-    let pairs = plan::pack_pairs(queries);
-    embedding_bag(dev, table, &mut s.users, &users, fd)?;
+    let pk = &mut s.packed;
+    plan::pack_users_into(&mut pk.users, queries, fd);
+    plan::pack_topk_into(&mut pk.topk, queries);
+    plan::pack_pairs_into(&mut pk.pairs, queries);
+    let (users, t, pairs) = (&pk.users, &pk.topk, &pk.pairs);
+    embedding_bag(dev, table, &mut s.users, users, fd)?;
     let which = mlp.forward(
         dev.stream,
         dev.blas,
@@ -491,14 +514,14 @@ pub fn run_two_tower(
     let topk = if t.qsel.is_empty() || t.kmax == 0 {
         None
     } else {
-        let p = topk_launch(dev, table, &mut s.topk, qv, d, &t)?;
+        let p = topk_launch(dev, table, &mut s.topk, qv, d, t)?;
         topk_fetch(dev, &mut s.topk, &p)?;
         Some(p)
     };
-    score_pairs_launch(dev, table, &mut s.pairs, qv, &pairs)?;
+    score_pairs_launch(dev, table, &mut s.pairs, qv, pairs)?;
     dev.stream.synchronize().ctx("waiting for the batch")?;
     let lists = match &topk {
-        Some(p) => topk_decode(&s.topk, p, &t, items.ids())?,
+        Some(p) => topk_decode(&s.topk, p, t, items.ids())?,
         None => vec![Vec::new(); t.qsel.len()],
     };
     Ok(plan::assemble(queries, lists, s.pairs.scores.read()?))
@@ -520,13 +543,15 @@ pub fn run_ranker(
         ));
     }
     let (d, fd) = (desc.dim, desc.user_feature_dim);
-    let pairs = plan::pack_pairs(queries);
-    let np = pairs.pair_q.len();
+    let pk = &mut s.packed;
+    plan::pack_pairs_into(&mut pk.pairs, queries);
+    let np = pk.pairs.pair_q.len();
     if np == 0 {
         return Ok(plan::assemble(queries, Vec::new(), &[]));
     }
-    let users = plan::pack_users(queries, fd);
-    embedding_bag(dev, table, &mut s.users, &users, fd)?;
+    plan::pack_users_into(&mut pk.users, queries, fd);
+    let (users, pairs) = (&pk.users, &pk.pairs);
+    embedding_bag(dev, table, &mut s.users, users, fd)?;
     let b = &mut s.pairs;
     b.pair_q.upload(dev.stream, &pairs.pair_q)?;
     b.pair_row.upload(dev.stream, &pairs.pair_row)?;

@@ -284,11 +284,17 @@ pub fn check_rows(queries: &[Query<'_>], n_rows: usize, fd: usize) -> Result<(),
 }
 
 pub fn pack_users(queries: &[Query<'_>], fd: usize) -> PackedUsers {
-    let mut p = PackedUsers {
-        hist_off: Vec::with_capacity(queries.len() + 1),
-        hist_rows: Vec::new(),
-        feats: vec![0.0; queries.len() * fd],
-    };
+    let mut p = PackedUsers::default();
+    pack_users_into(&mut p, queries, fd);
+    p
+}
+
+/// `pack_users` into `p`, reusing its memory.
+pub fn pack_users_into(p: &mut PackedUsers, queries: &[Query<'_>], fd: usize) {
+    p.hist_off.clear();
+    p.hist_rows.clear();
+    p.feats.clear();
+    p.feats.resize(queries.len() * fd, 0.0);
     p.hist_off.push(0);
     for (i, q) in queries.iter().enumerate() {
         p.hist_rows.extend_from_slice(q.history);
@@ -297,14 +303,22 @@ pub fn pack_users(queries: &[Query<'_>], fd: usize) -> PackedUsers {
             p.feats[i * fd..(i + 1) * fd].copy_from_slice(f);
         }
     }
-    p
 }
 
 pub fn pack_topk(queries: &[Query<'_>]) -> PackedTopk {
-    let mut p = PackedTopk {
-        excl_off: vec![0],
-        ..Default::default()
-    };
+    let mut p = PackedTopk::default();
+    pack_topk_into(&mut p, queries);
+    p
+}
+
+/// `pack_topk` into `p`, reusing its memory.
+pub fn pack_topk_into(p: &mut PackedTopk, queries: &[Query<'_>]) {
+    p.qsel.clear();
+    p.ks.clear();
+    p.excl_rows.clear();
+    p.excl_off.clear();
+    p.excl_off.push(0);
+    p.kmax = 0;
     for (i, q) in queries.iter().enumerate() {
         if let Task::TopK { k, exclude } = q.task {
             p.qsel.push(i as u32);
@@ -315,25 +329,31 @@ pub fn pack_topk(queries: &[Query<'_>]) -> PackedTopk {
             } else {
                 // The kernel binary-searches; the contract says sorted, but a
                 // wrong order must not silently skip exclusions.
-                let mut sorted = exclude.to_vec();
-                sorted.sort_unstable();
-                p.excl_rows.extend_from_slice(&sorted);
+                let start = p.excl_rows.len();
+                p.excl_rows.extend_from_slice(exclude);
+                p.excl_rows[start..].sort_unstable();
             }
             p.excl_off.push(p.excl_rows.len() as u32);
         }
     }
-    p
 }
 
 pub fn pack_pairs(queries: &[Query<'_>]) -> PackedPairs {
     let mut p = PackedPairs::default();
+    pack_pairs_into(&mut p, queries);
+    p
+}
+
+/// `pack_pairs` into `p`, reusing its memory.
+pub fn pack_pairs_into(p: &mut PackedPairs, queries: &[Query<'_>]) {
+    p.pair_q.clear();
+    p.pair_row.clear();
     for (i, q) in queries.iter().enumerate() {
         if let Task::Score { rows } = q.task {
             p.pair_q.extend(std::iter::repeat_n(i as u32, rows.len()));
             p.pair_row.extend_from_slice(rows);
         }
     }
-    p
 }
 
 /// Turns the merge kernel's output ([nq][kmax] keys and rows, best first)

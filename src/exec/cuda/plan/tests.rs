@@ -361,3 +361,56 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
         assert_eq!(r.topk_out, 0);
     }
 }
+
+/// The serving path packs every batch into the same host buffers: what a
+/// larger earlier batch left there must not show in a later one.
+#[test]
+fn packing_into_reused_buffers_equals_packing_afresh() {
+    let hist: Vec<u32> = (0..40).collect();
+    let feats = [0.25f32; 4];
+    let unsorted = [30u32, 2, 17];
+    let big: Vec<Query<'_>> = (0..20)
+        .map(|i| Query {
+            history: &hist[..i],
+            features: Some(&feats),
+            task: if i % 2 == 0 {
+                Task::TopK {
+                    k: 100 + i,
+                    exclude: &hist[..i],
+                }
+            } else {
+                Task::Score { rows: &hist[..i] }
+            },
+        })
+        .collect();
+    let small = vec![
+        Query {
+            history: &hist[..2],
+            features: None,
+            task: Task::TopK {
+                k: 3,
+                exclude: &unsorted,
+            },
+        },
+        Query {
+            history: &[],
+            features: None,
+            task: Task::Score { rows: &hist[5..7] },
+        },
+    ];
+    let (mut u, mut t, mut p) = (
+        PackedUsers::default(),
+        PackedTopk::default(),
+        PackedPairs::default(),
+    );
+    for batch in [&big, &small, &big, &small] {
+        pack_users_into(&mut u, batch, 4);
+        pack_topk_into(&mut t, batch);
+        pack_pairs_into(&mut p, batch);
+        assert_eq!(u, pack_users(batch, 4));
+        assert_eq!(t, pack_topk(batch));
+        assert_eq!(p, pack_pairs(batch));
+    }
+    assert_eq!(t.excl_rows, [2, 17, 30]);
+    assert_eq!(t.kmax, 3);
+}
