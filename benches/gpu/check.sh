@@ -30,8 +30,9 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 WORK="$(mktemp -d)"
 SERVE_PID=""
+CPU_PID=""
 cleanup() {
-  if [ -n "$SERVE_PID" ]; then kill "$SERVE_PID" 2>/dev/null; wait "$SERVE_PID" 2>/dev/null; fi
+  for pid in $SERVE_PID $CPU_PID; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -47,6 +48,22 @@ SUMMARY="$OUT/summary.tsv"
 row() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$SUMMARY"; }
 FAILED=0
 step() { echo; echo "== $*"; }
+
+# Starts `rankd serve ARGS...` logging to $OUT/NAME.{out,log}; sets
+# STARTED_PID, and STARTED_HTTP to its address once ready (empty if it is not
+# ready within 60 s).
+start_serve() {  # name, serve args...
+  local name=$1; shift
+  RANKD_LOG=info "$BIN" serve "$@" >"$OUT/$name.out" 2>"$OUT/$name.log" &
+  STARTED_PID=$!
+  STARTED_HTTP=""
+  for _ in $(seq 1 120); do
+    STARTED_HTTP=$(grep -o 'http://[0-9.:]*' "$OUT/$name.out" 2>/dev/null | head -1)
+    [ -n "$STARTED_HTTP" ] && break
+    kill -0 "$STARTED_PID" 2>/dev/null || break
+    sleep 0.5
+  done
+}
 
 # The pip/PyTorch CUDA 13 libraries, all in one folder (nvidia/cu13/lib).
 find_cuda_libs() {
@@ -96,7 +113,7 @@ else
   rc=$?
   cat "$OUT/gpu-check.txt"
   if [ $rc = 0 ]; then
-    row "gpu-check" "$(grep -c '^| ' "$OUT/gpu-check.txt") table rows" "$(tail -1 "$OUT/gpu-check.txt")"
+    row "gpu-check" "$(grep -c '^| ' "$OUT/gpu-check.txt") table rows" "$(grep -v '^[[:space:]]*$' "$OUT/gpu-check.txt" | tail -1)"
   else
     tail -40 "$OUT/gpu-check.log"
     row "gpu-check" "exit $rc" "FAIL (see gpu-check.txt / .log)"
@@ -107,16 +124,10 @@ fi
 step "serve on $DEVICE"
 "$BIN" models generate --models "$WORK/models" >"$OUT/models.txt" 2>&1 || { cat "$OUT/models.txt"; FAILED=1; }
 SOCK="$WORK/rankd.sock"
-RANKD_LOG=info "$BIN" serve --models "$WORK/models" --device "$DEVICE" --http 127.0.0.1:0 \
-  --uds "$SOCK" --snapshot-dir "$WORK/state" >"$OUT/serve.out" 2>"$OUT/serve.log" &
-SERVE_PID=$!
-HTTP=""
-for _ in $(seq 1 120); do
-  HTTP=$(grep -o 'http://[0-9.:]*' "$OUT/serve.out" 2>/dev/null | head -1)
-  [ -n "$HTTP" ] && break
-  kill -0 "$SERVE_PID" 2>/dev/null || break
-  sleep 0.5
-done
+start_serve serve --models "$WORK/models" --device "$DEVICE" --http 127.0.0.1:0 \
+  --uds "$SOCK" --snapshot-dir "$WORK/state"
+SERVE_PID=$STARTED_PID
+HTTP=$STARTED_HTTP
 if [ -z "$HTTP" ]; then
   echo "the daemon did not become ready:"; tail -30 "$OUT/serve.log"
   row "serve --device $DEVICE" "-" "FAIL: not ready in 60 s"
@@ -148,16 +159,10 @@ else
   if [ "$DRY" = 1 ]; then ODUR=3s; else ODUR=10s; fi
   bench open --op recommend --model demo --connections 4 --sweep "$RATES" --duration "$ODUR"
   step "answers on $DEVICE vs a CPU daemon"
-  RANKD_LOG=info "$BIN" serve --models "$WORK/models" --device cpu --http 127.0.0.1:0 \
-    --uds "" --snapshot-dir "" >"$OUT/serve-cpu.out" 2>"$OUT/serve-cpu.log" &
-  CPU_PID=$!
-  CPU_HTTP=""
-  for _ in $(seq 1 120); do
-    CPU_HTTP=$(grep -o 'http://[0-9.:]*' "$OUT/serve-cpu.out" 2>/dev/null | head -1)
-    [ -n "$CPU_HTTP" ] && break
-    kill -0 "$CPU_PID" 2>/dev/null || break
-    sleep 0.5
-  done
+  start_serve serve-cpu --models "$WORK/models" --device cpu --http 127.0.0.1:0 \
+    --uds "" --snapshot-dir ""
+  CPU_PID=$STARTED_PID
+  CPU_HTTP=$STARTED_HTTP
   if [ -z "$CPU_HTTP" ]; then
     row "answers vs cpu" "-" "FAIL: the CPU daemon did not start"; FAILED=1
   elif timeout 120 python3 benches/gpu/compare.py "$HTTP" "$CPU_HTTP" "$OUT/compare.json" >"$OUT/compare.txt" 2>&1; then
@@ -165,7 +170,7 @@ else
   else
     cat "$OUT/compare.txt"; row "answers vs cpu" "64 users, 192 requests" "FAIL: $(tail -1 "$OUT/compare.txt")"; FAILED=1
   fi
-  kill "$CPU_PID" 2>/dev/null; wait "$CPU_PID" 2>/dev/null
+  kill "$CPU_PID" 2>/dev/null; wait "$CPU_PID" 2>/dev/null; CPU_PID=""
   python3 - "$HTTP/metrics" >"$OUT/metrics.txt" 2>/dev/null <<'EOF' || true
 import sys, urllib.request
 print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
