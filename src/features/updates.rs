@@ -249,12 +249,18 @@ impl Coalescer {
     pub fn consumed(&mut self, position: Option<(&str, i32, i64)>, timestamp_ms: Option<i64>) {
         self.batch.messages += 1;
         if let Some((topic, partition, offset)) = position {
-            let next = self
-                .batch
-                .positions
-                .entry((topic.to_string(), partition))
-                .or_insert(offset + 1);
-            *next = (*next).max(offset + 1);
+            // A batch covers a handful of partitions: a scan finds the entry
+            // without building a key String per message.
+            let positions = &mut self.batch.positions;
+            match positions
+                .iter_mut()
+                .find(|((t, p), _)| *p == partition && t == topic)
+            {
+                Some((_, next)) => *next = (*next).max(offset + 1),
+                None => {
+                    positions.insert((topic.to_string(), partition), offset + 1);
+                }
+            }
         }
         if let Some(ts) = timestamp_ms {
             self.batch.timestamps_ms.push(ts);
