@@ -11,6 +11,14 @@
 //   query is written as (key, row) candidates; the B×N score matrix never
 //   exists. Consecutive blocks are the groups of one chunk, so when a batch
 //   needs several groups they read the chunk while it is in L2.
+// score_topk_partial_tc_bf16: the same kernel for bf16 tables with the
+//   scores on tensor cores (mma.sync m16n8k16, sm_80+): each warp computes
+//   16 rows × 8 queries tiles of the 64-row step. The f32 query is split into
+//   two bf16 terms (hi = bf16(q), lo = bf16(q - hi)), both multiplied with the
+//   exact bf16 table values and accumulated in f32, so scores stay within
+//   ~1e-5 relative of the f32 dot product (|q - hi - lo| <= 2^-16 |q|) while
+//   the multiply-adds leave the CUDA cores, which at batch 32 would otherwise
+//   bound the kernel before memory does.
 // topk_merge: one block per query merges the chunks' candidates into the
 //   final top-k, with the same staging/sort machinery.
 // topk_dense_partial: top-k over an already materialised score matrix; only
@@ -93,6 +101,22 @@ __device__ __forceinline__ void flush_query(int* key, u32* row, int* cnt, int* t
     __syncthreads();
 }
 
+#if __CUDA_ARCH__ >= 800
+// d += a · b for one 16 × 8 × 16 tile: a holds 16 table rows × 16 elements,
+// b 16 elements × 8 queries, both bf16 pairs in the PTX fragment layout.
+__device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+__device__ __forceinline__ u32 pack_bf16(u16 lo_elem, u16 hi_elem) {
+    return (u32)lo_elem | ((u32)hi_elem << 16);
+}
+
 __device__ __forceinline__ bool excluded(const u32* __restrict__ ex, u32 lo, u32 hi, u32 row) {
     while (lo < hi) {
         const u32 mid = (lo + hi) >> 1;
@@ -153,7 +177,8 @@ __device__ __forceinline__ void issue_step(const typename D::T* __restrict__ tab
     }
 }
 
-template <class D>
+// TC: scores on tensor cores (bf16 tables only; see the file header).
+template <class D, bool TC>
 __device__ void score_topk_partial(
     const typename D::T* __restrict__ table, u32 ld, u32 n_rows,
     const u64* __restrict__ ids, const u8* __restrict__ live,
@@ -167,12 +192,14 @@ __device__ void score_topk_partial(
     const int ROW_U4 = UPR + 1;                // +16 bytes: conflict-free rows
     const int LPT = TILE * UPR / THREADS;      // units each thread copies per step
 
-    // Layout must match TopkPlan::partial_smem_bytes on the host.
+    // Layout must match partial_smem_bytes on the host. With TC the query
+    // area holds bf16 fragments for a group rounded up to 8 queries (gq).
     uint4* tile = smem;
     float* qv = (float*)(tile + STAGES * TILE * ROW_U4);
     const u32 nd = (ld + DK - 1) / DK;
     const u32 qld = nd * DK;
-    int* keys = (int*)(qv + (size_t)group * qld);
+    const u32 gq = TC ? (group + 7) / 8 * 8 : group;
+    int* keys = (int*)(qv + (size_t)gq * qld);
     u32* rows = (u32*)(keys + (size_t)group * 2 * kps);
     int* thresh = (int*)(rows + (size_t)group * 2 * kps);
     int* cnt = thresh + group;
@@ -187,10 +214,39 @@ __device__ void score_topk_partial(
     const u32 rb = min(n_rows, chunk * chunk_rows);
     const u32 re = min(n_rows, rb + chunk_rows);
 
-    for (u32 i = tid; i < qn * qld; i += THREADS) {
-        const u32 q = i / qld;
-        const u32 j = i % qld;
-        qv[i] = j < qdim ? queries[(size_t)qsel[q0 + q] * qdim + j] : 0.0f;
+    // Query fragments, one uint4 per (chunk c, k16 step kk, query tile nt,
+    // lane): for query n = nt·8 + lane/4 and elements e = c·DK + kk·16 +
+    // 2·(lane%4) + {0, 1} and e + {8, 9}, the hi pair, the hi pair at +8,
+    // the lo pair, the lo pair at +8 (B operands of mma.m16n8k16).
+    const u32 ntg = gq / 8;
+    if constexpr (TC) {
+        uint4* qf = (uint4*)qv;
+        for (u32 i = tid; i < nd * 4 * ntg * 32; i += THREADS) {
+            const u32 lane = i % 32;
+            const u32 nt = (i / 32) % ntg;
+            const u32 kk = (i / (32 * ntg)) % 4;
+            const u32 c = i / (32 * ntg * 4);
+            const u32 n = nt * 8 + lane / 4;
+            const u32 e = c * DK + kk * 16 + 2 * (lane % 4);
+            const u32 es[4] = {e, e + 1, e + 8, e + 9};
+            u16 hi[4], lo[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float v = n < qn && es[j] < qdim
+                                    ? queries[(size_t)qsel[q0 + n] * qdim + es[j]]
+                                    : 0.0f;
+                hi[j] = f32_to_bf16(v);
+                lo[j] = f32_to_bf16(v - bf16_to_f32(hi[j]));
+            }
+            qf[i] = make_uint4(pack_bf16(hi[0], hi[1]), pack_bf16(hi[2], hi[3]),
+                               pack_bf16(lo[0], lo[1]), pack_bf16(lo[2], lo[3]));
+        }
+    } else {
+        for (u32 i = tid; i < qn * qld; i += THREADS) {
+            const u32 q = i / qld;
+            const u32 j = i % qld;
+            qv[i] = j < qdim ? queries[(size_t)qsel[q0 + q] * qdim + j] : 0.0f;
+        }
     }
     for (u32 i = tid; i < qn * 2 * kps; i += THREADS) {
         keys[i] = RANKD_KEY_MIN;
@@ -211,6 +267,13 @@ __device__ void score_topk_partial(
     const u32 ntiles = (re - rb + TILE - 1) / TILE;
     const u32 steps = ntiles * nd;
     float acc[QPT];
+    // Tensor-core tiles of this warp: rows mt·16.., queries nt·8.. for
+    // nt = warp/4 + 2j; the 8 warps cover 64 rows × 32 queries.
+    const u32 warp = tid / 32;
+    const u32 lane = tid % 32;
+    const u32 mt = warp % 4;
+    const u32 ntn = (qn + 7) / 8;
+    float cf[2][4];
     // Prologue: steps 0..STAGES-2 in flight. Every iteration commits one
     // group (empty past the end), so group s is step s.
     for (u32 s = 0; s < STAGES - 1; ++s) {
@@ -227,11 +290,43 @@ __device__ void score_topk_partial(
             issue_step<D, UPR, LPT>(table, ld, rb, re, nd, next, tile + (next % STAGES) * TILE * ROW_U4);
         }
         copy_commit();
+        const uint4* cur = tile + (s % STAGES) * TILE * ROW_U4;
+        if constexpr (TC) {
+#if __CUDA_ARCH__ >= 800
+            if (c == 0) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) cf[j][x] = 0.0f;
+            }
+            // A fragments: rows mt·16 + lane/4 (+8), element pairs kk·16 +
+            // 2·(lane%4) (+8), read as 32-bit words from the padded tile rows
+            // (row stride ROW_U4·4 words: conflict-free).
+            const u32* cw = (const u32*)cur;
+            const u32 rw = ROW_U4 * 4;
+            const uint4* qf = (const uint4*)qv;
+#pragma unroll
+            for (u32 kk = 0; kk < 4; ++kk) {
+                const u32 w0 = (mt * 16 + lane / 4) * rw + kk * 8 + lane % 4;
+                const u32 a[4] = {cw[w0], cw[w0 + 8 * rw], cw[w0 + 4], cw[w0 + 8 * rw + 4]};
+#pragma unroll
+                for (u32 j = 0; j < 2; ++j) {
+                    const u32 nt = warp / 4 + 2 * j;
+                    if (nt < ntn) {  // the same for the whole warp
+                        const uint4 b = qf[((c * 4 + kk) * ntg + nt) * 32 + lane];
+                        mma_bf16(cf[j], a, b.x, b.y);
+                        mma_bf16(cf[j], a, b.z, b.w);
+                    }
+                }
+            }
+#else
+            __trap();  // the host selects this kernel on sm_80+ only
+#endif
+        } else {
         if (c == 0) {
 #pragma unroll
             for (int i = 0; i < QPT; ++i) acc[i] = 0.0f;
         }
-        const uint4* cur = tile + (s % STAGES) * TILE * ROW_U4;
         const uint4* trow = cur + r * ROW_U4;
         const float* qbase = qv + c * DK;
 #pragma unroll 2
@@ -254,7 +349,36 @@ __device__ void score_topk_partial(
                 }
             }
         }
+        }
         if (c + 1 < nd) continue;  // the row tile's scores are not complete yet
+        if constexpr (TC) {
+            // Accumulator fragments (rows lane/4 and +8, queries 2·(lane%4)
+            // and +1) to a [TILE][gq] f32 score tile, then each thread's
+            // (row, query) scores as the CUDA-core path has them. The tile
+            // takes the place of the stage just scored (9,216 bytes >= 64 ·
+            // 32 · 4): no copy targets it until the next step's copy, which
+            // is issued after the barrier that ends this step.
+            __syncthreads();  // every warp has read its A fragments
+            float* sc = (float*)cur;
+#pragma unroll
+            for (u32 j = 0; j < 2; ++j) {
+                const u32 nt = warp / 4 + 2 * j;
+                if (nt < ntn) {
+                    const u32 row0 = mt * 16 + lane / 4;
+                    const u32 col = nt * 8 + 2 * (lane % 4);
+                    sc[row0 * gq + col] = cf[j][0];
+                    sc[row0 * gq + col + 1] = cf[j][1];
+                    sc[(row0 + 8) * gq + col] = cf[j][2];
+                    sc[(row0 + 8) * gq + col + 1] = cf[j][3];
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < QPT; ++i) {
+                const u32 q = qs + i * QSPLIT;
+                acc[i] = q < qn ? sc[r * gq + q] : 0.0f;
+            }
+        }
 
         const u32 row = rb + t * TILE + r;
         if (row < re && live[row]) {
@@ -323,9 +447,9 @@ __device__ void score_rows(const typename D::T* __restrict__ table, u32 ld, u32 
         const float* queries, u32 qdim, const u32* qsel, u32 nq, const u32* ks, u32 kps,  \
         const u32* excl_off, const u32* excl_rows, u32 group, u32 chunk_rows, u32 kmax,   \
         int* out_key, u32* out_row) {                                                     \
-        score_topk_partial<D>(table, ld, n_rows, ids, live, queries, qdim, qsel, nq, ks,  \
-                              kps, excl_off, excl_rows, group, chunk_rows, kmax, out_key, \
-                              out_row);                                                   \
+        score_topk_partial<D, false>(table, ld, n_rows, ids, live, queries, qdim, qsel, nq, \
+                                     ks, kps, excl_off, excl_rows, group, chunk_rows,     \
+                                     kmax, out_key, out_row);                             \
     }                                                                                     \
     extern "C" __global__ void score_rows_##NAME(const D::T* table, u32 ld, u32 d,        \
                                                  const float* q, const u32* pair_q,       \
@@ -337,6 +461,15 @@ __device__ void score_rows(const typename D::T* __restrict__ table, u32 ld, u32 
 RANKD_SCORE(f32, DtF32)
 RANKD_SCORE(f16, DtF16)
 RANKD_SCORE(bf16, DtBf16)
+
+extern "C" __global__ void __launch_bounds__(THREADS, 2) score_topk_partial_tc_bf16(
+    const u16* table, u32 ld, u32 n_rows, const u64* ids, const u8* live, const float* queries,
+    u32 qdim, const u32* qsel, u32 nq, const u32* ks, u32 kps, const u32* excl_off,
+    const u32* excl_rows, u32 group, u32 chunk_rows, u32 kmax, int* out_key, u32* out_row) {
+    score_topk_partial<DtBf16, true>(table, ld, n_rows, ids, live, queries, qdim, qsel, nq, ks,
+                                     kps, excl_off, excl_rows, group, chunk_rows, kmax, out_key,
+                                     out_row);
+}
 
 // Shared layout of the two single-query-per-block kernels below: key/row
 // buffers of 2·kps entries in dynamic shared memory. Their launch bounds ask

@@ -44,6 +44,7 @@ pub const SOURCES: &[KernelSource] = &[
             "score_topk_partial_f32",
             "score_topk_partial_f16",
             "score_topk_partial_bf16",
+            "score_topk_partial_tc_bf16",
             "score_rows_f32",
             "score_rows_f16",
             "score_rows_bf16",
@@ -223,6 +224,8 @@ pub struct Kernels {
     pub embedding_bag: [CudaFunction; 3],
     pub ranker_inputs: [CudaFunction; 3],
     pub topk_partial: [CudaFunction; 3],
+    /// The bf16 fused kernel on tensor cores (sm_80+).
+    pub topk_partial_tc: CudaFunction,
     pub score_rows: [CudaFunction; 3],
     pub scatter_rows: [CudaFunction; 3],
     pub fill_uniform: [CudaFunction; 3],
@@ -282,6 +285,7 @@ impl Kernels {
             embedding_bag: per_dtype("embedding_bag")?,
             ranker_inputs: per_dtype("ranker_inputs")?,
             topk_partial: per_dtype("score_topk_partial")?,
+            topk_partial_tc: get("score_topk_partial_tc_bf16")?,
             score_rows: per_dtype("score_rows")?,
             scatter_rows: per_dtype("scatter_rows")?,
             fill_uniform: per_dtype("fill_uniform")?,
@@ -293,10 +297,10 @@ impl Kernels {
         };
         // Above 48 KiB of dynamic shared memory a kernel must opt in; static
         // shared memory counts against the same limit.
-        for f in k
-            .topk_partial
-            .iter()
-            .chain([&k.topk_merge, &k.topk_dense_partial])
+        for f in
+            k.topk_partial
+                .iter()
+                .chain([&k.topk_partial_tc, &k.topk_merge, &k.topk_dense_partial])
         {
             let fixed = f
                 .shared_size_bytes()

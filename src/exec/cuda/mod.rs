@@ -19,6 +19,16 @@
 //!   values), with **bf16** ~1e-2; against a CPU reference run on the same
 //!   rounded values the difference stays ~1e-5. Near-ties closer than that
 //!   may therefore swap places between backends; exact ties never do.
+//! - bf16 tables are scored on tensor cores (sm_80+) with the f32 query
+//!   split into two bf16 terms: within ~1e-5 relative of the f32 product.
+//!
+//! # Start-up check
+//!
+//! Before it serves, the backend runs the fused top-k kernels on a small
+//! synthetic table against f64 results on the host (`selftest`): a CUDA-core
+//! kernel that disagrees keeps the device out of service (the daemon serves
+//! on the CPU, with the reason in `/readyz`); a tensor-core kernel that
+//! disagrees is switched off.
 
 pub mod check;
 pub mod error;
@@ -27,6 +37,7 @@ pub mod libs;
 mod mlp;
 pub mod ops;
 pub mod plan;
+mod selftest;
 pub mod staging;
 pub mod tables;
 pub mod telemetry;
@@ -126,6 +137,8 @@ pub struct CudaBackend {
     tables: HashMap<TableId, DeviceTable>,
     models: HashMap<ModelId, GpuModel>,
     scratch: Scratch,
+    /// bf16 tables are scored on tensor cores (sm_80+, start-up check passed).
+    tc: bool,
     /// Set after an error that leaves the CUDA context unusable.
     broken: Option<String>,
 }
@@ -187,6 +200,10 @@ impl CudaBackend {
             Kernels::load(&ctx, &key, info.smem_optin).map_err(|e| format!("{device}: {e}"))?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| format!("{device}: creating the cuBLAS handle: {e}"))?;
+        let mut scratch = Scratch::default();
+        let checked = std::time::Instant::now();
+        let tc = Self::check_kernels(&stream, &blas, &kernels, &info, &mut scratch)
+            .map_err(|e| format!("{device}: {e}"))?;
         tracing::info!(
             device = %device,
             name = %info.name,
@@ -196,6 +213,8 @@ impl CudaBackend {
             driver = info.driver_version,
             nvrtc = ?nvrtc,
             kernels_ms = started.elapsed().as_millis() as u64,
+            self_test_ms = checked.elapsed().as_millis() as u64,
+            tensor_cores = tc,
             libraries = ?libs::loaded(&["libcuda.so", "libcublas", "libnvrtc"]),
             "CUDA backend ready"
         );
@@ -209,9 +228,48 @@ impl CudaBackend {
             item_dtype: ItemDtype::F32,
             tables: HashMap::new(),
             models: HashMap::new(),
-            scratch: Scratch::default(),
+            scratch,
+            tc,
             broken: None,
         })
+    }
+
+    /// Runs the start-up check of the fused top-k (see `selftest`): an error
+    /// when a CUDA-core kernel is wrong; whether the tensor-core kernel may
+    /// serve bf16 tables otherwise.
+    fn check_kernels(
+        stream: &Arc<CudaStream>,
+        blas: &CudaBlas,
+        kernels: &Kernels,
+        info: &DeviceInfo,
+        scratch: &mut Scratch,
+    ) -> Result<bool, String> {
+        let dev = |tc| Dev {
+            stream,
+            blas,
+            k: kernels,
+            limits: info.limits(),
+            tc,
+        };
+        for dtype in [ItemDtype::F32, ItemDtype::Bf16] {
+            selftest::fused_topk(&dev(false), &mut scratch.topk, dtype).map_err(|e| {
+                format!(
+                    "the fused top-k kernel ({}) disagrees with the host at start: {e}",
+                    dtype.name()
+                )
+            })?;
+        }
+        if info.cc.0 < 8 {
+            tracing::info!(arch = %info.arch(), "no bf16 tensor cores before sm_80: bf16 tables are scored on CUDA cores");
+            return Ok(false);
+        }
+        match selftest::fused_topk(&dev(true), &mut scratch.topk, ItemDtype::Bf16) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::warn!(error = %e, "the tensor-core top-k kernel disagrees with the host at start; bf16 tables are scored on CUDA cores");
+                Ok(false)
+            }
+        }
     }
 
     /// Dtype of item tables loaded from now on (f32 by default). See the
@@ -233,6 +291,7 @@ impl CudaBackend {
                 blas: &self.blas,
                 k: &self.kernels,
                 limits: self.info.limits(),
+                tc: self.tc,
             },
             &mut self.scratch,
             &self.tables,
@@ -341,6 +400,7 @@ impl Backend for CudaBackend {
             blas: &self.blas,
             k: &self.kernels,
             limits: self.info.limits(),
+            tc: self.tc,
         };
         let t = &self.tables[&table];
         let sized = ops::reserve_for(&dev, t, &desc, &mlp, &mut self.scratch);
@@ -374,6 +434,7 @@ impl Backend for CudaBackend {
                 blas: &self.blas,
                 k: &self.kernels,
                 limits: self.info.limits(),
+                tc: self.tc,
             };
             match model.desc.kind {
                 ModelKind::TwoTower => ops::run_two_tower(

@@ -5,14 +5,16 @@
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 
 use super::error::{Ctx, GpuError};
 use super::kernels::Kernels;
 use super::mlp::{DeviceMlp, ACT_NONE, ACT_SIGMOID};
 use super::plan::{self, DeviceLimits, PackedPairs, PackedTopk, PackedUsers, TopkPlan};
 use super::staging::{Readback, Staged};
-use super::tables::{Buf, DeviceTable};
+use super::tables::{Buf, DeviceTable, ItemDtype};
 use crate::exec::backend::{ModelDesc, Output, Query, Scored, Task};
 use crate::model::ItemTable;
 
@@ -22,6 +24,23 @@ pub struct Dev<'a> {
     pub blas: &'a CudaBlas,
     pub k: &'a Kernels,
     pub limits: DeviceLimits,
+    /// Score bf16 tables on tensor cores (`score_topk_partial_tc_bf16`).
+    pub tc: bool,
+}
+
+impl Dev<'_> {
+    /// Whether the fused top-k over `table` runs on tensor cores.
+    pub fn uses_tc(&self, table: &DeviceTable) -> bool {
+        self.tc && table.dtype == ItemDtype::Bf16
+    }
+
+    fn topk_kernel(&self, table: &DeviceTable) -> &CudaFunction {
+        if self.uses_tc(table) {
+            &self.k.topk_partial_tc
+        } else {
+            &self.k.topk_partial[table.dtype.index()]
+        }
+    }
 }
 
 #[derive(Default)]
@@ -151,7 +170,7 @@ fn topk_plan(
     nq: usize,
     kmax: usize,
 ) -> Result<TopkPlan, GpuError> {
-    let f = &dev.k.topk_partial[table.dtype.index()];
+    let f = dev.topk_kernel(table);
     let resident = |smem: usize| {
         f.occupancy_max_active_blocks_per_multiprocessor(plan::THREADS as u32, smem, None)
             .map_or(1, |b| b as usize)
@@ -164,6 +183,7 @@ fn topk_plan(
         kmax,
         dev.limits,
         &resident,
+        dev.uses_tc(table),
     )
     .map_err(GpuError::Invalid)
 }
@@ -242,7 +262,7 @@ pub fn topk_launch(
     t: &PackedTopk,
 ) -> Result<TopkPlan, GpuError> {
     let nq = t.qsel.len();
-    let f = &dev.k.topk_partial[table.dtype.index()];
+    let f = dev.topk_kernel(table);
     let p = topk_plan(dev, table, nq, t.kmax)?;
     b.qsel.upload(dev.stream, &t.qsel)?;
     b.ks.upload(dev.stream, &t.ks)?;

@@ -73,15 +73,27 @@ impl TopkPlan {
     }
 }
 
-/// Dynamic shared memory of the fused kernel; mirrors its layout.
-pub fn partial_smem_bytes(group: usize, ld: usize, elem_bytes: usize, kps: usize) -> usize {
+/// Dynamic shared memory of the fused kernel; mirrors its layout. The
+/// tensor-core kernel (`tc`) keeps its query fragments for the group rounded
+/// up to 8 queries (one mma tile) in the same area.
+pub fn partial_smem_bytes(
+    group: usize,
+    ld: usize,
+    elem_bytes: usize,
+    kps: usize,
+    tc: bool,
+) -> usize {
     let tile = STAGES * TILE * (DK * elem_bytes + 16);
     let qld = ld.div_ceil(DK) * DK;
-    tile + group * qld * 4 + group * 2 * kps * 8 + 5 * group * 4
+    let gq = if tc { group.div_ceil(8) * 8 } else { group };
+    tile + gq * qld * 4 + group * 2 * kps * 8 + 5 * group * 4
 }
 
 /// `resident(smem)` is how many blocks of the fused kernel with that much
-/// dynamic shared memory fit on one SM (the driver's occupancy answer).
+/// dynamic shared memory fit on one SM (the driver's occupancy answer);
+/// `tc` plans the tensor-core kernel.
+// Every argument is one number the shape depends on.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_topk(
     n_rows: usize,
     ld: usize,
@@ -90,6 +102,7 @@ pub fn plan_topk(
     kmax: usize,
     limits: DeviceLimits,
     resident: &dyn Fn(usize) -> usize,
+    tc: bool,
 ) -> Result<TopkPlan, String> {
     if kmax > MAX_K {
         return Err(format!("k must be <= {MAX_K} on the GPU, got {kmax}"));
@@ -101,10 +114,13 @@ pub fn plan_topk(
     }
     let nq = nq.max(1);
     let kps = kmax.max(1).next_power_of_two().max(2 * TILE);
+    let smem = |group: usize| partial_smem_bytes(group, ld, elem_bytes, kps, tc);
+    // The most queries (up to MAX_GROUP) whose block fits `budget`.
     let fits = |budget: usize| {
-        let fixed = partial_smem_bytes(0, ld, elem_bytes, kps);
-        let per_query = partial_smem_bytes(1, ld, elem_bytes, kps) - fixed;
-        budget.saturating_sub(fixed) / per_query
+        (1..=MAX_GROUP)
+            .rev()
+            .find(|&g| smem(g) <= budget)
+            .unwrap_or(0)
     };
     // Prefer a size that lets two blocks share an SM; fall back to the whole
     // opt-in budget (one block per SM) for large k or dims.
@@ -118,7 +134,7 @@ pub fn plan_topk(
     if group == 0 {
         return Err(format!(
             "k = {kmax} at dim {ld} needs {} bytes of shared memory per block, this GPU allows {}",
-            partial_smem_bytes(1, ld, elem_bytes, kps),
+            smem(1),
             limits.smem_optin
         ));
     }
@@ -126,7 +142,7 @@ pub fn plan_topk(
     let groups = nq.div_ceil(group);
     // Even groups: 33 queries run as 17 + 16, not 32 + 1.
     let group = nq.div_ceil(groups);
-    let partial_smem = partial_smem_bytes(group, ld, elem_bytes, kps);
+    let partial_smem = smem(group);
 
     // One full wave of equal chunks: every resident block streams the same
     // number of rows, and none waits for a second wave.

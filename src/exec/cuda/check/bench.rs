@@ -17,6 +17,7 @@ use super::{CheckOptions, Report, Status};
 use crate::exec::backend::{Query, Scored, Task};
 use crate::exec::cpu;
 use crate::exec::cuda::error::{Ctx, GpuError};
+use crate::exec::cuda::ops::Dev;
 use crate::exec::cuda::plan::{self, padded_dim, PackedTopk};
 use crate::exec::cuda::tables::{decode_rows, DeviceTable, ItemDtype};
 use crate::exec::cuda::{ops, CudaBackend};
@@ -133,7 +134,27 @@ pub(super) fn run(
 
     let ids: Vec<u64> = (0..rows as u64).collect();
     let mut rng = Rng::new(seed ^ 0x5eed);
-    for (batch, k) in [(1, K), (8, K), (32, K), (8, 1000)] {
+    // The kernel that serves bf16 tables (tensor cores where the device and
+    // the start-up check allow), then the CUDA-core kernel at batch 32 for
+    // comparison; only the serving kernel's k = 100 rows are judged.
+    let serving = dev.uses_tc(&table);
+    let mut runs = vec![
+        (1, K, serving),
+        (8, K, serving),
+        (32, K, serving),
+        (8, 1000, serving),
+    ];
+    if serving {
+        runs.push((32, K, false));
+    }
+    for (batch, k, tc) in runs {
+        let dev = Dev { tc, ..dev };
+        let judged = k == K && tc == serving;
+        let label = match (serving, tc) {
+            (false, _) => "",
+            (true, true) => ", tensor cores",
+            (true, false) => ", CUDA cores",
+        };
         let q = random_queries(&mut rng, batch, d);
         let qdev = s.clone_htod(&q).ctx("uploading queries")?;
         let t = topk_tasks(batch, k);
@@ -153,18 +174,18 @@ pub(super) fn run(
         let lists = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, &ids)?;
         let read = bytes as f64 / (ms / 1e3);
         let share = read / copy_bw;
-        let ok = well_formed(&lists, k, rows) && (k != K || share >= 0.5);
+        let ok = well_formed(&lists, k, rows) && (!judged || share >= 0.5);
         report.add(
             SB,
-            format!("fused score+top-k, batch {batch}, k={k}"),
+            format!("fused score+top-k, batch {batch}, k={k}{label}"),
             format!("{table_desc}, {} groups × {} chunks", p.groups, p.chunks),
             format!(
                 "{ms:.3} ms, {:.0} GB/s = {:.0}% of copy",
                 read / 1e9,
                 share * 100.0
             ),
-            if k == K { ">= 50% of copy" } else { "info" },
-            match (ok, k == K) {
+            if judged { ">= 50% of copy" } else { "info" },
+            match (ok, judged) {
                 (false, _) => Status::Fail,
                 (true, true) => Status::Pass,
                 (true, false) => Status::Info,
@@ -296,10 +317,13 @@ fn host_copy(s: &Arc<CudaStream>, table: &DeviceTable) -> anyhow::Result<ItemTab
 }
 
 /// Equal up to neighbours with scores within 1e-5 relative swapping places.
+/// Same ids, or scores within 1e-4 of the list's scale where they differ (a
+/// near tie ordered differently: the tensor-core kernel's scores are within
+/// ~1e-5 relative of f32, the CUDA-core kernel's closer).
 fn near_equal(a: &[Scored], b: &[Scored]) -> bool {
     let scale = b.iter().fold(0f32, |m, s| m.max(s.score.abs())).max(1e-30);
     a.len() == b.len()
         && a.iter()
             .zip(b)
-            .all(|(x, y)| x.id == y.id || (x.score - y.score).abs() <= 1e-5 * scale)
+            .all(|(x, y)| x.id == y.id || (x.score - y.score).abs() <= 1e-4 * scale)
 }

@@ -12,7 +12,8 @@ use super::{Report, Status};
 use crate::exec::backend::{Backend, Output, Query, Scored, Task};
 use crate::exec::cpu;
 use crate::exec::cuda::mlp::{DeviceMlp, ACT_NONE, ACT_SIGMOID};
-use crate::exec::cuda::tables::Buf;
+use crate::exec::cuda::ops::Dev;
+use crate::exec::cuda::tables::{Buf, DeviceTable};
 use crate::exec::cuda::{ops, plan, CudaBackend, ItemDtype};
 use crate::model::demo::Rng;
 use crate::model::{ItemTable, ModelKind};
@@ -22,6 +23,36 @@ const S: &str = "(a) kernels";
 /// One row for a top-k comparison: `exact` demands identical lists (scores
 /// exact by construction); otherwise ids may differ only where the scores are
 /// within `tol` of each other (near-ties), and scores of equal ids by `tol`.
+pub(super) struct KernelPath {
+    pub tc: bool,
+    /// Suffix of the check's name.
+    pub label: &'static str,
+}
+
+/// The fused kernels that can serve `table` on this device, with the score
+/// tolerance against the CPU on the same (rounded) table: tensor cores split
+/// the f32 query into two bf16 terms (<= 2^-17 relative per term), CUDA
+/// cores multiply in f32.
+pub(super) fn kernel_paths(dev: &Dev<'_>, table: &DeviceTable) -> Vec<(KernelPath, f64)> {
+    let cuda_cores = KernelPath {
+        tc: false,
+        label: "",
+    };
+    if dev.uses_tc(table) {
+        let tensor = KernelPath {
+            tc: true,
+            label: " (tensor cores)",
+        };
+        let cuda = KernelPath {
+            tc: false,
+            label: " (CUDA cores)",
+        };
+        vec![(tensor, 1e-4), (cuda, 1e-5)]
+    } else {
+        vec![(cuda_cores, 1e-5)]
+    }
+}
+
 fn judge_topk(
     report: &mut Report,
     check: &str,
@@ -213,8 +244,6 @@ fn gpu_checks(
         .clone_htod(&qv)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = plan::pack_topk(&tt);
-    let p = ops::topk_launch(&dev, table, &mut scratch.topk, &qdev, D, &t)?;
-    let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, inp.items.ids())?;
     let qs: Vec<f32> = t
         .qsel
         .iter()
@@ -228,20 +257,26 @@ fn gpu_checks(
         })
         .collect();
     let want = cpu::score_topk(&items_q, &qs, &specs);
-    let inputs = format!(
-        "{name}: N={N}, {} queries, {} groups × {} chunks",
-        t.qsel.len(),
-        p.groups,
-        p.chunks
-    );
-    judge_topk(
-        report,
-        "fused top-k",
-        inputs,
-        &compare_topk(&got, &want, 1e-5),
-        1e-5,
-        false,
-    );
+    // bf16 tables: the tensor-core kernel (what serves) and the CUDA-core one.
+    for (path, tol) in kernel_paths(&dev, table) {
+        let dev = Dev { tc: path.tc, ..dev };
+        let p = ops::topk_launch(&dev, table, &mut scratch.topk, &qdev, D, &t)?;
+        let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, inp.items.ids())?;
+        let inputs = format!(
+            "{name}: N={N}, {} queries, {} groups × {} chunks",
+            t.qsel.len(),
+            p.groups,
+            p.chunks
+        );
+        judge_topk(
+            report,
+            &format!("fused top-k{}", path.label),
+            inputs,
+            &compare_topk(&got, &want, tol),
+            tol,
+            false,
+        );
+    }
 
     let pairs = plan::pack_pairs(&tt);
     let got = ops::score_pairs(&dev, table, &mut scratch.pairs, &qdev, &pairs)?;
@@ -280,17 +315,20 @@ fn gpu_checks(
         })
         .collect();
     let t = plan::pack_topk(&tie_queries);
-    let p = ops::topk_launch(&dev, tie_table, &mut scratch.topk, &tq, D, &t)?;
-    let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, inp.ties.ids())?;
-    let inputs = format!("{name}: N={}, scores in 0.5 steps, k 1..1000", N / 3);
-    judge_topk(
-        report,
-        "fused top-k, exact ties",
-        inputs,
-        &compare_topk(&got, &tie_reference(inp), 0.0),
-        0.0,
-        true,
-    );
+    for (path, _) in kernel_paths(&dev, tie_table) {
+        let dev = Dev { tc: path.tc, ..dev };
+        let p = ops::topk_launch(&dev, tie_table, &mut scratch.topk, &tq, D, &t)?;
+        let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, inp.ties.ids())?;
+        let inputs = format!("{name}: N={}, scores in 0.5 steps, k 1..1000", N / 3);
+        judge_topk(
+            report,
+            &format!("fused top-k, exact ties{}", path.label),
+            inputs,
+            &compare_topk(&got, &tie_reference(inp), 0.0),
+            0.0,
+            true,
+        );
+    }
 
     scatter_check(report, b, inp, dtype, t_scatter)?;
     batch_checks(report, b, inp, dtype, base, &items_q)?;

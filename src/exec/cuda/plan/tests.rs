@@ -71,9 +71,21 @@ fn plans_fit_the_device_for_every_size_the_service_uses() {
         for n in [0, 1, 63, 1000, 100_000, 10_000_000, 50_000_000] {
             for nq in [1, 8, 32, 33, 64] {
                 for k in [1, 10, 100, 1000] {
-                    for (ld, es) in [(64, 4), (128, 2), (128, 4), (256, 2), (1024, 4)] {
-                        let p = plan_topk(n, ld, es, nq, k, limits, &resident(limits)).unwrap();
+                    for (ld, es, tc) in [
+                        (64, 4, false),
+                        (128, 2, false),
+                        (128, 2, true),
+                        (128, 4, false),
+                        (256, 2, false),
+                        (256, 2, true),
+                        (1024, 4, false),
+                    ] {
+                        let p = plan_topk(n, ld, es, nq, k, limits, &resident(limits), tc).unwrap();
                         check_invariants(&p, n, nq, k, limits);
+                        assert_eq!(
+                            p.partial_smem,
+                            partial_smem_bytes(p.group, ld, es, p.kps, tc)
+                        );
                     }
                 }
             }
@@ -83,21 +95,28 @@ fn plans_fit_the_device_for_every_size_the_service_uses() {
 
 #[test]
 fn small_k_scores_a_whole_batch_in_one_pass_over_the_table() {
-    let p = plan_topk(10_000_000, 128, 2, 32, 100, H100, &resident(H100)).unwrap();
-    assert_eq!((p.group, p.groups), (32, 1), "{p:?}");
-    // Two blocks fit an SM, and every SM gets work.
-    assert!(p.partial_smem * 2 <= H100.smem_per_sm, "{p:?}");
-    assert!(p.chunks >= H100.sms, "{p:?}");
+    for tc in [false, true] {
+        let p = plan_topk(10_000_000, 128, 2, 32, 100, H100, &resident(H100), tc).unwrap();
+        assert_eq!((p.group, p.groups), (32, 1), "{p:?}");
+        // Two blocks fit an SM, and every SM gets work.
+        assert!(p.partial_smem * 2 <= H100.smem_per_sm, "{p:?}");
+        assert!(p.chunks >= H100.sms, "{p:?}");
+    }
+    // The tensor-core kernel keeps fragments for whole tiles of 8 queries.
+    assert_eq!(
+        partial_smem_bytes(5, 128, 2, 128, true),
+        partial_smem_bytes(5, 128, 2, 128, false) + 3 * 128 * 4
+    );
     // 33 queries split evenly.
-    let p = plan_topk(10_000_000, 128, 2, 33, 10, H100, &resident(H100)).unwrap();
+    let p = plan_topk(10_000_000, 128, 2, 33, 10, H100, &resident(H100), false).unwrap();
     assert_eq!((p.group, p.groups), (17, 2));
 }
 
 #[test]
 fn tiny_tables_use_one_chunk_and_oversized_requests_are_refused() {
-    let p = plan_topk(1000, 64, 4, 4, 10, H100, &resident(H100)).unwrap();
+    let p = plan_topk(1000, 64, 4, 4, 10, H100, &resident(H100), false).unwrap();
     assert_eq!(p.chunks, 1);
-    let err = plan_topk(1000, 64, 4, 1, MAX_K + 1, H100, &resident(H100)).unwrap_err();
+    let err = plan_topk(1000, 64, 4, 1, MAX_K + 1, H100, &resident(H100), false).unwrap_err();
     assert!(err.contains("k must be <= 4096"), "{err}");
 }
 
@@ -198,7 +217,17 @@ fn chunked_candidates_merge_to_the_single_pass_result() {
     let excl: Vec<u32> = (0..n as u32).filter(|r| r % 97 == 0).collect();
     let ks = [7u32, 300, 1];
     let kmax = 300;
-    let plan = plan_topk(n, 64, 4, 3, kmax, DeviceLimits { sms: 8, ..H100 }, &|_| 2).unwrap();
+    let plan = plan_topk(
+        n,
+        64,
+        4,
+        3,
+        kmax,
+        DeviceLimits { sms: 8, ..H100 },
+        &|_| 2,
+        false,
+    )
+    .unwrap();
     assert!(plan.chunks > 1, "{plan:?}");
     let eligible = |r: usize| live[r] && excl.binary_search(&(r as u32)).is_err();
     let row_of: std::collections::HashMap<u64, u32> = ids
