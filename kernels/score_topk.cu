@@ -16,7 +16,8 @@
 //   16 rows × 8 queries tiles of the 64-row step. The f32 query is split into
 //   two bf16 terms (hi = bf16(q), lo = bf16(q - hi)), both multiplied with the
 //   exact bf16 table values and accumulated in f32, so scores stay within
-//   ~1e-5 relative of the f32 dot product (|q - hi - lo| <= 2^-16 |q|) while
+//   ~1e-5 of the f32 dot product relative to sum |q_i x_i| (|q - hi - lo| <=
+//   2^-17 |q|) while
 //   the multiply-adds leave the CUDA cores, which at batch 32 would otherwise
 //   bound the kernel before memory does.
 // topk_merge: one block per query merges the chunks' candidates into the
@@ -235,8 +236,13 @@ __device__ void score_topk_partial(
                 const float v = n < qn && es[j] < qdim
                                     ? queries[(size_t)qsel[q0 + n] * qdim + es[j]]
                                     : 0.0f;
+                const bool finite = (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
                 hi[j] = f32_to_bf16(v);
-                lo[j] = f32_to_bf16(v - bf16_to_f32(hi[j]));
+                if (finite && (hi[j] & 0x7f80u) == 0x7f80u) {
+                    hi[j] = (u16)(__float_as_uint(v) >> 16);  // would round to Inf: truncate
+                }
+                // Inf and NaN stay whole in hi, as in an f32 product.
+                lo[j] = finite ? f32_to_bf16(v - bf16_to_f32(hi[j])) : (u16)0;
             }
             qf[i] = make_uint4(pack_bf16(hi[0], hi[1]), pack_bf16(hi[2], hi[3]),
                                pack_bf16(lo[0], lo[1]), pack_bf16(lo[2], lo[3]));
@@ -353,30 +359,32 @@ __device__ void score_topk_partial(
         if (c + 1 < nd) continue;  // the row tile's scores are not complete yet
         if constexpr (TC) {
             // Accumulator fragments (rows lane/4 and +8, queries 2·(lane%4)
-            // and +1) to a [TILE][gq] f32 score tile, then each thread's
+            // and +1) to a [TILE][gq + 1] f32 score tile (the +1 spreads a
+            // warp's reads of one query over the banks), then each thread's
             // (row, query) scores as the CUDA-core path has them. The tile
             // takes the place of the stage just scored (9,216 bytes >= 64 ·
-            // 32 · 4): no copy targets it until the next step's copy, which
+            // 33 · 4): no copy targets it until the next step's copy, which
             // is issued after the barrier that ends this step.
             __syncthreads();  // every warp has read its A fragments
             float* sc = (float*)cur;
+            const u32 sld = gq + 1;
 #pragma unroll
             for (u32 j = 0; j < 2; ++j) {
                 const u32 nt = warp / 4 + 2 * j;
                 if (nt < ntn) {
                     const u32 row0 = mt * 16 + lane / 4;
                     const u32 col = nt * 8 + 2 * (lane % 4);
-                    sc[row0 * gq + col] = cf[j][0];
-                    sc[row0 * gq + col + 1] = cf[j][1];
-                    sc[(row0 + 8) * gq + col] = cf[j][2];
-                    sc[(row0 + 8) * gq + col + 1] = cf[j][3];
+                    sc[row0 * sld + col] = cf[j][0];
+                    sc[row0 * sld + col + 1] = cf[j][1];
+                    sc[(row0 + 8) * sld + col] = cf[j][2];
+                    sc[(row0 + 8) * sld + col + 1] = cf[j][3];
                 }
             }
             __syncthreads();
 #pragma unroll
             for (int i = 0; i < QPT; ++i) {
                 const u32 q = qs + i * QSPLIT;
-                acc[i] = q < qn ? sc[r * gq + q] : 0.0f;
+                acc[i] = q < qn ? sc[r * sld + q] : 0.0f;
             }
         }
 

@@ -251,13 +251,17 @@ impl CudaBackend {
             limits: info.limits(),
             tc,
         };
+        let failed = |what: &str, e: selftest::Failure| match e {
+            selftest::Failure::Device(m) => {
+                format!("the start-up check of the {what} failed on the device: {m}")
+            }
+            selftest::Failure::Wrong(m) => {
+                format!("the {what} disagrees with the host at start: {m}")
+            }
+        };
         for dtype in [ItemDtype::F32, ItemDtype::Bf16] {
-            selftest::fused_topk(&dev(false), &mut scratch.topk, dtype).map_err(|e| {
-                format!(
-                    "the fused top-k kernel ({}) disagrees with the host at start: {e}",
-                    dtype.name()
-                )
-            })?;
+            selftest::fused_topk(&dev(false), &mut scratch.topk, dtype)
+                .map_err(|e| failed(&format!("fused top-k kernel ({})", dtype.name()), e))?;
         }
         if info.cc.0 < 8 {
             tracing::info!(arch = %info.arch(), "no bf16 tensor cores before sm_80: bf16 tables are scored on CUDA cores");
@@ -265,10 +269,13 @@ impl CudaBackend {
         }
         match selftest::fused_topk(&dev(true), &mut scratch.topk, ItemDtype::Bf16) {
             Ok(()) => Ok(true),
-            Err(e) => {
-                tracing::warn!(error = %e, "the tensor-core top-k kernel disagrees with the host at start; bf16 tables are scored on CUDA cores");
+            // Wrong answers: the CUDA-core kernel, checked above, serves.
+            Err(selftest::Failure::Wrong(m)) => {
+                tracing::warn!(error = %m, "the tensor-core top-k kernel disagrees with the host at start; bf16 tables are scored on CUDA cores");
                 Ok(false)
             }
+            // A fault may leave the context unusable: do not serve from it.
+            Err(e) => Err(failed("tensor-core top-k kernel", e)),
         }
     }
 

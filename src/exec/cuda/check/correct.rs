@@ -13,6 +13,7 @@ use crate::exec::backend::{Backend, Output, Query, Scored, Task};
 use crate::exec::cpu;
 use crate::exec::cuda::mlp::{DeviceMlp, ACT_NONE, ACT_SIGMOID};
 use crate::exec::cuda::ops::Dev;
+use crate::exec::cuda::plan::PackedTopk;
 use crate::exec::cuda::tables::{Buf, DeviceTable};
 use crate::exec::cuda::{ops, plan, CudaBackend, ItemDtype};
 use crate::model::demo::Rng;
@@ -20,9 +21,7 @@ use crate::model::{ItemTable, ModelKind};
 
 const S: &str = "(a) kernels";
 
-/// One row for a top-k comparison: `exact` demands identical lists (scores
-/// exact by construction); otherwise ids may differ only where the scores are
-/// within `tol` of each other (near-ties), and scores of equal ids by `tol`.
+/// A fused top-k kernel, as gpu-check names it.
 pub(super) struct KernelPath {
     pub tc: bool,
     /// Suffix of the check's name.
@@ -53,6 +52,9 @@ pub(super) fn kernel_paths(dev: &Dev<'_>, table: &DeviceTable) -> Vec<(KernelPat
     }
 }
 
+/// One row for a top-k comparison: `exact` demands identical lists (scores
+/// exact by construction); otherwise ids may differ only where the scores are
+/// within `tol` of each other (near-ties), and scores of equal ids by `tol`.
 fn judge_topk(
     report: &mut Report,
     check: &str,
@@ -271,6 +273,34 @@ fn gpu_checks(
         judge_topk(
             report,
             &format!("fused top-k{}", path.label),
+            inputs,
+            &compare_topk(&got, &want, tol),
+            tol,
+            false,
+        );
+    }
+    // A wide batch of small k: up to 32 queries share a block, so every
+    // query tile of the tensor-core kernel (and a partial last one) is used.
+    let wide = PackedTopk {
+        qsel: (0..29).collect(),
+        ks: (0..29u32).map(|q| 1 + (q * 7) % 64).collect(),
+        excl_off: vec![0; 30],
+        excl_rows: Vec::new(),
+        kmax: 64,
+    };
+    let wide_specs: Vec<(usize, &[u32])> = wide.ks.iter().map(|&k| (k as usize, &[][..])).collect();
+    let want = cpu::score_topk(&items_q, &qv[..29 * D], &wide_specs);
+    for (path, tol) in kernel_paths(&dev, table) {
+        let dev = Dev { tc: path.tc, ..dev };
+        let p = ops::topk_launch(&dev, table, &mut scratch.topk, &qdev, D, &wide)?;
+        let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &wide, inp.items.ids())?;
+        let inputs = format!(
+            "{name}: N={N}, 29 queries, k 1..64, {} groups × {} chunks",
+            p.groups, p.chunks
+        );
+        judge_topk(
+            report,
+            &format!("fused top-k, wide batch{}", path.label),
             inputs,
             &compare_topk(&got, &want, tol),
             tol,
