@@ -51,6 +51,9 @@ pub struct Config {
     pub snapshot_dir: String,
     /// How often the state is snapshotted (when it changed).
     pub snapshot_interval_ms: u64,
+    /// Item ids kept per user history (the newest; at least every model's
+    /// history_len). Recommend excludes all of them.
+    pub history_max: usize,
 }
 
 impl Default for Config {
@@ -78,6 +81,7 @@ impl Default for Config {
             ingest_batch_wait_us: 2000,
             snapshot_dir: "./rankd-state".into(),
             snapshot_interval_ms: 5000,
+            history_max: 1000,
         }
     }
 }
@@ -130,6 +134,7 @@ impl Config {
             self.snapshot_interval_ms > 0,
             "snapshot_interval_ms must be > 0, got 0"
         );
+        anyhow::ensure!(self.history_max > 0, "history_max must be > 0, got 0");
         Ok(())
     }
 }
@@ -204,6 +209,9 @@ pub struct ServeArgs {
     /// Snapshot period, when the state changed [default: 5000]
     #[arg(long, env = "RANKD_SNAPSHOT_INTERVAL_MS", value_name = "MS")]
     pub snapshot_interval_ms: Option<u64>,
+    /// Item ids kept per user history (the newest) [default: 1000]
+    #[arg(long, env = "RANKD_HISTORY_MAX", value_name = "N")]
+    pub history_max: Option<usize>,
 }
 
 impl ServeArgs {
@@ -286,6 +294,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.snapshot_interval_ms {
             c.snapshot_interval_ms = v;
+        }
+        if let Some(v) = self.history_max {
+            c.history_max = v;
         }
         c.validate()?;
         Ok(c)

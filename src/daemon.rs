@@ -106,6 +106,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         selected.backend,
         repo.models.clone(),
         snapshot,
+        config.history_max,
         registry.clone(),
         metrics.clone(),
     );

@@ -451,13 +451,26 @@ async fn a_passed_deadline_is_504_and_a_full_queue_is_429() {
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let (s, body) = post(&c, &url, json!({ "user_id": 3, "k": 3 })).await;
     assert_eq!(s, 200, "{body}");
+    // A caller that hangs up before its deadline: the request is dropped
+    // unanswered when its batch comes up, counted as cancelled.
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(&url)
+        .json(&json!({ "user_id": 4, "timeout_ms": 10000 }))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up first");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let metrics = get(&c, &d.url("/metrics")).await.1;
-    assert!(
-        metrics.contains("rankd_requests_dropped_total{model=\"slow\",reason=\"deadline\"} 1")
-            || metrics
-                .contains("rankd_requests_dropped_total{model=\"slow\",reason=\"cancelled\"} 1"),
-        "{metrics}"
-    );
+    for needle in [
+        "rankd_requests_dropped_total{model=\"slow\",reason=\"deadline\"} 1",
+        "rankd_requests_dropped_total{model=\"slow\",reason=\"cancelled\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
 }
 
 #[tokio::test]
@@ -540,13 +553,61 @@ async fn metrics_cover_requests_batches_queues_and_models() {
         let (s, _) = get(&c, &d.url("/v1/users/7")).await;
         assert_eq!(s, 200);
     }
+    // Refused before the service sees them: still counted, under the route
+    // they were meant for (unknown routes and models under empty labels).
+    let url = d.url("/v1/models/demo/recommend");
+    let r = c.post(&url).body("{\"user_id\": ").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // Refused on its Content-Length alone (the body is never read), so the
+    // request goes over a raw socket: a client still writing the body would
+    // see the connection close under it.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = url.trim_start_matches("http://").split('/').next().unwrap();
+        let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/models/demo/recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            2 << 20
+        );
+        raw.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = raw.read_to_end(&mut answer);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+    let r = c
+        .post(&url)
+        .body("{\"user_id\": \"x\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let r = c
+        .post(d.url("/v1/models/nope/recommend"))
+        .body("[")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = c.get(d.url("/v1/users/abc")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    assert_eq!(get(&c, &d.url("/nope")).await.0, 404);
+    let r = c.delete(d.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 405);
     let (s, text) = get(&c, &d.url("/metrics")).await;
     assert_eq!(s, 200);
     for needle in [
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"400\"} 1",
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"413\"} 1",
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"422\"} 2",
+        "rankd_requests_total{model=\"\",route=\"recommend\",status=\"400\"} 1",
+        "rankd_requests_total{model=\"\",route=\"get_user\",status=\"422\"} 1",
+        "rankd_requests_total{model=\"\",route=\"unmatched\",status=\"404\"} 1",
+        "rankd_requests_total{model=\"\",route=\"unmatched\",status=\"405\"} 1",
         "rankd_requests_total{model=\"\",route=\"upsert_user\",status=\"200\"} 1",
         "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\"} 2",
         "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\"} 1",
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"422\"} 1",
         "rankd_request_duration_seconds_bucket{model=\"demo\",route=\"recommend\"",
         "rankd_queue_duration_seconds_count{model=\"demo\"} 1",
         "rankd_batch_execution_seconds_count{device=\"cpu\",model=\"demo\"} 1",
@@ -611,4 +672,51 @@ fn cli_documents_flags_and_reads_the_environment() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/models"), "{err}");
+}
+
+/// A user's stored history may be longer than `history_len` (up to
+/// `--history-max`): the tower pools the newest `history_len` ids, recommend
+/// excludes every stored id, and a longer history is refused naming the limit.
+#[tokio::test]
+async fn histories_beyond_history_len_are_kept_and_all_excluded() {
+    let d = Daemon::start_with(&demo_models(), &["--history-max", "120"]);
+    let c = Daemon::client();
+    let rec = d.url("/v1/models/demo/recommend");
+    let (s, top) = post(&c, &rec, json!({ "user_id": 1, "k": 100 })).await;
+    assert_eq!(s, 200);
+    let seen = ids(&top);
+    assert_eq!(seen.len(), 100);
+    let (s, body) = post(&c, &d.url("/v1/users/2"), json!({ "history": seen })).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["history"].as_array().unwrap().len(), 100);
+    let (_, stored) = get(&c, &d.url("/v1/users/2")).await;
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored["history"], json!(seen));
+
+    // None of the 100 comes back, though they are the best items for a
+    // history-less user and only the newest 50 shape user 2's query.
+    let (s, got) = post(&c, &rec, json!({ "user_id": 2, "k": 200 })).await;
+    assert_eq!(s, 200);
+    let got = ids(&got);
+    assert_eq!(got.len(), 200);
+    assert!(got.iter().all(|id| !seen.contains(id)), "{got:?}");
+
+    // Pooling uses the newest history_len (50): user 3 with only those 50
+    // gets the same scores.
+    let (s, _) = post(&c, &d.url("/v1/users/3"), json!({ "history": seen[50..] })).await;
+    assert_eq!(s, 200);
+    let probe: Vec<u64> = got[..20].to_vec();
+    let score = d.url("/v1/models/demo/score");
+    let (_, a) = post(&c, &score, json!({ "user_id": 2, "items": probe })).await;
+    let (_, b) = post(&c, &score, json!({ "user_id": 3, "items": probe })).await;
+    assert_eq!(a["scores"], b["scores"]);
+
+    let long: Vec<u64> = (1..=121).collect();
+    let (s, body) = post(&c, &d.url("/v1/users/4"), json!({ "history": long })).await;
+    assert_eq!(s, 422);
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("history must have <= 120 item ids") && msg.contains("got 121"),
+        "{msg}"
+    );
 }

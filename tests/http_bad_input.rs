@@ -1328,25 +1328,32 @@ async fn bad_user_upserts_are_rejected_whole() {
     assert_error("POST /v1/users/", &a, 404, "not_found", &[]);
     probe.check(&mut d, &c, "bad user upserts").await;
 
-    // Values at the edge of f32 and an oversized history are accepted; only
-    // the newest history_len (50) are kept.
+    // Values at the edge of f32 are accepted. A history up to --history-max
+    // (1,000) is stored whole; a longer one is refused naming the limit and
+    // changes nothing.
     let mut f_max = zeros(16);
     f_max[0] = f32::MAX;
     f_max[1] = f32::MIN;
     f_max[2] = 1e-45;
     let a = post_raw(&c, &user("8"), json!({"features": f_max}).to_string()).await;
     assert_eq!(a.status, 200, "f32 extremes: {}", a.text);
+    let full: Vec<u64> = (1..=1000).collect();
+    let a = post_raw(&c, &user("8"), json!({"history": full}).to_string()).await;
+    assert_eq!(a.status, 200, "1000-item history: {}", a.text);
+    let v: Value = serde_json::from_str(&a.text).unwrap();
+    assert_eq!(v["history"], json!(full));
     let long_history: Vec<u64> = (1..=100_000).collect();
     let a = post_raw(&c, &user("8"), json!({"history": long_history}).to_string()).await;
-    assert_eq!(a.status, 200, "100000-item history: {}", a.text);
+    assert_error(
+        "100000-item history",
+        &a,
+        422,
+        "invalid",
+        &["history must have <= 1000", "got 100000"],
+    );
+    let a = send(&c, reqwest::Method::GET, &user("8"), Vec::new()).await;
     let v: Value = serde_json::from_str(&a.text).unwrap();
-    let kept: Vec<u64> = v["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
-    assert_eq!(kept, (99_951..=100_000).collect::<Vec<u64>>());
+    assert_eq!(v["history"], json!(full), "a refused history leaked");
     // A user with extreme features still gets a well-formed answer.
     let a = post_raw(&c, &d.url(RECOMMEND), r#"{"user_id": 8, "k": 10}"#).await;
     assert_eq!(a.status, 200, "recommend for user 8: {}", a.text);

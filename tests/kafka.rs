@@ -36,9 +36,15 @@ fn rankd_on(broker: &Broker, state: &std::path::Path) -> Daemon {
             &state,
             "--snapshot-interval-ms",
             "100",
+            // Histories are cut to the newest HISTORY_MAX, so the restart
+            // test also checks that the cut survives snapshots.
+            "--history-max",
+            &HISTORY_MAX.to_string(),
         ],
     )
 }
+
+const HISTORY_MAX: usize = 50;
 
 async fn json_get(c: &reqwest::Client, url: &str) -> Value {
     let (s, body) = get(c, url).await;
@@ -466,7 +472,7 @@ async fn sigkill_and_restart_neither_lose_nor_double_apply() {
     );
     wait_applied(&c, &second, EVENTS, 3000, Duration::from_secs(30)).await;
     for (user, items) in &expected {
-        let want: Vec<u64> = items[items.len().saturating_sub(50)..].to_vec();
+        let want: Vec<u64> = items[items.len().saturating_sub(HISTORY_MAX)..].to_vec();
         assert_eq!(history(&c, &second, *user).await, want, "user {user}");
     }
     drop(first);

@@ -843,7 +843,7 @@ async fn wrong_types_get_an_error_with_their_id_and_the_connection_stays_usable(
             "the reserved marker 0xc1",
             vec![0xc1, 0xc1, 0xc1],
             &[0],
-            BAD,
+            &["malformed"],
         ),
         (
             "a map promising 3 entries holding 1",
@@ -851,7 +851,13 @@ async fn wrong_types_get_an_error_with_their_id_and_the_connection_stays_usable(
             &[0],
             BAD,
         ),
-        ("an empty payload", vec![], &[0], BAD),
+        ("an empty payload", vec![], &[0], &["malformed"]),
+        (
+            "a lone string",
+            msgpack(&json!("recommend")),
+            &[0],
+            &["invalid"],
+        ),
     ];
 
     // One connection for everything: each bad frame, then a good request.

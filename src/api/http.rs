@@ -156,28 +156,44 @@ async fn get_model(
     Ok(Json(s.service.model(&model)?))
 }
 
+/// What a handler extracted before the service saw the request; a refusal
+/// (unreadable body, bad path id) is counted in `rankd_requests_total`
+/// under the route it was meant for, like the service's own refusals.
+fn admitted<T>(
+    s: &HttpState,
+    model: &str,
+    route: &str,
+    r: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    r.inspect_err(|e| s.service.count_refused(model, route, &e.0))
+}
+
 async fn recommend(
     State(s): State<HttpState>,
     Path(model): Path<String>,
-    JsonBody(req): JsonBody<RecommendRequest>,
+    body: Result<JsonBody<RecommendRequest>, ApiError>,
 ) -> Result<Json<RecommendResponse>, ApiError> {
+    let JsonBody(req) = admitted(&s, &model, "recommend", body)?;
     Ok(Json(s.service.recommend(&model, req).await?))
 }
 
 async fn score(
     State(s): State<HttpState>,
     Path(model): Path<String>,
-    JsonBody(req): JsonBody<ScoreRequest>,
+    body: Result<JsonBody<ScoreRequest>, ApiError>,
 ) -> Result<Json<ScoreResponse>, ApiError> {
+    let JsonBody(req) = admitted(&s, &model, "score", body)?;
     Ok(Json(s.service.score(&model, req).await?))
 }
 
 async fn upsert_user(
     State(s): State<HttpState>,
     Path(user_id): Path<String>,
-    JsonBody(req): JsonBody<UserRequest>,
+    body: Result<JsonBody<UserRequest>, ApiError>,
 ) -> Result<Json<UserResponse>, ApiError> {
-    let user_id = parse_id("user_id", &user_id)?;
+    let JsonBody(req) = admitted(&s, "", "upsert_user", body)?;
+    let id = parse_id("user_id", &user_id).map_err(ApiError);
+    let user_id = admitted(&s, "", "upsert_user", id)?;
     Ok(Json(s.service.upsert_user(user_id, req).await?))
 }
 
@@ -185,16 +201,19 @@ async fn get_user(
     State(s): State<HttpState>,
     Path(user_id): Path<String>,
 ) -> Result<Json<UserResponse>, ApiError> {
-    let user_id = parse_id("user_id", &user_id)?;
+    let id = parse_id("user_id", &user_id).map_err(ApiError);
+    let user_id = admitted(&s, "", "get_user", id)?;
     Ok(Json(s.service.get_user(user_id).await?))
 }
 
 async fn write_item(
     State(s): State<HttpState>,
     Path(item_id): Path<String>,
-    JsonBody(req): JsonBody<ItemRequest>,
+    body: Result<JsonBody<ItemRequest>, ApiError>,
 ) -> Result<Json<crate::exec::state::ItemSummary>, ApiError> {
-    let item_id = parse_id("item_id", &item_id)?;
+    let JsonBody(req) = admitted(&s, "", "write_item", body)?;
+    let id = parse_id("item_id", &item_id).map_err(ApiError);
+    let item_id = admitted(&s, "", "write_item", id)?;
     Ok(Json(s.service.write_item(item_id, req).await?))
 }
 
@@ -227,15 +246,19 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         .into_response()
 }
 
-async fn not_found(req: Request) -> ApiError {
-    ApiError(ServeError::NotFound(format!(
+async fn not_found(State(s): State<HttpState>, req: Request) -> ApiError {
+    let e = ServeError::NotFound(format!(
         "no route for {} {}",
         req.method(),
         req.uri().path()
-    )))
+    ));
+    s.service.count_refused("", "unmatched", &e);
+    ApiError(e)
 }
 
-async fn method_not_allowed(req: Request) -> Response {
+async fn method_not_allowed(State(s): State<HttpState>, req: Request) -> Response {
+    s.service
+        .count_status("", "unmatched", StatusCode::METHOD_NOT_ALLOWED.as_u16());
     let body = ErrorBody {
         error: ErrorDetail {
             kind: "method_not_allowed".into(),

@@ -111,6 +111,25 @@ impl Service {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// Counts a request refused before the service saw it (an unreadable
+    /// body, a bad path segment, no such route). The model label is kept
+    /// only for a served model, so arbitrary paths cannot grow the series.
+    pub fn count_refused(&self, model: &str, route: &str, e: &ServeError) {
+        self.count_status(model, route, e.status());
+    }
+
+    pub fn count_status(&self, model: &str, route: &str, status: u16) {
+        let model = if self.exec.registry().get(model).is_some() {
+            model
+        } else {
+            ""
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[model, route, &status.to_string()])
+            .inc();
+    }
+
     pub async fn recommend(
         &self,
         model: &str,

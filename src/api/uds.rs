@@ -235,7 +235,13 @@ fn decode(frame: &[u8]) -> Result<WireRequest, Vec<u8>> {
     // A request is a map; serde would also read a struct from an array.
     let is_map = matches!(frame.first(), Some(0x80..=0x8f | 0xde | 0xdf));
     if !is_map {
-        let err = ServeError::Invalid("a request must be a MessagePack map".into());
+        let err = if frame.is_empty() {
+            ServeError::Malformed("empty frame; a request is a MessagePack map".into())
+        } else if rmp_serde::from_slice::<serde::de::IgnoredAny>(frame).is_err() {
+            ServeError::Malformed("the frame is not a complete MessagePack value".into())
+        } else {
+            ServeError::Invalid("a request must be a MessagePack map".into())
+        };
         return Err(error_frame(0, &err));
     }
     rmp_serde::from_slice(frame).map_err(|e| {

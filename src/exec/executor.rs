@@ -40,10 +40,13 @@ struct Executor {
 
 /// Starts the executor thread for `backend`. It loads `entries` (which must be
 /// in registry order) before taking requests; `loaded` fires when all are done.
+/// User histories keep the newest `history_max` ids (at least every model's
+/// `history_len`).
 pub fn spawn(
     backend: Box<dyn Backend>,
     entries: Vec<ModelEntry>,
     snapshot: Option<Snapshot>,
+    history_max: usize,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
 ) -> (ExecutorHandle, oneshot::Receiver<()>) {
@@ -81,8 +84,7 @@ pub fn spawn(
             let history_cap = entries
                 .iter()
                 .filter_map(|e| e.spec.as_ref().ok().map(|s| s.history_len))
-                .max()
-                .unwrap_or(1);
+                .fold(history_max, usize::max);
             let mut exec = Executor {
                 backend,
                 device,
@@ -374,7 +376,10 @@ impl Executor {
         let mut live = Vec::with_capacity(batch.len());
         let mut prepared = Vec::with_capacity(batch.len());
         for req in batch {
-            if req.reply.is_closed() {
+            // A caller whose deadline passed while queued has usually given
+            // up already (its own timer answered 504): that is a deadline
+            // drop, not a cancellation.
+            if req.reply.is_closed() && req.deadline > now {
                 self.metrics
                     .dropped
                     .with_label_values(&[&name, "cancelled"])

@@ -205,6 +205,13 @@ impl State {
         feature_dims: &[usize],
     ) -> Result<UserSummary, ServeError> {
         if let Some(history) = &update.history {
+            let cap = self.users.history_cap();
+            if history.len() > cap {
+                return Err(ServeError::Invalid(format!(
+                    "history must have <= {cap} item ids (history_max), got {}",
+                    history.len()
+                )));
+            }
             if let Some(unknown) = history.iter().find(|&&id| !self.knows_item(id)) {
                 return Err(ServeError::Invalid(format!(
                     "unknown item id {unknown} in history"

@@ -53,6 +53,11 @@ impl UserStore {
         self.users.is_empty()
     }
 
+    /// Most item ids kept per history.
+    pub fn history_cap(&self) -> usize {
+        self.history_cap
+    }
+
     /// Replaces the history (oldest first); only the newest `history_cap` are kept.
     pub fn set_history(&mut self, user_id: u64, history: &[u64]) {
         let keep = &history[history.len().saturating_sub(self.history_cap)..];
@@ -103,8 +108,11 @@ impl UserStore {
         self.users.iter().map(|(&id, u)| (id, u.clone()))
     }
 
-    /// Replaces a user's whole state (restoring a snapshot).
-    pub fn restore(&mut self, user_id: u64, state: UserState) {
+    /// Replaces a user's whole state (restoring a snapshot); a history longer
+    /// than `history_cap` keeps its newest ids.
+    pub fn restore(&mut self, user_id: u64, mut state: UserState) {
+        let extra = state.history.len().saturating_sub(self.history_cap);
+        state.history.drain(..extra);
         self.users.insert(user_id, Arc::new(state));
     }
 }
