@@ -301,4 +301,51 @@ mod tests {
         let (_, s) = Snapshot::load_newest(dir.path()).unwrap().unwrap();
         assert_eq!(s.offsets[0].next_offset, 4);
     }
+
+    /// A snapshot written from the thread's copy (borrowed views, a
+    /// VecDeque history) reads back as the same `Snapshot`.
+    #[test]
+    fn a_written_base_reads_back_as_the_same_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut base = SnapshotBase::default();
+        let user = |h: &[u64], f: Option<Vec<f32>>| {
+            Arc::new(UserState {
+                history: h.iter().copied().collect(),
+                features: f,
+                features_version: 3,
+            })
+        };
+        base.merge(SnapshotDelta {
+            changes: 1,
+            full: true,
+            offsets: vec![SnapshotOffset {
+                topic: "t".into(),
+                partition: 2,
+                next_offset: 17,
+            }],
+            users: vec![
+                (9, user(&[4, 5], None)),
+                (2, user(&[], Some(vec![0.5, -1.0]))),
+            ],
+            items: vec![SnapshotItem {
+                id: 7,
+                version: 2,
+                deleted: true,
+                embedding: vec![1.0, 2.0],
+            }],
+        });
+        base.merge(SnapshotDelta {
+            changes: 2,
+            users: vec![(9, user(&[4, 5, 6], None))],
+            ..Default::default()
+        });
+        base.write(dir.path()).unwrap();
+        let (_, read) = Snapshot::load_newest(dir.path()).unwrap().unwrap();
+        let mut want = base.to_snapshot();
+        want.created_ms = read.created_ms;
+        assert_eq!(read, want);
+        assert_eq!(read.users.iter().map(|u| u.id).collect::<Vec<_>>(), [2, 9]);
+        assert_eq!(read.users[1].history, [4, 5, 6]);
+        assert!(read.offsets.is_empty(), "a delta carries all offsets");
+    }
 }
