@@ -11,6 +11,7 @@ use half::{bf16, f16};
 use super::error::{Ctx, GpuError};
 use super::kernels::Kernels;
 use super::plan::padded_dim;
+use super::staging::Staged;
 use crate::model::ItemTable;
 
 /// How a resident item table stores its embeddings (`item_dtype` in
@@ -164,12 +165,13 @@ pub struct DeviceTable {
     scatter: ScatterBufs,
 }
 
+/// An update batch's rows, staged in page-locked memory like batch inputs.
 #[derive(Default)]
 struct ScatterBufs {
-    rows: Buf<u32>,
-    src: Buf<f32>,
-    live: Buf<u8>,
-    ids: Buf<u64>,
+    rows: Staged<u32>,
+    src: Staged<f32>,
+    live: Staged<u8>,
+    ids: Staged<u64>,
 }
 
 impl DeviceTable {
