@@ -24,7 +24,7 @@ fn demo_forward(c: &mut Criterion) {
         kind: spec.kind,
         dim: spec.dim,
         user_feature_dim: spec.user_feature_dim,
-        bounds: BatchBounds::of(&spec),
+        bounds: BatchBounds::of(&spec, spec.history_len),
     };
     backend.load(0, desc, 0, &weights).unwrap();
     let mut rng = Rng::new(1);

@@ -28,6 +28,9 @@ pub struct ModelDesc {
 pub struct BatchBounds {
     pub max_batch: usize,
     pub history_len: usize,
+    /// Most ids in a stored history (`--history-max`): recommend excludes
+    /// all of them.
+    pub history_max: usize,
     pub max_k: usize,
     /// Candidates per score request.
     pub max_items: usize,
@@ -36,10 +39,12 @@ pub struct BatchBounds {
 }
 
 impl BatchBounds {
-    pub fn of(spec: &ModelSpec) -> Self {
+    /// The model's limits, with stored histories of up to `history_max` ids.
+    pub fn of(spec: &ModelSpec, history_max: usize) -> Self {
         Self {
             max_batch: spec.batching.max_batch_size,
             history_len: spec.history_len,
+            history_max: history_max.max(spec.history_len),
             max_k: spec.limits.max_k,
             max_items: spec.limits.max_items,
             max_exclude: spec.limits.max_exclude,

@@ -187,7 +187,7 @@ impl Executor {
             kind: spec.kind,
             dim: spec.dim,
             user_feature_dim: spec.user_feature_dim,
-            bounds: BatchBounds::of(spec),
+            bounds: BatchBounds::of(spec, self.state.users.history_cap()),
         };
         let backend_err = |e: super::backend::BackendError| ModelError::Io {
             path: entry.dir.clone(),

@@ -237,7 +237,7 @@ pub fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
         feats: b * fd,
         xu: bucket(b) * (d + fd),
         act: tower_rows * max_width,
-        excl_rows: b * (z.max_exclude + z.history_len),
+        excl_rows: b * (z.max_exclude + z.history_max),
         pairs,
         rank_x,
         topk_out,

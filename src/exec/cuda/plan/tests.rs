@@ -319,11 +319,12 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
         let bounds = BatchBounds {
             max_batch,
             history_len: 50,
+            history_max: 200,
             max_k: 1000,
             max_items,
             max_exclude: 700,
         };
-        let exclude: Vec<u32> = (0..(bounds.max_exclude + bounds.history_len) as u32).collect();
+        let exclude: Vec<u32> = (0..(bounds.max_exclude + bounds.history_max) as u32).collect();
         let cands: Vec<u32> = (0..max_items as u32).collect();
         let desc = |kind| ModelDesc {
             kind,
