@@ -720,3 +720,57 @@ async fn histories_beyond_history_len_are_kept_and_all_excluded() {
         "{msg}"
     );
 }
+
+/// A clean stop writes a last snapshot: user state set over HTTP survives a
+/// restart even when no periodic snapshot ran in between.
+#[tokio::test]
+async fn a_clean_stop_snapshots_and_a_restart_restores() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap().to_string();
+    let args = [
+        "--snapshot-dir",
+        dir.as_str(),
+        "--snapshot-interval-ms",
+        "600000",
+    ];
+    let c = Daemon::client();
+    let mut first = Daemon::start_with(&demo_models(), &args);
+    let features: Vec<f64> = (0..16).map(|i| i as f64 * 0.25).collect();
+    let body = json!({ "history": [5, 6, 7], "features": features });
+    let (s, _) = post(&c, &first.url("/v1/users/77"), body).await;
+    assert_eq!(s, 200);
+    let before = post(
+        &c,
+        &first.url("/v1/models/demo/recommend"),
+        json!({ "user_id": 77 }),
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_dir(state.path()).unwrap().count(),
+        0,
+        "no periodic snapshot yet"
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &first.pid().to_string()])
+        .status()
+        .unwrap();
+    for _ in 0..250 {
+        if !first.is_running() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!first.is_running(), "rankd did not stop on SIGTERM");
+    let second = Daemon::start_with(&demo_models(), &args);
+    let (_, stored) = get(&c, &second.url("/v1/users/77")).await;
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored["history"], json!([5, 6, 7]));
+    assert_eq!(stored["features"], json!(features));
+    let after = post(
+        &c,
+        &second.url("/v1/models/demo/recommend"),
+        json!({ "user_id": 77 }),
+    )
+    .await;
+    assert_eq!(before, after);
+}

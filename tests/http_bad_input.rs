@@ -1311,6 +1311,9 @@ async fn bad_user_upserts_are_rejected_whole() {
         ("%00", "user_id"),
         ("7abc", "7abc"),
         ("%E2%98%83", "\u{2603}"),
+        // Percent-encoding that is not UTF-8: rankd's error shape, not the
+        // framework's plain-text one.
+        ("%FF", "user_id"),
     ] {
         let a = post_raw(&c, &user(raw), r#"{"history": [1]}"#).await;
         fails.error(

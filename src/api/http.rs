@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -151,9 +152,9 @@ async fn list_models(State(s): State<HttpState>) -> Json<ModelsResponse> {
 
 async fn get_model(
     State(s): State<HttpState>,
-    Path(model): Path<String>,
+    model: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ModelInfo>, ApiError> {
-    Ok(Json(s.service.model(&model)?))
+    Ok(Json(s.service.model(&decoded(model)?)?))
 }
 
 /// What a handler extracted before the service saw the request; a refusal
@@ -168,29 +169,51 @@ fn admitted<T>(
     r.inspect_err(|e| s.service.count_refused(model, route, &e.0))
 }
 
+/// A path segment, or rankd's error for one that does not decode (bad
+/// percent-encoding, not UTF-8), counted under `route`.
+fn segment(
+    s: &HttpState,
+    route: &str,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<String, ApiError> {
+    admitted(s, "", route, decoded(p))
+}
+
+fn decoded(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(v)| v).map_err(|e| {
+        ApiError(ServeError::Invalid(format!(
+            "the path segment does not decode: {}",
+            e.body_text()
+        )))
+    })
+}
+
 async fn recommend(
     State(s): State<HttpState>,
-    Path(model): Path<String>,
+    model: Result<Path<String>, PathRejection>,
     body: Result<JsonBody<RecommendRequest>, ApiError>,
 ) -> Result<Json<RecommendResponse>, ApiError> {
+    let model = segment(&s, "recommend", model)?;
     let JsonBody(req) = admitted(&s, &model, "recommend", body)?;
     Ok(Json(s.service.recommend(&model, req).await?))
 }
 
 async fn score(
     State(s): State<HttpState>,
-    Path(model): Path<String>,
+    model: Result<Path<String>, PathRejection>,
     body: Result<JsonBody<ScoreRequest>, ApiError>,
 ) -> Result<Json<ScoreResponse>, ApiError> {
+    let model = segment(&s, "score", model)?;
     let JsonBody(req) = admitted(&s, &model, "score", body)?;
     Ok(Json(s.service.score(&model, req).await?))
 }
 
 async fn upsert_user(
     State(s): State<HttpState>,
-    Path(user_id): Path<String>,
+    user_id: Result<Path<String>, PathRejection>,
     body: Result<JsonBody<UserRequest>, ApiError>,
 ) -> Result<Json<UserResponse>, ApiError> {
+    let user_id = segment(&s, "upsert_user", user_id)?;
     let JsonBody(req) = admitted(&s, "", "upsert_user", body)?;
     let id = parse_id("user_id", &user_id).map_err(ApiError);
     let user_id = admitted(&s, "", "upsert_user", id)?;
@@ -199,8 +222,9 @@ async fn upsert_user(
 
 async fn get_user(
     State(s): State<HttpState>,
-    Path(user_id): Path<String>,
+    user_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<UserResponse>, ApiError> {
+    let user_id = segment(&s, "get_user", user_id)?;
     let id = parse_id("user_id", &user_id).map_err(ApiError);
     let user_id = admitted(&s, "", "get_user", id)?;
     Ok(Json(s.service.get_user(user_id).await?))
@@ -208,9 +232,10 @@ async fn get_user(
 
 async fn write_item(
     State(s): State<HttpState>,
-    Path(item_id): Path<String>,
+    item_id: Result<Path<String>, PathRejection>,
     body: Result<JsonBody<ItemRequest>, ApiError>,
 ) -> Result<Json<crate::exec::state::ItemSummary>, ApiError> {
+    let item_id = segment(&s, "write_item", item_id)?;
     let JsonBody(req) = admitted(&s, "", "write_item", body)?;
     let id = parse_id("item_id", &item_id).map_err(ApiError);
     let item_id = admitted(&s, "", "write_item", id)?;

@@ -50,9 +50,11 @@ pub struct State {
     /// Next offset per topic-partition that the state includes.
     pub applied: BTreeMap<Position, i64>,
     dirty_items: HashSet<u64>,
-    /// Users and items changed since the last `capture`.
+    /// Users and items changed since the last `capture`, tracked once the
+    /// first capture was taken (never when snapshots are off).
     users_since: HashSet<u64>,
     items_since: HashSet<u64>,
+    tracking: bool,
     /// Rows written since the backend last heard of them, per table.
     changed_rows: BTreeMap<usize, Vec<u32>>,
     /// Bumped on every change, so a snapshot is only written when needed.
@@ -68,6 +70,7 @@ impl State {
             dirty_items: HashSet::new(),
             users_since: HashSet::new(),
             items_since: HashSet::new(),
+            tracking: false,
             changed_rows: BTreeMap::new(),
             changes: 0,
         }
@@ -98,7 +101,7 @@ impl State {
             if let Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } = update
             {
                 self.dirty_items.insert(*item_id);
-                self.items_since.insert(*item_id);
+                self.touched_item(*item_id);
             }
         }
         applied
@@ -111,7 +114,7 @@ impl State {
         };
         for &(user, item) in &batch.events {
             self.users.append(user, item);
-            self.users_since.insert(user);
+            self.touched_user(user);
             r.events += 1;
         }
         for u in &batch.items {
@@ -132,7 +135,7 @@ impl State {
                     .users
                     .set_features_versioned(*user_id, features.clone(), *version)
                 {
-                    self.users_since.insert(*user_id);
+                    self.touched_user(*user_id);
                     r.users += 1;
                 } else {
                     r.stale += 1;
@@ -208,7 +211,7 @@ impl State {
             let cap = self.users.history_cap();
             if history.len() > cap {
                 return Err(ServeError::Invalid(format!(
-                    "history must have <= {cap} item ids (history_max), got {}",
+                    "history must have <= {cap} item ids (--history-max, at least every model's history_len), got {}",
                     history.len()
                 )));
             }
@@ -229,7 +232,7 @@ impl State {
         }
         if update.history.is_some() || update.features.is_some() {
             self.changes += 1;
-            self.users_since.insert(update.user_id);
+            self.touched_user(update.user_id);
         }
         if let Some(history) = &update.history {
             self.users.set_history(update.user_id, history);
@@ -270,6 +273,7 @@ impl State {
     /// costs the executor a pointer per changed user and a copy per changed
     /// item, where `snapshot` copies the whole state.
     pub fn capture(&mut self, full: bool) -> SnapshotDelta {
+        self.tracking = true;
         let users_since = std::mem::take(&mut self.users_since);
         let items_since = std::mem::take(&mut self.items_since);
         let (users, items) = if full {
@@ -297,6 +301,18 @@ impl State {
             offsets: self.snapshot_offsets(),
             users,
             items,
+        }
+    }
+
+    fn touched_user(&mut self, id: u64) {
+        if self.tracking {
+            self.users_since.insert(id);
+        }
+    }
+
+    fn touched_item(&mut self, id: u64) {
+        if self.tracking {
+            self.items_since.insert(id);
         }
     }
 
@@ -389,6 +405,9 @@ mod tests {
         let mut rng = Rng::new(7);
         let mut offset = 0i64;
         let mut deltas = 0;
+        // Users and items named by a change since the last capture.
+        let mut touched_users = std::collections::HashSet::new();
+        let mut touched_items = std::collections::HashSet::new();
         for step in 0..400 {
             match rng.below(4) {
                 0 => {
@@ -418,6 +437,19 @@ mod tests {
                     }
                     offset += 1 + rng.below(5) as i64;
                     b.positions.insert(("events".into(), step % 2), offset);
+                    touched_users.extend(b.events.iter().map(|&(u, _)| u));
+                    for u in b.items.iter().chain(&b.users) {
+                        match u {
+                            Update::ItemUpsert { item_id, .. }
+                            | Update::ItemDelete { item_id, .. } => {
+                                touched_items.insert(*item_id);
+                            }
+                            Update::UserFeatures { user_id, .. } => {
+                                touched_users.insert(*user_id);
+                            }
+                            Update::Event { .. } => {}
+                        }
+                    }
                     state.apply(&b);
                 }
                 1 => {
@@ -426,6 +458,7 @@ mod tests {
                         history: (rng.below(2) == 0).then(|| vec![1 + rng.below(50); 3]),
                         features: (rng.below(2) == 0).then(|| vec![0.5; 2]),
                     };
+                    touched_users.insert(update.user_id);
                     state.upsert_user(update, &[2]).unwrap();
                 }
                 2 => {
@@ -434,6 +467,7 @@ mod tests {
                         embedding: Some(vec![-(step as f32); dim]),
                         version: None,
                     };
+                    touched_items.insert(w.item_id);
                     state.write_item_request(w).unwrap();
                 }
                 _ => {
@@ -442,8 +476,19 @@ mod tests {
                     if deltas > 0 {
                         assert!(!delta.full);
                         // Only what changed travels.
-                        assert!(delta.users.len() <= 30);
+                        for (id, _) in &delta.users {
+                            assert!(touched_users.contains(id), "user {id} did not change");
+                        }
+                        for it in &delta.items {
+                            assert!(
+                                touched_items.contains(&it.id),
+                                "item {} did not change",
+                                it.id
+                            );
+                        }
                     }
+                    touched_users.clear();
+                    touched_items.clear();
                     deltas += 1;
                     base.merge(delta);
                     let mut got = base.to_snapshot();

@@ -137,4 +137,26 @@ mod tests {
         assert!(s.set_features_versioned(3, vec![3.0], 6));
         assert_eq!(s.get(3).unwrap().features, Some(vec![3.0]));
     }
+
+    /// A snapshot written under a larger cap restores to the newest ids.
+    #[test]
+    fn restore_cuts_histories_to_the_cap() {
+        let mut s = UserStore::new(3);
+        s.restore(
+            7,
+            UserState {
+                history: (1..=10).collect(),
+                features: Some(vec![1.0]),
+                features_version: 4,
+            },
+        );
+        let u = s.get(7).unwrap();
+        assert_eq!(u.history, VecDeque::from(vec![8, 9, 10]));
+        assert_eq!(
+            (u.features.clone(), u.features_version),
+            (Some(vec![1.0]), 4)
+        );
+        s.restore(8, UserState::default());
+        assert!(s.get(8).unwrap().history.is_empty());
+    }
 }

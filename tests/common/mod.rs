@@ -75,6 +75,16 @@ impl Daemon {
             } else {
                 vec!["--uds".into(), uds.clone().into_os_string()]
             })
+            // Each daemon keeps its snapshots to itself (the default folder
+            // is relative to the working directory, shared by every test).
+            .args(if extra.contains(&"--snapshot-dir") {
+                vec![]
+            } else {
+                vec![
+                    "--snapshot-dir".into(),
+                    dir.path().join("state").into_os_string(),
+                ]
+            })
             .args(extra)
             .env("RANKD_LOG", "info")
             .stdout(Stdio::piped())
