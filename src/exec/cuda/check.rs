@@ -211,8 +211,11 @@ pub fn run_check(opts: CheckOptions) -> anyhow::Result<String> {
         header.push("dry run: host-side parts only, device parts skipped".into());
         None
     } else {
-        match CudaBackend::new(opts.ordinal) {
-            Ok(b) => Some(b),
+        match CudaBackend::new_for_check(opts.ordinal) {
+            Ok((b, test)) => {
+                self_test_rows(&mut report, &test);
+                Some(b)
+            }
             Err(why) => anyhow::bail!(
                 "cuda:{}: {why} (use --dry-run on hosts without a GPU)",
                 opts.ordinal
@@ -253,6 +256,39 @@ pub fn run_check(opts: CheckOptions) -> anyhow::Result<String> {
         anyhow::bail!("{table}");
     }
     Ok(table)
+}
+
+/// The start-up check `rankd serve` enforces, as rows: here it does not stop
+/// the run, so the detailed checks below can show what a failure means.
+fn self_test_rows(report: &mut Report, test: &super::SelfTest) {
+    const S: &str = "start-up check";
+    let inputs = "3000 × 100 synthetic table, 11 + 29 queries, vs f64 on the host";
+    let mut row = |check: &str, r: Option<&Result<(), super::selftest::Failure>>| {
+        let (measured, status) = match r {
+            None => (
+                "no bf16 tensor cores before sm_80".to_string(),
+                Status::Skipped,
+            ),
+            Some(Ok(())) => ("agrees".to_string(), Status::Pass),
+            Some(Err(e)) => (e.to_string(), Status::Fail),
+        };
+        report.add(
+            S,
+            check,
+            inputs,
+            measured,
+            "agrees (else not served)",
+            status,
+        );
+    };
+    row(
+        "fused top-k, CUDA cores (f32, bf16)",
+        Some(&test.cuda_cores),
+    );
+    row(
+        "fused top-k, tensor cores (bf16)",
+        test.tensor_cores.as_ref(),
+    );
 }
 
 /// Compiles every kernel source for `arch` and reports ptxas's resources.

@@ -37,7 +37,7 @@ pub mod libs;
 mod mlp;
 pub mod ops;
 pub mod plan;
-mod selftest;
+pub mod selftest;
 pub mod staging;
 pub mod tables;
 pub mod telemetry;
@@ -143,13 +143,95 @@ pub struct CudaBackend {
     broken: Option<String>,
 }
 
+/// The start-up check of the fused top-k kernels (see `selftest`).
+#[derive(Debug)]
+pub struct SelfTest {
+    /// f32 and bf16 tables on CUDA cores.
+    pub cuda_cores: Result<(), selftest::Failure>,
+    /// bf16 on tensor cores; `None` before sm_80.
+    pub tensor_cores: Option<Result<(), selftest::Failure>>,
+}
+
+impl SelfTest {
+    fn run(
+        stream: &Arc<CudaStream>,
+        blas: &CudaBlas,
+        kernels: &Kernels,
+        info: &DeviceInfo,
+        scratch: &mut Scratch,
+    ) -> SelfTest {
+        let dev = |tc| Dev {
+            stream,
+            blas,
+            k: kernels,
+            limits: info.limits(),
+            tc,
+        };
+        let cuda_cores = [ItemDtype::F32, ItemDtype::Bf16]
+            .into_iter()
+            .try_for_each(|dtype| selftest::fused_topk(&dev(false), &mut scratch.topk, dtype));
+        // A device fault may have left the context unusable: stop there.
+        let faulted = matches!(cuda_cores, Err(selftest::Failure::Device(_)));
+        let tensor_cores = (info.cc.0 >= 8 && !faulted)
+            .then(|| selftest::fused_topk(&dev(true), &mut scratch.topk, ItemDtype::Bf16));
+        SelfTest {
+            cuda_cores,
+            tensor_cores,
+        }
+    }
+
+    /// What serving makes of it: an error when a CUDA-core kernel is wrong or
+    /// the device faulted; otherwise whether the tensor-core kernel serves.
+    fn verdict(&self) -> Result<bool, String> {
+        let failed = |what: &str, e: &selftest::Failure| match e {
+            selftest::Failure::Device(m) => {
+                format!("the start-up check of the {what} failed on the device: {m}")
+            }
+            selftest::Failure::Wrong(m) => {
+                format!("the {what} disagrees with the host at start: {m}")
+            }
+        };
+        if let Err(e) = &self.cuda_cores {
+            return Err(failed("fused top-k kernel (CUDA cores)", e));
+        }
+        match &self.tensor_cores {
+            None => {
+                tracing::info!(
+                    "no bf16 tensor cores before sm_80: bf16 tables are scored on CUDA cores"
+                );
+                Ok(false)
+            }
+            Some(Ok(())) => Ok(true),
+            // Wrong answers: the CUDA-core kernel, checked above, serves.
+            Some(Err(selftest::Failure::Wrong(m))) => {
+                tracing::warn!(error = %m, "the tensor-core top-k kernel disagrees with the host at start; bf16 tables are scored on CUDA cores");
+                Ok(false)
+            }
+            // A fault may leave the context unusable: do not serve from it.
+            Some(Err(e)) => Err(failed("tensor-core top-k kernel", e)),
+        }
+    }
+}
+
 impl CudaBackend {
     /// Opens CUDA device `ordinal`: checks that the driver, cuBLAS and NVRTC
     /// can be loaded, creates the context, stream and cuBLAS handle, and
     /// compiles (or loads cached) kernels. Never panics for a missing
     /// library or device; the error is one line saying which.
     pub fn new(ordinal: usize) -> Result<CudaBackend, String> {
-        std::panic::catch_unwind(move || Self::open(ordinal)).unwrap_or_else(|p| {
+        Self::open_catching(ordinal, true).map(|(b, _)| b)
+    }
+
+    /// Opens the device for `rankd gpu-check`: the start-up check of the
+    /// kernels is reported, not enforced, and the tensor-core kernel is on
+    /// wherever the device has bf16 tensor cores, so the detailed checks can
+    /// show what is wrong.
+    pub fn new_for_check(ordinal: usize) -> Result<(CudaBackend, SelfTest), String> {
+        Self::open_catching(ordinal, false)
+    }
+
+    fn open_catching(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), String> {
+        std::panic::catch_unwind(move || Self::open(ordinal, strict)).unwrap_or_else(|p| {
             let why = p
                 .downcast_ref::<String>()
                 .cloned()
@@ -159,7 +241,7 @@ impl CudaBackend {
         })
     }
 
-    fn open(ordinal: usize) -> Result<CudaBackend, String> {
+    fn open(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), String> {
         if !libs::driver_present() {
             return Err("no NVIDIA driver (libcuda.so not found)".into());
         }
@@ -202,8 +284,12 @@ impl CudaBackend {
             .map_err(|e| format!("{device}: creating the cuBLAS handle: {e}"))?;
         let mut scratch = Scratch::default();
         let checked = std::time::Instant::now();
-        let tc = Self::check_kernels(&stream, &blas, &kernels, &info, &mut scratch)
-            .map_err(|e| format!("{device}: {e}"))?;
+        let test = SelfTest::run(&stream, &blas, &kernels, &info, &mut scratch);
+        let tc = if strict {
+            test.verdict().map_err(|e| format!("{device}: {e}"))?
+        } else {
+            info.cc.0 >= 8
+        };
         tracing::info!(
             device = %device,
             name = %info.name,
@@ -218,7 +304,7 @@ impl CudaBackend {
             libraries = ?libs::loaded(&["libcuda.so", "libcublas", "libnvrtc"]),
             "CUDA backend ready"
         );
-        Ok(CudaBackend {
+        let backend = CudaBackend {
             device,
             ctx,
             stream,
@@ -231,52 +317,8 @@ impl CudaBackend {
             scratch,
             tc,
             broken: None,
-        })
-    }
-
-    /// Runs the start-up check of the fused top-k (see `selftest`): an error
-    /// when a CUDA-core kernel is wrong; whether the tensor-core kernel may
-    /// serve bf16 tables otherwise.
-    fn check_kernels(
-        stream: &Arc<CudaStream>,
-        blas: &CudaBlas,
-        kernels: &Kernels,
-        info: &DeviceInfo,
-        scratch: &mut Scratch,
-    ) -> Result<bool, String> {
-        let dev = |tc| Dev {
-            stream,
-            blas,
-            k: kernels,
-            limits: info.limits(),
-            tc,
         };
-        let failed = |what: &str, e: selftest::Failure| match e {
-            selftest::Failure::Device(m) => {
-                format!("the start-up check of the {what} failed on the device: {m}")
-            }
-            selftest::Failure::Wrong(m) => {
-                format!("the {what} disagrees with the host at start: {m}")
-            }
-        };
-        for dtype in [ItemDtype::F32, ItemDtype::Bf16] {
-            selftest::fused_topk(&dev(false), &mut scratch.topk, dtype)
-                .map_err(|e| failed(&format!("fused top-k kernel ({})", dtype.name()), e))?;
-        }
-        if info.cc.0 < 8 {
-            tracing::info!(arch = %info.arch(), "no bf16 tensor cores before sm_80: bf16 tables are scored on CUDA cores");
-            return Ok(false);
-        }
-        match selftest::fused_topk(&dev(true), &mut scratch.topk, ItemDtype::Bf16) {
-            Ok(()) => Ok(true),
-            // Wrong answers: the CUDA-core kernel, checked above, serves.
-            Err(selftest::Failure::Wrong(m)) => {
-                tracing::warn!(error = %m, "the tensor-core top-k kernel disagrees with the host at start; bf16 tables are scored on CUDA cores");
-                Ok(false)
-            }
-            // A fault may leave the context unusable: do not serve from it.
-            Err(e) => Err(failed("tensor-core top-k kernel", e)),
-        }
+        Ok((backend, test))
     }
 
     /// Dtype of item tables loaded from now on (f32 by default). See the
