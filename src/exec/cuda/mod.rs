@@ -126,19 +126,37 @@ struct GpuModel {
     mlp: DeviceMlp,
 }
 
-pub struct CudaBackend {
-    device: String,
-    ctx: Arc<CudaContext>,
+/// The device parts every launch needs, kept apart from the backend's
+/// mutable state so both can be borrowed at once.
+struct Gpu {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
     info: DeviceInfo,
+    /// bf16 tables are scored on tensor cores (sm_80+, start-up check passed).
+    tc: bool,
+}
+
+impl Gpu {
+    fn dev(&self) -> Dev<'_> {
+        Dev {
+            stream: &self.stream,
+            blas: &self.blas,
+            k: &self.kernels,
+            limits: self.info.limits(),
+            tc: self.tc,
+        }
+    }
+}
+
+pub struct CudaBackend {
+    device: String,
+    ctx: Arc<CudaContext>,
+    gpu: Gpu,
     item_dtype: ItemDtype,
     tables: HashMap<TableId, DeviceTable>,
     models: HashMap<ModelId, GpuModel>,
     scratch: Scratch,
-    /// bf16 tables are scored on tensor cores (sm_80+, start-up check passed).
-    tc: bool,
     /// Set after an error that leaves the CUDA context unusable.
     broken: Option<String>,
 }
@@ -307,15 +325,17 @@ impl CudaBackend {
         let backend = CudaBackend {
             device,
             ctx,
-            stream,
-            blas,
-            kernels,
-            info,
+            gpu: Gpu {
+                stream,
+                blas,
+                kernels,
+                info,
+                tc,
+            },
             item_dtype: ItemDtype::F32,
             tables: HashMap::new(),
             models: HashMap::new(),
             scratch,
-            tc,
             broken: None,
         };
         Ok((backend, test))
@@ -328,27 +348,17 @@ impl CudaBackend {
     }
 
     pub fn info(&self) -> &DeviceInfo {
-        &self.info
+        &self.gpu.info
     }
 
     /// The device parts, the batch buffers and the resident tables, for
     /// driving kernels directly (`gpu-check`).
     pub fn parts(&mut self) -> (Dev<'_>, &mut Scratch, &HashMap<TableId, DeviceTable>) {
-        (
-            Dev {
-                stream: &self.stream,
-                blas: &self.blas,
-                k: &self.kernels,
-                limits: self.info.limits(),
-                tc: self.tc,
-            },
-            &mut self.scratch,
-            &self.tables,
-        )
+        (self.gpu.dev(), &mut self.scratch, &self.tables)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.gpu.stream
     }
 
     pub(crate) fn table(&self, id: TableId) -> Option<&DeviceTable> {
@@ -401,7 +411,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         self.guard()?;
         self.item_dtype = dtype;
-        let t = DeviceTable::upload(&self.stream, items, dtype).map_err(|e| self.fail(e))?;
+        let t = DeviceTable::upload(&self.gpu.stream, items, dtype).map_err(|e| self.fail(e))?;
         tracing::info!(
             device = %self.device,
             table,
@@ -434,7 +444,7 @@ impl Backend for CudaBackend {
                 desc.dim, t.dim
             )));
         }
-        let mlp = DeviceMlp::upload(&self.stream, weights).map_err(|e| self.fail(e))?;
+        let mlp = DeviceMlp::upload(&self.gpu.stream, weights).map_err(|e| self.fail(e))?;
         let (want_in, want_out) = tower_dims(&desc);
         if (mlp.in_dim(), mlp.out_dim()) != (want_in, want_out) {
             return Err(invalid(format!(
@@ -444,13 +454,7 @@ impl Backend for CudaBackend {
                 desc.kind.as_str()
             )));
         }
-        let dev = Dev {
-            stream: &self.stream,
-            blas: &self.blas,
-            k: &self.kernels,
-            limits: self.info.limits(),
-            tc: self.tc,
-        };
+        let dev = self.gpu.dev();
         let t = &self.tables[&table];
         let sized = ops::reserve_for(&dev, t, &desc, &mlp, &mut self.scratch);
         sized.map_err(|e| self.fail(e))?;
@@ -478,13 +482,7 @@ impl Backend for CudaBackend {
             })?;
             plan::check_rows(queries, table.rows, model.desc.user_feature_dim)
                 .map_err(GpuError::Invalid)?;
-            let dev = Dev {
-                stream: &self.stream,
-                blas: &self.blas,
-                k: &self.kernels,
-                limits: self.info.limits(),
-                tc: self.tc,
-            };
+            let dev = self.gpu.dev();
             match model.desc.kind {
                 ModelKind::TwoTower => ops::run_two_tower(
                     &dev,
@@ -522,7 +520,7 @@ impl Backend for CudaBackend {
                 format!("table {table} is not loaded: this is a bug"),
             ));
         };
-        let result = t.apply(&self.stream, &self.kernels, items, rows);
+        let result = t.apply(&self.gpu.stream, &self.gpu.kernels, items, rows);
         result.map_err(|e| self.fail(e))
     }
 
