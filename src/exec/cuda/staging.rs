@@ -49,14 +49,36 @@ fn alloc_readback<T: Plain>(
         .ctx("allocating page-locked host memory")
 }
 
+/// The last queued copy touching a page-locked buffer: an event recorded on
+/// the stream right after it, waited on before the buffer is reused or freed.
+#[derive(Default)]
+struct LastCopy(Option<CudaEvent>);
+
+impl LastCopy {
+    fn wait(&self, what: &'static str) -> Result<(), GpuError> {
+        match &self.0 {
+            Some(e) => e.synchronize().ctx(what),
+            None => Ok(()),
+        }
+    }
+
+    fn record(&mut self, stream: &Arc<CudaStream>, what: &'static str) -> Result<(), GpuError> {
+        match &self.0 {
+            Some(e) => e.record(stream),
+            None => stream.record_event(None).map(|e| self.0 = Some(e)),
+        }
+        .ctx(what)
+    }
+}
+
 /// A batch input: filled on the host in page-locked memory, copied to its
 /// device buffer asynchronously.
 pub struct Staged<T> {
     dev: Buf<T>,
     host: Option<PinnedHostSlice<T>>,
-    /// Recorded after the last copy out of `host`; waited on before `host`
-    /// is written again, so a copy still in flight never sees new data.
-    copied: Option<CudaEvent>,
+    /// The last copy out of `host`: waited on before `host` is written
+    /// again, so a copy still in flight never sees new data.
+    copied: LastCopy,
 }
 
 impl<T> Default for Staged<T> {
@@ -64,7 +86,7 @@ impl<T> Default for Staged<T> {
         Self {
             dev: Buf::default(),
             host: None,
-            copied: None,
+            copied: LastCopy::default(),
         }
     }
 }
@@ -82,10 +104,7 @@ impl<T: Plain> Staged<T> {
     }
 
     fn wait(&self) -> Result<(), GpuError> {
-        if let Some(e) = &self.copied {
-            e.synchronize().ctx("waiting for a batch upload")?;
-        }
-        Ok(())
+        self.copied.wait("waiting for a batch upload")
     }
 
     /// Copies `data` to the front of the device buffer; returns once the copy
@@ -104,12 +123,7 @@ impl<T: Plain> Staged<T> {
         stream
             .memcpy_htod(&staged[..n], &mut dev.slice_mut(..n))
             .ctx("copying a batch to the device")?;
-        match &self.copied {
-            Some(e) => e.record(stream),
-            None => stream.record_event(None).map(|e| self.copied = Some(e)),
-        }
-        .ctx("recording a batch upload")?;
-        Ok(())
+        self.copied.record(stream, "recording a batch upload")
     }
 
     pub fn get(&self) -> &CudaSlice<T> {
@@ -123,8 +137,8 @@ pub struct Readback<T> {
     host: Option<PinnedHostSlice<T>>,
     /// Elements the last queued copy brings back.
     len: usize,
-    /// Recorded after the last copy into `host`.
-    copied: Option<CudaEvent>,
+    /// The last copy into `host`.
+    copied: LastCopy,
 }
 
 impl<T> Default for Readback<T> {
@@ -132,7 +146,7 @@ impl<T> Default for Readback<T> {
         Self {
             host: None,
             len: 0,
-            copied: None,
+            copied: LastCopy::default(),
         }
     }
 }
@@ -150,10 +164,7 @@ impl<T: Plain> Readback<T> {
     }
 
     fn wait(&self) -> Result<(), GpuError> {
-        if let Some(e) = &self.copied {
-            e.synchronize().ctx("waiting for a batch download")?;
-        }
-        Ok(())
+        self.copied.wait("waiting for a batch download")
     }
 
     /// Forgets the last fetch: `read` returns nothing.
@@ -178,12 +189,7 @@ impl<T: Plain> Readback<T> {
         stream
             .memcpy_dtoh(&src.slice(..len), &mut dst[..len])
             .ctx("copying results to the host")?;
-        match &self.copied {
-            Some(e) => e.record(stream),
-            None => stream.record_event(None).map(|e| self.copied = Some(e)),
-        }
-        .ctx("recording a batch download")?;
-        Ok(())
+        self.copied.record(stream, "recording a batch download")
     }
 
     /// The fetched elements, once their copy has landed (free after the
