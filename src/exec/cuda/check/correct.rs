@@ -7,13 +7,15 @@
 
 use std::time::Instant;
 
+use cudarc::driver::CudaSlice;
+
 use super::inputs::*;
 use super::{Report, Status};
 use crate::exec::backend::{Backend, Output, Query, Scored, Task};
 use crate::exec::cpu;
 use crate::exec::cuda::mlp::{DeviceMlp, ACT_NONE, ACT_SIGMOID};
-use crate::exec::cuda::ops::Dev;
-use crate::exec::cuda::plan::PackedTopk;
+use crate::exec::cuda::ops::{Dev, TopkBufs};
+use crate::exec::cuda::plan::{PackedTopk, TopkPlan};
 use crate::exec::cuda::tables::{Buf, DeviceTable};
 use crate::exec::cuda::{ops, plan, CudaBackend, ItemDtype};
 use crate::model::demo::Rng;
@@ -49,6 +51,51 @@ pub(super) fn kernel_paths(dev: &Dev<'_>, table: &DeviceTable) -> Vec<(KernelPat
         vec![(tensor, 1e-4), (cuda, 1e-5)]
     } else {
         vec![(cuda_cores, 1e-5)]
+    }
+}
+
+/// The fused top-k over one table and one set of query vectors.
+struct Fused<'a> {
+    dev: &'a Dev<'a>,
+    table: &'a DeviceTable,
+    queries: &'a CudaSlice<f32>,
+    ids: &'a [u64],
+}
+
+impl Fused<'_> {
+    /// Runs `t` through every kernel that can serve the table and judges each
+    /// against `want`: within the kernel's tolerance, or identical when
+    /// `exact`. `inputs` describes the run for the report.
+    // Each argument is one part of the row; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &self,
+        report: &mut Report,
+        bufs: &mut TopkBufs,
+        t: &PackedTopk,
+        want: &[Vec<Scored>],
+        check: &str,
+        exact: bool,
+        inputs: &dyn Fn(&TopkPlan) -> String,
+    ) -> anyhow::Result<()> {
+        for (path, tol) in kernel_paths(self.dev, self.table) {
+            let tol = if exact { 0.0 } else { tol };
+            let dev = Dev {
+                tc: path.tc,
+                ..*self.dev
+            };
+            let p = ops::topk_launch(&dev, self.table, bufs, self.queries, D, t)?;
+            let got = ops::topk_collect(&dev, bufs, &p, t, self.ids)?;
+            judge_topk(
+                report,
+                &format!("{check}{}", path.label),
+                inputs(&p),
+                &compare_topk(&got, want, tol),
+                tol,
+                exact,
+            );
+        }
+        Ok(())
     }
 }
 
@@ -259,26 +306,28 @@ fn gpu_checks(
         })
         .collect();
     let want = cpu::score_topk(&items_q, &qs, &specs);
-    // bf16 tables: the tensor-core kernel (what serves) and the CUDA-core one.
-    for (path, tol) in kernel_paths(&dev, table) {
-        let dev = Dev { tc: path.tc, ..dev };
-        let p = ops::topk_launch(&dev, table, &mut scratch.topk, &qdev, D, &t)?;
-        let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, inp.items.ids())?;
-        let inputs = format!(
-            "{name}: N={N}, {} queries, {} groups × {} chunks",
-            t.qsel.len(),
-            p.groups,
-            p.chunks
-        );
-        judge_topk(
-            report,
-            &format!("fused top-k{}", path.label),
-            inputs,
-            &compare_topk(&got, &want, tol),
-            tol,
-            false,
-        );
-    }
+    let fused = Fused {
+        dev: &dev,
+        table,
+        queries: &qdev,
+        ids: inp.items.ids(),
+    };
+    fused.judge(
+        report,
+        &mut scratch.topk,
+        &t,
+        &want,
+        "fused top-k",
+        false,
+        &|p| {
+            format!(
+                "{name}: N={N}, {} queries, {} groups × {} chunks",
+                t.qsel.len(),
+                p.groups,
+                p.chunks
+            )
+        },
+    )?;
     // A wide batch of small k: up to 32 queries share a block, so every
     // query tile of the tensor-core kernel (and a partial last one) is used.
     let wide = PackedTopk {
@@ -290,23 +339,21 @@ fn gpu_checks(
     };
     let wide_specs: Vec<(usize, &[u32])> = wide.ks.iter().map(|&k| (k as usize, &[][..])).collect();
     let want = cpu::score_topk(&items_q, &qv[..29 * D], &wide_specs);
-    for (path, tol) in kernel_paths(&dev, table) {
-        let dev = Dev { tc: path.tc, ..dev };
-        let p = ops::topk_launch(&dev, table, &mut scratch.topk, &qdev, D, &wide)?;
-        let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &wide, inp.items.ids())?;
-        let inputs = format!(
-            "{name}: N={N}, 29 queries, k 1..64, {} groups × {} chunks",
-            p.groups, p.chunks
-        );
-        judge_topk(
-            report,
-            &format!("fused top-k, wide batch{}", path.label),
-            inputs,
-            &compare_topk(&got, &want, tol),
-            tol,
-            false,
-        );
-    }
+    let check = "fused top-k, wide batch";
+    fused.judge(
+        report,
+        &mut scratch.topk,
+        &wide,
+        &want,
+        check,
+        false,
+        &|p| {
+            format!(
+                "{name}: N={N}, 29 queries, k 1..64, {} groups × {} chunks",
+                p.groups, p.chunks
+            )
+        },
+    )?;
 
     let pairs = plan::pack_pairs(&tt);
     let got = ops::score_pairs(&dev, table, &mut scratch.pairs, &qdev, &pairs)?;
@@ -345,20 +392,22 @@ fn gpu_checks(
         })
         .collect();
     let t = plan::pack_topk(&tie_queries);
-    for (path, _) in kernel_paths(&dev, tie_table) {
-        let dev = Dev { tc: path.tc, ..dev };
-        let p = ops::topk_launch(&dev, tie_table, &mut scratch.topk, &tq, D, &t)?;
-        let got = ops::topk_collect(&dev, &mut scratch.topk, &p, &t, inp.ties.ids())?;
-        let inputs = format!("{name}: N={}, scores in 0.5 steps, k 1..1000", N / 3);
-        judge_topk(
-            report,
-            &format!("fused top-k, exact ties{}", path.label),
-            inputs,
-            &compare_topk(&got, &tie_reference(inp), 0.0),
-            0.0,
-            true,
-        );
-    }
+    let ties = Fused {
+        dev: &dev,
+        table: tie_table,
+        queries: &tq,
+        ids: inp.ties.ids(),
+    };
+    let want = tie_reference(inp);
+    ties.judge(
+        report,
+        &mut scratch.topk,
+        &t,
+        &want,
+        "fused top-k, exact ties",
+        true,
+        &|_| format!("{name}: N={}, scores in 0.5 steps, k 1..1000", N / 3),
+    )?;
 
     scatter_check(report, b, inp, dtype, t_scatter)?;
     batch_checks(report, b, inp, dtype, base, &items_q)?;
