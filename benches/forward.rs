@@ -8,14 +8,14 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use rankd::exec::backend::{Backend, BatchBounds, ModelDesc, Query, Task};
-use rankd::exec::cpu::CpuBackend;
-use rankd::model::demo::{self, Rng};
-use rankd::model::{ItemTable, ModelSpec, TowerWeights};
+use rankd::internals::{Backend, BatchBounds, ModelDesc, Query, Task};
+use rankd::internals::CpuBackend;
+use rankd::internals::Rng;
+use rankd::internals::{ItemTable, ModelSpec, TowerWeights};
 
 fn demo_forward(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    demo::generate(&root, demo::DEMO_SEED).expect("writing the demo repository");
+    rankd::generate_demo(&root, rankd::DEMO_SEED).expect("writing the demo repository");
     let spec = ModelSpec::read(&root.join("demo/1/model.toml")).unwrap();
     let weights = TowerWeights::load(&root.join("demo/1/weights.safetensors"), &spec).unwrap();
     let items = ItemTable::load(&root.join("catalogues/demo/items.safetensors"), spec.dim).unwrap();

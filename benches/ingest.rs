@@ -19,10 +19,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use rankd::exec::state::State;
-use rankd::features::updates::{Coalescer, Stream, Update, UpdateBatch, Validator};
-use rankd::model::demo::{self, Rng};
-use rankd::model::ItemTable;
+use rankd::internals::State;
+use rankd::internals::{Coalescer, Stream, Update, UpdateBatch, Validator};
+use rankd::internals::Rng;
+use rankd::internals::ItemTable;
 
 const USERS: u64 = 100_000;
 const ITEMS: u64 = 100_000;
@@ -188,7 +188,7 @@ fn pipeline(v: &Validator, state: &mut State, msgs: &[Msg]) -> usize {
 
 fn update_path(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    demo::generate(&root, demo::DEMO_SEED).expect("writing the demo repository");
+    rankd::generate_demo(&root, rankd::DEMO_SEED).expect("writing the demo repository");
     let table = ItemTable::load(&root.join("catalogues/demo/items.safetensors"), ITEM_DIM)
         .expect("loading the demo item table");
     let mut state = State::new(50);

@@ -20,7 +20,7 @@ enum Command {
     /// Serve the models of a repository over HTTP
     Serve(rankd::config::ServeArgs),
     /// Drive load at a daemon and report throughput, latency and batch sizes
-    Bench(rankd::loadgen::BenchArgs),
+    Bench(rankd_tools::bench::BenchArgs),
     /// Check the GPU backend: kernels against the CPU reference, bandwidth,
     /// fused top-k against GEMM + top-k (--dry-run: the host-side parts only)
     #[cfg(feature = "cuda")]
@@ -52,7 +52,7 @@ enum ModelsCommand {
         )]
         models: PathBuf,
         /// Seed for the generated weights
-        #[arg(long, default_value_t = rankd::model::demo::DEMO_SEED)]
+        #[arg(long, default_value_t = rankd::DEMO_SEED)]
         seed: u64,
     },
 }
@@ -77,23 +77,22 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(rankd::loadgen::run(args))
+            .block_on(rankd_tools::bench::run(args))
             .map(|_| ()),
         #[cfg(feature = "cuda")]
         Command::GpuCheck { dry_run, device } => {
-            let table =
-                rankd::exec::cuda::check::run_check(rankd::exec::cuda::check::CheckOptions {
-                    dry_run,
-                    ordinal: device,
-                    ..Default::default()
-                })?;
+            let table = rankd_tools::gpu_check::run_check(rankd_tools::gpu_check::CheckOptions {
+                dry_run,
+                ordinal: device,
+                ..Default::default()
+            })?;
             println!("{table}");
             Ok(())
         }
         Command::Models {
             command: ModelsCommand::Generate { models, seed },
         } => {
-            let written = rankd::model::demo::generate(&models, seed)?;
+            let written = rankd::generate_demo(&models, seed)?;
             for f in &written {
                 println!("wrote {}", models.join(f).display());
             }

@@ -3,7 +3,7 @@
 //! part is listed as skipped rather than passed.
 #![cfg(feature = "cuda")]
 
-use rankd::exec::cuda::check::{run_check, CheckOptions};
+use rankd_tools::gpu_check::{run_check, CheckOptions};
 
 #[test]
 fn dry_run_builds_the_references_and_lists_the_skipped_device_parts() {
@@ -33,7 +33,7 @@ fn dry_run_builds_the_references_and_lists_the_skipped_device_parts() {
         );
     }
     // NVRTC is there under scripts/test.sh; the compile rows then pass.
-    if rankd::exec::cuda::kernels::nvrtc_version().is_ok() {
+    if rankd::internals::cuda::kernels::nvrtc_version().is_ok() {
         let compiles: Vec<&str> = table.lines().filter(|l| l.contains("| compile ")).collect();
         assert_eq!(compiles.len(), 4, "{table}");
         let result = |l: &str| {

@@ -5,8 +5,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use rankd::model::demo::Rng;
-use rankd::model::{ItemTable, ModelSpec, TowerWeights};
+use rankd::internals::Rng;
+use rankd::internals::{ItemTable, ModelSpec, TowerWeights};
 use serde_json::{json, Value};
 
 /// Independent reference of the model math in f64, straight from the files.
@@ -636,7 +636,7 @@ fn demo_files_are_reproducible_and_generated_on_first_start() {
         "{}",
         d.log()
     );
-    for f in rankd::model::demo::files() {
+    for f in rankd::internals::demo_files() {
         let a = std::fs::read(demo_models().join(&f)).unwrap();
         let b = std::fs::read(dir.path().join(&f)).unwrap();
         assert!(a == b, "{} differs between two generations", f.display());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::kafka::Broker;
 use common::*;
-use rankd::model::demo::Rng;
+use rankd::internals::Rng;
 use serde_json::{json, Value};
 
 const EVENTS: &str = "rankd.events";
@@ -221,7 +221,7 @@ async fn item_upserts_appear_where_their_embedding_puts_them_and_deletes_remove_
     wait_connected(&c, &d, true).await;
     let groups = by_cluster();
     let table =
-        rankd::model::ItemTable::load(&demo_models().join("catalogues/demo/items.safetensors"), 64)
+        rankd::internals::ItemTable::load(&demo_models().join("catalogues/demo/items.safetensors"), 64)
             .unwrap();
     // A new item pointing where cluster 5's items point, but longer: it must
     // rank first for a cluster-5 user.

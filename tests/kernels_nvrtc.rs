@@ -5,7 +5,7 @@
 //! the test fails, not skips, when it is not.
 #![cfg(feature = "cuda")]
 
-use rankd::exec::cuda::kernels::{self, SOURCES};
+use rankd::internals::cuda::kernels::{self, SOURCES};
 
 fn nvrtc() -> (i32, i32) {
     kernels::nvrtc_version().unwrap_or_else(|why| {

@@ -8,8 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::*;
-use rankd::api::types::*;
-use rankd::client::{Client, HttpClient, UdsClient};
+use rankd_client::types::*;
+use rankd_client::{Client, HttpClient, UdsClient};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;

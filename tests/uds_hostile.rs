@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rankd::api::types::{RecommendRequest, RecommendResponse, UserRequest};
-use rankd::client::{Client, UdsClient};
+use rankd_client::types::{RecommendRequest, RecommendResponse, UserRequest};
+use rankd_client::{Client, UdsClient};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;

@@ -16,8 +16,8 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use rankd::api::frame::{encode_frame, FrameDecoder, FrameError, HEADER_BYTES};
-use rankd::api::wire::{WireId, WireRequest};
+use rankd_client::frame::{encode_frame, FrameDecoder, FrameError, HEADER_BYTES};
+use rankd_client::wire::{WireId, WireRequest};
 
 /// The daemon's default `--max-frame-bytes`.
 const LIMIT: usize = 1 << 20;

@@ -1,0 +1,190 @@
+//! Request and response bodies, shared by every transport (JSON over HTTP,
+//! MessagePack over the socket), so both speak exactly the same shapes.
+
+use serde::{Deserialize, Serialize};
+
+fn default_k() -> usize {
+    10
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecommendRequest {
+    pub user_id: u64,
+    #[serde(default = "default_k")]
+    pub k: usize,
+    #[serde(default)]
+    pub exclude: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreRequest {
+    pub user_id: u64,
+    pub items: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `POST /v1/users/{user_id}`: a field given replaces that part of the state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<u64>>,
+    /// Read as f64 so that a value too large for f32 is reported as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<Vec<f64>>,
+}
+
+/// `POST /v1/items/{item_id}`: `{"embedding": [...], "version": 7}` writes the
+/// item (a new id grows the catalogue); `{"deleted": true, "version": 8}`
+/// removes it from results. Without `version` the write is newer than whatever
+/// is stored; with one, a version not newer than the stored one is ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScoredItem {
+    pub id: u64,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecommendResponse {
+    pub model: String,
+    pub version: u64,
+    pub items: Vec<ScoredItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreResponse {
+    pub model: String,
+    pub version: u64,
+    pub scores: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserResponse {
+    pub user_id: u64,
+    pub history: Vec<u64>,
+    pub features: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchingInfo {
+    pub max_batch_size: usize,
+    pub max_queue_delay_us: u64,
+    pub max_queue_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LimitsInfo {
+    pub max_k: usize,
+    pub max_items: usize,
+    pub max_exclude: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: u64,
+    /// `two_tower` or `ranker`; absent when model.toml could not be read.
+    pub kind: Option<String>,
+    /// `loading`, `ready` or `failed`.
+    pub state: String,
+    /// Why the model failed to load.
+    pub error: Option<String>,
+    pub device: String,
+    /// Why the GPU is not used, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_reason: Option<String>,
+    pub dim: Option<usize>,
+    pub user_feature_dim: Option<usize>,
+    pub history_len: Option<usize>,
+    /// Live items in the model's catalogue.
+    pub items: usize,
+    pub batching: Option<BatchingInfo>,
+    pub limits: Option<LimitsInfo>,
+    pub queue_depth: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelsResponse {
+    pub models: Vec<ModelInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub device: String,
+    /// Why the GPU is not used, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_reason: Option<String>,
+    /// False while the CPU stands in for a failed device (still ready).
+    pub device_healthy: bool,
+    /// `connected` or `disconnected` when Kafka ingestion is on (stale
+    /// features still serve, so a disconnected broker does not make rankd unready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<String>,
+    /// Why not ready, when not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Each model's load state.
+    pub models: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemSummary {
+    pub item_id: u64,
+    pub version: u64,
+    pub deleted: bool,
+    /// False when a newer version was already stored.
+    pub applied: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    /// Next offset the state includes.
+    pub applied_offset: i64,
+    /// Next offset committed to the group (-1 before the first commit).
+    pub committed_offset: i64,
+    /// The partition's end, from the client's statistics (-1 until known).
+    pub high_watermark: i64,
+    pub lag: i64,
+    /// When a batch touching this partition was last applied (ms since the epoch).
+    pub last_apply_ms: u64,
+}
+
+/// `GET /v1/ingest`: Kafka ingestion, per topic-partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestReport {
+    pub enabled: bool,
+    pub connected: bool,
+    pub updates_applied: u64,
+    pub partitions: Vec<PartitionStatus>,
+}

@@ -1,0 +1,79 @@
+//! The socket's message shapes. A request is one MessagePack map carrying the
+//! same fields as the HTTP JSON bodies plus `id` and `op`; a response carries
+//! the same `result` (or `error`) as the HTTP answer, tagged with the `id`.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::*;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WireRequest {
+    pub id: u64,
+    pub op: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude: Option<Vec<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<Vec<f64>>,
+    /// `upsert_item`: the item to write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+/// Just the id, to answer a request whose other fields do not decode.
+#[derive(Debug, Deserialize)]
+pub struct WireId {
+    pub id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireResponse<R> {
+    pub id: u64,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<R>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// Everything a request can answer with; serialized without a tag, exactly as
+/// the HTTP JSON body of the same call.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum WireResult {
+    Recommend(RecommendResponse),
+    Score(ScoreResponse),
+    User(UserResponse),
+    Models(ModelsResponse),
+    Model(ModelInfo),
+    Health(Readiness),
+    Item(ItemSummary),
+    Ingest(IngestReport),
+}
+
+pub const OPS: &[&str] = &[
+    "recommend",
+    "score",
+    "upsert_user",
+    "upsert_item",
+    "models",
+    "health",
+    "ingest",
+];

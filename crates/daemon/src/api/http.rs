@@ -1,0 +1,294 @@
+//! The HTTP/JSON transport (axum). Handlers only extract and answer; the
+//! service validates and dispatches. Every error, including extractor
+//! rejections and unknown routes, is `{"error": {"type", "message"}}`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use rankd_client::types::*;
+use super::Service;
+use crate::error::ServeError;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub service: Arc<Service>,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(state: HttpState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{model}", get(get_model))
+        .route("/v1/models/{model}/recommend", post(recommend))
+        .route("/v1/models/{model}/score", post(score))
+        .route("/v1/users/{user_id}", post(upsert_user).get(get_user))
+        .route("/v1/items/{item_id}", post(write_item))
+        .route("/v1/ingest", get(ingest))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// An error as an HTTP answer.
+pub struct ApiError(pub ServeError);
+
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            error: ErrorDetail {
+                kind: self.0.kind().to_string(),
+                message: self.0.to_string(),
+            },
+        };
+        let mut resp = (status, Json(body)).into_response();
+        if let ServeError::Overloaded { retry_after_ms, .. } = &self.0 {
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&secs.to_string()).expect("digits are a valid header"),
+            );
+        }
+        resp
+    }
+}
+
+/// A JSON body parsed with rankd's error mapping: syntax errors are 400,
+/// well-formed JSON with wrong types or values 422, an oversized body 413.
+/// The content type is not required, so a bare `curl -d` works.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &HttpState) -> Result<Self, Self::Rejection> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        // Refuse on the header alone rather than after reading the limit.
+        if let Some(n) = declared.filter(|&n| n > state.max_body_bytes as u64) {
+            return Err(ApiError(ServeError::TooLarge(format!(
+                "request body must be <= {} bytes, got {n}",
+                state.max_body_bytes
+            ))));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                let got = declared.map_or_else(|| "more".to_string(), |n| n.to_string());
+                ServeError::TooLarge(format!(
+                    "request body must be <= {} bytes, got {got}",
+                    state.max_body_bytes
+                ))
+            } else {
+                ServeError::Malformed(format!("could not read the request body: {rejection}"))
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody).map_err(ApiError)
+    }
+}
+
+/// Syntax first (400 for any syntax error anywhere in the body), then shape
+/// and values (422): a body must be a JSON object of the request's fields.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServeError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ServeError::Malformed(format!("request body is not valid UTF-8: {e}")))?;
+    let Some(first) = text.trim_start().chars().next() else {
+        return Err(ServeError::Malformed(
+            "request body is empty; a JSON object is required".into(),
+        ));
+    };
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|e| ServeError::Malformed(format!("malformed JSON: {e}")))?;
+    if first != '{' {
+        let kind = match first {
+            '[' => "an array",
+            '"' => "a string",
+            't' | 'f' => "a boolean",
+            'n' => "null",
+            _ => "a number",
+        };
+        let value: String = text.trim().chars().take(64).collect();
+        return Err(ServeError::Invalid(format!(
+            "invalid type: the request body must be a JSON object, got {kind}: {value}"
+        )));
+    }
+    serde_json::from_str(text).map_err(|e| ServeError::Invalid(format!("invalid request: {e}")))
+}
+
+/// Path segments parsed by hand so a bad one gets rankd's error shape.
+fn parse_id(field: &str, raw: &str) -> Result<u64, ServeError> {
+    raw.parse::<u64>().map_err(|_| {
+        ServeError::Invalid(format!(
+            "{field} must be an unsigned 64-bit integer, got '{raw}'"
+        ))
+    })
+}
+
+async fn list_models(State(s): State<HttpState>) -> Json<ModelsResponse> {
+    Json(s.service.models())
+}
+
+async fn get_model(
+    State(s): State<HttpState>,
+    model: Result<Path<String>, PathRejection>,
+) -> Result<Json<ModelInfo>, ApiError> {
+    Ok(Json(s.service.model(&decoded(model)?)?))
+}
+
+/// What a handler extracted before the service saw the request; a refusal
+/// (unreadable body, bad path id) is counted in `rankd_requests_total`
+/// under the route it was meant for, like the service's own refusals.
+fn admitted<T>(
+    s: &HttpState,
+    model: &str,
+    route: &str,
+    r: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    r.inspect_err(|e| s.service.count_refused(model, route, &e.0))
+}
+
+/// A path segment, or rankd's error for one that does not decode (bad
+/// percent-encoding, not UTF-8), counted under `route`.
+fn segment(
+    s: &HttpState,
+    route: &str,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<String, ApiError> {
+    admitted(s, "", route, decoded(p))
+}
+
+fn decoded(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(v)| v).map_err(|e| {
+        ApiError(ServeError::Invalid(format!(
+            "the path segment does not decode: {}",
+            e.body_text()
+        )))
+    })
+}
+
+async fn recommend(
+    State(s): State<HttpState>,
+    model: Result<Path<String>, PathRejection>,
+    body: Result<JsonBody<RecommendRequest>, ApiError>,
+) -> Result<Json<RecommendResponse>, ApiError> {
+    let model = segment(&s, "recommend", model)?;
+    let JsonBody(req) = admitted(&s, &model, "recommend", body)?;
+    Ok(Json(s.service.recommend(&model, req).await?))
+}
+
+async fn score(
+    State(s): State<HttpState>,
+    model: Result<Path<String>, PathRejection>,
+    body: Result<JsonBody<ScoreRequest>, ApiError>,
+) -> Result<Json<ScoreResponse>, ApiError> {
+    let model = segment(&s, "score", model)?;
+    let JsonBody(req) = admitted(&s, &model, "score", body)?;
+    Ok(Json(s.service.score(&model, req).await?))
+}
+
+async fn upsert_user(
+    State(s): State<HttpState>,
+    user_id: Result<Path<String>, PathRejection>,
+    body: Result<JsonBody<UserRequest>, ApiError>,
+) -> Result<Json<UserResponse>, ApiError> {
+    let user_id = segment(&s, "upsert_user", user_id)?;
+    let JsonBody(req) = admitted(&s, "", "upsert_user", body)?;
+    let id = parse_id("user_id", &user_id).map_err(ApiError);
+    let user_id = admitted(&s, "", "upsert_user", id)?;
+    Ok(Json(s.service.upsert_user(user_id, req).await?))
+}
+
+async fn get_user(
+    State(s): State<HttpState>,
+    user_id: Result<Path<String>, PathRejection>,
+) -> Result<Json<UserResponse>, ApiError> {
+    let user_id = segment(&s, "get_user", user_id)?;
+    let id = parse_id("user_id", &user_id).map_err(ApiError);
+    let user_id = admitted(&s, "", "get_user", id)?;
+    Ok(Json(s.service.get_user(user_id).await?))
+}
+
+async fn write_item(
+    State(s): State<HttpState>,
+    item_id: Result<Path<String>, PathRejection>,
+    body: Result<JsonBody<ItemRequest>, ApiError>,
+) -> Result<Json<rankd_client::types::ItemSummary>, ApiError> {
+    let item_id = segment(&s, "write_item", item_id)?;
+    let JsonBody(req) = admitted(&s, "", "write_item", body)?;
+    let id = parse_id("item_id", &item_id).map_err(ApiError);
+    let item_id = admitted(&s, "", "write_item", id)?;
+    Ok(Json(s.service.write_item(item_id, req).await?))
+}
+
+async fn ingest(State(s): State<HttpState>) -> Json<rankd_client::types::IngestReport> {
+    Json(s.service.ingest())
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let r = s.service.readiness();
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(r)).into_response()
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.service.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn not_found(State(s): State<HttpState>, req: Request) -> ApiError {
+    let e = ServeError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ));
+    s.service.count_refused("", "unmatched", &e);
+    ApiError(e)
+}
+
+async fn method_not_allowed(State(s): State<HttpState>, req: Request) -> Response {
+    s.service
+        .count_status("", "unmatched", StatusCode::METHOD_NOT_ALLOWED.as_u16());
+    let body = ErrorBody {
+        error: ErrorDetail {
+            kind: "method_not_allowed".into(),
+            message: format!("{} is not allowed on {}", req.method(), req.uri().path()),
+        },
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}

@@ -1,0 +1,8 @@
+//! The request API: one set of types (`types`), one transport-neutral service
+//! that validates and dispatches (`service`), and the transports on top.
+
+pub mod http;
+pub mod service;
+pub mod uds;
+
+pub use service::{Service, ServiceLimits};

@@ -1,0 +1,442 @@
+//! Transport-neutral request handling: model lookup, validation with messages
+//! that name the limit and the value, dispatch to the executor, and the
+//! per-request metrics. HTTP and the socket both call into this.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rankd_client::types::*;
+use crate::error::ServeError;
+use crate::features::store::{ItemSummary, ItemWrite};
+use crate::exec::{ExecutorHandle, LoadState, Op, Output, ServedModel, UserUpdate};
+use crate::ingest::{IngestReport, IngestStatus};
+use crate::metrics::Metrics;
+use crate::model::ModelKind;
+
+#[derive(Debug, Clone)]
+pub struct ServiceLimits {
+    /// Used when a request has no `timeout_ms`.
+    pub default_timeout: Duration,
+    /// Largest `timeout_ms` accepted.
+    pub max_timeout: Duration,
+}
+
+pub struct Service {
+    exec: ExecutorHandle,
+    metrics: Arc<Metrics>,
+    limits: ServiceLimits,
+    ingest: std::sync::OnceLock<Arc<IngestStatus>>,
+}
+
+impl Service {
+    pub fn new(exec: ExecutorHandle, metrics: Arc<Metrics>, limits: ServiceLimits) -> Self {
+        Self {
+            exec,
+            metrics,
+            limits,
+            ingest: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Reports Kafka ingestion in `/readyz` and `/v1/ingest` from now on.
+    pub fn set_ingest(&self, status: Arc<IngestStatus>) {
+        let _ = self.ingest.set(status);
+    }
+
+    pub fn ingest(&self) -> IngestReport {
+        match self.ingest.get() {
+            Some(s) => s.report(),
+            None => IngestReport {
+                enabled: false,
+                connected: false,
+                updates_applied: 0,
+                partitions: Vec::new(),
+            },
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn lookup(&self, name: &str) -> Result<(usize, &Arc<ServedModel>), ServeError> {
+        self.exec.registry().get(name).ok_or_else(|| {
+            let known: Vec<&str> = self
+                .exec
+                .registry()
+                .models()
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect();
+            ServeError::NotFound(format!(
+                "model '{name}' not found; models: {}",
+                known.join(", ")
+            ))
+        })
+    }
+
+    fn timeout(&self, timeout_ms: Option<u64>) -> Result<Duration, ServeError> {
+        match timeout_ms {
+            None => Ok(self.limits.default_timeout),
+            Some(0) => Err(ServeError::Invalid("timeout_ms must be >= 1, got 0".into())),
+            Some(ms) if ms > self.limits.max_timeout.as_millis() as u64 => {
+                Err(ServeError::Invalid(format!(
+                    "timeout_ms must be <= {}, got {ms}",
+                    self.limits.max_timeout.as_millis()
+                )))
+            }
+            Some(ms) => Ok(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Counts the request and its latency under `route` and the status it ended in.
+    fn observe<T>(
+        &self,
+        model: &str,
+        route: &str,
+        started: Instant,
+        result: &Result<T, ServeError>,
+    ) {
+        let status = match result {
+            Ok(_) => 200,
+            Err(e) => e.status(),
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[model, route, &status.to_string()])
+            .inc();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[model, route])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts a request refused before the service saw it (an unreadable
+    /// body, a bad path segment, no such route). The model label is kept
+    /// only for a served model, so arbitrary paths cannot grow the series.
+    pub fn count_refused(&self, model: &str, route: &str, e: &ServeError) {
+        self.count_status(model, route, e.status());
+    }
+
+    pub fn count_status(&self, model: &str, route: &str, status: u16) {
+        let model = if self.exec.registry().get(model).is_some() {
+            model
+        } else {
+            ""
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[model, route, &status.to_string()])
+            .inc();
+    }
+
+    pub async fn recommend(
+        &self,
+        model: &str,
+        req: RecommendRequest,
+    ) -> Result<RecommendResponse, ServeError> {
+        let started = Instant::now();
+        let result = self.recommend_inner(model, req).await;
+        let label = if self.exec.registry().get(model).is_some() {
+            model
+        } else {
+            ""
+        };
+        self.observe(label, "recommend", started, &result);
+        result
+    }
+
+    async fn recommend_inner(
+        &self,
+        model: &str,
+        req: RecommendRequest,
+    ) -> Result<RecommendResponse, ServeError> {
+        let (id, served) = self.lookup(model)?;
+        let spec = ready_spec(served)?;
+        if spec.kind != ModelKind::TwoTower {
+            return Err(ServeError::Invalid(format!(
+                "model {model} is a {}: recommend needs a two_tower model (use score)",
+                spec.kind.as_str()
+            )));
+        }
+        if req.k == 0 {
+            return Err(ServeError::Invalid("k must be >= 1, got 0".into()));
+        }
+        if req.k > spec.limits.max_k {
+            return Err(ServeError::Invalid(format!(
+                "k must be <= {}, got {}",
+                spec.limits.max_k, req.k
+            )));
+        }
+        if req.exclude.len() > spec.limits.max_exclude {
+            return Err(ServeError::Invalid(format!(
+                "exclude must have <= {} ids, got {}",
+                spec.limits.max_exclude,
+                req.exclude.len()
+            )));
+        }
+        let timeout = self.timeout(req.timeout_ms)?;
+        let op = Op::Recommend {
+            user_id: req.user_id,
+            k: req.k,
+            exclude: req.exclude,
+        };
+        match self.exec.infer(id, op, 1, timeout).await? {
+            Output::TopK(items) => Ok(RecommendResponse {
+                model: served.name.clone(),
+                version: served.version,
+                items: items
+                    .into_iter()
+                    .map(|s| ScoredItem {
+                        id: s.id,
+                        score: s.score,
+                    })
+                    .collect(),
+            }),
+            Output::Scores(_) => Err(ServeError::Internal(
+                "recommend answered with scores: this is a bug".into(),
+            )),
+        }
+    }
+
+    pub async fn score(&self, model: &str, req: ScoreRequest) -> Result<ScoreResponse, ServeError> {
+        let started = Instant::now();
+        let result = self.score_inner(model, req).await;
+        let label = if self.exec.registry().get(model).is_some() {
+            model
+        } else {
+            ""
+        };
+        self.observe(label, "score", started, &result);
+        result
+    }
+
+    async fn score_inner(
+        &self,
+        model: &str,
+        req: ScoreRequest,
+    ) -> Result<ScoreResponse, ServeError> {
+        let (id, served) = self.lookup(model)?;
+        let spec = ready_spec(served)?;
+        if req.items.is_empty() {
+            return Err(ServeError::Invalid("items must not be empty".into()));
+        }
+        if req.items.len() > spec.limits.max_items {
+            return Err(ServeError::Invalid(format!(
+                "items must have <= {} ids, got {}",
+                spec.limits.max_items,
+                req.items.len()
+            )));
+        }
+        let timeout = self.timeout(req.timeout_ms)?;
+        let rows = match spec.kind {
+            ModelKind::TwoTower => 1,
+            ModelKind::Ranker => req.items.len(),
+        };
+        let op = Op::Score {
+            user_id: req.user_id,
+            items: req.items,
+        };
+        match self.exec.infer(id, op, rows, timeout).await? {
+            Output::Scores(scores) => Ok(ScoreResponse {
+                model: served.name.clone(),
+                version: served.version,
+                scores,
+            }),
+            Output::TopK(_) => Err(ServeError::Internal(
+                "score answered with a top-k: this is a bug".into(),
+            )),
+        }
+    }
+
+    pub async fn upsert_user(
+        &self,
+        user_id: u64,
+        req: UserRequest,
+    ) -> Result<UserResponse, ServeError> {
+        let started = Instant::now();
+        let result = self.upsert_user_inner(user_id, req).await;
+        self.observe("", "upsert_user", started, &result);
+        result
+    }
+
+    /// A user's stored history and features (empty for an unknown user).
+    pub async fn get_user(&self, user_id: u64) -> Result<UserResponse, ServeError> {
+        let started = Instant::now();
+        let result = self
+            .upsert_user_inner(user_id, UserRequest::default())
+            .await;
+        self.observe("", "get_user", started, &result);
+        result
+    }
+
+    async fn upsert_user_inner(
+        &self,
+        user_id: u64,
+        req: UserRequest,
+    ) -> Result<UserResponse, ServeError> {
+        let features = req
+            .features
+            .as_deref()
+            .map(|f| finite_f32(f, "features"))
+            .transpose()?;
+        let summary = self
+            .exec
+            .upsert_user(UserUpdate {
+                user_id,
+                history: req.history,
+                features,
+            })
+            .await?;
+        Ok(UserResponse {
+            user_id: summary.user_id,
+            history: summary.history,
+            features: summary.features,
+        })
+    }
+
+    pub async fn write_item(
+        &self,
+        item_id: u64,
+        req: ItemRequest,
+    ) -> Result<ItemSummary, ServeError> {
+        let started = Instant::now();
+        let result = self.write_item_inner(item_id, req).await;
+        self.observe("", "write_item", started, &result);
+        result
+    }
+
+    async fn write_item_inner(
+        &self,
+        item_id: u64,
+        req: ItemRequest,
+    ) -> Result<ItemSummary, ServeError> {
+        let embedding = match (req.deleted, &req.embedding) {
+            (true, Some(_)) => {
+                return Err(ServeError::Invalid(
+                    "give either `embedding` or `deleted: true`, not both".into(),
+                ))
+            }
+            (true, None) => None,
+            (false, Some(e)) => Some(finite_f32(e, "embedding")?),
+            (false, None) => {
+                return Err(ServeError::Invalid(
+                    "an item write needs `embedding` or `deleted: true`".into(),
+                ))
+            }
+        };
+        self.exec
+            .write_item(ItemWrite {
+                item_id,
+                embedding,
+                version: req.version,
+            })
+            .await
+    }
+
+    pub fn models(&self) -> ModelsResponse {
+        ModelsResponse {
+            models: self
+                .exec
+                .registry()
+                .models()
+                .iter()
+                .map(|m| self.info(m))
+                .collect(),
+        }
+    }
+
+    pub fn model(&self, name: &str) -> Result<ModelInfo, ServeError> {
+        let (_, served) = self.lookup(name)?;
+        Ok(self.info(served))
+    }
+
+    fn info(&self, m: &ServedModel) -> ModelInfo {
+        let state = m.state();
+        let spec = m.spec.as_ref();
+        ModelInfo {
+            name: m.name.clone(),
+            version: m.version,
+            kind: spec.map(|s| s.kind.as_str().to_string()),
+            state: state.as_str().to_string(),
+            error: match state {
+                LoadState::Failed(why) => Some(why),
+                _ => None,
+            },
+            device: self.exec.registry().device(),
+            device_reason: self.device_reason(),
+            dim: spec.map(|s| s.dim),
+            user_feature_dim: spec.map(|s| s.user_feature_dim),
+            history_len: spec.map(|s| s.history_len),
+            items: m.item_count(),
+            batching: spec.map(|s| BatchingInfo {
+                max_batch_size: s.batching.max_batch_size,
+                max_queue_delay_us: s.batching.max_queue_delay_us,
+                max_queue_size: s.batching.max_queue_size,
+            }),
+            limits: spec.map(|s| LimitsInfo {
+                max_k: s.limits.max_k,
+                max_items: s.limits.max_items,
+                max_exclude: s.limits.max_exclude,
+            }),
+            queue_depth: m.queued(),
+        }
+    }
+
+    /// Why the GPU is not serving: not used at start, or failed and standing by.
+    fn device_reason(&self) -> Option<String> {
+        let registry = self.exec.registry();
+        let health = registry.health();
+        match (registry.device_reason(), health.healthy) {
+            (Some(r), _) => Some(r),
+            (None, false) => Some(format!(
+                "unhealthy, serving from the CPU: {}",
+                health.reason.unwrap_or_default()
+            )),
+            (None, true) => None,
+        }
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        let registry = self.exec.registry();
+        let reason = registry.not_ready_reason();
+        Readiness {
+            ready: reason.is_none(),
+            device: registry.device(),
+            device_reason: self.device_reason(),
+            device_healthy: registry.health().healthy,
+            kafka: self.ingest.get().map(|s| {
+                if s.connected() {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .to_string()
+            }),
+            reason,
+            models: registry
+                .models()
+                .iter()
+                .map(|m| (m.name.clone(), m.state().as_str().to_string()))
+                .collect(),
+        }
+    }
+}
+
+fn finite_f32(values: &[f64], field: &str) -> Result<Vec<f32>, ServeError> {
+    crate::features::updates::finite_f32(values, field).map_err(ServeError::Invalid)
+}
+
+fn ready_spec(served: &ServedModel) -> Result<&crate::model::ModelSpec, ServeError> {
+    match served.state() {
+        LoadState::Ready => Ok(served.spec.as_ref().expect("a ready model has a spec")),
+        LoadState::Loading => Err(ServeError::NotReady(format!(
+            "model {} is still loading",
+            served.name
+        ))),
+        LoadState::Failed(why) => Err(ServeError::NotReady(format!(
+            "model {} failed to load: {why}",
+            served.name
+        ))),
+    }
+}

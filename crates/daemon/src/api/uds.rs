@@ -1,0 +1,336 @@
+//! The Unix-socket transport: length-prefixed MessagePack frames, pipelined.
+//! Each connection has a reader (frames in, one task per request, at most
+//! `max_inflight` at once: past that it stops reading, which pushes back on the
+//! client) and a writer (answers out, in completion order). A client that
+//! stops reading is cut off after `write_timeout`; a broken frame ends only
+//! its own connection.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use rankd_client::frame::{encode_frame, FrameDecoder, FrameError};
+use rankd_client::types::*;
+use rankd_client::wire::*;
+use super::Service;
+use crate::error::ServeError;
+
+#[derive(Debug, Clone)]
+pub struct UdsConfig {
+    pub path: PathBuf,
+    pub max_frame_bytes: usize,
+    /// Requests of one connection being served at once.
+    pub max_inflight: usize,
+    /// How long a write may block on a client that does not read.
+    pub write_timeout: Duration,
+}
+
+/// Binds the socket with mode 0660. A socket file left by a dead process is
+/// replaced; one that still accepts connections is not taken over.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "socket {} is in use by a running process; stop it or choose another --uds path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+        tracing::info!(path = %path.display(), "removed a stale socket file");
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Accepts connections until `stop` fires, then removes the socket file.
+pub async fn serve(
+    listener: UnixListener,
+    service: Arc<Service>,
+    config: UdsConfig,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let config = Arc::new(config);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(connection(stream, service.clone(), config.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = &mut stop => break,
+        }
+    }
+    let _ = std::fs::remove_file(&config.path);
+}
+
+fn encode<R: serde::Serialize>(resp: &WireResponse<R>) -> Vec<u8> {
+    let payload = rmp_serde::to_vec_named(resp).expect("responses always encode");
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    encode_frame(&payload, &mut out);
+    out
+}
+
+fn error_frame(id: u64, e: &ServeError) -> Vec<u8> {
+    encode::<()>(&WireResponse {
+        id,
+        ok: false,
+        result: None,
+        error: Some(ErrorDetail {
+            kind: e.kind().to_string(),
+            message: e.to_string(),
+        }),
+    })
+}
+
+async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<UdsConfig>) {
+    let metrics = service.metrics();
+    metrics.uds_connections.inc();
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(config.max_inflight.max(1) * 2);
+    let writer = tokio::spawn(write_loop(wr, rx, config.write_timeout));
+    let inflight = Arc::new(Semaphore::new(config.max_inflight.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let decoder = FrameDecoder::new(config.max_frame_bytes);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    'conn: loop {
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    let req = match decode(&frame) {
+                        Ok(req) => req,
+                        Err(answer) => {
+                            if tx.send(answer).await.is_err() {
+                                break 'conn;
+                            }
+                            continue;
+                        }
+                    };
+                    // Calls that never wait on the executor are answered here,
+                    // without a task hand-off.
+                    if matches!(req.op.as_str(), "health" | "models" | "ingest") {
+                        if tx.send(answer(&service, req).await).await.is_err() {
+                            break 'conn;
+                        }
+                        continue;
+                    }
+                    let permit = tokio::select! {
+                        p = inflight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                        _ = tx.closed() => break 'conn,
+                    };
+                    let (service, tx) = (service.clone(), tx.clone());
+                    while tasks.try_join_next().is_some() {}
+                    tasks.spawn(async move {
+                        let _ = tx.send(answer(&service, req).await).await;
+                        drop(permit);
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    protocol_error(&service, &tx, e).await;
+                    break 'conn;
+                }
+            }
+        }
+        let read = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = tx.closed() => break,
+        };
+        match read {
+            Ok(0) => {
+                if let Err(e) = decoder.finish(&buf) {
+                    metrics.uds_errors.with_label_values(&["truncated"]).inc();
+                    tracing::debug!(error = %e, "socket client left mid-frame");
+                }
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "socket read failed");
+                break;
+            }
+        }
+    }
+    if tx.is_closed() {
+        // The writer gave up on this client: its pending work is wasted.
+        tasks.abort_all();
+    }
+    drop(tx);
+    while tasks.join_next().await.is_some() {}
+    let _ = writer.await;
+    metrics.uds_connections.dec();
+}
+
+async fn protocol_error(service: &Service, tx: &mpsc::Sender<Vec<u8>>, e: FrameError) {
+    let reason = match e {
+        FrameError::TooLarge { .. } => "too_large",
+        FrameError::Truncated { .. } => "truncated",
+    };
+    service
+        .metrics()
+        .uds_errors
+        .with_label_values(&[reason])
+        .inc();
+    tracing::debug!(error = %e, "closing a socket connection");
+    let _ = tx
+        .send(error_frame(0, &ServeError::TooLarge(e.to_string())))
+        .await;
+}
+
+async fn write_loop(
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    write_timeout: Duration,
+) {
+    let mut out = Vec::with_capacity(16 * 1024);
+    while let Some(frame) = rx.recv().await {
+        out.extend_from_slice(&frame);
+        // Coalesce whatever else is ready into one write.
+        while out.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => out.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        match tokio::time::timeout(write_timeout, wr.write_all(&out)).await {
+            Ok(Ok(())) => out.clear(),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "socket write failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = write_timeout.as_millis() as u64,
+                    "socket client stopped reading its answers; disconnecting it"
+                );
+                return;
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Decodes one request frame, or returns the error frame that answers it.
+fn decode(frame: &[u8]) -> Result<WireRequest, Vec<u8>> {
+    // A request is a map; serde would also read a struct from an array.
+    let is_map = matches!(frame.first(), Some(0x80..=0x8f | 0xde | 0xdf));
+    if !is_map {
+        let err = if frame.is_empty() {
+            ServeError::Malformed("empty frame; a request is a MessagePack map".into())
+        } else if rmp_serde::from_slice::<serde::de::IgnoredAny>(frame).is_err() {
+            ServeError::Malformed("the frame is not a complete MessagePack value".into())
+        } else {
+            ServeError::Invalid("a request must be a MessagePack map".into())
+        };
+        return Err(error_frame(0, &err));
+    }
+    rmp_serde::from_slice(frame).map_err(|e| {
+        let id = rmp_serde::from_slice::<WireId>(frame).map_or(0, |w| w.id);
+        let err = match e {
+            rmp_serde::decode::Error::Syntax(_) | rmp_serde::decode::Error::TypeMismatch(_) => {
+                ServeError::Invalid(format!("invalid request: {e}"))
+            }
+            _ => ServeError::Malformed(format!("undecodable MessagePack request: {e}")),
+        };
+        error_frame(id, &err)
+    })
+}
+
+/// Serves one decoded request; always returns an answer frame.
+async fn answer(service: &Service, req: WireRequest) -> Vec<u8> {
+    let id = req.id;
+    match dispatch(service, req).await {
+        Ok(result) => encode(&WireResponse {
+            id,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }),
+        Err(e) => error_frame(id, &e),
+    }
+}
+
+fn required<T>(value: Option<T>, field: &str, op: &str) -> Result<T, ServeError> {
+    value.ok_or_else(|| ServeError::Invalid(format!("`{field}` is required for op {op}")))
+}
+
+async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, ServeError> {
+    let op = req.op.as_str();
+    match op {
+        "recommend" => {
+            let model = required(req.model, "model", op)?;
+            let body = RecommendRequest {
+                user_id: required(req.user_id, "user_id", op)?,
+                k: req.k.unwrap_or(10),
+                exclude: req.exclude.unwrap_or_default(),
+                timeout_ms: req.timeout_ms,
+            };
+            service
+                .recommend(&model, body)
+                .await
+                .map(WireResult::Recommend)
+        }
+        "score" => {
+            let model = required(req.model, "model", op)?;
+            let body = ScoreRequest {
+                user_id: required(req.user_id, "user_id", op)?,
+                items: required(req.items, "items", op)?,
+                timeout_ms: req.timeout_ms,
+            };
+            service.score(&model, body).await.map(WireResult::Score)
+        }
+        "upsert_user" => {
+            let user_id = required(req.user_id, "user_id", op)?;
+            let body = UserRequest {
+                history: req.history,
+                features: req.features,
+            };
+            service
+                .upsert_user(user_id, body)
+                .await
+                .map(WireResult::User)
+        }
+        "upsert_item" => {
+            let item_id = required(req.item_id, "item_id", op)?;
+            let body = ItemRequest {
+                embedding: req.embedding,
+                deleted: req.deleted.unwrap_or(false),
+                version: req.version,
+            };
+            service
+                .write_item(item_id, body)
+                .await
+                .map(WireResult::Item)
+        }
+        "ingest" => Ok(WireResult::Ingest(service.ingest())),
+        "models" => match req.model {
+            Some(m) => service.model(&m).map(WireResult::Model),
+            None => Ok(WireResult::Models(service.models())),
+        },
+        "health" => Ok(WireResult::Health(service.readiness())),
+        other => Err(ServeError::Invalid(format!(
+            "unknown op '{other}'; expected one of {}",
+            OPS.join(", ")
+        ))),
+    }
+}

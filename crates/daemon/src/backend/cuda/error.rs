@@ -1,0 +1,149 @@
+//! CUDA failures as the executor sees them: every driver or cuBLAS error
+//! becomes a `BackendError` whose reason labels the metric and decides
+//! whether the device can still be used (`hardware` errors poison the CUDA
+//! context, so the backend reports itself unhealthy from then on).
+
+use cudarc::cublas::result::CublasError;
+use cudarc::cublas::sys::cublasStatus_t;
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::DriverError;
+
+use crate::backend::BackendError;
+
+#[derive(Debug)]
+pub enum GpuError {
+    Driver(&'static str, DriverError),
+    Blas(&'static str, CublasError),
+    /// A request the device path cannot serve (too large a k, a bad row).
+    Invalid(String),
+}
+
+impl std::fmt::Display for GpuError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GpuError::Driver(what, e) => write!(f, "{what}: {e}"),
+            GpuError::Blas(what, e) => write!(f, "{what}: cuBLAS {:?}", e.0),
+            GpuError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for GpuError {}
+
+impl GpuError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GpuError::Driver(_, e) => driver_reason(e.0),
+            GpuError::Blas(_, e) => blas_reason(e.0),
+            GpuError::Invalid(_) => "other",
+        }
+    }
+
+    pub fn into_backend(self, device: &str) -> BackendError {
+        // Display asks the driver for the error string: fine, as a
+        // DriverError only exists when the driver is loaded.
+        BackendError::new(device, self.reason(), self.to_string())
+    }
+}
+
+/// Short label of a driver error for metrics and health.
+pub fn driver_reason(r: CUresult) -> &'static str {
+    use CUresult::*;
+    match r {
+        CUDA_ERROR_OUT_OF_MEMORY => "out_of_memory",
+        // Sticky errors: the context is unusable until the process restarts.
+        CUDA_ERROR_ECC_UNCORRECTABLE
+        | CUDA_ERROR_HARDWARE_STACK_ERROR
+        | CUDA_ERROR_ILLEGAL_ADDRESS
+        | CUDA_ERROR_ILLEGAL_INSTRUCTION
+        | CUDA_ERROR_MISALIGNED_ADDRESS
+        | CUDA_ERROR_INVALID_ADDRESS_SPACE
+        | CUDA_ERROR_INVALID_PC
+        | CUDA_ERROR_LAUNCH_FAILED
+        | CUDA_ERROR_NVLINK_UNCORRECTABLE
+        | CUDA_ERROR_ASSERT
+        | CUDA_ERROR_CONTEXT_IS_DESTROYED => "hardware",
+        CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+        | CUDA_ERROR_LAUNCH_TIMEOUT
+        | CUDA_ERROR_INVALID_VALUE
+        | CUDA_ERROR_INVALID_HANDLE
+        | CUDA_ERROR_NOT_FOUND
+        | CUDA_ERROR_INVALID_PTX
+        | CUDA_ERROR_INVALID_IMAGE
+        | CUDA_ERROR_NO_BINARY_FOR_GPU
+        | CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE => "launch",
+        CUDA_ERROR_NOT_INITIALIZED
+        | CUDA_ERROR_DEINITIALIZED
+        | CUDA_ERROR_NO_DEVICE
+        | CUDA_ERROR_INVALID_DEVICE
+        | CUDA_ERROR_INVALID_CONTEXT
+        | CUDA_ERROR_SYSTEM_NOT_READY
+        | CUDA_ERROR_SYSTEM_DRIVER_MISMATCH
+        | CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE
+        | CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+        | CUDA_ERROR_JIT_COMPILER_NOT_FOUND
+        | CUDA_ERROR_STUB_LIBRARY => "driver",
+        _ => "other",
+    }
+}
+
+pub fn blas_reason(s: cublasStatus_t) -> &'static str {
+    use cublasStatus_t::*;
+    match s {
+        CUBLAS_STATUS_ALLOC_FAILED => "out_of_memory",
+        CUBLAS_STATUS_EXECUTION_FAILED | CUBLAS_STATUS_ARCH_MISMATCH => "launch",
+        CUBLAS_STATUS_NOT_INITIALIZED => "driver",
+        _ => "other",
+    }
+}
+
+/// `.ctx("what")` on driver and cuBLAS results names the failed step.
+pub trait Ctx<T> {
+    fn ctx(self, what: &'static str) -> Result<T, GpuError>;
+}
+
+impl<T> Ctx<T> for Result<T, DriverError> {
+    fn ctx(self, what: &'static str) -> Result<T, GpuError> {
+        self.map_err(|e| GpuError::Driver(what, e))
+    }
+}
+
+impl<T> Ctx<T> for Result<T, CublasError> {
+    fn ctx(self, what: &'static str) -> Result<T, GpuError> {
+        self.map_err(|e| GpuError::Blas(what, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_group_driver_errors_the_way_health_needs() {
+        assert_eq!(
+            driver_reason(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
+            "out_of_memory"
+        );
+        assert_eq!(
+            driver_reason(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS),
+            "hardware"
+        );
+        assert_eq!(
+            driver_reason(CUresult::CUDA_ERROR_ECC_UNCORRECTABLE),
+            "hardware"
+        );
+        assert_eq!(
+            driver_reason(CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES),
+            "launch"
+        );
+        assert_eq!(driver_reason(CUresult::CUDA_ERROR_NO_DEVICE), "driver");
+        assert_eq!(driver_reason(CUresult::CUDA_ERROR_UNKNOWN), "other");
+        assert_eq!(
+            blas_reason(cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED),
+            "out_of_memory"
+        );
+        let e = GpuError::Invalid("k must be <= 4096 on the GPU, got 5000".into())
+            .into_backend("cuda:0");
+        assert_eq!((e.device.as_str(), e.reason), ("cuda:0", "other"));
+    }
+}

@@ -1,0 +1,96 @@
+//! Choosing the backend at start: `--device auto|cpu|cuda:N`. A GPU backend
+//! is always wrapped in the CPU fallback; when no GPU can be used, the reason
+//! is logged once and reported in `/readyz` and `/v1/models`.
+
+use std::sync::Arc;
+
+use super::Backend;
+use super::cpu::CpuBackend;
+use super::fallback::{faulty, system_clock, Fallback};
+use crate::metrics::Metrics;
+
+pub struct Selected {
+    pub backend: Box<dyn Backend>,
+    /// Why the requested GPU is not used, when it is not.
+    pub reason: Option<String>,
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize, metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, String> {
+    let backend = super::cuda::CudaBackend::new(ordinal)?;
+    super::cuda::telemetry::start(ordinal, metrics.clone());
+    Ok(Box::new(backend))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize, _metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, String> {
+    Err("this rankd was built without the `cuda` feature".into())
+}
+
+fn cpu(reason: String) -> Selected {
+    tracing::warn!(%reason, "serving on the CPU");
+    Selected {
+        backend: Box::new(CpuBackend::new()),
+        reason: Some(reason),
+    }
+}
+
+/// `spec`: `auto` (GPU 0 if usable, else CPU), `cpu`, `cuda` / `cuda:N`
+/// (that GPU, else CPU with a warning), or `faulty-cpu[:N]`: a CPU backend
+/// behind the fallback that fails every Nth batch (default 3), to exercise
+/// and alert on the fallback path without a GPU.
+pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, String> {
+    let wrap = |b: Box<dyn Backend>| -> Box<dyn Backend> {
+        Box::new(Fallback::new(b, Some(metrics.clone()), system_clock()))
+    };
+    let spec = spec.trim();
+    if spec == "cpu" {
+        return Ok(Selected {
+            backend: Box::new(CpuBackend::new()),
+            reason: Some("--device cpu".into()),
+        });
+    }
+    if let Some(rest) = spec.strip_prefix("faulty-cpu") {
+        let every = match rest.strip_prefix(':') {
+            Some(n) => n
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("faulty-cpu:N needs N >= 1, got '{n}'"))?,
+            None if rest.is_empty() => 3,
+            None => return Err(format!("unknown device '{spec}'")),
+        };
+        let plan = Arc::new(faulty::Plan::default());
+        plan.fail_every
+            .store(every, std::sync::atomic::Ordering::Release);
+        tracing::warn!(
+            every,
+            "fault injection: every Nth batch fails and is re-executed on the CPU"
+        );
+        return Ok(Selected {
+            backend: wrap(Box::new(faulty::Faulty::new(plan))),
+            reason: None,
+        });
+    }
+    let ordinal = match spec {
+        "auto" | "cuda" => 0,
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => {
+                return Err(format!(
+                    "unknown device '{spec}'; expected auto, cpu or cuda:N"
+                ))
+            }
+        },
+    };
+    match open_cuda(ordinal, metrics) {
+        Ok(b) => {
+            tracing::info!(device = %b.device(), "serving on the GPU, with the CPU as fallback");
+            Ok(Selected {
+                backend: wrap(b),
+                reason: None,
+            })
+        }
+        Err(why) => Ok(cpu(format!("cuda:{ordinal} not used: {why}"))),
+    }
+}

@@ -1,0 +1,501 @@
+//! CPU fallback around a device backend. A batch the device fails on is
+//! re-executed on the CPU copy of the model (kept in host memory for this),
+//! the device is marked unhealthy and probed again after a back-off that
+//! doubles up to a ceiling. Item rows written while it was out of service are
+//! replayed to it (and models or tables it failed to load are loaded again)
+//! before it takes traffic again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{
+    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, TableId,
+};
+use super::cpu::CpuBackend;
+use crate::metrics::Metrics;
+use crate::model::{ItemDtype, ItemTable, TowerWeights};
+
+/// Where time comes from (injectable, so back-off is tested without sleeping).
+pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(Instant::now)
+}
+
+pub struct Fallback {
+    primary: Box<dyn Backend>,
+    cpu: CpuBackend,
+    device: String,
+    healthy: bool,
+    reason: Option<String>,
+    retry_at: Instant,
+    backoff: Duration,
+    min_backoff: Duration,
+    max_backoff: Duration,
+    /// Rows written while the device was out of service, per table.
+    pending_rows: BTreeMap<TableId, BTreeSet<u32>>,
+    /// Tables and models the device failed to load: loaded again on recovery.
+    stale_tables: BTreeSet<TableId>,
+    stale_models: BTreeSet<ModelId>,
+    models: HashMap<ModelId, (ModelDesc, TableId, TowerWeights)>,
+    table_dtypes: HashMap<TableId, ItemDtype>,
+    clock: Clock,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Fallback {
+    pub fn new(primary: Box<dyn Backend>, metrics: Option<Arc<Metrics>>, clock: Clock) -> Self {
+        let device = primary.device();
+        let now = clock();
+        if let Some(m) = &metrics {
+            m.device_healthy.with_label_values(&[&device]).set(1);
+        }
+        Self {
+            primary,
+            cpu: CpuBackend::new(),
+            device,
+            healthy: true,
+            reason: None,
+            retry_at: now,
+            backoff: Duration::from_secs(1),
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            pending_rows: BTreeMap::new(),
+            stale_tables: BTreeSet::new(),
+            stale_models: BTreeSet::new(),
+            models: HashMap::new(),
+            table_dtypes: HashMap::new(),
+            clock,
+            metrics,
+        }
+    }
+
+    #[cfg(test)]
+    /// Back-off before the first probe, doubling per failed probe up to `max`.
+    pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_backoff = min;
+        self.max_backoff = max.max(min);
+        self.backoff = min;
+        self
+    }
+
+    fn mark_unhealthy(&mut self, e: &BackendError) {
+        let now = (self.clock)();
+        if self.healthy {
+            tracing::error!(device = %self.device, error = %e, "device failed; serving from the CPU copy until it recovers");
+        } else {
+            tracing::warn!(device = %self.device, error = %e, "device probe failed");
+        }
+        self.healthy = false;
+        self.reason = Some(format!("{}: {}", e.reason, e.message));
+        self.retry_at = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(self.max_backoff);
+        if let Some(m) = &self.metrics {
+            m.device_healthy.with_label_values(&[&self.device]).set(0);
+        }
+    }
+
+    fn mark_healthy(&mut self) {
+        if !self.healthy {
+            tracing::info!(device = %self.device, "device recovered; it takes traffic again");
+        }
+        self.healthy = true;
+        self.reason = None;
+        self.backoff = self.min_backoff;
+        if let Some(m) = &self.metrics {
+            m.device_healthy.with_label_values(&[&self.device]).set(1);
+        }
+    }
+
+    /// Brings the device's copy of `table` and model `id` in step: loads what
+    /// it failed to load and replays rows written while it was out.
+    fn resync(
+        &mut self,
+        id: ModelId,
+        table: TableId,
+        items: &ItemTable,
+    ) -> Result<(), BackendError> {
+        if self.stale_tables.contains(&table) {
+            let dtype = self.table_dtypes.get(&table).copied().unwrap_or_default();
+            self.primary.load_table(table, items, dtype)?;
+            self.stale_tables.remove(&table);
+            self.pending_rows.remove(&table);
+        }
+        if let Some(rows) = self.pending_rows.get(&table) {
+            let rows: Vec<u32> = rows.iter().copied().collect();
+            self.primary.items_changed(table, items, &rows)?;
+            self.pending_rows.remove(&table);
+        }
+        if self.stale_models.contains(&id) {
+            let (desc, t, weights) = self.models.get(&id).expect("a loaded model is remembered");
+            self.primary.load(id, *desc, *t, weights)?;
+            self.stale_models.remove(&id);
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Fallback {
+    fn device(&self) -> String {
+        self.device.clone()
+    }
+
+    fn load_table(
+        &mut self,
+        table: TableId,
+        items: &ItemTable,
+        dtype: ItemDtype,
+    ) -> Result<(), BackendError> {
+        self.cpu.load_table(table, items, dtype)?;
+        self.table_dtypes.insert(table, dtype);
+        if let Err(e) = self.primary.load_table(table, items, dtype) {
+            self.mark_unhealthy(&e);
+            self.stale_tables.insert(table);
+        }
+        Ok(())
+    }
+
+    fn load(
+        &mut self,
+        id: ModelId,
+        desc: ModelDesc,
+        table: TableId,
+        weights: &TowerWeights,
+    ) -> Result<(), BackendError> {
+        self.cpu.load(id, desc, table, weights)?;
+        self.models.insert(id, (desc, table, weights.clone()));
+        if let Err(e) = self.primary.load(id, desc, table, weights) {
+            self.mark_unhealthy(&e);
+            self.stale_models.insert(id);
+        }
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        id: ModelId,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Result<Vec<Output>, BackendError> {
+        let probing = !self.healthy && (self.clock)() >= self.retry_at;
+        if self.healthy || probing {
+            let table = self.models.get(&id).map(|m| m.1);
+            let attempt = match table {
+                Some(t) => self
+                    .resync(id, t, items)
+                    .and_then(|()| self.primary.run(id, items, queries)),
+                None => self.primary.run(id, items, queries),
+            };
+            match attempt {
+                Ok(out) => {
+                    self.mark_healthy();
+                    return Ok(out);
+                }
+                Err(e) => {
+                    if let Some(m) = &self.metrics {
+                        m.fallbacks.with_label_values(&[e.reason]).inc();
+                    }
+                    self.mark_unhealthy(&e);
+                }
+            }
+        }
+        self.cpu.run(id, items, queries)
+    }
+
+    fn items_changed(
+        &mut self,
+        table: TableId,
+        items: &ItemTable,
+        rows: &[u32],
+    ) -> Result<(), BackendError> {
+        if self.healthy {
+            match self.primary.items_changed(table, items, rows) {
+                Ok(()) => return Ok(()),
+                Err(e) => self.mark_unhealthy(&e),
+            }
+        }
+        self.pending_rows
+            .entry(table)
+            .or_default()
+            .extend(rows.iter().copied());
+        Ok(())
+    }
+
+    fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
+        self.primary.warm_batch_sizes(max_batch)
+    }
+
+    fn health(&self) -> DeviceHealth {
+        DeviceHealth {
+            healthy: self.healthy,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// A backend that computes on the CPU and fails on command: for testing the
+/// fallback path (and alerting on it) on hosts without a GPU.
+pub mod faulty {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Shared controls and a record of what reached the backend.
+    #[derive(Debug, Default)]
+    pub struct Plan {
+        /// Fail the next N `run` calls.
+        pub fail_runs: AtomicUsize,
+        /// Fail every Nth `run` call (0: never).
+        pub fail_every: AtomicUsize,
+        /// Fail the next N `items_changed` calls.
+        pub fail_updates: AtomicUsize,
+        pub runs: AtomicUsize,
+        pub runs_ok: AtomicUsize,
+        /// Rows received through `items_changed`, per call.
+        pub rows_seen: Mutex<Vec<Vec<u32>>>,
+    }
+
+    pub struct Faulty {
+        inner: CpuBackend,
+        pub plan: Arc<Plan>,
+    }
+
+    impl Faulty {
+        pub fn new(plan: Arc<Plan>) -> Self {
+            Self {
+                inner: CpuBackend::new(),
+                plan,
+            }
+        }
+    }
+
+    fn take_one(n: &AtomicUsize) -> bool {
+        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1))
+            .is_ok()
+    }
+
+    impl Backend for Faulty {
+        fn device(&self) -> String {
+            "faulty-cpu".into()
+        }
+        fn load_table(
+            &mut self,
+            table: TableId,
+            items: &ItemTable,
+            dtype: ItemDtype,
+        ) -> Result<(), BackendError> {
+            self.inner.load_table(table, items, dtype)
+        }
+        fn load(
+            &mut self,
+            id: ModelId,
+            desc: ModelDesc,
+            table: TableId,
+            weights: &TowerWeights,
+        ) -> Result<(), BackendError> {
+            self.inner.load(id, desc, table, weights)
+        }
+        fn run(
+            &mut self,
+            id: ModelId,
+            items: &ItemTable,
+            queries: &[Query<'_>],
+        ) -> Result<Vec<Output>, BackendError> {
+            let n = self.plan.runs.fetch_add(1, Ordering::AcqRel) + 1;
+            let every = self.plan.fail_every.load(Ordering::Acquire);
+            if take_one(&self.plan.fail_runs) || (every > 0 && n % every == 0) {
+                return Err(BackendError::new(
+                    "faulty-cpu",
+                    "launch",
+                    "injected launch failure",
+                ));
+            }
+            let out = self.inner.run(id, items, queries)?;
+            self.plan.runs_ok.fetch_add(1, Ordering::AcqRel);
+            Ok(out)
+        }
+        fn items_changed(
+            &mut self,
+            _table: TableId,
+            _items: &ItemTable,
+            rows: &[u32],
+        ) -> Result<(), BackendError> {
+            if take_one(&self.plan.fail_updates) {
+                return Err(BackendError::new(
+                    "faulty-cpu",
+                    "out_of_memory",
+                    "injected allocation failure",
+                ));
+            }
+            self.plan
+                .rows_seen
+                .lock()
+                .expect("rows lock")
+                .push(rows.to_vec());
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Mutex;
+
+    use super::faulty::{Faulty, Plan};
+    use super::*;
+    use crate::backend::Task;
+    use crate::model::demo::Rng;
+    use crate::model::{Layer, ModelKind};
+
+    struct ManualClock(Mutex<Instant>);
+
+    fn setup() -> (Fallback, Arc<Plan>, Arc<ManualClock>, ItemTable) {
+        let mut rng = Rng::new(9);
+        let d = 8;
+        let n = 300;
+        let ids: Vec<u64> = (0..n as u64).map(|i| 1000 + i).collect();
+        let emb: Vec<f32> = (0..n * d).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let items = ItemTable::new(d, ids, emb).unwrap();
+        let layer = |o: usize, i: usize, rng: &mut Rng| Layer {
+            out_dim: o,
+            in_dim: i,
+            weight: (0..o * i).map(|_| rng.uniform() as f32 - 0.5).collect(),
+            bias: (0..o).map(|_| rng.uniform() as f32 - 0.5).collect(),
+        };
+        let weights = TowerWeights {
+            layers: vec![layer(16, d, &mut rng), layer(d, 16, &mut rng)],
+        };
+        let plan = Arc::new(Plan::default());
+        let clock = Arc::new(ManualClock(Mutex::new(Instant::now())));
+        let c = clock.clone();
+        let mut fb = Fallback::new(
+            Box::new(Faulty::new(plan.clone())),
+            None,
+            Arc::new(move || *c.0.lock().unwrap()),
+        )
+        .with_backoff(Duration::from_secs(1), Duration::from_secs(8));
+        let desc = ModelDesc {
+            kind: ModelKind::TwoTower,
+            dim: d,
+            user_feature_dim: 0,
+            bounds: Default::default(),
+        };
+        fb.load_table(0, &items, ItemDtype::F32).unwrap();
+        fb.load(0, desc, 0, &weights).unwrap();
+        (fb, plan, clock, items)
+    }
+
+    fn batch(fb: &mut Fallback, items: &ItemTable) -> Vec<Output> {
+        let hist: Vec<Vec<u32>> = (0..5u32).map(|i| vec![i, i * 7, i * 13 + 1]).collect();
+        let queries: Vec<Query<'_>> = hist
+            .iter()
+            .map(|h| Query {
+                history: h,
+                features: None,
+                task: Task::TopK { k: 5, exclude: &[] },
+            })
+            .collect();
+        fb.run(0, items, &queries).unwrap()
+    }
+
+    fn advance(clock: &ManualClock, by: Duration) {
+        *clock.0.lock().unwrap() += by;
+    }
+
+    #[test]
+    fn a_failed_batch_is_re_executed_on_the_cpu_and_the_device_is_probed_later() {
+        let (mut fb, plan, clock, items) = setup();
+        let reference = batch(&mut fb, &items);
+        assert_eq!(plan.runs_ok.load(Ordering::Acquire), 1);
+        plan.fail_runs.store(1, Ordering::Release);
+        // The failing batch still gets the same answers, from the CPU.
+        assert_eq!(batch(&mut fb, &items), reference);
+        let h = fb.health();
+        assert!(
+            !h.healthy && h.reason.as_deref().unwrap().contains("injected"),
+            "{h:?}"
+        );
+        // Within the back-off the device is not tried.
+        let runs = plan.runs.load(Ordering::Acquire);
+        advance(&clock, Duration::from_millis(900));
+        assert_eq!(batch(&mut fb, &items), reference);
+        assert_eq!(plan.runs.load(Ordering::Acquire), runs);
+        // After it, a probe runs on the device and succeeds.
+        advance(&clock, Duration::from_millis(200));
+        assert_eq!(batch(&mut fb, &items), reference);
+        assert_eq!(plan.runs.load(Ordering::Acquire), runs + 1);
+        assert!(fb.health().healthy);
+    }
+
+    #[test]
+    fn failed_probes_double_the_back_off_up_to_the_ceiling() {
+        let (mut fb, plan, clock, items) = setup();
+        plan.fail_runs.store(100, Ordering::Release);
+        batch(&mut fb, &items);
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            let before = plan.runs.load(Ordering::Acquire);
+            let mut waited = Duration::ZERO;
+            while plan.runs.load(Ordering::Acquire) == before {
+                advance(&clock, Duration::from_millis(250));
+                waited += Duration::from_millis(250);
+                batch(&mut fb, &items);
+            }
+            waits.push(waited.as_secs());
+        }
+        assert_eq!(waits, vec![1, 2, 4, 8, 8]);
+    }
+
+    #[test]
+    fn rows_written_while_unhealthy_are_replayed_before_the_device_serves() {
+        let (mut fb, plan, clock, mut items) = setup();
+        plan.fail_runs.store(1, Ordering::Release);
+        batch(&mut fb, &items);
+        assert!(!fb.health().healthy);
+        // Updates while out of service: the device does not see them yet.
+        let new_row = match items.upsert(5000, &[0.5; 8], 1) {
+            crate::model::items::ItemChange::Applied { row } => row,
+            other => panic!("{other:?}"),
+        };
+        fb.items_changed(0, &items, &[3, new_row]).unwrap();
+        fb.items_changed(0, &items, &[3]).unwrap();
+        assert!(plan.rows_seen.lock().unwrap().is_empty());
+        advance(&clock, Duration::from_secs(2));
+        let out = batch(&mut fb, &items);
+        assert!(fb.health().healthy);
+        assert_eq!(
+            *plan.rows_seen.lock().unwrap(),
+            vec![vec![3, new_row]],
+            "replayed once, deduplicated"
+        );
+        // And the answers match a CPU-only computation of the updated table.
+        let mut cpu = CpuBackend::new();
+        let (desc, table, weights) = fb.models[&0].clone();
+        cpu.load(0, desc, table, &weights).unwrap();
+        let hist: Vec<Vec<u32>> = (0..5u32).map(|i| vec![i, i * 7, i * 13 + 1]).collect();
+        let queries: Vec<Query<'_>> = hist
+            .iter()
+            .map(|h| Query {
+                history: h,
+                features: None,
+                task: Task::TopK { k: 5, exclude: &[] },
+            })
+            .collect();
+        assert_eq!(out, cpu.run(0, &items, &queries).unwrap());
+    }
+
+    #[test]
+    fn a_failed_update_upload_marks_the_device_unhealthy_and_keeps_the_rows() {
+        let (mut fb, plan, clock, items) = setup();
+        plan.fail_updates.store(1, Ordering::Release);
+        fb.items_changed(0, &items, &[7, 8]).unwrap();
+        assert!(!fb.health().healthy);
+        advance(&clock, Duration::from_secs(1));
+        batch(&mut fb, &items);
+        assert!(fb.health().healthy);
+        assert_eq!(*plan.rows_seen.lock().unwrap(), vec![vec![7, 8]]);
+    }
+}

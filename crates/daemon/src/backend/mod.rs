@@ -1,0 +1,180 @@
+//! The contract between the executor and a compute device. It speaks in plain
+//! host types (item-table rows, f32 slices), not candle or CUDA ones, so the
+//! queue, the batcher and the servers build and test without any device code.
+
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
+pub mod fallback;
+pub mod topk;
+
+use crate::model::{ItemDtype, ItemTable, ModelKind, ModelSpec, TowerWeights};
+
+/// Index of a loaded model in the executor.
+pub type ModelId = usize;
+
+/// Index of an item table in the executor (models may share one).
+pub type TableId = usize;
+
+/// What a backend needs to know about a model besides its weights.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelDesc {
+    pub kind: ModelKind,
+    pub dim: usize,
+    pub user_feature_dim: usize,
+    /// The largest batch the executor will hand over; a device backend sizes
+    /// its batch buffers for it at load.
+    pub bounds: BatchBounds,
+}
+
+/// The largest batch a model can be given, from its model.toml: requests
+/// beyond these limits are refused before they reach a batch. All zero means
+/// "unknown": buffers are then sized by the first batches instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchBounds {
+    pub max_batch: usize,
+    pub history_len: usize,
+    /// Most ids in a stored history (`--history-max`): recommend excludes
+    /// all of them.
+    pub history_max: usize,
+    pub max_k: usize,
+    /// Candidates per score request.
+    pub max_items: usize,
+    /// Exclusions per recommend request, besides the user's history.
+    pub max_exclude: usize,
+}
+
+impl BatchBounds {
+    /// The model's limits, with stored histories of up to `history_max` ids.
+    pub fn of(spec: &ModelSpec, history_max: usize) -> Self {
+        Self {
+            max_batch: spec.batching.max_batch_size,
+            history_len: spec.history_len,
+            history_max: history_max.max(spec.history_len),
+            max_k: spec.limits.max_k,
+            max_items: spec.limits.max_items,
+            max_exclude: spec.limits.max_exclude,
+        }
+    }
+}
+
+/// One request row group of a batch: a user (history and features) and what to
+/// compute for them.
+#[derive(Debug, Clone)]
+pub struct Query<'a> {
+    /// Item-table rows of the user's recent history (already cut to the
+    /// model's `history_len`), oldest first. Pooled with a plain mean.
+    pub history: &'a [u32],
+    /// Dense user features, `user_feature_dim` long; `None` means zeros.
+    pub features: Option<&'a [f32]>,
+    pub task: Task<'a>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Task<'a> {
+    /// Top `k` live items by score, skipping `exclude` (sorted rows).
+    TopK { k: usize, exclude: &'a [u32] },
+    /// One score per given row, in order.
+    Score { rows: &'a [u32] },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub id: u64,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    TopK(Vec<Scored>),
+    Scores(Vec<f32>),
+}
+
+/// A failed batch. `Clone`, so one failure can be sent to every waiter.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{device}: {message}")]
+pub struct BackendError {
+    pub device: String,
+    /// Short label for metrics: `launch`, `out_of_memory`, `hardware`,
+    /// `driver`, `other`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(
+        device: impl Into<String>,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// How a backend's device is doing, for `/readyz` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceHealth {
+    pub healthy: bool,
+    /// Why the device is not used right now, when it is not.
+    pub reason: Option<String>,
+}
+
+pub trait Backend: Send {
+    /// `cpu`, `cuda:0`, ...
+    fn device(&self) -> String;
+
+    /// Makes an item table resident, stored as `dtype` where the device has a
+    /// choice. Called once per table, before the models that use it are loaded.
+    fn load_table(
+        &mut self,
+        table: TableId,
+        items: &ItemTable,
+        dtype: ItemDtype,
+    ) -> Result<(), BackendError>;
+
+    /// Makes a model resident. Called once per model, before any `run`.
+    fn load(
+        &mut self,
+        id: ModelId,
+        desc: ModelDesc,
+        table: TableId,
+        weights: &TowerWeights,
+    ) -> Result<(), BackendError>;
+
+    /// Computes one batch. `items` is the host copy of record of the model's
+    /// item table; a device backend keeps its own mirror in step with it.
+    fn run(
+        &mut self,
+        id: ModelId,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Result<Vec<Output>, BackendError>;
+
+    /// `rows` of a table changed on the host (upserts, deletes, new rows at
+    /// the end): bring any device copy in step before the next `run`.
+    fn items_changed(
+        &mut self,
+        table: TableId,
+        items: &ItemTable,
+        rows: &[u32],
+    ) -> Result<(), BackendError>;
+
+    /// Batch sizes to run once at load so none pays first-use costs later:
+    /// the shapes this backend rounds batches up to, up to `max_batch`.
+    fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
+        vec![max_batch]
+    }
+
+    fn health(&self) -> DeviceHealth {
+        DeviceHealth {
+            healthy: true,
+            reason: None,
+        }
+    }
+}

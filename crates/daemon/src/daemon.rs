@@ -1,0 +1,342 @@
+//! Starting and stopping a whole daemon: repository scan, demo generation,
+//! snapshot restore, executor, listeners, Kafka ingestion and periodic
+//! snapshots, and the ordered shutdown that drains them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{oneshot, watch};
+
+use crate::api;
+use crate::config::Config;
+use crate::exec::{self, ExecutorHandle, LoadState, Registry, ServedModel};
+use crate::ingest::{Ingest, KafkaConfig};
+use crate::features::snapshot::{Snapshot, SnapshotBase};
+use crate::features::updates::Validator;
+use crate::metrics::Metrics;
+use crate::model::{self, Repository};
+
+/// A started daemon: listening, loading or loaded.
+pub struct Daemon {
+    pub http_addr: SocketAddr,
+    /// The socket path, when the socket is on.
+    pub uds_path: Option<PathBuf>,
+    registry: Arc<Registry>,
+    loaded: watch::Receiver<bool>,
+    stop: Option<oneshot::Sender<()>>,
+    uds_stop: Option<oneshot::Sender<()>>,
+    uds_task: Option<tokio::task::JoinHandle<()>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    ingest: Arc<Mutex<Option<Ingest>>>,
+    snapshots: Option<Snapshotter>,
+}
+
+/// Scans the repository, generates missing demo files, restores the newest
+/// snapshot, binds the listeners and starts the executor. Models load in the
+/// background (`/readyz` says when); Kafka ingestion starts once they have.
+pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+    let repo = Repository::scan(&config.models).with_context(|| {
+        format!(
+            "cannot read the model repository {} (set --models or RANKD_MODELS)",
+            config.models.display()
+        )
+    })?;
+    if let Some(seed) = repo
+        .models
+        .iter()
+        .find_map(|m| m.spec.as_ref().ok()?.demo.as_ref().map(|d| d.seed))
+    {
+        let written = model::demo::generate(&repo.root, seed)?;
+        if !written.is_empty() {
+            tracing::info!(
+                root = %repo.root.display(),
+                seed,
+                files = written.len(),
+                "generated the demo model files from their seed"
+            );
+        }
+    }
+    let snapshot_dir =
+        (!config.snapshot_dir.is_empty()).then(|| PathBuf::from(&config.snapshot_dir));
+    let snapshot = match &snapshot_dir {
+        Some(dir) => Snapshot::load_newest(dir)
+            .with_context(|| format!("reading snapshots in {}", dir.display()))?
+            .map(|(path, s)| {
+                tracing::info!(path = %path.display(), "loading the feature-state snapshot");
+                s
+            }),
+        None => None,
+    };
+    let resume: BTreeMap<(String, i32), i64> = snapshot
+        .iter()
+        .flat_map(|s| &s.offsets)
+        .map(|o| ((o.topic.clone(), o.partition), o.next_offset))
+        .collect();
+
+    let metrics = Arc::new(Metrics::new());
+    let served: Vec<ServedModel> = repo
+        .models
+        .iter()
+        .map(|m| {
+            let (spec, state) = match &m.spec {
+                Ok(s) => (Some(s.clone()), LoadState::Loading),
+                Err(e) => (None, LoadState::Failed(e.to_string())),
+            };
+            metrics.set_model_state(&m.name, m.version, state.as_str());
+            ServedModel::new(m.name.clone(), m.version, spec, state)
+        })
+        .collect();
+    let registry = Arc::new(Registry::new(served));
+    let listener = tokio::net::TcpListener::bind(&config.http)
+        .await
+        .with_context(|| format!("cannot listen on http {}", config.http))?;
+    let http_addr = listener.local_addr()?;
+    let uds_listener = match config.uds.as_str() {
+        "" => None,
+        path => Some(api::uds::bind(Path::new(path))?),
+    };
+    let selected = crate::backend::device::select(&config.device, &metrics).map_err(anyhow::Error::msg)?;
+    registry.set_device_reason(selected.reason);
+    let (exec, executor_loaded) = exec::spawn(
+        selected.backend,
+        repo.models.clone(),
+        snapshot,
+        config.history_max,
+        registry.clone(),
+        metrics.clone(),
+    );
+    let service = Arc::new(api::Service::new(
+        exec.clone(),
+        metrics.clone(),
+        api::ServiceLimits {
+            default_timeout: Duration::from_millis(config.default_timeout_ms),
+            max_timeout: Duration::from_millis(config.max_timeout_ms),
+        },
+    ));
+    let app = api::http::router(api::http::HttpState {
+        service: service.clone(),
+        max_body_bytes: config.max_body_bytes,
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let (uds_stop, uds_stopped) = oneshot::channel::<()>();
+    let uds_path = uds_listener.as_ref().map(|_| PathBuf::from(&config.uds));
+    let uds_task = uds_listener.map(|l| {
+        let uds_config = api::uds::UdsConfig {
+            path: PathBuf::from(&config.uds),
+            max_frame_bytes: config.max_frame_bytes,
+            max_inflight: config.uds_max_inflight,
+            write_timeout: Duration::from_millis(config.uds_write_timeout_ms),
+        };
+        tokio::spawn(api::uds::serve(l, service.clone(), uds_config, uds_stopped))
+    });
+
+    // Once the models are in, their dimensions validate updates: start Kafka.
+    let ingest = Arc::new(Mutex::new(None));
+    let (loaded_tx, loaded) = watch::channel(false);
+    {
+        let (ingest, registry, exec, metrics, service, config) = (
+            ingest.clone(),
+            registry.clone(),
+            exec.clone(),
+            metrics.clone(),
+            service.clone(),
+            config.clone(),
+        );
+        tokio::spawn(async move {
+            let _ = executor_loaded.await;
+            if let Some(brokers) = config.kafka_brokers.clone() {
+                let started = tokio::task::spawn_blocking(move || {
+                    start_ingest(&config, brokers, &registry, resume, exec, metrics)
+                })
+                .await
+                .expect("starting ingestion does not panic");
+                match started {
+                    Ok(i) => {
+                        service.set_ingest(i.status.clone());
+                        *ingest.lock().expect("ingest lock") = Some(i);
+                    }
+                    Err(e) => tracing::error!(error = %e, "Kafka ingestion is off"),
+                }
+            }
+            let _ = loaded_tx.send(true);
+        });
+    }
+    let snapshots = snapshot_dir.map(|dir| {
+        Snapshotter::start(
+            dir,
+            Duration::from_millis(config.snapshot_interval_ms),
+            exec.clone(),
+        )
+    });
+    Ok(Daemon {
+        http_addr,
+        uds_path,
+        registry,
+        loaded,
+        stop: Some(stop),
+        uds_stop: Some(uds_stop),
+        uds_task,
+        server,
+        ingest,
+        snapshots,
+    })
+}
+
+fn start_ingest(
+    config: &Config,
+    brokers: String,
+    registry: &Registry,
+    resume: BTreeMap<(String, i32), i64>,
+    exec: ExecutorHandle,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Ingest> {
+    let spec = registry
+        .models()
+        .iter()
+        .filter(|m| m.state() == LoadState::Ready)
+        .find_map(|m| m.spec.clone())
+        .context("no model loaded: nothing to validate updates against")?;
+    let validator = Validator {
+        item_dim: spec.dim,
+        user_feature_dim: spec.user_feature_dim,
+        event_types: config.kafka_event_types.clone(),
+    };
+    let kafka = KafkaConfig {
+        brokers,
+        group: config.kafka_group.clone(),
+        events_topic: config.kafka_events_topic.clone(),
+        items_topic: config.kafka_items_topic.clone(),
+        users_topic: config.kafka_users_topic.clone(),
+        dead_letter_topic: config.kafka_dead_letter_topic.clone(),
+        properties: config.kafka_properties.clone(),
+        batch_max: config.ingest_batch_max,
+        batch_wait: Duration::from_micros(config.ingest_batch_wait_us),
+    };
+    tracing::info!(brokers = %kafka.brokers, group = %kafka.group, "starting Kafka ingestion");
+    Ingest::start(kafka, validator, resume, exec, metrics)
+}
+
+/// Writes a snapshot every `interval` when the state changed, and a final one
+/// when stopped. The thread keeps its own copy of the state, brought up to
+/// date by a capture of what changed (the whole state only the first time),
+/// so the executor pauses for the changes alone and the copy is serialised
+/// and written here.
+struct Snapshotter {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Snapshotter {
+    fn start(dir: PathBuf, interval: Duration, exec: ExecutorHandle) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("rankd-snapshot".into())
+            .spawn(move || {
+                let mut written = 0u64;
+                let mut base = SnapshotBase::default();
+                loop {
+                    let mut waited = Duration::ZERO;
+                    while waited < interval && !flag.load(Ordering::Relaxed) {
+                        let step = Duration::from_millis(20).min(interval - waited);
+                        std::thread::sleep(step);
+                        waited += step;
+                    }
+                    let last = flag.load(Ordering::Relaxed);
+                    match exec.capture_blocking(!base.is_complete()) {
+                        Ok(delta) => {
+                            let changes = delta.changes;
+                            base.merge(delta);
+                            if changes != written {
+                                match base.write(&dir) {
+                                    Ok(path) => {
+                                        written = changes;
+                                        tracing::debug!(path = %path.display(), users = base.users(), "snapshot written");
+                                    }
+                                    Err(e) => tracing::error!(dir = %dir.display(), error = %e, "snapshot failed"),
+                                }
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "no snapshot: executor stopped"),
+                    }
+                    if last {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the snapshot thread");
+        Self { stop, thread }
+    }
+
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+impl Daemon {
+    /// Waits until every model has finished loading (or failed to) and
+    /// ingestion, if configured, has started.
+    pub async fn loaded(&mut self) {
+        let _ = self.loaded.wait_for(|done| *done).await;
+    }
+
+    /// `None` when every model is ready, else why not.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        self.registry.not_ready_reason()
+    }
+
+    /// `ready: 2 models on cpu; http://127.0.0.1:8080; unix:./rankd.sock`
+    pub fn ready_line(&self) -> String {
+        let n = self.registry.ready_count();
+        let mut line = format!(
+            "ready: {n} model{} on {}; http://{}",
+            if n == 1 { "" } else { "s" },
+            self.registry.device(),
+            self.http_addr
+        );
+        if let Some(p) = &self.uds_path {
+            line.push_str(&format!("; unix:{}", p.display()));
+        }
+        line
+    }
+
+    /// Stops accepting, finishes in-flight requests, applies and commits the
+    /// pending updates, writes a final snapshot, and returns.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(stop) = self.uds_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.uds_task.take() {
+            let _ = task.await;
+        }
+        self.server.await??;
+        let ingest = self.ingest.lock().expect("ingest lock").take();
+        let snapshots = self.snapshots.take();
+        tokio::task::spawn_blocking(move || {
+            if let Some(i) = ingest {
+                i.stop();
+            }
+            if let Some(s) = snapshots {
+                s.finish();
+            }
+        })
+        .await?;
+        Ok(())
+    }
+}

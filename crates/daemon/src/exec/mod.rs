@@ -1,0 +1,198 @@
+//! Execution: one executor thread per device owns the backend, the item tables
+//! and the user state. Servers talk to it through a cheap `ExecutorHandle`;
+//! replies come back on a oneshot carried in each command.
+
+mod executor;
+pub mod registry;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+pub use crate::backend::{ModelId, Output};
+pub use crate::features::store::{UserSummary, UserUpdate};
+use crate::features::store as state;
+pub use executor::spawn;
+pub use registry::{LoadState, Registry, ServedModel};
+
+use crate::batch::Queued;
+use crate::error::ServeError;
+use crate::metrics::Metrics;
+
+/// What a scoring request asks for.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Recommend {
+        user_id: u64,
+        k: usize,
+        exclude: Vec<u64>,
+    },
+    Score {
+        user_id: u64,
+        items: Vec<u64>,
+    },
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, ServeError>>;
+
+pub struct InferRequest {
+    pub model: ModelId,
+    pub op: Op,
+    pub rows: usize,
+    pub enqueued: Instant,
+    pub deadline: Instant,
+    pub reply: Reply<Output>,
+}
+
+impl Queued for InferRequest {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn enqueued(&self) -> Instant {
+        self.enqueued
+    }
+}
+
+
+pub enum Command {
+    Infer(InferRequest),
+    UpsertUser(UserUpdate, Reply<UserSummary>),
+    WriteItem(state::ItemWrite, Reply<state::ItemSummary>),
+    /// Applies a batch of feature updates between scoring batches.
+    Apply(
+        crate::features::updates::UpdateBatch,
+        Reply<state::ApplyReport>,
+    ),
+    /// A copy of what changed in the feature state since the last capture
+    /// (of all of it when `full`), with its change counter.
+    Capture {
+        full: bool,
+        reply: Reply<crate::features::snapshot::SnapshotDelta>,
+    },
+}
+
+/// Cheap, cloneable access to the executor.
+#[derive(Clone)]
+pub struct ExecutorHandle {
+    tx: flume::Sender<Command>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+}
+
+/// How long a client is told to wait when a queue is full.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl ExecutorHandle {
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Admits, queues and awaits one scoring request for a ready model.
+    pub async fn infer(
+        &self,
+        model: ModelId,
+        op: Op,
+        rows: usize,
+        timeout: Duration,
+    ) -> Result<Output, ServeError> {
+        let enqueued = Instant::now();
+        let deadline = enqueued + timeout;
+        let served = self.registry.by_id(model);
+        let limit = served
+            .spec
+            .as_ref()
+            .map(|s| s.batching.max_queue_size)
+            .ok_or_else(|| ServeError::NotReady(format!("model {} is not loaded", served.name)))?;
+        let depth = served
+            .try_admit(limit)
+            .map_err(|waiting| ServeError::Overloaded {
+                message: format!(
+                "queue of model {} is full: {waiting} requests waiting, max_queue_size is {limit}",
+                served.name
+            ),
+                retry_after_ms: RETRY_AFTER.as_millis() as u64,
+            })?;
+        self.metrics
+            .queue_depth
+            .with_label_values(&[&served.name])
+            .set(depth as i64);
+        let (reply, rx) = oneshot::channel();
+        let req = InferRequest {
+            model,
+            op,
+            rows,
+            enqueued,
+            deadline,
+            reply,
+        };
+        if self.tx.send(Command::Infer(req)).is_err() {
+            served.release(1);
+            return Err(ServeError::NotReady("the executor has stopped".into()));
+        }
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ServeError::Internal(
+                "the executor dropped the request".into(),
+            )),
+            Err(_) => Err(deadline_exceeded(timeout)),
+        }
+    }
+
+    fn command<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<oneshot::Receiver<Result<T, ServeError>>, ServeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| ServeError::NotReady("the executor has stopped".into()))?;
+        Ok(rx)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ServeError> {
+        self.command(make)?
+            .await
+            .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
+    }
+
+    /// Applies a user-state change in order with scoring batches.
+    pub async fn upsert_user(&self, update: UserUpdate) -> Result<UserSummary, ServeError> {
+        self.ask(|r| Command::UpsertUser(update, r)).await
+    }
+
+    pub async fn write_item(
+        &self,
+        write: state::ItemWrite,
+    ) -> Result<state::ItemSummary, ServeError> {
+        self.ask(|r| Command::WriteItem(write, r)).await
+    }
+
+    /// Applies an update batch; blocks the calling (non-async) thread.
+    pub fn apply_blocking(
+        &self,
+        batch: crate::features::updates::UpdateBatch,
+    ) -> Result<state::ApplyReport, ServeError> {
+        self.command(|r| Command::Apply(batch, r))?
+            .blocking_recv()
+            .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
+    }
+
+    /// What changed in the feature state since the last capture (all of it
+    /// when `full`); blocking.
+    pub fn capture_blocking(
+        &self,
+        full: bool,
+    ) -> Result<crate::features::snapshot::SnapshotDelta, ServeError> {
+        self.command(|reply| Command::Capture { full, reply })?
+            .blocking_recv()
+            .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
+    }
+}
+
+pub(crate) fn deadline_exceeded(timeout: Duration) -> ServeError {
+    ServeError::DeadlineExceeded(format!(
+        "no answer within timeout_ms = {}",
+        timeout.as_millis()
+    ))
+}

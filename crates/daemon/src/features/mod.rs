@@ -1,0 +1,10 @@
+//! Per-user feature state read by the models: the recent-item history and the
+//! dense feature vector. Owned by the executor thread; changed only through
+//! update commands, so scoring and updates are ordered without locks.
+
+pub mod snapshot;
+pub mod store;
+pub mod updates;
+pub mod users;
+
+pub use users::{UserState, UserStore};

@@ -1,0 +1,69 @@
+//! rankd: a batch inference daemon for real-time recommendations.
+//!
+//! Requests arrive over HTTP and the Unix socket (`api`), are validated by
+//! the transport-neutral service, admitted and batched by the scheduler
+//! (`batch`), and run by the executor thread (`exec`) that owns the device
+//! (`backend`), the item tables and the user state (`features`). Kafka
+//! updates (`ingest`) reach that thread as batches between scoring batches;
+//! snapshots keep the state across restarts. Model files and the model kinds
+//! live in `model`.
+//!
+//! Dependencies point one way: model → features → backend → batch → exec →
+//! api / ingest → daemon.
+
+mod api;
+mod backend;
+mod batch;
+pub mod config;
+mod daemon;
+mod error;
+mod exec;
+mod features;
+#[cfg(feature = "kafka")]
+mod ingest;
+mod metrics;
+mod model;
+
+use std::future::Future;
+
+pub use config::Config;
+pub use daemon::{start, Daemon};
+pub use rankd_client as client;
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    tracing::info!(config = ?config.redacted(), "starting");
+    let mut daemon = start(config).await?;
+    daemon.loaded().await;
+    if let Some(reason) = daemon.not_ready_reason() {
+        tracing::warn!(%reason, "not every model is ready");
+    }
+    println!("{}", daemon.ready_line());
+    shutdown.await;
+    tracing::info!("shutting down");
+    daemon.shutdown().await
+}
+
+/// Writes the demo repository's missing files under `root` (deterministic,
+/// from `seed`); returns the files written, relative to `root`.
+pub fn generate_demo(root: &std::path::Path, seed: u64) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    Ok(model::demo::generate(root, seed)?)
+}
+
+/// The seed of the bundled demo models.
+pub const DEMO_SEED: u64 = model::demo::DEMO_SEED;
+
+/// Internals for rankd's own benchmarks and tools (the load generator, the
+/// GPU check, the ingestion benchmark): not a stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::backend::cpu::{self, CpuBackend};
+    #[cfg(feature = "cuda")]
+    pub use crate::backend::cuda;
+    pub use crate::backend::{Backend, BatchBounds, ModelDesc, Output, Query, Scored, Task};
+    pub use crate::features::store::State;
+    pub use crate::features::updates::{Coalescer, Stream, Update, UpdateBatch, Validator};
+    pub use crate::model::demo::{files as demo_files, Rng};
+    pub use crate::model::items::ItemChange;
+    pub use crate::model::{ItemTable, Layer, ModelKind, ModelSpec, TowerWeights};
+}

@@ -1,0 +1,50 @@
+//! Models as rankd serves them: the repository on disk (`models/<name>/<version>/`),
+//! the tower weights and item tables read from it, and the demo repository.
+//! Everything here is plain host data; backends turn it into device state.
+
+pub mod demo;
+pub mod items;
+pub mod repository;
+pub mod spec;
+pub mod weights;
+
+use std::path::PathBuf;
+
+pub use items::ItemTable;
+pub use repository::{ModelEntry, Repository};
+pub use spec::{ItemDtype, ModelKind, ModelSpec};
+pub use weights::{Layer, TowerWeights};
+
+/// Why a model could not be loaded. Messages name the file, the tensor and
+/// both shapes, so the fix is obvious from the log or `/v1/models`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{path}: invalid model.toml: {message}")]
+    Spec { path: PathBuf, message: String },
+    #[error("{path}: invalid safetensors file: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: tensor `{tensor}` is missing")]
+    MissingTensor { path: PathBuf, tensor: String },
+    #[error("{path}: tensor `{tensor}` has shape {actual:?}, expected {expected}")]
+    Shape {
+        path: PathBuf,
+        tensor: String,
+        expected: String,
+        actual: Vec<usize>,
+    },
+    #[error("{path}: tensor `{tensor}` has dtype {actual}, expected {expected}")]
+    Dtype {
+        path: PathBuf,
+        tensor: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: tensor `{tensor}`: {message}")]
+    Values {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+}

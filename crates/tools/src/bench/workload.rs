@@ -1,0 +1,104 @@
+//! The request mix: user ids drawn Zipf-like from a population (a few heavy
+//! users, a long tail), candidate lists for `score`, all from a seeded RNG so
+//! two runs offer the same sequence.
+
+use rankd_client::types::{RecommendRequest, ScoreRequest};
+use rankd::internals::Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    Recommend,
+    Score,
+    Health,
+}
+
+/// P(rank r) ∝ r^-s for r in 1..=n, sampled by inverting a precomputed CDF.
+#[derive(Debug, Clone)]
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    pub fn new(n: u64, s: f64) -> Self {
+        assert!(n > 0, "population must be > 0");
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=n)
+            .map(|r| {
+                acc += (r as f64).powf(-s);
+                acc
+            })
+            .collect();
+        let total = acc;
+        cdf.iter_mut().for_each(|c| *c /= total);
+        Self { cdf }
+    }
+
+    /// A rank in 1..=n.
+    pub fn sample(&self, rng: &mut Rng) -> u64 {
+        let u = rng.uniform();
+        self.cdf.partition_point(|&c| c < u) as u64 + 1
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub op: OpKind,
+    pub zipf: Zipf,
+    /// User ids are ranks scattered over the id space by a fixed odd multiplier,
+    /// so heavy users are not all small ids.
+    pub k: usize,
+    pub candidates: usize,
+    /// Candidate item ids are drawn from 1..=items.
+    pub items: u64,
+    pub timeout_ms: u64,
+}
+
+pub enum Call {
+    Recommend(RecommendRequest),
+    Score(ScoreRequest),
+    Health,
+}
+
+impl Workload {
+    pub fn user(&self, rng: &mut Rng) -> u64 {
+        self.zipf.sample(rng).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16
+    }
+
+    pub fn next(&self, rng: &mut Rng) -> Call {
+        match self.op {
+            OpKind::Health => Call::Health,
+            OpKind::Recommend => Call::Recommend(RecommendRequest {
+                user_id: self.user(rng),
+                k: self.k,
+                exclude: Vec::new(),
+                timeout_ms: Some(self.timeout_ms),
+            }),
+            OpKind::Score => Call::Score(ScoreRequest {
+                user_id: self.user(rng),
+                items: (0..self.candidates)
+                    .map(|_| 1 + rng.below(self.items))
+                    .collect(),
+                timeout_ms: Some(self.timeout_ms),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_favours_low_ranks_and_stays_in_range() {
+        let z = Zipf::new(1000, 1.1);
+        let mut rng = Rng::new(3);
+        let draws: Vec<u64> = (0..20_000).map(|_| z.sample(&mut rng)).collect();
+        assert!(draws.iter().all(|&r| (1..=1000).contains(&r)));
+        let ones = draws.iter().filter(|&&r| r == 1).count();
+        let tail = draws.iter().filter(|&&r| r > 500).count();
+        // With s = 1.1 over 1000 ranks, rank 1 carries about 15% of the mass.
+        assert!(ones > 2000 && ones < 4500, "{ones}");
+        assert!(tail > 0 && tail < ones, "{tail}");
+    }
+}

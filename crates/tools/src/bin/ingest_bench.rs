@@ -1,0 +1,5 @@
+//! The Kafka ingestion benchmark driver (see `rankd_tools::ingest_bench`).
+
+fn main() -> anyhow::Result<()> {
+    rankd_tools::ingest_bench::main()
+}
