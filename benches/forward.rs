@@ -8,9 +8,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use rankd::internals::{Backend, BatchBounds, ModelDesc, Query, Task};
 use rankd::internals::CpuBackend;
 use rankd::internals::Rng;
+use rankd::internals::{Backend, BatchBounds, ModelDesc, Query, Task};
 use rankd::internals::{ItemTable, ModelSpec, TowerWeights};
 
 fn demo_forward(c: &mut Criterion) {

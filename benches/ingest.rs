@@ -19,10 +19,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use rankd::internals::ItemTable;
+use rankd::internals::Rng;
 use rankd::internals::State;
 use rankd::internals::{Coalescer, Stream, Update, UpdateBatch, Validator};
-use rankd::internals::Rng;
-use rankd::internals::ItemTable;
 
 const USERS: u64 = 100_000;
 const ITEMS: u64 = 100_000;

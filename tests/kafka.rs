@@ -220,9 +220,11 @@ async fn item_upserts_appear_where_their_embedding_puts_them_and_deletes_remove_
     let c = Daemon::client();
     wait_connected(&c, &d, true).await;
     let groups = by_cluster();
-    let table =
-        rankd::internals::ItemTable::load(&demo_models().join("catalogues/demo/items.safetensors"), 64)
-            .unwrap();
+    let table = rankd::internals::ItemTable::load(
+        &demo_models().join("catalogues/demo/items.safetensors"),
+        64,
+    )
+    .unwrap();
     // A new item pointing where cluster 5's items point, but longer: it must
     // rank first for a cluster-5 user.
     let members = &groups[&5];

@@ -15,9 +15,9 @@ use tokio::sync::{oneshot, watch};
 use crate::api;
 use crate::config::Config;
 use crate::exec::{self, ExecutorHandle, LoadState, Registry, ServedModel};
-use crate::ingest::{Ingest, KafkaConfig};
 use crate::features::snapshot::{Snapshot, SnapshotBase};
 use crate::features::updates::Validator;
+use crate::ingest::{Ingest, KafkaConfig};
 use crate::metrics::Metrics;
 use crate::model::{self, Repository};
 
@@ -100,7 +100,8 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         "" => None,
         path => Some(api::uds::bind(Path::new(path))?),
     };
-    let selected = crate::backend::device::select(&config.device, &metrics).map_err(anyhow::Error::msg)?;
+    let selected =
+        crate::backend::device::select(&config.device, &metrics).map_err(anyhow::Error::msg)?;
     registry.set_device_reason(selected.reason);
     let (exec, executor_loaded) = exec::spawn(
         selected.backend,

@@ -13,9 +13,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
-use rankd_client::types::*;
 use super::Service;
 use crate::error::ServeError;
+use rankd_client::types::*;
 
 #[derive(Clone)]
 pub struct HttpState {

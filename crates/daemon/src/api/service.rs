@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rankd_client::types::*;
 use crate::error::ServeError;
-use crate::features::store::{ItemSummary, ItemWrite};
 use crate::exec::{ExecutorHandle, LoadState, Op, Output, ServedModel, UserUpdate};
+use crate::features::store::{ItemSummary, ItemWrite};
 use crate::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
 use crate::model::ModelKind;
+use rankd_client::types::*;
 
 #[derive(Debug, Clone)]
 pub struct ServiceLimits {
@@ -264,8 +264,14 @@ impl Service {
     pub async fn get_user(&self, user_id: u64) -> Result<UserResponse, ServeError> {
         let started = Instant::now();
         let result = self
-            .upsert_user_inner(user_id, UserRequest::default())
-            .await;
+            .exec
+            .get_user(user_id)
+            .await
+            .map(|summary| UserResponse {
+                user_id: summary.user_id,
+                history: summary.history,
+                features: summary.features,
+            });
         self.observe("", "get_user", started, &result);
         result
     }

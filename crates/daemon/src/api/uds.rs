@@ -16,11 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::Service;
+use crate::error::ServeError;
 use rankd_client::frame::{encode_frame, FrameDecoder, FrameError};
 use rankd_client::types::*;
 use rankd_client::wire::*;
-use super::Service;
-use crate::error::ServeError;
 
 #[derive(Debug, Clone)]
 pub struct UdsConfig {

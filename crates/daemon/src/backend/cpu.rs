@@ -9,10 +9,8 @@ use candle_core::{Device, Tensor};
 use candle_nn::{Linear, Module};
 use rayon::prelude::*;
 
-use super::{
-    Backend, BackendError, ModelDesc, ModelId, Output, Query, Scored, TableId, Task,
-};
 use super::topk::TopK;
+use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Scored, TableId, Task};
 use crate::model::{ItemDtype, ItemTable, ModelKind, TowerWeights};
 
 /// Rows of the item table scored per GEMM: 512 × 64 f32 is 128 KiB, and the

@@ -9,10 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{
-    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, TableId,
-};
 use super::cpu::CpuBackend;
+use super::{Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, TableId};
 use crate::metrics::Metrics;
 use crate::model::{ItemDtype, ItemTable, TowerWeights};
 

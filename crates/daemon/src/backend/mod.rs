@@ -2,7 +2,6 @@
 //! host types (item-table rows, f32 slices), not candle or CUDA ones, so the
 //! queue, the batcher and the servers build and test without any device code.
 
-
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -1,6 +1,15 @@
-//! Dynamic batching policy. The queue is a plain struct driven by the executor
-//! loop, so the policy is unit-tested with explicit instants and no threads.
+//! The batching policy, whole: admission to bounded queues by permit
+//! (`admission`), one queue per model and its closing rule (`queue`), and the
+//! scheduler that decides which batch runs next, when to wake up, and which
+//! requests are dropped (`scheduler`). No threads and no I/O: the executor
+//! drives it, and it is tested with explicit instants.
 
-pub mod queue;
+mod admission;
+mod queue;
+mod scheduler;
+#[cfg(test)]
+mod tests;
 
-pub use queue::{BatchQueue, Queued};
+pub use admission::{Admission, Permit};
+pub use queue::BatchPolicy;
+pub use scheduler::{DropReason, Poll, QueueKey, Request, Run, Scheduler};

@@ -1,137 +1,115 @@
-//! One model's waiting requests. A batch is ready when `max_batch_rows` rows
-//! wait or the oldest request has waited `max_delay`; it is taken only when the
-//! executor is free, so requests keep joining while the device is busy.
+//! One queue's waiting requests and its closing rule: a batch is ready when
+//! `max_rows` rows wait or the oldest request has waited `max_delay`; taking
+//! it drops the requests that expired or whose caller left on the way.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-pub trait Queued {
-    /// Rows this request adds to a batch (a ranker request: one per candidate).
-    fn rows(&self) -> usize;
-    fn enqueued(&self) -> Instant;
+use super::admission::Permit;
+use super::scheduler::{DropReason, Dropped, Request};
+
+/// When a queue's batch closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// A batch closes when this many rows wait ...
+    pub max_rows: usize,
+    /// ... or when the oldest request has waited this long.
+    pub max_delay: Duration,
 }
 
-#[derive(Debug)]
-pub struct BatchQueue<T> {
-    items: VecDeque<T>,
+struct Entry<R> {
+    request: R,
+    /// Held while the request waits; dropped when it leaves the queue.
+    _permit: Permit,
+}
+
+pub(super) struct Queue<R> {
+    entries: VecDeque<Entry<R>>,
     rows: usize,
-    max_batch_rows: usize,
-    max_delay: Duration,
+    policy: BatchPolicy,
 }
 
-impl<T: Queued> BatchQueue<T> {
-    pub fn new(max_batch_rows: usize, max_delay: Duration) -> Self {
+impl<R: Request> Queue<R> {
+    pub(super) fn new(policy: BatchPolicy) -> Self {
         assert!(
-            max_batch_rows > 0,
+            policy.max_rows > 0,
             "max_batch_size is checked at load: this is a bug"
         );
         Self {
-            items: VecDeque::new(),
+            entries: VecDeque::new(),
             rows: 0,
-            max_batch_rows,
-            max_delay,
+            policy,
         }
     }
 
-    pub fn push(&mut self, item: T) {
-        self.rows += item.rows();
-        self.items.push_back(item);
+    pub(super) fn push(&mut self, request: R, permit: Permit) {
+        self.rows += request.rows();
+        self.entries.push_back(Entry {
+            request,
+            _permit: permit,
+        });
     }
 
-    pub fn len(&self) -> usize {
-        self.items.len()
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn oldest(&self) -> Option<Instant> {
-        self.items.front().map(Queued::enqueued)
+    pub(super) fn oldest(&self) -> Option<Instant> {
+        self.entries.front().map(|e| e.request.enqueued())
     }
 
     /// When the oldest request's wait runs out.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.oldest().map(|t| t + self.max_delay)
+    pub(super) fn closes_at(&self) -> Option<Instant> {
+        self.oldest().map(|t| t + self.policy.max_delay)
     }
 
-    pub fn is_ready(&self, now: Instant) -> bool {
-        match self.deadline() {
+    pub(super) fn is_ready(&self, now: Instant) -> bool {
+        match self.closes_at() {
             None => false,
-            Some(d) => self.rows >= self.max_batch_rows || d <= now,
+            Some(at) => self.rows >= self.policy.max_rows || at <= now,
         }
     }
 
-    /// Takes requests from the front while they fit in `max_batch_rows`
-    /// (always at least one, so an oversized request still runs alone).
-    pub fn take_batch(&mut self) -> Vec<T> {
-        let mut batch = Vec::new();
+    /// Takes requests from the front while they fit in `max_rows` (always at
+    /// least one, so an oversized request still runs alone). A request whose
+    /// deadline has passed, or whose caller has gone, is dropped instead and
+    /// takes no room in the batch.
+    pub(super) fn take(&mut self, now: Instant, batch: &mut Vec<R>, dropped: &mut Vec<Dropped<R>>) {
         let mut rows = 0;
-        while let Some(front) = self.items.front() {
-            let r = front.rows();
-            if !batch.is_empty() && rows + r > self.max_batch_rows {
+        while let Some(front) = self.entries.front() {
+            let r = front.request.rows();
+            let reason = drop_reason(&front.request, now);
+            if reason.is_none() && !batch.is_empty() && rows + r > self.policy.max_rows {
                 break;
             }
-            rows += r;
-            batch.push(self.items.pop_front().expect("front exists"));
+            let entry = self.entries.pop_front().expect("front exists");
+            self.rows -= r;
+            match reason {
+                Some(reason) => dropped.push(Dropped {
+                    request: entry.request,
+                    reason,
+                }),
+                None => {
+                    rows += r;
+                    batch.push(entry.request);
+                }
+            }
         }
-        self.rows -= rows;
-        batch
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct R(usize, Instant);
-    impl Queued for R {
-        fn rows(&self) -> usize {
-            self.0
-        }
-        fn enqueued(&self) -> Instant {
-            self.1
-        }
-    }
-
-    #[test]
-    fn ready_when_full_or_when_the_oldest_has_waited() {
-        let t0 = Instant::now();
-        let delay = Duration::from_micros(500);
-        let mut q = BatchQueue::new(4, delay);
-        assert!(!q.is_ready(t0));
-        assert_eq!(q.deadline(), None);
-        q.push(R(1, t0));
-        q.push(R(1, t0 + Duration::from_micros(100)));
-        assert!(!q.is_ready(t0 + Duration::from_micros(499)));
-        assert!(q.is_ready(t0 + delay));
-        assert_eq!(q.deadline(), Some(t0 + delay));
-        q.push(R(2, t0 + Duration::from_micros(200)));
-        assert!(q.is_ready(t0), "4 rows waiting fill a batch at once");
-    }
-
-    #[test]
-    fn batches_respect_the_row_limit_and_arrival_order() {
-        let t0 = Instant::now();
-        let mut q = BatchQueue::new(4, Duration::ZERO);
-        for (i, rows) in [1, 2, 2, 9, 1].into_iter().enumerate() {
-            q.push(R(rows, t0 + Duration::from_micros(i as u64)));
-        }
-        let sizes = |b: Vec<R>| b.iter().map(|r| r.0).collect::<Vec<_>>();
-        assert_eq!(sizes(q.take_batch()), vec![1, 2]);
-        assert_eq!(sizes(q.take_batch()), vec![2]);
-        assert_eq!(
-            sizes(q.take_batch()),
-            vec![9],
-            "an oversized request runs alone"
-        );
-        assert_eq!(q.rows(), 1);
-        assert_eq!(sizes(q.take_batch()), vec![1]);
-        assert!(q.is_empty());
-        assert_eq!(q.rows(), 0);
+/// A caller whose deadline passed while queued has usually given up already
+/// (its own timer answered): that is a deadline drop, not a cancellation.
+fn drop_reason<R: Request>(r: &R, now: Instant) -> Option<DropReason> {
+    if r.deadline() <= now {
+        Some(DropReason::Deadline)
+    } else if r.is_cancelled() {
+        Some(DropReason::Cancelled)
+    } else {
+        None
     }
 }

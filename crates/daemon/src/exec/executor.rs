@@ -1,7 +1,9 @@
 //! The executor thread: it owns the backend, the item tables and the user
-//! store, and it alone drives the batch queues. Commands arrive on one channel
-//! in arrival order, so an update applied before a request arrived is seen by
-//! that request. The thread blocks on the channel, never on a tokio worker.
+//! store, and it alone drives the scheduler. Its loop is: receive commands →
+//! poll the scheduler → prepare the batch → run it → reply. Commands arrive on
+//! one channel in arrival order, so an update applied before a request
+//! arrived is seen by that request. The thread blocks on the channel, never
+//! on a tokio worker.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,12 +13,12 @@ use std::time::{Duration, Instant};
 use flume::{Receiver, RecvTimeoutError, TryRecvError};
 use tokio::sync::oneshot;
 
-use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Query, Task};
-use crate::features::store::State;
 use super::{deadline_exceeded, Command, ExecutorHandle, InferRequest, LoadState, Op, Registry};
-use crate::batch::BatchQueue;
+use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Query, Task};
+use crate::batch::{BatchPolicy, DropReason, Poll, QueueKey, Run, Scheduler};
 use crate::error::ServeError;
 use crate::features::snapshot::Snapshot;
+use crate::features::store::State;
 use crate::features::UserStore;
 use crate::metrics::Metrics;
 use crate::model::{ItemTable, ModelEntry, ModelKind, ModelSpec, TowerWeights};
@@ -26,13 +28,13 @@ struct Slot {
     spec: Option<ModelSpec>,
     /// Index into `tables` once loaded.
     table: Option<usize>,
-    queue: BatchQueue<InferRequest>,
 }
 
 struct Executor {
     backend: Box<dyn Backend>,
     device: String,
     slots: Vec<Slot>,
+    scheduler: Scheduler<InferRequest>,
     state: State,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
@@ -62,22 +64,27 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("rankd-exec-{device}"))
         .spawn(move || {
+            let mut scheduler = Scheduler::new();
             let slots = entries
                 .iter()
-                .map(|e| {
+                .enumerate()
+                .map(|(model, e)| {
                     let b = e
                         .spec
                         .as_ref()
                         .map(|s| s.batching.clone())
                         .unwrap_or_default();
+                    scheduler.add_queue(
+                        QueueKey { model },
+                        BatchPolicy {
+                            max_rows: b.max_batch_size,
+                            max_delay: Duration::from_micros(b.max_queue_delay_us),
+                        },
+                    );
                     Slot {
                         name: e.name.clone(),
                         spec: e.spec.as_ref().ok().cloned(),
                         table: None,
-                        queue: BatchQueue::new(
-                            b.max_batch_size,
-                            Duration::from_micros(b.max_queue_delay_us),
-                        ),
                     }
                 })
                 .collect();
@@ -89,6 +96,7 @@ pub fn spawn(
                 backend,
                 device,
                 slots,
+                scheduler,
                 state: State::new(history_cap),
                 registry,
                 metrics,
@@ -238,6 +246,8 @@ impl Executor {
 
     fn run(mut self, rx: Receiver<Command>) {
         loop {
+            // Everything that arrived joins its queue (or is applied) first,
+            // so a batch is built as late, and as full, as it can be.
             loop {
                 match rx.try_recv() {
                     Ok(cmd) => self.handle(cmd),
@@ -245,19 +255,17 @@ impl Executor {
                     Err(TryRecvError::Disconnected) => return self.finish(),
                 }
             }
-            let now = Instant::now();
-            if let Some(id) = self.ready_queue(now) {
-                self.execute(id);
-                continue;
-            }
-            let next = self.slots.iter().filter_map(|s| s.queue.deadline()).min();
-            let cmd = match next {
-                Some(deadline) => match rx.recv_deadline(deadline) {
+            let cmd = match self.scheduler.poll(Instant::now()) {
+                Poll::Run(run) => {
+                    self.execute(run);
+                    continue;
+                }
+                Poll::Sleep(until) => match rx.recv_deadline(until) {
                     Ok(cmd) => cmd,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return self.finish(),
                 },
-                None => match rx.recv() {
+                Poll::Idle => match rx.recv() {
                     Ok(cmd) => cmd,
                     Err(_) => return self.finish(),
                 },
@@ -268,25 +276,25 @@ impl Executor {
 
     /// Every handle is gone: answer what is still queued, then stop.
     fn finish(mut self) {
-        while let Some(id) = (0..self.slots.len()).find(|&i| !self.slots[i].queue.is_empty()) {
-            self.execute(id);
+        while let Some(run) = self.scheduler.drain(Instant::now()) {
+            self.execute(run);
         }
         tracing::debug!(device = %self.device, "executor stopped");
     }
 
-    /// The ready queue whose oldest request has waited longest.
-    fn ready_queue(&self, now: Instant) -> Option<ModelId> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.queue.is_ready(now))
-            .min_by_key(|(_, s)| s.queue.oldest())
-            .map(|(i, _)| i)
-    }
-
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Infer(req) => self.slots[req.model].queue.push(req),
+            Command::Infer(req, permit) => {
+                if let Err(req) = self.scheduler.push(req, permit) {
+                    let _ = req.reply.send(Err(ServeError::Internal(format!(
+                        "no queue for model {}: this is a bug",
+                        req.model
+                    ))));
+                }
+            }
+            Command::GetUser(user_id, reply) => {
+                let _ = reply.send(Ok(self.state.user_summary(user_id)));
+            }
             Command::UpsertUser(update, reply) => {
                 let dims = self.feature_dims();
                 let result = self.state.upsert_user(update, &dims);
@@ -353,16 +361,34 @@ impl Executor {
         }
     }
 
-    fn execute(&mut self, id: ModelId) {
-        let slot = &mut self.slots[id];
-        let batch = slot.queue.take_batch();
-        let served = self.registry.by_id(id);
-        let depth = served.release(batch.len());
+    fn execute(&mut self, run: Run<InferRequest>) {
+        let Run {
+            key,
+            batch,
+            dropped,
+        } = run;
+        let id = key.model;
+        let slot = &self.slots[id];
         let name = slot.name.clone();
+        for d in dropped {
+            self.metrics
+                .dropped
+                .with_label_values(&[&name, d.reason.as_str()])
+                .inc();
+            if d.reason == DropReason::Deadline {
+                let req = d.request;
+                let _ = req
+                    .reply
+                    .send(Err(deadline_exceeded(req.deadline - req.enqueued)));
+            }
+        }
         self.metrics
             .queue_depth
             .with_label_values(&[&name])
-            .set(depth as i64);
+            .set(self.registry.by_id(id).queued() as i64);
+        if batch.is_empty() {
+            return;
+        }
         let (Some(spec), Some(table)) = (slot.spec.as_ref(), slot.table) else {
             for req in batch {
                 let _ = req.reply.send(Err(ServeError::NotReady(format!(
@@ -376,26 +402,6 @@ impl Executor {
         let mut live = Vec::with_capacity(batch.len());
         let mut prepared = Vec::with_capacity(batch.len());
         for req in batch {
-            // A caller whose deadline passed while queued has usually given
-            // up already (its own timer answered 504): that is a deadline
-            // drop, not a cancellation.
-            if req.reply.is_closed() && req.deadline > now {
-                self.metrics
-                    .dropped
-                    .with_label_values(&[&name, "cancelled"])
-                    .inc();
-                continue;
-            }
-            if req.deadline <= now {
-                self.metrics
-                    .dropped
-                    .with_label_values(&[&name, "deadline"])
-                    .inc();
-                let _ = req
-                    .reply
-                    .send(Err(deadline_exceeded(req.deadline - req.enqueued)));
-                continue;
-            }
             match prepare(&req.op, spec, items, &self.state.users) {
                 Ok(p) => {
                     self.metrics

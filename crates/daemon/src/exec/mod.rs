@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 pub use crate::backend::{ModelId, Output};
-pub use crate::features::store::{UserSummary, UserUpdate};
 use crate::features::store as state;
+pub use crate::features::store::{UserSummary, UserUpdate};
 pub use executor::spawn;
 pub use registry::{LoadState, Registry, ServedModel};
 
-use crate::batch::Queued;
+use crate::batch::{self, Permit, QueueKey};
 use crate::error::ServeError;
 use crate::metrics::Metrics;
 
@@ -45,19 +45,30 @@ pub struct InferRequest {
     pub reply: Reply<Output>,
 }
 
-impl Queued for InferRequest {
+impl batch::Request for InferRequest {
+    fn key(&self) -> QueueKey {
+        QueueKey { model: self.model }
+    }
     fn rows(&self) -> usize {
         self.rows
     }
     fn enqueued(&self) -> Instant {
         self.enqueued
     }
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+    fn is_cancelled(&self) -> bool {
+        self.reply.is_closed()
+    }
 }
 
-
 pub enum Command {
-    Infer(InferRequest),
+    /// A scoring request with the permit it was admitted with.
+    Infer(InferRequest, Permit),
     UpsertUser(UserUpdate, Reply<UserSummary>),
+    /// A user's stored state; changes nothing.
+    GetUser(u64, Reply<UserSummary>),
     WriteItem(state::ItemWrite, Reply<state::ItemSummary>),
     /// Applies a batch of feature updates between scoring batches.
     Apply(
@@ -99,24 +110,22 @@ impl ExecutorHandle {
         let enqueued = Instant::now();
         let deadline = enqueued + timeout;
         let served = self.registry.by_id(model);
-        let limit = served
-            .spec
-            .as_ref()
-            .map(|s| s.batching.max_queue_size)
+        let admission = served
+            .admission()
             .ok_or_else(|| ServeError::NotReady(format!("model {} is not loaded", served.name)))?;
-        let depth = served
-            .try_admit(limit)
-            .map_err(|waiting| ServeError::Overloaded {
+        let permit = admission
+            .try_admit()
+            .map_err(|full| ServeError::Overloaded {
                 message: format!(
-                "queue of model {} is full: {waiting} requests waiting, max_queue_size is {limit}",
-                served.name
-            ),
+                    "queue of model {} is full: {} requests waiting, max_queue_size is {}",
+                    served.name, full.waiting, full.limit
+                ),
                 retry_after_ms: RETRY_AFTER.as_millis() as u64,
             })?;
         self.metrics
             .queue_depth
             .with_label_values(&[&served.name])
-            .set(depth as i64);
+            .set(admission.depth() as i64);
         let (reply, rx) = oneshot::channel();
         let req = InferRequest {
             model,
@@ -126,8 +135,8 @@ impl ExecutorHandle {
             deadline,
             reply,
         };
-        if self.tx.send(Command::Infer(req)).is_err() {
-            served.release(1);
+        // A request that cannot be sent drops its permit with it.
+        if self.tx.send(Command::Infer(req, permit)).is_err() {
             return Err(ServeError::NotReady("the executor has stopped".into()));
         }
         match tokio::time::timeout_at(deadline.into(), rx).await {
@@ -154,6 +163,12 @@ impl ExecutorHandle {
         self.command(make)?
             .await
             .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
+    }
+
+    /// A user's stored state (empty for an unknown user), in order with
+    /// the writes before it.
+    pub async fn get_user(&self, user_id: u64) -> Result<UserSummary, ServeError> {
+        self.ask(|r| Command::GetUser(user_id, r)).await
     }
 
     /// Applies a user-state change in order with scoring batches.

@@ -1,9 +1,11 @@
-//! What the servers know about each model: its spec, load state and admission
-//! counter. Shared read-mostly between the servers and the executor, which
-//! alone moves a model from loading to ready or failed.
+//! What the servers know about each model: its spec, load state and the
+//! admission to its queue. Shared read-mostly between the servers and the
+//! executor, which alone moves a model from loading to ready or failed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::batch::Admission;
 use std::sync::{Arc, RwLock};
 
 use crate::backend::DeviceHealth;
@@ -33,18 +35,22 @@ pub struct ServedModel {
     /// `None` when model.toml itself could not be read.
     pub spec: Option<ModelSpec>,
     state: RwLock<LoadState>,
-    queued: AtomicUsize,
+    /// Slots of the model's queue (`max_queue_size`); none without a spec.
+    admission: Option<Admission>,
     items: AtomicUsize,
 }
 
 impl ServedModel {
     pub fn new(name: String, version: u64, spec: Option<ModelSpec>, state: LoadState) -> Self {
+        let admission = spec
+            .as_ref()
+            .map(|s| Admission::new(s.batching.max_queue_size));
         Self {
             name,
             version,
             spec,
             state: RwLock::new(state),
-            queued: AtomicUsize::new(0),
+            admission,
             items: AtomicUsize::new(0),
         }
     }
@@ -57,22 +63,13 @@ impl ServedModel {
         *self.state.write().expect("state lock poisoned") = state;
     }
 
-    /// Admits one request if fewer than `limit` wait; returns the new depth.
-    pub fn try_admit(&self, limit: usize) -> Result<usize, usize> {
-        self.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                (q < limit).then_some(q + 1)
-            })
-            .map(|q| q + 1)
+    pub fn admission(&self) -> Option<&Admission> {
+        self.admission.as_ref()
     }
 
-    /// Releases `n` admitted requests (taken into a batch or dropped).
-    pub fn release(&self, n: usize) -> usize {
-        self.queued.fetch_sub(n, Ordering::AcqRel) - n
-    }
-
+    /// Requests admitted and still waiting in the queue.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.admission.as_ref().map_or(0, Admission::depth)
     }
 
     pub fn item_count(&self) -> usize {

@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::error::ServeError;
-pub use rankd_client::types::ItemSummary;
 use crate::features::snapshot::{
     Snapshot, SnapshotDelta, SnapshotItem, SnapshotOffset, SnapshotUser,
 };
@@ -13,6 +12,7 @@ use crate::features::updates::{Position, Update, UpdateBatch};
 use crate::features::{UserState, UserStore};
 use crate::model::items::ItemChange;
 use crate::model::ItemTable;
+pub use rankd_client::types::ItemSummary;
 
 /// A change to one user's state; a field given replaces that part.
 #[derive(Debug, Clone, Default)]
@@ -246,12 +246,23 @@ impl State {
         if let Some(features) = update.features {
             self.users.set_features(update.user_id, features);
         }
-        let state = self.users.get(update.user_id).cloned().unwrap_or_default();
-        Ok(UserSummary {
-            user_id: update.user_id,
-            history: state.history.into_iter().collect(),
-            features: state.features,
-        })
+        Ok(self.user_summary(update.user_id))
+    }
+
+    /// A user's stored history and features (empty for an unknown user).
+    pub fn user_summary(&self, user_id: u64) -> UserSummary {
+        match self.users.get(user_id) {
+            Some(u) => UserSummary {
+                user_id,
+                history: u.history.iter().copied().collect(),
+                features: u.features.clone(),
+            },
+            None => UserSummary {
+                user_id,
+                history: Vec::new(),
+                features: None,
+            },
+        }
     }
 
     /// The whole feature state as a snapshot.

@@ -22,11 +22,10 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 
-
-use crate::features::updates::{Coalescer, Position, Rejection, Stream, Validator};
-pub use rankd_client::types::{IngestReport, PartitionStatus};
 use crate::exec::ExecutorHandle;
+use crate::features::updates::{Coalescer, Position, Rejection, Stream, Validator};
 use crate::metrics::Metrics;
+pub use rankd_client::types::{IngestReport, PartitionStatus};
 
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
@@ -43,7 +42,6 @@ pub struct KafkaConfig {
     /// ... or when its first message has waited this long.
     pub batch_wait: Duration,
 }
-
 
 /// What `/v1/ingest` and `/readyz` report; shared with the consumer thread.
 #[derive(Debug, Default)]

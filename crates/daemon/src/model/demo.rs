@@ -368,7 +368,7 @@ mod tests {
 
     #[test]
     fn committed_model_tomls_match_the_generator() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
         let tt = std::fs::read_to_string(root.join("demo/1/model.toml")).unwrap();
         let rk = std::fs::read_to_string(root.join("demo-ranker/1/model.toml")).unwrap();
         assert_eq!(tt, two_tower_toml(DEMO_SEED));

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 
-use rankd_client::{Client, ClientError, HttpClient, UdsClient};
 use rankd::internals::Rng;
+use rankd_client::{Client, ClientError, HttpClient, UdsClient};
 pub use report::{Figures, Report};
 use workload::{Call, OpKind, Workload, Zipf};
 

@@ -2,8 +2,8 @@
 //! users, a long tail), candidate lists for `score`, all from a seeded RNG so
 //! two runs offer the same sequence.
 
-use rankd_client::types::{RecommendRequest, ScoreRequest};
 use rankd::internals::Rng;
+use rankd_client::types::{RecommendRequest, ScoreRequest};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -14,15 +14,15 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
 use super::{CheckOptions, Report, Status};
-use rankd::internals::{Query, Scored, Task};
 use rankd::internals::cpu;
 use rankd::internals::cuda::error::{Ctx, GpuError};
 use rankd::internals::cuda::ops::Dev;
 use rankd::internals::cuda::plan::{self, padded_dim, PackedTopk};
 use rankd::internals::cuda::tables::{decode_rows, DeviceTable, ItemDtype};
 use rankd::internals::cuda::{ops, CudaBackend};
-use rankd::internals::Rng;
 use rankd::internals::ItemTable;
+use rankd::internals::Rng;
+use rankd::internals::{Query, Scored, Task};
 
 const SB: &str = "(b) bandwidth";
 const SC: &str = "(c) fused vs GEMM";

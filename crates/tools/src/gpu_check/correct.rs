@@ -11,7 +11,6 @@ use cudarc::driver::CudaSlice;
 
 use super::inputs::*;
 use super::{Report, Status};
-use rankd::internals::{Backend, Output, Query, Scored, Task};
 use rankd::internals::cpu;
 use rankd::internals::cuda::mlp::{DeviceMlp, ACT_NONE, ACT_SIGMOID};
 use rankd::internals::cuda::ops::{Dev, TopkBufs};
@@ -19,6 +18,7 @@ use rankd::internals::cuda::plan::{PackedTopk, TopkPlan};
 use rankd::internals::cuda::tables::{Buf, DeviceTable};
 use rankd::internals::cuda::{ops, plan, CudaBackend, ItemDtype};
 use rankd::internals::Rng;
+use rankd::internals::{Backend, Output, Query, Scored, Task};
 use rankd::internals::{ItemTable, ModelKind};
 
 const S: &str = "(a) kernels";
@@ -446,8 +446,7 @@ fn scatter_check(
     let added = cap_before - N + 1500;
     for j in 0..added {
         let e = emb(&mut rng);
-        if let rankd::internals::ItemChange::Applied { row } = host.upsert(item_id(N + j), &e, 1)
-        {
+        if let rankd::internals::ItemChange::Applied { row } = host.upsert(item_id(N + j), &e, 1) {
             changed.push(row);
         }
     }

@@ -4,10 +4,10 @@
 //! top-k lists that tells near-ties ordered differently from real
 //! disagreements.
 
-use rankd::internals::{Backend, ModelDesc, Query, Scored, Task};
-use rankd::internals::{cpu, CpuBackend};
 use rankd::internals::cuda::ItemDtype;
 use rankd::internals::Rng;
+use rankd::internals::{cpu, CpuBackend};
+use rankd::internals::{Backend, ModelDesc, Query, Scored, Task};
 use rankd::internals::{ItemTable, Layer, ModelKind, TowerWeights};
 
 pub(super) const N: usize = 300_000;

@@ -263,24 +263,25 @@ pub fn run_check(opts: CheckOptions) -> anyhow::Result<String> {
 fn self_test_rows(report: &mut Report, test: &rankd::internals::cuda::SelfTest) {
     const S: &str = "start-up check";
     let inputs = "3000 × 100 synthetic table, 11 + 29 queries, vs f64 on the host";
-    let mut row = |check: &str, r: Option<&Result<(), rankd::internals::cuda::selftest::Failure>>| {
-        let (measured, status) = match r {
-            None => (
-                "no bf16 tensor cores before sm_80".to_string(),
-                Status::Skipped,
-            ),
-            Some(Ok(())) => ("agrees".to_string(), Status::Pass),
-            Some(Err(e)) => (e.to_string(), Status::Fail),
+    let mut row =
+        |check: &str, r: Option<&Result<(), rankd::internals::cuda::selftest::Failure>>| {
+            let (measured, status) = match r {
+                None => (
+                    "no bf16 tensor cores before sm_80".to_string(),
+                    Status::Skipped,
+                ),
+                Some(Ok(())) => ("agrees".to_string(), Status::Pass),
+                Some(Err(e)) => (e.to_string(), Status::Fail),
+            };
+            report.add(
+                S,
+                check,
+                inputs,
+                measured,
+                "agrees (else not served)",
+                status,
+            );
         };
-        report.add(
-            S,
-            check,
-            inputs,
-            measured,
-            "agrees (else not served)",
-            status,
-        );
-    };
     row(
         "fused top-k, CUDA cores (f32, bf16)",
         Some(&test.cuda_cores),

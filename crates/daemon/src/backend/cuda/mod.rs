@@ -55,9 +55,7 @@ use self::ops::{Dev, Scratch};
 use self::plan::DeviceLimits;
 use self::tables::DeviceTable;
 pub use self::tables::ItemDtype;
-use super::{
-    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, TableId,
-};
+use super::{Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, TableId};
 use crate::model::{ItemTable, ModelKind, TowerWeights};
 
 /// What rankd reads about the device once, at start.

@@ -1,0 +1,177 @@
+//! The scheduler: every queue, and the rule for which batch runs next. It is
+//! a plain struct with no threads, clocks or I/O; the executor feeds it
+//! admitted requests and asks `poll(now)` what to do, so the whole policy is
+//! tested here with explicit instants.
+//!
+//! - A queue's batch closes when it holds `max_rows` rows or its oldest
+//!   request has waited `max_delay` (`queue::BatchPolicy`), and is taken only
+//!   when the executor asks, so requests keep joining while the device works.
+//! - Among ready queues, the one whose oldest request has waited longest goes
+//!   first: under load every model is served in turn.
+//! - Requests that expired or whose caller left are dropped as their batch is
+//!   taken and handed back with the reason, so they are answered and counted
+//!   in one place.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::admission::Permit;
+use super::queue::{BatchPolicy, Queue};
+
+/// Which queue a request waits in. A struct, so that a version and a priority
+/// class can join the model without changing how queues are looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueKey {
+    /// Index of the model in the executor.
+    pub model: usize,
+}
+
+/// What the scheduler needs to know about a queued request.
+pub trait Request {
+    fn key(&self) -> QueueKey;
+    /// Rows it adds to a batch (a ranker request: one per candidate).
+    fn rows(&self) -> usize;
+    fn enqueued(&self) -> Instant;
+    fn deadline(&self) -> Instant;
+    /// The caller is no longer waiting for the answer.
+    fn is_cancelled(&self) -> bool;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The deadline passed before the request could run.
+    Deadline,
+    /// The caller left before its deadline.
+    Cancelled,
+}
+
+impl DropReason {
+    /// The `reason` label of `rankd_requests_dropped_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Deadline => "deadline",
+            DropReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Dropped<R> {
+    pub request: R,
+    pub reason: DropReason,
+}
+
+/// The batch to run now, and the requests dropped while taking it (the batch
+/// may be empty when every request taken was dropped).
+#[derive(Debug)]
+pub struct Run<R> {
+    pub key: QueueKey,
+    pub batch: Vec<R>,
+    pub dropped: Vec<Dropped<R>>,
+}
+
+#[derive(Debug)]
+pub enum Poll<R> {
+    Run(Run<R>),
+    /// Nothing is ready: ask again at this instant (or when a request arrives).
+    Sleep(Instant),
+    /// Every queue is empty.
+    Idle,
+}
+
+pub struct Scheduler<R> {
+    queues: Vec<(QueueKey, Queue<R>)>,
+    index: HashMap<QueueKey, usize>,
+}
+
+impl<R: Request> Default for Scheduler<R> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<R: Request> Scheduler<R> {
+    pub fn new() -> Self {
+        Self {
+            queues: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    /// Adds a queue, or changes the policy of an empty one.
+    pub fn add_queue(&mut self, key: QueueKey, policy: BatchPolicy) {
+        match self.index.get(&key) {
+            Some(&i) => {
+                assert!(
+                    self.queues[i].1.is_empty(),
+                    "a queue's policy changes only while it is empty: this is a bug"
+                );
+                self.queues[i].1 = Queue::new(policy);
+            }
+            None => {
+                self.index.insert(key, self.queues.len());
+                self.queues.push((key, Queue::new(policy)));
+            }
+        }
+    }
+
+    /// Queues an admitted request. A request for a queue that does not exist
+    /// is handed back.
+    pub fn push(&mut self, request: R, permit: Permit) -> Result<(), R> {
+        match self.index.get(&request.key()) {
+            Some(&i) => {
+                self.queues[i].1.push(request, permit);
+                Ok(())
+            }
+            None => Err(request),
+        }
+    }
+
+    /// Requests waiting in `key`'s queue.
+    pub fn waiting(&self, key: QueueKey) -> usize {
+        self.index.get(&key).map_or(0, |&i| self.queues[i].1.len())
+    }
+
+    /// What to do at `now`: run the ready queue whose oldest request has
+    /// waited longest, or sleep until the first queue closes.
+    pub fn poll(&mut self, now: Instant) -> Poll<R> {
+        let ready = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, q))| q.is_ready(now))
+            .min_by_key(|(_, (_, q))| q.oldest())
+            .map(|(i, _)| i);
+        match ready {
+            Some(i) => Poll::Run(self.take(i, now)),
+            None => match self.queues.iter().filter_map(|(_, q)| q.closes_at()).min() {
+                Some(at) => Poll::Sleep(at),
+                None => Poll::Idle,
+            },
+        }
+    }
+
+    /// At stop: the next batch whether ready or not, oldest queue first, until
+    /// every queue is empty (`None`).
+    pub fn drain(&mut self, now: Instant) -> Option<Run<R>> {
+        let i = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, q))| !q.is_empty())
+            .min_by_key(|(_, (_, q))| q.oldest())
+            .map(|(i, _)| i)?;
+        Some(self.take(i, now))
+    }
+
+    fn take(&mut self, i: usize, now: Instant) -> Run<R> {
+        let (key, queue) = &mut self.queues[i];
+        let mut run = Run {
+            key: *key,
+            batch: Vec::new(),
+            dropped: Vec::new(),
+        };
+        queue.take(now, &mut run.batch, &mut run.dropped);
+        run
+    }
+}

@@ -1,0 +1,313 @@
+//! The batching policy, driven with explicit instants.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+#[derive(Debug)]
+struct R {
+    id: u32,
+    key: QueueKey,
+    rows: usize,
+    enqueued: Instant,
+    deadline: Instant,
+    cancelled: Rc<Cell<bool>>,
+}
+
+impl Request for R {
+    fn key(&self) -> QueueKey {
+        self.key
+    }
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn enqueued(&self) -> Instant {
+        self.enqueued
+    }
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.get()
+    }
+}
+
+const A: QueueKey = QueueKey { model: 0 };
+const B: QueueKey = QueueKey { model: 1 };
+
+fn us(n: u64) -> Duration {
+    Duration::from_micros(n)
+}
+
+struct Fixture {
+    t0: Instant,
+    s: Scheduler<R>,
+    admission: Admission,
+    next_id: u32,
+}
+
+impl Fixture {
+    fn new(policies: &[(QueueKey, usize, u64)]) -> Self {
+        let mut s = Scheduler::new();
+        for &(key, max_rows, delay_us) in policies {
+            s.add_queue(
+                key,
+                BatchPolicy {
+                    max_rows,
+                    max_delay: us(delay_us),
+                },
+            );
+        }
+        Self {
+            t0: Instant::now(),
+            s,
+            admission: Admission::new(1000),
+            next_id: 0,
+        }
+    }
+
+    fn at(&self, micros: u64) -> Instant {
+        self.t0 + us(micros)
+    }
+
+    /// Queues a request of `rows` at `at_us` with a deadline `ttl_us` later;
+    /// returns its id and the switch that cancels it.
+    fn push(
+        &mut self,
+        key: QueueKey,
+        rows: usize,
+        at_us: u64,
+        ttl_us: u64,
+    ) -> (u32, Rc<Cell<bool>>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let cancelled = Rc::new(Cell::new(false));
+        let r = R {
+            id,
+            key,
+            rows,
+            enqueued: self.at(at_us),
+            deadline: self.at(at_us + ttl_us),
+            cancelled: cancelled.clone(),
+        };
+        let permit = self.admission.try_admit().unwrap();
+        self.s.push(r, permit).unwrap();
+        (id, cancelled)
+    }
+
+    fn run(&mut self, now_us: u64) -> Run<R> {
+        match self.s.poll(self.at(now_us)) {
+            Poll::Run(run) => run,
+            other => panic!("expected a batch at {now_us} us, got {other:?}"),
+        }
+    }
+}
+
+fn ids(batch: &[R]) -> Vec<u32> {
+    batch.iter().map(|r| r.id).collect()
+}
+
+const LONG: u64 = 1_000_000_000;
+
+#[test]
+fn a_batch_closes_when_full_or_when_its_oldest_request_has_waited() {
+    let mut f = Fixture::new(&[(A, 4, 500)]);
+    assert!(matches!(f.s.poll(f.at(0)), Poll::Idle));
+    f.push(A, 1, 0, LONG);
+    f.push(A, 1, 100, LONG);
+    match f.s.poll(f.at(499)) {
+        Poll::Sleep(at) => assert_eq!(at, f.at(500), "sleeps until the oldest has waited"),
+        other => panic!("{other:?}"),
+    }
+    let run = f.run(500);
+    assert_eq!((run.key, ids(&run.batch)), (A, vec![0, 1]));
+    assert!(run.dropped.is_empty());
+    assert!(matches!(f.s.poll(f.at(500)), Poll::Idle));
+
+    // Four rows fill a batch at once, whatever the delay.
+    f.push(A, 1, 600, LONG);
+    f.push(A, 3, 601, LONG);
+    assert_eq!(ids(&f.run(601).batch), vec![2, 3]);
+}
+
+#[test]
+fn batches_respect_the_row_limit_and_arrival_order() {
+    let mut f = Fixture::new(&[(A, 4, 0)]);
+    for (i, rows) in [1, 2, 2, 9, 1].into_iter().enumerate() {
+        f.push(A, rows, i as u64, LONG);
+    }
+    assert_eq!(ids(&f.run(10).batch), vec![0, 1]);
+    assert_eq!(ids(&f.run(10).batch), vec![2]);
+    assert_eq!(
+        ids(&f.run(10).batch),
+        vec![3],
+        "an oversized request runs alone"
+    );
+    assert_eq!(ids(&f.run(10).batch), vec![4]);
+    assert!(matches!(f.s.poll(f.at(10)), Poll::Idle));
+    assert_eq!(f.admission.depth(), 0);
+}
+
+#[test]
+fn the_ready_queue_whose_oldest_request_waited_longest_goes_first() {
+    let mut f = Fixture::new(&[(A, 2, 1000), (B, 2, 1000)]);
+    f.push(B, 1, 0, LONG);
+    f.push(A, 1, 10, LONG);
+    f.push(A, 1, 20, LONG);
+    // A is full (ready at once), B is not yet ready: A runs.
+    assert_eq!(f.run(30).key, A);
+    // Once B's delay has run out, B runs even while A keeps filling up.
+    f.push(A, 1, 1000, LONG);
+    f.push(A, 1, 1001, LONG);
+    assert_eq!(f.run(1002).key, B);
+    assert_eq!(f.run(1002).key, A);
+}
+
+#[test]
+fn a_model_under_sustained_load_does_not_starve_another() {
+    let mut f = Fixture::new(&[(A, 4, 500), (B, 4, 500)]);
+    let mut served_b = 0;
+    let mut b_since: Option<u64> = None;
+    let mut t = 0;
+    let mut last_was_b = false;
+    for step in 0..200 {
+        // A fills a batch every step (the executor's whole capacity, less the
+        // turns B takes); B gets one lone request every 10 steps.
+        if !last_was_b {
+            for _ in 0..4 {
+                f.push(A, 1, t, LONG);
+            }
+        }
+        if step % 10 == 0 && b_since.is_none() {
+            f.push(B, 1, t, LONG);
+            b_since = Some(t);
+        }
+        t += 100;
+        let run = f.run(t);
+        last_was_b = run.key == B;
+        if run.key == B {
+            let waited = t - b_since.take().expect("B had a request waiting");
+            assert!(
+                waited <= 500 + 100,
+                "B waited {waited} us: more than its delay and one step"
+            );
+            served_b += 1;
+        }
+    }
+    assert_eq!(served_b, 20, "every B request was served");
+}
+
+#[test]
+fn expired_and_cancelled_requests_are_dropped_with_their_reason_and_take_no_room() {
+    let mut f = Fixture::new(&[(A, 2, 500)]);
+    let (expired, _) = f.push(A, 1, 0, 100);
+    let (gone, cancel) = f.push(A, 1, 10, LONG);
+    let (both, cancel_both) = f.push(A, 1, 20, 100);
+    f.push(A, 1, 30, LONG);
+    f.push(A, 1, 40, LONG);
+    f.push(A, 1, 50, LONG);
+    cancel.set(true);
+    cancel_both.set(true);
+    let run = f.run(500);
+    let reasons: Vec<(u32, DropReason)> = run
+        .dropped
+        .iter()
+        .map(|d| (d.request.id, d.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (expired, DropReason::Deadline),
+            (gone, DropReason::Cancelled),
+            (both, DropReason::Deadline),
+        ],
+        "a passed deadline counts as a deadline drop even when the caller left"
+    );
+    assert_eq!(ids(&run.batch), vec![3, 4], "dropped requests take no room");
+    assert_eq!(f.s.waiting(A), 1);
+    assert_eq!(
+        f.admission.depth(),
+        1,
+        "taken and dropped requests gave their slots back"
+    );
+}
+
+#[test]
+fn a_batch_of_only_dropped_requests_is_empty_and_reports_them() {
+    let mut f = Fixture::new(&[(A, 8, 0)]);
+    f.push(A, 1, 0, 5);
+    f.push(A, 1, 1, 5);
+    let run = f.run(100);
+    assert!(run.batch.is_empty());
+    assert_eq!(run.dropped.len(), 2);
+    assert_eq!(f.admission.depth(), 0);
+}
+
+#[test]
+fn depth_is_exact_whatever_happens_to_the_requests() {
+    let mut f = Fixture::new(&[(A, 3, 0)]);
+    let mut cancels = Vec::new();
+    for i in 0..30 {
+        let (_, c) = f.push(
+            A,
+            1 + (i % 3) as usize,
+            i,
+            if i % 4 == 0 { 2 } else { LONG },
+        );
+        cancels.push(c);
+    }
+    assert_eq!(f.admission.depth(), 30);
+    for c in cancels.iter().step_by(3) {
+        c.set(true);
+    }
+    let mut seen = 0;
+    while let Poll::Run(run) = f.s.poll(f.at(100)) {
+        seen += run.batch.len() + run.dropped.len();
+        drop(run);
+        assert_eq!(f.admission.depth(), 30 - seen);
+    }
+    assert_eq!(seen, 30);
+    // A request for a queue that does not exist is handed back; its permit
+    // is released with it.
+    let permit = f.admission.try_admit().unwrap();
+    let stray = R {
+        id: 99,
+        key: QueueKey { model: 7 },
+        rows: 1,
+        enqueued: f.at(0),
+        deadline: f.at(LONG),
+        cancelled: Rc::new(Cell::new(false)),
+    };
+    assert_eq!(f.s.push(stray, permit).unwrap_err().id, 99);
+    assert_eq!(f.admission.depth(), 0);
+}
+
+#[test]
+fn dropping_the_scheduler_frees_every_slot() {
+    let mut f = Fixture::new(&[(A, 4, LONG), (B, 4, LONG)]);
+    for i in 0..5 {
+        f.push(if i % 2 == 0 { A } else { B }, 1, i, LONG);
+    }
+    let admission = f.admission.clone();
+    assert_eq!(admission.depth(), 5);
+    drop(f);
+    assert_eq!(admission.depth(), 0);
+}
+
+#[test]
+fn drain_takes_every_queue_oldest_first_ready_or_not() {
+    let mut f = Fixture::new(&[(A, 2, LONG), (B, 2, LONG)]);
+    f.push(B, 1, 0, LONG);
+    f.push(A, 1, 1, LONG);
+    f.push(A, 1, 2, LONG);
+    f.push(A, 1, 3, LONG);
+    assert!(matches!(f.s.poll(f.at(4)), Poll::Run(_)), "A is full");
+    let mut order = Vec::new();
+    while let Some(run) = f.s.drain(f.at(5)) {
+        order.push((run.key.model, ids(&run.batch)));
+    }
+    assert_eq!(order, vec![(1, vec![0]), (0, vec![3])]);
+    assert!(matches!(f.s.poll(f.at(5)), Poll::Idle));
+}
