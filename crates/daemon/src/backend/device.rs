@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use super::Backend;
 use super::cpu::CpuBackend;
 use super::fallback::{faulty, system_clock, Fallback};
+use super::Backend;
 use crate::metrics::Metrics;
 
 pub struct Selected {

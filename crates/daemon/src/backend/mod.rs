@@ -2,7 +2,6 @@
 //! host types (item-table rows, f32 slices), not candle or CUDA ones, so the
 //! queue, the batcher and the servers build and test without any device code.
 
-
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -11,6 +10,7 @@ pub mod fallback;
 pub mod topk;
 
 use crate::model::{ItemDtype, ItemTable, ModelKind, ModelSpec, TowerWeights};
+pub use crate::model::{Query, Task};
 
 /// Index of a loaded model in the executor.
 pub type ModelId = usize;
@@ -27,6 +27,13 @@ pub struct ModelDesc {
     /// The largest batch the executor will hand over; a device backend sizes
     /// its batch buffers for it at load.
     pub bounds: BatchBounds,
+}
+
+impl ModelDesc {
+    /// Widths of the tower's input and output layers, as the kind says.
+    pub fn tower_dims(&self) -> (usize, usize) {
+        self.kind.tower_dims(self.dim, self.user_feature_dim)
+    }
 }
 
 /// The largest batch a model can be given, from its model.toml: requests
@@ -60,26 +67,6 @@ impl BatchBounds {
     }
 }
 
-/// One request row group of a batch: a user (history and features) and what to
-/// compute for them.
-#[derive(Debug, Clone)]
-pub struct Query<'a> {
-    /// Item-table rows of the user's recent history (already cut to the
-    /// model's `history_len`), oldest first. Pooled with a plain mean.
-    pub history: &'a [u32],
-    /// Dense user features, `user_feature_dim` long; `None` means zeros.
-    pub features: Option<&'a [f32]>,
-    pub task: Task<'a>,
-}
-
-#[derive(Debug, Clone)]
-pub enum Task<'a> {
-    /// Top `k` live items by score, skipping `exclude` (sorted rows).
-    TopK { k: usize, exclude: &'a [u32] },
-    /// One score per given row, in order.
-    Score { rows: &'a [u32] },
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
     pub id: u64,
@@ -92,23 +79,50 @@ pub enum Output {
     Scores(Vec<f32>),
 }
 
+/// Why a batch or a load failed, as the metrics label it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A kernel or library call could not be launched.
+    Launch,
+    OutOfMemory,
+    /// The device faulted: its context is unusable until restart.
+    Hardware,
+    /// The driver is missing, too old or not initialised.
+    Driver,
+    Other,
+}
+
+impl Reason {
+    /// The metric label: `launch`, `out_of_memory`, `hardware`, `driver`,
+    /// `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Launch => "launch",
+            Reason::OutOfMemory => "out_of_memory",
+            Reason::Hardware => "hardware",
+            Reason::Driver => "driver",
+            Reason::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A failed batch. `Clone`, so one failure can be sent to every waiter.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{device}: {message}")]
 pub struct BackendError {
     pub device: String,
-    /// Short label for metrics: `launch`, `out_of_memory`, `hardware`,
-    /// `driver`, `other`.
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
 impl BackendError {
-    pub fn new(
-        device: impl Into<String>,
-        reason: &'static str,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn new(device: impl Into<String>, reason: Reason, message: impl Into<String>) -> Self {
         Self {
             device: device.into(),
             reason,

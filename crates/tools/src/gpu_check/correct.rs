@@ -11,7 +11,6 @@ use cudarc::driver::CudaSlice;
 
 use super::inputs::*;
 use super::{Report, Status};
-use rankd::internals::{Backend, Output, Query, Scored, Task};
 use rankd::internals::cpu;
 use rankd::internals::cuda::mlp::{DeviceMlp, ACT_NONE, ACT_SIGMOID};
 use rankd::internals::cuda::ops::{Dev, TopkBufs};
@@ -19,7 +18,8 @@ use rankd::internals::cuda::plan::{PackedTopk, TopkPlan};
 use rankd::internals::cuda::tables::{Buf, DeviceTable};
 use rankd::internals::cuda::{ops, plan, CudaBackend, ItemDtype};
 use rankd::internals::Rng;
-use rankd::internals::{ItemTable, ModelKind};
+use rankd::internals::{Backend, Output, Query, Scored, Task};
+use rankd::internals::{ItemTable, RANKER, TWO_TOWER};
 
 const S: &str = "(a) kernels";
 
@@ -208,8 +208,8 @@ fn gpu_checks(
     let (t_items, t_ties, t_scatter) = (base, base + 1, base + 2);
     b.load_table(t_items, &inp.items, dtype)?;
     b.load_table(t_ties, &inp.ties, dtype)?;
-    b.load(base, desc(ModelKind::TwoTower), t_items, &inp.two_tower)?;
-    b.load(base + 1, desc(ModelKind::Ranker), t_items, &inp.ranker)?;
+    b.load(base, desc(TWO_TOWER), t_items, &inp.two_tower)?;
+    b.load(base + 1, desc(RANKER), t_items, &inp.ranker)?;
     let items_q = quantized(&inp.items, dtype);
     let tt = queries(&inp.tt_queries);
 
@@ -446,8 +446,7 @@ fn scatter_check(
     let added = cap_before - N + 1500;
     for j in 0..added {
         let e = emb(&mut rng);
-        if let rankd::internals::ItemChange::Applied { row } = host.upsert(item_id(N + j), &e, 1)
-        {
+        if let rankd::internals::ItemChange::Applied { row } = host.upsert(item_id(N + j), &e, 1) {
             changed.push(row);
         }
     }

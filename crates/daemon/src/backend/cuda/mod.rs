@@ -32,6 +32,7 @@
 
 pub mod error;
 pub mod kernels;
+pub mod kind;
 pub mod libs;
 pub mod mlp;
 pub mod ops;
@@ -50,15 +51,16 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use self::error::GpuError;
 use self::kernels::{CacheKey, Kernels};
+use self::kind::DeviceKind;
 use self::mlp::DeviceMlp;
 use self::ops::{Dev, Scratch};
 use self::plan::DeviceLimits;
 use self::tables::DeviceTable;
 pub use self::tables::ItemDtype;
 use super::{
-    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, TableId,
+    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId,
 };
-use crate::model::{ItemTable, ModelKind, TowerWeights};
+use crate::model::{ItemTable, TowerWeights};
 
 /// What rankd reads about the device once, at start.
 #[derive(Debug, Clone)]
@@ -123,6 +125,8 @@ struct GpuModel {
     desc: ModelDesc,
     table: TableId,
     mlp: DeviceMlp,
+    /// The kind's buffer sizes and forward pass, looked up once at load.
+    kind: &'static DeviceKind,
 }
 
 /// The device parts every launch needs, kept apart from the backend's
@@ -370,7 +374,7 @@ impl CudaBackend {
         if let Some(why) = &self.broken {
             return Err(BackendError::new(
                 self.device.clone(),
-                "hardware",
+                Reason::Hardware,
                 format!("the device is unusable after an earlier error: {why}"),
             ));
         }
@@ -381,19 +385,11 @@ impl CudaBackend {
 
     fn fail(&mut self, e: GpuError) -> BackendError {
         let err = e.into_backend(&self.device);
-        if err.reason == "hardware" && self.broken.is_none() {
+        if err.reason == Reason::Hardware && self.broken.is_none() {
             tracing::error!(device = %self.device, error = %err.message, "CUDA context lost; the device is unusable until restart");
             self.broken = Some(err.message.clone());
         }
         err
-    }
-}
-
-/// Tower input and output widths the model kind implies.
-fn tower_dims(desc: &ModelDesc) -> (usize, usize) {
-    match desc.kind {
-        ModelKind::TwoTower => (desc.dim + desc.user_feature_dim, desc.dim),
-        ModelKind::Ranker => (3 * desc.dim + desc.user_feature_dim, 1),
     }
 }
 
@@ -432,7 +428,9 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         self.guard()?;
         let device = self.device.clone();
-        let invalid = |m: String| BackendError::new(device.clone(), "other", m);
+        let invalid = |m: String| BackendError::new(device.clone(), Reason::Other, m);
+        let kind = kind::find(desc.kind)
+            .ok_or_else(|| invalid(format!("no CUDA forward pass for {} models", desc.kind)))?;
         let t = self
             .tables
             .get(&table)
@@ -444,7 +442,7 @@ impl Backend for CudaBackend {
             )));
         }
         let mlp = DeviceMlp::upload(&self.gpu.stream, weights).map_err(|e| self.fail(e))?;
-        let (want_in, want_out) = tower_dims(&desc);
+        let (want_in, want_out) = desc.tower_dims();
         if (mlp.in_dim(), mlp.out_dim()) != (want_in, want_out) {
             return Err(invalid(format!(
                 "tower maps {} -> {}, a {} model needs {want_in} -> {want_out}",
@@ -455,9 +453,18 @@ impl Backend for CudaBackend {
         }
         let dev = self.gpu.dev();
         let t = &self.tables[&table];
-        let sized = ops::reserve_for(&dev, t, &desc, &mlp, &mut self.scratch);
+        let sizes = (kind.batch_sizes)(&desc, mlp.max_width());
+        let sized = ops::reserve_for(&dev, t, &desc, &sizes, &mut self.scratch);
         sized.map_err(|e| self.fail(e))?;
-        self.models.insert(id, GpuModel { desc, table, mlp });
+        self.models.insert(
+            id,
+            GpuModel {
+                desc,
+                table,
+                mlp,
+                kind,
+            },
+        );
         Ok(())
     }
 
@@ -482,25 +489,15 @@ impl Backend for CudaBackend {
             plan::check_rows(queries, table.rows, model.desc.user_feature_dim)
                 .map_err(GpuError::Invalid)?;
             let dev = self.gpu.dev();
-            match model.desc.kind {
-                ModelKind::TwoTower => ops::run_two_tower(
-                    &dev,
-                    &model.desc,
-                    &model.mlp,
-                    table,
-                    &mut self.scratch,
-                    items,
-                    queries,
-                ),
-                ModelKind::Ranker => ops::run_ranker(
-                    &dev,
-                    &model.desc,
-                    &model.mlp,
-                    table,
-                    &mut self.scratch,
-                    queries,
-                ),
-            }
+            (model.kind.run)(
+                &dev,
+                &model.desc,
+                &model.mlp,
+                table,
+                &mut self.scratch,
+                items,
+                queries,
+            )
         })();
         result.map_err(|e| self.fail(e))
     }
@@ -515,7 +512,7 @@ impl Backend for CudaBackend {
         let Some(t) = self.tables.get_mut(&table) else {
             return Err(BackendError::new(
                 self.device.clone(),
-                "other",
+                Reason::Other,
                 format!("table {table} is not loaded: this is a bug"),
             ));
         };

@@ -4,7 +4,6 @@
 //! here touches the device, so all of it is unit-tested on any machine.
 
 use crate::backend::{ModelDesc, Output, Query, Scored, Task};
-use crate::model::ModelKind;
 
 /// Table rows per step of the fused kernel (`TILE` in score_topk.cu).
 pub const TILE: usize = 64;
@@ -215,32 +214,24 @@ pub struct BatchSizes {
     pub topk_out: usize,
 }
 
-/// What `desc.bounds` implies for each buffer; `max_width` is the widest
-/// layer output of the model's tower. A two-tower model may be asked both
-/// recommend and score, and a request counts one batch row; a ranker is only
-/// asked score, and each candidate counts a row, so its batch holds at most
-/// `max(max_batch, max_items)` pairs (a batch is closed before it passes
-/// `max_batch` rows, unless one request alone is larger).
-pub fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
+/// The buffers every kind sizes alike, from `desc.bounds`: `max_batch`
+/// users with their histories, features and exclusions, and the embedding
+/// bag's [h ‖ f] output at the bucketed row count. The rest (the tower's
+/// activations, pairs, ranker inputs, top-k output) are zero: each kind's
+/// `batch_sizes` (in `kind/`) fills them in.
+pub fn user_sizes(desc: &ModelDesc) -> BatchSizes {
     let z = desc.bounds;
     let (b, d, fd) = (z.max_batch, desc.dim, desc.user_feature_dim);
-    let (pairs, tower_rows, rank_x, topk_out) = match desc.kind {
-        ModelKind::TwoTower => (b * z.max_items, bucket(b), 0, b * z.max_k),
-        ModelKind::Ranker => {
-            let pairs = b.max(z.max_items);
-            (pairs, bucket(pairs), bucket(pairs) * (3 * d + fd), 0)
-        }
-    };
     BatchSizes {
         queries: b,
         hist_rows: b * z.history_len,
         feats: b * fd,
         xu: bucket(b) * (d + fd),
-        act: tower_rows * max_width,
+        act: 0,
         excl_rows: b * (z.max_exclude + z.history_max),
-        pairs,
-        rank_x,
-        topk_out,
+        pairs: 0,
+        rank_x: 0,
+        topk_out: 0,
     }
 }
 
