@@ -192,3 +192,26 @@ pub trait Backend: Send {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_keep_their_metric_labels() {
+        let labels = [
+            (Reason::Launch, "launch"),
+            (Reason::OutOfMemory, "out_of_memory"),
+            (Reason::Hardware, "hardware"),
+            (Reason::Driver, "driver"),
+            (Reason::Other, "other"),
+        ];
+        for (reason, label) in labels {
+            assert_eq!(reason.as_str(), label);
+            assert_eq!(reason.to_string(), label);
+        }
+        let e = BackendError::new("cuda:0", Reason::OutOfMemory, "allocating 2 GiB");
+        assert_eq!(e.clone().to_string(), "cuda:0: allocating 2 GiB");
+        assert_eq!(e.reason, Reason::OutOfMemory);
+    }
+}

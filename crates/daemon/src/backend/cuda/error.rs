@@ -8,13 +8,20 @@ use cudarc::cublas::sys::cublasStatus_t;
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::DriverError;
 
+use super::kernels::KernelError;
+use super::plan::{BatchError, PlanError};
+use super::selftest::Failure;
 use crate::backend::{BackendError, Reason};
 
 #[derive(Debug)]
 pub enum GpuError {
     Driver(&'static str, DriverError),
     Blas(&'static str, CublasError),
-    /// A request the device path cannot serve (too large a k, a bad row).
+    /// A request the fused top-k cannot serve here (too large a k).
+    Plan(PlanError),
+    /// A batch naming a row or feature width the model does not have.
+    Batch(BatchError),
+    /// Anything else the device path refuses (a bug, a mismatched model).
     Invalid(String),
 }
 
@@ -23,8 +30,22 @@ impl std::fmt::Display for GpuError {
         match self {
             GpuError::Driver(what, e) => write!(f, "{what}: {e}"),
             GpuError::Blas(what, e) => write!(f, "{what}: cuBLAS {:?}", e.0),
+            GpuError::Plan(e) => write!(f, "{e}"),
+            GpuError::Batch(e) => write!(f, "{e}"),
             GpuError::Invalid(m) => f.write_str(m),
         }
+    }
+}
+
+impl From<PlanError> for GpuError {
+    fn from(e: PlanError) -> Self {
+        GpuError::Plan(e)
+    }
+}
+
+impl From<BatchError> for GpuError {
+    fn from(e: BatchError) -> Self {
+        GpuError::Batch(e)
     }
 }
 
@@ -35,7 +56,7 @@ impl GpuError {
         match self {
             GpuError::Driver(_, e) => driver_reason(e.0),
             GpuError::Blas(_, e) => blas_reason(e.0),
-            GpuError::Invalid(_) => Reason::Other,
+            GpuError::Plan(_) | GpuError::Batch(_) | GpuError::Invalid(_) => Reason::Other,
         }
     }
 
@@ -45,6 +66,67 @@ impl GpuError {
         BackendError::new(device, self.reason(), self.to_string())
     }
 }
+
+/// Why the device could not be opened: one line, naming what is missing or
+/// which step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no NVIDIA driver (libcuda.so not found)")]
+    NoDriver,
+    #[error("the NVIDIA driver is unusable: {message}")]
+    DriverUnusable { message: String },
+    #[error("no CUDA device {ordinal} ({count} found)")]
+    NoDevice { ordinal: usize, count: usize },
+    #[error(
+        "cuBLAS not found (libcublas.so.13 and libcublasLt.so.13: put their folder on LD_LIBRARY_PATH)"
+    )]
+    NoCublas,
+    /// NVRTC is missing or unusable.
+    #[error(transparent)]
+    Nvrtc(KernelError),
+    #[error("{device}: {step}: {message}")]
+    Setup {
+        device: String,
+        step: &'static str,
+        message: String,
+    },
+    #[error("reading the device's {what}: {message}")]
+    Query { what: &'static str, message: String },
+    #[error("{device}: {error}")]
+    Kernels { device: String, error: KernelError },
+    #[error("{device}: {error}")]
+    SelfTest {
+        device: String,
+        error: SelfTestError,
+    },
+    /// cudarc panicked (a library that loads but lacks a symbol, say).
+    #[error("cuda:{ordinal}: CUDA initialisation failed: {why}")]
+    Panicked { ordinal: usize, why: String },
+}
+
+/// A kernel that failed the start-up check (see `selftest`), by name.
+#[derive(Debug)]
+pub struct SelfTestError {
+    pub kernel: &'static str,
+    pub failure: Failure,
+}
+
+impl std::fmt::Display for SelfTestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = self.kernel;
+        match &self.failure {
+            Failure::Device(m) => {
+                write!(
+                    f,
+                    "the start-up check of the {what} failed on the device: {m}"
+                )
+            }
+            Failure::Wrong(m) => write!(f, "the {what} disagrees with the host at start: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for SelfTestError {}
 
 /// Short label of a driver error for metrics and health.
 pub fn driver_reason(r: CUresult) -> Reason {
@@ -146,8 +228,8 @@ mod tests {
             blas_reason(cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED),
             Reason::OutOfMemory
         );
-        let e = GpuError::Invalid("k must be <= 4096 on the GPU, got 5000".into())
-            .into_backend("cuda:0");
+        let e = GpuError::from(PlanError::KTooLarge { k: 5000 }).into_backend("cuda:0");
+        assert_eq!(e.message, "k must be <= 4096 on the GPU, got 5000");
         assert_eq!((e.device.as_str(), e.reason), ("cuda:0", Reason::Other));
     }
 }

@@ -49,7 +49,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUresult};
 use cudarc::driver::{CudaContext, CudaStream};
 
-use self::error::GpuError;
+use self::error::{GpuError, OpenError, SelfTestError};
 use self::kernels::{CacheKey, Kernels};
 use self::kind::DeviceKind;
 use self::mlp::DeviceMlp;
@@ -78,9 +78,12 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
-    fn query(ctx: &Arc<CudaContext>, nvrtc: (i32, i32)) -> Result<Self, String> {
+    fn query(ctx: &Arc<CudaContext>, nvrtc: (i32, i32)) -> Result<Self, OpenError> {
         let e = |what: &'static str| {
-            move |err: cudarc::driver::DriverError| format!("reading the device's {what}: {err}")
+            move |err: cudarc::driver::DriverError| OpenError::Query {
+                what,
+                message: err.to_string(),
+            }
         };
         let attr = |a: CUdevice_attribute| ctx.attribute(a).map(|v| v.max(0) as usize);
         let mut driver_version = 0;
@@ -203,14 +206,10 @@ impl SelfTest {
 
     /// What serving makes of it: an error when a CUDA-core kernel is wrong or
     /// the device faulted; otherwise whether the tensor-core kernel serves.
-    fn verdict(&self) -> Result<bool, String> {
-        let failed = |what: &str, e: &selftest::Failure| match e {
-            selftest::Failure::Device(m) => {
-                format!("the start-up check of the {what} failed on the device: {m}")
-            }
-            selftest::Failure::Wrong(m) => {
-                format!("the {what} disagrees with the host at start: {m}")
-            }
+    fn verdict(&self) -> Result<bool, SelfTestError> {
+        let failed = |kernel: &'static str, failure: &selftest::Failure| SelfTestError {
+            kernel,
+            failure: failure.clone(),
         };
         if let Err(e) = &self.cuda_cores {
             return Err(failed("fused top-k kernel (CUDA cores)", e));
@@ -239,7 +238,7 @@ impl CudaBackend {
     /// can be loaded, creates the context, stream and cuBLAS handle, and
     /// compiles (or loads cached) kernels. Never panics for a missing
     /// library or device; the error is one line saying which.
-    pub fn new(ordinal: usize) -> Result<CudaBackend, String> {
+    pub fn new(ordinal: usize) -> Result<CudaBackend, OpenError> {
         Self::open_catching(ordinal, true).map(|(b, _)| b)
     }
 
@@ -247,50 +246,56 @@ impl CudaBackend {
     /// kernels is reported, not enforced, and the tensor-core kernel is on
     /// wherever the device has bf16 tensor cores, so the detailed checks can
     /// show what is wrong.
-    pub fn new_for_check(ordinal: usize) -> Result<(CudaBackend, SelfTest), String> {
+    pub fn new_for_check(ordinal: usize) -> Result<(CudaBackend, SelfTest), OpenError> {
         Self::open_catching(ordinal, false)
     }
 
-    fn open_catching(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), String> {
+    fn open_catching(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), OpenError> {
         std::panic::catch_unwind(move || Self::open(ordinal, strict)).unwrap_or_else(|p| {
             let why = p
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Err(format!("cuda:{ordinal}: CUDA initialisation failed: {why}"))
+            Err(OpenError::Panicked { ordinal, why })
         })
     }
 
-    fn open(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), String> {
+    fn open(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), OpenError> {
         if !libs::driver_present() {
-            return Err("no NVIDIA driver (libcuda.so not found)".into());
+            return Err(OpenError::NoDriver);
         }
         let count = match CudaContext::device_count() {
             Ok(n) => n.max(0) as usize,
             Err(e) if e.0 == CUresult::CUDA_ERROR_NO_DEVICE => 0,
-            Err(e) => return Err(format!("the NVIDIA driver is unusable: {e}")),
+            Err(e) => {
+                return Err(OpenError::DriverUnusable {
+                    message: e.to_string(),
+                })
+            }
         };
         if ordinal >= count {
-            return Err(format!("no CUDA device {ordinal} ({count} found)"));
+            return Err(OpenError::NoDevice { ordinal, count });
         }
         if !libs::cublas_present() {
-            return Err(
-                "cuBLAS not found (libcublas.so.13 and libcublasLt.so.13: put their folder on LD_LIBRARY_PATH)"
-                    .into(),
-            );
+            return Err(OpenError::NoCublas);
         }
-        let nvrtc = kernels::nvrtc_version()?;
+        let nvrtc = kernels::nvrtc_version().map_err(OpenError::Nvrtc)?;
         let device = format!("cuda:{ordinal}");
-        let ctx =
-            CudaContext::new(ordinal).map_err(|e| format!("{device}: creating a context: {e}"))?;
+        let setup = |step: &'static str| {
+            let device = device.clone();
+            move |e: cudarc::driver::DriverError| OpenError::Setup {
+                device,
+                step,
+                message: e.to_string(),
+            }
+        };
+        let ctx = CudaContext::new(ordinal).map_err(setup("creating a context"))?;
         // One stream does all the work, so cudarc's per-buffer events that
         // order work across streams are pure overhead.
         // SAFETY: set before any allocation; nothing here uses a second stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| format!("{device}: creating a stream: {e}"))?;
+        let stream = ctx.new_stream().map_err(setup("creating a stream"))?;
         let info = DeviceInfo::query(&ctx, nvrtc)?;
         let key = CacheKey {
             device_name: &info.name,
@@ -300,14 +305,23 @@ impl CudaBackend {
         };
         let started = std::time::Instant::now();
         let kernels =
-            Kernels::load(&ctx, &key, info.smem_optin).map_err(|e| format!("{device}: {e}"))?;
-        let blas = CudaBlas::new(stream.clone())
-            .map_err(|e| format!("{device}: creating the cuBLAS handle: {e}"))?;
+            Kernels::load(&ctx, &key, info.smem_optin).map_err(|error| OpenError::Kernels {
+                device: device.clone(),
+                error,
+            })?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| OpenError::Setup {
+            device: device.clone(),
+            step: "creating the cuBLAS handle",
+            message: e.to_string(),
+        })?;
         let mut scratch = Scratch::default();
         let checked = std::time::Instant::now();
         let test = SelfTest::run(&stream, &blas, &kernels, &info, &mut scratch);
         let tc = if strict {
-            test.verdict().map_err(|e| format!("{device}: {e}"))?
+            test.verdict().map_err(|error| OpenError::SelfTest {
+                device: device.clone(),
+                error,
+            })?
         } else {
             info.cc.0 >= 8
         };
@@ -486,8 +500,7 @@ impl Backend for CudaBackend {
             let table = self.tables.get(&model.table).ok_or_else(|| {
                 GpuError::Invalid("the model's table is not loaded: this is a bug".into())
             })?;
-            plan::check_rows(queries, table.rows, model.desc.user_feature_dim)
-                .map_err(GpuError::Invalid)?;
+            plan::check_rows(queries, table.rows, model.desc.user_feature_dim)?;
             let dev = self.gpu.dev();
             (model.kind.run)(
                 &dev,
@@ -539,13 +552,15 @@ mod tests {
     fn new_without_a_device_says_why() {
         if !libs::driver_present() {
             let err = CudaBackend::new(0).err().expect("no driver on this host");
-            assert_eq!(err, "no NVIDIA driver (libcuda.so not found)");
+            assert!(matches!(err, OpenError::NoDriver), "{err:?}");
+            assert_eq!(err.to_string(), "no NVIDIA driver (libcuda.so not found)");
             return;
         }
         let n = CudaContext::device_count().unwrap_or(0).max(0) as usize;
         let err = CudaBackend::new(n)
             .err()
-            .expect("ordinal past the last device");
+            .expect("ordinal past the last device")
+            .to_string();
         assert!(err.starts_with(&format!("no CUDA device {n} ")), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
     }

@@ -184,7 +184,7 @@ fn topk_plan(
         &resident,
         dev.uses_tc(table),
     )
-    .map_err(GpuError::Invalid)
+    .map_err(GpuError::from)
 }
 
 pub(super) fn grid(blocks: usize) -> (u32, u32, u32) {

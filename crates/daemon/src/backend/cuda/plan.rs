@@ -38,6 +38,44 @@ pub fn padded_dim(d: usize) -> usize {
     d.div_ceil(8).max(1) * 8
 }
 
+/// Why the fused top-k cannot run a request on this device (or at all).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("k must be <= {MAX_K} on the GPU, got {k}", MAX_K = MAX_K)]
+    KTooLarge { k: usize },
+    #[error("item tables of {rows} rows are beyond the GPU kernels' 2^31 limit")]
+    TableTooLarge { rows: usize },
+    #[error(
+        "k = {k} at dim {ld} needs {needs} bytes of shared memory per block, this GPU allows {allows}"
+    )]
+    SharedMemory {
+        k: usize,
+        ld: usize,
+        needs: usize,
+        allows: usize,
+    },
+    #[error("k = {k} needs {needs} bytes of shared memory to merge, this GPU allows {allows}")]
+    MergeSharedMemory {
+        k: usize,
+        needs: usize,
+        allows: usize,
+    },
+}
+
+/// A batch that names something outside the model or its table: on the
+/// device it would read out of bounds, so it is refused before upload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("{what} row {row} is outside the item table of {rows} rows")]
+    RowOutOfRange {
+        what: &'static str,
+        row: u32,
+        rows: usize,
+    },
+    #[error("user features have {got} values, the model takes {want}")]
+    FeatureWidth { got: usize, want: usize },
+}
+
 /// What the fused kernel's launch shape depends on.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceLimits {
@@ -102,14 +140,12 @@ pub fn plan_topk(
     limits: DeviceLimits,
     resident: &dyn Fn(usize) -> usize,
     tc: bool,
-) -> Result<TopkPlan, String> {
+) -> Result<TopkPlan, PlanError> {
     if kmax > MAX_K {
-        return Err(format!("k must be <= {MAX_K} on the GPU, got {kmax}"));
+        return Err(PlanError::KTooLarge { k: kmax });
     }
     if n_rows >= i32::MAX as usize {
-        return Err(format!(
-            "item tables of {n_rows} rows are beyond the GPU kernels' 2^31 limit"
-        ));
+        return Err(PlanError::TableTooLarge { rows: n_rows });
     }
     let nq = nq.max(1);
     let kps = kmax.max(1).next_power_of_two().max(2 * TILE);
@@ -131,11 +167,12 @@ pub fn plan_topk(
         group = fits(limits.smem_optin);
     }
     if group == 0 {
-        return Err(format!(
-            "k = {kmax} at dim {ld} needs {} bytes of shared memory per block, this GPU allows {}",
-            smem(1),
-            limits.smem_optin
-        ));
+        return Err(PlanError::SharedMemory {
+            k: kmax,
+            ld,
+            needs: smem(1),
+            allows: limits.smem_optin,
+        });
     }
     let group = group.min(MAX_GROUP).min(nq);
     let groups = nq.div_ceil(group);
@@ -156,10 +193,11 @@ pub fn plan_topk(
     let merge_smem = 2 * merge_kps * 8;
     // The merge kernel also holds a few bytes of static shared memory.
     if merge_smem + 64 > limits.smem_optin {
-        return Err(format!(
-            "k = {kmax} needs {merge_smem} bytes of shared memory to merge, this GPU allows {}",
-            limits.smem_optin
-        ));
+        return Err(PlanError::MergeSharedMemory {
+            k: kmax,
+            needs: merge_smem,
+            allows: limits.smem_optin,
+        });
     }
     Ok(TopkPlan {
         group,
@@ -264,19 +302,22 @@ pub struct PackedPairs {
 
 /// Checks every row a batch names against the table size: an out-of-range
 /// row on the device is an illegal address that poisons the context.
-pub fn check_rows(queries: &[Query<'_>], n_rows: usize, fd: usize) -> Result<(), String> {
-    let bad =
-        |what: &str, r: u32| format!("{what} row {r} is outside the item table of {n_rows} rows");
+pub fn check_rows(queries: &[Query<'_>], n_rows: usize, fd: usize) -> Result<(), BatchError> {
+    let bad = |what: &'static str, row: u32| BatchError::RowOutOfRange {
+        what,
+        row,
+        rows: n_rows,
+    };
     for q in queries {
         if let Some(&r) = q.history.iter().find(|&&r| r as usize >= n_rows) {
             return Err(bad("history", r));
         }
         if let Some(f) = q.features {
             if f.len() != fd {
-                return Err(format!(
-                    "user features have {} values, the model takes {fd}",
-                    f.len()
-                ));
+                return Err(BatchError::FeatureWidth {
+                    got: f.len(),
+                    want: fd,
+                });
             }
         }
         let rows = match q.task {

@@ -117,7 +117,8 @@ fn tiny_tables_use_one_chunk_and_oversized_requests_are_refused() {
     let p = plan_topk(1000, 64, 4, 4, 10, H100, &resident(H100), false).unwrap();
     assert_eq!(p.chunks, 1);
     let err = plan_topk(1000, 64, 4, 1, MAX_K + 1, H100, &resident(H100), false).unwrap_err();
-    assert!(err.contains("k must be <= 4096"), "{err}");
+    assert_eq!(err, PlanError::KTooLarge { k: MAX_K + 1 });
+    assert_eq!(err.to_string(), "k must be <= 4096 on the GPU, got 4097");
 }
 
 #[test]
@@ -164,12 +165,12 @@ fn packing_matches_the_batch() {
     assert_eq!(p.pair_q, vec![1, 1, 1]);
     assert_eq!(p.pair_row, vec![5, 6, 7]);
     assert!(check_rows(&queries, 10, 2).is_ok());
-    let err = check_rows(&queries, 8, 2).unwrap_err();
+    let err = check_rows(&queries, 8, 2).unwrap_err().to_string();
     assert!(
         err.contains("row 9 is outside the item table of 8 rows"),
         "{err}"
     );
-    let err = check_rows(&queries, 10, 3).unwrap_err();
+    let err = check_rows(&queries, 10, 3).unwrap_err().to_string();
     assert!(
         err.contains("user features have 2 values, the model takes 3"),
         "{err}"
