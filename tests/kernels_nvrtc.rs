@@ -62,7 +62,8 @@ fn a_broken_kernel_reports_nvrtc_s_log() {
     };
     let err = kernels::compile(&bad, "sm_90", false)
         .err()
-        .expect("does not compile");
+        .expect("does not compile")
+        .to_string();
     assert!(err.contains("broken.cu"), "{err}");
     assert!(
         err.contains("undefined_name"),

@@ -65,5 +65,6 @@ pub mod internals {
     pub use crate::features::updates::{Coalescer, Stream, Update, UpdateBatch, Validator};
     pub use crate::model::demo::{files as demo_files, Rng};
     pub use crate::model::items::ItemChange;
+    pub use crate::model::kind::{RANKER, TWO_TOWER};
     pub use crate::model::{ItemTable, Layer, ModelKind, ModelSpec, TowerWeights};
 }

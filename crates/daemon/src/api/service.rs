@@ -10,7 +10,7 @@ use crate::exec::{ExecutorHandle, LoadState, Op, Output, ServedModel, UserUpdate
 use crate::features::store::{ItemSummary, ItemWrite};
 use crate::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
-use crate::model::ModelKind;
+use crate::model::OpKind;
 use rankd_client::types::*;
 
 #[derive(Debug, Clone)]
@@ -153,12 +153,9 @@ impl Service {
     ) -> Result<RecommendResponse, ServeError> {
         let (id, served) = self.lookup(model)?;
         let spec = ready_spec(served)?;
-        if spec.kind != ModelKind::TwoTower {
-            return Err(ServeError::Invalid(format!(
-                "model {model} is a {}: recommend needs a two_tower model (use score)",
-                spec.kind.as_str()
-            )));
-        }
+        spec.kind
+            .accepts(model, OpKind::Recommend)
+            .map_err(ServeError::Invalid)?;
         if req.k == 0 {
             return Err(ServeError::Invalid("k must be >= 1, got 0".into()));
         }
@@ -181,7 +178,8 @@ impl Service {
             k: req.k,
             exclude: req.exclude,
         };
-        match self.exec.infer(id, op, 1, timeout).await? {
+        let rows = spec.kind.rows(&op);
+        match self.exec.infer(id, op, rows, timeout).await? {
             Output::TopK(items) => Ok(RecommendResponse {
                 model: served.name.clone(),
                 version: served.version,
@@ -218,6 +216,9 @@ impl Service {
     ) -> Result<ScoreResponse, ServeError> {
         let (id, served) = self.lookup(model)?;
         let spec = ready_spec(served)?;
+        spec.kind
+            .accepts(model, OpKind::Score)
+            .map_err(ServeError::Invalid)?;
         if req.items.is_empty() {
             return Err(ServeError::Invalid("items must not be empty".into()));
         }
@@ -229,14 +230,11 @@ impl Service {
             )));
         }
         let timeout = self.timeout(req.timeout_ms)?;
-        let rows = match spec.kind {
-            ModelKind::TwoTower => 1,
-            ModelKind::Ranker => req.items.len(),
-        };
         let op = Op::Score {
             user_id: req.user_id,
             items: req.items,
         };
+        let rows = spec.kind.rows(&op);
         match self.exec.infer(id, op, rows, timeout).await? {
             Output::Scores(scores) => Ok(ScoreResponse {
                 model: served.name.clone(),

@@ -9,6 +9,28 @@ use super::fallback::{faulty, system_clock, Fallback};
 use super::Backend;
 use crate::metrics::Metrics;
 
+#[cfg(feature = "cuda")]
+pub use super::cuda::error::OpenError;
+
+/// Why no GPU can be opened in a build without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("this rankd was built without the `cuda` feature")]
+    NotBuilt,
+}
+
+/// A `--device` value rankd does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceSpecError {
+    #[error("faulty-cpu:N needs N >= 1, got '{0}'")]
+    FaultyEvery(String),
+    #[error("unknown device '{0}'")]
+    UnknownFaulty(String),
+    #[error("unknown device '{0}'; expected auto, cpu or cuda:N")]
+    Unknown(String),
+}
+
 pub struct Selected {
     pub backend: Box<dyn Backend>,
     /// Why the requested GPU is not used, when it is not.
@@ -16,15 +38,15 @@ pub struct Selected {
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(ordinal: usize, metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, String> {
+fn open_cuda(ordinal: usize, metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, OpenError> {
     let backend = super::cuda::CudaBackend::new(ordinal)?;
     super::cuda::telemetry::start(ordinal, metrics.clone());
     Ok(Box::new(backend))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_ordinal: usize, _metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, String> {
-    Err("this rankd was built without the `cuda` feature".into())
+fn open_cuda(_ordinal: usize, _metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, OpenError> {
+    Err(OpenError::NotBuilt)
 }
 
 fn cpu(reason: String) -> Selected {
@@ -39,7 +61,7 @@ fn cpu(reason: String) -> Selected {
 /// (that GPU, else CPU with a warning), or `faulty-cpu[:N]`: a CPU backend
 /// behind the fallback that fails every Nth batch (default 3), to exercise
 /// and alert on the fallback path without a GPU.
-pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, String> {
+pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, DeviceSpecError> {
     let wrap = |b: Box<dyn Backend>| -> Box<dyn Backend> {
         Box::new(Fallback::new(b, Some(metrics.clone()), system_clock()))
     };
@@ -56,9 +78,9 @@ pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, String> {
                 .parse::<usize>()
                 .ok()
                 .filter(|&n| n > 0)
-                .ok_or_else(|| format!("faulty-cpu:N needs N >= 1, got '{n}'"))?,
+                .ok_or_else(|| DeviceSpecError::FaultyEvery(n.to_string()))?,
             None if rest.is_empty() => 3,
-            None => return Err(format!("unknown device '{spec}'")),
+            None => return Err(DeviceSpecError::UnknownFaulty(spec.to_string())),
         };
         let plan = Arc::new(faulty::Plan::default());
         plan.fail_every
@@ -76,11 +98,7 @@ pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, String> {
         "auto" | "cuda" => 0,
         s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => n,
-            _ => {
-                return Err(format!(
-                    "unknown device '{spec}'; expected auto, cpu or cuda:N"
-                ))
-            }
+            _ => return Err(DeviceSpecError::Unknown(spec.to_string())),
         },
     };
     match open_cuda(ordinal, metrics) {
@@ -92,5 +110,39 @@ pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, String> {
             })
         }
         Err(why) => Ok(cpu(format!("cuda:{ordinal} not used: {why}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(spec: &str) -> DeviceSpecError {
+        select(spec, &Arc::new(Metrics::new()))
+            .err()
+            .expect("refused")
+    }
+
+    #[test]
+    fn unknown_devices_are_refused_with_what_is_allowed() {
+        assert_eq!(
+            refused("tpu:0").to_string(),
+            "unknown device 'tpu:0'; expected auto, cpu or cuda:N"
+        );
+        assert_eq!(
+            refused("faulty-cpu:0"),
+            DeviceSpecError::FaultyEvery("0".into())
+        );
+        assert_eq!(
+            refused("faulty-cpu:x").to_string(),
+            "faulty-cpu:N needs N >= 1, got 'x'"
+        );
+        assert_eq!(
+            refused("faulty-cpux").to_string(),
+            "unknown device 'faulty-cpux'"
+        );
+        let cpu = select(" cpu ", &Arc::new(Metrics::new())).unwrap();
+        assert_eq!(cpu.backend.device(), "cpu");
+        assert_eq!(cpu.reason.as_deref(), Some("--device cpu"));
     }
 }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cpu::CpuBackend;
-use super::{Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, TableId};
+use super::{
+    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId,
+};
 use crate::metrics::Metrics;
 use crate::model::{ItemDtype, ItemTable, TowerWeights};
 
@@ -192,7 +194,7 @@ impl Backend for Fallback {
                 }
                 Err(e) => {
                     if let Some(m) = &self.metrics {
-                        m.fallbacks.with_label_values(&[e.reason]).inc();
+                        m.fallbacks.with_label_values(&[e.reason.as_str()]).inc();
                     }
                     self.mark_unhealthy(&e);
                 }
@@ -306,7 +308,7 @@ pub mod faulty {
             if take_one(&self.plan.fail_runs) || (every > 0 && n % every == 0) {
                 return Err(BackendError::new(
                     "faulty-cpu",
-                    "launch",
+                    Reason::Launch,
                     "injected launch failure",
                 ));
             }
@@ -323,7 +325,7 @@ pub mod faulty {
             if take_one(&self.plan.fail_updates) {
                 return Err(BackendError::new(
                     "faulty-cpu",
-                    "out_of_memory",
+                    Reason::OutOfMemory,
                     "injected allocation failure",
                 ));
             }
@@ -346,7 +348,8 @@ mod tests {
     use super::*;
     use crate::backend::Task;
     use crate::model::demo::Rng;
-    use crate::model::{Layer, ModelKind};
+    use crate::model::kind::TWO_TOWER;
+    use crate::model::Layer;
 
     struct ManualClock(Mutex<Instant>);
 
@@ -376,7 +379,7 @@ mod tests {
         )
         .with_backoff(Duration::from_secs(1), Duration::from_secs(8));
         let desc = ModelDesc {
-            kind: ModelKind::TwoTower,
+            kind: TWO_TOWER,
             dim: d,
             user_feature_dim: 0,
             bounds: Default::default(),

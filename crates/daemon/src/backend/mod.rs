@@ -10,6 +10,7 @@ pub mod fallback;
 pub mod topk;
 
 use crate::model::{ItemDtype, ItemTable, ModelKind, ModelSpec, TowerWeights};
+pub use crate::model::{Query, Task};
 
 /// Index of a loaded model in the executor.
 pub type ModelId = usize;
@@ -26,6 +27,13 @@ pub struct ModelDesc {
     /// The largest batch the executor will hand over; a device backend sizes
     /// its batch buffers for it at load.
     pub bounds: BatchBounds,
+}
+
+impl ModelDesc {
+    /// Widths of the tower's input and output layers, as the kind says.
+    pub fn tower_dims(&self) -> (usize, usize) {
+        self.kind.tower_dims(self.dim, self.user_feature_dim)
+    }
 }
 
 /// The largest batch a model can be given, from its model.toml: requests
@@ -59,26 +67,6 @@ impl BatchBounds {
     }
 }
 
-/// One request row group of a batch: a user (history and features) and what to
-/// compute for them.
-#[derive(Debug, Clone)]
-pub struct Query<'a> {
-    /// Item-table rows of the user's recent history (already cut to the
-    /// model's `history_len`), oldest first. Pooled with a plain mean.
-    pub history: &'a [u32],
-    /// Dense user features, `user_feature_dim` long; `None` means zeros.
-    pub features: Option<&'a [f32]>,
-    pub task: Task<'a>,
-}
-
-#[derive(Debug, Clone)]
-pub enum Task<'a> {
-    /// Top `k` live items by score, skipping `exclude` (sorted rows).
-    TopK { k: usize, exclude: &'a [u32] },
-    /// One score per given row, in order.
-    Score { rows: &'a [u32] },
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
     pub id: u64,
@@ -91,23 +79,50 @@ pub enum Output {
     Scores(Vec<f32>),
 }
 
+/// Why a batch or a load failed, as the metrics label it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A kernel or library call could not be launched.
+    Launch,
+    OutOfMemory,
+    /// The device faulted: its context is unusable until restart.
+    Hardware,
+    /// The driver is missing, too old or not initialised.
+    Driver,
+    Other,
+}
+
+impl Reason {
+    /// The metric label: `launch`, `out_of_memory`, `hardware`, `driver`,
+    /// `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Launch => "launch",
+            Reason::OutOfMemory => "out_of_memory",
+            Reason::Hardware => "hardware",
+            Reason::Driver => "driver",
+            Reason::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A failed batch. `Clone`, so one failure can be sent to every waiter.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{device}: {message}")]
 pub struct BackendError {
     pub device: String,
-    /// Short label for metrics: `launch`, `out_of_memory`, `hardware`,
-    /// `driver`, `other`.
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
 impl BackendError {
-    pub fn new(
-        device: impl Into<String>,
-        reason: &'static str,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn new(device: impl Into<String>, reason: Reason, message: impl Into<String>) -> Self {
         Self {
             device: device.into(),
             reason,
@@ -175,5 +190,28 @@ pub trait Backend: Send {
             healthy: true,
             reason: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_keep_their_metric_labels() {
+        let labels = [
+            (Reason::Launch, "launch"),
+            (Reason::OutOfMemory, "out_of_memory"),
+            (Reason::Hardware, "hardware"),
+            (Reason::Driver, "driver"),
+            (Reason::Other, "other"),
+        ];
+        for (reason, label) in labels {
+            assert_eq!(reason.as_str(), label);
+            assert_eq!(reason.to_string(), label);
+        }
+        let e = BackendError::new("cuda:0", Reason::OutOfMemory, "allocating 2 GiB");
+        assert_eq!(e.clone().to_string(), "cuda:0: allocating 2 GiB");
+        assert_eq!(e.reason, Reason::OutOfMemory);
     }
 }

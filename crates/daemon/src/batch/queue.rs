@@ -50,6 +50,7 @@ impl<R: Request> Queue<R> {
         });
     }
 
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.entries.len()
     }

@@ -128,6 +128,7 @@ impl<R: Request> Scheduler<R> {
     }
 
     /// Requests waiting in `key`'s queue.
+    #[cfg(test)]
     pub fn waiting(&self, key: QueueKey) -> usize {
         self.index.get(&key).map_or(0, |&i| self.queues[i].1.len())
     }

@@ -21,7 +21,7 @@ use crate::features::snapshot::Snapshot;
 use crate::features::store::State;
 use crate::features::UserStore;
 use crate::metrics::Metrics;
-use crate::model::{ItemTable, ModelEntry, ModelKind, ModelSpec, TowerWeights};
+use crate::model::{ItemTable, ModelEntry, ModelSpec, TowerWeights};
 
 struct Slot {
     name: String,
@@ -184,7 +184,7 @@ impl Executor {
                 table_paths.insert(key, id);
                 self.backend
                     .load_table(id, &self.state.tables[id], spec.item_dtype)
-                    .map_err(|e| ModelError::Io {
+                    .map_err(|e| ModelError::Device {
                         path: items_path.clone(),
                         message: e.to_string(),
                     })?;
@@ -197,7 +197,7 @@ impl Executor {
             user_feature_dim: spec.user_feature_dim,
             bounds: BatchBounds::of(spec, self.state.users.history_cap()),
         };
-        let backend_err = |e: crate::backend::BackendError| ModelError::Io {
+        let backend_err = |e: crate::backend::BackendError| ModelError::Device {
             path: entry.dir.clone(),
             message: e.to_string(),
         };
@@ -205,34 +205,14 @@ impl Executor {
             .load(id, desc, table, &weights)
             .map_err(backend_err)?;
         // Warm up at every batch shape the backend will run, so the first
-        // real batches pay no first-use costs. A two-tower batch row is a
-        // request; a ranker's is a candidate, and one request may bring up
-        // to max_items of them.
+        // real batches pay no first-use costs. The kind says how many rows
+        // its largest batch holds and how a batch of each size is laid out.
+        let sizes = self.backend.warm_batch_sizes(spec.max_batch_rows());
         let has_rows = self.state.tables[table].rows() > 0;
-        let some_row: &[u32] = if has_rows { &[0] } else { &[] };
-        let max_rows = match spec.kind {
-            ModelKind::TwoTower => spec.batching.max_batch_size,
-            ModelKind::Ranker => spec.batching.max_batch_size.max(spec.limits.max_items),
-        };
-        for size in self.backend.warm_batch_sizes(max_rows) {
-            let candidates = vec![0u32; if has_rows { size } else { 0 }];
-            let queries: Vec<Query<'_>> = match spec.kind {
-                ModelKind::TwoTower => (0..size)
-                    .map(|_| Query {
-                        history: some_row,
-                        features: None,
-                        task: Task::TopK {
-                            k: 10,
-                            exclude: &[],
-                        },
-                    })
-                    .collect(),
-                ModelKind::Ranker => vec![Query {
-                    history: some_row,
-                    features: None,
-                    task: Task::Score { rows: &candidates },
-                }],
-            };
+        let most = sizes.iter().copied().max().unwrap_or(0);
+        let rows = vec![0u32; if has_rows { most } else { 0 }];
+        for size in sizes {
+            let queries: Vec<Query<'_>> = spec.kind.warm_batch(size, &rows);
             self.backend
                 .run(id, &self.state.tables[table], &queries)
                 .map_err(backend_err)?;

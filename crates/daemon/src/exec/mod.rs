@@ -13,26 +13,13 @@ use tokio::sync::oneshot;
 pub use crate::backend::{ModelId, Output};
 use crate::features::store as state;
 pub use crate::features::store::{UserSummary, UserUpdate};
+pub use crate::model::Op;
 pub use executor::spawn;
 pub use registry::{LoadState, Registry, ServedModel};
 
 use crate::batch::{self, Permit, QueueKey};
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-
-/// What a scoring request asks for.
-#[derive(Debug, Clone)]
-pub enum Op {
-    Recommend {
-        user_id: u64,
-        k: usize,
-        exclude: Vec<u64>,
-    },
-    Score {
-        user_id: u64,
-        items: Vec<u64>,
-    },
-}
 
 pub type Reply<T> = oneshot::Sender<Result<T, ServeError>>;
 

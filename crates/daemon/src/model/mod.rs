@@ -1,9 +1,12 @@
 //! Models as rankd serves them: the repository on disk (`models/<name>/<version>/`),
 //! the tower weights and item tables read from it, and the demo repository.
+//! The model kinds (`kind`) and the request types they speak in (`query`).
 //! Everything here is plain host data; backends turn it into device state.
 
 pub mod demo;
 pub mod items;
+pub mod kind;
+pub mod query;
 pub mod repository;
 pub mod spec;
 pub mod weights;
@@ -11,8 +14,10 @@ pub mod weights;
 use std::path::PathBuf;
 
 pub use items::ItemTable;
+pub use kind::ModelKind;
+pub use query::{Op, OpKind, Query, Task};
 pub use repository::{ModelEntry, Repository};
-pub use spec::{ItemDtype, ModelKind, ModelSpec};
+pub use spec::{ItemDtype, ModelSpec};
 pub use weights::{Layer, TowerWeights};
 
 /// Why a model could not be loaded. Messages name the file, the tensor and
@@ -21,6 +26,9 @@ pub use weights::{Layer, TowerWeights};
 pub enum ModelError {
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
+    /// The device failed while loading or warming the model (or its table).
+    #[error("{path}: the device failed loading or warming the model: {message}")]
+    Device { path: PathBuf, message: String },
     #[error("{path}: invalid model.toml: {message}")]
     Spec { path: PathBuf, message: String },
     #[error("{path}: invalid safetensors file: {message}")]

@@ -6,23 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::ModelError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelKind {
-    TwoTower,
-    Ranker,
-}
-
-impl ModelKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelKind::TwoTower => "two_tower",
-            ModelKind::Ranker => "ranker",
-        }
-    }
-}
+use super::{ModelError, ModelKind};
 
 /// How a device keeps the item table's embeddings. Scores are accumulated in
 /// f32 whatever the storage; the CPU backend always scores the f32 table.
@@ -38,6 +22,7 @@ pub enum ItemDtype {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
+    /// `two_tower` or `ranker` (see `model::kind`).
     pub kind: ModelKind,
     /// Item embedding dimension `d`.
     pub dim: usize,
@@ -177,17 +162,17 @@ impl ModelSpec {
 
     /// Width of the tower's input layer.
     pub fn input_dim(&self) -> usize {
-        match self.kind {
-            ModelKind::TwoTower => self.dim + self.user_feature_dim,
-            ModelKind::Ranker => 3 * self.dim + self.user_feature_dim,
-        }
+        self.kind.tower_dims(self.dim, self.user_feature_dim).0
     }
 
     /// Width of the tower's output layer.
     pub fn output_dim(&self) -> usize {
-        match self.kind {
-            ModelKind::TwoTower => self.dim,
-            ModelKind::Ranker => 1,
-        }
+        self.kind.tower_dims(self.dim, self.user_feature_dim).1
+    }
+
+    /// The largest batch, in rows, the model must be warmed for.
+    pub fn max_batch_rows(&self) -> usize {
+        self.kind
+            .max_batch_rows(self.batching.max_batch_size, self.limits.max_items)
     }
 }

@@ -332,7 +332,7 @@ fn nvrtc_section(report: &mut Report, arch: &str) {
                 );
             }
             Err(e) => {
-                let first = e.lines().next().unwrap_or_default().to_string();
+                let first = e.to_string().lines().next().unwrap_or_default().to_string();
                 report.add(
                     S,
                     format!("compile {}", src.file),

@@ -12,8 +12,37 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
 
-use super::libs;
+use super::libs::{self, LibError};
 use super::tables::ItemDtype;
+
+/// Why the kernels could not be compiled or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Library(#[from] LibError),
+    #[error("nvrtcVersion: {message}")]
+    Version { message: String },
+    #[error("{file}: NUL in source")]
+    NulInSource { file: &'static str },
+    #[error("{file}: {message}")]
+    CreateProgram { file: &'static str, message: String },
+    /// The source does not compile; `log` is NVRTC's.
+    #[error("{file} for {arch}: {message}\n{log}")]
+    Compile {
+        file: &'static str,
+        arch: String,
+        message: String,
+        log: String,
+    },
+    #[error("loading {file}: {message}")]
+    Load { file: &'static str, message: String },
+    #[error("kernel {name}: {message}")]
+    Function { name: String, message: String },
+    #[error("reading a kernel's shared memory: {message}")]
+    SharedSize { message: String },
+    #[error("opting in to {smem} bytes of shared memory: {message}")]
+    SharedOptIn { smem: i32, message: String },
+}
 
 /// One .cu file and the kernels it must define.
 pub struct KernelSource {
@@ -101,25 +130,30 @@ pub struct Compiled {
 }
 
 /// NVRTC's (major, minor) version, or why NVRTC cannot be used.
-pub fn nvrtc_version() -> Result<(i32, i32), String> {
+pub fn nvrtc_version() -> Result<(i32, i32), KernelError> {
     libs::ensure_nvrtc()?;
     let (mut major, mut minor) = (0, 0);
     // SAFETY: NVRTC is loadable (checked above); plain out-parameters.
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
         .result()
-        .map_err(|e| format!("nvrtcVersion: {e}"))?;
+        .map_err(|e| KernelError::Version {
+            message: e.to_string(),
+        })?;
     Ok((major, minor))
 }
 
 /// Compiles one source for `arch`. Errors carry NVRTC's log.
-pub fn compile(src: &KernelSource, arch: &str, verbose: bool) -> Result<Compiled, String> {
+pub fn compile(src: &KernelSource, arch: &str, verbose: bool) -> Result<Compiled, KernelError> {
     use cudarc::nvrtc::result;
     libs::ensure_nvrtc()?;
     let code =
-        CString::new(src.full_source()).map_err(|_| format!("{}: NUL in source", src.file))?;
+        CString::new(src.full_source()).map_err(|_| KernelError::NulInSource { file: src.file })?;
     let name = CString::new(src.file).expect("file names have no NUL");
     let prog =
-        result::create_program(&code, Some(&name)).map_err(|e| format!("{}: {e}", src.file))?;
+        result::create_program(&code, Some(&name)).map_err(|e| KernelError::CreateProgram {
+            file: src.file,
+            message: e.to_string(),
+        })?;
     let options = compile_options(arch, verbose);
     // SAFETY: `prog` is a live program; it is destroyed once below.
     let out = unsafe {
@@ -133,7 +167,12 @@ pub fn compile(src: &KernelSource, arch: &str, verbose: bool) -> Result<Compiled
         let _ = result::destroy_program(prog);
         match ptx {
             Ok(ptx) => Ok(Compiled { ptx, log }),
-            Err(e) => Err(format!("{} for {arch}: {e}\n{log}", src.file)),
+            Err(e) => Err(KernelError::Compile {
+                file: src.file,
+                arch: arch.to_string(),
+                message: e.to_string(),
+                log,
+            }),
         }
     };
     out
@@ -185,7 +224,7 @@ impl CacheKey<'_> {
 
 /// The PTX of `src` for the device: from the cache, else compiled (and
 /// cached). Returns the PTX and whether it came from the cache.
-fn ptx_for(src: &KernelSource, key: &CacheKey<'_>) -> Result<(String, bool), String> {
+fn ptx_for(src: &KernelSource, key: &CacheKey<'_>) -> Result<(String, bool), KernelError> {
     let arch = format!("sm_{}{}", key.cc.0, key.cc.1);
     let options = compile_options(&arch, false);
     let hash = key.hash(&src.full_source(), &options);
@@ -243,7 +282,11 @@ impl Kernels {
         ctx: &Arc<CudaContext>,
         key: &CacheKey<'_>,
         smem_optin: usize,
-    ) -> Result<Kernels, String> {
+    ) -> Result<Kernels, KernelError> {
+        let load_err = |src: &KernelSource, e: cudarc::driver::DriverError| KernelError::Load {
+            file: src.file,
+            message: e.to_string(),
+        };
         let mut modules: Vec<Arc<CudaModule>> = Vec::new();
         for src in SOURCES {
             let started = std::time::Instant::now();
@@ -256,9 +299,9 @@ impl Kernels {
                     let arch = format!("sm_{}{}", key.cc.0, key.cc.1);
                     let ptx = compile(src, &arch, false)?.ptx;
                     ctx.load_module(Ptx::from_src(ptx))
-                        .map_err(|e| format!("loading {}: {e}", src.file))?
+                        .map_err(|e| load_err(src, e))?
                 }
-                Err(e) => return Err(format!("loading {}: {e}", src.file)),
+                Err(e) => return Err(load_err(src, e)),
             };
             tracing::debug!(
                 file = src.file,
@@ -268,16 +311,19 @@ impl Kernels {
             );
             modules.push(module);
         }
-        let get = |name: &str| -> Result<CudaFunction, String> {
+        let get = |name: &str| -> Result<CudaFunction, KernelError> {
             let src = SOURCES
                 .iter()
                 .position(|s| s.entries.contains(&name))
                 .expect("every kernel name is listed in SOURCES");
             modules[src]
                 .load_function(name)
-                .map_err(|e| format!("kernel {name}: {e}"))
+                .map_err(|e| KernelError::Function {
+                    name: name.to_string(),
+                    message: e.to_string(),
+                })
         };
-        let per_dtype = |stem: &str| -> Result<[CudaFunction; 3], String> {
+        let per_dtype = |stem: &str| -> Result<[CudaFunction; 3], KernelError> {
             let [a, b, c] = ItemDtype::ALL.map(|d| format!("{stem}_{}", d.name()));
             Ok([get(&a)?, get(&b)?, get(&c)?])
         };
@@ -302,15 +348,18 @@ impl Kernels {
                 .iter()
                 .chain([&k.topk_partial_tc, &k.topk_merge, &k.topk_dense_partial])
         {
-            let fixed = f
-                .shared_size_bytes()
-                .map_err(|e| format!("reading a kernel's shared memory: {e}"))?;
+            let fixed = f.shared_size_bytes().map_err(|e| KernelError::SharedSize {
+                message: e.to_string(),
+            })?;
             let smem = smem_optin as i32 - fixed;
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem,
             )
-            .map_err(|e| format!("opting in to {smem} bytes of shared memory: {e}"))?;
+            .map_err(|e| KernelError::SharedOptIn {
+                smem,
+                message: e.to_string(),
+            })?;
         }
         Ok(k)
     }

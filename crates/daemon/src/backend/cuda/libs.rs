@@ -11,6 +11,24 @@ use std::sync::OnceLock;
 /// not on the loader path (a pip-installed NVRTC, say).
 pub const NVRTC_DIR_ENV: &str = "RANKD_NVRTC_LIB";
 
+/// Why a CUDA library cannot be loaded. `Clone`, as the answer is kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LibError {
+    #[error(
+        "NVRTC not found (libnvrtc.so.13: put its folder on LD_LIBRARY_PATH or in {env})",
+        env = NVRTC_DIR_ENV
+    )]
+    NvrtcMissing,
+    #[error("{env}={}: {message}", .dir.display(), env = NVRTC_DIR_ENV)]
+    Folder { dir: PathBuf, message: String },
+    #[error("{env}={}: no {prefix}* in that folder", .dir.display(), env = NVRTC_DIR_ENV)]
+    NotInFolder { dir: PathBuf, prefix: String },
+    #[error("{}: path contains a NUL byte", .path.display())]
+    NulInPath { path: PathBuf },
+    #[error("cannot load {}: {why}", .path.display())]
+    CannotLoad { path: PathBuf, why: String },
+}
+
 extern "C" {
     fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
     fn dlerror() -> *mut c_char;
@@ -37,8 +55,8 @@ pub fn cublas_present() -> bool {
 /// `dlopen("libnvrtc.so.13")` (and NVRTC's own open of
 /// `libnvrtc-builtins.so.13.0`) to the copies already loaded, by soname, so no
 /// `LD_LIBRARY_PATH` is needed.
-pub fn ensure_nvrtc() -> Result<(), String> {
-    static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
+pub fn ensure_nvrtc() -> Result<(), LibError> {
+    static RESULT: OnceLock<Result<(), LibError>> = OnceLock::new();
     RESULT
         .get_or_init(|| {
             if let Some(dir) = std::env::var_os(NVRTC_DIR_ENV) {
@@ -48,15 +66,13 @@ pub fn ensure_nvrtc() -> Result<(), String> {
             if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
                 Ok(())
             } else {
-                Err(format!(
-                    "NVRTC not found (libnvrtc.so.13: put its folder on LD_LIBRARY_PATH or in {NVRTC_DIR_ENV})"
-                ))
+                Err(LibError::NvrtcMissing)
             }
         })
         .clone()
 }
 
-fn preload_nvrtc(dir: &Path) -> Result<(), String> {
+fn preload_nvrtc(dir: &Path) -> Result<(), LibError> {
     let builtins = find_lib(dir, "libnvrtc-builtins.so")?;
     let nvrtc = find_lib(dir, "libnvrtc.so")?;
     for path in [builtins, nvrtc] {
@@ -68,9 +84,11 @@ fn preload_nvrtc(dir: &Path) -> Result<(), String> {
 
 /// The versioned library `prefix.*` in `dir`, skipping NVIDIA's `.alt.`
 /// variants.
-fn find_lib(dir: &Path, prefix: &str) -> Result<PathBuf, String> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("{NVRTC_DIR_ENV}={}: {e}", dir.display()))?;
+fn find_lib(dir: &Path, prefix: &str) -> Result<PathBuf, LibError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| LibError::Folder {
+        dir: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let mut found: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -80,17 +98,16 @@ fn find_lib(dir: &Path, prefix: &str) -> Result<PathBuf, String> {
         })
         .collect();
     found.sort();
-    found.pop().ok_or_else(|| {
-        format!(
-            "{NVRTC_DIR_ENV}={}: no {prefix}* in that folder",
-            dir.display()
-        )
+    found.pop().ok_or_else(|| LibError::NotInFolder {
+        dir: dir.to_path_buf(),
+        prefix: prefix.to_string(),
     })
 }
 
-fn open_global(path: &Path) -> Result<(), String> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| format!("{}: path contains a NUL byte", path.display()))?;
+fn open_global(path: &Path) -> Result<(), LibError> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LibError::NulInPath {
+        path: path.to_path_buf(),
+    })?;
     // SAFETY: dlopen with a valid C string; the handle is kept for the life
     // of the process on purpose (the library must stay loaded).
     let handle = unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
@@ -104,7 +121,10 @@ fn open_global(path: &Path) -> Result<(), String> {
                 CStr::from_ptr(e).to_string_lossy().into_owned()
             }
         };
-        return Err(format!("cannot load {}: {why}", path.display()));
+        return Err(LibError::CannotLoad {
+            path: path.to_path_buf(),
+            why,
+        });
     }
     Ok(())
 }
@@ -148,7 +168,13 @@ mod tests {
         let got = find_lib(dir.path(), "libnvrtc.so").unwrap();
         assert_eq!(got.file_name().unwrap(), "libnvrtc.so.13");
         let err = find_lib(dir.path(), "libcublas.so").unwrap_err();
-        assert!(err.contains("no libcublas.so*"), "{err}");
+        assert!(matches!(err, LibError::NotInFolder { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("{NVRTC_DIR_ENV}="))
+                && msg.ends_with("no libcublas.so* in that folder"),
+            "{msg}"
+        );
     }
 
     #[test]

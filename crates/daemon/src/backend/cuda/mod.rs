@@ -32,6 +32,7 @@
 
 pub mod error;
 pub mod kernels;
+pub mod kind;
 pub mod libs;
 pub mod mlp;
 pub mod ops;
@@ -48,15 +49,18 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUresult};
 use cudarc::driver::{CudaContext, CudaStream};
 
-use self::error::GpuError;
+use self::error::{GpuError, OpenError, SelfTestError};
 use self::kernels::{CacheKey, Kernels};
+use self::kind::DeviceKind;
 use self::mlp::DeviceMlp;
 use self::ops::{Dev, Scratch};
 use self::plan::DeviceLimits;
 use self::tables::DeviceTable;
 pub use self::tables::ItemDtype;
-use super::{Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, TableId};
-use crate::model::{ItemTable, ModelKind, TowerWeights};
+use super::{
+    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId,
+};
+use crate::model::{ItemTable, TowerWeights};
 
 /// What rankd reads about the device once, at start.
 #[derive(Debug, Clone)]
@@ -74,9 +78,12 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
-    fn query(ctx: &Arc<CudaContext>, nvrtc: (i32, i32)) -> Result<Self, String> {
+    fn query(ctx: &Arc<CudaContext>, nvrtc: (i32, i32)) -> Result<Self, OpenError> {
         let e = |what: &'static str| {
-            move |err: cudarc::driver::DriverError| format!("reading the device's {what}: {err}")
+            move |err: cudarc::driver::DriverError| OpenError::Query {
+                what,
+                message: err.to_string(),
+            }
         };
         let attr = |a: CUdevice_attribute| ctx.attribute(a).map(|v| v.max(0) as usize);
         let mut driver_version = 0;
@@ -121,6 +128,8 @@ struct GpuModel {
     desc: ModelDesc,
     table: TableId,
     mlp: DeviceMlp,
+    /// The kind's buffer sizes and forward pass, looked up once at load.
+    kind: &'static DeviceKind,
 }
 
 /// The device parts every launch needs, kept apart from the backend's
@@ -197,14 +206,10 @@ impl SelfTest {
 
     /// What serving makes of it: an error when a CUDA-core kernel is wrong or
     /// the device faulted; otherwise whether the tensor-core kernel serves.
-    fn verdict(&self) -> Result<bool, String> {
-        let failed = |what: &str, e: &selftest::Failure| match e {
-            selftest::Failure::Device(m) => {
-                format!("the start-up check of the {what} failed on the device: {m}")
-            }
-            selftest::Failure::Wrong(m) => {
-                format!("the {what} disagrees with the host at start: {m}")
-            }
+    fn verdict(&self) -> Result<bool, SelfTestError> {
+        let failed = |kernel: &'static str, failure: &selftest::Failure| SelfTestError {
+            kernel,
+            failure: failure.clone(),
         };
         if let Err(e) = &self.cuda_cores {
             return Err(failed("fused top-k kernel (CUDA cores)", e));
@@ -233,7 +238,7 @@ impl CudaBackend {
     /// can be loaded, creates the context, stream and cuBLAS handle, and
     /// compiles (or loads cached) kernels. Never panics for a missing
     /// library or device; the error is one line saying which.
-    pub fn new(ordinal: usize) -> Result<CudaBackend, String> {
+    pub fn new(ordinal: usize) -> Result<CudaBackend, OpenError> {
         Self::open_catching(ordinal, true).map(|(b, _)| b)
     }
 
@@ -241,50 +246,56 @@ impl CudaBackend {
     /// kernels is reported, not enforced, and the tensor-core kernel is on
     /// wherever the device has bf16 tensor cores, so the detailed checks can
     /// show what is wrong.
-    pub fn new_for_check(ordinal: usize) -> Result<(CudaBackend, SelfTest), String> {
+    pub fn new_for_check(ordinal: usize) -> Result<(CudaBackend, SelfTest), OpenError> {
         Self::open_catching(ordinal, false)
     }
 
-    fn open_catching(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), String> {
+    fn open_catching(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), OpenError> {
         std::panic::catch_unwind(move || Self::open(ordinal, strict)).unwrap_or_else(|p| {
             let why = p
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Err(format!("cuda:{ordinal}: CUDA initialisation failed: {why}"))
+            Err(OpenError::Panicked { ordinal, why })
         })
     }
 
-    fn open(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), String> {
+    fn open(ordinal: usize, strict: bool) -> Result<(CudaBackend, SelfTest), OpenError> {
         if !libs::driver_present() {
-            return Err("no NVIDIA driver (libcuda.so not found)".into());
+            return Err(OpenError::NoDriver);
         }
         let count = match CudaContext::device_count() {
             Ok(n) => n.max(0) as usize,
             Err(e) if e.0 == CUresult::CUDA_ERROR_NO_DEVICE => 0,
-            Err(e) => return Err(format!("the NVIDIA driver is unusable: {e}")),
+            Err(e) => {
+                return Err(OpenError::DriverUnusable {
+                    message: e.to_string(),
+                })
+            }
         };
         if ordinal >= count {
-            return Err(format!("no CUDA device {ordinal} ({count} found)"));
+            return Err(OpenError::NoDevice { ordinal, count });
         }
         if !libs::cublas_present() {
-            return Err(
-                "cuBLAS not found (libcublas.so.13 and libcublasLt.so.13: put their folder on LD_LIBRARY_PATH)"
-                    .into(),
-            );
+            return Err(OpenError::NoCublas);
         }
-        let nvrtc = kernels::nvrtc_version()?;
+        let nvrtc = kernels::nvrtc_version().map_err(OpenError::Nvrtc)?;
         let device = format!("cuda:{ordinal}");
-        let ctx =
-            CudaContext::new(ordinal).map_err(|e| format!("{device}: creating a context: {e}"))?;
+        let setup = |step: &'static str| {
+            let device = device.clone();
+            move |e: cudarc::driver::DriverError| OpenError::Setup {
+                device,
+                step,
+                message: e.to_string(),
+            }
+        };
+        let ctx = CudaContext::new(ordinal).map_err(setup("creating a context"))?;
         // One stream does all the work, so cudarc's per-buffer events that
         // order work across streams are pure overhead.
         // SAFETY: set before any allocation; nothing here uses a second stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| format!("{device}: creating a stream: {e}"))?;
+        let stream = ctx.new_stream().map_err(setup("creating a stream"))?;
         let info = DeviceInfo::query(&ctx, nvrtc)?;
         let key = CacheKey {
             device_name: &info.name,
@@ -294,14 +305,23 @@ impl CudaBackend {
         };
         let started = std::time::Instant::now();
         let kernels =
-            Kernels::load(&ctx, &key, info.smem_optin).map_err(|e| format!("{device}: {e}"))?;
-        let blas = CudaBlas::new(stream.clone())
-            .map_err(|e| format!("{device}: creating the cuBLAS handle: {e}"))?;
+            Kernels::load(&ctx, &key, info.smem_optin).map_err(|error| OpenError::Kernels {
+                device: device.clone(),
+                error,
+            })?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| OpenError::Setup {
+            device: device.clone(),
+            step: "creating the cuBLAS handle",
+            message: e.to_string(),
+        })?;
         let mut scratch = Scratch::default();
         let checked = std::time::Instant::now();
         let test = SelfTest::run(&stream, &blas, &kernels, &info, &mut scratch);
         let tc = if strict {
-            test.verdict().map_err(|e| format!("{device}: {e}"))?
+            test.verdict().map_err(|error| OpenError::SelfTest {
+                device: device.clone(),
+                error,
+            })?
         } else {
             info.cc.0 >= 8
         };
@@ -368,7 +388,7 @@ impl CudaBackend {
         if let Some(why) = &self.broken {
             return Err(BackendError::new(
                 self.device.clone(),
-                "hardware",
+                Reason::Hardware,
                 format!("the device is unusable after an earlier error: {why}"),
             ));
         }
@@ -379,19 +399,11 @@ impl CudaBackend {
 
     fn fail(&mut self, e: GpuError) -> BackendError {
         let err = e.into_backend(&self.device);
-        if err.reason == "hardware" && self.broken.is_none() {
+        if err.reason == Reason::Hardware && self.broken.is_none() {
             tracing::error!(device = %self.device, error = %err.message, "CUDA context lost; the device is unusable until restart");
             self.broken = Some(err.message.clone());
         }
         err
-    }
-}
-
-/// Tower input and output widths the model kind implies.
-fn tower_dims(desc: &ModelDesc) -> (usize, usize) {
-    match desc.kind {
-        ModelKind::TwoTower => (desc.dim + desc.user_feature_dim, desc.dim),
-        ModelKind::Ranker => (3 * desc.dim + desc.user_feature_dim, 1),
     }
 }
 
@@ -430,7 +442,9 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         self.guard()?;
         let device = self.device.clone();
-        let invalid = |m: String| BackendError::new(device.clone(), "other", m);
+        let invalid = |m: String| BackendError::new(device.clone(), Reason::Other, m);
+        let kind = kind::find(desc.kind)
+            .ok_or_else(|| invalid(format!("no CUDA forward pass for {} models", desc.kind)))?;
         let t = self
             .tables
             .get(&table)
@@ -442,7 +456,7 @@ impl Backend for CudaBackend {
             )));
         }
         let mlp = DeviceMlp::upload(&self.gpu.stream, weights).map_err(|e| self.fail(e))?;
-        let (want_in, want_out) = tower_dims(&desc);
+        let (want_in, want_out) = desc.tower_dims();
         if (mlp.in_dim(), mlp.out_dim()) != (want_in, want_out) {
             return Err(invalid(format!(
                 "tower maps {} -> {}, a {} model needs {want_in} -> {want_out}",
@@ -453,9 +467,18 @@ impl Backend for CudaBackend {
         }
         let dev = self.gpu.dev();
         let t = &self.tables[&table];
-        let sized = ops::reserve_for(&dev, t, &desc, &mlp, &mut self.scratch);
+        let sizes = (kind.batch_sizes)(&desc, mlp.max_width());
+        let sized = ops::reserve_for(&dev, t, &desc, &sizes, &mut self.scratch);
         sized.map_err(|e| self.fail(e))?;
-        self.models.insert(id, GpuModel { desc, table, mlp });
+        self.models.insert(
+            id,
+            GpuModel {
+                desc,
+                table,
+                mlp,
+                kind,
+            },
+        );
         Ok(())
     }
 
@@ -477,28 +500,17 @@ impl Backend for CudaBackend {
             let table = self.tables.get(&model.table).ok_or_else(|| {
                 GpuError::Invalid("the model's table is not loaded: this is a bug".into())
             })?;
-            plan::check_rows(queries, table.rows, model.desc.user_feature_dim)
-                .map_err(GpuError::Invalid)?;
+            plan::check_rows(queries, table.rows, model.desc.user_feature_dim)?;
             let dev = self.gpu.dev();
-            match model.desc.kind {
-                ModelKind::TwoTower => ops::run_two_tower(
-                    &dev,
-                    &model.desc,
-                    &model.mlp,
-                    table,
-                    &mut self.scratch,
-                    items,
-                    queries,
-                ),
-                ModelKind::Ranker => ops::run_ranker(
-                    &dev,
-                    &model.desc,
-                    &model.mlp,
-                    table,
-                    &mut self.scratch,
-                    queries,
-                ),
-            }
+            (model.kind.run)(
+                &dev,
+                &model.desc,
+                &model.mlp,
+                table,
+                &mut self.scratch,
+                items,
+                queries,
+            )
         })();
         result.map_err(|e| self.fail(e))
     }
@@ -513,7 +525,7 @@ impl Backend for CudaBackend {
         let Some(t) = self.tables.get_mut(&table) else {
             return Err(BackendError::new(
                 self.device.clone(),
-                "other",
+                Reason::Other,
                 format!("table {table} is not loaded: this is a bug"),
             ));
         };
@@ -540,13 +552,15 @@ mod tests {
     fn new_without_a_device_says_why() {
         if !libs::driver_present() {
             let err = CudaBackend::new(0).err().expect("no driver on this host");
-            assert_eq!(err, "no NVIDIA driver (libcuda.so not found)");
+            assert!(matches!(err, OpenError::NoDriver), "{err:?}");
+            assert_eq!(err.to_string(), "no NVIDIA driver (libcuda.so not found)");
             return;
         }
         let n = CudaContext::device_count().unwrap_or(0).max(0) as usize;
         let err = CudaBackend::new(n)
             .err()
-            .expect("ordinal past the last device");
+            .expect("ordinal past the last device")
+            .to_string();
         assert!(err.starts_with(&format!("no CUDA device {n} ")), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
     }

@@ -1,6 +1,7 @@
-//! One batch on the device: the launches behind `CudaBackend::run`, as free
-//! functions over borrowed device parts so `rankd gpu-check` can drive each
-//! kernel alone against the CPU reference.
+//! The launches a batch on the device is made of (each kind's forward pass in
+//! `kind/` strings them together), as free functions over borrowed device
+//! parts so `rankd gpu-check` can drive each kernel alone against the CPU
+//! reference.
 
 use std::sync::Arc;
 
@@ -11,12 +12,10 @@ use cudarc::driver::{
 
 use super::error::{Ctx, GpuError};
 use super::kernels::Kernels;
-use super::mlp::{DeviceMlp, ACT_NONE, ACT_SIGMOID};
-use super::plan::{self, DeviceLimits, PackedPairs, PackedTopk, PackedUsers, TopkPlan};
+use super::plan::{self, BatchSizes, DeviceLimits, PackedPairs, PackedTopk, PackedUsers, TopkPlan};
 use super::staging::{Readback, Staged};
 use super::tables::{Buf, DeviceTable, ItemDtype};
-use crate::backend::{ModelDesc, Output, Query, Scored, Task};
-use crate::model::ItemTable;
+use crate::backend::{ModelDesc, Scored};
 
 /// The device parts a launch needs, borrowed from the backend.
 pub struct Dev<'a> {
@@ -68,12 +67,12 @@ pub struct TopkBufs {
 
 #[derive(Default)]
 pub struct PairBufs {
-    pair_q: Staged<u32>,
-    pair_row: Staged<u32>,
+    pub(super) pair_q: Staged<u32>,
+    pub(super) pair_row: Staged<u32>,
     out: Buf<f32>,
     /// [P, 3d + fd] ranker inputs.
-    rank_x: Buf<f32>,
-    scores: Readback<f32>,
+    pub(super) rank_x: Buf<f32>,
+    pub(super) scores: Readback<f32>,
 }
 
 /// A batch's inputs packed on the host, before staging.
@@ -92,19 +91,19 @@ pub struct Scratch {
     pub act: [Buf<f32>; 2],
     pub topk: TopkBufs,
     pub pairs: PairBufs,
-    packed: Packed,
+    pub(super) packed: Packed,
 }
 
-/// Sizes every batch buffer for the largest batch `desc` allows, so serving
-/// that model never allocates (device or page-locked host memory).
+/// Sizes every batch buffer for `z`, the largest batch `desc` allows (as
+/// its kind computes it), so serving that model never allocates (device or
+/// page-locked host memory).
 pub fn reserve_for(
     dev: &Dev<'_>,
     table: &DeviceTable,
     desc: &ModelDesc,
-    mlp: &DeviceMlp,
+    z: &BatchSizes,
     s: &mut Scratch,
 ) -> Result<(), GpuError> {
-    let z = plan::batch_sizes(desc, mlp.max_width());
     if z.queries == 0 {
         return Ok(());
     }
@@ -185,10 +184,10 @@ fn topk_plan(
         &resident,
         dev.uses_tc(table),
     )
-    .map_err(GpuError::Invalid)
+    .map_err(GpuError::from)
 }
 
-fn grid(blocks: usize) -> (u32, u32, u32) {
+pub(super) fn grid(blocks: usize) -> (u32, u32, u32) {
     (blocks.max(1) as u32, 1, 1)
 }
 
@@ -501,115 +500,4 @@ pub fn score_pairs_launch(
     }
     .ctx("score_rows launch")?;
     b.scores.fetch(dev.stream, b.out.get(), np)
-}
-
-/// Two-tower batch: embedding bag → tower → fused top-k / pair scores.
-pub fn run_two_tower(
-    dev: &Dev<'_>,
-    desc: &ModelDesc,
-    mlp: &DeviceMlp,
-    table: &DeviceTable,
-    s: &mut Scratch,
-    items: &ItemTable,
-    queries: &[Query<'_>],
-) -> Result<Vec<Output>, GpuError> {
-    let (d, fd) = (desc.dim, desc.user_feature_dim);
-    let pk = &mut s.packed;
-    plan::pack_users_into(&mut pk.users, queries, fd);
-    plan::pack_topk_into(&mut pk.topk, queries);
-    plan::pack_pairs_into(&mut pk.pairs, queries);
-    let (users, t, pairs) = (&pk.users, &pk.topk, &pk.pairs);
-    embedding_bag(dev, table, &mut s.users, users, fd)?;
-    let which = mlp.forward(
-        dev.stream,
-        dev.blas,
-        &dev.k.bias_act,
-        s.users.xu.get(),
-        plan::bucket(queries.len()),
-        &mut s.act,
-        ACT_NONE,
-    )?;
-    let qv = s.act[which].get();
-    // Everything is queued before the one wait for the batch.
-    let topk = if t.qsel.is_empty() || t.kmax == 0 {
-        None
-    } else {
-        let p = topk_launch(dev, table, &mut s.topk, qv, d, t)?;
-        topk_fetch(dev, &mut s.topk, &p)?;
-        Some(p)
-    };
-    score_pairs_launch(dev, table, &mut s.pairs, qv, pairs)?;
-    dev.stream.synchronize().ctx("waiting for the batch")?;
-    let lists = match &topk {
-        Some(p) => topk_decode(&s.topk, p, t, items.ids())?,
-        None => vec![Vec::new(); t.qsel.len()],
-    };
-    Ok(plan::assemble(queries, lists, s.pairs.scores.read()?))
-}
-
-/// Ranker batch: embedding bag → [h ‖ f ‖ e ‖ h⊙e] per candidate → tower →
-/// sigmoid.
-pub fn run_ranker(
-    dev: &Dev<'_>,
-    desc: &ModelDesc,
-    mlp: &DeviceMlp,
-    table: &DeviceTable,
-    s: &mut Scratch,
-    queries: &[Query<'_>],
-) -> Result<Vec<Output>, GpuError> {
-    if queries.iter().any(|q| matches!(q.task, Task::TopK { .. })) {
-        return Err(GpuError::Invalid(
-            "a ranker model cannot answer recommend: this is a bug".into(),
-        ));
-    }
-    let (d, fd) = (desc.dim, desc.user_feature_dim);
-    let pk = &mut s.packed;
-    plan::pack_pairs_into(&mut pk.pairs, queries);
-    let np = pk.pairs.pair_q.len();
-    if np == 0 {
-        return Ok(plan::assemble(queries, Vec::new(), &[]));
-    }
-    plan::pack_users_into(&mut pk.users, queries, fd);
-    let (users, pairs) = (&pk.users, &pk.pairs);
-    embedding_bag(dev, table, &mut s.users, users, fd)?;
-    let b = &mut s.pairs;
-    b.pair_q.upload(dev.stream, &pairs.pair_q)?;
-    b.pair_row.upload(dev.stream, &pairs.pair_row)?;
-    // Padding rows up to the bucket are never read back (see embedding_bag).
-    let rows = plan::bucket(np);
-    b.rank_x.reserve(dev.stream, rows * (3 * d + fd))?;
-    let (ld, d32, fd32) = (table.ld as u32, d as u32, fd as u32);
-    let cfg = LaunchConfig {
-        grid_dim: grid(np),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: matches ranker_inputs_* in embedding_bag.cu; np pairs, rows <
-    // table.rows, query indices < B rows of xu.
-    unsafe {
-        dev.stream
-            .launch_builder(&dev.k.ranker_inputs[table.dtype.index()])
-            .arg(&table.emb)
-            .arg(&ld)
-            .arg(&d32)
-            .arg(s.users.xu.get())
-            .arg(&fd32)
-            .arg(b.pair_q.get())
-            .arg(b.pair_row.get())
-            .arg(b.rank_x.get_mut())
-            .launch(cfg)
-    }
-    .ctx("ranker_inputs launch")?;
-    let which = mlp.forward(
-        dev.stream,
-        dev.blas,
-        &dev.k.bias_act,
-        b.rank_x.get(),
-        rows,
-        &mut s.act,
-        ACT_SIGMOID,
-    )?;
-    b.scores.fetch(dev.stream, s.act[which].get(), np)?;
-    dev.stream.synchronize().ctx("waiting for the batch")?;
-    Ok(plan::assemble(queries, Vec::new(), b.scores.read()?))
 }

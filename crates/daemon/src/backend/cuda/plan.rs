@@ -4,7 +4,6 @@
 //! here touches the device, so all of it is unit-tested on any machine.
 
 use crate::backend::{ModelDesc, Output, Query, Scored, Task};
-use crate::model::ModelKind;
 
 /// Table rows per step of the fused kernel (`TILE` in score_topk.cu).
 pub const TILE: usize = 64;
@@ -37,6 +36,44 @@ pub fn key_score(k: i32) -> f32 {
 /// of 8 elements so every row starts 16-byte aligned in every dtype.
 pub fn padded_dim(d: usize) -> usize {
     d.div_ceil(8).max(1) * 8
+}
+
+/// Why the fused top-k cannot run a request on this device (or at all).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("k must be <= {MAX_K} on the GPU, got {k}", MAX_K = MAX_K)]
+    KTooLarge { k: usize },
+    #[error("item tables of {rows} rows are beyond the GPU kernels' 2^31 limit")]
+    TableTooLarge { rows: usize },
+    #[error(
+        "k = {k} at dim {ld} needs {needs} bytes of shared memory per block, this GPU allows {allows}"
+    )]
+    SharedMemory {
+        k: usize,
+        ld: usize,
+        needs: usize,
+        allows: usize,
+    },
+    #[error("k = {k} needs {needs} bytes of shared memory to merge, this GPU allows {allows}")]
+    MergeSharedMemory {
+        k: usize,
+        needs: usize,
+        allows: usize,
+    },
+}
+
+/// A batch that names something outside the model or its table: on the
+/// device it would read out of bounds, so it is refused before upload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("{what} row {row} is outside the item table of {rows} rows")]
+    RowOutOfRange {
+        what: &'static str,
+        row: u32,
+        rows: usize,
+    },
+    #[error("user features have {got} values, the model takes {want}")]
+    FeatureWidth { got: usize, want: usize },
 }
 
 /// What the fused kernel's launch shape depends on.
@@ -103,14 +140,12 @@ pub fn plan_topk(
     limits: DeviceLimits,
     resident: &dyn Fn(usize) -> usize,
     tc: bool,
-) -> Result<TopkPlan, String> {
+) -> Result<TopkPlan, PlanError> {
     if kmax > MAX_K {
-        return Err(format!("k must be <= {MAX_K} on the GPU, got {kmax}"));
+        return Err(PlanError::KTooLarge { k: kmax });
     }
     if n_rows >= i32::MAX as usize {
-        return Err(format!(
-            "item tables of {n_rows} rows are beyond the GPU kernels' 2^31 limit"
-        ));
+        return Err(PlanError::TableTooLarge { rows: n_rows });
     }
     let nq = nq.max(1);
     let kps = kmax.max(1).next_power_of_two().max(2 * TILE);
@@ -132,11 +167,12 @@ pub fn plan_topk(
         group = fits(limits.smem_optin);
     }
     if group == 0 {
-        return Err(format!(
-            "k = {kmax} at dim {ld} needs {} bytes of shared memory per block, this GPU allows {}",
-            smem(1),
-            limits.smem_optin
-        ));
+        return Err(PlanError::SharedMemory {
+            k: kmax,
+            ld,
+            needs: smem(1),
+            allows: limits.smem_optin,
+        });
     }
     let group = group.min(MAX_GROUP).min(nq);
     let groups = nq.div_ceil(group);
@@ -157,10 +193,11 @@ pub fn plan_topk(
     let merge_smem = 2 * merge_kps * 8;
     // The merge kernel also holds a few bytes of static shared memory.
     if merge_smem + 64 > limits.smem_optin {
-        return Err(format!(
-            "k = {kmax} needs {merge_smem} bytes of shared memory to merge, this GPU allows {}",
-            limits.smem_optin
-        ));
+        return Err(PlanError::MergeSharedMemory {
+            k: kmax,
+            needs: merge_smem,
+            allows: limits.smem_optin,
+        });
     }
     Ok(TopkPlan {
         group,
@@ -215,32 +252,24 @@ pub struct BatchSizes {
     pub topk_out: usize,
 }
 
-/// What `desc.bounds` implies for each buffer; `max_width` is the widest
-/// layer output of the model's tower. A two-tower model may be asked both
-/// recommend and score, and a request counts one batch row; a ranker is only
-/// asked score, and each candidate counts a row, so its batch holds at most
-/// `max(max_batch, max_items)` pairs (a batch is closed before it passes
-/// `max_batch` rows, unless one request alone is larger).
-pub fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
+/// The buffers every kind sizes alike, from `desc.bounds`: `max_batch`
+/// users with their histories, features and exclusions, and the embedding
+/// bag's [h ‖ f] output at the bucketed row count. The rest (the tower's
+/// activations, pairs, ranker inputs, top-k output) are zero: each kind's
+/// `batch_sizes` (in `kind/`) fills them in.
+pub fn user_sizes(desc: &ModelDesc) -> BatchSizes {
     let z = desc.bounds;
     let (b, d, fd) = (z.max_batch, desc.dim, desc.user_feature_dim);
-    let (pairs, tower_rows, rank_x, topk_out) = match desc.kind {
-        ModelKind::TwoTower => (b * z.max_items, bucket(b), 0, b * z.max_k),
-        ModelKind::Ranker => {
-            let pairs = b.max(z.max_items);
-            (pairs, bucket(pairs), bucket(pairs) * (3 * d + fd), 0)
-        }
-    };
     BatchSizes {
         queries: b,
         hist_rows: b * z.history_len,
         feats: b * fd,
         xu: bucket(b) * (d + fd),
-        act: tower_rows * max_width,
+        act: 0,
         excl_rows: b * (z.max_exclude + z.history_max),
-        pairs,
-        rank_x,
-        topk_out,
+        pairs: 0,
+        rank_x: 0,
+        topk_out: 0,
     }
 }
 
@@ -273,19 +302,22 @@ pub struct PackedPairs {
 
 /// Checks every row a batch names against the table size: an out-of-range
 /// row on the device is an illegal address that poisons the context.
-pub fn check_rows(queries: &[Query<'_>], n_rows: usize, fd: usize) -> Result<(), String> {
-    let bad =
-        |what: &str, r: u32| format!("{what} row {r} is outside the item table of {n_rows} rows");
+pub fn check_rows(queries: &[Query<'_>], n_rows: usize, fd: usize) -> Result<(), BatchError> {
+    let bad = |what: &'static str, row: u32| BatchError::RowOutOfRange {
+        what,
+        row,
+        rows: n_rows,
+    };
     for q in queries {
         if let Some(&r) = q.history.iter().find(|&&r| r as usize >= n_rows) {
             return Err(bad("history", r));
         }
         if let Some(f) = q.features {
             if f.len() != fd {
-                return Err(format!(
-                    "user features have {} values, the model takes {fd}",
-                    f.len()
-                ));
+                return Err(BatchError::FeatureWidth {
+                    got: f.len(),
+                    want: fd,
+                });
             }
         }
         let rows = match q.task {

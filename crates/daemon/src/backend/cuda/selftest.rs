@@ -21,7 +21,7 @@ const DIM: usize = 100;
 const TOL: f64 = 2e-3;
 
 /// Why a kernel did not pass.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Failure {
     /// The device failed (launch, copy, fault): the context may be unusable.
     Device(String),

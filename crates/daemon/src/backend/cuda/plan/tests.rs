@@ -117,7 +117,8 @@ fn tiny_tables_use_one_chunk_and_oversized_requests_are_refused() {
     let p = plan_topk(1000, 64, 4, 4, 10, H100, &resident(H100), false).unwrap();
     assert_eq!(p.chunks, 1);
     let err = plan_topk(1000, 64, 4, 1, MAX_K + 1, H100, &resident(H100), false).unwrap_err();
-    assert!(err.contains("k must be <= 4096"), "{err}");
+    assert_eq!(err, PlanError::KTooLarge { k: MAX_K + 1 });
+    assert_eq!(err.to_string(), "k must be <= 4096 on the GPU, got 4097");
 }
 
 #[test]
@@ -164,12 +165,12 @@ fn packing_matches_the_batch() {
     assert_eq!(p.pair_q, vec![1, 1, 1]);
     assert_eq!(p.pair_row, vec![5, 6, 7]);
     assert!(check_rows(&queries, 10, 2).is_ok());
-    let err = check_rows(&queries, 8, 2).unwrap_err();
+    let err = check_rows(&queries, 8, 2).unwrap_err().to_string();
     assert!(
         err.contains("row 9 is outside the item table of 8 rows"),
         "{err}"
     );
-    let err = check_rows(&queries, 10, 3).unwrap_err();
+    let err = check_rows(&queries, 10, 3).unwrap_err().to_string();
     assert!(
         err.contains("user features have 2 values, the model takes 3"),
         "{err}"
@@ -312,6 +313,13 @@ fn batches_round_up_to_power_of_two_buckets_and_warm_up_covers_them_all() {
 #[test]
 fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
     use crate::backend::{BatchBounds, ModelDesc};
+    use crate::model::kind::{RANKER, TWO_TOWER};
+    use crate::model::ModelKind;
+    // The sizes the CUDA backend reserves at load: the kind's own.
+    let batch_sizes = |desc: &ModelDesc, width: usize| {
+        let kind = crate::backend::cuda::kind::find(desc.kind).expect("a CUDA kind");
+        (kind.batch_sizes)(desc, width)
+    };
     let (d, fd, width) = (64, 16, 256);
     let history: Vec<u32> = (0..50).collect();
     let feats = vec![0.5f32; fd];
@@ -343,20 +351,11 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
         };
         let score = |n: usize| Task::Score { rows: &cands[..n] };
         let legal: Vec<(ModelKind, Vec<Query<'_>>)> = vec![
-            (
-                ModelKind::TwoTower,
-                vec![query(recommend.clone()); max_batch],
-            ),
-            (
-                ModelKind::TwoTower,
-                vec![query(score(max_items)); max_batch],
-            ),
-            (ModelKind::Ranker, vec![query(score(1)); max_batch]),
-            (ModelKind::Ranker, vec![query(score(max_items))]),
-            (
-                ModelKind::Ranker,
-                vec![query(score(max_items.min(max_batch) / 4)); 4],
-            ),
+            (TWO_TOWER, vec![query(recommend.clone()); max_batch]),
+            (TWO_TOWER, vec![query(score(max_items)); max_batch]),
+            (RANKER, vec![query(score(1)); max_batch]),
+            (RANKER, vec![query(score(max_items))]),
+            (RANKER, vec![query(score(max_items.min(max_batch) / 4)); 4]),
         ];
         for (kind, queries) in &legal {
             let z = batch_sizes(&desc(*kind), width);
@@ -371,24 +370,49 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
             assert!(t.excl_rows.len() <= z.excl_rows, "{case}");
             assert!(t.qsel.len() * t.kmax <= z.topk_out, "{case}");
             assert!(p.pair_q.len() <= z.pairs, "{case}");
-            let tower_rows = match kind {
-                ModelKind::TwoTower => {
-                    assert!(bucket(queries.len()) * (d + fd) <= z.xu, "{case}");
-                    bucket(queries.len())
-                }
-                ModelKind::Ranker => {
-                    let rows = bucket(p.pair_q.len());
-                    assert!(rows * (3 * d + fd) <= z.rank_x, "{case}");
-                    rows
-                }
+            let tower_rows = if *kind == TWO_TOWER {
+                assert!(bucket(queries.len()) * (d + fd) <= z.xu, "{case}");
+                bucket(queries.len())
+            } else {
+                let rows = bucket(p.pair_q.len());
+                assert!(rows * (3 * d + fd) <= z.rank_x, "{case}");
+                rows
             };
             assert!(tower_rows * width <= z.act, "{case}");
         }
         // A ranker reserves for its largest batch of pairs, not for
         // max_batch requests of max_items each.
-        let r = batch_sizes(&desc(ModelKind::Ranker), width);
+        let r = batch_sizes(&desc(RANKER), width);
         assert_eq!(r.pairs, max_batch.max(max_items));
         assert_eq!(r.topk_out, 0);
+        // Every size, pinned: what each kind reserves at load.
+        let b = max_batch;
+        let common = BatchSizes {
+            queries: b,
+            hist_rows: b * 50,
+            feats: b * fd,
+            xu: bucket(b) * (d + fd),
+            act: 0,
+            excl_rows: b * (700 + 200),
+            pairs: 0,
+            rank_x: 0,
+            topk_out: 0,
+        };
+        let tt = BatchSizes {
+            act: bucket(b) * width,
+            pairs: b * max_items,
+            topk_out: b * 1000,
+            ..common
+        };
+        assert_eq!(batch_sizes(&desc(TWO_TOWER), width), tt);
+        let pairs = b.max(max_items);
+        let rk = BatchSizes {
+            act: bucket(pairs) * width,
+            pairs,
+            rank_x: bucket(pairs) * (3 * d + fd),
+            ..common
+        };
+        assert_eq!(r, rk);
     }
 }
 

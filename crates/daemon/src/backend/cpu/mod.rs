@@ -1,7 +1,11 @@
 //! The CPU backend: towers run through candle; retrieval streams the item
 //! table once per batch in cache-sized blocks (one GEMM per block through the
 //! same `gemm` kernels candle uses) and keeps a per-query top-k as it goes, so
-//! the B×N score matrix is never materialised.
+//! the B×N score matrix is never materialised. This file holds the `Backend`
+//! impl and the helpers every kind uses; each kind's forward pass has a file.
+
+mod ranker;
+mod two_tower;
 
 use std::collections::HashMap;
 
@@ -10,7 +14,8 @@ use candle_nn::{Linear, Module};
 use rayon::prelude::*;
 
 use super::topk::TopK;
-use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Scored, TableId, Task};
+use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, Scored, TableId};
+use crate::model::kind::{RANKER, TWO_TOWER};
 use crate::model::{ItemDtype, ItemTable, ModelKind, TowerWeights};
 
 /// Rows of the item table scored per GEMM: 512 × 64 f32 is 128 KiB, and the
@@ -20,9 +25,19 @@ const BLOCK_ROWS: usize = 512;
 /// Scores tested per branch-free compare in the top-k scan.
 const SCAN_LANES: usize = 16;
 
+/// A kind's forward pass over one batch.
+type Forward = fn(&CpuModel, &ItemTable, &[Query<'_>]) -> Result<Vec<Output>, BackendError>;
+
+/// The forward pass of each model kind. A new kind adds its file and one line.
+const FORWARDS: &[(ModelKind, Forward)] = &[(TWO_TOWER, two_tower::run), (RANKER, ranker::run)];
+
 struct CpuModel {
     desc: ModelDesc,
     layers: Vec<Linear>,
+    /// Width of the tower's input rows.
+    in_dim: usize,
+    /// The kind's forward pass, looked up once at load.
+    forward: Forward,
 }
 
 #[derive(Default)]
@@ -31,7 +46,7 @@ pub struct CpuBackend {
 }
 
 fn err(e: impl std::fmt::Display) -> BackendError {
-    BackendError::new("cpu", "other", e.to_string())
+    BackendError::new("cpu", Reason::Other, e.to_string())
 }
 
 impl CpuBackend {
@@ -71,6 +86,11 @@ impl Backend for CpuBackend {
         _table: TableId,
         weights: &TowerWeights,
     ) -> Result<(), BackendError> {
+        let forward = FORWARDS
+            .iter()
+            .find(|(kind, _)| *kind == desc.kind)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| err(format!("no CPU forward pass for {} models", desc.kind)))?;
         let layers = weights
             .layers
             .iter()
@@ -81,7 +101,16 @@ impl Backend for CpuBackend {
             })
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(err)?;
-        self.models.insert(id, CpuModel { desc, layers });
+        let in_dim = desc.tower_dims().0;
+        self.models.insert(
+            id,
+            CpuModel {
+                desc,
+                layers,
+                in_dim,
+                forward,
+            },
+        );
         Ok(())
     }
 
@@ -95,10 +124,7 @@ impl Backend for CpuBackend {
             .models
             .get(&id)
             .ok_or_else(|| err(format!("model {id} is not loaded: this is a bug")))?;
-        match model.desc.kind {
-            ModelKind::TwoTower => run_two_tower(model, items, queries),
-            ModelKind::Ranker => run_ranker(model, items, queries),
-        }
+        (model.forward)(model, items, queries)
     }
 }
 
@@ -133,71 +159,6 @@ fn forward(
     t.flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(err)
-}
-
-/// x = [h ‖ f] per query.
-fn user_inputs(desc: &ModelDesc, items: &ItemTable, queries: &[Query<'_>]) -> Vec<f32> {
-    let (d, fd) = (desc.dim, desc.user_feature_dim);
-    let mut x = vec![0f32; queries.len() * (d + fd)];
-    for (q, row) in queries.iter().zip(x.chunks_exact_mut(d + fd)) {
-        let (h, f) = row.split_at_mut(d);
-        history_mean(items, q.history, h);
-        if let Some(feat) = q.features {
-            f.copy_from_slice(feat);
-        }
-    }
-    x
-}
-
-fn run_two_tower(
-    model: &CpuModel,
-    items: &ItemTable,
-    queries: &[Query<'_>],
-) -> Result<Vec<Output>, BackendError> {
-    let d = model.desc.dim;
-    let x = user_inputs(&model.desc, items, queries);
-    let q = forward(
-        &model.layers,
-        x,
-        queries.len(),
-        d + model.desc.user_feature_dim,
-    )?;
-    let topk_idx: Vec<usize> = (0..queries.len())
-        .filter(|&i| matches!(queries[i].task, Task::TopK { .. }))
-        .collect();
-    let mut topk_out = if topk_idx.is_empty() {
-        Vec::new()
-    } else {
-        let qs: Vec<f32> = topk_idx
-            .iter()
-            .flat_map(|&i| q[i * d..(i + 1) * d].iter().copied())
-            .collect();
-        let specs: Vec<(usize, &[u32])> = topk_idx
-            .iter()
-            .map(|&i| match queries[i].task {
-                Task::TopK { k, exclude } => (k, exclude),
-                Task::Score { .. } => unreachable!("filtered to top-k tasks"),
-            })
-            .collect();
-        score_topk(items, &qs, &specs)
-    }
-    .into_iter();
-    Ok(queries
-        .iter()
-        .enumerate()
-        .map(|(i, query)| match query.task {
-            Task::TopK { .. } => Output::TopK(topk_out.next().expect("one result per top-k query")),
-            Task::Score { rows } => {
-                let qi = &q[i * d..(i + 1) * d];
-                Output::Scores(rows.iter().map(|&r| dot(qi, items.embedding(r))).collect())
-            }
-        })
-        .collect())
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Scores every live row against each query and keeps each query's top-k.
@@ -289,59 +250,71 @@ pub fn score_topk(items: &ItemTable, qs: &[f32], specs: &[(usize, &[u32])]) -> V
     heaps.into_iter().map(TopK::into_sorted).collect()
 }
 
-fn run_ranker(
-    model: &CpuModel,
-    items: &ItemTable,
-    queries: &[Query<'_>],
-) -> Result<Vec<Output>, BackendError> {
-    let (d, fd) = (model.desc.dim, model.desc.user_feature_dim);
-    let width = 3 * d + fd;
-    let total: usize = queries
-        .iter()
-        .map(|q| match q.task {
-            Task::Score { rows } => rows.len(),
-            Task::TopK { .. } => 0,
-        })
-        .sum();
-    let mut x = vec![0f32; total * width];
-    let mut h = vec![0f32; d];
-    let mut at = 0;
-    for q in queries {
-        let Task::Score { rows } = q.task else {
-            continue;
-        };
-        history_mean(items, q.history, &mut h);
-        for &r in rows {
-            let xr = &mut x[at * width..(at + 1) * width];
-            let e = items.embedding(r);
-            xr[..d].copy_from_slice(&h);
-            if let Some(f) = q.features {
-                xr[d..d + fd].copy_from_slice(f);
-            }
-            xr[d + fd..2 * d + fd].copy_from_slice(e);
-            for ((o, a), b) in xr[2 * d + fd..].iter_mut().zip(&h).zip(e) {
-                *o = a * b;
-            }
-            at += 1;
-        }
-    }
-    let logits = if total == 0 {
-        Vec::new()
-    } else {
-        forward(&model.layers, x, total, width)?
-    };
-    let mut logits = logits.into_iter();
-    queries
-        .iter()
-        .map(|q| match q.task {
-            Task::Score { rows } => Ok(Output::Scores(
-                logits
-                    .by_ref()
-                    .take(rows.len())
-                    .map(|z| 1.0 / (1.0 + (-z).exp()))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Task;
+    use crate::model::demo::Rng;
+    use crate::model::Layer;
+
+    fn tower(rng: &mut Rng, widths: &[usize]) -> TowerWeights {
+        let layers = widths
+            .windows(2)
+            .map(|w| Layer {
+                out_dim: w[1],
+                in_dim: w[0],
+                weight: (0..w[0] * w[1])
+                    .map(|_| rng.uniform() as f32 - 0.5)
                     .collect(),
-            )),
-            Task::TopK { .. } => Err(err("a ranker model cannot answer recommend: this is a bug")),
-        })
-        .collect()
+                bias: (0..w[1]).map(|_| rng.uniform() as f32 - 0.5).collect(),
+            })
+            .collect();
+        TowerWeights { layers }
+    }
+
+    /// Each kind's warm-up batch runs through that kind's forward pass, and
+    /// the outputs are shaped as its requests expect.
+    #[test]
+    fn each_kind_runs_its_own_forward_pass() {
+        let (d, fd, n) = (8, 3, 50);
+        let mut rng = Rng::new(3);
+        let ids: Vec<u64> = (0..n as u64).map(|i| 100 + i).collect();
+        let emb: Vec<f32> = (0..n * d).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let items = ItemTable::new(d, ids, emb).unwrap();
+        let mut cpu = CpuBackend::new();
+        for (id, kind) in [TWO_TOWER, RANKER].into_iter().enumerate() {
+            let (i, o) = kind.tower_dims(d, fd);
+            let desc = ModelDesc {
+                kind,
+                dim: d,
+                user_feature_dim: fd,
+                bounds: Default::default(),
+            };
+            cpu.load(id, desc, 0, &tower(&mut rng, &[i, 16, o]))
+                .unwrap();
+        }
+        let rows = vec![0u32; 4];
+        let out = cpu.run(0, &items, &TWO_TOWER.warm_batch(4, &rows)).unwrap();
+        assert_eq!(out.len(), 4);
+        assert!(out
+            .iter()
+            .all(|o| matches!(o, Output::TopK(l) if l.len() == 10)));
+        let out = cpu.run(1, &items, &RANKER.warm_batch(4, &rows)).unwrap();
+        match &out[..] {
+            [Output::Scores(s)] => {
+                assert_eq!(s.len(), 4);
+                assert!(s.iter().all(|&p| p > 0.0 && p < 1.0), "{s:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A ranker never answers a top-k task.
+        let topk = [Query {
+            history: &[],
+            features: None,
+            task: Task::TopK { k: 3, exclude: &[] },
+        }];
+        let e = cpu.run(1, &items, &topk).unwrap_err();
+        assert_eq!(e.reason, Reason::Other);
+        assert!(e.message.contains("cannot answer recommend"), "{e}");
+    }
 }

@@ -1,0 +1,78 @@
+//! A two-tower batch on the device: embedding bag → tower → fused top-k for
+//! the recommend queries and pair scores for the score queries, with one
+//! wait for the whole batch. A request is one batch row.
+
+use super::DeviceKind;
+use crate::backend::cuda::error::{Ctx, GpuError};
+use crate::backend::cuda::mlp::{DeviceMlp, ACT_NONE};
+use crate::backend::cuda::ops::{
+    embedding_bag, score_pairs_launch, topk_decode, topk_fetch, topk_launch, Dev, Scratch,
+};
+use crate::backend::cuda::plan::{self, bucket, BatchSizes};
+use crate::backend::cuda::tables::DeviceTable;
+use crate::backend::{ModelDesc, Output, Query};
+use crate::model::kind::TWO_TOWER;
+use crate::model::ItemTable;
+
+pub(super) const KIND: DeviceKind = DeviceKind {
+    kind: TWO_TOWER,
+    batch_sizes,
+    run,
+};
+
+/// A two-tower model may be asked both recommend and score, and a request
+/// counts one batch row: the tower runs over `max_batch` users, and score
+/// requests bring up to `max_items` pairs each.
+fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
+    let z = desc.bounds;
+    let b = z.max_batch;
+    BatchSizes {
+        act: bucket(b) * max_width,
+        pairs: b * z.max_items,
+        topk_out: b * z.max_k,
+        ..plan::user_sizes(desc)
+    }
+}
+
+fn run(
+    dev: &Dev<'_>,
+    desc: &ModelDesc,
+    mlp: &DeviceMlp,
+    table: &DeviceTable,
+    s: &mut Scratch,
+    items: &ItemTable,
+    queries: &[Query<'_>],
+) -> Result<Vec<Output>, GpuError> {
+    let (d, fd) = (desc.dim, desc.user_feature_dim);
+    let pk = &mut s.packed;
+    plan::pack_users_into(&mut pk.users, queries, fd);
+    plan::pack_topk_into(&mut pk.topk, queries);
+    plan::pack_pairs_into(&mut pk.pairs, queries);
+    let (users, t, pairs) = (&pk.users, &pk.topk, &pk.pairs);
+    embedding_bag(dev, table, &mut s.users, users, fd)?;
+    let which = mlp.forward(
+        dev.stream,
+        dev.blas,
+        &dev.k.bias_act,
+        s.users.xu.get(),
+        bucket(queries.len()),
+        &mut s.act,
+        ACT_NONE,
+    )?;
+    let qv = s.act[which].get();
+    // Everything is queued before the one wait for the batch.
+    let topk = if t.qsel.is_empty() || t.kmax == 0 {
+        None
+    } else {
+        let p = topk_launch(dev, table, &mut s.topk, qv, d, t)?;
+        topk_fetch(dev, &mut s.topk, &p)?;
+        Some(p)
+    };
+    score_pairs_launch(dev, table, &mut s.pairs, qv, pairs)?;
+    dev.stream.synchronize().ctx("waiting for the batch")?;
+    let lists = match &topk {
+        Some(p) => topk_decode(&s.topk, p, t, items.ids())?,
+        None => vec![Vec::new(); t.qsel.len()],
+    };
+    Ok(plan::assemble(queries, lists, s.pairs.scores.read()?))
+}

@@ -1,0 +1,51 @@
+//! The two-tower retrieval model: its tower maps [history mean ‖ features]
+//! to a query vector in the item space. Recommend takes the top k items by
+//! dot product with it, score the dot products with the given items.
+
+use super::{Kind, ModelKind};
+use crate::model::query::{Op, OpKind, Query, Task};
+
+pub const TWO_TOWER: ModelKind = ModelKind::new(&TwoTower);
+
+/// `k` of the warm-up recommend requests.
+const WARM_K: usize = 10;
+
+struct TwoTower;
+
+impl Kind for TwoTower {
+    fn name(&self) -> &'static str {
+        "two_tower"
+    }
+
+    fn accepts(&self, _model: &str, _op: OpKind) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The tower runs once per request, whatever it asks.
+    fn rows(&self, _op: &Op) -> usize {
+        1
+    }
+
+    fn tower_dims(&self, dim: usize, user_feature_dim: usize) -> (usize, usize) {
+        (dim + user_feature_dim, dim)
+    }
+
+    fn max_batch_rows(&self, max_batch_size: usize, _max_items: usize) -> usize {
+        max_batch_size
+    }
+
+    /// `size` recommend requests, one row each.
+    fn warm_batch<'a>(&self, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
+        let history = &rows[..rows.len().min(1)];
+        (0..size)
+            .map(|_| Query {
+                history,
+                features: None,
+                task: Task::TopK {
+                    k: WARM_K,
+                    exclude: &[],
+                },
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,54 @@
+//! What a request asks of a model (`Op`) and how a batch hands it to a
+//! backend (`Query`, `Task`): plain data shared by the model kinds, the
+//! backends and the executor, so each of them depends only on `model`.
+
+/// What a scoring request asks for.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Recommend {
+        user_id: u64,
+        k: usize,
+        exclude: Vec<u64>,
+    },
+    Score {
+        user_id: u64,
+        items: Vec<u64>,
+    },
+}
+
+/// The route of an `Op`, without its data: what a model kind accepts or
+/// refuses before a request is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Recommend,
+    Score,
+}
+
+impl Op {
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Op::Recommend { .. } => OpKind::Recommend,
+            Op::Score { .. } => OpKind::Score,
+        }
+    }
+}
+
+/// One request row group of a batch: a user (history and features) and what to
+/// compute for them.
+#[derive(Debug, Clone)]
+pub struct Query<'a> {
+    /// Item-table rows of the user's recent history (already cut to the
+    /// model's `history_len`), oldest first. Pooled with a plain mean.
+    pub history: &'a [u32],
+    /// Dense user features, `user_feature_dim` long; `None` means zeros.
+    pub features: Option<&'a [f32]>,
+    pub task: Task<'a>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Task<'a> {
+    /// Top `k` live items by score, skipping `exclude` (sorted rows).
+    TopK { k: usize, exclude: &'a [u32] },
+    /// One score per given row, in order.
+    Score { rows: &'a [u32] },
+}
