@@ -591,3 +591,62 @@ async fn a_clean_stop_snapshots_and_a_restart_restores() {
     .await;
     assert_eq!(before, after);
 }
+
+/// Reading a user is not an update: `GET /v1/users/{id}` leaves
+/// `rankd_user_updates_total{source="api"}` where it was, while each accepted
+/// `POST /v1/users/{id}` counts exactly one (and a refused one none).
+#[tokio::test]
+async fn reading_a_user_is_not_counted_as_an_update() {
+    const UPDATES: &str = "rankd_user_updates_total{source=\"api\"}";
+    let d = Daemon::start();
+    let c = Daemon::client();
+    let updates = |text: &str| sample(text, UPDATES).unwrap_or(0.0);
+    let before = updates(&metrics(&c, &d).await);
+
+    let (s, body) = post(&c, &d.url("/v1/users/77"), json!({ "history": [1, 2, 3] })).await;
+    assert_eq!(s, 200, "{body}");
+    let text = metrics(&c, &d).await;
+    assert_eq!(
+        sample(&text, UPDATES),
+        Some(before + 1.0),
+        "one accepted upsert, one update:\n{text}"
+    );
+
+    // Reads of a known user and of users never seen.
+    for user in [77u64, 77, 78, 12_345, 77] {
+        let v = get_json(&c, &d.url(&format!("/v1/users/{user}"))).await;
+        assert_eq!(v["user_id"], user, "{v}");
+        let want = if user == 77 {
+            json!([1, 2, 3])
+        } else {
+            json!([])
+        };
+        assert_eq!(v["history"], want, "user {user}: {v}");
+    }
+    let text = metrics(&c, &d).await;
+    assert_eq!(
+        sample(
+            &text,
+            "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\"}"
+        ),
+        Some(5.0),
+        "the five reads were served:\n{text}"
+    );
+    assert_eq!(
+        sample(&text, UPDATES),
+        Some(before + 1.0),
+        "five GETs of users were counted as user updates:\n{text}"
+    );
+
+    // A refused upsert counts nothing; the next accepted one counts one.
+    let a = post_json(&c, &d.url("/v1/users/77"), &json!({ "history": [100_001] })).await;
+    assert_http_error("an unknown history item", &a, 422, "invalid", &["100001"]);
+    let (s, body) = post(&c, &d.url("/v1/users/77"), json!({ "history": [4] })).await;
+    assert_eq!(s, 200, "{body}");
+    let text = metrics(&c, &d).await;
+    assert_eq!(
+        sample(&text, UPDATES),
+        Some(before + 2.0),
+        "two accepted upserts, two updates:\n{text}"
+    );
+}
