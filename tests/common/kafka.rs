@@ -1,7 +1,6 @@
 //! A real Kafka-protocol broker (tansu, sqlite storage) for tests: started on
 //! a free port in a temporary folder, stopped when dropped. `scripts/test.sh`
 //! installs tansu and exports its path in `RANKD_TANSU`.
-#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -32,6 +31,7 @@ pub struct Broker {
     child: Option<Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    _turn: super::daemon::Turn,
 }
 
 fn free_port() -> u16 {
@@ -49,6 +49,7 @@ impl Broker {
             child: None,
             port: free_port(),
             dir,
+            _turn: super::daemon::shared(),
         };
         b.restart();
         b

@@ -3,10 +3,9 @@
 //! injecting device fails every third batch and every request still gets the
 //! right answer exactly once.
 
-mod common;
-
-use common::*;
 use serde_json::{json, Value};
+
+use crate::common::*;
 
 #[tokio::test]
 async fn auto_on_a_host_without_a_gpu_serves_on_the_cpu_and_says_why() {
@@ -25,22 +24,19 @@ async fn auto_on_a_host_without_a_gpu_serves_on_the_cpu_and_says_why() {
 
 #[test]
 fn an_unknown_device_is_refused_at_start() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rankd"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--uds",
-            "",
-            "--snapshot-dir",
-            "",
-            "--device",
-            "tpu:0",
-            "--models",
-        ])
-        .arg(demo_models())
-        .output()
-        .unwrap();
+    let models = demo_models();
+    let out = serve_output(&[
+        "--http",
+        "127.0.0.1:0",
+        "--uds",
+        "",
+        "--snapshot-dir",
+        "",
+        "--device",
+        "tpu:0",
+        "--models",
+        models.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown device 'tpu:0'"), "{err}");
@@ -52,31 +48,11 @@ async fn failed_batches_are_re_executed_and_no_request_is_lost() {
     let d = Daemon::start_with(&demo_models(), &["--device", "faulty-cpu:3"]);
     let c = Daemon::client();
     let users: Vec<u64> = (0..240).collect();
-    for daemon in [&reference, &d] {
-        for &u in &users {
-            let history: Vec<u64> = (0..4)
-                .map(|i| 1 + (u * 7919 + i * 104_729) % 100_000)
-                .collect();
-            let (s, _) = post(
-                &c,
-                &daemon.url(&format!("/v1/users/{u}")),
-                json!({"history": history}),
-            )
-            .await;
-            assert_eq!(s, 200);
-        }
-    }
-    let mut expected = Vec::new();
-    for &u in &users {
-        let (s, body) = post(
-            &c,
-            &reference.url("/v1/models/demo/recommend"),
-            json!({"user_id": u, "k": 10}),
-        )
-        .await;
-        assert_eq!(s, 200);
-        expected.push(body);
-    }
+    let histories: Vec<(u64, Vec<u64>)> =
+        users.iter().map(|&u| (u, spread_history(u, 4))).collect();
+    seed_histories(&c, &reference, &histories).await;
+    seed_histories(&c, &d, &histories).await;
+    let expected = recommend_each(&c, &reference, "demo", &users, 10).await;
     // Concurrent waves, so batches of several requests fail and are re-run.
     for wave in users.chunks(60) {
         let answers = futures::future::join_all(wave.iter().map(|&u| {
@@ -86,32 +62,17 @@ async fn failed_batches_are_re_executed_and_no_request_is_lost() {
         .await;
         for (&u, (s, body)) in wave.iter().zip(answers) {
             assert_eq!(s, 200, "user {u}: {body}");
-            let want = &expected[u as usize];
-            let ids = |v: &Value| -> Vec<u64> {
-                v["items"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|i| i["id"].as_u64().unwrap())
-                    .collect()
-            };
-            assert_eq!(ids(&body), ids(want), "user {u}");
+            assert_eq!(ids(&body), ids(&expected[u as usize]), "user {u}");
         }
     }
-    let (_, metrics) = get(&c, &d.url("/metrics")).await;
-    let fallbacks: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("rankd_fallback_total{reason=\"launch\"} "))
-        .map_or(0.0, |v| v.parse().unwrap());
-    assert!(fallbacks >= 1.0, "{metrics}");
-    let served: f64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\"} ",
-            )
-        })
-        .map_or(0.0, |v| v.parse().unwrap());
+    let text = metrics(&c, &d).await;
+    let fallbacks = sample(&text, "rankd_fallback_total{reason=\"launch\"}").unwrap_or(0.0);
+    assert!(fallbacks >= 1.0, "{text}");
+    let served = sample(
+        &text,
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\"}",
+    )
+    .unwrap_or(0.0);
     assert_eq!(
         served as usize,
         users.len(),

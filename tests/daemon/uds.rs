@@ -1,97 +1,88 @@
 //! The Unix-socket transport end to end: framing, pipelining, equality with
 //! HTTP answers, socket file lifecycle.
 
-mod common;
-
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::*;
 use rankd_client::types::*;
 use rankd_client::{Client, HttpClient, UdsClient};
-use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
 
-fn frame(v: &Value) -> Vec<u8> {
-    let payload = rmp_serde::to_vec_named(v).unwrap();
-    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
-    out.extend(payload);
-    out
-}
-
-async fn read_frame(s: &mut UnixStream) -> Value {
-    let mut len = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
-        .await
-        .expect("answer within 10 s")
-        .unwrap();
-    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut buf).await.unwrap();
-    rmp_serde::from_slice(&buf).unwrap()
-}
+use crate::common::frame::{connect, read_frame, read_frame_within, request_frame, send};
+use crate::common::*;
 
 #[tokio::test]
 async fn single_calls_of_every_op() {
     let d = Daemon::start();
-    let mut s = UnixStream::connect(&d.uds).await.unwrap();
-    let calls = [
-        serde_json::json!({"id": 1, "op": "health"}),
-        serde_json::json!({"id": 2, "op": "upsert_user", "user_id": 9, "history": [1, 2, 3]}),
-        serde_json::json!({"id": 3, "op": "recommend", "model": "demo", "user_id": 9, "k": 3}),
-        serde_json::json!({"id": 4, "op": "score", "model": "demo-ranker", "user_id": 9, "items": [4, 5]}),
-        serde_json::json!({"id": 5, "op": "models"}),
-        serde_json::json!({"id": 6, "op": "models", "model": "demo"}),
-        serde_json::json!({"id": 7, "op": "recommend", "model": "nope", "user_id": 9}),
-        serde_json::json!({"id": 8, "op": "recommend", "model": "demo", "user_id": 9, "k": 0}),
+    let mut s = connect(&d.uds).await;
+    // (request, check of its answer), one call at a time.
+    type Check = fn(&Value);
+    let calls: [(Value, Check); 8] = [
+        (json!({"id": 1, "op": "health"}), |r| {
+            assert_eq!(r["result"]["ready"], true, "{r}")
+        }),
+        (
+            json!({"id": 2, "op": "upsert_user", "user_id": 9, "history": [1, 2, 3]}),
+            |r| assert_eq!(r["result"]["history"], json!([1, 2, 3]), "{r}"),
+        ),
+        (
+            json!({"id": 3, "op": "recommend", "model": "demo", "user_id": 9, "k": 3}),
+            |r| {
+                assert_eq!(r["ok"], true, "{r}");
+                assert_eq!(r["result"]["model"], "demo", "{r}");
+                assert_eq!(r["result"]["items"].as_array().unwrap().len(), 3, "{r}");
+            },
+        ),
+        (
+            json!({"id": 4, "op": "score", "model": "demo-ranker", "user_id": 9, "items": [4, 5]}),
+            |r| assert_eq!(r["result"]["scores"].as_array().unwrap().len(), 2, "{r}"),
+        ),
+        (json!({"id": 5, "op": "models"}), |r| {
+            assert_eq!(r["result"]["models"].as_array().unwrap().len(), 2, "{r}")
+        }),
+        (json!({"id": 6, "op": "models", "model": "demo"}), |r| {
+            assert_eq!(r["result"]["kind"], "two_tower", "{r}")
+        }),
+        (
+            json!({"id": 7, "op": "recommend", "model": "nope", "user_id": 9}),
+            |r| {
+                check_socket_error(r, &[7], &["not_found"], &[]).unwrap_or_else(|e| panic!("{e}"));
+            },
+        ),
+        (
+            json!({"id": 8, "op": "recommend", "model": "demo", "user_id": 9, "k": 0}),
+            |r| {
+                check_socket_error(r, &[8], &["invalid"], &["got 0"])
+                    .unwrap_or_else(|e| panic!("{e}"));
+            },
+        ),
     ];
-    for c in &calls {
-        s.write_all(&frame(c)).await.unwrap();
-        let r = read_frame(&mut s).await;
-        assert_eq!(r["id"], c["id"], "{r}");
-        match c["id"].as_u64().unwrap() {
-            1 => assert_eq!(r["result"]["ready"], true, "{r}"),
-            2 => assert_eq!(r["result"]["history"], serde_json::json!([1, 2, 3]), "{r}"),
-            3 => {
-                assert_eq!(r["ok"], true);
-                assert_eq!(r["result"]["model"], "demo");
-                assert_eq!(r["result"]["items"].as_array().unwrap().len(), 3);
-            }
-            4 => assert_eq!(r["result"]["scores"].as_array().unwrap().len(), 2, "{r}"),
-            5 => assert_eq!(r["result"]["models"].as_array().unwrap().len(), 2, "{r}"),
-            6 => assert_eq!(r["result"]["kind"], "two_tower", "{r}"),
-            7 => {
-                assert_eq!(r["ok"], false);
-                assert_eq!(r["error"]["type"], "not_found");
-            }
-            8 => {
-                assert_eq!(r["error"]["type"], "invalid");
-                assert!(
-                    r["error"]["message"].as_str().unwrap().contains("got 0"),
-                    "{r}"
-                );
-            }
-            _ => unreachable!(),
-        }
+    for (req, check) in &calls {
+        let ctx = format!("{req}");
+        send(&mut s, &request_frame(req), &ctx).await;
+        let r = read_frame(&mut s, &ctx).await;
+        assert_eq!(r["id"], req["id"], "{r}");
+        check(&r);
     }
 }
 
 #[tokio::test]
 async fn a_thousand_pipelined_calls_come_back_by_id() {
     let d = Daemon::start();
-    let mut s = UnixStream::connect(&d.uds).await.unwrap();
+    let mut s = connect(&d.uds).await;
     let mut wire = Vec::new();
     let mut sent = HashMap::new();
     for id in 1..=1000u64 {
         // Slow recommends interleaved with instant health checks: the health
         // answers overtake the recommends queued before them.
         let req = if id % 2 == 1 {
-            serde_json::json!({"id": id, "op": "recommend", "model": "demo", "user_id": id, "k": 50})
+            json!({"id": id, "op": "recommend", "model": "demo", "user_id": id, "k": 50})
         } else {
-            serde_json::json!({"id": id, "op": "health"})
+            json!({"id": id, "op": "health"})
         };
-        wire.extend(frame(&req));
+        wire.extend(request_frame(&req));
         sent.insert(id, req);
     }
     let (mut rd, mut wr) = s.split();
@@ -100,16 +91,9 @@ async fn a_thousand_pipelined_calls_come_back_by_id() {
     };
     let reader = async {
         let mut order = Vec::new();
-        for _ in 0..1000 {
-            let mut len = [0u8; 4];
-            tokio::time::timeout(Duration::from_secs(20), rd.read_exact(&mut len))
-                .await
-                .expect("answer within 20 s")
-                .unwrap();
-            let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-            rd.read_exact(&mut buf).await.unwrap();
-            let v: Value = rmp_serde::from_slice(&buf).unwrap();
-            order.push(v);
+        for i in 0..1000 {
+            let ctx = format!("pipelined answer {}", i + 1);
+            order.push(read_frame_within(&mut rd, Duration::from_secs(20), &ctx).await);
         }
         order
     };
@@ -138,13 +122,10 @@ async fn socket_answers_equal_http_answers() {
     let uds = UdsClient::connect(&d.uds).await.unwrap();
     let http = HttpClient::new(&d.http);
     for user in 0..20u64 {
-        let history: Vec<u64> = (0..5)
-            .map(|i| 1 + (user * 7919 + i * 104_729) % 100_000)
-            .collect();
         uds.upsert_user(
             user,
             UserRequest {
-                history: Some(history),
+                history: Some(spread_history(user, 5)),
                 features: None,
             },
         )
@@ -168,30 +149,14 @@ async fn socket_answers_equal_http_answers() {
         let b = http.score("demo-ranker", req).await.unwrap();
         assert_eq!(a, b, "user {user}");
     }
-    let e1 = uds
-        .recommend(
-            "demo",
-            RecommendRequest {
-                user_id: 1,
-                k: 5000,
-                exclude: vec![],
-                timeout_ms: None,
-            },
-        )
-        .await
-        .unwrap_err();
-    let e2 = http
-        .recommend(
-            "demo",
-            RecommendRequest {
-                user_id: 1,
-                k: 5000,
-                exclude: vec![],
-                timeout_ms: None,
-            },
-        )
-        .await
-        .unwrap_err();
+    let too_many = RecommendRequest {
+        user_id: 1,
+        k: 5000,
+        exclude: vec![],
+        timeout_ms: None,
+    };
+    let e1 = uds.recommend("demo", too_many.clone()).await.unwrap_err();
+    let e2 = http.recommend("demo", too_many).await.unwrap_err();
     assert_eq!(e1, e2);
     assert_eq!(e1.kind(), "invalid");
 }
@@ -244,28 +209,23 @@ fn socket_file_mode_stale_replacement_live_refusal_and_cleanup() {
     assert_eq!(mode, 0o660, "socket mode {mode:o}");
     assert!(d.log().contains("stale"), "{}", d.log());
     // A second daemon must not take the live socket.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rankd"))
-        .args(["serve", "--http", "127.0.0.1:0", "--models"])
-        .arg(demo_models())
-        .args(["--uds", &path_str])
-        .output()
-        .unwrap();
+    let models = demo_models();
+    let out = serve_output(&[
+        "--http",
+        "127.0.0.1:0",
+        "--models",
+        models.to_str().unwrap(),
+        "--uds",
+        &path_str,
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use"), "{err}");
     assert!(d.is_running());
     // Clean shutdown removes the file.
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &d.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    for _ in 0..100 {
-        if !d.is_running() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!d.is_running(), "rankd did not stop on SIGTERM");
+    assert!(
+        d.signal_and_wait("TERM", Duration::from_secs(5)),
+        "rankd did not stop on SIGTERM"
+    );
     assert!(!path.exists(), "socket file left behind");
 }

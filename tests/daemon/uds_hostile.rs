@@ -8,45 +8,28 @@
 //! after `--uds-write-timeout-ms`. Throughout, other connections keep getting
 //! correct answers quickly and the daemon keeps running.
 
-mod common;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use rankd_client::types::{RecommendRequest, RecommendResponse, UserRequest};
 use rankd_client::{Client, UdsClient};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use tokio::io::AsyncWriteExt;
+
+use crate::common::frame::*;
+use crate::common::*;
 
 /// The default `--max-frame-bytes`.
 const FRAME_LIMIT: usize = 1 << 20;
 /// The user whose answers are the reference; no test changes its state.
 const PROBE_USER: u64 = 42;
 const PROBE_K: usize = 10;
-/// How long any single read or write may take before the test fails.
-const IO_WAIT: Duration = Duration::from_secs(10);
-
-/// The tests here measure latency on a small machine: one daemon at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------------------
-// Raw frames
+// Requests
 // ---------------------------------------------------------------------------
-
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(payload);
-    out
-}
-
-/// A request map encoded as MessagePack (with field names).
-fn msgpack(v: &Value) -> Vec<u8> {
-    rmp_serde::to_vec_named(v).expect("encoding a test request")
-}
 
 fn recommend_payload(id: u64, user_id: u64, k: usize) -> Vec<u8> {
     msgpack(&json!({
@@ -71,170 +54,18 @@ fn big_recommend_payload(id: u64, user_id: u64) -> Vec<u8> {
     }))
 }
 
-async fn connect(path: &Path) -> UnixStream {
-    tokio::time::timeout(IO_WAIT, UnixStream::connect(path))
-        .await
-        .unwrap_or_else(|_| panic!("connecting to {} timed out", path.display()))
-        .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()))
-}
-
-async fn send(s: &mut UnixStream, bytes: &[u8], ctx: &str) {
-    tokio::time::timeout(IO_WAIT, s.write_all(bytes))
-        .await
-        .unwrap_or_else(|_| panic!("{ctx}: writing {} bytes timed out", bytes.len()))
-        .unwrap_or_else(|e| panic!("{ctx}: writing {} bytes failed: {e}", bytes.len()));
-}
-
-fn decode(payload: &[u8], ctx: &str) -> Value {
-    rmp_serde::from_slice::<Value>(payload).unwrap_or_else(|e| {
-        panic!(
-            "{ctx}: the daemon's answer is not MessagePack ({e}): {:?}",
-            &payload[..payload.len().min(200)]
-        )
-    })
-}
-
-/// Reads one whole answer frame, failing the test on a timeout, on a close or
-/// on an error.
-async fn read_frame(s: &mut UnixStream, ctx: &str) -> Value {
-    let mut header = [0u8; 4];
-    tokio::time::timeout(IO_WAIT, s.read_exact(&mut header))
-        .await
-        .unwrap_or_else(|_| panic!("{ctx}: no answer within {IO_WAIT:?}"))
-        .unwrap_or_else(|e| panic!("{ctx}: reading an answer header failed: {e}"));
-    let len = u32::from_be_bytes(header) as usize;
-    assert!(len <= 64 << 20, "{ctx}: absurd answer length {len}");
-    let mut payload = vec![0u8; len];
-    tokio::time::timeout(IO_WAIT, s.read_exact(&mut payload))
-        .await
-        .unwrap_or_else(|_| panic!("{ctx}: the answer body did not arrive within {IO_WAIT:?}"))
-        .unwrap_or_else(|e| panic!("{ctx}: reading an answer body of {len} bytes failed: {e}"));
-    decode(&payload, ctx)
-}
-
-/// Reads `n` answers (in any order).
-async fn read_frames(s: &mut UnixStream, n: usize, ctx: &str) -> Vec<Value> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        out.push(read_frame(s, &format!("{ctx} (answer {} of {n})", i + 1)).await);
-    }
-    out
-}
-
-/// What was left on a connection the daemon closed.
-struct Closed {
-    /// Whole frames received before the end.
-    frames: Vec<Value>,
-    /// Bytes of an incomplete trailing frame.
-    partial: usize,
-    /// `eof` or the read error that ended it.
-    how: String,
-}
-
-/// Reads until the daemon closes the connection (EOF, or a reset: the daemon
-/// may close while bytes we sent are still unread), without closing our side.
-/// Fails if the connection is still open after `within`.
-async fn expect_closed(s: &mut UnixStream, within: Duration, ctx: &str) -> Closed {
-    let deadline = Instant::now() + within;
-    let mut bytes = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    let how = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Err(_) => panic!(
-                "{ctx}: the daemon did not close the connection within {within:?} \
-                 ({} bytes received meanwhile)",
-                bytes.len()
-            ),
-            Ok(Ok(0)) => break "eof".to_string(),
-            Ok(Ok(n)) => {
-                bytes.extend_from_slice(&chunk[..n]);
-                assert!(
-                    bytes.len() <= 512 << 20,
-                    "{ctx}: over 512 MiB received while waiting for the close"
-                );
-            }
-            Ok(Err(e)) => break format!("error: {e}"),
-        }
+/// A request value as MessagePack: `mp!({"id": 1, "op": "health"})`.
+macro_rules! mp {
+    ($($t:tt)+) => {
+        msgpack(&json!($($t)+))
     };
-    let mut frames = Vec::new();
-    let mut at = 0;
-    while bytes.len() - at >= 4 {
-        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        if bytes.len() - at - 4 < len {
-            break;
-        }
-        frames.push(decode(&bytes[at + 4..at + 4 + len], ctx));
-        at += 4 + len;
-    }
-    Closed {
-        frames,
-        partial: bytes.len() - at,
-        how,
-    }
 }
 
-/// Checks an error answer `{"id", "ok": false, "error": {"type", "message"}}`
-/// and returns its message.
-fn assert_error(v: &Value, id: u64, kinds: &[&str], ctx: &str) -> String {
-    assert_eq!(v["id"], json!(id), "{ctx}: wrong id in {v}");
-    assert_eq!(v["ok"], json!(false), "{ctx}: expected ok=false, got {v}");
-    assert!(
-        v.get("result").is_none(),
-        "{ctx}: an error with a result: {v}"
-    );
-    let kind = v["error"]["type"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{ctx}: no error.type in {v}"));
-    let message = v["error"]["message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{ctx}: no error.message in {v}"));
-    assert!(!kind.is_empty(), "{ctx}: empty error type in {v}");
-    assert!(!message.is_empty(), "{ctx}: empty error message in {v}");
-    if !kinds.is_empty() {
-        assert!(
-            kinds.contains(&kind),
-            "{ctx}: error type {kind:?}, expected one of {kinds:?}: {v}"
-        );
-    }
-    message.to_string()
-}
-
-/// Like `assert_error`, as a result: the id must be one of `ids` (any id when
-/// empty) and the type one of `kinds`.
-fn check_error(v: &Value, ids: &[u64], kinds: &[&str]) -> Result<(), String> {
-    let id = v["id"].as_u64().ok_or_else(|| format!("no id in {v}"))?;
-    if !ids.is_empty() && !ids.contains(&id) {
-        return Err(format!("id {id}, expected one of {ids:?}: {v}"));
-    }
-    if v["ok"] != json!(false) {
-        return Err(format!("expected ok=false, got {v}"));
-    }
-    if v.get("result").is_some() {
-        return Err(format!("an error with a result: {v}"));
-    }
-    let kind = v["error"]["type"].as_str().unwrap_or("");
-    let message = v["error"]["message"].as_str().unwrap_or("");
-    if kind.is_empty() || message.is_empty() {
-        return Err(format!("no error type or message: {v}"));
-    }
-    if !kinds.contains(&kind) {
-        return Err(format!(
-            "error type {kind:?}, expected one of {kinds:?}: {v}"
-        ));
-    }
-    Ok(())
-}
-
-/// Finds the answer with `id` among `answers`.
-fn by_id<'a>(answers: &'a [Value], id: u64, ctx: &str) -> &'a Value {
-    let hits: Vec<&Value> = answers.iter().filter(|v| v["id"] == json!(id)).collect();
-    assert_eq!(
-        hits.len(),
-        1,
-        "{ctx}: expected exactly one answer with id {id}, got {answers:?}"
-    );
-    hits[0]
+/// `socket_rows! { "name": payload => [ids the error may carry] types; ... }`
+macro_rules! socket_rows {
+    ($($name:literal: $payload:expr => [$($id:expr),*] $kinds:expr;)*) => {
+        vec![$(($name, $payload, &[$($id),*][..], $kinds)),*]
+    };
 }
 
 // ---------------------------------------------------------------------------
@@ -446,35 +277,19 @@ impl Watch {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*).
-fn pseudo_random(n: usize, mut seed: u64) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            seed ^= seed >> 12;
-            seed ^= seed << 25;
-            seed ^= seed >> 27;
-            (seed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
-        })
-        .collect()
-}
-
-fn socket(daemon: &Daemon) -> PathBuf {
-    daemon.uds.clone()
-}
-
 // ---------------------------------------------------------------------------
 // 1. Garbage bytes
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_bytes_get_an_error_frame_then_eof() {
-    let _serial = SERIAL.lock().await;
+    let _alone = alone();
     let mut daemon = Daemon::start();
-    let path = socket(&daemon);
+    let path = daemon.uds.clone();
     let want = reference(&path).await;
     let watch = Watch::start(&path, want.clone()).await;
 
-    let mut random = pseudo_random(4096, 0x9E37_79B9_7F4A_7C15);
+    let mut random = Rng::new(0x9E37_79B9_7F4A_7C15).bytes(4096);
     // Random bytes whose first four, read as a length, are over the limit
     // (a small random length would make them a frame still to be completed).
     random[0] |= 0x80;
@@ -502,7 +317,7 @@ async fn garbage_bytes_get_an_error_frame_then_eof() {
             closed.how
         );
         assert_eq!(closed.partial, 0, "{ctx}: a cut answer frame");
-        assert_error(&closed.frames[0], 0, &[], &ctx);
+        assert_socket_error(&closed.frames[0], 0, &[], &ctx);
         // A good client on a new connection, between attacks.
         assert_healthy(&mut daemon, &want, &ctx).await;
     }
@@ -517,14 +332,14 @@ async fn garbage_bytes_get_an_error_frame_then_eof() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn huge_length_prefix_gets_an_error_naming_the_limit_then_close() {
-    let _serial = SERIAL.lock().await;
+    let _alone = alone();
     let mut daemon = Daemon::start();
-    let path = socket(&daemon);
+    let path = daemon.uds.clone();
     let want = reference(&path).await;
     let watch = Watch::start(&path, want.clone()).await;
 
     let mut with_body = 0xFFFF_FFFFu32.to_be_bytes().to_vec();
-    with_body.extend(pseudo_random(64 * 1024, 7));
+    with_body.extend(Rng::new(7).bytes(64 * 1024));
     let cases: Vec<(&str, Vec<u8>, u64)> = vec![
         (
             "0xFFFFFFFF alone",
@@ -557,7 +372,7 @@ async fn huge_length_prefix_gets_an_error_naming_the_limit_then_close() {
             closed.how
         );
         assert_eq!(closed.partial, 0, "{ctx}: a cut answer frame");
-        let message = assert_error(&closed.frames[0], 0, &["too_large"], &ctx);
+        let message = assert_socket_error(&closed.frames[0], 0, &["too_large"], &ctx);
         assert!(
             message.contains(&declared.to_string()),
             "{ctx}: the message does not name the declared length {declared}: {message:?}"
@@ -586,9 +401,9 @@ async fn huge_length_prefix_gets_an_error_naming_the_limit_then_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn frame_cut_in_half_then_eof_ends_only_that_connection() {
-    let _serial = SERIAL.lock().await;
+    let _alone = alone();
     let mut daemon = Daemon::start();
-    let path = socket(&daemon);
+    let path = daemon.uds.clone();
     let want = reference(&path).await;
     let watch = Watch::start(&path, want.clone()).await;
 
@@ -614,7 +429,7 @@ async fn frame_cut_in_half_then_eof_ends_only_that_connection() {
         let closed = expect_closed(&mut s, Duration::from_secs(5), &ctx).await;
         // An error frame is allowed here, a successful answer is not.
         for f in &closed.frames {
-            assert_error(f, 0, &[], &ctx);
+            assert_socket_error(f, 0, &[], &ctx);
         }
         assert_eq!(closed.partial, 0, "{ctx}: a cut answer frame");
         assert_healthy(&mut daemon, &want, &ctx).await;
@@ -641,7 +456,7 @@ async fn frame_cut_in_half_then_eof_ends_only_that_connection() {
         });
     assert_recommend_answer(answer, 77, &want, ctx);
     for f in closed.frames.iter().filter(|f| f["id"] != json!(77)) {
-        assert_error(f, 0, &[], ctx);
+        assert_socket_error(f, 0, &[], ctx);
     }
     assert_healthy(&mut daemon, &want, ctx).await;
 
@@ -674,9 +489,9 @@ async fn frame_cut_in_half_then_eof_ends_only_that_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_types_get_an_error_with_their_id_and_the_connection_stays_usable() {
-    let _serial = SERIAL.lock().await;
+    let _alone = alone();
     let mut daemon = Daemon::start();
-    let path = socket(&daemon);
+    let path = daemon.uds.clone();
     let want = reference(&path).await;
     let watch = Watch::start(&path, want.clone()).await;
 
@@ -686,179 +501,39 @@ async fn wrong_types_get_an_error_with_their_id_and_the_connection_stays_usable(
     // `id` field, so an answer with id 0 or with that first element is fine,
     // as long as it is an error.
     type Case<'a> = (&'a str, Vec<u8>, &'a [u64], &'a [&'a str]);
-    let cases: Vec<Case> = vec![
-        (
-            "user_id as a string",
-            msgpack(
-                &json!({"id": 101, "op": "recommend", "model": "demo", "user_id": "42", "k": 5}),
-            ),
-            &[101],
-            BAD,
-        ),
-        (
-            "k = -1",
-            msgpack(
-                &json!({"id": 102, "op": "recommend", "model": "demo", "user_id": 42, "k": -1}),
-            ),
-            &[102],
-            BAD,
-        ),
-        (
-            "k = 2.5",
-            msgpack(
-                &json!({"id": 103, "op": "recommend", "model": "demo", "user_id": 42, "k": 2.5}),
-            ),
-            &[103],
-            BAD,
-        ),
-        (
-            "k = 0",
-            msgpack(&json!({"id": 104, "op": "recommend", "model": "demo", "user_id": 42, "k": 0})),
-            &[104],
-            &["invalid"],
-        ),
-        (
-            "k over max_k",
-            msgpack(
-                &json!({"id": 105, "op": "recommend", "model": "demo", "user_id": 42, "k": 1_000_000}),
-            ),
-            &[105],
-            &["invalid"],
-        ),
-        (
-            "items as a map",
-            msgpack(
-                &json!({"id": 106, "op": "score", "model": "demo", "user_id": 42, "items": {"1": 2}}),
-            ),
-            &[106],
-            BAD,
-        ),
-        (
-            "exclude as a string",
-            msgpack(
-                &json!({"id": 107, "op": "recommend", "model": "demo", "user_id": 42, "exclude": "1,2"}),
-            ),
-            &[107],
-            BAD,
-        ),
-        (
-            "negative user_id",
-            msgpack(&json!({"id": 108, "op": "recommend", "model": "demo", "user_id": -42})),
-            &[108],
-            BAD,
-        ),
-        (
-            "features as strings",
-            msgpack(
-                &json!({"id": 109, "op": "upsert_user", "user_id": 990_001, "features": ["a", "b"]}),
-            ),
-            &[109],
-            BAD,
-        ),
-        (
-            "an unknown op",
-            msgpack(&json!({"id": 110, "op": "explode", "model": "demo"})),
-            &[110],
-            &["invalid"],
-        ),
-        (
-            "op as a number",
-            msgpack(&json!({"id": 111, "op": 3, "model": "demo"})),
-            &[111],
-            BAD,
-        ),
-        (
-            "no op",
-            msgpack(&json!({"id": 112, "model": "demo"})),
-            &[112],
-            BAD,
-        ),
-        (
-            "recommend without model",
-            msgpack(&json!({"id": 113, "op": "recommend", "user_id": 42})),
-            &[113],
-            &["invalid"],
-        ),
-        (
-            "recommend without user_id",
-            msgpack(&json!({"id": 114, "op": "recommend", "model": "demo"})),
-            &[114],
-            &["invalid"],
-        ),
-        (
-            "score without items",
-            msgpack(&json!({"id": 115, "op": "score", "model": "demo", "user_id": 42})),
-            &[115],
-            &["invalid"],
-        ),
-        (
-            "model as a map",
-            msgpack(
-                &json!({"id": 116, "op": "recommend", "model": {"name": "demo"}, "user_id": 42}),
-            ),
-            &[116],
-            BAD,
-        ),
-        (
-            "id as a string",
-            msgpack(&json!({"id": "117", "op": "health"})),
-            &[0],
-            BAD,
-        ),
-        (
-            "negative id",
-            msgpack(&json!({"id": -1, "op": "health"})),
-            &[0],
-            BAD,
-        ),
-        ("no id", msgpack(&json!({"op": "health"})), &[0], BAD),
-        ("an empty map", msgpack(&json!({})), &[0], BAD),
-        ("an integer", rmp_serde::to_vec(&5u64).unwrap(), &[0], BAD),
-        (
-            "a string",
-            rmp_serde::to_vec("recommend").unwrap(),
-            &[0],
-            BAD,
-        ),
-        ("nil", vec![0xc0], &[0], BAD),
-        (
-            "an array of numbers",
-            msgpack(&json!([1, 2, 3])),
-            &[0, 1],
-            BAD,
-        ),
-        (
-            "an array shaped like a request",
-            msgpack(&json!([118, "recommend", "demo", 42, 5])),
-            &[0, 118],
-            BAD,
-        ),
-        (
-            "an array [id, \"health\"]",
-            msgpack(&json!([119, "health"])),
-            &[0, 119],
-            BAD,
-        ),
-        (
-            "the reserved marker 0xc1",
-            vec![0xc1, 0xc1, 0xc1],
-            &[0],
-            &["malformed"],
-        ),
-        (
-            "a map promising 3 entries holding 1",
-            vec![0x83, 0xa2, b'i', b'd', 0x05],
-            &[0],
-            BAD,
-        ),
-        ("an empty payload", vec![], &[0], &["malformed"]),
-        (
-            "a lone string",
-            msgpack(&json!("recommend")),
-            &[0],
-            &["invalid"],
-        ),
-    ];
+    let cases: Vec<Case> = socket_rows! {
+        "user_id as a string": mp!({"id": 101, "op": "recommend", "model": "demo", "user_id": "42", "k": 5}) => [101] BAD;
+        "k = -1": mp!({"id": 102, "op": "recommend", "model": "demo", "user_id": 42, "k": -1}) => [102] BAD;
+        "k = 2.5": mp!({"id": 103, "op": "recommend", "model": "demo", "user_id": 42, "k": 2.5}) => [103] BAD;
+        "k = 0": mp!({"id": 104, "op": "recommend", "model": "demo", "user_id": 42, "k": 0}) => [104] &["invalid"];
+        "k over max_k": mp!({"id": 105, "op": "recommend", "model": "demo", "user_id": 42, "k": 1_000_000}) => [105] &["invalid"];
+        "items as a map": mp!({"id": 106, "op": "score", "model": "demo", "user_id": 42, "items": {"1": 2}}) => [106] BAD;
+        "exclude as a string": mp!({"id": 107, "op": "recommend", "model": "demo", "user_id": 42, "exclude": "1,2"}) => [107] BAD;
+        "negative user_id": mp!({"id": 108, "op": "recommend", "model": "demo", "user_id": -42}) => [108] BAD;
+        "features as strings": mp!({"id": 109, "op": "upsert_user", "user_id": 990_001, "features": ["a", "b"]}) => [109] BAD;
+        "an unknown op": mp!({"id": 110, "op": "explode", "model": "demo"}) => [110] &["invalid"];
+        "op as a number": mp!({"id": 111, "op": 3, "model": "demo"}) => [111] BAD;
+        "no op": mp!({"id": 112, "model": "demo"}) => [112] BAD;
+        "recommend without model": mp!({"id": 113, "op": "recommend", "user_id": 42}) => [113] &["invalid"];
+        "recommend without user_id": mp!({"id": 114, "op": "recommend", "model": "demo"}) => [114] &["invalid"];
+        "score without items": mp!({"id": 115, "op": "score", "model": "demo", "user_id": 42}) => [115] &["invalid"];
+        "model as a map": mp!({"id": 116, "op": "recommend", "model": {"name": "demo"}, "user_id": 42}) => [116] BAD;
+        "id as a string": mp!({"id": "117", "op": "health"}) => [0] BAD;
+        "negative id": mp!({"id": -1, "op": "health"}) => [0] BAD;
+        "no id": mp!({"op": "health"}) => [0] BAD;
+        "an empty map": mp!({}) => [0] BAD;
+        "an integer": rmp_serde::to_vec(&5u64).unwrap() => [0] BAD;
+        "a string": rmp_serde::to_vec("recommend").unwrap() => [0] BAD;
+        "nil": vec![0xc0] => [0] BAD;
+        "an array of numbers": mp!([1, 2, 3]) => [0, 1] BAD;
+        "an array shaped like a request": mp!([118, "recommend", "demo", 42, 5]) => [0, 118] BAD;
+        "an array [id, \"health\"]": mp!([119, "health"]) => [0, 119] BAD;
+        "the reserved marker 0xc1": vec![0xc1, 0xc1, 0xc1] => [0] &["malformed"];
+        "a map promising 3 entries holding 1": vec![0x83, 0xa2, b'i', b'd', 0x05] => [0] BAD;
+        "an empty payload": vec![] => [0] &["malformed"];
+        "a lone string": mp!("recommend") => [0] &["invalid"];
+    };
+    assert_eq!(cases.len(), 30, "a row of the table went missing");
 
     // One connection for everything: each bad frame, then a good request.
     let mut s = connect(&path).await;
@@ -878,7 +553,7 @@ async fn wrong_types_get_an_error_with_their_id_and_the_connection_stays_usable(
             .find(|v| v["id"] != json!(good_id))
             .expect("two answers");
         // Collected, so one run reports every case the daemon gets wrong.
-        if let Err(e) = check_error(bad, ids, kinds) {
+        if let Err(e) = check_socket_error(bad, ids, kinds, &[]) {
             failures.push(format!("{ctx}: {e}"));
         }
     }
@@ -903,7 +578,7 @@ async fn wrong_types_get_an_error_with_their_id_and_the_connection_stays_usable(
         if let [id] = ids {
             if *id != 0 {
                 let v = by_id(&answers, *id, ctx);
-                if let Err(e) = check_error(v, ids, kinds) {
+                if let Err(e) = check_socket_error(v, ids, kinds, &[]) {
                     failures.push(format!("{ctx}: {name}: {e}"));
                 }
             }
@@ -916,7 +591,7 @@ async fn wrong_types_get_an_error_with_their_id_and_the_connection_stays_usable(
         .collect();
     assert_eq!(bad_answers.len(), cases.len(), "{ctx}: {answers:?}");
     for v in bad_answers {
-        if let Err(e) = check_error(v, &[], BAD) {
+        if let Err(e) = check_socket_error(v, &[], BAD, &[]) {
             failures.push(format!("{ctx}: {e}"));
         }
     }
@@ -936,7 +611,7 @@ async fn wrong_types_get_an_error_with_their_id_and_the_connection_stays_usable(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_never_reads_is_disconnected_and_others_stay_fast() {
-    let _serial = SERIAL.lock().await;
+    let _alone = alone();
     // A small in-flight bound, so that what the good client measures is the
     // effect of the stall, not the compute load of the answers admitted: on a
     // 2-core machine 256 pipelined k = 1000 recommends (the default bound)
@@ -945,7 +620,7 @@ async fn a_client_that_never_reads_is_disconnected_and_others_stay_fast() {
         &demo_models(),
         &["--uds-write-timeout-ms", "300", "--uds-max-inflight", "16"],
     );
-    let path = socket(&daemon);
+    let path = daemon.uds.clone();
     let want = reference(&path).await;
     let watch = Watch::start(&path, want.clone()).await;
 
@@ -1050,9 +725,9 @@ async fn a_client_that_never_reads_is_disconnected_and_others_stay_fast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_connections_pipelining_at_once_are_all_answered() {
-    let _serial = SERIAL.lock().await;
+    let _alone = alone();
     let mut daemon = Daemon::start();
-    let path = socket(&daemon);
+    let path = daemon.uds.clone();
     let want = reference(&path).await;
 
     const CONNS: u64 = 50;
@@ -1166,10 +841,10 @@ fn bad_op_of_size(id: u64, size: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn frames_at_the_limit_are_served_and_one_byte_over_closes() {
-    let _serial = SERIAL.lock().await;
+    let _alone = alone();
     const LIMIT: usize = 64;
     let mut daemon = Daemon::start_with(&demo_models(), &["--max-frame-bytes", "64"]);
-    let path = socket(&daemon);
+    let path = daemon.uds.clone();
     let want = reference_with(&path, true).await;
     let watch = Watch::start(&path, want.clone()).await;
 
@@ -1189,7 +864,7 @@ async fn frames_at_the_limit_are_served_and_one_byte_over_closes() {
     let ctx = "64 bytes of garbage";
     send(&mut s, &frame(&[0xc1; LIMIT]), ctx).await;
     let v = read_frame(&mut s, ctx).await;
-    assert_error(&v, 0, &["invalid", "malformed"], ctx);
+    assert_socket_error(&v, 0, &["invalid", "malformed"], ctx);
 
     // Exactly at the limit, an unknown op: an error with its id.
     let ctx = "a 64-byte unknown op";
@@ -1197,7 +872,7 @@ async fn frames_at_the_limit_are_served_and_one_byte_over_closes() {
     assert_eq!(p.len(), LIMIT);
     send(&mut s, &frame(&p), ctx).await;
     let v = read_frame(&mut s, ctx).await;
-    assert_error(&v, 3, &["invalid"], ctx);
+    assert_socket_error(&v, 3, &["invalid"], ctx);
 
     // One below, and an empty frame.
     let ctx = "a valid 63-byte health request";
@@ -1208,7 +883,7 @@ async fn frames_at_the_limit_are_served_and_one_byte_over_closes() {
     let ctx = "an empty frame";
     send(&mut s, &frame(&[]), ctx).await;
     let v = read_frame(&mut s, ctx).await;
-    assert_error(&v, 0, &["invalid", "malformed"], ctx);
+    assert_socket_error(&v, 0, &["invalid", "malformed"], ctx);
 
     // A real recommend (well under 64 bytes) on the same connection.
     let ctx = "a recommend after the frames at the limit";
@@ -1234,7 +909,7 @@ async fn frames_at_the_limit_are_served_and_one_byte_over_closes() {
         closed.how
     );
     assert_eq!(closed.partial, 0, "{ctx}: a cut answer frame");
-    let message = assert_error(&closed.frames[0], 0, &["too_large"], ctx);
+    let message = assert_socket_error(&closed.frames[0], 0, &["too_large"], ctx);
     assert!(
         message.contains("65") && message.contains("64"),
         "{ctx}: the message names neither the length 65 nor the limit 64: {message:?}"
@@ -1247,7 +922,7 @@ async fn frames_at_the_limit_are_served_and_one_byte_over_closes() {
     send(&mut s, &65u32.to_be_bytes(), ctx).await;
     let closed = expect_closed(&mut s, Duration::from_secs(5), ctx).await;
     assert_eq!(closed.frames.len(), 1, "{ctx}: {:?}", closed.frames);
-    let message = assert_error(&closed.frames[0], 0, &["too_large"], ctx);
+    let message = assert_socket_error(&closed.frames[0], 0, &["too_large"], ctx);
     assert!(
         message.contains("65") && message.contains("64"),
         "{ctx}: {message:?}"

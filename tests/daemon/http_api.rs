@@ -1,131 +1,12 @@
 //! The HTTP API end to end: the real daemon, the demo models, a real client.
 
-mod common;
-
 use std::collections::HashMap;
+use std::time::Duration;
 
-use common::*;
-use rankd::internals::Rng;
-use rankd::internals::{ItemTable, ModelSpec, TowerWeights};
 use serde_json::{json, Value};
 
-/// Independent reference of the model math in f64, straight from the files.
-struct Reference {
-    items: ItemTable,
-    two_tower: TowerWeights,
-    ranker: TowerWeights,
-}
-
-impl Reference {
-    fn load() -> Self {
-        let root = demo_models();
-        let spec = ModelSpec::read(&root.join("demo/1/model.toml")).unwrap();
-        let rspec = ModelSpec::read(&root.join("demo-ranker/1/model.toml")).unwrap();
-        Self {
-            items: ItemTable::load(&root.join("catalogues/demo/items.safetensors"), 64).unwrap(),
-            two_tower: TowerWeights::load(&root.join("demo/1/weights.safetensors"), &spec).unwrap(),
-            ranker: TowerWeights::load(&root.join("demo-ranker/1/weights.safetensors"), &rspec)
-                .unwrap(),
-        }
-    }
-
-    fn emb(&self, id: u64) -> Vec<f64> {
-        let row = self.items.row_of(id).unwrap();
-        self.items
-            .embedding(row)
-            .iter()
-            .map(|&x| x as f64)
-            .collect()
-    }
-
-    fn mean(&self, history: &[u64]) -> Vec<f64> {
-        let mut h = vec![0.0; 64];
-        for &id in history {
-            for (a, b) in h.iter_mut().zip(self.emb(id)) {
-                *a += b;
-            }
-        }
-        if !history.is_empty() {
-            h.iter_mut().for_each(|a| *a /= history.len() as f64);
-        }
-        h
-    }
-
-    fn tower(w: &TowerWeights, mut x: Vec<f64>) -> Vec<f64> {
-        for (i, l) in w.layers.iter().enumerate() {
-            let mut y: Vec<f64> = (0..l.out_dim)
-                .map(|o| {
-                    l.bias[o] as f64
-                        + (0..l.in_dim)
-                            .map(|j| l.weight[o * l.in_dim + j] as f64 * x[j])
-                            .sum::<f64>()
-                })
-                .collect();
-            if i + 1 < w.layers.len() {
-                y.iter_mut().for_each(|v| *v = v.max(0.0));
-            }
-            x = y;
-        }
-        x
-    }
-
-    fn query(&self, history: &[u64], features: &[f64]) -> Vec<f64> {
-        let mut x = self.mean(history);
-        x.extend_from_slice(features);
-        Self::tower(&self.two_tower, x)
-    }
-
-    /// Top-k over every item, excluding history and `exclude`, ties by smaller id.
-    fn recommend(
-        &self,
-        history: &[u64],
-        features: &[f64],
-        k: usize,
-        exclude: &[u64],
-    ) -> Vec<(u64, f64)> {
-        let q = self.query(history, features);
-        let mut all: Vec<(u64, f64)> = self
-            .items
-            .ids()
-            .iter()
-            .filter(|id| !history.contains(id) && !exclude.contains(id))
-            .map(|&id| (id, self.emb(id).iter().zip(&q).map(|(a, b)| a * b).sum()))
-            .collect();
-        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        all.truncate(k);
-        all
-    }
-
-    fn rank(&self, history: &[u64], features: &[f64], candidate: u64) -> f64 {
-        let h = self.mean(history);
-        let e = self.emb(candidate);
-        let mut x = h.clone();
-        x.extend_from_slice(features);
-        x.extend_from_slice(&e);
-        x.extend(h.iter().zip(&e).map(|(a, b)| a * b));
-        let z = Self::tower(&self.ranker, x)[0];
-        1.0 / (1.0 + (-z).exp())
-    }
-}
-
-fn random_history(rng: &mut Rng, len: usize) -> Vec<u64> {
-    (0..len).map(|_| 1 + rng.below(100_000)).collect()
-}
-
-fn random_features(rng: &mut Rng) -> Vec<f64> {
-    (0..16)
-        .map(|_| (rng.uniform() * 2.0 - 1.0) as f32 as f64)
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].as_u64().unwrap())
-        .collect()
-}
+use crate::common::reference::Reference;
+use crate::common::*;
 
 #[tokio::test]
 async fn models_health_and_readiness() {
@@ -166,11 +47,7 @@ async fn a_cluster_history_brings_back_that_cluster() {
     let d = Daemon::start();
     let c = Daemon::client();
     let clusters = demo_clusters();
-    let mut by_cluster: HashMap<u32, Vec<u64>> = HashMap::new();
-    for (&id, &cl) in &clusters {
-        by_cluster.entry(cl).or_default().push(id);
-    }
-    by_cluster.values_mut().for_each(|v| v.sort_unstable());
+    let by_cluster: HashMap<u32, Vec<u64>> = demo_cluster_members();
     let mut rng = Rng::new(99);
     for cluster in [0u32, 7, 13, 21, 34, 49] {
         let pool = &by_cluster[&cluster];
@@ -228,9 +105,9 @@ async fn answers_match_an_independent_reference() {
     let mut rng = Rng::new(2026);
     for user in 0..6u64 {
         let len = 1 + rng.below(60) as usize;
-        let history = random_history(&mut rng, len);
-        let features = random_features(&mut rng);
-        let exclude = random_history(&mut rng, 3);
+        let history = rng.history(len);
+        let features = rng.features();
+        let exclude = rng.history(3);
         let (s, body) = post(
             &c,
             &d.url(&format!("/v1/users/{user}")),
@@ -239,8 +116,7 @@ async fn answers_match_an_independent_reference() {
         .await;
         assert_eq!(s, 200, "{body}");
         // Only the newest 50 feed the model, but every stored item is excluded.
-        let kept = &history[history.len().saturating_sub(50)..];
-        let expected = reference.recommend(kept, &features, 20, &exclude);
+        let expected = reference.recommend(&history, &features, 20, &exclude);
         let (s, body) = post(
             &c,
             &d.url("/v1/models/demo/recommend"),
@@ -269,7 +145,7 @@ async fn answers_match_an_independent_reference() {
                 );
             }
         }
-        let candidates: Vec<u64> = random_history(&mut rng, 7);
+        let candidates: Vec<u64> = rng.history(7);
         let (s, body) = post(
             &c,
             &d.url("/v1/models/demo-ranker/score"),
@@ -278,7 +154,7 @@ async fn answers_match_an_independent_reference() {
         .await;
         assert_eq!(s, 200, "{body}");
         for (got, &cand) in body["scores"].as_array().unwrap().iter().zip(&candidates) {
-            let want = reference.rank(kept, &features, cand);
+            let want = reference.rank(&history, &features, cand);
             assert!(
                 (got.as_f64().unwrap() - want).abs() < 1e-5,
                 "ranker {cand}: {got} vs {want}"
@@ -291,9 +167,9 @@ async fn answers_match_an_independent_reference() {
         )
         .await;
         assert_eq!(s, 200, "{body}");
-        let q = reference.query(kept, &features);
+        let q = reference.query(&history, &features);
         for (got, &cand) in body["scores"].as_array().unwrap().iter().zip(&candidates) {
-            let want: f64 = reference.emb(cand).iter().zip(&q).map(|(a, b)| a * b).sum();
+            let want = reference.dot(&q, cand);
             assert!(
                 (got.as_f64().unwrap() - want).abs() < 1e-4,
                 "dot {cand}: {got} vs {want}"
@@ -318,28 +194,10 @@ async fn batched_answers_equal_one_at_a_time() {
     let c = Daemon::client();
     let mut rng = Rng::new(5);
     let users: Vec<u64> = (100..164).collect();
-    for &u in &users {
-        let history = random_history(&mut rng, 10);
-        let (s, _) = post(
-            &c,
-            &d.url(&format!("/v1/users/{u}")),
-            json!({ "history": history }),
-        )
-        .await;
-        assert_eq!(s, 200);
-    }
-    let mut sequential = Vec::new();
-    for &u in &users {
-        let (s, body) = post(
-            &c,
-            &d.url("/v1/models/demo/recommend"),
-            json!({ "user_id": u, "k": 10 }),
-        )
-        .await;
-        assert_eq!(s, 200);
-        sequential.push(body);
-    }
-    let metrics_before = get(&c, &d.url("/metrics")).await.1;
+    let histories: Vec<(u64, Vec<u64>)> = users.iter().map(|&u| (u, rng.history(10))).collect();
+    seed_histories(&c, &d, &histories).await;
+    let sequential = recommend_each(&c, &d, "demo", &users, 10).await;
+    let metrics_before = metrics(&c, &d).await;
     let concurrent = futures::future::join_all(users.iter().map(|&u| {
         let c = c.clone();
         let url = d.url("/v1/models/demo/recommend");
@@ -359,13 +217,9 @@ async fn batched_answers_equal_one_at_a_time() {
         }
     }
     // The concurrent burst really was batched: fewer batches than requests.
-    let batches = |text: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with("rankd_batch_requests_count{model=\"demo\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .map_or(0.0, |v| v.parse().unwrap())
-    };
-    let metrics_after = get(&c, &d.url("/metrics")).await.1;
+    let batches =
+        |text: &str| sample(text, "rankd_batch_requests_count{model=\"demo\"}").unwrap_or(0.0);
+    let metrics_after = metrics(&c, &d).await;
     let burst_batches = batches(&metrics_after) - batches(&metrics_before);
     assert!(
         burst_batches < users.len() as f64,
@@ -390,71 +244,51 @@ async fn user_updates_replace_only_the_given_parts() {
     assert_eq!(s, 200);
     assert_eq!(body["history"], json!([]));
     assert_eq!(body["features"].as_array().unwrap().len(), 16);
-    let (s, body) = post(&c, &url, json!({ "history": [5, 100001] })).await;
-    assert_eq!(s, 422, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("100001"),
-        "{body}"
-    );
-    let (s, body) = post(&c, &url, json!({ "features": [1.0, 2.0] })).await;
-    assert_eq!(s, 422, "{body}");
-    let msg = body["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("16") && msg.contains('2'), "{msg}");
+    let a = post_json(&c, &url, &json!({ "history": [5, 100001] })).await;
+    assert_http_error("an unknown history item", &a, 422, "invalid", &["100001"]);
+    let a = post_json(&c, &url, &json!({ "features": [1.0, 2.0] })).await;
+    assert_http_error("2 features of 16", &a, 422, "invalid", &["16", "2"]);
+    // Neither refusal changed the user.
+    let v = get_json(&c, &url).await;
+    assert_eq!(v["history"], json!([]), "{v}");
+    assert_eq!(v["features"].as_array().unwrap().len(), 16, "{v}");
 }
 
 #[tokio::test]
 async fn a_passed_deadline_is_504_and_a_full_queue_is_429() {
-    let dir = tempfile::tempdir().unwrap();
     // A batch waits 300 ms for company unless it fills: a lone request sits in
     // the queue, long enough for a short deadline to pass and for the queue
     // (one slot) to be full.
-    derived_model(dir.path(), "slow", "demo", |t| {
-        t.replace("max_queue_delay_us = 500", "max_queue_delay_us = 300000")
-            .replace("max_queue_size = 1024", "max_queue_size = 1")
-    });
+    let dir = slow_repo(300_000, 1);
     let d = Daemon::start_with(dir.path(), &[]);
     let c = Daemon::client();
     let url = d.url("/v1/models/slow/recommend");
     let first = {
         let (c, url) = (c.clone(), url.clone());
-        tokio::spawn(async move { post(&c, &url, json!({ "user_id": 1, "timeout_ms": 50 })).await })
+        tokio::spawn(async move {
+            post_json(&c, &url, &json!({ "user_id": 1, "timeout_ms": 50 })).await
+        })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let r = c
-        .post(&url)
-        .json(&json!({ "user_id": 2 }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 429);
-    assert_eq!(r.headers()["retry-after"], "1");
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["type"], "overloaded");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("max_queue_size is 1"),
-        "{body}"
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let a = post_json(&c, &url, &json!({ "user_id": 2 })).await;
+    assert_http_error(
+        "a second request on a full queue",
+        &a,
+        429,
+        "overloaded",
+        &["max_queue_size is 1"],
     );
-    let (s, body) = first.await.unwrap();
-    assert_eq!(s, 504, "{body}");
-    assert_eq!(body["error"]["type"], "deadline_exceeded");
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("50"),
-        "{body}"
-    );
+    assert_eq!(a.header(reqwest::header::RETRY_AFTER), Some("1"));
+    let a = first.await.unwrap();
+    assert_http_error("a 50 ms deadline", &a, 504, "deadline_exceeded", &["50"]);
     // Once the queue drains, requests are admitted again.
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let (s, body) = post(&c, &url, json!({ "user_id": 3, "k": 3 })).await;
     assert_eq!(s, 200, "{body}");
     // A caller that hangs up before its deadline: the request is dropped
     // unanswered when its batch comes up, counted as cancelled.
     let impatient = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_millis(50))
+        .timeout(Duration::from_millis(50))
         .build()
         .unwrap();
     let gone = impatient
@@ -463,8 +297,8 @@ async fn a_passed_deadline_is_504_and_a_full_queue_is_429() {
         .send()
         .await;
     assert!(gone.is_err(), "the client gave up first");
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    let metrics = get(&c, &d.url("/metrics")).await.1;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let metrics = metrics(&c, &d).await;
     for needle in [
         "rankd_requests_dropped_total{model=\"slow\",reason=\"deadline\"} 1",
         "rankd_requests_dropped_total{model=\"slow\",reason=\"cancelled\"} 1",
@@ -511,14 +345,13 @@ async fn a_broken_model_does_not_take_the_others_down() {
         body.contains("three_tower") && body.contains("failed"),
         "{body}"
     );
-    let (s, body) = post(
+    let a = post_json(
         &c,
         &d.url("/v1/models/bad/recommend"),
-        json!({ "user_id": 1 }),
+        &json!({ "user_id": 1 }),
     )
     .await;
-    assert_eq!(s, 503, "{body}");
-    assert_eq!(body["error"]["type"], "not_ready");
+    assert_http_error("recommend on a failed model", &a, 503, "not_ready", &[]);
     let (s, body) = post(
         &c,
         &d.url("/v1/models/good/recommend"),
@@ -561,21 +394,13 @@ async fn metrics_cover_requests_batches_queues_and_models() {
     // Refused on its Content-Length alone (the body is never read), so the
     // request goes over a raw socket: a client still writing the body would
     // see the connection close under it.
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = url.trim_start_matches("http://").split('/').next().unwrap();
-        let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let head = format!(
-            "POST /v1/models/demo/recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-            2 << 20
-        );
-        raw.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let read = raw.read_to_end(&mut answer);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    }
+    let head = format!(
+        "POST /v1/models/demo/recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        2 << 20
+    );
+    let answer = raw_exchange(&d.addr(), head.as_bytes(), Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     let r = c
         .post(&url)
         .body("{\"user_id\": \"x\"}")
@@ -595,8 +420,7 @@ async fn metrics_cover_requests_batches_queues_and_models() {
     assert_eq!(get(&c, &d.url("/nope")).await.0, 404);
     let r = c.delete(d.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 405);
-    let (s, text) = get(&c, &d.url("/metrics")).await;
-    assert_eq!(s, 200);
+    let text = metrics(&c, &d).await;
     for needle in [
         "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"400\"} 1",
         "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"413\"} 1",
@@ -750,17 +574,10 @@ async fn a_clean_stop_snapshots_and_a_restart_restores() {
         0,
         "no periodic snapshot yet"
     );
-    std::process::Command::new("kill")
-        .args(["-TERM", &first.pid().to_string()])
-        .status()
-        .unwrap();
-    for _ in 0..250 {
-        if !first.is_running() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(!first.is_running(), "rankd did not stop on SIGTERM");
+    assert!(
+        first.signal_and_wait("TERM", Duration::from_secs(5)),
+        "rankd did not stop on SIGTERM"
+    );
     let second = Daemon::start_with(&demo_models(), &args);
     let (_, stored) = get(&c, &second.url("/v1/users/77")).await;
     let stored: Value = serde_json::from_str(&stored).unwrap();
@@ -773,4 +590,63 @@ async fn a_clean_stop_snapshots_and_a_restart_restores() {
     )
     .await;
     assert_eq!(before, after);
+}
+
+/// Reading a user is not an update: `GET /v1/users/{id}` leaves
+/// `rankd_user_updates_total{source="api"}` where it was, while each accepted
+/// `POST /v1/users/{id}` counts exactly one (and a refused one none).
+#[tokio::test]
+async fn reading_a_user_is_not_counted_as_an_update() {
+    const UPDATES: &str = "rankd_user_updates_total{source=\"api\"}";
+    let d = Daemon::start();
+    let c = Daemon::client();
+    let updates = |text: &str| sample(text, UPDATES).unwrap_or(0.0);
+    let before = updates(&metrics(&c, &d).await);
+
+    let (s, body) = post(&c, &d.url("/v1/users/77"), json!({ "history": [1, 2, 3] })).await;
+    assert_eq!(s, 200, "{body}");
+    let text = metrics(&c, &d).await;
+    assert_eq!(
+        sample(&text, UPDATES),
+        Some(before + 1.0),
+        "one accepted upsert, one update:\n{text}"
+    );
+
+    // Reads of a known user and of users never seen.
+    for user in [77u64, 77, 78, 12_345, 77] {
+        let v = get_json(&c, &d.url(&format!("/v1/users/{user}"))).await;
+        assert_eq!(v["user_id"], user, "{v}");
+        let want = if user == 77 {
+            json!([1, 2, 3])
+        } else {
+            json!([])
+        };
+        assert_eq!(v["history"], want, "user {user}: {v}");
+    }
+    let text = metrics(&c, &d).await;
+    assert_eq!(
+        sample(
+            &text,
+            "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\"}"
+        ),
+        Some(5.0),
+        "the five reads were served:\n{text}"
+    );
+    assert_eq!(
+        sample(&text, UPDATES),
+        Some(before + 1.0),
+        "five GETs of users were counted as user updates:\n{text}"
+    );
+
+    // A refused upsert counts nothing; the next accepted one counts one.
+    let a = post_json(&c, &d.url("/v1/users/77"), &json!({ "history": [100_001] })).await;
+    assert_http_error("an unknown history item", &a, 422, "invalid", &["100001"]);
+    let (s, body) = post(&c, &d.url("/v1/users/77"), json!({ "history": [4] })).await;
+    assert_eq!(s, 200, "{body}");
+    let text = metrics(&c, &d).await;
+    assert_eq!(
+        sample(&text, UPDATES),
+        Some(before + 2.0),
+        "two accepted upserts, two updates:\n{text}"
+    );
 }

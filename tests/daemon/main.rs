@@ -1,0 +1,17 @@
+//! rankd end to end: every suite that starts the real `rankd` binary and
+//! talks to it over HTTP, raw TCP, the Unix socket and a Kafka-protocol
+//! broker, in one test binary.
+//!
+//! Tests run in parallel; each daemon holds a shared turn, and the tests
+//! that bound latencies take the daemon's machine alone (`common::alone`).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod device;
+mod http_api;
+mod http_bad_input;
+mod http_cases;
+mod kafka;
+mod uds;
+mod uds_hostile;
