@@ -115,7 +115,7 @@ fn validator() -> Validator {
     Validator {
         item_dim: ITEM_DIM,
         user_feature_dim: USER_DIM,
-        event_types: rankd::Config::default().kafka_event_types,
+        event_types: rankd::Config::default().kafka.event_types,
     }
 }
 

@@ -3,8 +3,9 @@
 # benches/INGEST-RESULTS.md): for each round, starts a fresh tansu broker
 # (sqlite storage, working folder = a temporary folder, a free port) exactly as
 # tests/common/kafka.rs does, creates the topics with the admin API, runs
-# `examples/ingest_bench.rs run` (which starts and stops rankd and rankd bench
-# itself), and stops the broker. Prints every round's figures at the end.
+# `ingest_bench run` (the bin of rankd-tools, crates/tools/src/ingest_bench;
+# it starts and stops rankd and rankd bench itself), and stops the broker.
+# Prints every round's figures at the end.
 #
 # Usage: benches/ingest.sh [rounds, default 2]
 #   INGEST_ARGS="--messages 100000 --bench-rate 1800"  extra options for `run`
@@ -22,9 +23,11 @@ if [ ! -x "$tansu" ]; then
 fi
 
 echo "== build"
-cargo build --release --bin rankd --example ingest_bench
+# One build of both, so that the daemon library is built once, with the
+# features of both packages.
+cargo build --release -p rankd-cli --bin rankd -p rankd-tools --bin ingest_bench
 target/release/rankd models generate --models models >/dev/null
-ex=target/release/examples/ingest_bench
+ex=target/release/ingest_bench
 
 out="${INGEST_OUT:-target/ingest-bench/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
@@ -40,7 +43,7 @@ stop_broker() {
   fi
 }
 cleanup() {
-  # Whatever the example started (rankd serve, rankd bench), if it died first.
+  # Whatever ingest_bench started (rankd serve, rankd bench), if it died first.
   if [ -f "$pids" ]; then
     while read -r p; do kill "$p" 2>/dev/null || true; done <"$pids"
   fi

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean checkout: installs what the tests need
 # (the Kafka-protocol broker and NVRTC, once each, cached by version under
-# ~/.cache/rankd/tools), builds everything (the GPU code included), then runs
-# every unit and integration test against the real daemon.
+# ~/.cache/rankd/tools), checks formatting and lints, builds everything (the
+# GPU code included) and a rankd without the default features (no CUDA, no
+# Kafka), then runs the unit and integration tests against the real daemon:
+# without the features first, then every test against the full rankd last
+# (CI reads the closing lines of that last cargo test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,11 +30,39 @@ fi
 export RANKD_NVRTC_LIB="$nvrtc/nvidia/cu13/lib"
 export LD_LIBRARY_PATH="$RANKD_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+echo "== format"
+cargo fmt --all --check
+
+# In the release profile, so that the build scripts (librdkafka's C build
+# among them) and proc macros are the release build's, not built twice.
+echo "== lints (clippy, every warning an error)"
+cargo clippy --release --workspace --all-targets --locked -- -D warnings
+
 echo "== build (release: the tests drive the optimised daemon)"
-cargo build --release --all-targets --locked
+cargo build --release --workspace --all-targets --locked
 
 echo "== GPU check, host side (the GPU parts run where a GPU is: benches/gpu/check.sh)"
 OUT="$(mktemp -d)" benches/gpu/check.sh --dry-run
 
+# rankd-tools' ingest_bench needs `kafka` and is skipped here.
+echo "== build without the default features (no CUDA, no Kafka)"
+cargo build --release --workspace --no-default-features --locked
+deps="$(cargo tree -p rankd-cli --no-default-features -e normal --locked)"
+for dep in rdkafka cudarc nvml-wrapper; do
+  if grep -q " $dep v" <<<"$deps"; then
+    echo "rankd-cli without the default features still depends on $dep" >&2
+    exit 1
+  fi
+done
+
+# Every unit test, and the integration tests that need neither (HTTP, the
+# socket, device selection) against the featureless rankd; tests/kafka.rs and
+# the CUDA ones are empty without their features. One cargo invocation, so
+# the workspace is built once more, not once per package.
+echo "== tests without the default features"
+cargo test --release --workspace --no-default-features --locked
+
+# Last, so the run ends on a suite's summary: the unit tests of every crate
+# and the integration tests, against the full rankd (CUDA and Kafka).
 echo "== tests"
-cargo test --release --locked
+cargo test --release --workspace --locked

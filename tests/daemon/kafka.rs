@@ -1,5 +1,6 @@
 //! Kafka ingestion against a real broker (tansu): freshness, item upserts and
 //! deletes, malformed messages, SIGKILL and restart, broker outages.
+#![cfg(feature = "kafka")]
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

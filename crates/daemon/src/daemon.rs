@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,11 +13,11 @@ use anyhow::Context;
 use tokio::sync::{oneshot, watch};
 
 use crate::api;
-use crate::config::Config;
+use crate::config::{Config, KafkaConfig};
 use crate::exec::{self, ExecutorHandle, LoadState, Registry, ServedModel};
 use crate::features::snapshot::{Snapshot, SnapshotBase};
 use crate::features::updates::Validator;
-use crate::ingest::{Ingest, KafkaConfig};
+use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
 use crate::model::{self, Repository};
 
@@ -40,10 +40,11 @@ pub struct Daemon {
 /// snapshot, binds the listeners and starts the executor. Models load in the
 /// background (`/readyz` says when); Kafka ingestion starts once they have.
 pub async fn start(config: Config) -> anyhow::Result<Daemon> {
-    let repo = Repository::scan(&config.models).with_context(|| {
+    ingest::ensure_available(&config.kafka)?;
+    let repo = Repository::scan(&config.exec.models).with_context(|| {
         format!(
             "cannot read the model repository {} (set --models or RANKD_MODELS)",
-            config.models.display()
+            config.exec.models.display()
         )
     })?;
     if let Some(seed) = repo
@@ -61,9 +62,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             );
         }
     }
-    let snapshot_dir =
-        (!config.snapshot_dir.is_empty()).then(|| PathBuf::from(&config.snapshot_dir));
-    let snapshot = match &snapshot_dir {
+    let snapshot = match &config.snapshot.dir {
         Some(dir) => Snapshot::load_newest(dir)
             .with_context(|| format!("reading snapshots in {}", dir.display()))?
             .map(|(path, s)| {
@@ -92,22 +91,22 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         })
         .collect();
     let registry = Arc::new(Registry::new(served));
-    let listener = tokio::net::TcpListener::bind(&config.http)
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
-        .with_context(|| format!("cannot listen on http {}", config.http))?;
+        .with_context(|| format!("cannot listen on http {}", config.http.listen))?;
     let http_addr = listener.local_addr()?;
-    let uds_listener = match config.uds.as_str() {
-        "" => None,
-        path => Some(api::uds::bind(Path::new(path))?),
+    let uds_listener = match &config.socket.path {
+        Some(path) => Some((api::uds::bind(path)?, path.clone())),
+        None => None,
     };
-    let selected =
-        crate::backend::device::select(&config.device, &metrics).map_err(anyhow::Error::msg)?;
+    let selected = crate::backend::device::select(&config.exec.device, &metrics)
+        .map_err(anyhow::Error::msg)?;
     registry.set_device_reason(selected.reason);
     let (exec, executor_loaded) = exec::spawn(
         selected.backend,
         repo.models.clone(),
         snapshot,
-        config.history_max,
+        config.exec.history_max,
         registry.clone(),
         metrics.clone(),
     );
@@ -115,13 +114,13 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         exec.clone(),
         metrics.clone(),
         api::ServiceLimits {
-            default_timeout: Duration::from_millis(config.default_timeout_ms),
-            max_timeout: Duration::from_millis(config.max_timeout_ms),
+            default_timeout: config.requests.default_timeout(),
+            max_timeout: config.requests.max_timeout(),
         },
     ));
     let app = api::http::router(api::http::HttpState {
         service: service.clone(),
-        max_body_bytes: config.max_body_bytes,
+        max_body_bytes: config.http.max_body_bytes,
     });
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -132,13 +131,13 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             .await
     });
     let (uds_stop, uds_stopped) = oneshot::channel::<()>();
-    let uds_path = uds_listener.as_ref().map(|_| PathBuf::from(&config.uds));
-    let uds_task = uds_listener.map(|l| {
+    let uds_path = uds_listener.as_ref().map(|(_, path)| path.clone());
+    let uds_task = uds_listener.map(|(l, path)| {
         let uds_config = api::uds::UdsConfig {
-            path: PathBuf::from(&config.uds),
-            max_frame_bytes: config.max_frame_bytes,
-            max_inflight: config.uds_max_inflight,
-            write_timeout: Duration::from_millis(config.uds_write_timeout_ms),
+            path,
+            max_frame_bytes: config.socket.max_frame_bytes,
+            max_inflight: config.socket.max_inflight,
+            write_timeout: config.socket.write_timeout(),
         };
         tokio::spawn(api::uds::serve(l, service.clone(), uds_config, uds_stopped))
     });
@@ -147,25 +146,25 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     let ingest = Arc::new(Mutex::new(None));
     let (loaded_tx, loaded) = watch::channel(false);
     {
-        let (ingest, registry, exec, metrics, service, config) = (
+        let (ingest, registry, exec, metrics, service, kafka) = (
             ingest.clone(),
             registry.clone(),
             exec.clone(),
             metrics.clone(),
             service.clone(),
-            config.clone(),
+            config.kafka.clone(),
         );
         tokio::spawn(async move {
             let _ = executor_loaded.await;
-            if let Some(brokers) = config.kafka_brokers.clone() {
+            if kafka.brokers.is_some() {
                 let started = tokio::task::spawn_blocking(move || {
-                    start_ingest(&config, brokers, &registry, resume, exec, metrics)
+                    start_ingest(kafka, &registry, resume, exec, metrics)
                 })
                 .await
                 .expect("starting ingestion does not panic");
                 match started {
                     Ok(i) => {
-                        service.set_ingest(i.status.clone());
+                        service.set_ingest(i.status().clone());
                         *ingest.lock().expect("ingest lock") = Some(i);
                     }
                     Err(e) => tracing::error!(error = %e, "Kafka ingestion is off"),
@@ -174,13 +173,11 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             let _ = loaded_tx.send(true);
         });
     }
-    let snapshots = snapshot_dir.map(|dir| {
-        Snapshotter::start(
-            dir,
-            Duration::from_millis(config.snapshot_interval_ms),
-            exec.clone(),
-        )
-    });
+    let snapshots = config
+        .snapshot
+        .dir
+        .clone()
+        .map(|dir| Snapshotter::start(dir, config.snapshot.interval(), exec.clone()));
     Ok(Daemon {
         http_addr,
         uds_path,
@@ -196,8 +193,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
 }
 
 fn start_ingest(
-    config: &Config,
-    brokers: String,
+    kafka: KafkaConfig,
     registry: &Registry,
     resume: BTreeMap<(String, i32), i64>,
     exec: ExecutorHandle,
@@ -212,20 +208,13 @@ fn start_ingest(
     let validator = Validator {
         item_dim: spec.dim,
         user_feature_dim: spec.user_feature_dim,
-        event_types: config.kafka_event_types.clone(),
+        event_types: kafka.event_types.clone(),
     };
-    let kafka = KafkaConfig {
-        brokers,
-        group: config.kafka_group.clone(),
-        events_topic: config.kafka_events_topic.clone(),
-        items_topic: config.kafka_items_topic.clone(),
-        users_topic: config.kafka_users_topic.clone(),
-        dead_letter_topic: config.kafka_dead_letter_topic.clone(),
-        properties: config.kafka_properties.clone(),
-        batch_max: config.ingest_batch_max,
-        batch_wait: Duration::from_micros(config.ingest_batch_wait_us),
-    };
-    tracing::info!(brokers = %kafka.brokers, group = %kafka.group, "starting Kafka ingestion");
+    tracing::info!(
+        brokers = %kafka.brokers.as_deref().unwrap_or_default(),
+        group = %kafka.group,
+        "starting Kafka ingestion"
+    );
     Ingest::start(kafka, validator, resume, exec, metrics)
 }
 

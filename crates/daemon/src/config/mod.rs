@@ -1,0 +1,422 @@
+//! Daemon configuration: the defaults, overridden by an optional TOML file,
+//! overridden by flags and `RANKD_*` environment variables (clap reads both).
+//!
+//! It comes in sections, one per part of the daemon that uses it, each with
+//! its defaults, its checks and its flags: models and device (`exec`), HTTP
+//! (`http`), request deadlines (`requests`), the Unix socket (`socket`), Kafka
+//! ingestion (`kafka`) and snapshots (`snapshot`). The file stays flat: every
+//! key is at the top level (plus the `[kafka_properties]` table), named like
+//! its flag, and a key no section knows is an error.
+
+mod exec;
+mod http;
+mod kafka;
+mod requests;
+mod snapshot;
+mod socket;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use exec::{ExecArgs, ExecConfig};
+pub use http::{HttpArgs, HttpConfig};
+pub use kafka::{KafkaArgs, KafkaConfig};
+pub use requests::{RequestArgs, RequestConfig};
+pub use snapshot::{SnapshotArgs, SnapshotConfig};
+pub use socket::{SocketArgs, SocketConfig};
+
+/// The whole configuration. In the file (and written back with serde) the
+/// sections' keys all sit at the top level.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Config {
+    #[serde(flatten)]
+    pub exec: ExecConfig,
+    #[serde(flatten)]
+    pub http: HttpConfig,
+    #[serde(flatten)]
+    pub requests: RequestConfig,
+    #[serde(flatten)]
+    pub socket: SocketConfig,
+    #[serde(flatten)]
+    pub kafka: KafkaConfig,
+    #[serde(flatten)]
+    pub snapshot: SnapshotConfig,
+}
+
+impl Config {
+    /// Every key of the config file, section by section.
+    pub fn keys() -> impl Iterator<Item = &'static str> {
+        [
+            ExecConfig::KEYS,
+            HttpConfig::KEYS,
+            RequestConfig::KEYS,
+            SocketConfig::KEYS,
+            KafkaConfig::KEYS,
+            SnapshotConfig::KEYS,
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+    }
+
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config file {}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    /// The document is parsed once and each section reads its own keys from
+    /// it (rather than through `#[serde(flatten)]`, which loses where a wrong
+    /// value is); a key no section knows is looked for here, as a section's
+    /// `deny_unknown_fields` would refuse the other sections' keys.
+    fn from_toml(text: &str) -> Result<Self, String> {
+        let doc = toml::de::DeTable::parse(text).map_err(|e| e.to_string())?;
+        if let Some(key) = doc
+            .get_ref()
+            .keys()
+            .find(|k| !Self::keys().any(|known| known == k.get_ref().as_ref()))
+        {
+            let at = key.span().start;
+            let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            let expected: Vec<String> = Self::keys().map(|k| format!("`{k}`")).collect();
+            return Err(format!(
+                "unknown field `{}` at line {}, column {}, expected one of {}",
+                key.get_ref(),
+                text[..at].matches('\n').count() + 1,
+                text[line_start..at].chars().count() + 1,
+                expected.join(", ")
+            ));
+        }
+        fn section<S: serde::de::DeserializeOwned>(
+            doc: &toml::Spanned<toml::de::DeTable<'_>>,
+            text: &str,
+        ) -> Result<S, String> {
+            S::deserialize(toml::de::Deserializer::from(doc.clone())).map_err(|mut e| {
+                e.set_input(Some(text));
+                e.to_string()
+            })
+        }
+        Ok(Self {
+            exec: section(&doc, text)?,
+            http: section(&doc, text)?,
+            requests: section(&doc, text)?,
+            socket: section(&doc, text)?,
+            kafka: section(&doc, text)?,
+            snapshot: section(&doc, text)?,
+        })
+    }
+
+    /// A copy safe to log: values of secret-looking Kafka properties hidden.
+    pub fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.kafka.redact();
+        c
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.http.validate()?;
+        self.requests.validate()?;
+        self.socket.validate()?;
+        self.kafka.validate()?;
+        self.snapshot.validate()?;
+        self.exec.validate()
+    }
+}
+
+/// `rankd serve` flags, a group per section. Each is optional so that an
+/// unset flag leaves the config file's value (or the default) in place.
+#[derive(Debug, Clone, Default, clap::Args)]
+// Each help text under its flag, in every group alike.
+#[command(next_line_help = true)]
+pub struct ServeArgs {
+    /// TOML config file with any of the keys below; flags and RANKD_* variables win
+    #[arg(long, env = "RANKD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub requests: RequestArgs,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub snapshot: SnapshotArgs,
+}
+
+impl ServeArgs {
+    /// The defaults, then the file, then the flags and variables; checked.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        self.exec.apply(&mut c.exec);
+        self.http.apply(&mut c.http);
+        self.requests.apply(&mut c.requests);
+        self.socket.apply(&mut c.socket);
+        self.kafka.apply(&mut c.kafka)?;
+        self.snapshot.apply(&mut c.snapshot);
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// A flag or variable that was given replaces the file's value or the default.
+fn set<T>(slot: &mut T, flag: Option<T>) {
+    if let Some(v) = flag {
+        *slot = v;
+    }
+}
+
+/// `''` turns an optional path off.
+fn off_if_empty(path: String) -> Option<PathBuf> {
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
+/// A path in the file that `""` turns off (`None`), written back as `""`.
+mod optional_path {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        match path {
+            Some(p) => p.serialize(s),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        Ok(super::off_if_empty(String::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `rankd serve ARGS`, as the command line parses it.
+    fn serve(args: &[&str]) -> ServeArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .unwrap()
+            .serve
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rankd.toml");
+        std::fs::write(
+            &path,
+            "http = \"0.0.0.0:9000\"\ndefault_timeout_ms = 20\nuds_max_inflight = 7\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = serve(&["--config", file, "--default-timeout-ms", "30"])
+            .into_config()
+            .unwrap();
+        assert_eq!(c.http.listen, "0.0.0.0:9000");
+        assert_eq!(c.requests.default_timeout_ms, 30);
+        assert_eq!(c.socket.max_inflight, 7);
+        assert_eq!(c.exec.models, PathBuf::from("./models"));
+        assert_eq!(c.socket.path, Some(PathBuf::from("./rankd.sock")));
+
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            requests: RequestArgs {
+                max_timeout_ms: Some(10),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = args.into_config().unwrap_err().to_string();
+        assert_eq!(err, "default_timeout_ms must be in 1..=10, got 20");
+    }
+
+    #[test]
+    fn every_key_of_the_file_is_read() {
+        let text = r#"
+            models = "m"
+            http = "127.0.0.1:1"
+            device = "cpu"
+            max_body_bytes = 2
+            default_timeout_ms = 3
+            max_timeout_ms = 4
+            uds = "s.sock"
+            max_frame_bytes = 5
+            uds_max_inflight = 6
+            uds_write_timeout_ms = 7
+            kafka_brokers = "b:9092"
+            kafka_group = "g"
+            kafka_events_topic = "e"
+            kafka_items_topic = "i"
+            kafka_users_topic = "u"
+            kafka_dead_letter_topic = "d"
+            kafka_event_types = ["view"]
+            ingest_batch_max = 8
+            ingest_batch_wait_us = 9
+            snapshot_dir = "state"
+            snapshot_interval_ms = 10
+            history_max = 11
+
+            [kafka_properties]
+            "client.id" = "c"
+        "#;
+        let c = Config::from_toml(text).unwrap();
+        assert_eq!(c.exec.models, PathBuf::from("m"));
+        assert_eq!(c.http.listen, "127.0.0.1:1");
+        assert_eq!(c.exec.device, "cpu");
+        assert_eq!(c.http.max_body_bytes, 2);
+        assert_eq!(
+            c.requests.default_timeout(),
+            std::time::Duration::from_millis(3)
+        );
+        assert_eq!(c.requests.max_timeout_ms, 4);
+        assert_eq!(c.socket.path, Some(PathBuf::from("s.sock")));
+        assert_eq!(c.socket.max_frame_bytes, 5);
+        assert_eq!(c.socket.max_inflight, 6);
+        assert_eq!(c.socket.write_timeout_ms, 7);
+        assert_eq!(c.kafka.brokers.as_deref(), Some("b:9092"));
+        assert_eq!(c.kafka.group, "g");
+        assert_eq!(c.kafka.events_topic, "e");
+        assert_eq!(c.kafka.items_topic, "i");
+        assert_eq!(c.kafka.users_topic, "u");
+        assert_eq!(c.kafka.dead_letter_topic.as_deref(), Some("d"));
+        assert_eq!(c.kafka.event_types, ["view"]);
+        assert_eq!(c.kafka.properties["client.id"], "c");
+        assert_eq!(c.kafka.batch_max, 8);
+        assert_eq!(c.kafka.batch_wait_us, 9);
+        assert_eq!(c.snapshot.dir, Some(PathBuf::from("state")));
+        assert_eq!(c.snapshot.interval_ms, 10);
+        assert_eq!(c.exec.history_max, 11);
+
+        // The sections' key lists are what they read and write, no more.
+        let written = toml::Table::try_from(&c).unwrap();
+        let mut keys: Vec<&str> = written.keys().map(String::as_str).collect();
+        let mut known: Vec<&str> = Config::keys().collect();
+        keys.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(keys, known);
+        assert_eq!(Config::from_toml(&toml::to_string(&c).unwrap()).unwrap(), c);
+    }
+
+    #[test]
+    fn empty_paths_turn_the_socket_and_snapshots_off() {
+        let c = serve(&["--uds", "", "--snapshot-dir", ""])
+            .into_config()
+            .unwrap();
+        assert_eq!(c.socket.path, None);
+        assert_eq!(c.snapshot.dir, None);
+        let c = serve(&["--uds", "a.sock", "--snapshot-dir", "st"])
+            .into_config()
+            .unwrap();
+        assert_eq!(c.socket.path, Some(PathBuf::from("a.sock")));
+        assert_eq!(c.snapshot.dir, Some(PathBuf::from("st")));
+
+        let c = Config::from_toml("uds = \"\"\nsnapshot_dir = \"\"\n").unwrap();
+        assert_eq!(
+            (c.socket.path.clone(), c.snapshot.dir.clone()),
+            (None, None)
+        );
+        // Written back, off stays off.
+        let again = Config::from_toml(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rankd.toml");
+        std::fs::write(&path, "uds = \"\"\n").unwrap();
+        let c = serve(&["--config", path.to_str().unwrap(), "--uds", "b.sock"])
+            .into_config()
+            .unwrap();
+        assert_eq!(c.socket.path, Some(PathBuf::from("b.sock")));
+    }
+
+    #[test]
+    fn secret_kafka_properties_are_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rankd.toml");
+        std::fs::write(
+            &path,
+            "[kafka_properties]\n\"sasl.password\" = \"hunter2\"\n\"client.id\" = \"a\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&path).unwrap();
+        let shown = format!("{:?}", c.redacted());
+        assert!(
+            !shown.contains("hunter2") && shown.contains("client.id"),
+            "{shown}"
+        );
+        assert_eq!(c.kafka.properties["sasl.password"], "hunter2");
+    }
+
+    #[test]
+    fn kafka_properties_from_flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rankd.toml");
+        std::fs::write(
+            &path,
+            "[kafka_properties]\n\"sasl.password\" = \"hunter2\"\n\"client.id\" = \"a\"\n\"acks\" = \"1\"\n",
+        )
+        .unwrap();
+        let c = serve(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--kafka-property",
+            "client.id=b",
+            "--kafka-property",
+            "fetch.wait.max.ms=50",
+            "--kafka-property",
+            " sasl.password =a=b",
+        ])
+        .into_config()
+        .unwrap();
+        let props = &c.kafka.properties;
+        assert_eq!(props["client.id"], "b");
+        assert_eq!(props["fetch.wait.max.ms"], "50");
+        assert_eq!(props["sasl.password"], "a=b");
+        assert_eq!(props["acks"], "1");
+        assert!(!format!("{:?}", c.redacted()).contains("a=b"));
+        for bad in ["fetch.wait.max.ms", "=50", " =secret"] {
+            let err = serve(&["--kafka-property", bad])
+                .into_config()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--kafka-property must be KEY=VALUE"), "{err}");
+            assert!(!err.contains("50") && !err.contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_that_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rankd.toml");
+        std::fs::write(&path, "http = \"x\"\n  htp = \"x\"\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown field `htp` at line 2, column 3")
+                && err.contains("expected one of `models`, "),
+            "{err}"
+        );
+        // The file is flat: a section's name is no key.
+        std::fs::write(&path, "[kafka]\nbrokers = \"b:9092\"\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field `kafka`"), "{err}");
+        // A wrong type is shown where it is.
+        std::fs::write(&path, "http = \"x\"\nuds_max_inflight = \"many\"\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2, column 20") && err.contains("invalid type"),
+            "{err}"
+        );
+    }
+}
