@@ -56,8 +56,9 @@ for dep in rdkafka cudarc nvml-wrapper; do
 done
 
 # Every unit test, and the integration tests that need neither (HTTP, the
-# socket, device selection) against the featureless rankd; tests/kafka.rs and
-# the CUDA ones are empty without their features. One cargo invocation, so
+# socket, device selection) against the featureless rankd; tests/daemon/kafka.rs
+# and the CUDA ones are empty without their features (the test binaries still
+# link rdkafka for their own producer; the rankd under test does not). One cargo invocation, so
 # the workspace is built once more, not once per package.
 echo "== tests without the default features"
 cargo test --release --workspace --no-default-features --locked
