@@ -11,8 +11,39 @@ use clap::{Parser, Subcommand};
     about = "A batch inference daemon for real-time recommendations"
 )]
 struct Cli {
+    /// Log lines on stderr: text (ANSI colours only on a terminal) or json
+    /// (one object per line: timestamp, level, target, fields)
+    #[arg(
+        long,
+        global = true,
+        env = "RANKD_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr, filtered by `RANKD_LOG` (default `info`).
+fn init_logs(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("RANKD_LOG").unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -58,14 +89,8 @@ enum ModelsCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RANKD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
             let config = args.into_config()?;

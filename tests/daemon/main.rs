@@ -13,5 +13,6 @@ mod http_api;
 mod http_bad_input;
 mod http_cases;
 mod kafka;
+mod logs;
 mod uds;
 mod uds_hostile;
