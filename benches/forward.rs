@@ -8,6 +8,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rankd::internals::cpu::score_topk;
 use rankd::internals::CpuBackend;
 use rankd::internals::Rng;
 use rankd::internals::{Backend, BatchBounds, ModelDesc, Query, Task};
@@ -67,6 +68,31 @@ fn demo_forward(c: &mut Criterion) {
     group.finish();
 }
 
+/// The item-table scan alone (score + top-k, k = 10) for random query vectors
+/// and for zero ones, where every item ties: the tie test must keep the zero
+/// case as cheap as the random one.
+fn ties(c: &mut Criterion) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    rankd::generate_demo(&root, rankd::DEMO_SEED).expect("writing the demo repository");
+    let items = ItemTable::load(&root.join("catalogues/demo/items.safetensors"), 64).unwrap();
+    let d = items.dim();
+    let mut rng = Rng::new(3);
+    let mut group = c.benchmark_group("demo_topk_query");
+    group.sample_size(20);
+    for batch in [1usize, 64] {
+        let random: Vec<f32> = (0..batch * d).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let zero = vec![0f32; batch * d];
+        let specs: Vec<(usize, &[u32])> = (0..batch).map(|_| (10, &[][..])).collect();
+        group.throughput(Throughput::Elements((2 * items.rows() * d * batch) as u64));
+        for (name, qs) in [("random", &random), ("zero", &zero)] {
+            group.bench_function(BenchmarkId::new(name, batch), |b| {
+                b.iter(|| score_topk(&items, qs, &specs))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn matmul(c: &mut Criterion) {
     let n = 2048;
     let mut rng = Rng::new(2);
@@ -82,5 +108,5 @@ fn matmul(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, demo_forward);
+criterion_group!(benches, matmul, demo_forward, ties);
 criterion_main!(benches);

@@ -317,4 +317,66 @@ mod tests {
         assert_eq!(e.reason, Reason::Other);
         assert!(e.message.contains("cannot answer recommend"), "{e}");
     }
+
+    /// The fused scan against a sort of every live, non-excluded row, on
+    /// tables made for ties: small positive integer embeddings (every score
+    /// exact in f32 and never -0, so the reference sees the same values), zero
+    /// queries (every row ties), duplicated rows, shuffled ids, deleted rows,
+    /// exclusions, k from 1 to past N, and N not a multiple of the block.
+    #[test]
+    fn score_topk_equals_a_full_sort_with_ties_exclusions_and_deleted_rows() {
+        let mut rng = Rng::new(11);
+        for (n, d) in [(1, 4), (37, 8), (1300, 16), (2 * BLOCK_ROWS + 5, 8)] {
+            let mut ids: Vec<u64> = (0..n as u64).map(|i| 10 + 3 * i).collect();
+            // Ids not in row order, so ties are not already sorted by id.
+            for i in (1..n).rev() {
+                ids.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let mut emb: Vec<f32> = (0..n * d).map(|_| 1.0 + rng.below(3) as f32).collect();
+            for r in (0..n).step_by(7).skip(1) {
+                let (a, b) = emb.split_at_mut(r * d);
+                b[..d].copy_from_slice(&a[..d]);
+            }
+            let mut items = ItemTable::new(d, ids.clone(), emb).unwrap();
+            for r in (0..n).step_by(5) {
+                items.delete(ids[r], 2);
+            }
+            let queries: Vec<Vec<f32>> = vec![
+                vec![0.0; d],
+                (0..d).map(|_| rng.below(3) as f32 - 1.0).collect(),
+                (0..d).map(|_| rng.below(2) as f32).collect(),
+                (0..d).map(|_| rng.below(9) as f32 - 4.0).collect(),
+            ];
+            for k in [1, 3, 10, 100, n + 5] {
+                let excludes: Vec<Vec<u32>> = queries
+                    .iter()
+                    .map(|_| {
+                        let mut e: Vec<u32> = (0..n as u32).filter(|_| rng.below(4) == 0).collect();
+                        e.dedup();
+                        e
+                    })
+                    .collect();
+                let qs: Vec<f32> = queries.iter().flatten().copied().collect();
+                let specs: Vec<(usize, &[u32])> =
+                    excludes.iter().map(|e| (k, e.as_slice())).collect();
+                let got = score_topk(&items, &qs, &specs);
+                for (qi, q) in queries.iter().enumerate() {
+                    let mut expected: Vec<Scored> = (0..n as u32)
+                        .filter(|&r| items.is_live(r) && excludes[qi].binary_search(&r).is_err())
+                        .map(|r| Scored {
+                            id: items.id(r),
+                            score: q
+                                .iter()
+                                .zip(items.embedding(r))
+                                .fold(0.0f64, |acc, (&a, &b)| acc + a as f64 * b as f64)
+                                as f32,
+                        })
+                        .collect();
+                    expected.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+                    expected.truncate(k);
+                    assert_eq!(got[qi], expected, "n {n}, d {d}, k {k}, query {qi}");
+                }
+            }
+        }
+    }
 }
