@@ -1,29 +1,26 @@
-//! The one seeded generator of the tests (splitmix64), so every generated
-//! history, feature vector, mutated body and garbage byte reproduces.
+//! The one seeded generator of the tests: the daemon's own (splitmix64),
+//! with the draws the tests need on top, so every generated history, feature
+//! vector, mutated body and garbage byte reproduces.
 
-pub struct Rng(u64);
+pub struct Rng(rankd::internals::Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(rankd::internals::Rng::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        self.0.uniform()
     }
 
     /// Uniform in [0, n).
     pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+        self.0.below(n)
     }
 
     /// A uniform index into something of length `n`.
