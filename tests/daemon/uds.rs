@@ -136,6 +136,7 @@ async fn socket_answers_equal_http_answers() {
             k: 15,
             exclude: vec![1, 2],
             timeout_ms: None,
+            version: None,
         };
         let a = uds.recommend("demo", req.clone()).await.unwrap();
         let b = http.recommend("demo", req).await.unwrap();
@@ -144,6 +145,7 @@ async fn socket_answers_equal_http_answers() {
             user_id: user,
             items: vec![10, 20, 30, 40],
             timeout_ms: None,
+            version: None,
         };
         let a = uds.score("demo-ranker", req.clone()).await.unwrap();
         let b = http.score("demo-ranker", req).await.unwrap();
@@ -154,6 +156,7 @@ async fn socket_answers_equal_http_answers() {
         k: 5000,
         exclude: vec![],
         timeout_ms: None,
+        version: None,
     };
     let e1 = uds.recommend("demo", too_many.clone()).await.unwrap_err();
     let e2 = http.recommend("demo", too_many).await.unwrap_err();
@@ -182,6 +185,7 @@ async fn many_connections_and_one_shared_pipelined_client() {
                             k: 7,
                             exclude: vec![],
                             timeout_ms: None,
+                            version: None,
                         },
                     )
                     .await

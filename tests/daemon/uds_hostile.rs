@@ -123,6 +123,7 @@ fn probe_request(user_id: u64, k: usize) -> RecommendRequest {
         k,
         exclude: vec![],
         timeout_ms: Some(10_000),
+        version: None,
     }
 }
 

@@ -287,6 +287,7 @@ impl Client for UdsClient {
             k: Some(req.k),
             exclude: (!req.exclude.is_empty()).then_some(req.exclude),
             timeout_ms: req.timeout_ms,
+            version: req.version,
             ..Default::default()
         })
     }
@@ -302,6 +303,7 @@ impl Client for UdsClient {
             user_id: Some(req.user_id),
             items: Some(req.items),
             timeout_ms: req.timeout_ms,
+            version: req.version,
             ..Default::default()
         })
     }

@@ -17,6 +17,9 @@ pub struct RecommendRequest {
     pub exclude: Vec<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Served by this model version (when loaded) instead of the traffic split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +29,9 @@ pub struct ScoreRequest {
     pub items: Vec<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Served by this model version (when loaded) instead of the traffic split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 /// `POST /v1/users/{user_id}`: a field given replaces that part of the state.
@@ -117,6 +123,51 @@ pub struct ModelInfo {
     pub batching: Option<BatchingInfo>,
     pub limits: Option<LimitsInfo>,
     pub queue_depth: usize,
+    /// Every version the repository holds or held, lowest first.
+    #[serde(default)]
+    pub versions: Vec<VersionInfo>,
+    /// The effective split: version (as a string) → percent of users.
+    #[serde(default)]
+    pub traffic: std::collections::BTreeMap<String, u32>,
+}
+
+/// One version of a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub version: u64,
+    /// `loading`, `ready`, `failed` or `unloaded`.
+    pub state: String,
+    /// Why the version failed to load.
+    pub error: Option<String>,
+    /// Percent of users this version answers.
+    pub traffic: u32,
+    /// How the version's recommendations did with the clicks that followed.
+    pub online: OnlineStats,
+}
+
+/// Recommendations served (impressions) and the lists a later event of the
+/// same user clicked (hits), within the online-evaluation window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct OnlineStats {
+    pub impressions: u64,
+    pub hits: u64,
+    pub hit_rate: f64,
+}
+
+/// `POST /v1/admin/models/{model}/traffic`: `{"split": {"1": 90, "2": 10}}`,
+/// or `{"split": null}` to serve the latest ready version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficRequest {
+    pub split: Option<std::collections::BTreeMap<String, u32>>,
+}
+
+/// `POST /v1/admin/models/{model}/load` and `.../unload`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

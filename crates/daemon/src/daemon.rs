@@ -19,7 +19,10 @@ use crate::features::snapshot::{Snapshot, SnapshotBase};
 use crate::features::updates::Validator;
 use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
-use crate::model::{self, Repository};
+use crate::lifecycle::{self, Lifecycle};
+use crate::model::repository::Eligibility;
+use crate::model::spec::BatchingSpec;
+use crate::model::{self, ModelEntry, Repository};
 
 /// A started daemon: listening, loading or loaded.
 pub struct Daemon {
@@ -47,8 +50,17 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             config.exec.models.display()
         )
     })?;
-    if let Some(seed) = repo
+    // The latest version of each model is read first: its spec sizes the
+    // model's queue and may ask for the demo files.
+    let latest: Vec<ModelEntry> = repo
         .models
+        .iter()
+        .map(|m| {
+            let (v, dir) = m.latest().expect("a model has a version").clone();
+            ModelEntry::read(&m.name, v, dir)
+        })
+        .collect();
+    if let Some(seed) = latest
         .iter()
         .find_map(|m| m.spec.as_ref().ok()?.demo.as_ref().map(|d| d.seed))
     {
@@ -77,39 +89,105 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         .map(|o| ((o.topic.clone(), o.partition), o.next_offset))
         .collect();
 
+    let saved_splits = match &config.snapshot.dir {
+        Some(dir) => lifecycle::read_splits(dir)?,
+        None => BTreeMap::new(),
+    };
     let metrics = Arc::new(Metrics::new());
-    let served: Vec<ServedModel> = repo
-        .models
-        .iter()
-        .map(|m| {
-            let (spec, state) = match &m.spec {
-                Ok(s) => (Some(s.clone()), LoadState::Loading),
-                Err(e) => (None, LoadState::Failed(e.to_string())),
+    // Every version folder is listed; the latest of each model, and those a
+    // saved split names, load before the daemon is ready.
+    let mut startup = exec::Startup {
+        versions: Vec::new(),
+        splits: BTreeMap::new(),
+        snapshot: None,
+        online_users: config.lifecycle.online_eval_users,
+        online_window: config.lifecycle.online_window(),
+    };
+    let mut served = Vec::new();
+    for (index, (m, latest)) in repo.models.iter().zip(latest).enumerate() {
+        let queue = latest
+            .spec
+            .as_ref()
+            .map_or(BatchingSpec::default().max_queue_size, |s| {
+                s.batching.max_queue_size
+            });
+        let model = ServedModel::new(m.name.clone(), queue);
+        let split = saved_splits.get(&m.name);
+        if let Some(split) = split {
+            startup.splits.insert(index, split.clone());
+            model.preset_split(split.clone());
+        }
+        for (v, dir) in &m.versions {
+            let load = *v == latest.version || split.is_some_and(|s| s.contains_key(v));
+            let state = if load {
+                LoadState::Loading
+            } else {
+                LoadState::Unloaded
             };
-            metrics.set_model_state(&m.name, m.version, state.as_str());
-            ServedModel::new(m.name.clone(), m.version, spec, state)
-        })
-        .collect();
+            model.add_version(*v, None, state.clone());
+            metrics.set_model_state(&m.name, *v, state.as_str());
+            if load {
+                let entry = if *v == latest.version {
+                    latest.clone()
+                } else {
+                    ModelEntry::read(&m.name, *v, dir.clone())
+                };
+                startup.versions.push((index, entry));
+            }
+        }
+        served.push(model);
+    }
     let registry = Arc::new(Registry::new(served));
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("cannot listen on http {}", config.http.listen))?;
     let http_addr = listener.local_addr()?;
     let uds_listener = match &config.socket.path {
-        Some(path) => Some((api::uds::bind(path)?, path.clone())),
+        Some(path) => Some((
+            api::uds::bind(
+                path,
+                config.access.uds_mode_bits()?,
+                config.access.uds_group.as_deref(),
+            )?,
+            path.clone(),
+        )),
         None => None,
     };
     let selected = crate::backend::device::select(&config.exec.device, &metrics)
         .map_err(anyhow::Error::msg)?;
     registry.set_device_reason(selected.reason);
+    startup.snapshot = snapshot;
     let (exec, executor_loaded) = exec::spawn(
         selected.backend,
-        repo.models.clone(),
-        snapshot,
+        startup,
         config.exec.history_max,
         registry.clone(),
         metrics.clone(),
     );
+    let lifecycle = Arc::new(Lifecycle::new(
+        repo.root.clone(),
+        Eligibility::at_start(&repo),
+        registry.clone(),
+        exec.clone(),
+        metrics.clone(),
+        config.snapshot.dir.clone(),
+    ));
+    let tokens = api::http::Tokens {
+        admin: config
+            .access
+            .admin_token_file
+            .as_deref()
+            .map(|p| api::auth::TokenFile::open(p, "admin"))
+            .transpose()?
+            .map(Arc::new),
+        client: config
+            .access
+            .client_token_file
+            .as_deref()
+            .map(|p| api::auth::TokenFile::open(p, "client"))
+            .transpose()?
+            .map(Arc::new),
+    };
     let service = Arc::new(api::Service::new(
         exec.clone(),
         metrics.clone(),
@@ -121,6 +199,9 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     let app = api::http::router(api::http::HttpState {
         service: service.clone(),
         max_body_bytes: config.http.max_body_bytes,
+        lifecycle: lifecycle.clone(),
+        tokens,
+        config: Arc::new(config.redacted()),
     });
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -154,8 +235,12 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             service.clone(),
             config.kafka.clone(),
         );
+        let (watcher, poll) = (lifecycle.clone(), config.lifecycle.poll_interval());
         tokio::spawn(async move {
             let _ = executor_loaded.await;
+            if let Some(interval) = poll {
+                watcher.spawn_watcher(interval);
+            }
             if kafka.brokers.is_some() {
                 let started = tokio::task::spawn_blocking(move || {
                     start_ingest(kafka, &registry, resume, exec, metrics)
@@ -203,7 +288,7 @@ fn start_ingest(
         .models()
         .iter()
         .filter(|m| m.state() == LoadState::Ready)
-        .find_map(|m| m.spec.clone())
+        .find_map(|m| m.spec())
         .context("no model loaded: nothing to validate updates against")?;
     let validator = Validator {
         item_dim: spec.dim,

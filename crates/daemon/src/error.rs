@@ -25,6 +25,13 @@ pub enum ServeError {
     DeadlineExceeded(String),
     #[error("{0}")]
     NotReady(String),
+    /// The request conflicts with the current state (e.g. unloading a
+    /// version that still carries traffic).
+    #[error("{0}")]
+    Conflict(String),
+    /// No valid token. The message never says which part was wrong.
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("{0}")]
     Backend(#[from] BackendError),
     #[error("{0}")]
@@ -41,6 +48,8 @@ impl ServeError {
             ServeError::Overloaded { .. } => "overloaded",
             ServeError::DeadlineExceeded(_) => "deadline_exceeded",
             ServeError::NotReady(_) => "not_ready",
+            ServeError::Conflict(_) => "conflict",
+            ServeError::Unauthorized(_) => "unauthorized",
             ServeError::Backend(_) => "backend",
             ServeError::Internal(_) => "internal",
         }
@@ -56,6 +65,8 @@ impl ServeError {
             ServeError::Overloaded { .. } => 429,
             ServeError::DeadlineExceeded(_) => 504,
             ServeError::NotReady(_) => 503,
+            ServeError::Conflict(_) => 409,
+            ServeError::Unauthorized(_) => 401,
             ServeError::Backend(_) | ServeError::Internal(_) => 500,
         }
     }

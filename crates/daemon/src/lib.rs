@@ -23,6 +23,7 @@ mod error;
 mod exec;
 mod features;
 mod ingest;
+mod lifecycle;
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 mod metrics;
 mod model;

@@ -57,6 +57,16 @@ pub struct Metrics {
     pub fallbacks: IntCounterVec,
     /// 1 while the device serves batches, 0 while the CPU stands in for it.
     pub device_healthy: IntGaugeVec,
+    /// Versions that failed to load or warm up, by model.
+    pub load_failures: IntCounterVec,
+    /// Fraction of users (0–1) each version answers.
+    pub traffic_share: prometheus::GaugeVec,
+    /// Recommendations served and remembered for online evaluation.
+    pub online_impressions: IntCounterVec,
+    /// Remembered recommendations a later event of the same user clicked.
+    pub online_hits: IntCounterVec,
+    /// 1-based rank of the clicked item in the list that was hit.
+    pub online_hit_rank: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -99,12 +109,12 @@ impl Metrics {
             requests: counter(
                 "rankd_requests_total",
                 "Requests by model, route and status code.",
-                &["model", "route", "status"],
+                &["model", "version", "route", "status"],
             ),
             request_seconds: histogram(
                 "rankd_request_duration_seconds",
                 "Request latency inside the server, admission to answer.",
-                &["model", "route"],
+                &["model", "version", "route"],
                 LATENCY_BUCKETS,
             ),
             queue_seconds: histogram(
@@ -116,7 +126,7 @@ impl Metrics {
             exec_seconds: histogram(
                 "rankd_batch_execution_seconds",
                 "Backend execution time per batch.",
-                &["model", "device"],
+                &["model", "version", "device"],
                 LATENCY_BUCKETS,
             ),
             batch_rows: histogram(
@@ -138,7 +148,7 @@ impl Metrics {
             ),
             model_state: gauge(
                 "rankd_model_state",
-                "1 for the model's current load state (loading, ready, failed).",
+                "1 for the version's current load state (loading, ready, failed, unloaded).",
                 &["model", "version", "state"],
             ),
             dropped: counter(
@@ -293,13 +303,58 @@ impl Metrics {
                 "1 while the device serves batches, 0 while the CPU stands in for it.",
                 &["device"],
             ),
+            load_failures: counter(
+                "rankd_model_load_failures_total",
+                "Model versions that failed to load or warm up.",
+                &["model"],
+            ),
+            traffic_share: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "rankd_traffic_share",
+                        "Fraction of users (0-1) each model version answers.",
+                    ),
+                    &["model", "version"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            online_impressions: counter(
+                "rankd_online_impressions_total",
+                "Recommendations served and remembered for online evaluation.",
+                &["model", "version"],
+            ),
+            online_hits: counter(
+                "rankd_online_hits_total",
+                "Remembered recommendations that a later event of the same user clicked.",
+                &["model", "version"],
+            ),
+            online_hit_rank: histogram(
+                "rankd_online_hit_rank",
+                "1-based rank of the clicked item in the recommendation it hit.",
+                &["model", "version"],
+                &[1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0],
+            ),
             registry,
+        }
+    }
+
+    /// Publishes a model's effective split; versions not in it show 0.
+    pub fn set_traffic(&self, model: &str, versions: &[u64], split: &std::collections::BTreeMap<u64, u32>) {
+        for v in versions {
+            let share = split.get(v).copied().unwrap_or(0);
+            self.traffic_share
+                .with_label_values(&[model, &v.to_string()])
+                .set(f64::from(share) / 100.0);
         }
     }
 
     pub fn set_model_state(&self, model: &str, version: u64, state: &str) {
         let v = version.to_string();
-        for s in ["loading", "ready", "failed"] {
+        for s in ["loading", "ready", "failed", "unloaded"] {
             self.model_state
                 .with_label_values(&[model, &v, s])
                 .set(i64::from(s == state));

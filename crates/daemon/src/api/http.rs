@@ -21,11 +21,23 @@ use rankd_client::types::*;
 pub struct HttpState {
     pub service: Arc<Service>,
     pub max_body_bytes: usize,
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    pub tokens: Tokens,
+    /// The effective configuration, secrets redacted (`/v1/admin/config`).
+    pub config: Arc<crate::config::Config>,
+}
+
+/// The token files, when configured.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    pub admin: Option<Arc<super::auth::TokenFile>>,
+    pub client: Option<Arc<super::auth::TokenFile>>,
 }
 
 pub fn router(state: HttpState) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
+    // Scoring, user and item routes: behind the client tokens when set.
+    let api = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/models/{model}/recommend", post(recommend))
@@ -33,6 +45,22 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/users/{user_id}", post(upsert_user).get(get_user))
         .route("/v1/items/{item_id}", post(write_item))
         .route("/v1/ingest", get(ingest))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::admin::require_client,
+        ));
+    // Without an admin token file the admin routes do not exist (404).
+    let admin = match state.tokens.admin {
+        Some(_) => super::admin::routes().route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::admin::require_admin,
+        )),
+        None => Router::new(),
+    };
+    // Probes and scrapers stay open.
+    Router::new()
+        .merge(api)
+        .merge(admin)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -62,6 +90,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (status, Json(body)).into_response();
+        if let ServeError::Unauthorized(_) = &self.0 {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"rankd\""),
+            );
+        }
         if let ServeError::Overloaded { retry_after_ms, .. } = &self.0 {
             let secs = retry_after_ms.div_ceil(1000).max(1);
             resp.headers_mut().insert(

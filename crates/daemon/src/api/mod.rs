@@ -1,6 +1,8 @@
 //! The request API: one set of types (`types`), one transport-neutral service
 //! that validates and dispatches (`service`), and the transports on top.
 
+pub mod admin;
+pub mod auth;
 pub mod http;
 pub mod service;
 pub mod uds;

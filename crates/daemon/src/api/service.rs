@@ -89,10 +89,12 @@ impl Service {
         }
     }
 
-    /// Counts the request and its latency under `route` and the status it ended in.
+    /// Counts the request and its latency under `route`, the version that
+    /// answered (empty when none did) and the status it ended in.
     fn observe<T>(
         &self,
         model: &str,
+        version: &str,
         route: &str,
         started: Instant,
         result: &Result<T, ServeError>,
@@ -103,11 +105,11 @@ impl Service {
         };
         self.metrics
             .requests
-            .with_label_values(&[model, route, &status.to_string()])
+            .with_label_values(&[model, version, route, &status.to_string()])
             .inc();
         self.metrics
             .request_seconds
-            .with_label_values(&[model, route])
+            .with_label_values(&[model, version, route])
             .observe(started.elapsed().as_secs_f64());
     }
 
@@ -126,7 +128,7 @@ impl Service {
         };
         self.metrics
             .requests
-            .with_label_values(&[model, route, &status.to_string()])
+            .with_label_values(&[model, "", route, &status.to_string()])
             .inc();
     }
 
@@ -142,7 +144,8 @@ impl Service {
         } else {
             ""
         };
-        self.observe(label, "recommend", started, &result);
+        let version = result.as_ref().map_or(String::new(), |r| r.version.to_string());
+        self.observe(label, &version, "recommend", started, &result);
         result
     }
 
@@ -151,8 +154,10 @@ impl Service {
         model: &str,
         req: RecommendRequest,
     ) -> Result<RecommendResponse, ServeError> {
-        let (id, served) = self.lookup(model)?;
-        let spec = ready_spec(served)?;
+        let (_, served) = self.lookup(model)?;
+        let route = served.route(req.user_id, req.version)?;
+        let spec = route.resident.spec.clone();
+        let version = route.resident.version;
         spec.kind
             .accepts(model, OpKind::Recommend)
             .map_err(ServeError::Invalid)?;
@@ -179,10 +184,10 @@ impl Service {
             exclude: req.exclude,
         };
         let rows = spec.kind.rows(&op);
-        match self.exec.infer(id, op, rows, timeout).await? {
+        match self.exec.infer(route, op, rows, timeout).await? {
             Output::TopK(items) => Ok(RecommendResponse {
                 model: served.name.clone(),
-                version: served.version,
+                version,
                 items: items
                     .into_iter()
                     .map(|s| ScoredItem {
@@ -205,7 +210,8 @@ impl Service {
         } else {
             ""
         };
-        self.observe(label, "score", started, &result);
+        let version = result.as_ref().map_or(String::new(), |r| r.version.to_string());
+        self.observe(label, &version, "score", started, &result);
         result
     }
 
@@ -214,8 +220,10 @@ impl Service {
         model: &str,
         req: ScoreRequest,
     ) -> Result<ScoreResponse, ServeError> {
-        let (id, served) = self.lookup(model)?;
-        let spec = ready_spec(served)?;
+        let (_, served) = self.lookup(model)?;
+        let route = served.route(req.user_id, req.version)?;
+        let spec = route.resident.spec.clone();
+        let version = route.resident.version;
         spec.kind
             .accepts(model, OpKind::Score)
             .map_err(ServeError::Invalid)?;
@@ -235,10 +243,10 @@ impl Service {
             items: req.items,
         };
         let rows = spec.kind.rows(&op);
-        match self.exec.infer(id, op, rows, timeout).await? {
+        match self.exec.infer(route, op, rows, timeout).await? {
             Output::Scores(scores) => Ok(ScoreResponse {
                 model: served.name.clone(),
-                version: served.version,
+                version,
                 scores,
             }),
             Output::TopK(_) => Err(ServeError::Internal(
@@ -254,7 +262,7 @@ impl Service {
     ) -> Result<UserResponse, ServeError> {
         let started = Instant::now();
         let result = self.upsert_user_inner(user_id, req).await;
-        self.observe("", "upsert_user", started, &result);
+        self.observe("", "", "upsert_user", started, &result);
         result
     }
 
@@ -270,7 +278,7 @@ impl Service {
                 history: summary.history,
                 features: summary.features,
             });
-        self.observe("", "get_user", started, &result);
+        self.observe("", "", "get_user", started, &result);
         result
     }
 
@@ -306,7 +314,7 @@ impl Service {
     ) -> Result<ItemSummary, ServeError> {
         let started = Instant::now();
         let result = self.write_item_inner(item_id, req).await;
-        self.observe("", "write_item", started, &result);
+        self.observe("", "", "write_item", started, &result);
         result
     }
 
@@ -357,10 +365,46 @@ impl Service {
 
     fn info(&self, m: &ServedModel) -> ModelInfo {
         let state = m.state();
-        let spec = m.spec.as_ref();
+        let spec = m.spec();
+        let spec = spec.as_deref();
+        let versions = m
+            .versions()
+            .into_iter()
+            .map(|(version, e, traffic)| {
+                let v = version.to_string();
+                let impressions = self
+                    .metrics
+                    .online_impressions
+                    .with_label_values(&[&m.name, &v])
+                    .get();
+                let hits = self
+                    .metrics
+                    .online_hits
+                    .with_label_values(&[&m.name, &v])
+                    .get();
+                VersionInfo {
+                    version,
+                    state: e.state.as_str().to_string(),
+                    error: match e.state {
+                        LoadState::Failed(why) => Some(why),
+                        _ => None,
+                    },
+                    traffic,
+                    online: OnlineStats {
+                        impressions,
+                        hits,
+                        hit_rate: if impressions == 0 {
+                            0.0
+                        } else {
+                            hits as f64 / impressions as f64
+                        },
+                    },
+                }
+            })
+            .collect();
         ModelInfo {
             name: m.name.clone(),
-            version: m.version,
+            version: m.primary_version().unwrap_or(0),
             kind: spec.map(|s| s.kind.as_str().to_string()),
             state: state.as_str().to_string(),
             error: match state {
@@ -384,6 +428,12 @@ impl Service {
                 max_exclude: s.limits.max_exclude,
             }),
             queue_depth: m.queued(),
+            versions,
+            traffic: m
+                .traffic()
+                .into_iter()
+                .map(|(v, p)| (v.to_string(), p))
+                .collect(),
         }
     }
 
@@ -429,18 +479,4 @@ impl Service {
 
 fn finite_f32(values: &[f64], field: &str) -> Result<Vec<f32>, ServeError> {
     crate::features::updates::finite_f32(values, field).map_err(ServeError::Invalid)
-}
-
-fn ready_spec(served: &ServedModel) -> Result<&crate::model::ModelSpec, ServeError> {
-    match served.state() {
-        LoadState::Ready => Ok(served.spec.as_ref().expect("a ready model has a spec")),
-        LoadState::Loading => Err(ServeError::NotReady(format!(
-            "model {} is still loading",
-            served.name
-        ))),
-        LoadState::Failed(why) => Err(ServeError::NotReady(format!(
-            "model {} failed to load: {why}",
-            served.name
-        ))),
-    }
 }

@@ -34,7 +34,9 @@ pub struct UdsConfig {
 
 /// Binds the socket with mode 0660. A socket file left by a dead process is
 /// replaced; one that still accepts connections is not taken over.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds the socket at `path` with permission bits `mode` and, when given,
+/// group `group` (a name from /etc/group or a numeric gid).
+pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             anyhow::bail!(
@@ -54,9 +56,37 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("cannot listen on socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
+    if let Some(group) = group {
+        let gid = resolve_group(group)?;
+        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+            format!(
+                "setting the group of {} to {group} (gid {gid})",
+                path.display()
+            )
+        })?;
+    }
     Ok(listener)
+}
+
+/// A group name (looked up in /etc/group) or a numeric gid.
+fn resolve_group(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            Some((name, gid))
+        })
+        .find(|(name, _)| *name == group)
+        .map(|(_, gid)| gid)
+        .ok_or_else(|| anyhow::anyhow!("uds_group: no group named '{group}' in /etc/group"))
 }
 
 /// Accepts connections until `stop` fires, then removes the socket file.
@@ -284,6 +314,7 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 k: req.k.unwrap_or(10),
                 exclude: req.exclude.unwrap_or_default(),
                 timeout_ms: req.timeout_ms,
+                version: req.version,
             };
             service
                 .recommend(&model, body)
@@ -296,6 +327,7 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 user_id: required(req.user_id, "user_id", op)?,
                 items: required(req.items, "items", op)?,
                 timeout_ms: req.timeout_ms,
+                version: req.version,
             };
             service.score(&model, body).await.map(WireResult::Score)
         }

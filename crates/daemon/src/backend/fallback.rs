@@ -222,6 +222,21 @@ impl Backend for Fallback {
         Ok(())
     }
 
+    fn unload(&mut self, id: ModelId) {
+        self.cpu.unload(id);
+        self.primary.unload(id);
+        self.models.remove(&id);
+        self.stale_models.remove(&id);
+    }
+
+    fn unload_table(&mut self, table: TableId) {
+        self.cpu.unload_table(table);
+        self.primary.unload_table(table);
+        self.table_dtypes.remove(&table);
+        self.stale_tables.remove(&table);
+        self.pending_rows.remove(&table);
+    }
+
     fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
         self.primary.warm_batch_sizes(max_batch)
     }
@@ -296,6 +311,12 @@ pub mod faulty {
             weights: &TowerWeights,
         ) -> Result<(), BackendError> {
             self.inner.load(id, desc, table, weights)
+        }
+        fn unload(&mut self, id: ModelId) {
+            self.inner.unload(id);
+        }
+        fn unload_table(&mut self, table: TableId) {
+            self.inner.unload_table(table);
         }
         fn run(
             &mut self,

@@ -179,6 +179,12 @@ pub trait Backend: Send {
         rows: &[u32],
     ) -> Result<(), BackendError>;
 
+    /// Frees a model made resident by `load`; its id may be used again.
+    fn unload(&mut self, id: ModelId);
+
+    /// Frees a table made resident by `load_table` (no model uses it now).
+    fn unload_table(&mut self, table: TableId);
+
     /// Batch sizes to run once at load so none pays first-use costs later:
     /// the shapes this backend rounds batches up to, up to `max_batch`.
     fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {

@@ -115,6 +115,23 @@ impl<R: Request> Scheduler<R> {
         }
     }
 
+    /// Removes an empty queue (its model version was freed). A queue that
+    /// still holds requests is kept and `false` returned.
+    pub fn remove_queue(&mut self, key: QueueKey) -> bool {
+        let Some(&i) = self.index.get(&key) else {
+            return true;
+        };
+        if !self.queues[i].1.is_empty() {
+            return false;
+        }
+        self.queues.swap_remove(i);
+        self.index.remove(&key);
+        if let Some((moved, _)) = self.queues.get(i) {
+            self.index.insert(*moved, i);
+        }
+        true
+    }
+
     /// Queues an admitted request. A request for a queue that does not exist
     /// is handed back.
     pub fn push(&mut self, request: R, permit: Permit) -> Result<(), R> {

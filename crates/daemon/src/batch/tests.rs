@@ -311,3 +311,28 @@ fn drain_takes_every_queue_oldest_first_ready_or_not() {
     assert_eq!(order, vec![(1, vec![0]), (0, vec![3])]);
     assert!(matches!(f.s.poll(f.at(5)), Poll::Idle));
 }
+
+#[test]
+fn a_removed_queue_takes_no_requests_and_the_others_keep_their_order() {
+    const C: QueueKey = QueueKey { model: 2 };
+    let mut f = Fixture::new(&[(A, 4, 1_000), (B, 4, 1_000), (C, 4, 1_000)]);
+    f.push(A, 1, 0, LONG);
+    assert!(!f.s.remove_queue(A), "not empty: kept");
+    assert!(f.s.remove_queue(B));
+    assert!(f.s.remove_queue(B), "removing twice is harmless");
+    let stray = R {
+        id: 99,
+        key: B,
+        rows: 1,
+        enqueued: f.at(0),
+        deadline: f.at(LONG),
+        cancelled: Rc::new(Cell::new(false)),
+    };
+    assert!(f.s.push(stray, f.admission.try_admit().unwrap()).is_err());
+    let (c, _) = f.push(C, 1, 10, LONG);
+    assert_eq!(f.s.waiting(C), 1);
+    assert_eq!(f.s.waiting(A), 1);
+    assert_eq!(ids(&f.run(1_000).batch), vec![0]);
+    assert_eq!(ids(&f.run(1_010).batch), vec![c]);
+    assert!(f.s.remove_queue(A));
+}

@@ -8,9 +8,11 @@
 //! key is at the top level (plus the `[kafka_properties]` table), named like
 //! its flag, and a key no section knows is an error.
 
+mod access;
 mod exec;
 mod http;
 mod kafka;
+mod lifecycle;
 mod requests;
 mod snapshot;
 mod socket;
@@ -19,9 +21,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+pub use access::{AccessArgs, AccessConfig};
 pub use exec::{ExecArgs, ExecConfig};
 pub use http::{HttpArgs, HttpConfig};
 pub use kafka::{KafkaArgs, KafkaConfig};
+pub use lifecycle::{LifecycleArgs, LifecycleConfig};
 pub use requests::{RequestArgs, RequestConfig};
 pub use snapshot::{SnapshotArgs, SnapshotConfig};
 pub use socket::{SocketArgs, SocketConfig};
@@ -42,6 +46,10 @@ pub struct Config {
     pub kafka: KafkaConfig,
     #[serde(flatten)]
     pub snapshot: SnapshotConfig,
+    #[serde(flatten)]
+    pub lifecycle: LifecycleConfig,
+    #[serde(flatten)]
+    pub access: AccessConfig,
 }
 
 impl Config {
@@ -54,6 +62,8 @@ impl Config {
             SocketConfig::KEYS,
             KafkaConfig::KEYS,
             SnapshotConfig::KEYS,
+            LifecycleConfig::KEYS,
+            AccessConfig::KEYS,
         ]
         .into_iter()
         .flatten()
@@ -104,6 +114,8 @@ impl Config {
             socket: section(&doc, text)?,
             kafka: section(&doc, text)?,
             snapshot: section(&doc, text)?,
+            lifecycle: section(&doc, text)?,
+            access: section(&doc, text)?,
         })
     }
 
@@ -120,6 +132,8 @@ impl Config {
         self.socket.validate()?;
         self.kafka.validate()?;
         self.snapshot.validate()?;
+        self.lifecycle.validate()?;
+        self.access.validate()?;
         self.exec.validate()
     }
 }
@@ -145,6 +159,10 @@ pub struct ServeArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub snapshot: SnapshotArgs,
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 impl ServeArgs {
@@ -160,6 +178,8 @@ impl ServeArgs {
         self.socket.apply(&mut c.socket);
         self.kafka.apply(&mut c.kafka)?;
         self.snapshot.apply(&mut c.snapshot);
+        self.lifecycle.apply(&mut c.lifecycle);
+        self.access.apply(&mut c.access);
         c.validate()?;
         Ok(c)
     }

@@ -1,11 +1,17 @@
 //! The executor thread: it owns the backend, the item tables and the user
 //! store, and it alone drives the scheduler. Its loop is: receive commands →
-//! poll the scheduler → prepare the batch → run it → reply. Commands arrive on
-//! one channel in arrival order, so an update applied before a request
-//! arrived is seen by that request. The thread blocks on the channel, never
-//! on a tokio worker.
+//! poll the scheduler → prepare the batch → run it → reply, with one warm-up
+//! batch of a version being loaded between batches. Commands arrive on one
+//! channel in arrival order, so an update applied before a request arrived is
+//! seen by that request. The thread blocks on the channel, never on a tokio
+//! worker.
+//!
+//! Each resident model version has its own backend id and queue. A version
+//! the registry stops routing to is freed once the last request holding it
+//! was answered, so requests finish on the version they started on and at
+//! most the old and the new version of a model are resident at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,41 +19,78 @@ use std::time::{Duration, Instant};
 use flume::{Receiver, RecvTimeoutError, TryRecvError};
 use tokio::sync::oneshot;
 
-use super::{deadline_exceeded, Command, ExecutorHandle, InferRequest, LoadState, Op, Registry};
-use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Query, Task};
+use super::load::{self, VersionFiles};
+use super::online::OnlineEval;
+use super::{
+    deadline_exceeded, Command, ExecutorHandle, InferRequest, LoadState, Op, Registry, Reply,
+    Resident, Split,
+};
+use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Output, Query, Task};
 use crate::batch::{BatchPolicy, DropReason, Poll, QueueKey, Run, Scheduler};
 use crate::error::ServeError;
 use crate::features::snapshot::Snapshot;
 use crate::features::store::State;
 use crate::features::UserStore;
 use crate::metrics::Metrics;
-use crate::model::{ItemTable, ModelEntry, ModelSpec, TowerWeights};
+use crate::model::{ItemTable, ModelEntry, ModelError, ModelSpec};
 
+/// A resident model version.
 struct Slot {
+    /// The model's index in the registry.
+    model: usize,
     name: String,
-    spec: Option<ModelSpec>,
-    /// Index into `tables` once loaded.
-    table: Option<usize>,
+    version: u64,
+    /// `version` as a metric label.
+    label: String,
+    spec: Arc<ModelSpec>,
+    table: usize,
+    table_key: PathBuf,
+}
+
+/// A version made resident and not yet warmed: one warm-up batch per turn.
+struct Warming {
+    resident: Arc<Resident>,
+    sizes: Vec<usize>,
+    next: usize,
+    started: Instant,
+    reply: Option<Reply<()>>,
+}
+
+/// What the executor is started with.
+pub struct Startup {
+    /// The versions to load before serving, with their model's index.
+    pub versions: Vec<(usize, ModelEntry)>,
+    /// Splits restored from the last run, per model index.
+    pub splits: BTreeMap<usize, Split>,
+    pub snapshot: Option<Snapshot>,
+    /// Users remembered for online evaluation (0: off) and the window.
+    pub online_users: usize,
+    pub online_window: Duration,
 }
 
 struct Executor {
     backend: Box<dyn Backend>,
     device: String,
-    slots: Vec<Slot>,
+    slots: HashMap<ModelId, Slot>,
+    next_id: ModelId,
+    /// Resident tables by canonical path: id and the versions using it.
+    tables: HashMap<PathBuf, (usize, usize)>,
+    warming: VecDeque<Warming>,
+    retiring: Vec<Arc<Resident>>,
     scheduler: Scheduler<InferRequest>,
     state: State,
+    online: OnlineEval,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
 }
 
-/// Starts the executor thread for `backend`. It loads `entries` (which must be
-/// in registry order) before taking requests; `loaded` fires when all are done.
-/// User histories keep the newest `history_max` ids (at least every model's
+/// Starts the executor thread for `backend`. It loads the start-up versions
+/// before taking requests; `loaded` fires when all are done. User histories
+/// keep the newest `history_max` ids (at least every start-up version's
 /// `history_len`).
 pub fn spawn(
     backend: Box<dyn Backend>,
-    entries: Vec<ModelEntry>,
-    snapshot: Option<Snapshot>,
+    startup: Startup,
     history_max: usize,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
@@ -64,46 +107,28 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("rankd-exec-{device}"))
         .spawn(move || {
-            let mut scheduler = Scheduler::new();
-            let slots = entries
+            let history_cap = startup
+                .versions
                 .iter()
-                .enumerate()
-                .map(|(model, e)| {
-                    let b = e
-                        .spec
-                        .as_ref()
-                        .map(|s| s.batching.clone())
-                        .unwrap_or_default();
-                    scheduler.add_queue(
-                        QueueKey { model },
-                        BatchPolicy {
-                            max_rows: b.max_batch_size,
-                            max_delay: Duration::from_micros(b.max_queue_delay_us),
-                        },
-                    );
-                    Slot {
-                        name: e.name.clone(),
-                        spec: e.spec.as_ref().ok().cloned(),
-                        table: None,
-                    }
-                })
-                .collect();
-            let history_cap = entries
-                .iter()
-                .filter_map(|e| e.spec.as_ref().ok().map(|s| s.history_len))
+                .filter_map(|(_, e)| e.spec.as_ref().ok().map(|s| s.history_len))
                 .fold(history_max, usize::max);
             let mut exec = Executor {
                 backend,
                 device,
-                slots,
-                scheduler,
+                slots: HashMap::new(),
+                next_id: 0,
+                tables: HashMap::new(),
+                warming: VecDeque::new(),
+                retiring: Vec::new(),
+                scheduler: Scheduler::new(),
                 state: State::new(history_cap),
+                online: OnlineEval::new(startup.online_users, startup.online_window),
                 registry,
                 metrics,
             };
-            exec.load_all(&entries);
+            exec.load_at_start(startup.versions, &startup.splits);
             exec.publish_health();
-            if let Some(s) = snapshot {
+            if let Some(s) = startup.snapshot {
                 exec.state.restore(&s);
                 exec.sync_backend_tables();
                 exec.publish_item_counts();
@@ -121,107 +146,291 @@ pub fn spawn(
 }
 
 impl Executor {
-    fn load_all(&mut self, entries: &[ModelEntry]) {
-        let mut table_paths: HashMap<PathBuf, usize> = HashMap::new();
-        for (id, entry) in entries.iter().enumerate() {
-            let started = Instant::now();
-            let served = self.registry.by_id(id).clone();
-            let result = entry
-                .spec
-                .clone()
-                .and_then(|spec| self.load_one(id, entry, &spec, &mut table_paths));
-            match result {
-                Ok(()) => {
-                    served.set_state(LoadState::Ready);
-                    self.metrics
-                        .set_model_state(&entry.name, entry.version, "ready");
-                    tracing::info!(
-                        model = %entry.name,
-                        version = entry.version,
-                        device = %self.device,
-                        ms = started.elapsed().as_millis() as u64,
-                        "model loaded and warmed"
-                    );
+    /// Loads and warms the start-up versions one after the other (nothing is
+    /// served yet), then sets the restored splits.
+    fn load_at_start(&mut self, versions: Vec<(usize, ModelEntry)>, splits: &BTreeMap<usize, Split>) {
+        for (model, entry) in versions {
+            let files = load::read(model, &entry, |path, dim| self.table_resident(path, dim));
+            self.begin((model, entry.version), files, None);
+            while self.warm_step() {}
+        }
+        for (&model, split) in splits {
+            let served = self.registry.by_index(model).clone();
+            match served.set_split(Some(split.clone())) {
+                Ok(effective) => {
+                    tracing::info!(model = %served.name, split = ?effective, "traffic split restored");
                 }
                 Err(e) => {
-                    served.set_state(LoadState::Failed(e.to_string()));
-                    self.metrics
-                        .set_model_state(&entry.name, entry.version, "failed");
-                    tracing::error!(model = %entry.name, version = entry.version, error = %e, "model failed to load");
+                    tracing::error!(
+                        model = %served.name,
+                        error = %e,
+                        "the saved traffic split cannot be restored; serving the latest version"
+                    );
+                    let _ = served.set_split(None);
                 }
             }
+            self.publish_traffic(model);
         }
     }
 
-    fn load_one(
+    fn table_resident(&self, path: &std::path::Path, dim: usize) -> bool {
+        self.registry.table_resident(path, dim)
+    }
+
+    /// Starts making a read version resident; its warm-up follows in
+    /// `warm_step`. A failure is reported at once.
+    fn begin(
         &mut self,
-        id: ModelId,
-        entry: &ModelEntry,
-        spec: &ModelSpec,
-        table_paths: &mut HashMap<PathBuf, usize>,
-    ) -> Result<(), crate::model::ModelError> {
-        use crate::model::ModelError;
-        let weights = TowerWeights::load(&entry.resolve(&spec.weights), spec)?;
-        let items_path = entry.resolve(&spec.items);
-        let key = items_path.canonicalize().map_err(|e| ModelError::Io {
-            path: items_path.clone(),
-            message: e.to_string(),
-        })?;
-        let table = match table_paths.get(&key) {
-            Some(&t) if self.state.tables[t].dim() == spec.dim => t,
-            Some(&t) => {
+        (model, version): (usize, u64),
+        files: Result<VersionFiles, ModelError>,
+        reply: Option<Reply<()>>,
+    ) {
+        match files.and_then(|f| self.make_resident(f)) {
+            Ok(mut w) => {
+                w.reply = reply;
+                self.warming.push_back(w);
+            }
+            Err(e) => self.failed(model, version, &e, reply),
+        }
+    }
+
+    /// Uploads the version's table (unless resident) and weights, and queues
+    /// its warm-up.
+    fn make_resident(
+        &mut self,
+        f: VersionFiles,
+    ) -> Result<Warming, ModelError> {
+        let started = Instant::now();
+        let spec = f.spec;
+        let table = match self.tables.get_mut(&f.items_key) {
+            Some((t, users)) if self.state.tables[*t].dim() == spec.dim => {
+                *users += 1;
+                *t
+            }
+            Some(&mut (t, _)) => {
                 return Err(ModelError::Shape {
-                    path: items_path,
+                    path: f.items_key.clone(),
                     tensor: "embeddings".into(),
                     expected: format!("[N, {}]", spec.dim),
                     actual: vec![self.state.tables[t].rows(), self.state.tables[t].dim()],
                 })
             }
             None => {
-                let t = ItemTable::load(&items_path, spec.dim)?;
-                self.state.tables.push(t);
-                let id = self.state.tables.len() - 1;
-                table_paths.insert(key, id);
-                self.backend
-                    .load_table(id, &self.state.tables[id], spec.item_dtype)
-                    .map_err(|e| ModelError::Device {
-                        path: items_path.clone(),
+                let table = match f.items {
+                    Some(t) => t,
+                    // Resident when the file was read, freed since: read it now.
+                    None => ItemTable::load(&f.items_key, spec.dim)?,
+                };
+                let t = self.state.add_table(table);
+                if let Err(e) = self
+                    .backend
+                    .load_table(t, &self.state.tables[t], spec.item_dtype)
+                {
+                    self.state.retire_table(t);
+                    return Err(ModelError::Device {
+                        path: f.items_key.clone(),
                         message: e.to_string(),
-                    })?;
-                id
+                    });
+                }
+                self.tables.insert(f.items_key.clone(), (t, 1));
+                self.registry.set_table_resident(&f.items_key, Some(spec.dim));
+                t
             }
         };
+        let id = self.next_id;
+        self.next_id += 1;
         let desc = ModelDesc {
             kind: spec.kind,
             dim: spec.dim,
             user_feature_dim: spec.user_feature_dim,
-            bounds: BatchBounds::of(spec, self.state.users.history_cap()),
+            bounds: BatchBounds::of(&spec, self.state.users.history_cap()),
         };
-        let backend_err = |e: crate::backend::BackendError| ModelError::Device {
-            path: entry.dir.clone(),
-            message: e.to_string(),
-        };
-        self.backend
-            .load(id, desc, table, &weights)
-            .map_err(backend_err)?;
-        // Warm up at every batch shape the backend will run, so the first
-        // real batches pay no first-use costs. The kind says how many rows
-        // its largest batch holds and how a batch of each size is laid out.
-        let sizes = self.backend.warm_batch_sizes(spec.max_batch_rows());
-        let has_rows = self.state.tables[table].rows() > 0;
-        let most = sizes.iter().copied().max().unwrap_or(0);
-        let rows = vec![0u32; if has_rows { most } else { 0 }];
-        for size in sizes {
-            let queries: Vec<Query<'_>> = spec.kind.warm_batch(size, &rows);
-            self.backend
-                .run(id, &self.state.tables[table], &queries)
-                .map_err(backend_err)?;
+        if let Err(e) = self.backend.load(id, desc, table, &f.weights) {
+            self.release_table(&f.items_key);
+            return Err(ModelError::Device {
+                path: f.dir.clone(),
+                message: e.to_string(),
+            });
         }
-        self.slots[id].table = Some(table);
+        self.scheduler.add_queue(
+            QueueKey { model: id },
+            BatchPolicy {
+                max_rows: spec.batching.max_batch_size,
+                max_delay: Duration::from_micros(spec.batching.max_queue_delay_us),
+            },
+        );
+        let sizes = self.backend.warm_batch_sizes(spec.max_batch_rows());
+        let spec = Arc::new(spec);
+        self.slots.insert(
+            id,
+            Slot {
+                model: f.model,
+                name: f.name,
+                version: f.version,
+                label: f.version.to_string(),
+                spec: spec.clone(),
+                table,
+                table_key: f.items_key,
+            },
+        );
+        Ok(Warming {
+            resident: Arc::new(Resident {
+                id,
+                model: f.model,
+                version: f.version,
+                spec,
+            }),
+            sizes,
+            next: 0,
+            started,
+            reply: None,
+        })
+    }
+
+    /// Runs the next warm-up batch of the version being loaded; `false` when
+    /// none is being loaded. The last one puts the version in service.
+    fn warm_step(&mut self) -> bool {
+        let Some(w) = self.warming.front_mut() else {
+            return false;
+        };
+        let id = w.resident.id;
+        let result = match w.sizes.get(w.next).copied() {
+            Some(size) => {
+                w.next += 1;
+                let slot = &self.slots[&id];
+                let items = &self.state.tables[slot.table];
+                let has_rows = items.rows() > 0;
+                let rows = vec![0u32; if has_rows { size } else { 0 }];
+                let queries: Vec<Query<'_>> = slot.spec.kind.warm_batch(size, &rows);
+                self.backend.run(id, items, &queries).map(|_| ())
+            }
+            None => {
+                let w = self.warming.pop_front().expect("front exists");
+                self.in_service(w);
+                return true;
+            }
+        };
+        if let Err(e) = result {
+            let w = self.warming.pop_front().expect("front exists");
+            let (model, version) = (w.resident.model, w.resident.version);
+            let path = self.slots[&id].table_key.clone();
+            self.free(id);
+            self.failed(
+                model,
+                version,
+                &ModelError::Device {
+                    path,
+                    message: e.to_string(),
+                },
+                w.reply,
+            );
+        }
+        true
+    }
+
+    fn in_service(&mut self, w: Warming) {
+        let Warming {
+            resident,
+            started,
+            reply,
+            ..
+        } = w;
+        let (model, version) = (resident.model, resident.version);
+        let served = self.registry.by_index(model).clone();
         self.registry
-            .by_id(id)
-            .set_item_count(self.state.tables[table].live_count());
-        Ok(())
+            .by_index(model)
+            .set_item_count(self.state.tables[self.slots[&resident.id].table].live_count());
+        let replaced = served.version_ready(resident);
+        self.metrics.set_model_state(&served.name, version, "ready");
+        tracing::info!(
+            model = %served.name,
+            version,
+            device = %self.device,
+            ms = started.elapsed().as_millis() as u64,
+            traffic = ?served.traffic(),
+            "model version loaded and warmed"
+        );
+        if let Some(old) = replaced {
+            tracing::info!(model = %served.name, from = old.version, to = version, "the new version takes all traffic");
+            self.metrics
+                .set_model_state(&served.name, old.version, "unloaded");
+            self.retiring.push(old);
+        }
+        self.publish_traffic(model);
+        if let Some(r) = reply {
+            let _ = r.send(Ok(()));
+        }
+    }
+
+    fn failed(&mut self, model: usize, version: u64, e: &ModelError, reply: Option<Reply<()>>) {
+        let served = self.registry.by_index(model).clone();
+        served.set_state(version, LoadState::Failed(e.to_string()));
+        self.metrics.set_model_state(&served.name, version, "failed");
+        self.metrics
+            .load_failures
+            .with_label_values(&[&served.name])
+            .inc();
+        tracing::error!(model = %served.name, version, error = %e, "model version failed to load");
+        if let Some(r) = reply {
+            let _ = r.send(Err(ServeError::Invalid(format!(
+                "version {version} of model {} failed to load: {e}",
+                served.name
+            ))));
+        }
+    }
+
+    /// Frees retired versions that no request holds any more.
+    fn collect_retired(&mut self) {
+        if self.retiring.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.retiring.len() {
+            if Arc::strong_count(&self.retiring[i]) == 1 {
+                let r = self.retiring.swap_remove(i);
+                let slot = &self.slots[&r.id];
+                tracing::info!(model = %slot.name, version = slot.version, "model version unloaded");
+                self.free(r.id);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Frees a version's backend state, queue and (when no other version uses
+    /// it) item table.
+    fn free(&mut self, id: ModelId) {
+        self.backend.unload(id);
+        let removed = self.scheduler.remove_queue(QueueKey { model: id });
+        debug_assert!(removed, "a freed version's queue is empty");
+        if let Some(slot) = self.slots.remove(&id) {
+            let _ = self
+                .metrics
+                .traffic_share
+                .remove_label_values(&[&slot.name, &slot.label]);
+            self.release_table(&slot.table_key);
+        }
+    }
+
+    fn release_table(&mut self, key: &PathBuf) {
+        let Some((t, users)) = self.tables.get_mut(key) else {
+            return;
+        };
+        *users -= 1;
+        if *users == 0 {
+            let t = *t;
+            self.tables.remove(key);
+            self.registry.set_table_resident(key, None);
+            self.backend.unload_table(t);
+            self.state.retire_table(t);
+        }
+    }
+
+    fn publish_traffic(&self, model: usize) {
+        let served = self.registry.by_index(model);
+        let versions: Vec<u64> = served.versions().iter().map(|(v, _, _)| *v).collect();
+        self.metrics
+            .set_traffic(&served.name, &versions, &served.traffic());
     }
 
     fn run(mut self, rx: Receiver<Command>) {
@@ -235,11 +444,16 @@ impl Executor {
                     Err(TryRecvError::Disconnected) => return self.finish(),
                 }
             }
+            self.collect_retired();
             let cmd = match self.scheduler.poll(Instant::now()) {
                 Poll::Run(run) => {
                     self.execute(run);
+                    // A version being loaded warms one batch per turn, so a
+                    // request waits for at most one warm-up batch.
+                    self.warm_step();
                     continue;
                 }
+                _ if self.warm_step() => continue,
                 Poll::Sleep(until) => match rx.recv_deadline(until) {
                     Ok(cmd) => cmd,
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -259,6 +473,11 @@ impl Executor {
         while let Some(run) = self.scheduler.drain(Instant::now()) {
             self.execute(run);
         }
+        for w in std::mem::take(&mut self.warming) {
+            if let Some(r) = w.reply {
+                let _ = r.send(Err(ServeError::NotReady("the executor has stopped".into())));
+            }
+        }
         tracing::debug!(device = %self.device, "executor stopped");
     }
 
@@ -267,17 +486,36 @@ impl Executor {
             Command::Infer(req, permit) => {
                 if let Err(req) = self.scheduler.push(req, permit) {
                     let _ = req.reply.send(Err(ServeError::Internal(format!(
-                        "no queue for model {}: this is a bug",
-                        req.model
+                        "no queue for version {} of model {}: this is a bug",
+                        req.resident.version, req.resident.model
                     ))));
                 }
+            }
+            Command::Install(files, reply) => {
+                let at = (files.model, files.version);
+                self.begin(at, Ok(*files), Some(reply))
+            }
+            Command::Retire(resident) => {
+                self.metrics.set_model_state(
+                    &self.registry.by_index(resident.model).name,
+                    resident.version,
+                    "unloaded",
+                );
+                self.retiring.push(resident);
             }
             Command::GetUser(user_id, reply) => {
                 let _ = reply.send(Ok(self.state.user_summary(user_id)));
             }
             Command::UpsertUser(update, reply) => {
                 let dims = self.feature_dims();
+                let added = self.added_to_history(&update);
                 let result = self.state.upsert_user(update, &dims);
+                if let (Ok(summary), false) = (&result, added.is_empty()) {
+                    let now = Instant::now();
+                    for item in added {
+                        self.clicked(summary.user_id, item, now);
+                    }
+                }
                 if result.is_ok() {
                     self.metrics.user_updates.with_label_values(&["api"]).inc();
                 }
@@ -290,6 +528,12 @@ impl Executor {
                 let _ = reply.send(result);
             }
             Command::Apply(batch, reply) => {
+                if self.online.enabled() {
+                    let now = Instant::now();
+                    for &(user, item) in &batch.events {
+                        self.clicked(user, item, now);
+                    }
+                }
                 let report = self.state.apply(&batch);
                 if report.items > 0 {
                     self.sync_backend_tables();
@@ -304,11 +548,44 @@ impl Executor {
     }
 
     fn feature_dims(&self) -> Vec<usize> {
-        self.slots
-            .iter()
-            .filter(|s| s.table.is_some())
-            .filter_map(|s| s.spec.as_ref().map(|s| s.user_feature_dim))
-            .collect()
+        let mut dims: Vec<usize> = self
+            .slots
+            .values()
+            .map(|s| s.spec.user_feature_dim)
+            .collect();
+        dims.sort_unstable();
+        dims.dedup();
+        dims
+    }
+
+    /// The items a history write adds to the user's stored history.
+    fn added_to_history(&self, update: &super::UserUpdate) -> Vec<u64> {
+        let Some(new) = update.history.as_ref().filter(|_| self.online.enabled()) else {
+            return Vec::new();
+        };
+        let old: std::collections::HashSet<u64> = self
+            .state
+            .users
+            .get(update.user_id)
+            .map(|u| u.history.iter().copied().collect())
+            .unwrap_or_default();
+        new.iter().copied().filter(|i| !old.contains(i)).collect()
+    }
+
+    /// An event of `user` on `item`, for online evaluation.
+    fn clicked(&mut self, user: u64, item: u64, now: Instant) {
+        if let Some(hit) = self.online.clicked(user, item, now) {
+            let name = &self.registry.by_index(hit.model).name;
+            let version = hit.version.to_string();
+            self.metrics
+                .online_hits
+                .with_label_values(&[name, &version])
+                .inc();
+            self.metrics
+                .online_hit_rank
+                .with_label_values(&[name, &version])
+                .observe(hit.rank as f64);
+        }
     }
 
     /// Hands the rows written on the host to the backend's device copy.
@@ -325,12 +602,10 @@ impl Executor {
 
     /// Tells the registry how many live items each model's table holds.
     fn publish_item_counts(&self) {
-        for (id, slot) in self.slots.iter().enumerate() {
-            if let Some(t) = slot.table {
-                self.registry
-                    .by_id(id)
-                    .set_item_count(self.state.tables[t].live_count());
-            }
+        for slot in self.slots.values() {
+            self.registry
+                .by_index(slot.model)
+                .set_item_count(self.state.tables[slot.table].live_count());
         }
     }
 
@@ -348,8 +623,18 @@ impl Executor {
             dropped,
         } = run;
         let id = key.model;
-        let slot = &self.slots[id];
+        let Some(slot) = self.slots.get(&id) else {
+            for req in batch {
+                let _ = req.reply.send(Err(ServeError::Internal(format!(
+                    "version {} of model {} is not resident: this is a bug",
+                    req.resident.version, req.resident.model
+                ))));
+            }
+            return;
+        };
         let name = slot.name.clone();
+        let label = slot.label.clone();
+        let (model, version) = (slot.model, slot.version);
         for d in dropped {
             self.metrics
                 .dropped
@@ -365,18 +650,13 @@ impl Executor {
         self.metrics
             .queue_depth
             .with_label_values(&[&name])
-            .set(self.registry.by_id(id).queued() as i64);
+            .set(self.registry.by_index(model).queued() as i64);
         if batch.is_empty() {
             return;
         }
-        let (Some(spec), Some(table)) = (slot.spec.as_ref(), slot.table) else {
-            for req in batch {
-                let _ = req.reply.send(Err(ServeError::NotReady(format!(
-                    "model {name} is not loaded"
-                ))));
-            }
-            return;
-        };
+        let spec = slot.spec.clone();
+        let spec = spec.as_ref();
+        let table = slot.table;
         let items = &self.state.tables[table];
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
@@ -426,8 +706,9 @@ impl Executor {
         let result = self.backend.run(id, items, &queries);
         self.metrics
             .exec_seconds
-            .with_label_values(&[&name, &self.device])
+            .with_label_values(&[&name, &label, &self.device])
             .observe(started.elapsed().as_secs_f64());
+        drop(queries);
         self.metrics
             .batch_rows
             .with_label_values(&[&name])
@@ -440,8 +721,23 @@ impl Executor {
         match result {
             Ok(outputs) => {
                 debug_assert_eq!(outputs.len(), live.len());
+                let now = Instant::now();
+                let mut served = 0u64;
                 for (req, out) in live.into_iter().zip(outputs) {
+                    if let (Op::Recommend { user_id, .. }, Output::TopK(items)) = (&req.op, &out) {
+                        if self.online.enabled() && !items.is_empty() {
+                            let ids: Vec<u64> = items.iter().map(|s| s.id).collect();
+                            self.online.served(*user_id, model, version, &ids, now);
+                            served += 1;
+                        }
+                    }
                     let _ = req.reply.send(Ok(out));
+                }
+                if served > 0 {
+                    self.metrics
+                        .online_impressions
+                        .with_label_values(&[&name, &label])
+                        .inc_by(served);
                 }
             }
             Err(e) => {

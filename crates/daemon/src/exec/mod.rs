@@ -3,6 +3,8 @@
 //! replies come back on a oneshot carried in each command.
 
 mod executor;
+pub mod load;
+pub mod online;
 pub mod registry;
 
 use std::sync::Arc;
@@ -10,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-pub use crate::backend::{ModelId, Output};
+pub use crate::backend::Output;
 use crate::features::store as state;
 pub use crate::features::store::{UserSummary, UserUpdate};
 pub use crate::model::Op;
-pub use executor::spawn;
-pub use registry::{LoadState, Registry, ServedModel};
+pub use executor::{spawn, Startup};
+pub use registry::{LoadState, Registry, Resident, Route, ServedModel, Split};
 
 use crate::batch::{self, Permit, QueueKey};
 use crate::error::ServeError;
@@ -24,7 +26,8 @@ use crate::metrics::Metrics;
 pub type Reply<T> = oneshot::Sender<Result<T, ServeError>>;
 
 pub struct InferRequest {
-    pub model: ModelId,
+    /// The model version that serves the request, held until it is answered.
+    pub resident: Arc<Resident>,
     pub op: Op,
     pub rows: usize,
     pub enqueued: Instant,
@@ -34,7 +37,9 @@ pub struct InferRequest {
 
 impl batch::Request for InferRequest {
     fn key(&self) -> QueueKey {
-        QueueKey { model: self.model }
+        QueueKey {
+            model: self.resident.id,
+        }
     }
     fn rows(&self) -> usize {
         self.rows
@@ -62,6 +67,12 @@ pub enum Command {
         crate::features::updates::UpdateBatch,
         Reply<state::ApplyReport>,
     ),
+    /// Makes a version read from the repository resident and warms it (in
+    /// slices between batches); answers once it serves or failed.
+    Install(Box<load::VersionFiles>, Reply<()>),
+    /// Frees a version the registry no longer routes to, once the requests
+    /// that hold it are answered.
+    Retire(Arc<Resident>),
     /// A copy of what changed in the feature state since the last capture
     /// (of all of it when `full`), with its change counter.
     Capture {
@@ -86,20 +97,19 @@ impl ExecutorHandle {
         &self.registry
     }
 
-    /// Admits, queues and awaits one scoring request for a ready model.
+    /// Admits, queues and awaits one scoring request for the version `route`
+    /// picked.
     pub async fn infer(
         &self,
-        model: ModelId,
+        route: Route,
         op: Op,
         rows: usize,
         timeout: Duration,
     ) -> Result<Output, ServeError> {
         let enqueued = Instant::now();
         let deadline = enqueued + timeout;
-        let served = self.registry.by_id(model);
-        let admission = served
-            .admission()
-            .ok_or_else(|| ServeError::NotReady(format!("model {} is not loaded", served.name)))?;
+        let served = self.registry.by_index(route.resident.model);
+        let admission = served.admission();
         let permit = admission
             .try_admit()
             .map_err(|full| ServeError::Overloaded {
@@ -115,7 +125,7 @@ impl ExecutorHandle {
             .set(admission.depth() as i64);
         let (reply, rx) = oneshot::channel();
         let req = InferRequest {
-            model,
+            resident: route.resident,
             op,
             rows,
             enqueued,
@@ -150,6 +160,17 @@ impl ExecutorHandle {
         self.command(make)?
             .await
             .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?
+    }
+
+    /// Makes a version resident and warms it; returns once it serves (or
+    /// failed, with the reason).
+    pub async fn install(&self, files: load::VersionFiles) -> Result<(), ServeError> {
+        self.ask(|r| Command::Install(Box::new(files), r)).await
+    }
+
+    /// Hands a version the registry stopped routing to back to the executor.
+    pub fn retire(&self, resident: Arc<Resident>) {
+        let _ = self.tx.send(Command::Retire(resident));
     }
 
     /// A user's stored state (empty for an unknown user), in order with

@@ -1,14 +1,23 @@
-//! What the servers know about each model: its spec, load state and the
-//! admission to its queue. Shared read-mostly between the servers and the
-//! executor, which alone moves a model from loading to ready or failed.
+//! What the servers know about each model: its versions, their load state,
+//! the traffic split between them and the admission to the model's queue.
+//! Shared read-mostly between the servers, the repository watcher and the
+//! executor, which alone makes a version resident or frees it.
+//!
+//! Routing: a request that names a version is served by it when it is ready.
+//! Otherwise the user's bucket — a stable hash of (model name, user id) into
+//! 100 buckets — picks the version: with an explicit split, the versions own
+//! consecutive bucket ranges in version order; without one (`latest`), the
+//! newest version that finished loading owns them all. The same user gets the
+//! same version for as long as the split holds, on every replica and after a
+//! restart.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-use crate::batch::Admission;
 use std::sync::{Arc, RwLock};
 
-use crate::backend::DeviceHealth;
+use crate::backend::{DeviceHealth, ModelId};
+use crate::batch::Admission;
+use crate::error::ServeError;
 use crate::model::ModelSpec;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +25,8 @@ pub enum LoadState {
     Loading,
     Ready,
     Failed(String),
+    /// On disk (or it was), not resident.
+    Unloaded,
 }
 
 impl LoadState {
@@ -24,52 +35,377 @@ impl LoadState {
             LoadState::Loading => "loading",
             LoadState::Ready => "ready",
             LoadState::Failed(_) => "failed",
+            LoadState::Unloaded => "unloaded",
         }
     }
+}
+
+/// A version resident in the executor. Requests routed to it hold a clone
+/// until they are answered, so the executor frees the version only once the
+/// registry and every request have let go of it.
+#[derive(Debug)]
+pub struct Resident {
+    /// The version's id in the backend and its queue's key.
+    pub id: ModelId,
+    /// The model's index in the registry.
+    pub model: usize,
+    pub version: u64,
+    pub spec: Arc<ModelSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VersionEntry {
+    pub state: LoadState,
+    /// The parsed model.toml, once read.
+    pub spec: Option<Arc<ModelSpec>>,
+    pub resident: Option<Arc<Resident>>,
+    /// The folder is still in the repository.
+    pub on_disk: bool,
+}
+
+/// A split: version → percent of users, summing to 100.
+pub type Split = BTreeMap<u64, u32>;
+
+#[derive(Debug, Default)]
+struct Versions {
+    versions: BTreeMap<u64, VersionEntry>,
+    /// The explicit split, when set; else `latest` serves everyone.
+    split: Option<Split>,
+    latest: Option<u64>,
+    /// Bucket → version, derived from the two above.
+    buckets: Vec<u64>,
+}
+
+impl Versions {
+    fn effective(&self) -> Split {
+        match (&self.split, self.latest) {
+            (Some(s), _) => s.clone(),
+            (None, Some(v)) => BTreeMap::from([(v, 100)]),
+            (None, None) => BTreeMap::new(),
+        }
+    }
+
+    fn rebuild(&mut self) {
+        self.buckets.clear();
+        for (v, pct) in self.effective() {
+            self.buckets
+                .extend(std::iter::repeat_n(v, pct as usize));
+        }
+    }
+
+    fn traffic_of(&self, version: u64) -> u32 {
+        self.effective().get(&version).copied().unwrap_or(0)
+    }
+}
+
+/// The bucket (0..100) of `user_id` for `model`: FNV-1a over the model name
+/// and the id's little-endian bytes, finished with a 64-bit mix.
+pub fn bucket(model: &str, user_id: u64) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in model.bytes().chain([0u8]).chain(user_id.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    (h % 100) as usize
+}
+
+/// Where one request goes.
+pub struct Route {
+    pub resident: Arc<Resident>,
 }
 
 #[derive(Debug)]
 pub struct ServedModel {
     pub name: String,
-    pub version: u64,
-    /// `None` when model.toml itself could not be read.
-    pub spec: Option<ModelSpec>,
-    state: RwLock<LoadState>,
-    /// Slots of the model's queue (`max_queue_size`); none without a spec.
-    admission: Option<Admission>,
+    inner: RwLock<Versions>,
+    /// Slots of the model's queue (`max_queue_size` of its first readable
+    /// version), shared by its versions.
+    admission: Admission,
     items: AtomicUsize,
 }
 
 impl ServedModel {
-    pub fn new(name: String, version: u64, spec: Option<ModelSpec>, state: LoadState) -> Self {
-        let admission = spec
-            .as_ref()
-            .map(|s| Admission::new(s.batching.max_queue_size));
+    pub fn new(name: String, max_queue_size: usize) -> Self {
         Self {
             name,
-            version,
-            spec,
-            state: RwLock::new(state),
-            admission,
+            inner: RwLock::new(Versions::default()),
+            admission: Admission::new(max_queue_size),
             items: AtomicUsize::new(0),
         }
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Versions> {
+        self.inner.read().expect("versions lock poisoned")
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Versions> {
+        self.inner.write().expect("versions lock poisoned")
+    }
+
+    /// Adds a version found in the repository (or updates what is known of it).
+    pub fn add_version(&self, version: u64, spec: Option<Arc<ModelSpec>>, state: LoadState) {
+        let mut g = self.write();
+        let e = g.versions.entry(version).or_insert(VersionEntry {
+            state: LoadState::Unloaded,
+            spec: None,
+            resident: None,
+            on_disk: true,
+        });
+        e.state = state;
+        e.on_disk = true;
+        if spec.is_some() {
+            e.spec = spec;
+        }
+    }
+
+    pub fn set_state(&self, version: u64, state: LoadState) {
+        if let Some(e) = self.write().versions.get_mut(&version) {
+            e.state = state;
+        }
+    }
+
+    /// The version finished loading and warming: it may serve from now on.
+    /// In `latest` mode a version newer than the serving one takes all traffic
+    /// at once; the one it replaces is returned, for the executor to retire.
+    pub fn version_ready(&self, resident: Arc<Resident>) -> Option<Arc<Resident>> {
+        let mut g = self.write();
+        let version = resident.version;
+        let e = g.versions.entry(version).or_insert(VersionEntry {
+            state: LoadState::Ready,
+            spec: Some(resident.spec.clone()),
+            resident: None,
+            on_disk: true,
+        });
+        e.state = LoadState::Ready;
+        e.spec = Some(resident.spec.clone());
+        e.resident = Some(resident);
+        let mut retired = None;
+        if g.split.is_none() && g.latest.is_none_or(|l| version > l) {
+            if let Some(old) = g.latest.replace(version) {
+                if let Some(e) = g.versions.get_mut(&old) {
+                    retired = e.resident.take();
+                    e.state = LoadState::Unloaded;
+                }
+            }
+            g.rebuild();
+        }
+        retired
+    }
+
+    /// Takes a version out of service (it must carry no traffic) and returns
+    /// its resident copy for the executor to free.
+    pub fn unload(&self, version: u64) -> Result<Option<Arc<Resident>>, ServeError> {
+        let mut g = self.write();
+        let traffic = g.traffic_of(version);
+        if traffic > 0 {
+            return Err(ServeError::Conflict(format!(
+                "version {version} of model {} serves {traffic}% of users; move its traffic first",
+                self.name
+            )));
+        }
+        let Some(e) = g.versions.get_mut(&version) else {
+            return Err(ServeError::NotFound(format!(
+                "model {} has no version {version}",
+                self.name
+            )));
+        };
+        let resident = e.resident.take();
+        e.state = LoadState::Unloaded;
+        if !e.on_disk {
+            g.versions.remove(&version);
+        }
+        Ok(resident)
+    }
+
+    /// The version's folder left the repository. It is forgotten at once when
+    /// no traffic points at it (its resident copy returned for freeing), else
+    /// kept serving until traffic moves away.
+    pub fn vanished(&self, version: u64) -> Option<Arc<Resident>> {
+        let mut g = self.write();
+        if g.traffic_of(version) > 0 {
+            if let Some(e) = g.versions.get_mut(&version) {
+                e.on_disk = false;
+            }
+            return None;
+        }
+        g.versions.remove(&version).and_then(|e| e.resident)
+    }
+
+    /// Versions whose folder is gone and that no longer carry traffic.
+    pub fn take_orphans(&self) -> Vec<Arc<Resident>> {
+        let mut g = self.write();
+        let gone: Vec<u64> = g
+            .versions
+            .iter()
+            .filter(|(v, e)| !e.on_disk && g.traffic_of(**v) == 0)
+            .map(|(v, _)| *v)
+            .collect();
+        gone.into_iter()
+            .filter_map(|v| g.versions.remove(&v).and_then(|e| e.resident))
+            .collect()
+    }
+
+    /// Sets (`Some`) or clears (`None`, back to `latest`) the split. Every
+    /// version named must be ready. Returns the split now in effect.
+    pub fn set_split(&self, split: Option<Split>) -> Result<Split, ServeError> {
+        let mut g = self.write();
+        if let Some(s) = &split {
+            validate_split(&self.name, s, &g.versions)?;
+        }
+        g.split = split;
+        if g.split.is_none() {
+            // Back to the newest version that is ready.
+            g.latest = g
+                .versions
+                .iter()
+                .rev()
+                .find(|(_, e)| e.state == LoadState::Ready && e.resident.is_some())
+                .map(|(v, _)| *v);
+        }
+        g.rebuild();
+        Ok(g.effective())
+    }
+
+    /// Sets a split saved by the last run before its versions are loaded:
+    /// its users wait (503) rather than see another version meanwhile. The
+    /// executor checks it once they are loaded.
+    pub fn preset_split(&self, split: Split) {
+        let mut g = self.write();
+        g.split = Some(split);
+        g.rebuild();
+    }
+
+    /// The explicit split, if one is set.
+    pub fn split(&self) -> Option<Split> {
+        self.read().split.clone()
+    }
+
+    /// The effective split: the explicit one, or the latest version at 100.
+    pub fn traffic(&self) -> Split {
+        self.read().effective()
+    }
+
+    /// The version with the largest share (ties: the higher), else the
+    /// highest version known.
+    pub fn primary_version(&self) -> Option<u64> {
+        let g = self.read();
+        let eff = g.effective();
+        eff.iter()
+            .filter(|(_, p)| **p > 0)
+            .max_by_key(|(v, p)| (**p, **v))
+            .map(|(v, _)| *v)
+            .or_else(|| g.versions.keys().next_back().copied())
+    }
+
+    pub fn versions(&self) -> Vec<(u64, VersionEntry, u32)> {
+        let g = self.read();
+        g.versions
+            .iter()
+            .map(|(v, e)| (*v, e.clone(), g.traffic_of(*v)))
+            .collect()
+    }
+
+    pub fn version(&self, version: u64) -> Option<VersionEntry> {
+        self.read().versions.get(&version).cloned()
+    }
+
+    /// The spec describing the model as a whole: its primary version's.
+    pub fn spec(&self) -> Option<Arc<ModelSpec>> {
+        let g = self.read();
+        let primary = g
+            .effective()
+            .iter()
+            .filter(|(_, p)| **p > 0)
+            .max_by_key(|(v, p)| (**p, **v))
+            .map(|(v, _)| *v);
+        primary
+            .and_then(|v| g.versions.get(&v)?.spec.clone())
+            .or_else(|| g.versions.values().rev().find_map(|e| e.spec.clone()))
+    }
+
+    /// The model's state as a whole: ready when its traffic can be served.
     pub fn state(&self) -> LoadState {
-        self.state.read().expect("state lock poisoned").clone()
+        let g = self.read();
+        let serving = g.effective().keys().all(|v| {
+            g.versions
+                .get(v)
+                .is_some_and(|e| e.state == LoadState::Ready && e.resident.is_some())
+        });
+        if !g.buckets.is_empty() && serving {
+            return LoadState::Ready;
+        }
+        if g.versions.values().any(|e| e.state == LoadState::Loading) {
+            return LoadState::Loading;
+        }
+        match g
+            .versions
+            .values()
+            .rev()
+            .find_map(|e| match &e.state {
+                LoadState::Failed(why) => Some(why.clone()),
+                _ => None,
+            }) {
+            Some(why) => LoadState::Failed(why),
+            None if g.versions.is_empty() => LoadState::Failed("no version folders".into()),
+            None => LoadState::Loading,
+        }
     }
 
-    pub fn set_state(&self, state: LoadState) {
-        *self.state.write().expect("state lock poisoned") = state;
+    /// The resident version that serves `user_id`, or the one asked for.
+    pub fn route(&self, user_id: u64, version: Option<u64>) -> Result<Route, ServeError> {
+        let g = self.read();
+        let v = match version {
+            Some(v) => v,
+            None => match g.buckets.get(bucket(&self.name, user_id)) {
+                Some(v) => *v,
+                None => return Err(self.not_ready(&g)),
+            },
+        };
+        match g.versions.get(&v) {
+            Some(VersionEntry {
+                state: LoadState::Ready,
+                resident: Some(r),
+                ..
+            }) => Ok(Route {
+                resident: r.clone(),
+            }),
+            _ if version.is_some() => Err(ServeError::NotFound(format!(
+                "version {v} of model {} is not loaded; loaded: {}",
+                self.name,
+                list(g.versions.iter().filter(|(_, e)| e.resident.is_some()).map(|(v, _)| *v))
+            ))),
+            _ => Err(ServeError::NotReady(format!(
+                "version {v} of model {}, which serves this user, is not loaded yet",
+                self.name
+            ))),
+        }
     }
 
-    pub fn admission(&self) -> Option<&Admission> {
-        self.admission.as_ref()
+    fn not_ready(&self, g: &Versions) -> ServeError {
+        if g.versions.values().any(|e| e.state == LoadState::Loading) {
+            ServeError::NotReady(format!("model {} is still loading", self.name))
+        } else {
+            let why = g.versions.values().rev().find_map(|e| match &e.state {
+                LoadState::Failed(why) => Some(why.clone()),
+                _ => None,
+            });
+            ServeError::NotReady(match why {
+                Some(why) => format!("model {} failed to load: {why}", self.name),
+                None => format!("model {} has no version loaded", self.name),
+            })
+        }
+    }
+
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// Requests admitted and still waiting in the queue.
     pub fn queued(&self) -> usize {
-        self.admission.as_ref().map_or(0, Admission::depth)
+        self.admission.depth()
     }
 
     pub fn item_count(&self) -> usize {
@@ -81,8 +417,51 @@ impl ServedModel {
     }
 }
 
-/// All models of the repository, in a fixed order: a model's index is its
-/// `ModelId` in the executor.
+fn list(versions: impl Iterator<Item = u64>) -> String {
+    let v: Vec<String> = versions.map(|v| v.to_string()).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn validate_split(
+    model: &str,
+    split: &Split,
+    versions: &BTreeMap<u64, VersionEntry>,
+) -> Result<(), ServeError> {
+    if split.is_empty() {
+        return Err(ServeError::Invalid(
+            "split must name at least one version".into(),
+        ));
+    }
+    let sum: u64 = split.values().map(|p| u64::from(*p)).sum();
+    if sum != 100 {
+        return Err(ServeError::Invalid(format!(
+            "split percentages must sum to 100, got {sum}"
+        )));
+    }
+    for v in split.keys() {
+        match versions.get(v) {
+            Some(e) if e.state == LoadState::Ready && e.resident.is_some() => {}
+            Some(e) => {
+                return Err(ServeError::Invalid(format!(
+                    "version {v} of model {model} is {}, not ready",
+                    e.state.as_str()
+                )))
+            }
+            None => {
+                return Err(ServeError::Invalid(format!(
+                    "model {model} has no version {v}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// All models of the repository, in a fixed order (a model's index).
 #[derive(Debug)]
 pub struct Registry {
     models: Vec<Arc<ServedModel>>,
@@ -91,6 +470,8 @@ pub struct Registry {
     /// Why the GPU is not used, when it is not.
     device_reason: RwLock<Option<String>>,
     health: RwLock<DeviceHealth>,
+    /// Item tables resident in the executor: canonical path → dimension.
+    tables: RwLock<HashMap<std::path::PathBuf, usize>>,
 }
 
 impl Registry {
@@ -109,15 +490,29 @@ impl Registry {
                 healthy: true,
                 reason: None,
             }),
+            tables: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Whether the table at `path` is resident with dimension `dim`.
+    pub fn table_resident(&self, path: &std::path::Path, dim: usize) -> bool {
+        self.tables.read().expect("tables lock poisoned").get(path) == Some(&dim)
+    }
+
+    pub fn set_table_resident(&self, path: &std::path::Path, dim: Option<usize>) {
+        let mut g = self.tables.write().expect("tables lock poisoned");
+        match dim {
+            Some(d) => g.insert(path.to_path_buf(), d),
+            None => g.remove(path),
+        };
     }
 
     pub fn get(&self, name: &str) -> Option<(usize, &Arc<ServedModel>)> {
         self.by_name.get(name).map(|&i| (i, &self.models[i]))
     }
 
-    pub fn by_id(&self, id: usize) -> &Arc<ServedModel> {
-        &self.models[id]
+    pub fn by_index(&self, index: usize) -> &Arc<ServedModel> {
+        &self.models[index]
     }
 
     pub fn models(&self) -> &[Arc<ServedModel>] {
@@ -151,7 +546,7 @@ impl Registry {
         *self.health.write().expect("health lock poisoned") = health;
     }
 
-    /// `None` when every model is ready, else why not.
+    /// `None` when every model can serve its traffic, else why not.
     pub fn not_ready_reason(&self) -> Option<String> {
         if self.models.is_empty() {
             return Some("no models in the repository".into());
@@ -161,7 +556,7 @@ impl Registry {
             .iter()
             .filter_map(|m| match m.state() {
                 LoadState::Ready => None,
-                LoadState::Loading => Some(format!("{}: loading", m.name)),
+                LoadState::Loading | LoadState::Unloaded => Some(format!("{}: loading", m.name)),
                 LoadState::Failed(why) => Some(format!("{}: failed: {why}", m.name)),
             })
             .collect();
@@ -173,5 +568,100 @@ impl Registry {
             .iter()
             .filter(|m| m.state() == LoadState::Ready)
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> Arc<ModelSpec> {
+        Arc::new(
+            toml::from_str(
+                "kind = \"two_tower\"\ndim = 4\nuser_feature_dim = 0\nhistory_len = 5\nitems = \"i\"\n",
+            )
+            .unwrap(),
+        )
+    }
+
+    fn resident(id: ModelId, version: u64) -> Arc<Resident> {
+        Arc::new(Resident {
+            id,
+            model: 0,
+            version,
+            spec: spec(),
+        })
+    }
+
+    #[test]
+    fn buckets_are_stable_and_spread() {
+        assert_eq!(bucket("demo", 42), bucket("demo", 42));
+        let mut counts = [0usize; 100];
+        for u in 0..100_000u64 {
+            counts[bucket("demo", u)] += 1;
+        }
+        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        // The model name is part of the hash: splits of two models are independent.
+        let same = (0..1000u64)
+            .filter(|&u| bucket("a", u) == bucket("b", u))
+            .count();
+        assert!(same < 50, "{same}");
+    }
+
+    #[test]
+    fn latest_takes_over_and_retires_the_old_version_and_a_split_pins_traffic() {
+        let m = ServedModel::new("demo".into(), 16);
+        m.add_version(1, Some(spec()), LoadState::Loading);
+        assert!(m.version_ready(resident(0, 1)).is_none());
+        assert_eq!(m.traffic(), BTreeMap::from([(1, 100)]));
+        assert_eq!(m.route(7, None).unwrap().resident.version, 1);
+        m.add_version(2, Some(spec()), LoadState::Loading);
+        let old = m.version_ready(resident(1, 2)).expect("1 retired");
+        assert_eq!(old.version, 1);
+        assert_eq!(m.traffic(), BTreeMap::from([(2, 100)]));
+        assert_eq!(m.version(1).unwrap().state, LoadState::Unloaded);
+        // A split needs ready versions that sum to 100.
+        let e = m.set_split(Some(BTreeMap::from([(1, 50), (2, 50)]))).unwrap_err();
+        assert_eq!(e.status(), 422, "{e}");
+        let e = m.set_split(Some(BTreeMap::from([(2, 90)]))).unwrap_err();
+        assert!(e.to_string().contains("sum to 100, got 90"), "{e}");
+        m.add_version(1, Some(spec()), LoadState::Loading);
+        assert!(m.version_ready(resident(2, 1)).is_none(), "older: no traffic");
+        m.set_split(Some(BTreeMap::from([(1, 10), (2, 90)]))).unwrap();
+        let on_1 = (0..10_000u64)
+            .filter(|&u| m.route(u, None).unwrap().resident.version == 1)
+            .count();
+        assert!((850..=1150).contains(&on_1), "{on_1}");
+        // While a split is set, a new version gets no traffic.
+        m.add_version(3, Some(spec()), LoadState::Loading);
+        assert!(m.version_ready(resident(3, 3)).is_none());
+        assert_eq!(m.traffic().get(&3), None);
+        assert_eq!(m.route(1, Some(3)).unwrap().resident.version, 3);
+        // Unloading a version that carries traffic is refused.
+        assert_eq!(m.unload(1).unwrap_err().status(), 409);
+        assert_eq!(m.unload(3).unwrap().unwrap().version, 3);
+        assert_eq!(m.route(1, Some(3)).unwrap_err().status(), 404);
+        // Back to latest: the newest ready version.
+        m.set_split(None).unwrap();
+        assert_eq!(m.traffic(), BTreeMap::from([(2, 100)]));
+        assert_eq!(m.primary_version(), Some(2));
+    }
+
+    #[test]
+    fn a_vanished_version_is_kept_while_it_carries_traffic() {
+        let m = ServedModel::new("demo".into(), 16);
+        m.add_version(1, Some(spec()), LoadState::Loading);
+        m.version_ready(resident(0, 1));
+        m.add_version(2, Some(spec()), LoadState::Loading);
+        m.version_ready(resident(1, 2));
+        m.set_split(Some(BTreeMap::from([(2, 100)]))).unwrap();
+        assert!(m.vanished(2).is_none(), "serving: kept");
+        assert!(m.take_orphans().is_empty());
+        m.add_version(1, Some(spec()), LoadState::Loading);
+        m.version_ready(resident(2, 1));
+        m.set_split(Some(BTreeMap::from([(1, 100)]))).unwrap();
+        let freed = m.take_orphans();
+        assert_eq!(freed.iter().map(|r| r.version).collect::<Vec<_>>(), vec![2]);
+        assert!(m.version(2).is_none());
     }
 }

@@ -52,6 +52,9 @@ pub struct ItemWrite {
 
 pub struct State {
     pub tables: Vec<ItemTable>,
+    /// Tables no model uses any more: emptied, skipped by writes, and reused
+    /// by the next table added.
+    retired: std::collections::BTreeSet<usize>,
     pub users: UserStore,
     /// Next offset per topic-partition that the state includes.
     pub applied: BTreeMap<Position, i64>,
@@ -71,6 +74,7 @@ impl State {
     pub fn new(history_cap: usize) -> Self {
         Self {
             tables: Vec::new(),
+            retired: std::collections::BTreeSet::new(),
             users: UserStore::new(history_cap),
             applied: BTreeMap::new(),
             dirty_items: HashSet::new(),
@@ -82,6 +86,47 @@ impl State {
         }
     }
 
+    /// Adds a table loaded from a file and brings it up to date with every
+    /// item written since the start (over the API or Kafka, or restored from
+    /// the snapshot), as the tables already served are. Returns its id.
+    pub fn add_table(&mut self, mut table: ItemTable) -> usize {
+        let mut written: Vec<u64> = self.dirty_items.iter().copied().collect();
+        written.sort_unstable();
+        for id in written {
+            if let Some(it) = self.snapshot_item(id) {
+                if it.embedding.len() == table.dim() {
+                    table.restore(it.id, &it.embedding, it.version, !it.deleted);
+                }
+            }
+        }
+        match self.retired.pop_first() {
+            Some(t) => {
+                self.tables[t] = table;
+                t
+            }
+            None => {
+                self.tables.push(table);
+                self.tables.len() - 1
+            }
+        }
+    }
+
+    /// Frees a table no model uses any more.
+    pub fn retire_table(&mut self, t: usize) {
+        let dim = self.tables[t].dim();
+        self.tables[t] = ItemTable::new(dim, Vec::new(), Vec::new()).expect("an empty table");
+        self.changed_rows.remove(&t);
+        self.retired.insert(t);
+    }
+
+    fn live_tables(&self) -> impl Iterator<Item = &ItemTable> {
+        self.tables
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.retired.contains(i))
+            .map(|(_, t)| t)
+    }
+
     pub fn knows_item(&self, id: u64) -> bool {
         self.tables.iter().any(|t| t.row_of(id).is_some())
     }
@@ -89,6 +134,9 @@ impl State {
     fn write_item(&mut self, update: &Update) -> bool {
         let mut applied = false;
         for (ti, t) in self.tables.iter_mut().enumerate() {
+            if self.retired.contains(&ti) {
+                continue;
+            }
             let change = match update {
                 Update::ItemUpsert {
                     item_id,
@@ -168,9 +216,9 @@ impl State {
         };
         let update = match w.embedding {
             Some(embedding) => {
-                if !self.tables.iter().any(|t| t.dim() == embedding.len()) {
+                if !self.live_tables().any(|t| t.dim() == embedding.len()) {
                     let dims: Vec<String> =
-                        self.tables.iter().map(|t| t.dim().to_string()).collect();
+                        self.live_tables().map(|t| t.dim().to_string()).collect();
                     return Err(ServeError::Invalid(format!(
                         "embedding must have {} values, got {}",
                         dims.join(" or "),
@@ -378,10 +426,11 @@ impl State {
             );
         }
         for it in &s.items {
-            for t in self
+            for (_, t) in self
                 .tables
                 .iter_mut()
-                .filter(|t| t.dim() == it.embedding.len())
+                .enumerate()
+                .filter(|(i, t)| !self.retired.contains(i) && t.dim() == it.embedding.len())
             {
                 t.restore(it.id, &it.embedding, it.version, !it.deleted);
             }

@@ -73,6 +73,7 @@ impl Workload {
                 k: self.k,
                 exclude: Vec::new(),
                 timeout_ms: Some(self.timeout_ms),
+                version: None,
             }),
             OpKind::Score => Call::Score(ScoreRequest {
                 user_id: self.user(rng),
@@ -80,6 +81,7 @@ impl Workload {
                     .map(|_| 1 + rng.below(self.items))
                     .collect(),
                 timeout_ms: Some(self.timeout_ms),
+                version: None,
             }),
         }
     }

@@ -79,6 +79,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn unload(&mut self, id: ModelId) {
+        self.models.remove(&id);
+    }
+
+    fn unload_table(&mut self, _table: TableId) {}
+
     fn load(
         &mut self,
         id: ModelId,

@@ -482,6 +482,14 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn unload(&mut self, id: ModelId) {
+        self.models.remove(&id);
+    }
+
+    fn unload_table(&mut self, table: TableId) {
+        self.tables.remove(&table);
+    }
+
     fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
         plan::warm_sizes(max_batch)
     }
