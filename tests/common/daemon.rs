@@ -275,6 +275,17 @@ pub fn serve_output(args: &[&str]) -> std::process::Output {
 /// A copy of a demo model.toml pointing at the demo files by absolute path,
 /// with `edit` applied to the text, written as `<root>/<name>/1/model.toml`.
 pub fn derived_model(root: &Path, name: &str, base: &str, edit: impl Fn(String) -> String) {
+    derived_version(root, name, 1, base, edit);
+}
+
+/// As [`derived_model`], as version `version` (`<root>/<name>/<version>/`).
+pub fn derived_version(
+    root: &Path,
+    name: &str,
+    version: u64,
+    base: &str,
+    edit: impl Fn(String) -> String,
+) {
     let demo = demo_models();
     let text = std::fs::read_to_string(demo.join(base).join("1/model.toml")).unwrap();
     let items = demo.join("catalogues/demo/items.safetensors");
@@ -293,7 +304,7 @@ pub fn derived_model(root: &Path, name: &str, base: &str, edit: impl Fn(String) 
         .filter(|l| !l.starts_with("[demo]") && !l.starts_with("seed ="))
         .collect::<Vec<_>>()
         .join("\n");
-    let dir = root.join(name).join("1");
+    let dir = root.join(name).join(version.to_string());
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("model.toml"), text).unwrap();
 }

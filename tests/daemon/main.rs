@@ -13,6 +13,7 @@ mod http_api;
 mod http_bad_input;
 mod http_cases;
 mod kafka;
+mod lifecycle;
 mod logs;
 mod uds;
 mod uds_hostile;

@@ -39,8 +39,8 @@ pub fn read_splits(dir: &Path) -> anyhow::Result<BTreeMap<String, Split>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
         Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
     };
-    let file: TrafficFile = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let file: TrafficFile =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     file.models
         .into_iter()
         .map(|(model, split)| {
@@ -56,9 +56,9 @@ pub fn parse_split(split: &BTreeMap<String, u32>) -> Result<Split, ServeError> {
     split
         .iter()
         .map(|(k, p)| {
-            k.parse::<u64>()
-                .map(|v| (v, *p))
-                .map_err(|_| ServeError::Invalid(format!("split keys must be version numbers, got '{k}'")))
+            k.parse::<u64>().map(|v| (v, *p)).map_err(|_| {
+                ServeError::Invalid(format!("split keys must be version numbers, got '{k}'"))
+            })
         })
         .collect()
 }
@@ -214,7 +214,9 @@ impl Lifecycle {
         let registry = self.registry.clone();
         let read = tokio::task::spawn_blocking(move || {
             let entry = ModelEntry::read(&name, version, dir);
-            load::read(index, &entry, |path, dim| registry.table_resident(path, dim))
+            load::read(index, &entry, |path, dim| {
+                registry.table_resident(path, dim)
+            })
         })
         .await
         .map_err(|e| ServeError::Internal(format!("reading the model files panicked: {e}")))?;
@@ -222,7 +224,8 @@ impl Lifecycle {
             Ok(files) => self.exec.install(files).await,
             Err(e) => {
                 served.set_state(version, LoadState::Failed(e.to_string()));
-                self.metrics.set_model_state(&served.name, version, "failed");
+                self.metrics
+                    .set_model_state(&served.name, version, "failed");
                 self.metrics
                     .load_failures
                     .with_label_values(&[&served.name])
@@ -302,7 +305,9 @@ impl Lifecycle {
 
     fn save_splits(&self) {
         let Some(dir) = &self.snapshot_dir else {
-            tracing::warn!("snapshots are off: the traffic split is kept in memory only and lost on restart");
+            tracing::warn!(
+                "snapshots are off: the traffic split is kept in memory only and lost on restart"
+            );
             return;
         };
         let file = TrafficFile {

@@ -343,7 +343,12 @@ impl Metrics {
     }
 
     /// Publishes a model's effective split; versions not in it show 0.
-    pub fn set_traffic(&self, model: &str, versions: &[u64], split: &std::collections::BTreeMap<u64, u32>) {
+    pub fn set_traffic(
+        &self,
+        model: &str,
+        versions: &[u64],
+        split: &std::collections::BTreeMap<u64, u32>,
+    ) {
         for v in versions {
             let share = split.get(v).copied().unwrap_or(0);
             self.traffic_share

@@ -125,9 +125,11 @@ async fn unload(
     let model = model_of(model)?;
     body_within(&s, &body)?;
     let req: VersionRequest = parse_json(&body).map_err(ApiError)?;
-    let version = req
-        .version
-        .ok_or_else(|| ApiError(ServeError::Invalid("`version` is required to unload".into())))?;
+    let version = req.version.ok_or_else(|| {
+        ApiError(ServeError::Invalid(
+            "`version` is required to unload".into(),
+        ))
+    })?;
     s.lifecycle.admin_unload(&model, version)?;
     Ok(Json(
         serde_json::json!({ "model": model, "version": version, "state": "unloaded" }),
@@ -148,7 +150,9 @@ async fn traffic(
         .into_iter()
         .map(|(v, p)| (v.to_string(), p.into()))
         .collect();
-    Ok(Json(serde_json::json!({ "model": model, "traffic": traffic })))
+    Ok(Json(
+        serde_json::json!({ "model": model, "traffic": traffic }),
+    ))
 }
 
 async fn config(State(s): State<HttpState>) -> Json<serde_json::Value> {

@@ -46,8 +46,9 @@ fn stamp(path: &Path) -> Option<(u64, Option<SystemTime>)> {
 impl TokenFile {
     /// Reads the file; an unreadable or empty file is an error at start.
     pub fn open(path: &Path, what: &str) -> anyhow::Result<Self> {
-        let tokens = read_tokens(path)
-            .map_err(|e| anyhow::anyhow!("cannot read the {what} token file {}: {e}", path.display()))?;
+        let tokens = read_tokens(path).map_err(|e| {
+            anyhow::anyhow!("cannot read the {what} token file {}: {e}", path.display())
+        })?;
         anyhow::ensure!(
             !tokens.is_empty(),
             "the {what} token file {} holds no token (one per line)",

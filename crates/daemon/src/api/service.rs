@@ -144,7 +144,9 @@ impl Service {
         } else {
             ""
         };
-        let version = result.as_ref().map_or(String::new(), |r| r.version.to_string());
+        let version = result
+            .as_ref()
+            .map_or(String::new(), |r| r.version.to_string());
         self.observe(label, &version, "recommend", started, &result);
         result
     }
@@ -210,7 +212,9 @@ impl Service {
         } else {
             ""
         };
-        let version = result.as_ref().map_or(String::new(), |r| r.version.to_string());
+        let version = result
+            .as_ref()
+            .map_or(String::new(), |r| r.version.to_string());
         self.observe(label, &version, "score", started, &result);
         result
     }

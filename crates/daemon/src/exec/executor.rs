@@ -148,7 +148,11 @@ pub fn spawn(
 impl Executor {
     /// Loads and warms the start-up versions one after the other (nothing is
     /// served yet), then sets the restored splits.
-    fn load_at_start(&mut self, versions: Vec<(usize, ModelEntry)>, splits: &BTreeMap<usize, Split>) {
+    fn load_at_start(
+        &mut self,
+        versions: Vec<(usize, ModelEntry)>,
+        splits: &BTreeMap<usize, Split>,
+    ) {
         for (model, entry) in versions {
             let files = load::read(model, &entry, |path, dim| self.table_resident(path, dim));
             self.begin((model, entry.version), files, None);
@@ -196,10 +200,7 @@ impl Executor {
 
     /// Uploads the version's table (unless resident) and weights, and queues
     /// its warm-up.
-    fn make_resident(
-        &mut self,
-        f: VersionFiles,
-    ) -> Result<Warming, ModelError> {
+    fn make_resident(&mut self, f: VersionFiles) -> Result<Warming, ModelError> {
         let started = Instant::now();
         let spec = f.spec;
         let table = match self.tables.get_mut(&f.items_key) {
@@ -233,7 +234,8 @@ impl Executor {
                     });
                 }
                 self.tables.insert(f.items_key.clone(), (t, 1));
-                self.registry.set_table_resident(&f.items_key, Some(spec.dim));
+                self.registry
+                    .set_table_resident(&f.items_key, Some(spec.dim));
                 t
             }
         };
@@ -365,7 +367,8 @@ impl Executor {
     fn failed(&mut self, model: usize, version: u64, e: &ModelError, reply: Option<Reply<()>>) {
         let served = self.registry.by_index(model).clone();
         served.set_state(version, LoadState::Failed(e.to_string()));
-        self.metrics.set_model_state(&served.name, version, "failed");
+        self.metrics
+            .set_model_state(&served.name, version, "failed");
         self.metrics
             .load_failures
             .with_label_values(&[&served.name])

@@ -88,8 +88,7 @@ impl Versions {
     fn rebuild(&mut self) {
         self.buckets.clear();
         for (v, pct) in self.effective() {
-            self.buckets
-                .extend(std::iter::repeat_n(v, pct as usize));
+            self.buckets.extend(std::iter::repeat_n(v, pct as usize));
         }
     }
 
@@ -340,14 +339,10 @@ impl ServedModel {
         if g.versions.values().any(|e| e.state == LoadState::Loading) {
             return LoadState::Loading;
         }
-        match g
-            .versions
-            .values()
-            .rev()
-            .find_map(|e| match &e.state {
-                LoadState::Failed(why) => Some(why.clone()),
-                _ => None,
-            }) {
+        match g.versions.values().rev().find_map(|e| match &e.state {
+            LoadState::Failed(why) => Some(why.clone()),
+            _ => None,
+        }) {
             Some(why) => LoadState::Failed(why),
             None if g.versions.is_empty() => LoadState::Failed("no version folders".into()),
             None => LoadState::Loading,
@@ -375,7 +370,12 @@ impl ServedModel {
             _ if version.is_some() => Err(ServeError::NotFound(format!(
                 "version {v} of model {} is not loaded; loaded: {}",
                 self.name,
-                list(g.versions.iter().filter(|(_, e)| e.resident.is_some()).map(|(v, _)| *v))
+                list(
+                    g.versions
+                        .iter()
+                        .filter(|(_, e)| e.resident.is_some())
+                        .map(|(v, _)| *v)
+                )
             ))),
             _ => Err(ServeError::NotReady(format!(
                 "version {v} of model {}, which serves this user, is not loaded yet",
@@ -600,7 +600,10 @@ mod tests {
         for u in 0..100_000u64 {
             counts[bucket("demo", u)] += 1;
         }
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
         // The model name is part of the hash: splits of two models are independent.
         let same = (0..1000u64)
             .filter(|&u| bucket("a", u) == bucket("b", u))
@@ -621,13 +624,19 @@ mod tests {
         assert_eq!(m.traffic(), BTreeMap::from([(2, 100)]));
         assert_eq!(m.version(1).unwrap().state, LoadState::Unloaded);
         // A split needs ready versions that sum to 100.
-        let e = m.set_split(Some(BTreeMap::from([(1, 50), (2, 50)]))).unwrap_err();
+        let e = m
+            .set_split(Some(BTreeMap::from([(1, 50), (2, 50)])))
+            .unwrap_err();
         assert_eq!(e.status(), 422, "{e}");
         let e = m.set_split(Some(BTreeMap::from([(2, 90)]))).unwrap_err();
         assert!(e.to_string().contains("sum to 100, got 90"), "{e}");
         m.add_version(1, Some(spec()), LoadState::Loading);
-        assert!(m.version_ready(resident(2, 1)).is_none(), "older: no traffic");
-        m.set_split(Some(BTreeMap::from([(1, 10), (2, 90)]))).unwrap();
+        assert!(
+            m.version_ready(resident(2, 1)).is_none(),
+            "older: no traffic"
+        );
+        m.set_split(Some(BTreeMap::from([(1, 10), (2, 90)])))
+            .unwrap();
         let on_1 = (0..10_000u64)
             .filter(|&u| m.route(u, None).unwrap().resident.version == 1)
             .count();

@@ -91,10 +91,7 @@ impl Repository {
                 tracing::debug!(folder = %dir.path().display(), "no <version>/model.toml inside: not a model");
                 continue;
             }
-            models.push(ModelDir {
-                name,
-                versions,
-            });
+            models.push(ModelDir { name, versions });
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -247,7 +244,12 @@ mod tests {
         let names: Vec<_> = repo
             .models
             .iter()
-            .map(|m| (m.name.as_str(), m.versions.iter().map(|v| v.0).collect::<Vec<_>>()))
+            .map(|m| {
+                (
+                    m.name.as_str(),
+                    m.versions.iter().map(|v| v.0).collect::<Vec<_>>(),
+                )
+            })
             .collect();
         assert_eq!(names, vec![("bad", vec![1]), ("m", vec![1, 2, 3])]);
         let bad = &repo.models[0];
@@ -268,15 +270,24 @@ mod tests {
         put("1", "model.toml", "x");
         let repo = Repository::scan(dir.path()).unwrap();
         let mut e = Eligibility::at_start(&repo);
-        assert!(e.poll("m", &version_folders(&m)).is_empty(), "1 was eligible at start");
+        assert!(
+            e.poll("m", &version_folders(&m)).is_empty(),
+            "1 was eligible at start"
+        );
         // Version 2 is being copied: seen, not eligible until quiet for a poll.
         put("2", "model.toml", "x");
         assert!(e.poll("m", &version_folders(&m)).is_empty());
         put("2", "weights.safetensors", "partial");
-        assert!(e.poll("m", &version_folders(&m)).is_empty(), "a file changed");
+        assert!(
+            e.poll("m", &version_folders(&m)).is_empty(),
+            "a file changed"
+        );
         let newly = e.poll("m", &version_folders(&m));
         assert_eq!(newly.iter().map(|v| v.0).collect::<Vec<_>>(), vec![2]);
-        assert!(e.poll("m", &version_folders(&m)).is_empty(), "eligible once");
+        assert!(
+            e.poll("m", &version_folders(&m)).is_empty(),
+            "eligible once"
+        );
         // Version 3 with READY is eligible on the first poll that sees it.
         put("3", "model.toml", "x");
         put("3", READY_MARKER, "");
