@@ -422,19 +422,19 @@ async fn metrics_cover_requests_batches_queues_and_models() {
     assert_eq!(r.status().as_u16(), 405);
     let text = metrics(&c, &d).await;
     for needle in [
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"400\"} 1",
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"413\"} 1",
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"422\"} 2",
-        "rankd_requests_total{model=\"\",route=\"recommend\",status=\"400\"} 1",
-        "rankd_requests_total{model=\"\",route=\"get_user\",status=\"422\"} 1",
-        "rankd_requests_total{model=\"\",route=\"unmatched\",status=\"404\"} 1",
-        "rankd_requests_total{model=\"\",route=\"unmatched\",status=\"405\"} 1",
-        "rankd_requests_total{model=\"\",route=\"upsert_user\",status=\"200\"} 1",
-        "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\"} 2",
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\"} 1",
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"400\",version=\"\"} 1",
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"413\",version=\"\"} 1",
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"422\",version=\"\"} 2",
+        "rankd_requests_total{model=\"\",route=\"recommend\",status=\"400\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",route=\"get_user\",status=\"422\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",route=\"unmatched\",status=\"404\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",route=\"unmatched\",status=\"405\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",route=\"upsert_user\",status=\"200\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\",version=\"\"} 2",
+        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\",version=\"1\"} 1",
         "rankd_request_duration_seconds_bucket{model=\"demo\",route=\"recommend\"",
         "rankd_queue_duration_seconds_count{model=\"demo\"} 1",
-        "rankd_batch_execution_seconds_count{device=\"cpu\",model=\"demo\"} 1",
+        "rankd_batch_execution_seconds_count{device=\"cpu\",model=\"demo\",version=\"1\"} 1",
         "rankd_batch_size_bucket{model=\"demo\"",
         "rankd_queue_depth{model=\"demo\"} 0",
         "rankd_model_state{model=\"demo\",state=\"ready\",version=\"1\"} 1",
@@ -627,7 +627,7 @@ async fn reading_a_user_is_not_counted_as_an_update() {
     assert_eq!(
         sample(
             &text,
-            "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\"}"
+            "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\",version=\"\"}"
         ),
         Some(5.0),
         "the five reads were served:\n{text}"

@@ -288,6 +288,13 @@ mod tests {
             snapshot_dir = "state"
             snapshot_interval_ms = 10
             history_max = 11
+            repository_poll_ms = 12
+            online_eval_users = 13
+            online_eval_window_ms = 14
+            admin_token_file = "admin.tokens"
+            client_token_file = "client.tokens"
+            uds_mode = "0600"
+            uds_group = "rankd"
 
             [kafka_properties]
             "client.id" = "c"
@@ -319,6 +326,19 @@ mod tests {
         assert_eq!(c.snapshot.dir, Some(PathBuf::from("state")));
         assert_eq!(c.snapshot.interval_ms, 10);
         assert_eq!(c.exec.history_max, 11);
+        assert_eq!(c.lifecycle.repository_poll_ms, 12);
+        assert_eq!(c.lifecycle.online_eval_users, 13);
+        assert_eq!(c.lifecycle.online_eval_window_ms, 14);
+        assert_eq!(
+            c.access.admin_token_file,
+            Some(PathBuf::from("admin.tokens"))
+        );
+        assert_eq!(
+            c.access.client_token_file,
+            Some(PathBuf::from("client.tokens"))
+        );
+        assert_eq!(c.access.uds_mode_bits().unwrap(), 0o600);
+        assert_eq!(c.access.uds_group.as_deref(), Some("rankd"));
 
         // The sections' key lists are what they read and write, no more.
         let written = toml::Table::try_from(&c).unwrap();

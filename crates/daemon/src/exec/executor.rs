@@ -350,7 +350,7 @@ impl Executor {
             device = %self.device,
             ms = started.elapsed().as_millis() as u64,
             traffic = ?served.traffic(),
-            "model version loaded and warmed"
+            "model loaded and warmed"
         );
         if let Some(old) = replaced {
             tracing::info!(model = %served.name, from = old.version, to = version, "the new version takes all traffic");

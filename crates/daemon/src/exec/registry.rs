@@ -112,6 +112,7 @@ pub fn bucket(model: &str, user_id: u64) -> usize {
 }
 
 /// Where one request goes.
+#[derive(Debug)]
 pub struct Route {
     pub resident: Arc<Resident>,
 }

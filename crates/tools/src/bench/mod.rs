@@ -18,6 +18,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 
 use rankd::internals::Rng;
+use rankd_client::types::UserRequest;
 use rankd_client::{Client, ClientError, HttpClient, UdsClient};
 pub use report::{Figures, Report};
 use workload::{Call, OpKind, Workload, Zipf};
@@ -70,6 +71,14 @@ pub struct BenchArgs {
     /// Distinct users in the population
     #[arg(long, default_value_t = 100_000)]
     pub users: u64,
+    /// Before measuring, give the N most frequent users of the population a
+    /// history (written through the daemon's API); 0 measures users without
+    /// state, whose query is the tower of a zero input
+    #[arg(long, default_value_t = 10_000)]
+    pub populate: u64,
+    /// Longest history written by --populate
+    #[arg(long, default_value_t = 50)]
+    pub history_len: usize,
     /// Zipf exponent of user popularity
     #[arg(long, default_value_t = 1.1)]
     pub zipf: f64,
@@ -238,7 +247,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<Vec<Report>> {
         items: args.items.max(1),
         timeout_ms: args.timeout_ms,
     });
-    let reports = match args.transport {
+    let mut reports = match args.transport {
         Transport::Uds => {
             let mut clients = Vec::new();
             for _ in 0..args.connections.max(1) {
@@ -249,13 +258,19 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<Vec<Report>> {
                     )
                 })?);
             }
+            populate(&args, &clients[0], &workload).await?;
             run_all(&args, &clients, &workload).await?
         }
         Transport::Http => {
             let clients = vec![HttpClient::new(&args.http); args.connections.max(1)];
+            populate(&args, &clients[0], &workload).await?;
             run_all(&args, &clients, &workload).await?
         }
     };
+    let populated = args.populate.min(args.users);
+    for r in &mut reports {
+        r.populated_users = populated;
+    }
     for r in &reports {
         println!("{}", r.table());
     }
@@ -268,6 +283,56 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<Vec<Report>> {
         eprintln!("wrote {}", path.display());
     }
     Ok(reports)
+}
+
+/// Writes a history for each of the `--populate` most frequent users: one or
+/// two runs of neighbouring item ids (the demo catalogue keeps a cluster's
+/// items together), of a length spread over 1..=`--history-len`.
+async fn populate<C: Client>(args: &BenchArgs, client: &C, w: &Workload) -> anyhow::Result<()> {
+    let n = args.populate.min(args.users);
+    if n == 0 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut rng = Rng::new(args.seed ^ 0x9090);
+    let mut pending = Vec::new();
+    for rank in 1..=n {
+        let user_id = w.user_of_rank(rank);
+        let len = 1 + rng.below(args.history_len.max(1) as u64) as usize;
+        let runs = 1 + rng.below(2) as usize;
+        let mut history = Vec::with_capacity(len);
+        for run in 0..runs {
+            let start = 1 + rng.below(w.items);
+            let take = if run + 1 == runs {
+                len - history.len()
+            } else {
+                len / runs
+            };
+            history.extend((0..take as u64).map(|i| 1 + (start + i * 7) % w.items));
+        }
+        let c = client.clone();
+        pending.push(tokio::spawn(async move {
+            c.upsert_user(
+                user_id,
+                UserRequest {
+                    history: Some(history),
+                    features: None,
+                },
+            )
+            .await
+        }));
+        if pending.len() == 256 || rank == n {
+            for p in pending.drain(..) {
+                p.await?
+                    .map_err(|e| anyhow::anyhow!("writing a user history for --populate: {e}"))?;
+            }
+        }
+    }
+    eprintln!(
+        "populated {n} users with histories in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 async fn run_all<C: Client>(

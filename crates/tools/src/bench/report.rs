@@ -45,6 +45,8 @@ pub struct Report {
     /// Latency in microseconds.
     pub latency_us: Figures,
     pub batches: Option<Batches>,
+    /// Users given a history before the run (`--populate`).
+    pub populated_users: u64,
 }
 
 impl Report {
@@ -86,6 +88,7 @@ impl Report {
                 mean: h.mean() / 1000.0,
             },
             batches,
+            populated_users: 0,
         }
     }
 
@@ -104,13 +107,14 @@ impl Report {
             .unwrap_or_default();
         let l = &self.latency_us;
         let mut t = format!(
-            "rankd bench: {op} on {} over {transport}, {load}, {:.1} s\n\
+            "rankd bench: {op} on {} over {transport}, {load}, {:.1} s, {} users with a history\n\
              {:>10} {:>10} {:>10} {:>12}\n\
              {:>10} {:>10} {:>10} {:>12.1}\n\
              latency µs {:>9} {:>9} {:>9} {:>9} {:>9}\n\
              {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n",
             self.model,
             self.seconds,
+            self.populated_users,
             "requests",
             "ok",
             "errors",

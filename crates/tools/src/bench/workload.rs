@@ -62,7 +62,12 @@ pub enum Call {
 
 impl Workload {
     pub fn user(&self, rng: &mut Rng) -> u64 {
-        self.zipf.sample(rng).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16
+        self.user_of_rank(self.zipf.sample(rng))
+    }
+
+    /// The id of the user of popularity rank `rank` (1 = most frequent).
+    pub fn user_of_rank(&self, rank: u64) -> u64 {
+        rank.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16
     }
 
     pub fn next(&self, rng: &mut Rng) -> Call {
