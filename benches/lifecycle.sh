@@ -37,20 +37,25 @@ bench --concurrency 32 --duration "$dur"
 echo "-- the same load while version 2 is copied in (files first, READY last) and takes over"
 ( sleep 2; mkdir -p "$work/staging"; cp -r "$work/models/demo/1" "$work/staging/2";
   cp -r "$work/staging/2" "$work/models/demo/2"; touch "$work/models/demo/2/READY" ) &
-bench --concurrency 32 --duration "$dur" --populate 0 --warmup 0s
+bench --concurrency 32 --duration "$dur" --warmup 0s
 grep -E "loaded and warmed|takes all traffic|unloaded" "$work/reload.log" | sed 's/^/   log: /'
 stop
 
-echo "== cost of a 90/10 split and online evaluation (alternating runs)"
+echo "== cost of a 90/10 split and of online evaluation (alternating runs)"
+one() { # one <label> <split: yes|no> <serve args...>
+  local label="$1" split="$2"; shift 2
+  start "$work/cost.log" --admin-token-file "$work/admin" --repository-poll-ms 0 "$@"
+  if [ "$split" = yes ]; then
+    admin load '{"version": 1}'
+    admin traffic '{"split": {"1": 90, "2": 10}}'
+  fi
+  echo "-- $label"
+  bench --concurrency 32 --duration "$dur" | grep -E -A1 "req/s|batches" | grep -v "^--"
+  stop
+}
 for round in 1 2; do
-  start "$work/plain.log" --online-eval-users 0 --repository-poll-ms 0
-  echo "-- round $round: no split, online evaluation off"
-  bench --concurrency 32 --duration "$dur" | grep -A1 "req/s"
-  stop
-  start "$work/split.log" --admin-token-file "$work/admin" --repository-poll-ms 0
-  admin load '{"version": 1}'
-  admin traffic '{"split": {"1": 90, "2": 10}}'
-  echo "-- round $round: split 90/10, online evaluation on"
-  bench --concurrency 32 --duration "$dur" | grep -A1 "req/s"
-  stop
+  one "round $round: no split, online evaluation off" no --online-eval-users 0
+  one "round $round: no split, online evaluation on" no
+  one "round $round: split 90/10, online evaluation off" yes --online-eval-users 0
+  one "round $round: split 90/10, online evaluation on" yes
 done

@@ -49,9 +49,9 @@ fn init_logs(format: LogFormat) {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the models of a repository over HTTP
-    Serve(rankd::config::ServeArgs),
+    Serve(Box<rankd::config::ServeArgs>),
     /// Drive load at a daemon and report throughput, latency and batch sizes
-    Bench(rankd_tools::bench::BenchArgs),
+    Bench(Box<rankd_tools::bench::BenchArgs>),
     /// Check the GPU backend: kernels against the CPU reference, bandwidth,
     /// fused top-k against GEMM + top-k (--dry-run: the host-side parts only)
     #[cfg(feature = "cuda")]
@@ -102,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(rankd_tools::bench::run(args))
+            .block_on(rankd_tools::bench::run(*args))
             .map(|_| ()),
         #[cfg(feature = "cuda")]
         Command::GpuCheck { dry_run, device } => {

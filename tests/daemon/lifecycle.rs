@@ -282,7 +282,8 @@ async fn half_copied_and_broken_versions_never_replace_the_serving_one() {
     std::fs::remove_dir_all(&v2).unwrap();
 
     let weights = demo_models().join("demo/1/weights.safetensors");
-    let cases: Vec<(u64, &str, Box<dyn Fn(&Path)>)> = vec![
+    type Breaks = Box<dyn Fn(&Path)>;
+    let cases: Vec<(u64, &str, Breaks)> = vec![
         (
             3,
             "wrong shape",
