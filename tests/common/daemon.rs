@@ -199,7 +199,7 @@ impl Daemon {
         let http = line
             .trim()
             .split("; ")
-            .find(|p| p.starts_with("http://"))
+            .find(|p| p.starts_with("http://") || p.starts_with("https://"))
             .unwrap_or_else(|| panic!("no http address in {line:?}"))
             .to_string();
         Self {

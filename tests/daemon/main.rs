@@ -15,5 +15,6 @@ mod http_cases;
 mod kafka;
 mod lifecycle;
 mod logs;
+mod tls;
 mod uds;
 mod uds_hostile;

@@ -27,6 +27,8 @@ use crate::model::{self, ModelEntry, Repository};
 /// A started daemon: listening, loading or loaded.
 pub struct Daemon {
     pub http_addr: SocketAddr,
+    /// The HTTP listener speaks TLS.
+    pub https: bool,
     /// The socket path, when the socket is on.
     pub uds_path: Option<PathBuf>,
     registry: Arc<Registry>,
@@ -204,12 +206,22 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         config: Arc::new(config.redacted()),
     });
     let (stop, stopped) = oneshot::channel::<()>();
+    let tls = match config.tls.files() {
+        Some((cert, key)) => Some(api::tls::acceptor(cert, key)?),
+        None => None,
+    };
+    let https = tls.is_some();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
+        match tls {
+            Some(acceptor) => api::tls::serve(listener, acceptor, app, stopped).await,
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            }
+        }
     });
     let (uds_stop, uds_stopped) = oneshot::channel::<()>();
     let uds_path = uds_listener.as_ref().map(|(_, path)| path.clone());
@@ -265,6 +277,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         .map(|dir| Snapshotter::start(dir, config.snapshot.interval(), exec.clone()));
     Ok(Daemon {
         http_addr,
+        https,
         uds_path,
         registry,
         loaded,
@@ -377,9 +390,10 @@ impl Daemon {
     pub fn ready_line(&self) -> String {
         let n = self.registry.ready_count();
         let mut line = format!(
-            "ready: {n} model{} on {}; http://{}",
+            "ready: {n} model{} on {}; {}://{}",
             if n == 1 { "" } else { "s" },
             self.registry.device(),
+            if self.https { "https" } else { "http" },
             self.http_addr
         );
         if let Some(p) = &self.uds_path {

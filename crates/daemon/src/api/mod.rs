@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod http;
 pub mod service;
+pub mod tls;
 pub mod uds;
 
 pub use service::{Service, ServiceLimits};

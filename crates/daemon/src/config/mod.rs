@@ -16,6 +16,7 @@ mod lifecycle;
 mod requests;
 mod snapshot;
 mod socket;
+mod tls;
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +30,7 @@ pub use lifecycle::{LifecycleArgs, LifecycleConfig};
 pub use requests::{RequestArgs, RequestConfig};
 pub use snapshot::{SnapshotArgs, SnapshotConfig};
 pub use socket::{SocketArgs, SocketConfig};
+pub use tls::{TlsArgs, TlsConfig};
 
 /// The whole configuration. In the file (and written back with serde) the
 /// sections' keys all sit at the top level.
@@ -50,6 +52,8 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     #[serde(flatten)]
     pub access: AccessConfig,
+    #[serde(flatten)]
+    pub tls: TlsConfig,
 }
 
 impl Config {
@@ -64,6 +68,7 @@ impl Config {
             SnapshotConfig::KEYS,
             LifecycleConfig::KEYS,
             AccessConfig::KEYS,
+            TlsConfig::KEYS,
         ]
         .into_iter()
         .flatten()
@@ -116,6 +121,7 @@ impl Config {
             snapshot: section(&doc, text)?,
             lifecycle: section(&doc, text)?,
             access: section(&doc, text)?,
+            tls: section(&doc, text)?,
         })
     }
 
@@ -134,6 +140,7 @@ impl Config {
         self.snapshot.validate()?;
         self.lifecycle.validate()?;
         self.access.validate()?;
+        self.tls.validate()?;
         self.exec.validate()
     }
 }
@@ -163,6 +170,8 @@ pub struct ServeArgs {
     pub lifecycle: LifecycleArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl ServeArgs {
@@ -180,6 +189,7 @@ impl ServeArgs {
         self.snapshot.apply(&mut c.snapshot);
         self.lifecycle.apply(&mut c.lifecycle);
         self.access.apply(&mut c.access);
+        self.tls.apply(&mut c.tls);
         c.validate()?;
         Ok(c)
     }
@@ -295,6 +305,8 @@ mod tests {
             client_token_file = "client.tokens"
             uds_mode = "0600"
             uds_group = "rankd"
+            tls_cert = "cert.pem"
+            tls_key = "key.pem"
 
             [kafka_properties]
             "client.id" = "c"
@@ -339,6 +351,8 @@ mod tests {
         );
         assert_eq!(c.access.uds_mode_bits().unwrap(), 0o600);
         assert_eq!(c.access.uds_group.as_deref(), Some("rankd"));
+        assert_eq!(c.tls.tls_cert, Some(PathBuf::from("cert.pem")));
+        assert_eq!(c.tls.tls_key, Some(PathBuf::from("key.pem")));
 
         // The sections' key lists are what they read and write, no more.
         let written = toml::Table::try_from(&c).unwrap();
