@@ -499,3 +499,58 @@ async fn a_broker_outage_keeps_rankd_serving_and_it_catches_up() {
     wait_applied(&c, &d, EVENTS, 4, Duration::from_secs(30)).await;
     assert_eq!(history(&c, &d, user).await, vec![11, 12, 13, 14]);
 }
+
+/// The loop the anchors leave open: rankd serves a list, the click on it
+/// arrives on the events topic, and rankd credits the version that served it.
+#[tokio::test]
+async fn clicks_on_the_events_topic_are_hits_for_the_version_that_served_the_list() {
+    let broker = broker_with_topics();
+    let state = tempfile::tempdir().unwrap();
+    let d = rankd_on(&broker, state.path());
+    let c = Daemon::client();
+    let mut lists = Vec::new();
+    for user in 0..60u64 {
+        let (s, body) = post(
+            &c,
+            &d.url("/v1/models/demo/recommend"),
+            json!({"user_id": 5_000 + user, "k": 8}),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let items: Vec<u64> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_u64().unwrap())
+            .collect();
+        lists.push((5_000 + user, items));
+    }
+    // A third of the users click their list's fifth item; a third click an
+    // item that was not in their list; the rest do nothing.
+    let producer = broker.producer();
+    let mut sent = 0i64;
+    let mut hits = 0u64;
+    for (n, (user, items)) in lists.iter().enumerate() {
+        let item = match n % 3 {
+            0 => {
+                hits += 1;
+                items[4]
+            }
+            1 => (1..).find(|i| !items.contains(i)).unwrap(),
+            _ => continue,
+        };
+        producer.send(EVENTS, &user.to_string(), &event(*user, item));
+        sent += 1;
+    }
+    producer.flush();
+    wait_applied(&c, &d, EVENTS, sent, Duration::from_secs(30)).await;
+    let info = get_json(&c, &d.url("/v1/models/demo")).await;
+    let online = &info["versions"][0]["online"];
+    assert_eq!(info["versions"][0]["version"], 1, "{info}");
+    assert_eq!(online["impressions"], 60, "{info}");
+    assert_eq!(online["hits"], hits, "{info}");
+    let metrics = get(&c, &d.url("/metrics")).await.1;
+    let rank5 =
+        format!("rankd_online_hit_rank_bucket{{model=\"demo\",version=\"1\",le=\"5\"}} {hits}");
+    assert!(metrics.contains(&rank5), "every hit at rank 5: {metrics}");
+}
