@@ -38,7 +38,7 @@ echo "-- the same load while version 2 is copied in (files first, READY last) an
 ( sleep 2; mkdir -p "$work/staging"; cp -r "$work/models/demo/1" "$work/staging/2";
   cp -r "$work/staging/2" "$work/models/demo/2"; touch "$work/models/demo/2/READY" ) &
 bench --concurrency 32 --duration "$dur" --warmup 0s
-grep -E "loaded and warmed|takes all traffic|unloaded" "$work/reload.log" | sed 's/^/   log: /'
+grep -E "loaded and warmed|retired|unloaded" "$work/reload.log" | sed 's/^/   log: /'
 stop
 
 echo "== cost of a 90/10 split and of online evaluation (alternating runs)"

@@ -492,6 +492,31 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
             versions.push(t.await.unwrap());
         }
     }
+    // Every user, twice more over the socket: the same version each time.
+    for _ in 0..2 {
+        let mut again = Vec::with_capacity(10_000);
+        for start in (0..10_000u64).step_by(500) {
+            let tasks: Vec<_> = (start..start + 500)
+                .map(|u| {
+                    let uds = uds.clone();
+                    tokio::spawn(async move {
+                        let req = rankd_client::types::RecommendRequest {
+                            user_id: u,
+                            k: 3,
+                            exclude: vec![],
+                            timeout_ms: Some(10_000),
+                            version: None,
+                        };
+                        uds.recommend("demo", req).await.unwrap().version
+                    })
+                })
+                .collect();
+            for t in tasks {
+                again.push(t.await.unwrap());
+            }
+        }
+        assert!(again == versions, "a user changed version between calls");
+    }
     let canary = versions.iter().filter(|v| **v == 2).count();
     eprintln!("split 90/10: {canary} of 10000 users on the canary");
     assert!(
@@ -973,4 +998,62 @@ async fn the_socket_file_gets_the_configured_mode() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("uds_mode") && err.contains("999"), "{err}");
+}
+
+#[tokio::test]
+async fn a_broken_newest_version_falls_back_and_an_admin_load_survives_the_next_poll() {
+    let root = tempfile::tempdir().unwrap();
+    derived_version(root.path(), "demo", 1, "demo", |t| t);
+    derived_version(root.path(), "demo", 2, "demo", |t| {
+        t.replace("user_feature_dim = 16", "user_feature_dim = 8")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let admin = token_file(dir.path(), "admin", &[ADMIN]);
+    let d = Daemon::start_with(
+        root.path(),
+        &["--admin-token-file", &admin, "--repository-poll-ms", "150"],
+    );
+    let c = Daemon::client();
+    // The newest version is broken: the one before it serves.
+    let info = model_info(&c, &d, "demo").await;
+    assert_eq!(
+        version_entry(&info, 2).unwrap()["state"],
+        "failed",
+        "{info}"
+    );
+    assert_eq!(info["traffic"], json!({"1": 100}), "{info}");
+    assert_eq!(get(&c, &d.url("/readyz")).await.0, 200);
+    assert_eq!(recommend_version(&c, &d, 1).await, 1);
+    // An upload loaded by the admin API before the watcher sees it keeps
+    // serving after the watcher's next polls.
+    let staging = tempfile::tempdir().unwrap();
+    derived_version(staging.path(), "demo", 3, "demo", |t| t);
+    upload(&staging.path().join("demo/3"), &root.path().join("demo/3"));
+    let (s, body, _) = admin_post(
+        &c,
+        &d.url("/v1/admin/models/demo/load"),
+        Some(ADMIN),
+        json!({"version": 3}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let info = model_info(&c, &d, "demo").await;
+    assert_eq!(version_entry(&info, 3).unwrap()["state"], "ready", "{info}");
+    assert_eq!(info["traffic"], json!({"3": 100}), "{info}");
+    assert_eq!(recommend_version(&c, &d, 1).await, 3);
+    assert_eq!(get(&c, &d.url("/readyz")).await.0, 200);
+    // `{}` is refused rather than read as "back to latest".
+    let (s, body, _) = admin_post(
+        &c,
+        &d.url("/v1/admin/models/demo/traffic"),
+        Some(ADMIN),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("split"),
+        "{body}"
+    );
 }

@@ -101,6 +101,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     let mut startup = exec::Startup {
         versions: Vec::new(),
         splits: BTreeMap::new(),
+        fallbacks: Vec::new(),
         snapshot: None,
         online_users: config.lifecycle.online_eval_users,
         online_window: config.lifecycle.online_window(),
@@ -135,8 +136,19 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
                     ModelEntry::read(&m.name, *v, dir.clone())
                 };
                 startup.versions.push((index, entry));
+            } else if split.is_none() {
+                startup
+                    .fallbacks
+                    .push((index, ModelEntry::read(&m.name, *v, dir.clone())));
             }
         }
+        // Newest first within the model.
+        let from = startup
+            .fallbacks
+            .iter()
+            .position(|(i, _)| *i == index)
+            .unwrap_or(startup.fallbacks.len());
+        startup.fallbacks[from..].reverse();
         served.push(model);
     }
     let registry = Arc::new(Registry::new(served));

@@ -39,16 +39,35 @@ pub fn read_splits(dir: &Path) -> anyhow::Result<BTreeMap<String, Split>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
         Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
     };
-    let file: TrafficFile =
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    file.models
-        .into_iter()
-        .map(|(model, split)| {
-            let split = parse_split(&split)
-                .map_err(|e| anyhow::anyhow!("{}: model {model}: {e}", path.display()))?;
-            Ok((model, split))
-        })
-        .collect()
+    let file: TrafficFile = match serde_json::from_str(&text) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "the saved traffic splits are unreadable; every model serves its latest version");
+            return Ok(BTreeMap::new());
+        }
+    };
+    let mut splits = BTreeMap::new();
+    for (model, split) in file.models {
+        let checked = parse_split(&split).and_then(|s| {
+            let sum: u64 = s.values().map(|p| u64::from(*p)).sum();
+            if sum == 100 {
+                Ok(s)
+            } else {
+                Err(ServeError::Invalid(format!(
+                    "split percentages must sum to 100, got {sum}"
+                )))
+            }
+        });
+        match checked {
+            Ok(s) => {
+                splits.insert(model, s);
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), model, error = %e, "saved traffic split ignored; the model serves its latest version");
+            }
+        }
+    }
+    Ok(splits)
 }
 
 /// A split as sent (`{"1": 90, "2": 10}`) with its keys read as versions.
@@ -71,6 +90,8 @@ pub struct Lifecycle {
     /// Where splits are saved; `None` keeps them in memory only.
     snapshot_dir: Option<PathBuf>,
     watch: Mutex<Watch>,
+    /// Held while the splits file is written, so writes never interleave.
+    saving: Mutex<()>,
 }
 
 struct Watch {
@@ -99,6 +120,7 @@ impl Lifecycle {
                 eligibility,
                 failed: HashMap::new(),
             }),
+            saving: Mutex::new(()),
         }
     }
 
@@ -194,11 +216,6 @@ impl Lifecycle {
     /// loading or ready already. Returns once it serves or failed.
     pub async fn load_version(&self, index: usize, version: u64) -> Result<(), ServeError> {
         let served = self.registry.by_index(index).clone();
-        if let Some(e) = served.version(version) {
-            if matches!(e.state, LoadState::Loading) || e.resident.is_some() {
-                return Ok(());
-            }
-        }
         let dir = self.root.join(&served.name).join(version.to_string());
         if !dir.join("model.toml").is_file() {
             return Err(ServeError::NotFound(format!(
@@ -206,7 +223,9 @@ impl Lifecycle {
                 served.name
             )));
         }
-        served.add_version(version, None, LoadState::Loading);
+        if !served.begin_load(version) {
+            return Ok(());
+        }
         self.metrics
             .set_model_state(&served.name, version, "loading");
         tracing::info!(model = %served.name, version, "loading model version");
@@ -243,22 +262,46 @@ impl Lifecycle {
     /// highest in the repository) and waits up to [`LOAD_WAIT`] for it.
     /// `Ok(true)` once it serves, `Ok(false)` when still loading.
     pub async fn admin_load(
-        &self,
+        self: &Arc<Self>,
         model: &str,
         version: Option<u64>,
     ) -> Result<(u64, bool), ServeError> {
         let index = self.model(model)?;
         let version = match version {
             Some(v) => v,
-            None => version_folders(&self.root.join(model))
-                .last()
-                .map(|(v, _)| *v)
+            None => self
+                .watch
+                .lock()
+                .expect("watch lock poisoned")
+                .eligibility
+                .highest(model)
                 .ok_or_else(|| {
-                    ServeError::NotFound(format!("model {model} has no version in the repository"))
+                    ServeError::NotFound(format!(
+                        "model {model} has no eligible version in the repository"
+                    ))
                 })?,
         };
-        let load = self.load_version(index, version);
-        let _ = tokio::time::timeout(LOAD_WAIT, load).await;
+        // The load runs on its own: a caller that gives up (or the wait
+        // below) never leaves it half done.
+        let me = self.clone();
+        let load = tokio::spawn(async move { me.load_version(index, version).await });
+        if let Ok(Ok(Err(e @ ServeError::NotFound(_)))) =
+            tokio::time::timeout(LOAD_WAIT, load).await
+        {
+            return Err(e);
+        }
+        // A load already in flight (the watcher's) is waited for too.
+        let until = tokio::time::Instant::now() + LOAD_WAIT;
+        while self
+            .registry
+            .by_index(index)
+            .version(version)
+            .map(|e| e.state)
+            == Some(LoadState::Loading)
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let served = self.registry.by_index(index);
         match served.version(version).map(|e| e.state) {
             Some(LoadState::Ready) => Ok((version, true)),
@@ -289,7 +332,13 @@ impl Lifecycle {
     pub fn set_traffic(&self, model: &str, split: Option<Split>) -> Result<Split, ServeError> {
         let index = self.model(model)?;
         let served = self.registry.by_index(index);
+        let clears = split.is_none();
         let effective = served.set_split(split)?;
+        if clears {
+            for r in served.take_idle() {
+                self.exec.retire(r);
+            }
+        }
         tracing::info!(model, split = ?effective, explicit = served.split().is_some(), "traffic split set");
         self.publish_traffic(index);
         self.save_splits();
@@ -304,6 +353,7 @@ impl Lifecycle {
     }
 
     fn save_splits(&self) {
+        let _writing = self.saving.lock().expect("saving lock poisoned");
         let Some(dir) = &self.snapshot_dir else {
             tracing::warn!(
                 "snapshots are off: the traffic split is kept in memory only and lost on restart"
@@ -332,7 +382,8 @@ impl Lifecycle {
                 std::fs::write(&tmp, json)
             })
             .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| std::fs::File::open(dir)?.sync_all());
         if let Err(e) = result {
             tracing::error!(path = %path.display(), error = %e, "saving the traffic split failed");
         }

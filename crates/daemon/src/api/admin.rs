@@ -144,6 +144,16 @@ async fn traffic(
     let model = model_of(model)?;
     body_within(&s, &body)?;
     let req: TrafficRequest = parse_json(&body).map_err(ApiError)?;
+    // `{}` must not quietly return the model to `latest`: only an explicit
+    // `"split": null` does.
+    let named = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .is_some_and(|v| v.get("split").is_some());
+    if !named {
+        return Err(ApiError(ServeError::Invalid(
+            "`split` is required: {\"split\": {\"1\": 90, \"2\": 10}}, or {\"split\": null} for the latest version".into(),
+        )));
+    }
     let split = req.split.as_ref().map(parse_split).transpose()?;
     let effective = s.lifecycle.set_traffic(&model, split)?;
     let traffic: serde_json::Map<String, serde_json::Value> = effective

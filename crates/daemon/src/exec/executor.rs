@@ -62,6 +62,9 @@ pub struct Startup {
     pub versions: Vec<(usize, ModelEntry)>,
     /// Splits restored from the last run, per model index.
     pub splits: BTreeMap<usize, Split>,
+    /// Older versions, newest first, tried in turn for a model whose start-up
+    /// versions all failed.
+    pub fallbacks: Vec<(usize, ModelEntry)>,
     pub snapshot: Option<Snapshot>,
     /// Users remembered for online evaluation (0: off) and the window.
     pub online_users: usize,
@@ -126,7 +129,7 @@ pub fn spawn(
                 registry,
                 metrics,
             };
-            exec.load_at_start(startup.versions, &startup.splits);
+            exec.load_at_start(startup.versions, startup.fallbacks, &startup.splits);
             exec.publish_health();
             if let Some(s) = startup.snapshot {
                 exec.state.restore(&s);
@@ -151,12 +154,19 @@ impl Executor {
     fn load_at_start(
         &mut self,
         versions: Vec<(usize, ModelEntry)>,
+        fallbacks: Vec<(usize, ModelEntry)>,
         splits: &BTreeMap<usize, Split>,
     ) {
         for (model, entry) in versions {
-            let files = load::read(model, &entry, |path, dim| self.table_resident(path, dim));
-            self.begin((model, entry.version), files, None);
-            while self.warm_step() {}
+            self.load_now(model, &entry);
+        }
+        for (model, entry) in fallbacks {
+            let served = self.registry.by_index(model).clone();
+            if served.state() == LoadState::Ready || !served.begin_load(entry.version) {
+                continue;
+            }
+            tracing::warn!(model = %served.name, version = entry.version, "the newest version failed to load; trying an older one");
+            self.load_now(model, &entry);
         }
         for (&model, split) in splits {
             let served = self.registry.by_index(model).clone();
@@ -175,6 +185,13 @@ impl Executor {
             }
             self.publish_traffic(model);
         }
+    }
+
+    /// Reads, loads and warms one version at once (nothing is served yet).
+    fn load_now(&mut self, model: usize, entry: &ModelEntry) {
+        let files = load::read(model, entry, |path, dim| self.table_resident(path, dim));
+        self.begin((model, entry.version), files, None);
+        while self.warm_step() {}
     }
 
     fn table_resident(&self, path: &std::path::Path, dim: usize) -> bool {
@@ -342,7 +359,22 @@ impl Executor {
         self.registry
             .by_index(model)
             .set_item_count(self.state.tables[self.slots[&resident.id].table].live_count());
-        let replaced = served.version_ready(resident);
+        let retired = match served.version_ready(resident) {
+            Ok(retired) => retired,
+            Err(resident) => {
+                tracing::info!(model = %served.name, version, "version unloaded or removed while it loaded: freed");
+                self.metrics
+                    .set_model_state(&served.name, version, "unloaded");
+                self.retiring.push(resident);
+                if let Some(r) = reply {
+                    let _ = r.send(Err(ServeError::NotFound(format!(
+                        "version {version} of model {} was unloaded or removed while it loaded",
+                        served.name
+                    ))));
+                }
+                return;
+            }
+        };
         self.metrics.set_model_state(&served.name, version, "ready");
         tracing::info!(
             model = %served.name,
@@ -352,8 +384,8 @@ impl Executor {
             traffic = ?served.traffic(),
             "model loaded and warmed"
         );
-        if let Some(old) = replaced {
-            tracing::info!(model = %served.name, from = old.version, to = version, "the new version takes all traffic");
+        for old in retired {
+            tracing::info!(model = %served.name, version = old.version, now = version, "version retired: the new one replaces it");
             self.metrics
                 .set_model_state(&served.name, old.version, "unloaded");
             self.retiring.push(old);

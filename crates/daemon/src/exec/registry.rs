@@ -145,8 +145,30 @@ impl ServedModel {
         self.inner.write().expect("versions lock poisoned")
     }
 
-    /// Adds a version found in the repository (or updates what is known of it).
+    /// Adds a version found in the repository, in `state`. A version already
+    /// known is only marked present again: its state changes only when it is
+    /// neither loading nor resident.
     pub fn add_version(&self, version: u64, spec: Option<Arc<ModelSpec>>, state: LoadState) {
+        let mut g = self.write();
+        let e = g.versions.entry(version).or_insert(VersionEntry {
+            state: state.clone(),
+            spec: None,
+            resident: None,
+            on_disk: true,
+        });
+        e.on_disk = true;
+        if e.resident.is_none() && e.state != LoadState::Loading {
+            e.state = state;
+        }
+        if spec.is_some() {
+            e.spec = spec;
+        }
+    }
+
+    /// Marks `version` loading unless it is loading or resident already (then
+    /// `false`: nothing to do). The check and the mark are one step, so two
+    /// callers never load the same version twice.
+    pub fn begin_load(&self, version: u64) -> bool {
         let mut g = self.write();
         let e = g.versions.entry(version).or_insert(VersionEntry {
             state: LoadState::Unloaded,
@@ -154,11 +176,11 @@ impl ServedModel {
             resident: None,
             on_disk: true,
         });
-        e.state = state;
-        e.on_disk = true;
-        if spec.is_some() {
-            e.spec = spec;
+        if e.state == LoadState::Loading || e.resident.is_some() {
+            return false;
         }
+        e.state = LoadState::Loading;
+        true
     }
 
     pub fn set_state(&self, version: u64, state: LoadState) {
@@ -169,30 +191,57 @@ impl ServedModel {
 
     /// The version finished loading and warming: it may serve from now on.
     /// In `latest` mode a version newer than the serving one takes all traffic
-    /// at once; the one it replaces is returned, for the executor to retire.
-    pub fn version_ready(&self, resident: Arc<Resident>) -> Option<Arc<Resident>> {
+    /// at once, and every other resident version without traffic is
+    /// returned for the executor to retire (so at most the old and the new
+    /// version were resident at once). With a split set, a new version stays
+    /// resident without traffic and replaces an older version that had no
+    /// traffic either. A version unloaded or removed while it loaded is not
+    /// put in service: `Err` hands it back to be freed.
+    pub fn version_ready(
+        &self,
+        resident: Arc<Resident>,
+    ) -> Result<Vec<Arc<Resident>>, Arc<Resident>> {
         let mut g = self.write();
         let version = resident.version;
-        let e = g.versions.entry(version).or_insert(VersionEntry {
-            state: LoadState::Ready,
-            spec: Some(resident.spec.clone()),
-            resident: None,
-            on_disk: true,
-        });
-        e.state = LoadState::Ready;
-        e.spec = Some(resident.spec.clone());
-        e.resident = Some(resident);
-        let mut retired = None;
-        if g.split.is_none() && g.latest.is_none_or(|l| version > l) {
-            if let Some(old) = g.latest.replace(version) {
-                if let Some(e) = g.versions.get_mut(&old) {
-                    retired = e.resident.take();
-                    e.state = LoadState::Unloaded;
-                }
+        match g.versions.get_mut(&version) {
+            Some(e) if e.state == LoadState::Loading && e.resident.is_none() => {
+                e.state = LoadState::Ready;
+                e.spec = Some(resident.spec.clone());
+                e.resident = Some(resident);
             }
+            _ => return Err(resident),
+        }
+        let takes_over = g.split.is_none() && g.latest.is_none_or(|l| version > l);
+        if takes_over {
+            g.latest = Some(version);
             g.rebuild();
         }
-        retired
+        let newest = g
+            .versions
+            .iter()
+            .rev()
+            .find(|(_, e)| e.resident.is_some())
+            .map(|(v, _)| *v);
+        // Taking over retires every other version (none has traffic now); a
+        // new canary candidate under a split retires older candidates.
+        let candidate = g.split.is_some() && newest == Some(version);
+        let drop: Vec<u64> = g
+            .versions
+            .iter()
+            .filter(|(v, e)| **v != version && e.resident.is_some())
+            .filter(|(v, _)| takes_over || (candidate && g.traffic_of(**v) == 0))
+            .map(|(v, _)| *v)
+            .collect();
+        let mut retired = Vec::new();
+        for v in drop {
+            if let Some(e) = g.versions.get_mut(&v) {
+                if let Some(r) = e.resident.take() {
+                    retired.push(r);
+                }
+                e.state = LoadState::Unloaded;
+            }
+        }
+        Ok(retired)
     }
 
     /// Takes a version out of service (it must carry no traffic) and returns
@@ -249,13 +298,14 @@ impl ServedModel {
     }
 
     /// Sets (`Some`) or clears (`None`, back to `latest`) the split. Every
-    /// version named must be ready. Returns the split now in effect.
+    /// version named must be ready; versions at 0% are left out. Returns the
+    /// split now in effect.
     pub fn set_split(&self, split: Option<Split>) -> Result<Split, ServeError> {
         let mut g = self.write();
         if let Some(s) = &split {
             validate_split(&self.name, s, &g.versions)?;
         }
-        g.split = split;
+        g.split = split.map(|s| s.into_iter().filter(|(_, p)| *p > 0).collect());
         if g.split.is_none() {
             // Back to the newest version that is ready.
             g.latest = g
@@ -276,6 +326,25 @@ impl ServedModel {
         let mut g = self.write();
         g.split = Some(split);
         g.rebuild();
+    }
+
+    /// In `latest` mode: every resident version but the latest, taken out of
+    /// service for the executor to free.
+    pub fn take_idle(&self) -> Vec<Arc<Resident>> {
+        let mut g = self.write();
+        if g.split.is_some() {
+            return Vec::new();
+        }
+        let latest = g.latest;
+        g.versions
+            .iter_mut()
+            .filter(|(v, _)| Some(**v) != latest)
+            .filter_map(|(_, e)| {
+                let r = e.resident.take()?;
+                e.state = LoadState::Unloaded;
+                Some(r)
+            })
+            .collect()
     }
 
     /// The explicit split, if one is set.
@@ -616,12 +685,12 @@ mod tests {
     fn latest_takes_over_and_retires_the_old_version_and_a_split_pins_traffic() {
         let m = ServedModel::new("demo".into(), 16);
         m.add_version(1, Some(spec()), LoadState::Loading);
-        assert!(m.version_ready(resident(0, 1)).is_none());
+        assert!(m.version_ready(resident(0, 1)).unwrap().is_empty());
         assert_eq!(m.traffic(), BTreeMap::from([(1, 100)]));
         assert_eq!(m.route(7, None).unwrap().resident.version, 1);
         m.add_version(2, Some(spec()), LoadState::Loading);
-        let old = m.version_ready(resident(1, 2)).expect("1 retired");
-        assert_eq!(old.version, 1);
+        let old = m.version_ready(resident(1, 2)).unwrap();
+        assert_eq!(old.iter().map(|r| r.version).collect::<Vec<_>>(), vec![1]);
         assert_eq!(m.traffic(), BTreeMap::from([(2, 100)]));
         assert_eq!(m.version(1).unwrap().state, LoadState::Unloaded);
         // A split needs ready versions that sum to 100.
@@ -633,8 +702,8 @@ mod tests {
         assert!(e.to_string().contains("sum to 100, got 90"), "{e}");
         m.add_version(1, Some(spec()), LoadState::Loading);
         assert!(
-            m.version_ready(resident(2, 1)).is_none(),
-            "older: no traffic"
+            m.version_ready(resident(2, 1)).unwrap().is_empty(),
+            "older: no traffic, nothing retired"
         );
         m.set_split(Some(BTreeMap::from([(1, 10), (2, 90)])))
             .unwrap();
@@ -644,17 +713,72 @@ mod tests {
         assert!((850..=1150).contains(&on_1), "{on_1}");
         // While a split is set, a new version gets no traffic.
         m.add_version(3, Some(spec()), LoadState::Loading);
-        assert!(m.version_ready(resident(3, 3)).is_none());
+        assert!(m.version_ready(resident(3, 3)).unwrap().is_empty());
         assert_eq!(m.traffic().get(&3), None);
         assert_eq!(m.route(1, Some(3)).unwrap().resident.version, 3);
         // Unloading a version that carries traffic is refused.
         assert_eq!(m.unload(1).unwrap_err().status(), 409);
         assert_eq!(m.unload(3).unwrap().unwrap().version, 3);
         assert_eq!(m.route(1, Some(3)).unwrap_err().status(), 404);
-        // Back to latest: the newest ready version.
+        // A newer candidate replaces an older one that had no traffic.
+        m.add_version(3, Some(spec()), LoadState::Loading);
+        m.version_ready(resident(4, 3)).unwrap();
+        m.add_version(4, Some(spec()), LoadState::Loading);
+        let gone = m.version_ready(resident(5, 4)).unwrap();
+        assert_eq!(gone.iter().map(|r| r.version).collect::<Vec<_>>(), vec![3]);
+        // Back to latest: the newest ready version; the others without
+        // traffic are handed back.
         m.set_split(None).unwrap();
-        assert_eq!(m.traffic(), BTreeMap::from([(2, 100)]));
-        assert_eq!(m.primary_version(), Some(2));
+        assert_eq!(m.traffic(), BTreeMap::from([(4, 100)]));
+        assert_eq!(m.primary_version(), Some(4));
+        let idle = m.take_idle();
+        assert_eq!(
+            idle.iter().map(|r| r.version).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+    }
+
+    #[test]
+    fn a_version_unloaded_or_removed_while_loading_is_not_put_in_service() {
+        let m = ServedModel::new("demo".into(), 16);
+        m.add_version(1, Some(spec()), LoadState::Loading);
+        m.version_ready(resident(0, 1)).unwrap();
+        assert!(m.begin_load(2));
+        assert!(!m.begin_load(2), "already loading");
+        assert!(!m.begin_load(1), "already resident");
+        assert!(m.vanished(2).is_none());
+        assert!(
+            m.version_ready(resident(1, 2)).is_err(),
+            "removed while loading"
+        );
+        assert_eq!(m.traffic(), BTreeMap::from([(1, 100)]));
+        assert!(m.begin_load(3));
+        m.unload(3).unwrap();
+        assert!(
+            m.version_ready(resident(2, 3)).is_err(),
+            "unloaded while loading"
+        );
+        // A poll seeing a loaded version again changes nothing.
+        m.add_version(1, None, LoadState::Unloaded);
+        assert_eq!(m.version(1).unwrap().state, LoadState::Ready);
+        assert_eq!(m.route(5, None).unwrap().resident.version, 1);
+    }
+
+    #[test]
+    fn versions_at_zero_percent_are_left_out_of_a_split() {
+        let m = ServedModel::new("demo".into(), 16);
+        for (id, v) in [(0, 1), (1, 2)] {
+            m.add_version(v, Some(spec()), LoadState::Loading);
+            m.version_ready(resident(id, v)).unwrap();
+        }
+        m.add_version(1, Some(spec()), LoadState::Loading);
+        m.version_ready(resident(2, 1)).unwrap();
+        let eff = m
+            .set_split(Some(BTreeMap::from([(1, 100), (2, 0)])))
+            .unwrap();
+        assert_eq!(eff, BTreeMap::from([(1, 100)]));
+        m.unload(2).unwrap();
+        assert_eq!(m.state(), LoadState::Ready);
     }
 
     #[test]

@@ -180,6 +180,11 @@ impl Eligibility {
         e
     }
 
+    /// The highest eligible version of `model`.
+    pub fn highest(&self, model: &str) -> Option<u64> {
+        self.eligible.get(model)?.keys().next_back().copied()
+    }
+
     /// One poll: the versions of `model` (folders in `versions`) that became
     /// eligible now. Versions that vanished are forgotten, so a folder copied
     /// again under the same number goes through the same checks.
