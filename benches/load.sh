@@ -9,9 +9,15 @@ cargo build --release --quiet
 bin=target/release/rankd
 run() { echo "\$ rankd bench $*"; "$bin" bench --start models --quiet "$@"; echo; }
 
+# rankd bench gives its 10,000 most frequent users a history first
+# (--populate); the cold-user case (no state anywhere: every query is the
+# tower of a zero input and every item ties) is its own scenario below.
 echo "== recommend, closed loop, 32 clients: HTTP and socket"
 run --transport http --concurrency 32 --duration "$dur"
 run --transport uds --concurrency 32 --duration "$dur"
+
+echo "== cold users: recommend with no user state (the all-ties case), socket, 32 clients"
+run --transport uds --concurrency 32 --duration "$dur" --populate 0
 
 echo "== socket overhead: health round trip, one connection, closed loop"
 run --transport uds --op health --concurrency 1 --duration "$dur"
