@@ -785,14 +785,14 @@ mod tests {
     fn a_vanished_version_is_kept_while_it_carries_traffic() {
         let m = ServedModel::new("demo".into(), 16);
         m.add_version(1, Some(spec()), LoadState::Loading);
-        m.version_ready(resident(0, 1));
+        m.version_ready(resident(0, 1)).unwrap();
         m.add_version(2, Some(spec()), LoadState::Loading);
-        m.version_ready(resident(1, 2));
+        m.version_ready(resident(1, 2)).unwrap();
         m.set_split(Some(BTreeMap::from([(2, 100)]))).unwrap();
         assert!(m.vanished(2).is_none(), "serving: kept");
         assert!(m.take_orphans().is_empty());
         m.add_version(1, Some(spec()), LoadState::Loading);
-        m.version_ready(resident(2, 1));
+        m.version_ready(resident(2, 1)).unwrap();
         m.set_split(Some(BTreeMap::from([(1, 100)]))).unwrap();
         let freed = m.take_orphans();
         assert_eq!(freed.iter().map(|r| r.version).collect::<Vec<_>>(), vec![2]);
