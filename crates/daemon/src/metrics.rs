@@ -57,6 +57,11 @@ pub struct Metrics {
     pub fallbacks: IntCounterVec,
     /// 1 while the device serves batches, 0 while the CPU stands in for it.
     pub device_healthy: IntGaugeVec,
+    /// 1 once Kafka ingestion is started (so alerts on `rankd_kafka_connected`
+    /// spare the daemons that have no Kafka).
+    pub ingest_enabled: prometheus::IntGauge,
+    /// Snapshots that could not be written.
+    pub snapshot_failures: prometheus::IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -293,6 +298,28 @@ impl Metrics {
                 "1 while the device serves batches, 0 while the CPU stands in for it.",
                 &["device"],
             ),
+            ingest_enabled: {
+                let g = prometheus::IntGauge::new(
+                    "rankd_ingest_enabled",
+                    "1 once Kafka ingestion is started, 0 when the daemon has none.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            snapshot_failures: {
+                let c = prometheus::IntCounter::new(
+                    "rankd_snapshot_failures_total",
+                    "Snapshots of the feature state that could not be written.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
             registry,
         }
     }
