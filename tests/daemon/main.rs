@@ -14,5 +14,6 @@ mod http_bad_input;
 mod http_cases;
 mod kafka;
 mod logs;
+mod monitoring;
 mod uds;
 mod uds_hostile;
