@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean checkout: installs what the tests need
-# (the Kafka-protocol broker and NVRTC, once each, cached by version under
+# (the Kafka-protocol broker, NVRTC and Prometheus, once each, cached by version under
 # ~/.cache/rankd/tools), checks formatting and lints, builds everything (the
 # GPU code included) and a rankd without the default features (no CUDA, no
 # Kafka), then runs the unit and integration tests against the real daemon:
@@ -29,6 +29,22 @@ if [ ! -f "$nvrtc/nvidia/cu13/lib/libnvrtc.so.13" ]; then
 fi
 export RANKD_NVRTC_LIB="$nvrtc/nvidia/cu13/lib"
 export LD_LIBRARY_PATH="$RANKD_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# Prometheus and promtool (Debian's package, unpacked without installing it:
+# no root needed) for the tests of docker/monitoring/.
+PROMETHEUS_VERSION=2.42.0
+PROMETHEUS_DEB_VERSION=2.42.0+ds-5+b6
+prom="$tools/prometheus-$PROMETHEUS_VERSION"
+if [ ! -x "$prom/usr/bin/prometheus" ] || [ ! -x "$prom/usr/bin/promtool" ]; then
+  echo "== installing prometheus $PROMETHEUS_DEB_VERSION into $prom (once)"
+  dl="$(mktemp -d)"
+  (cd "$dl" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION")
+  rm -rf "$prom"
+  dpkg-deb -x "$dl"/prometheus_*.deb "$prom"
+  rm -rf "$dl"
+fi
+export RANKD_PROMETHEUS="$prom/usr/bin/prometheus"
+export RANKD_PROMTOOL="$prom/usr/bin/promtool"
 
 echo "== format"
 cargo fmt --all --check

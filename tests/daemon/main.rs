@@ -15,6 +15,7 @@ mod http_cases;
 mod kafka;
 mod lifecycle;
 mod logs;
+mod monitoring;
 mod tls;
 mod uds;
 mod uds_hostile;

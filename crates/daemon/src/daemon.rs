@@ -282,11 +282,14 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             let _ = loaded_tx.send(true);
         });
     }
-    let snapshots = config
-        .snapshot
-        .dir
-        .clone()
-        .map(|dir| Snapshotter::start(dir, config.snapshot.interval(), exec.clone()));
+    let snapshots = config.snapshot.dir.clone().map(|dir| {
+        Snapshotter::start(
+            dir,
+            config.snapshot.interval(),
+            exec.clone(),
+            metrics.clone(),
+        )
+    });
     Ok(Daemon {
         http_addr,
         https,
@@ -325,6 +328,7 @@ fn start_ingest(
         group = %kafka.group,
         "starting Kafka ingestion"
     );
+    metrics.ingest_enabled.set(1);
     Ingest::start(kafka, validator, resume, exec, metrics)
 }
 
@@ -339,7 +343,12 @@ struct Snapshotter {
 }
 
 impl Snapshotter {
-    fn start(dir: PathBuf, interval: Duration, exec: ExecutorHandle) -> Self {
+    fn start(
+        dir: PathBuf,
+        interval: Duration,
+        exec: ExecutorHandle,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -365,7 +374,10 @@ impl Snapshotter {
                                         written = changes;
                                         tracing::debug!(path = %path.display(), users = base.users(), "snapshot written");
                                     }
-                                    Err(e) => tracing::error!(dir = %dir.display(), error = %e, "snapshot failed"),
+                                    Err(e) => {
+                                        metrics.snapshot_failures.inc();
+                                        tracing::error!(dir = %dir.display(), error = %e, "snapshot failed")
+                                    }
                                 }
                             }
                         }

@@ -67,6 +67,11 @@ pub struct Metrics {
     pub online_hits: IntCounterVec,
     /// 1-based rank of the clicked item in the list that was hit.
     pub online_hit_rank: HistogramVec,
+    /// 1 once Kafka ingestion is started (so alerts on `rankd_kafka_connected`
+    /// spare the daemons that have no Kafka).
+    pub ingest_enabled: prometheus::IntGauge,
+    /// Snapshots that could not be written.
+    pub snapshot_failures: prometheus::IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -322,6 +327,17 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
+            ingest_enabled: {
+                let g = prometheus::IntGauge::new(
+                    "rankd_ingest_enabled",
+                    "1 once Kafka ingestion is started, 0 when the daemon has none.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             online_impressions: counter(
                 "rankd_online_impressions_total",
                 "Recommendations served and remembered for online evaluation.",
@@ -338,6 +354,17 @@ impl Metrics {
                 &["model", "version"],
                 &[1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0],
             ),
+            snapshot_failures: {
+                let c = prometheus::IntCounter::new(
+                    "rankd_snapshot_failures_total",
+                    "Snapshots of the feature state that could not be written.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
             registry,
         }
     }

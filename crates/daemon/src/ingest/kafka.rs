@@ -10,7 +10,7 @@
 //! includes always move together.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,29 @@ fn now_ms() -> u64 {
 struct Ctx {
     status: Arc<IngestStatus>,
     metrics: Arc<Metrics>,
+    /// The broker state last logged: 0 not yet known, 1 up, 2 down.
+    logged: AtomicU8,
+}
+
+impl Ctx {
+    /// Sets the connection state; logs its transitions (once each, not per
+    /// statistics tick).
+    fn set_connected(&self, up: bool) {
+        self.status.set_connected(up);
+        self.metrics.kafka_connected.set(i64::from(up));
+        let now = if up { 1 } else { 2 };
+        let before = self.logged.swap(now, Ordering::Relaxed);
+        match (before, up) {
+            (1, true) | (2, false) => {}
+            (_, true) => tracing::info!("connected to a Kafka broker"),
+            // Not yet connected at start is not worth a warning by itself;
+            // losing a broker is.
+            (0, false) => tracing::info!("no Kafka broker reachable yet"),
+            (_, false) => {
+                tracing::warn!("lost every Kafka broker; updates wait until one is back")
+            }
+        }
+    }
 }
 
 impl ClientContext for Ctx {
@@ -48,8 +71,7 @@ impl ClientContext for Ctx {
             .brokers
             .values()
             .any(|b| b.nodeid >= 0 && b.state == "UP");
-        self.status.set_connected(up);
-        self.metrics.kafka_connected.set(i64::from(up));
+        self.set_connected(up);
         for (topic, t) in &stats.topics {
             for (&partition, p) in &t.partitions {
                 if partition < 0 || p.hi_offset < 0 {
@@ -72,8 +94,7 @@ impl ClientContext for Ctx {
             error.rdkafka_error_code(),
             Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
         ) {
-            self.status.set_connected(false);
-            self.metrics.kafka_connected.set(0);
+            self.set_connected(false);
         }
         tracing::debug!(%error, reason, "kafka client error");
     }
@@ -131,6 +152,7 @@ impl Ingest {
         let ctx = Ctx {
             status: status.clone(),
             metrics: metrics.clone(),
+            logged: AtomicU8::new(0),
         };
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &brokers)
