@@ -46,6 +46,17 @@ fi
 export RANKD_PROMETHEUS="$prom/usr/bin/prometheus"
 export RANKD_PROMTOOL="$prom/usr/bin/promtool"
 
+# The Python tools (the client's tests and the deploy-file checks), pinned in
+# scripts/python-tools.txt, installed once per change of that file.
+pyreq=scripts/python-tools.txt
+pytools="$tools/python-$(sha256sum "$pyreq" | cut -c1-12)"
+if [ ! -f "$pytools/.complete" ]; then
+  echo "== installing the Python tools of $pyreq into $pytools (once)"
+  rm -rf "$pytools"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$pytools" -r "$pyreq"
+  touch "$pytools/.complete"
+fi
+
 echo "== format"
 cargo fmt --all --check
 
@@ -78,6 +89,19 @@ done
 # the workspace is built once more, not once per package.
 echo "== tests without the default features"
 cargo test --release --workspace --no-default-features --locked
+
+# The Python client against the release rankd, and the deploy files (hadolint,
+# the Compose schema, the Kubernetes schemas, flags against `rankd serve
+# --help`, the README's configuration reference against the CLI). The package
+# must also install as a user would install it.
+echo "== Python client and deploy files"
+pip_check="$(mktemp -d)"
+python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+  --target "$pip_check" ./clients/python
+test -f "$pip_check/rankd/__init__.py"
+rm -rf "$pip_check" clients/python/build clients/python/rankd.egg-info
+PATH="$pytools/bin:$PATH" PYTHONPATH="$PWD/clients/python:$pytools" RANKD_BIN="$PWD/target/release/rankd" \
+  python3 -m pytest -q -p no:cacheprovider --timeout 300 clients/python/tests tests/deploy
 
 # Last, so the run ends on a suite's summary: the unit tests of every crate
 # and the integration tests, against the full rankd (CUDA and Kafka).

@@ -63,6 +63,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         device: usize,
     },
+    /// Print the configuration reference of `rankd serve` (flag, environment
+    /// variable, default, meaning) as a Markdown table, from the CLI's own
+    /// definitions; the README's table is this output
+    ConfigReference,
     /// Manage the model repository
     Models {
         #[command(subcommand)]
@@ -114,6 +118,10 @@ fn main() -> anyhow::Result<()> {
             println!("{table}");
             Ok(())
         }
+        Command::ConfigReference => {
+            print!("{}", config_reference());
+            Ok(())
+        }
         Command::Models {
             command: ModelsCommand::Generate { models, seed },
         } => {
@@ -127,6 +135,85 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The `rankd serve` options as a Markdown table, one row per option, grouped
+/// by their help heading, rendered from clap's definitions.
+fn config_reference() -> String {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let serve = cli
+        .find_subcommand("serve")
+        .expect("the serve subcommand")
+        .clone();
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+    let mut out = String::from("| flag | env | default | meaning |\n|---|---|---|---|\n");
+    let mut args: Vec<&clap::Arg> = serve
+        .get_arguments()
+        .chain(cli.get_arguments().filter(|a| a.is_global_set()))
+        .filter(|a| a.get_long().is_some() && a.get_id() != "help")
+        .collect();
+    // Stable: the help's own order within each heading, headings in order of
+    // first appearance.
+    let mut headings: Vec<Option<&str>> = Vec::new();
+    for a in &args {
+        if !headings.contains(&a.get_help_heading()) {
+            headings.push(a.get_help_heading());
+        }
+    }
+    args.sort_by_key(|a| {
+        headings
+            .iter()
+            .position(|h| *h == a.get_help_heading())
+            .unwrap_or(0)
+    });
+    for a in args {
+        let long = a.get_long().unwrap_or_default();
+        let value = a
+            .get_value_names()
+            .and_then(|v| v.first())
+            .map(|v| format!(" {v}"))
+            .unwrap_or_default();
+        let takes_value = a.get_num_args().is_none_or(|n| n.takes_values());
+        let flag = if takes_value && !value.is_empty() {
+            format!("`--{long}{value}`")
+        } else if takes_value {
+            format!("`--{long} {}`", long.to_uppercase().replace('-', "_"))
+        } else {
+            format!("`--{long}`")
+        };
+        let env = a
+            .get_env()
+            .map(|e| format!("`{}`", e.to_string_lossy()))
+            .unwrap_or_default();
+        let defaults: Vec<String> = a
+            .get_default_values()
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect();
+        let mut help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+        // Options merged from flags, RANKD_* and the config file carry their
+        // default in the help text: it moves to its own column.
+        let mut default = if defaults.is_empty() {
+            String::new()
+        } else {
+            format!("`{}`", defaults.join(","))
+        };
+        if let Some(i) = help.find(" [default: ") {
+            if default.is_empty() {
+                let d = help[i + " [default: ".len()..].trim_end_matches(']');
+                default = format!("`{d}`");
+            }
+            help.truncate(i);
+        }
+        let heading = a.get_help_heading().unwrap_or("General");
+        out.push_str(&format!(
+            "| {flag} | {env} | {default} | {}: {} |\n",
+            cell(heading),
+            cell(&help)
+        ));
+    }
+    out
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

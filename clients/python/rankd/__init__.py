@@ -1,0 +1,38 @@
+"""Python client for rankd: `rankd.Client` (blocking) and `rankd.AsyncClient`
+(asyncio), over the Unix socket (`unix:///path`) or HTTP (`http(s)://host:port`)."""
+
+from ._async import AsyncClient
+from ._errors import (
+    ConnectionError,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    Overloaded,
+    RankdError,
+    Unauthorized,
+)
+from ._sync import Client
+from ._types import Health, Item, ModelInfo, Recommendation, ScoredItem, Scores, User
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ConnectionError",
+    "DeadlineExceeded",
+    "Health",
+    "InvalidRequest",
+    "Item",
+    "ModelInfo",
+    "NotFound",
+    "NotReady",
+    "Overloaded",
+    "RankdError",
+    "Recommendation",
+    "ScoredItem",
+    "Scores",
+    "Unauthorized",
+    "User",
+]

@@ -1,0 +1,167 @@
+"""The asyncio client. Over the socket, every call from every task shares one
+connection: requests are pipelined and answers matched by id."""
+
+import asyncio
+import itertools
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import msgpack
+
+from . import _core
+from . import _types as t
+from ._errors import ConnectionError
+
+
+class _Conn:
+    def __init__(self, target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.target, self.reader, self.writer = target, reader, writer
+        self.pending: Dict[int, "asyncio.Future[Any]"] = {}
+        self.ids = itertools.count(1)
+        self.closed = False
+        self.task = asyncio.ensure_future(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        reason = "rankd closed the connection"
+        try:
+            while True:
+                header = await self.reader.readexactly(_core.HEADER.size)
+                (n,) = _core.HEADER.unpack(header)
+                answer = msgpack.unpackb(await self.reader.readexactly(n))
+                rid = answer.get("id")
+                if rid == 0:
+                    err = (answer.get("error") or {})
+                    reason = f"{err.get('type')}: {err.get('message')}"
+                    continue  # the daemon closes the connection next
+                fut = self.pending.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(answer)
+        except (asyncio.IncompleteReadError, OSError) as e:
+            if not isinstance(e, asyncio.IncompleteReadError):
+                reason = f"connection lost: {e}"
+        except asyncio.CancelledError:
+            reason = "client closed"
+        finally:
+            self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        self.closed = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(self.target, reason))
+        self.pending.clear()
+        self.writer.close()
+
+    async def request(self, fields: Dict[str, Any]) -> Any:
+        rid = next(self.ids)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        try:
+            self.writer.write(_core.frame(msgpack.packb({"id": rid, **fields})))
+            await self.writer.drain()
+        except OSError as e:
+            self.pending.pop(rid, None)
+            self._fail(f"connection lost: {e}")
+            raise ConnectionError(self.target, f"connection lost: {e}") from e
+        return await fut
+
+    async def close(self) -> None:
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+
+
+class _SocketTransport:
+    def __init__(self, target: str, path: str):
+        self.target, self.path = target, path
+        self.conn: Optional[_Conn] = None
+        self.lock: Optional[asyncio.Lock] = None
+
+    async def _get(self) -> _Conn:
+        if self.conn is not None and not self.conn.closed:
+            return self.conn
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        async with self.lock:
+            if self.conn is None or self.conn.closed:
+                try:
+                    r, w = await asyncio.open_unix_connection(self.path, limit=1 << 24)
+                except OSError as e:
+                    raise ConnectionError(self.target, f"cannot connect: {e}") from e
+                self.conn = _Conn(self.target, r, w)
+            return self.conn
+
+    async def call(self, call: _core.Call) -> Any:
+        conn = await self._get()
+        answer = await conn.request({"op": call.op, **call.socket_fields})
+        return call.parse(_core.socket_answer(answer))
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
+
+
+class _HttpTransport:
+    def __init__(self, target: str, base: str, token: Optional[str], timeout: Optional[float], verify: Any):
+        import httpx
+
+        self.httpx = httpx
+        self.target = target
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        self.http = httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout, verify=verify)
+
+    async def call(self, call: _core.Call) -> Any:
+        try:
+            r = await self.http.request(call.method, call.path, json=call.body)
+        except self.httpx.TransportError as e:
+            raise ConnectionError(self.target, f"{type(e).__name__}: {e}") from e
+        return _core.http_answer(call, r.status_code, r.headers, r.content)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class AsyncClient:
+    """The asyncio twin of `Client`: the same targets, arguments and results."""
+
+    def __init__(self, target: str, *, token: Optional[str] = None, timeout: Optional[float] = 30.0,
+                 verify: Any = True):
+        self.target = target
+        kind, where = _core.parse_target(target)
+        if kind == "unix":
+            self._t: Any = _SocketTransport(target, where)
+        else:
+            self._t = _HttpTransport(target, where, token, timeout, verify)
+
+    async def recommend(self, model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[int]] = None,
+                        timeout_ms: Optional[int] = None, version: Optional[int] = None) -> t.Recommendation:
+        return await self._t.call(_core.recommend(model, user_id, k, exclude, timeout_ms, version))
+
+    async def score(self, model: str, user_id: int, items: Sequence[int], timeout_ms: Optional[int] = None,
+                    version: Optional[int] = None) -> t.Scores:
+        return await self._t.call(_core.score(model, user_id, items, timeout_ms, version))
+
+    async def upsert_user(self, user_id: int, history: Optional[Iterable[int]] = None,
+                          features: Optional[Iterable[float]] = None) -> t.User:
+        return await self._t.call(_core.upsert_user(user_id, history, features))
+
+    async def upsert_item(self, item_id: int, embedding: Optional[Iterable[float]] = None,
+                          deleted: bool = False, version: Optional[int] = None) -> t.Item:
+        return await self._t.call(_core.upsert_item(item_id, embedding, deleted, version))
+
+    async def models(self) -> List[t.ModelInfo]:
+        return await self._t.call(_core.models())
+
+    async def health(self) -> t.Health:
+        return await self._t.call(_core.health())
+
+    async def close(self) -> None:
+        await self._t.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
