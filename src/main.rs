@@ -129,8 +129,18 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
+/// Resolves on Ctrl-C or SIGTERM, the first of them; a second one while
+/// draining exits at once with status 130.
 async fn shutdown_signal() {
+    signal().await;
+    tokio::spawn(async {
+        signal().await;
+        eprintln!("rankd: second signal while draining; exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -9,6 +9,7 @@
 //! its flag, and a key no section knows is an error.
 
 mod access;
+mod durability;
 mod exec;
 mod http;
 mod kafka;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use access::{AccessArgs, AccessConfig};
+pub use durability::{DurabilityArgs, DurabilityConfig, WalSync};
 pub use exec::{ExecArgs, ExecConfig};
 pub use http::{HttpArgs, HttpConfig};
 pub use kafka::{KafkaArgs, KafkaConfig};
@@ -50,6 +52,8 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     #[serde(flatten)]
     pub access: AccessConfig,
+    #[serde(flatten)]
+    pub durability: DurabilityConfig,
 }
 
 impl Config {
@@ -64,6 +68,7 @@ impl Config {
             SnapshotConfig::KEYS,
             LifecycleConfig::KEYS,
             AccessConfig::KEYS,
+            DurabilityConfig::KEYS,
         ]
         .into_iter()
         .flatten()
@@ -116,6 +121,7 @@ impl Config {
             snapshot: section(&doc, text)?,
             lifecycle: section(&doc, text)?,
             access: section(&doc, text)?,
+            durability: section(&doc, text)?,
         })
     }
 
@@ -134,6 +140,7 @@ impl Config {
         self.snapshot.validate()?;
         self.lifecycle.validate()?;
         self.access.validate()?;
+        self.durability.validate()?;
         self.exec.validate()
     }
 }
@@ -163,6 +170,8 @@ pub struct ServeArgs {
     pub lifecycle: LifecycleArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub durability: DurabilityArgs,
 }
 
 impl ServeArgs {
@@ -180,6 +189,7 @@ impl ServeArgs {
         self.snapshot.apply(&mut c.snapshot);
         self.lifecycle.apply(&mut c.lifecycle);
         self.access.apply(&mut c.access);
+        self.durability.apply(&mut c.durability);
         c.validate()?;
         Ok(c)
     }
@@ -295,6 +305,10 @@ mod tests {
             client_token_file = "client.tokens"
             uds_mode = "0600"
             uds_group = "rankd"
+            shutdown_delay_ms = 15
+            grace_ms = 16
+            wal_sync = "off"
+            max_users = 17
 
             [kafka_properties]
             "client.id" = "c"
@@ -339,6 +353,10 @@ mod tests {
         );
         assert_eq!(c.access.uds_mode_bits().unwrap(), 0o600);
         assert_eq!(c.access.uds_group.as_deref(), Some("rankd"));
+        assert_eq!(c.durability.shutdown_delay_ms, 15);
+        assert_eq!(c.durability.grace_ms, 16);
+        assert_eq!(c.durability.wal_sync, WalSync::Off);
+        assert_eq!(c.durability.max_users, 17);
 
         // The sections' key lists are what they read and write, no more.
         let written = toml::Table::try_from(&c).unwrap();
