@@ -355,6 +355,7 @@ mod tests {
                 deleted: true,
                 embedding: vec![1.0, 2.0],
             }],
+            ..Default::default()
         });
         base.merge(SnapshotDelta {
             changes: 2,
