@@ -570,7 +570,15 @@ async fn a_clean_stop_snapshots_and_a_restart_restores() {
     )
     .await;
     assert_eq!(
-        std::fs::read_dir(state.path()).unwrap().count(),
+        std::fs::read_dir(state.path())
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("snapshot-"))
+            .count(),
         0,
         "no periodic snapshot yet"
     );

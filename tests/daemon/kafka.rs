@@ -443,7 +443,16 @@ async fn sigkill_and_restart_neither_lose_nor_double_apply() {
         first.signal_and_wait("KILL", Duration::from_secs(2)),
         "rankd did not die on SIGKILL"
     );
-    let snapshots = std::fs::read_dir(state.path()).unwrap().count();
+    let snapshots = std::fs::read_dir(state.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("snapshot-")
+        })
+        .count();
     assert!(snapshots > 0, "no snapshot was written before the kill");
     send(1000, &mut expected);
     let second = rankd_on(&broker, state.path());

@@ -9,6 +9,7 @@
 mod common;
 
 mod device;
+mod durable;
 mod http_api;
 mod http_bad_input;
 mod http_cases;

@@ -34,11 +34,14 @@ pub struct Daemon {
     registry: Arc<Registry>,
     loaded: watch::Receiver<bool>,
     stop: Option<oneshot::Sender<()>>,
-    uds_stop: Option<oneshot::Sender<()>>,
+    uds_stop: watch::Sender<bool>,
     uds_task: Option<tokio::task::JoinHandle<()>>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     ingest: Arc<Mutex<Option<Ingest>>>,
     snapshots: Option<Snapshotter>,
+    service: Arc<api::Service>,
+    shutdown_delay: Duration,
+    grace: Duration,
 }
 
 /// Scans the repository, generates missing demo files, restores the newest
@@ -105,6 +108,13 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         snapshot: None,
         online_users: config.lifecycle.online_eval_users,
         online_window: config.lifecycle.online_window(),
+        wal: config.snapshot.dir.clone().map(|d| {
+            (
+                d,
+                config.durability.wal_sync == crate::config::WalSync::Always,
+            )
+        }),
+        max_users: config.durability.max_users,
     };
     let mut served = Vec::new();
     for (index, (m, latest)) in repo.models.iter().zip(latest).enumerate() {
@@ -235,7 +245,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             }
         }
     });
-    let (uds_stop, uds_stopped) = oneshot::channel::<()>();
+    let (uds_stop, uds_stopped) = watch::channel(false);
     let uds_path = uds_listener.as_ref().map(|(_, path)| path.clone());
     let uds_task = uds_listener.map(|(l, path)| {
         let uds_config = api::uds::UdsConfig {
@@ -297,11 +307,14 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         registry,
         loaded,
         stop: Some(stop),
-        uds_stop: Some(uds_stop),
+        uds_stop,
         uds_task,
         server,
         ingest,
         snapshots,
+        service,
+        shutdown_delay: config.durability.shutdown_delay(),
+        grace: config.durability.grace(),
     })
 }
 
@@ -372,6 +385,7 @@ impl Snapshotter {
                                 match base.write(&dir) {
                                     Ok(path) => {
                                         written = changes;
+                                        crate::features::wal::remove_before(&dir, base.wal_next());
                                         tracing::debug!(path = %path.display(), users = base.users(), "snapshot written");
                                     }
                                     Err(e) => {
@@ -426,19 +440,75 @@ impl Daemon {
         line
     }
 
-    /// Stops accepting, finishes in-flight requests, applies and commits the
-    /// pending updates, writes a final snapshot, and returns.
+    /// Drains and stops: `/readyz` answers 503 `draining` at once; accepting
+    /// goes on for the shutdown delay, then stops on both transports; the
+    /// requests in flight get the grace period to finish (connections still
+    /// open then are closed); pending updates are applied and committed, a
+    /// final snapshot written and the socket file removed.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.service.set_draining();
+        if !self.shutdown_delay.is_zero() {
+            tracing::info!(
+                delay_ms = self.shutdown_delay.as_millis() as u64,
+                "draining: /readyz answers 503, still accepting"
+            );
+            tokio::time::sleep(self.shutdown_delay).await;
+        }
+        let started = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + self.grace;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(stop) = self.uds_stop.take() {
-            let _ = stop.send(());
+        let _ = self.uds_stop.send(true);
+        let grace_ms = self.grace.as_millis() as u64;
+        let mut uds_task = self.uds_task.take();
+        let server = &mut self.server;
+        let uds = async {
+            if let Some(task) = uds_task.as_mut() {
+                let _ = task.await;
+            }
+        };
+        let http = async {
+            match server.await {
+                Ok(r) => r,
+                Err(e) => Err(std::io::Error::other(e)),
+            }
+        };
+        let (_, served) = tokio::join!(
+            async {
+                if tokio::time::timeout_at(deadline, uds).await.is_err() {
+                    tracing::warn!(
+                        grace_ms,
+                        "socket connections still open at the end of the grace period: closed"
+                    );
+                }
+            },
+            async {
+                match tokio::time::timeout_at(deadline, http).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(
+                            grace_ms,
+                            "HTTP connections still open at the end of the grace period: closed"
+                        );
+                        Ok(())
+                    }
+                }
+            }
+        );
+        // Whatever is still running is cut: nothing outlives the grace period.
+        self.server.abort();
+        if let Some(task) = uds_task {
+            task.abort();
         }
-        if let Some(task) = self.uds_task.take() {
-            let _ = task.await;
+        if let Some(p) = &self.uds_path {
+            let _ = std::fs::remove_file(p);
         }
-        self.server.await??;
+        served?;
+        tracing::info!(
+            drained_ms = started.elapsed().as_millis() as u64,
+            "connections drained"
+        );
         let ingest = self.ingest.lock().expect("ingest lock").take();
         let snapshots = self.snapshots.take();
         tokio::task::spawn_blocking(move || {

@@ -29,6 +29,11 @@ pub struct Metrics {
     pub user_updates: IntCounterVec,
     /// Open socket connections.
     pub uds_connections: prometheus::IntGauge,
+    /// Users held in memory, an estimate of their bytes, and those evicted
+    /// by `--max-users`.
+    pub users: prometheus::IntGauge,
+    pub users_bytes: prometheus::IntGauge,
+    pub users_evicted: prometheus::IntCounter,
     /// Socket connections closed for a protocol error, by reason.
     pub uds_errors: IntCounterVec,
     /// 1 while a Kafka broker is reachable.
@@ -166,6 +171,36 @@ impl Metrics {
                 "User-state updates applied, by source.",
                 &["source"],
             ),
+            users: {
+                let g = prometheus::IntGauge::new("rankd_users", "Users held in memory.")
+                    .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            users_bytes: {
+                let g = prometheus::IntGauge::new(
+                    "rankd_users_bytes",
+                    "Estimated bytes of the users' states held in memory.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            users_evicted: {
+                let c = prometheus::IntCounter::new(
+                    "rankd_users_evicted_total",
+                    "Least recently updated users evicted beyond --max-users.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
             uds_connections: {
                 let g = prometheus::IntGauge::new(
                     "rankd_uds_connections",

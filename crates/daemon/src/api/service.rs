@@ -26,6 +26,8 @@ pub struct Service {
     metrics: Arc<Metrics>,
     limits: ServiceLimits,
     ingest: std::sync::OnceLock<Arc<IngestStatus>>,
+    /// Set by a shutdown signal: `/readyz` answers 503 `draining` from then on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Service {
@@ -35,7 +37,14 @@ impl Service {
             metrics,
             limits,
             ingest: std::sync::OnceLock::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// From now on `/readyz` says `draining`, so load balancers move away.
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Reports Kafka ingestion in `/readyz` and `/v1/ingest` from now on.
@@ -457,7 +466,11 @@ impl Service {
 
     pub fn readiness(&self) -> Readiness {
         let registry = self.exec.registry();
-        let reason = registry.not_ready_reason();
+        let reason = if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            Some("draining".to_string())
+        } else {
+            registry.not_ready_reason()
+        };
         Readiness {
             ready: reason.is_none(),
             device: registry.device(),

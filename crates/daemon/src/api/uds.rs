@@ -14,7 +14,7 @@ use anyhow::Context;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::Service;
 use crate::error::ServeError;
@@ -89,29 +89,48 @@ fn resolve_group(group: &str) -> anyhow::Result<u32> {
         .ok_or_else(|| anyhow::anyhow!("uds_group: no group named '{group}' in /etc/group"))
 }
 
-/// Accepts connections until `stop` fires, then removes the socket file.
+/// Accepts connections until `stop` turns true, then stops accepting, removes
+/// the socket file and drains: every connection stops reading new frames,
+/// answers the requests it has read and closes. Returns once all are closed
+/// (the caller bounds the wait; dropping this future closes what is left).
 pub async fn serve(
     listener: UnixListener,
     service: Arc<Service>,
     config: UdsConfig,
-    mut stop: oneshot::Receiver<()>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let config = Arc::new(config);
+    let mut connections = tokio::task::JoinSet::new();
+    let drain = stop.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(connection(stream, service.clone(), config.clone()));
+                    while connections.try_join_next().is_some() {}
+                    connections.spawn(connection(stream, service.clone(), config.clone(), drain.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "socket accept failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
-            _ = &mut stop => break,
+            _ = stopped(&mut stop) => break,
         }
     }
+    drop(listener);
     let _ = std::fs::remove_file(&config.path);
+    if !connections.is_empty() {
+        tracing::info!(
+            connections = connections.len(),
+            "draining socket connections"
+        );
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 fn encode<R: serde::Serialize>(resp: &WireResponse<R>) -> Vec<u8> {
@@ -133,7 +152,12 @@ fn error_frame(id: u64, e: &ServeError) -> Vec<u8> {
     })
 }
 
-async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<UdsConfig>) {
+async fn connection(
+    stream: UnixStream,
+    service: Arc<Service>,
+    config: Arc<UdsConfig>,
+    mut drain: watch::Receiver<bool>,
+) {
     let metrics = service.metrics();
     metrics.uds_connections.inc();
     let (mut rd, wr) = stream.into_split();
@@ -185,6 +209,8 @@ async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<UdsCo
         let read = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
             _ = tx.closed() => break,
+            // Draining: no new requests; those read are answered below.
+            _ = stopped(&mut drain) => break,
         };
         match read {
             Ok(0) => {

@@ -9,6 +9,7 @@
 //! its flag, and a key no section knows is an error.
 
 mod access;
+mod durability;
 mod exec;
 mod http;
 mod kafka;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use access::{AccessArgs, AccessConfig};
+pub use durability::{DurabilityArgs, DurabilityConfig, WalSync};
 pub use exec::{ExecArgs, ExecConfig};
 pub use http::{HttpArgs, HttpConfig};
 pub use kafka::{KafkaArgs, KafkaConfig};
@@ -54,6 +56,8 @@ pub struct Config {
     pub access: AccessConfig,
     #[serde(flatten)]
     pub tls: TlsConfig,
+    #[serde(flatten)]
+    pub durability: DurabilityConfig,
 }
 
 impl Config {
@@ -69,6 +73,7 @@ impl Config {
             LifecycleConfig::KEYS,
             AccessConfig::KEYS,
             TlsConfig::KEYS,
+            DurabilityConfig::KEYS,
         ]
         .into_iter()
         .flatten()
@@ -122,6 +127,7 @@ impl Config {
             lifecycle: section(&doc, text)?,
             access: section(&doc, text)?,
             tls: section(&doc, text)?,
+            durability: section(&doc, text)?,
         })
     }
 
@@ -141,6 +147,7 @@ impl Config {
         self.lifecycle.validate()?;
         self.access.validate()?;
         self.tls.validate()?;
+        self.durability.validate()?;
         self.exec.validate()
     }
 }
@@ -172,6 +179,8 @@ pub struct ServeArgs {
     pub access: AccessArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub durability: DurabilityArgs,
 }
 
 impl ServeArgs {
@@ -190,6 +199,7 @@ impl ServeArgs {
         self.lifecycle.apply(&mut c.lifecycle);
         self.access.apply(&mut c.access);
         self.tls.apply(&mut c.tls);
+        self.durability.apply(&mut c.durability);
         c.validate()?;
         Ok(c)
     }
@@ -307,6 +317,10 @@ mod tests {
             uds_group = "rankd"
             tls_cert = "cert.pem"
             tls_key = "key.pem"
+            shutdown_delay_ms = 15
+            grace_ms = 16
+            wal_sync = "off"
+            max_users = 17
 
             [kafka_properties]
             "client.id" = "c"
@@ -353,6 +367,10 @@ mod tests {
         assert_eq!(c.access.uds_group.as_deref(), Some("rankd"));
         assert_eq!(c.tls.tls_cert, Some(PathBuf::from("cert.pem")));
         assert_eq!(c.tls.tls_key, Some(PathBuf::from("key.pem")));
+        assert_eq!(c.durability.shutdown_delay_ms, 15);
+        assert_eq!(c.durability.grace_ms, 16);
+        assert_eq!(c.durability.wal_sync, WalSync::Off);
+        assert_eq!(c.durability.max_users, 17);
 
         // The sections' key lists are what they read and write, no more.
         let written = toml::Table::try_from(&c).unwrap();

@@ -30,6 +30,7 @@ use crate::batch::{BatchPolicy, DropReason, Poll, QueueKey, Run, Scheduler};
 use crate::error::ServeError;
 use crate::features::snapshot::Snapshot;
 use crate::features::store::State;
+use crate::features::wal::{self, Record, Wal};
 use crate::features::UserStore;
 use crate::metrics::Metrics;
 use crate::model::{ItemTable, ModelEntry, ModelError, ModelSpec};
@@ -69,6 +70,19 @@ pub struct Startup {
     /// Users remembered for online evaluation (0: off) and the window.
     pub online_users: usize,
     pub online_window: Duration,
+    /// The write-ahead log's folder and whether it is synced; `None`: no log.
+    pub wal: Option<(PathBuf, bool)>,
+    /// Most users held (0: unlimited).
+    pub max_users: usize,
+}
+
+/// A write applied this turn, acknowledged once the log is committed.
+enum Ack {
+    User(Reply<super::UserSummary>, super::UserSummary),
+    Item(
+        Reply<crate::features::store::ItemSummary>,
+        crate::features::store::ItemSummary,
+    ),
 }
 
 struct Executor {
@@ -85,6 +99,8 @@ struct Executor {
     online: OnlineEval,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    wal: Option<Wal>,
+    acks: Vec<Ack>,
 }
 
 /// Starts the executor thread for `backend`. It loads the start-up versions
@@ -124,13 +140,20 @@ pub fn spawn(
                 warming: VecDeque::new(),
                 retiring: Vec::new(),
                 scheduler: Scheduler::new(),
-                state: State::new(history_cap),
+                state: {
+                    let mut s = State::new(history_cap);
+                    s.max_users = startup.max_users;
+                    s
+                },
                 online: OnlineEval::new(startup.online_users, startup.online_window),
                 registry,
                 metrics,
+                wal: None,
+                acks: Vec::new(),
             };
             exec.load_at_start(startup.versions, startup.fallbacks, &startup.splits);
             exec.publish_health();
+            let wal_from = startup.snapshot.as_ref().map_or(0, |s| s.wal_next);
             if let Some(s) = startup.snapshot {
                 exec.state.restore(&s);
                 exec.sync_backend_tables();
@@ -141,6 +164,10 @@ pub fn spawn(
                     "feature state restored from the snapshot"
                 );
             }
+            if let Some((dir, sync)) = startup.wal {
+                exec.open_wal(&dir, wal_from, sync);
+            }
+            exec.evict_users();
             let _ = loaded_tx.send(());
             exec.run(rx);
         })
@@ -479,6 +506,9 @@ impl Executor {
                     Err(TryRecvError::Disconnected) => return self.finish(),
                 }
             }
+            // The turn's writes are logged (one sync) before any is answered.
+            self.commit();
+            self.evict_users();
             self.collect_retired();
             let cmd = match self.scheduler.poll(Instant::now()) {
                 Poll::Run(run) => {
@@ -505,6 +535,7 @@ impl Executor {
 
     /// Every handle is gone: answer what is still queued, then stop.
     fn finish(mut self) {
+        self.commit();
         while let Some(run) = self.scheduler.drain(Instant::now()) {
             self.execute(run);
         }
@@ -542,6 +573,7 @@ impl Executor {
                 let _ = reply.send(Ok(self.state.user_summary(user_id)));
             }
             Command::UpsertUser(update, reply) => {
+                let logged = update.clone();
                 let dims = self.feature_dims();
                 let added = self.added_to_history(&update);
                 let result = self.state.upsert_user(update, &dims);
@@ -551,16 +583,37 @@ impl Executor {
                         self.clicked(summary.user_id, item, now);
                     }
                 }
-                if result.is_ok() {
-                    self.metrics.user_updates.with_label_values(&["api"]).inc();
+                match result {
+                    Ok(summary) => {
+                        self.metrics.user_updates.with_label_values(&["api"]).inc();
+                        if let Some(wal) = &mut self.wal {
+                            wal.append(&Record::User(logged));
+                        }
+                        self.acks.push(Ack::User(reply, summary));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
                 }
-                let _ = reply.send(result);
             }
             Command::WriteItem(write, reply) => {
+                let mut logged = write.clone();
                 let result = self.state.write_item_request(write);
                 self.sync_backend_tables();
                 self.publish_item_counts();
-                let _ = reply.send(result);
+                match result {
+                    Ok(summary) => {
+                        if let Some(wal) = &mut self.wal {
+                            // Replayed with the version it was given.
+                            logged.version = Some(summary.version);
+                            wal.append(&Record::Item(logged));
+                        }
+                        self.acks.push(Ack::Item(reply, summary));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Command::Apply(batch, reply) => {
                 if self.online.enabled() {
@@ -577,7 +630,95 @@ impl Executor {
                 let _ = reply.send(Ok(report));
             }
             Command::Capture { full, reply } => {
-                let _ = reply.send(Ok(self.state.capture(full)));
+                // The new segment starts where the captured state ends.
+                self.commit();
+                let mut delta = self.state.capture(full);
+                if let Some(wal) = &mut self.wal {
+                    match wal.rotate() {
+                        Ok(next) => delta.wal_next = next,
+                        Err(e) => {
+                            tracing::error!(error = %e, "write-ahead log: cannot start a new segment");
+                            delta.wal_next = wal.seq();
+                        }
+                    }
+                }
+                let _ = reply.send(Ok(delta));
+            }
+        }
+    }
+
+    /// Replays the log from segment `from` on (after the snapshot) and
+    /// starts a new segment.
+    fn open_wal(&mut self, dir: &std::path::Path, from: u64, sync: bool) {
+        let (records, next) = match wal::replay(dir, from) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot read the write-ahead log");
+                (Vec::new(), from)
+            }
+        };
+        if !records.is_empty() {
+            let dims = self.feature_dims();
+            let (mut users, mut items, mut refused) = (0usize, 0usize, 0usize);
+            for r in records {
+                let ok = match r {
+                    Record::User(u) => {
+                        users += 1;
+                        self.state.upsert_user(u, &dims).is_ok()
+                    }
+                    Record::Item(w) => {
+                        items += 1;
+                        self.state.write_item_request(w).is_ok()
+                    }
+                };
+                refused += usize::from(!ok);
+            }
+            self.sync_backend_tables();
+            self.publish_item_counts();
+            tracing::info!(users, items, refused, "write-ahead log replayed");
+        }
+        match Wal::open(dir, next, sync) {
+            Ok(w) => self.wal = Some(w),
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "write-ahead log is off: cannot open it")
+            }
+        }
+    }
+
+    /// Holds at most `max_users` users and publishes the user gauges.
+    fn evict_users(&mut self) {
+        let before = self.state.evicted;
+        self.state.evict();
+        self.metrics
+            .users_evicted
+            .inc_by(self.state.evicted - before);
+        self.metrics.users.set(self.state.users.len() as i64);
+        self.metrics
+            .users_bytes
+            .set(self.state.users.bytes() as i64);
+    }
+
+    /// Writes (and syncs) the turn's log records, then acknowledges them.
+    fn commit(&mut self) {
+        if self.acks.is_empty() {
+            return;
+        }
+        let result = match &mut self.wal {
+            Some(w) => w.commit(),
+            None => Ok(()),
+        };
+        let failed = result.err().map(|e| {
+            tracing::error!(error = %e, "write-ahead log write failed");
+            ServeError::Internal(format!("the write-ahead log could not be written: {e}"))
+        });
+        for ack in self.acks.drain(..) {
+            match ack {
+                Ack::User(r, s) => {
+                    let _ = r.send(failed.clone().map_or(Ok(s), Err));
+                }
+                Ack::Item(r, s) => {
+                    let _ = r.send(failed.clone().map_or(Ok(s), Err));
+                }
             }
         }
     }

@@ -6,5 +6,6 @@ pub mod snapshot;
 pub mod store;
 pub mod updates;
 pub mod users;
+pub mod wal;
 
 pub use users::{UserState, UserStore};

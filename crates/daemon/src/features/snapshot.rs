@@ -28,6 +28,9 @@ pub struct Snapshot {
     pub offsets: Vec<SnapshotOffset>,
     pub users: Vec<SnapshotUser>,
     pub items: Vec<SnapshotItem>,
+    /// The first write-ahead log segment this snapshot does not cover.
+    #[serde(default)]
+    pub wal_next: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,7 +71,11 @@ pub struct SnapshotDelta {
     /// Always all of them.
     pub offsets: Vec<SnapshotOffset>,
     pub users: Vec<(u64, Arc<UserState>)>,
+    /// Users gone since the previous capture (evicted).
+    pub removed_users: Vec<u64>,
     pub items: Vec<SnapshotItem>,
+    /// The first write-ahead log segment the state does not cover.
+    pub wal_next: u64,
 }
 
 /// The snapshot thread's copy of the state, kept in step by deltas and
@@ -80,6 +87,7 @@ pub struct SnapshotBase {
     items: HashMap<u64, SnapshotItem>,
     /// A full capture has been merged: the copy is the whole state.
     complete: bool,
+    wal_next: u64,
 }
 
 /// A snapshot borrowed from a `SnapshotBase`: serialises exactly as
@@ -91,6 +99,7 @@ struct SnapshotView<'a> {
     offsets: &'a [SnapshotOffset],
     users: Vec<UserView<'a>>,
     items: Vec<&'a SnapshotItem>,
+    wal_next: u64,
 }
 
 /// A `SnapshotUser` borrowed from a user's state (same fields, same order).
@@ -131,6 +140,10 @@ impl SnapshotBase {
             self.complete = true;
         }
         self.offsets = delta.offsets;
+        self.wal_next = delta.wal_next;
+        for id in &delta.removed_users {
+            self.users.remove(id);
+        }
         self.users.extend(delta.users);
         self.items
             .extend(delta.items.into_iter().map(|i| (i.id, i)));
@@ -156,7 +169,13 @@ impl SnapshotBase {
             offsets: &self.offsets,
             users,
             items,
+            wal_next: self.wal_next,
         }
+    }
+
+    /// The first log segment the copy does not cover.
+    pub fn wal_next(&self) -> u64 {
+        self.wal_next
     }
 
     /// Writes the copy as a snapshot file into `dir` (see `Snapshot::write`).
@@ -176,6 +195,7 @@ impl SnapshotBase {
             offsets: v.offsets.to_vec(),
             users: v.users.iter().map(UserView::to_owned).collect(),
             items: v.items.into_iter().cloned().collect(),
+            wal_next: v.wal_next,
         }
     }
 }
@@ -335,6 +355,7 @@ mod tests {
                 deleted: true,
                 embedding: vec![1.0, 2.0],
             }],
+            ..Default::default()
         });
         base.merge(SnapshotDelta {
             changes: 2,

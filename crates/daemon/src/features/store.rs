@@ -15,7 +15,7 @@ use crate::model::ItemTable;
 pub use rankd_client::types::ItemSummary;
 
 /// A change to one user's state; a field given replaces that part.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UserUpdate {
     pub user_id: u64,
     pub history: Option<Vec<u64>>,
@@ -42,7 +42,7 @@ pub struct ApplyReport {
 
 /// An item write from HTTP or the socket; `version: None` means "newer than
 /// whatever is stored".
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ItemWrite {
     pub item_id: u64,
     /// `None` deletes the item.
@@ -68,6 +68,10 @@ pub struct State {
     changed_rows: BTreeMap<usize, Vec<u32>>,
     /// Bumped on every change, so a snapshot is only written when needed.
     pub changes: u64,
+    /// Most users held (0: unlimited).
+    pub max_users: usize,
+    /// Users evicted since the start.
+    pub evicted: u64,
 }
 
 impl State {
@@ -83,6 +87,8 @@ impl State {
             tracking: false,
             changed_rows: BTreeMap::new(),
             changes: 0,
+            max_users: 0,
+            evicted: 0,
         }
     }
 
@@ -341,6 +347,7 @@ impl State {
         self.tracking = true;
         let users_since = std::mem::take(&mut self.users_since);
         let items_since = std::mem::take(&mut self.items_since);
+        let mut removed_users = Vec::new();
         let (users, items) = if full {
             let users = self.users.iter_shared().collect();
             let items = self
@@ -350,10 +357,13 @@ impl State {
                 .collect();
             (users, items)
         } else {
-            let users = users_since
-                .into_iter()
-                .filter_map(|id| Some((id, self.users.shared(id)?)))
-                .collect();
+            let mut users = Vec::with_capacity(users_since.len());
+            for id in users_since {
+                match self.users.shared(id) {
+                    Some(u) => users.push((id, u)),
+                    None => removed_users.push(id),
+                }
+            }
             let items = items_since
                 .into_iter()
                 .filter_map(|id| self.snapshot_item(id))
@@ -365,8 +375,23 @@ impl State {
             full,
             offsets: self.snapshot_offsets(),
             users,
+            removed_users,
             items,
+            wal_next: 0,
         }
+    }
+
+    /// Evicts the least recently updated users beyond `max_users`.
+    pub fn evict(&mut self) {
+        if self.max_users == 0 || self.users.len() <= self.max_users {
+            return;
+        }
+        let gone = self.users.evict_over(self.max_users);
+        self.evicted += gone.len() as u64;
+        for id in gone {
+            self.touched_user(id);
+        }
+        self.changes += 1;
     }
 
     fn touched_user(&mut self, id: u64) {

@@ -20,6 +20,19 @@ pub struct UserState {
 pub struct UserStore {
     users: HashMap<u64, Arc<UserState>>,
     history_cap: usize,
+    /// When each user was last changed (a counter), and the users by it:
+    /// the least recently updated come first for eviction.
+    ticks: HashMap<u64, u64>,
+    by_tick: std::collections::BTreeMap<u64, u64>,
+    tick: u64,
+    /// Estimated bytes held by the users' states.
+    bytes: usize,
+}
+
+/// Estimated memory of one user: the map entries and the state's allocations.
+pub fn user_bytes(u: &UserState) -> usize {
+    const FIXED: usize = 160;
+    FIXED + u.history.capacity() * 8 + u.features.as_ref().map_or(0, |f| f.capacity() * 4)
 }
 
 impl UserStore {
@@ -28,6 +41,10 @@ impl UserStore {
         Self {
             users: HashMap::new(),
             history_cap: history_cap.max(1),
+            ticks: HashMap::new(),
+            by_tick: std::collections::BTreeMap::new(),
+            tick: 0,
+            bytes: 0,
         }
     }
 
@@ -41,8 +58,47 @@ impl UserStore {
         self.users.get(&user_id).cloned()
     }
 
-    fn entry(&mut self, user_id: u64) -> &mut UserState {
-        Arc::make_mut(self.users.entry(user_id).or_default())
+    /// Runs `f` on the user's state (created if new), keeping the recency
+    /// order and the bytes estimate.
+    fn change<R>(&mut self, user_id: u64, f: impl FnOnce(&mut UserState) -> R) -> R {
+        self.touch(user_id);
+        let slot = self.users.entry(user_id).or_default();
+        let before = user_bytes(slot);
+        let u = Arc::make_mut(slot);
+        let r = f(u);
+        self.bytes = (self.bytes + user_bytes(u)).saturating_sub(before);
+        r
+    }
+
+    fn touch(&mut self, user_id: u64) {
+        self.tick += 1;
+        if let Some(old) = self.ticks.insert(user_id, self.tick) {
+            self.by_tick.remove(&old);
+        } else {
+            self.bytes += user_bytes(&UserState::default());
+        }
+        self.by_tick.insert(self.tick, user_id);
+    }
+
+    /// Removes the least recently updated users beyond `max`; returns them.
+    pub fn evict_over(&mut self, max: usize) -> Vec<u64> {
+        let mut gone = Vec::new();
+        while self.users.len() > max {
+            let Some((_, id)) = self.by_tick.pop_first() else {
+                break;
+            };
+            self.ticks.remove(&id);
+            if let Some(u) = self.users.remove(&id) {
+                self.bytes = self.bytes.saturating_sub(user_bytes(&u));
+            }
+            gone.push(id);
+        }
+        gone
+    }
+
+    /// Estimated bytes held by every user's state.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn len(&self) -> usize {
@@ -61,23 +117,25 @@ impl UserStore {
     /// Replaces the history (oldest first); only the newest `history_cap` are kept.
     pub fn set_history(&mut self, user_id: u64, history: &[u64]) {
         let keep = &history[history.len().saturating_sub(self.history_cap)..];
-        let u = self.entry(user_id);
-        u.history.clear();
-        u.history.extend(keep.iter().copied());
+        self.change(user_id, |u| {
+            u.history.clear();
+            u.history.extend(keep.iter().copied());
+        });
     }
 
     /// Appends one engaged item, dropping the oldest beyond `history_cap`.
     pub fn append(&mut self, user_id: u64, item: u64) {
         let cap = self.history_cap;
-        let u = self.entry(user_id);
-        if u.history.len() == cap {
-            u.history.pop_front();
-        }
-        u.history.push_back(item);
+        self.change(user_id, |u| {
+            if u.history.len() == cap {
+                u.history.pop_front();
+            }
+            u.history.push_back(item);
+        });
     }
 
     pub fn set_features(&mut self, user_id: u64, features: Vec<f32>) {
-        self.entry(user_id).features = Some(features);
+        self.change(user_id, |u| u.features = Some(features));
     }
 
     /// Sets features if `version` is newer than the stored one; true if applied.
@@ -93,9 +151,10 @@ impl UserStore {
         {
             return false;
         }
-        let u = self.entry(user_id);
-        u.features = Some(features);
-        u.features_version = version;
+        self.change(user_id, |u| {
+            u.features = Some(features);
+            u.features_version = version;
+        });
         true
     }
 
@@ -113,7 +172,11 @@ impl UserStore {
     pub fn restore(&mut self, user_id: u64, mut state: UserState) {
         let extra = state.history.len().saturating_sub(self.history_cap);
         state.history.drain(..extra);
-        self.users.insert(user_id, Arc::new(state));
+        self.touch(user_id);
+        self.bytes += user_bytes(&state) - user_bytes(&UserState::default());
+        if let Some(old) = self.users.insert(user_id, Arc::new(state)) {
+            self.bytes = self.bytes.saturating_sub(user_bytes(&old));
+        }
     }
 }
 

@@ -180,6 +180,7 @@ async fn call<C: Client>(client: &C, model: &str, c: Call) -> Result<(), ClientE
         Call::Recommend(r) => client.recommend(model, r).await.map(|_| ()),
         Call::Score(r) => client.score(model, r).await.map(|_| ()),
         Call::Health => client.health().await.map(|_| ()),
+        Call::UpsertUser(id, r) => client.upsert_user(id, r).await.map(|_| ()),
     }
 }
 

@@ -3,7 +3,7 @@
 //! two runs offer the same sequence.
 
 use rankd::internals::Rng;
-use rankd_client::types::{RecommendRequest, ScoreRequest};
+use rankd_client::types::{RecommendRequest, ScoreRequest, UserRequest};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -11,6 +11,8 @@ pub enum OpKind {
     Recommend,
     Score,
     Health,
+    /// A user's history replaced (5 item ids): a write the daemon logs.
+    UpsertUser,
 }
 
 /// P(rank r) ∝ r^-s for r in 1..=n, sampled by inverting a precomputed CDF.
@@ -58,6 +60,7 @@ pub enum Call {
     Recommend(RecommendRequest),
     Score(ScoreRequest),
     Health,
+    UpsertUser(u64, UserRequest),
 }
 
 impl Workload {
@@ -73,6 +76,13 @@ impl Workload {
     pub fn next(&self, rng: &mut Rng) -> Call {
         match self.op {
             OpKind::Health => Call::Health,
+            OpKind::UpsertUser => Call::UpsertUser(
+                self.user(rng),
+                UserRequest {
+                    history: Some((0..5).map(|_| 1 + rng.below(self.items)).collect()),
+                    features: None,
+                },
+            ),
             OpKind::Recommend => Call::Recommend(RecommendRequest {
                 user_id: self.user(rng),
                 k: self.k,

@@ -1,0 +1,236 @@
+//! The write-ahead log of user and item writes made over HTTP and the socket.
+//!
+//! The executor appends each write it applied during a turn, then, once per
+//! turn, writes them out and (with `wal_sync = always`) syncs the file before
+//! acknowledging any of them: one fsync covers every write of the turn (group
+//! commit). Kafka-fed updates need no log: their offsets are in snapshots.
+//!
+//! Files: `wal-<seq>.log` in the snapshot folder. A capture for a snapshot
+//! starts a new segment; the snapshot records the first segment it does not
+//! cover (`wal_next`), and once it is written the segments before are
+//! removed. On start the segments from the newest snapshot's `wal_next` on
+//! are replayed in order. A record is `len: u32 LE`, `crc32: u32 LE` of the
+//! payload, then the MessagePack payload; a last record cut short or failing
+//! its checksum (a write torn by a crash) is skipped with a warning, and
+//! nothing after it in that segment is read.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::store::{ItemWrite, UserUpdate};
+
+/// One acknowledged write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    User(UserUpdate),
+    Item(ItemWrite),
+}
+
+pub struct Wal {
+    dir: PathBuf,
+    seq: u64,
+    file: File,
+    buf: Vec<u8>,
+    sync: bool,
+}
+
+fn segment(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("wal-{seq:020}.log"))
+}
+
+/// The log segments in `dir`, oldest first.
+pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let seq = name
+                .strip_prefix("wal-")?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()?;
+            Some((seq, e.path()))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Removes the segments before `seq` (a written snapshot covers them).
+pub fn remove_before(dir: &Path, seq: u64) {
+    if let Ok(all) = segments(dir) {
+        for (s, path) in all {
+            if s < seq {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// The records of the segments from `from` on, in order, and the sequence
+/// number the next segment should take.
+pub fn replay(dir: &Path, from: u64) -> std::io::Result<(Vec<Record>, u64)> {
+    let mut records = Vec::new();
+    let mut next = from;
+    for (seq, path) in segments(dir)? {
+        next = next.max(seq + 1);
+        if seq < from {
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        let mut at = 0;
+        while at < bytes.len() {
+            let torn = |why: &str| {
+                tracing::warn!(
+                    path = %path.display(),
+                    offset = at,
+                    why,
+                    "torn write-ahead log record skipped (the rest of this segment is ignored)"
+                );
+            };
+            if bytes.len() - at < 8 {
+                torn("header cut short");
+                break;
+            }
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+            let body = at + 8;
+            if bytes.len() - body < len {
+                torn("record cut short");
+                break;
+            }
+            let payload = &bytes[body..body + len];
+            if crc32fast::hash(payload) != crc {
+                torn("checksum mismatch");
+                break;
+            }
+            match rmp_serde::from_slice::<Record>(payload) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), offset = at, error = %e, "undecodable write-ahead log record skipped");
+                }
+            }
+            at = body + len;
+        }
+    }
+    Ok((records, next))
+}
+
+impl Wal {
+    /// Starts segment `seq` in `dir`.
+    pub fn open(dir: &Path, seq: u64, sync: bool) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let file = Self::create(dir, seq)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            seq,
+            file,
+            buf: Vec::with_capacity(64 * 1024),
+            sync,
+        })
+    }
+
+    fn create(dir: &Path, seq: u64) -> std::io::Result<File> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment(dir, seq))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(file)
+    }
+
+    /// Adds a record to the turn's batch (written by `commit`).
+    pub fn append(&mut self, record: &Record) {
+        let payload = rmp_serde::to_vec(record).expect("records always encode");
+        self.buf
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.buf
+            .extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        self.buf.extend_from_slice(&payload);
+    }
+
+    /// Writes the batch and, when syncing, syncs it: after this the batch's
+    /// writes may be acknowledged.
+    pub fn commit(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let result = self.file.write_all(&self.buf).and_then(|()| {
+            if self.sync {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        self.buf.clear();
+        result
+    }
+
+    /// Commits, then starts the next segment; returns its sequence number
+    /// (a snapshot of the state now covers every segment before it).
+    pub fn rotate(&mut self) -> std::io::Result<u64> {
+        self.commit()?;
+        let next = self.seq + 1;
+        self.file = Self::create(&self.dir, next)?;
+        self.seq = next;
+        Ok(next)
+    }
+
+    /// The segment being written.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(id: u64) -> Record {
+        Record::User(UserUpdate {
+            user_id: id,
+            history: Some(vec![id, id + 1]),
+            features: None,
+        })
+    }
+
+    #[test]
+    fn records_come_back_in_order_and_a_torn_tail_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 0, true).unwrap();
+        for id in 0..3 {
+            wal.append(&user(id));
+        }
+        wal.commit().unwrap();
+        assert_eq!(wal.rotate().unwrap(), 1);
+        wal.append(&user(3));
+        wal.append(&user(4));
+        wal.commit().unwrap();
+        let (all, next) = replay(dir.path(), 0).unwrap();
+        assert_eq!(all, (0..5).map(user).collect::<Vec<_>>());
+        assert_eq!(next, 2);
+        let (after, _) = replay(dir.path(), 1).unwrap();
+        assert_eq!(after, vec![user(3), user(4)]);
+        // Cut the last record in the middle.
+        let path = segment(dir.path(), 1);
+        let len = std::fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let (torn, _) = replay(dir.path(), 0).unwrap();
+        assert_eq!(torn, (0..4).map(user).collect::<Vec<_>>());
+        remove_before(dir.path(), 1);
+        assert_eq!(segments(dir.path()).unwrap().len(), 1);
+    }
+}
