@@ -38,7 +38,9 @@ prom="$tools/prometheus-$PROMETHEUS_VERSION"
 if [ ! -x "$prom/usr/bin/prometheus" ] || [ ! -x "$prom/usr/bin/promtool" ]; then
   echo "== installing prometheus $PROMETHEUS_DEB_VERSION into $prom (once)"
   dl="$(mktemp -d)"
-  (cd "$dl" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION")
+  # A fresh machine may have no package lists yet: read them once, then retry.
+  (cd "$dl" && { apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" ||
+    { apt-get update -qq && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION"; }; })
   rm -rf "$prom"
   dpkg-deb -x "$dl"/prometheus_*.deb "$prom"
   rm -rf "$dl"
