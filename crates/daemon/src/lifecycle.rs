@@ -241,20 +241,12 @@ impl Lifecycle {
         .map_err(|e| ServeError::Internal(format!("reading the model files panicked: {e}")))?;
         match read {
             Ok(files) => self.exec.install(files).await,
-            Err(e) => {
-                served.set_state(version, LoadState::Failed(e.to_string()));
-                self.metrics
-                    .set_model_state(&served.name, version, "failed");
-                self.metrics
-                    .load_failures
-                    .with_label_values(&[&served.name])
-                    .inc();
-                tracing::error!(model = %served.name, version, error = %e, "model version failed to load");
-                Err(ServeError::Invalid(format!(
-                    "version {version} of model {} failed to load: {e}",
-                    served.name
-                )))
-            }
+            Err(e) => Err(crate::exec::load_failed(
+                &served,
+                &self.metrics,
+                version,
+                &e,
+            )),
         }
     }
 

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
-use super::http::{parse_json, ApiError, HttpState};
+use super::http::{decoded, parse_json, ApiError, HttpState};
 use crate::error::ServeError;
 use crate::lifecycle::parse_split;
 use rankd_client::types::{TrafficRequest, VersionRequest};
@@ -67,15 +67,6 @@ fn refuse(s: &HttpState) -> Response {
     ApiError(e).into_response()
 }
 
-fn model_of(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    p.map(|Path(m)| m).map_err(|e| {
-        ApiError(ServeError::Invalid(format!(
-            "the path segment does not decode: {}",
-            e.body_text()
-        )))
-    })
-}
-
 /// An optional JSON body: empty means the defaults.
 fn optional_body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -101,7 +92,7 @@ async fn load(
     model: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let model = model_of(model)?;
+    let model = decoded(model)?;
     body_within(&s, &body)?;
     let req: VersionRequest = optional_body(&body)?;
     let (version, ready) = s.lifecycle.admin_load(&model, req.version).await?;
@@ -122,7 +113,7 @@ async fn unload(
     model: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let model = model_of(model)?;
+    let model = decoded(model)?;
     body_within(&s, &body)?;
     let req: VersionRequest = parse_json(&body).map_err(ApiError)?;
     let version = req.version.ok_or_else(|| {
@@ -141,7 +132,7 @@ async fn traffic(
     model: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let model = model_of(model)?;
+    let model = decoded(model)?;
     body_within(&s, &body)?;
     let req: TrafficRequest = parse_json(&body).map_err(ApiError)?;
     // `{}` must not quietly return the model to `latest`: only an explicit

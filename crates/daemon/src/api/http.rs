@@ -213,7 +213,7 @@ fn segment(
     admitted(s, "", route, decoded(p))
 }
 
-fn decoded(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(super) fn decoded(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     p.map(|Path(v)| v).map_err(|e| {
         ApiError(ServeError::Invalid(format!(
             "the path segment does not decode: {}",

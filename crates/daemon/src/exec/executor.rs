@@ -425,19 +425,9 @@ impl Executor {
 
     fn failed(&mut self, model: usize, version: u64, e: &ModelError, reply: Option<Reply<()>>) {
         let served = self.registry.by_index(model).clone();
-        served.set_state(version, LoadState::Failed(e.to_string()));
-        self.metrics
-            .set_model_state(&served.name, version, "failed");
-        self.metrics
-            .load_failures
-            .with_label_values(&[&served.name])
-            .inc();
-        tracing::error!(model = %served.name, version, error = %e, "model version failed to load");
+        let err = super::load_failed(&served, &self.metrics, version, e);
         if let Some(r) = reply {
-            let _ = r.send(Err(ServeError::Invalid(format!(
-                "version {version} of model {} failed to load: {e}",
-                served.name
-            ))));
+            let _ = r.send(Err(err));
         }
     }
 

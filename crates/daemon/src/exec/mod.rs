@@ -213,6 +213,27 @@ impl ExecutorHandle {
     }
 }
 
+/// Records that `version` of `served` failed to load or warm up (state,
+/// metrics, log) and returns the error its loader is answered with.
+pub(crate) fn load_failed(
+    served: &ServedModel,
+    metrics: &Metrics,
+    version: u64,
+    e: &crate::model::ModelError,
+) -> ServeError {
+    served.set_state(version, LoadState::Failed(e.to_string()));
+    metrics.set_model_state(&served.name, version, "failed");
+    metrics
+        .load_failures
+        .with_label_values(&[&served.name])
+        .inc();
+    tracing::error!(model = %served.name, version, error = %e, "model version failed to load");
+    ServeError::Invalid(format!(
+        "version {version} of model {} failed to load: {e}",
+        served.name
+    ))
+}
+
 pub(crate) fn deadline_exceeded(timeout: Duration) -> ServeError {
     ServeError::DeadlineExceeded(format!(
         "no answer within timeout_ms = {}",
