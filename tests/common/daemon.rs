@@ -348,7 +348,8 @@ pub fn slow_repo(delay_us: u64, queue: usize) -> tempfile::TempDir {
                 &format!("max_queue_size = {queue}"),
             );
         assert_ne!(edited, t, "the demo batching settings moved");
-        edited
+        // Its tests are about queueing: users without state queue too.
+        format!("cold_start = \"model\"\n{edited}")
     });
     root
 }

@@ -70,7 +70,7 @@ async fn failed_batches_are_re_executed_and_no_request_is_lost() {
     assert!(fallbacks >= 1.0, "{text}");
     let served = sample(
         &text,
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\",version=\"1\"}",
+        "rankd_requests_total{model=\"demo\",priority=\"interactive\",route=\"recommend\",status=\"200\",version=\"1\"}",
     )
     .unwrap_or(0.0);
     assert_eq!(

@@ -74,6 +74,7 @@ async fn drain_answers_in_flight_requests_on_both_transports() {
                     exclude: vec![],
                     timeout_ms: Some(5000),
                     version: None,
+                    priority: None,
                 },
             )
             .await

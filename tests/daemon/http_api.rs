@@ -176,16 +176,21 @@ async fn answers_match_an_independent_reference() {
             );
         }
     }
-    // A user never seen: zero history and features, still answered.
-    let expected = reference.recommend(&[], &[0.0; 16], 5, &[]);
+    // A user never seen: a cold start, answered from the popular items (the
+    // histories written above count), less `exclude`.
+    let first = reference.items.id(0);
     let (s, body) = post(
         &c,
         &d.url("/v1/models/demo/recommend"),
-        json!({ "user_id": 987654321, "k": 5 }),
+        json!({ "user_id": 987654321, "k": 5, "exclude": [first] }),
     )
     .await;
     assert_eq!(s, 200, "{body}");
-    assert_eq!(ids(&body), expected.iter().map(|e| e.0).collect::<Vec<_>>());
+    assert_eq!(body["cold_start"], json!(true), "{body}");
+    assert_eq!(body["degraded"], json!(false), "{body}");
+    let got = ids(&body);
+    assert_eq!(got.len(), 5, "{body}");
+    assert!(!got.contains(&first), "{body}");
 }
 
 #[tokio::test]
@@ -300,8 +305,8 @@ async fn a_passed_deadline_is_504_and_a_full_queue_is_429() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let metrics = metrics(&c, &d).await;
     for needle in [
-        "rankd_requests_dropped_total{model=\"slow\",reason=\"deadline\"} 1",
-        "rankd_requests_dropped_total{model=\"slow\",reason=\"cancelled\"} 1",
+        "rankd_requests_dropped_total{model=\"slow\",priority=\"interactive\",reason=\"deadline\"} 1",
+        "rankd_requests_dropped_total{model=\"slow\",priority=\"interactive\",reason=\"cancelled\"} 1",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
@@ -366,6 +371,8 @@ async fn a_broken_model_does_not_take_the_others_down() {
 async fn metrics_cover_requests_batches_queues_and_models() {
     let d = Daemon::start();
     let c = Daemon::client();
+    let (s, _) = post(&c, &d.url("/v1/users/1"), json!({ "history": [3, 4] })).await;
+    assert_eq!(s, 200);
     let (s, _) = post(
         &c,
         &d.url("/v1/models/demo/recommend"),
@@ -422,21 +429,22 @@ async fn metrics_cover_requests_batches_queues_and_models() {
     assert_eq!(r.status().as_u16(), 405);
     let text = metrics(&c, &d).await;
     for needle in [
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"400\",version=\"\"} 1",
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"413\",version=\"\"} 1",
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"422\",version=\"\"} 2",
-        "rankd_requests_total{model=\"\",route=\"recommend\",status=\"400\",version=\"\"} 1",
-        "rankd_requests_total{model=\"\",route=\"get_user\",status=\"422\",version=\"\"} 1",
-        "rankd_requests_total{model=\"\",route=\"unmatched\",status=\"404\",version=\"\"} 1",
-        "rankd_requests_total{model=\"\",route=\"unmatched\",status=\"405\",version=\"\"} 1",
-        "rankd_requests_total{model=\"\",route=\"upsert_user\",status=\"200\",version=\"\"} 1",
-        "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\",version=\"\"} 2",
-        "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\",version=\"1\"} 1",
-        "rankd_request_duration_seconds_bucket{model=\"demo\",route=\"recommend\"",
-        "rankd_queue_duration_seconds_count{model=\"demo\"} 1",
+        "rankd_requests_total{model=\"demo\",priority=\"\",route=\"recommend\",status=\"400\",version=\"\"} 1",
+        "rankd_requests_total{model=\"demo\",priority=\"\",route=\"recommend\",status=\"413\",version=\"\"} 1",
+        "rankd_requests_total{model=\"demo\",priority=\"interactive\",route=\"recommend\",status=\"422\",version=\"\"} 1",
+        "rankd_requests_total{model=\"demo\",priority=\"\",route=\"recommend\",status=\"422\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",priority=\"\",route=\"recommend\",status=\"400\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",priority=\"\",route=\"get_user\",status=\"422\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",priority=\"\",route=\"unmatched\",status=\"404\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",priority=\"\",route=\"unmatched\",status=\"405\",version=\"\"} 1",
+        "rankd_requests_total{model=\"\",priority=\"\",route=\"upsert_user\",status=\"200\",version=\"\"} 2",
+        "rankd_requests_total{model=\"\",priority=\"\",route=\"get_user\",status=\"200\",version=\"\"} 2",
+        "rankd_requests_total{model=\"demo\",priority=\"interactive\",route=\"recommend\",status=\"200\",version=\"1\"} 1",
+        "rankd_request_duration_seconds_bucket{model=\"demo\",priority=\"interactive\",route=\"recommend\"",
+        "rankd_queue_duration_seconds_count{model=\"demo\",priority=\"interactive\"} 1",
         "rankd_batch_execution_seconds_count{device=\"cpu\",model=\"demo\",version=\"1\"} 1",
         "rankd_batch_size_bucket{model=\"demo\"",
-        "rankd_queue_depth{model=\"demo\"} 0",
+        "rankd_queue_depth{model=\"demo\",priority=\"interactive\"} 0",
         "rankd_model_state{model=\"demo\",state=\"ready\",version=\"1\"} 1",
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
@@ -635,7 +643,7 @@ async fn reading_a_user_is_not_counted_as_an_update() {
     assert_eq!(
         sample(
             &text,
-            "rankd_requests_total{model=\"\",route=\"get_user\",status=\"200\",version=\"\"}"
+            "rankd_requests_total{model=\"\",priority=\"\",route=\"get_user\",status=\"200\",version=\"\"}"
         ),
         Some(5.0),
         "the five reads were served:\n{text}"

@@ -483,6 +483,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
                         exclude: vec![],
                         timeout_ms: Some(10_000),
                         version: None,
+                        priority: None,
                     };
                     uds.recommend("demo", req).await.unwrap().version
                 })
@@ -506,6 +507,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
                             exclude: vec![],
                             timeout_ms: Some(10_000),
                             version: None,
+                            priority: None,
                         };
                         uds.recommend("demo", req).await.unwrap().version
                     })
@@ -575,6 +577,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
                 exclude: vec![],
                 timeout_ms: None,
                 version: Some(7),
+                priority: None,
             },
         )
         .await
@@ -590,7 +593,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
     );
     assert!(
         metrics.contains(
-            "rankd_requests_total{model=\"demo\",route=\"recommend\",status=\"200\",version=\"2\"}"
+            "rankd_requests_total{model=\"demo\",priority=\"interactive\",route=\"recommend\",status=\"200\",version=\"2\"}"
         ),
         "per-version request counts"
     );

@@ -137,6 +137,7 @@ async fn socket_answers_equal_http_answers() {
             exclude: vec![1, 2],
             timeout_ms: None,
             version: None,
+            priority: None,
         };
         let a = uds.recommend("demo", req.clone()).await.unwrap();
         let b = http.recommend("demo", req).await.unwrap();
@@ -146,6 +147,7 @@ async fn socket_answers_equal_http_answers() {
             items: vec![10, 20, 30, 40],
             timeout_ms: None,
             version: None,
+            priority: None,
         };
         let a = uds.score("demo-ranker", req.clone()).await.unwrap();
         let b = http.score("demo-ranker", req).await.unwrap();
@@ -157,6 +159,7 @@ async fn socket_answers_equal_http_answers() {
         exclude: vec![],
         timeout_ms: None,
         version: None,
+        priority: None,
     };
     let e1 = uds.recommend("demo", too_many.clone()).await.unwrap_err();
     let e2 = http.recommend("demo", too_many).await.unwrap_err();
@@ -186,6 +189,7 @@ async fn many_connections_and_one_shared_pipelined_client() {
                             exclude: vec![],
                             timeout_ms: None,
                             version: None,
+                            priority: None,
                         },
                     )
                     .await

@@ -124,6 +124,7 @@ fn probe_request(user_id: u64, k: usize) -> RecommendRequest {
         exclude: vec![],
         timeout_ms: Some(10_000),
         version: None,
+        priority: None,
     }
 }
 

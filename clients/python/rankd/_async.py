@@ -136,12 +136,13 @@ class AsyncClient:
             self._t = _HttpTransport(target, where, token, timeout, verify)
 
     async def recommend(self, model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[int]] = None,
-                        timeout_ms: Optional[int] = None, version: Optional[int] = None) -> t.Recommendation:
-        return await self._t.call(_core.recommend(model, user_id, k, exclude, timeout_ms, version))
+                        timeout_ms: Optional[int] = None, version: Optional[int] = None,
+                  priority: Optional[str] = None) -> t.Recommendation:
+        return await self._t.call(_core.recommend(model, user_id, k, exclude, timeout_ms, version, priority))
 
     async def score(self, model: str, user_id: int, items: Sequence[int], timeout_ms: Optional[int] = None,
-                    version: Optional[int] = None) -> t.Scores:
-        return await self._t.call(_core.score(model, user_id, items, timeout_ms, version))
+                    version: Optional[int] = None, priority: Optional[str] = None) -> t.Scores:
+        return await self._t.call(_core.score(model, user_id, items, timeout_ms, version, priority))
 
     async def upsert_user(self, user_id: int, history: Optional[Iterable[int]] = None,
                           features: Optional[Iterable[float]] = None) -> t.User:

@@ -43,8 +43,9 @@ def _opt(d: Dict[str, Any], **kv: Any) -> Dict[str, Any]:
 
 
 def recommend(model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[int]] = None,
-              timeout_ms: Optional[int] = None, version: Optional[int] = None) -> Call:
-    body = _opt({"user_id": user_id, "k": k}, timeout_ms=timeout_ms, version=version)
+              timeout_ms: Optional[int] = None, version: Optional[int] = None,
+              priority: Optional[str] = None) -> Call:
+    body = _opt({"user_id": user_id, "k": k}, timeout_ms=timeout_ms, version=version, priority=priority)
     if exclude is not None:
         body["exclude"] = list(exclude)
     return Call("recommend", "POST", f"/v1/models/{quote(model, safe='')}/recommend", body,
@@ -52,8 +53,9 @@ def recommend(model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[
 
 
 def score(model: str, user_id: int, items: Sequence[int], timeout_ms: Optional[int] = None,
-          version: Optional[int] = None) -> Call:
-    body = _opt({"user_id": user_id, "items": list(items)}, timeout_ms=timeout_ms, version=version)
+          version: Optional[int] = None, priority: Optional[str] = None) -> Call:
+    body = _opt({"user_id": user_id, "items": list(items)}, timeout_ms=timeout_ms, version=version,
+                priority=priority)
     return Call("score", "POST", f"/v1/models/{quote(model, safe='')}/score", body,
                 {"model": model, **body}, t.Scores.from_wire)
 

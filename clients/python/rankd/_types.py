@@ -25,6 +25,7 @@ class Recommendation:
     version: int
     items: List[ScoredItem]
     degraded: bool = False
+    cold_start: bool = False
 
     @classmethod
     def from_wire(cls, r: Dict[str, Any]) -> "Recommendation":
@@ -33,6 +34,7 @@ class Recommendation:
             version=r["version"],
             items=[ScoredItem(int(i["id"]), _f32(i["score"])) for i in r["items"]],
             degraded=bool(r.get("degraded", False)),
+            cold_start=bool(r.get("cold_start", False)),
         )
 
 

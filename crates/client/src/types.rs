@@ -20,6 +20,20 @@ pub struct RecommendRequest {
     /// Served by this model version (when loaded) instead of the traffic split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// `interactive` (the default) or `bulk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+/// A scoring request's priority class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// A caller waiting on the answer: served first.
+    #[default]
+    Interactive,
+    /// Offline work: uses the capacity interactive callers leave.
+    Bulk,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +46,9 @@ pub struct ScoreRequest {
     /// Served by this model version (when loaded) instead of the traffic split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// `interactive` (the default) or `bulk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 /// `POST /v1/users/{user_id}`: a field given replaces that part of the state.
@@ -71,6 +88,12 @@ pub struct RecommendResponse {
     pub model: String,
     pub version: u64,
     pub items: Vec<ScoredItem>,
+    /// The request would have been shed: these are the popular items.
+    #[serde(default)]
+    pub degraded: bool,
+    /// The user has no history and no features: these are the popular items.
+    #[serde(default)]
+    pub cold_start: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -35,6 +35,9 @@ pub struct WireRequest {
     pub deleted: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// `interactive` (the default) or `bulk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 /// Just the id, to answer a request whose other fields do not decode.

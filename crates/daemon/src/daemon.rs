@@ -15,6 +15,7 @@ use tokio::sync::{oneshot, watch};
 use crate::api;
 use crate::config::{Config, KafkaConfig};
 use crate::exec::{self, ExecutorHandle, LoadState, Registry, ServedModel};
+use crate::features::popularity::{Popularity, Refresher};
 use crate::features::snapshot::{Snapshot, SnapshotBase};
 use crate::features::updates::Validator;
 use crate::ingest::{self, Ingest};
@@ -39,6 +40,7 @@ pub struct Daemon {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     ingest: Arc<Mutex<Option<Ingest>>>,
     snapshots: Option<Snapshotter>,
+    popularity: Option<Refresher>,
     service: Arc<api::Service>,
     shutdown_delay: Duration,
     grace: Duration,
@@ -99,6 +101,15 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         None => BTreeMap::new(),
     };
     let metrics = Arc::new(Metrics::new());
+    let popularity = Arc::new(Popularity::new(config.pressure.popularity_half_life()));
+    if let Some(dir) = &config.snapshot.dir {
+        let n = popularity
+            .load(dir)
+            .with_context(|| format!("reading the popularity counts in {}", dir.display()))?;
+        if n > 0 {
+            tracing::info!(items = n, "popularity counts restored");
+        }
+    }
     // Every version folder is listed; the latest of each model, and those a
     // saved split names, load before the daemon is ready.
     let mut startup = exec::Startup {
@@ -115,16 +126,20 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             )
         }),
         max_users: config.durability.max_users,
+        popularity: popularity.clone(),
+        degrade: config.pressure.degrade,
     };
     let mut served = Vec::new();
     for (index, (m, latest)) in repo.models.iter().zip(latest).enumerate() {
-        let queue = latest
+        let batching = latest
             .spec
             .as_ref()
-            .map_or(BatchingSpec::default().max_queue_size, |s| {
-                s.batching.max_queue_size
-            });
-        let model = ServedModel::new(m.name.clone(), queue);
+            .map_or(BatchingSpec::default(), |s| s.batching.clone());
+        let model = ServedModel::new(
+            m.name.clone(),
+            batching.max_queue_size,
+            batching.max_bulk_queue_size,
+        );
         let split = saved_splits.get(&m.name);
         if let Some(split) = split {
             startup.splits.insert(index, split.clone());
@@ -300,7 +315,13 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             metrics.clone(),
         )
     });
+    let popularity = Refresher::start(
+        popularity,
+        config.snapshot.dir.clone(),
+        config.snapshot.interval(),
+    );
     Ok(Daemon {
+        popularity: Some(popularity),
         http_addr,
         https,
         uds_path,
@@ -511,9 +532,13 @@ impl Daemon {
         );
         let ingest = self.ingest.lock().expect("ingest lock").take();
         let snapshots = self.snapshots.take();
+        let popularity = self.popularity.take();
         tokio::task::spawn_blocking(move || {
             if let Some(i) = ingest {
                 i.stop();
+            }
+            if let Some(p) = popularity {
+                p.finish();
             }
             if let Some(s) = snapshots {
                 s.finish();

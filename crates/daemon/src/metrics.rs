@@ -77,6 +77,11 @@ pub struct Metrics {
     pub ingest_enabled: prometheus::IntGauge,
     /// Snapshots that could not be written.
     pub snapshot_failures: prometheus::IntCounter,
+    /// Recommends answered from popularity instead of being shed, by reason
+    /// (queue_full, deadline).
+    pub degraded: IntCounterVec,
+    /// Recommends for users with no state answered from popularity.
+    pub cold_start: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -118,19 +123,19 @@ impl Metrics {
         Self {
             requests: counter(
                 "rankd_requests_total",
-                "Requests by model, route and status code.",
-                &["model", "version", "route", "status"],
+                "Requests by model, version, route, status code and priority class.",
+                &["model", "version", "route", "status", "priority"],
             ),
             request_seconds: histogram(
                 "rankd_request_duration_seconds",
                 "Request latency inside the server, admission to answer.",
-                &["model", "version", "route"],
+                &["model", "version", "route", "priority"],
                 LATENCY_BUCKETS,
             ),
             queue_seconds: histogram(
                 "rankd_queue_duration_seconds",
                 "Time a request waited for its batch to start.",
-                &["model"],
+                &["model", "priority"],
                 LATENCY_BUCKETS,
             ),
             exec_seconds: histogram(
@@ -154,7 +159,7 @@ impl Metrics {
             queue_depth: gauge(
                 "rankd_queue_depth",
                 "Requests admitted and waiting for a batch.",
-                &["model"],
+                &["model", "priority"],
             ),
             model_state: gauge(
                 "rankd_model_state",
@@ -163,8 +168,8 @@ impl Metrics {
             ),
             dropped: counter(
                 "rankd_requests_dropped_total",
-                "Requests dropped before execution, by reason (deadline, cancelled).",
-                &["model", "reason"],
+                "Requests dropped before execution, by reason (deadline, predicted, cancelled).",
+                &["model", "reason", "priority"],
             ),
             user_updates: counter(
                 "rankd_user_updates_total",
@@ -400,6 +405,16 @@ impl Metrics {
                     .expect("unique metric");
                 c
             },
+            degraded: counter(
+                "rankd_degraded_total",
+                "Recommends answered with the popular items instead of being shed, by reason (queue_full, deadline).",
+                &["model", "reason"],
+            ),
+            cold_start: counter(
+                "rankd_cold_start_total",
+                "Recommends for users with no history and no features answered with the popular items.",
+                &["model"],
+            ),
             registry,
         }
     }

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::batch::Class;
 use crate::error::ServeError;
-use crate::exec::{ExecutorHandle, LoadState, Op, Output, ServedModel, UserUpdate};
+use crate::exec::{ExecutorHandle, LoadState, Note, Op, Output, ServedModel, UserUpdate};
 use crate::features::store::{ItemSummary, ItemWrite};
 use crate::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
@@ -99,12 +100,14 @@ impl Service {
     }
 
     /// Counts the request and its latency under `route`, the version that
-    /// answered (empty when none did) and the status it ended in.
+    /// answered (empty when none did), the status it ended in and its
+    /// priority class (empty for a route that does not score).
     fn observe<T>(
         &self,
         model: &str,
         version: &str,
         route: &str,
+        priority: &str,
         started: Instant,
         result: &Result<T, ServeError>,
     ) {
@@ -114,11 +117,11 @@ impl Service {
         };
         self.metrics
             .requests
-            .with_label_values(&[model, version, route, &status.to_string()])
+            .with_label_values(&[model, version, route, &status.to_string(), priority])
             .inc();
         self.metrics
             .request_seconds
-            .with_label_values(&[model, version, route])
+            .with_label_values(&[model, version, route, priority])
             .observe(started.elapsed().as_secs_f64());
     }
 
@@ -137,7 +140,7 @@ impl Service {
         };
         self.metrics
             .requests
-            .with_label_values(&[model, "", route, &status.to_string()])
+            .with_label_values(&[model, "", route, &status.to_string(), ""])
             .inc();
     }
 
@@ -147,6 +150,7 @@ impl Service {
         req: RecommendRequest,
     ) -> Result<RecommendResponse, ServeError> {
         let started = Instant::now();
+        let class = class_of(req.priority);
         let result = self.recommend_inner(model, req).await;
         let label = if self.exec.registry().get(model).is_some() {
             model
@@ -156,7 +160,14 @@ impl Service {
         let version = result
             .as_ref()
             .map_or(String::new(), |r| r.version.to_string());
-        self.observe(label, &version, "recommend", started, &result);
+        self.observe(
+            label,
+            &version,
+            "recommend",
+            class.as_str(),
+            started,
+            &result,
+        );
         result
     }
 
@@ -195,7 +206,9 @@ impl Service {
             exclude: req.exclude,
         };
         let rows = spec.kind.rows(&op);
-        match self.exec.infer(route, op, rows, timeout).await? {
+        let class = class_of(req.priority);
+        let answer = self.exec.infer(route, op, rows, timeout, class).await?;
+        match answer.output {
             Output::TopK(items) => Ok(RecommendResponse {
                 model: served.name.clone(),
                 version,
@@ -206,6 +219,8 @@ impl Service {
                         score: s.score,
                     })
                     .collect(),
+                degraded: answer.note == Note::Degraded,
+                cold_start: answer.note == Note::ColdStart,
             }),
             Output::Scores(_) => Err(ServeError::Internal(
                 "recommend answered with scores: this is a bug".into(),
@@ -215,6 +230,7 @@ impl Service {
 
     pub async fn score(&self, model: &str, req: ScoreRequest) -> Result<ScoreResponse, ServeError> {
         let started = Instant::now();
+        let class = class_of(req.priority);
         let result = self.score_inner(model, req).await;
         let label = if self.exec.registry().get(model).is_some() {
             model
@@ -224,7 +240,7 @@ impl Service {
         let version = result
             .as_ref()
             .map_or(String::new(), |r| r.version.to_string());
-        self.observe(label, &version, "score", started, &result);
+        self.observe(label, &version, "score", class.as_str(), started, &result);
         result
     }
 
@@ -256,7 +272,13 @@ impl Service {
             items: req.items,
         };
         let rows = spec.kind.rows(&op);
-        match self.exec.infer(route, op, rows, timeout).await? {
+        let class = class_of(req.priority);
+        match self
+            .exec
+            .infer(route, op, rows, timeout, class)
+            .await?
+            .output
+        {
             Output::Scores(scores) => Ok(ScoreResponse {
                 model: served.name.clone(),
                 version,
@@ -275,7 +297,7 @@ impl Service {
     ) -> Result<UserResponse, ServeError> {
         let started = Instant::now();
         let result = self.upsert_user_inner(user_id, req).await;
-        self.observe("", "", "upsert_user", started, &result);
+        self.observe("", "", "upsert_user", "", started, &result);
         result
     }
 
@@ -291,7 +313,7 @@ impl Service {
                 history: summary.history,
                 features: summary.features,
             });
-        self.observe("", "", "get_user", started, &result);
+        self.observe("", "", "get_user", "", started, &result);
         result
     }
 
@@ -327,7 +349,7 @@ impl Service {
     ) -> Result<ItemSummary, ServeError> {
         let started = Instant::now();
         let result = self.write_item_inner(item_id, req).await;
-        self.observe("", "", "write_item", started, &result);
+        self.observe("", "", "write_item", "", started, &result);
         result
     }
 
@@ -496,4 +518,11 @@ impl Service {
 
 fn finite_f32(values: &[f64], field: &str) -> Result<Vec<f32>, ServeError> {
     crate::features::updates::finite_f32(values, field).map_err(ServeError::Invalid)
+}
+
+fn class_of(priority: Option<Priority>) -> Class {
+    match priority.unwrap_or_default() {
+        Priority::Interactive => Class::Interactive,
+        Priority::Bulk => Class::Bulk,
+    }
 }

@@ -341,6 +341,7 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 exclude: req.exclude.unwrap_or_default(),
                 timeout_ms: req.timeout_ms,
                 version: req.version,
+                priority: req.priority,
             };
             service
                 .recommend(&model, body)
@@ -354,6 +355,7 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 items: required(req.items, "items", op)?,
                 timeout_ms: req.timeout_ms,
                 version: req.version,
+                priority: req.priority,
             };
             service.score(&model, body).await.map(WireResult::Score)
         }

@@ -1,7 +1,8 @@
 //! The batching policy, whole: admission to bounded queues by permit
-//! (`admission`), one queue per model and its closing rule (`queue`), and the
-//! scheduler that decides which batch runs next, when to wake up, and which
-//! requests are dropped (`scheduler`). No threads and no I/O: the executor
+//! (`admission`), one queue per model version with an interactive and a bulk
+//! lane and its closing rule (`queue`), and the scheduler that decides which
+//! batch runs next, when to wake up, and which requests are dropped
+//! (`scheduler`). No threads and no I/O: the executor
 //! drives it, and it is tested with explicit instants.
 
 mod admission;
@@ -12,4 +13,4 @@ mod tests;
 
 pub use admission::{Admission, Permit};
 pub use queue::BatchPolicy;
-pub use scheduler::{DropReason, Poll, QueueKey, Request, Run, Scheduler};
+pub use scheduler::{Class, DropReason, Poll, QueueKey, Request, Run, Scheduler};

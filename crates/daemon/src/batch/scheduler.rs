@@ -6,14 +6,19 @@
 //! - A queue's batch closes when it holds `max_rows` rows or its oldest
 //!   request has waited `max_delay` (`queue::BatchPolicy`), and is taken only
 //!   when the executor asks, so requests keep joining while the device works.
-//! - Among ready queues, the one whose oldest request has waited longest goes
-//!   first: under load every model is served in turn.
-//! - Requests that expired or whose caller left are dropped as their batch is
-//!   taken and handed back with the reason, so they are answered and counted
-//!   in one place.
+//! - Interactive work comes first: among queues ready for it, the one whose
+//!   oldest interactive request has waited longest goes first, so under load
+//!   every model is served in turn. A queue holding only bulk work runs when
+//!   no interactive request waits anywhere; within a queue bulk rows fill the
+//!   room interactive rows leave, and `bulk_min_share` keeps bulk from
+//!   starving (`queue`).
+//! - Requests that expired, whose caller left, or whose deadline falls before
+//!   the batch is expected to finish (a running estimate of execution time
+//!   per queue and batch size) are dropped as their batch is taken and handed
+//!   back with the reason, so they are answered and counted in one place.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::admission::Permit;
 use super::queue::{BatchPolicy, Queue};
@@ -26,9 +31,30 @@ pub struct QueueKey {
     pub model: usize,
 }
 
+/// A request's priority class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Class {
+    /// A caller waiting on the answer (the default).
+    #[default]
+    Interactive,
+    /// Offline work that uses the capacity interactive callers leave.
+    Bulk,
+}
+
+impl Class {
+    /// The `priority` label of the request metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Interactive => "interactive",
+            Class::Bulk => "bulk",
+        }
+    }
+}
+
 /// What the scheduler needs to know about a queued request.
 pub trait Request {
     fn key(&self) -> QueueKey;
+    fn class(&self) -> Class;
     /// Rows it adds to a batch (a ranker request: one per candidate).
     fn rows(&self) -> usize;
     fn enqueued(&self) -> Instant;
@@ -43,6 +69,8 @@ pub enum DropReason {
     Deadline,
     /// The caller left before its deadline.
     Cancelled,
+    /// The deadline falls before the batch would be expected to finish.
+    Predicted,
 }
 
 impl DropReason {
@@ -51,6 +79,7 @@ impl DropReason {
         match self {
             DropReason::Deadline => "deadline",
             DropReason::Cancelled => "cancelled",
+            DropReason::Predicted => "predicted",
         }
     }
 }
@@ -80,8 +109,42 @@ pub enum Poll<R> {
 }
 
 pub struct Scheduler<R> {
-    queues: Vec<(QueueKey, Queue<R>)>,
+    queues: Vec<(QueueKey, Queue<R>, Estimates)>,
     index: HashMap<QueueKey, usize>,
+}
+
+/// Running estimates of a queue's batch execution time, one per power-of-two
+/// bucket of rows.
+#[derive(Debug, Default, Clone)]
+struct Estimates {
+    /// Seconds, by bucket (`bucket(rows)`); 0 where nothing was measured.
+    mean: [f64; 24],
+}
+
+/// Weight of the newest measurement in the running mean.
+const ALPHA: f64 = 0.2;
+
+fn bucket(rows: usize) -> usize {
+    (usize::BITS - rows.max(1).saturating_sub(1).leading_zeros()).min(23) as usize
+}
+
+impl Estimates {
+    fn record(&mut self, rows: usize, elapsed: Duration) {
+        let m = &mut self.mean[bucket(rows)];
+        let x = elapsed.as_secs_f64();
+        *m = if *m == 0.0 { x } else { *m + ALPHA * (x - *m) };
+    }
+
+    /// The expected time of a batch of `rows`: its bucket's mean, else the
+    /// nearest smaller bucket measured (an underestimate, so nothing is
+    /// dropped on a guess), else zero.
+    fn expected(&self, rows: usize) -> Duration {
+        self.mean[..=bucket(rows)]
+            .iter()
+            .rev()
+            .find(|&&m| m > 0.0)
+            .map_or(Duration::ZERO, |&m| Duration::from_secs_f64(m))
+    }
 }
 
 impl<R: Request> Default for Scheduler<R> {
@@ -110,7 +173,8 @@ impl<R: Request> Scheduler<R> {
             }
             None => {
                 self.index.insert(key, self.queues.len());
-                self.queues.push((key, Queue::new(policy)));
+                self.queues
+                    .push((key, Queue::new(policy), Estimates::default()));
             }
         }
     }
@@ -126,7 +190,7 @@ impl<R: Request> Scheduler<R> {
         }
         self.queues.swap_remove(i);
         self.index.remove(&key);
-        if let Some((moved, _)) = self.queues.get(i) {
+        if let Some((moved, _, _)) = self.queues.get(i) {
             self.index.insert(*moved, i);
         }
         true
@@ -150,19 +214,48 @@ impl<R: Request> Scheduler<R> {
         self.index.get(&key).map_or(0, |&i| self.queues[i].1.len())
     }
 
-    /// What to do at `now`: run the ready queue whose oldest request has
-    /// waited longest, or sleep until the first queue closes.
+    /// Records how long a batch of `rows` taken from `key` ran, for the
+    /// deadline prediction.
+    pub fn record(&mut self, key: QueueKey, rows: usize, elapsed: Duration) {
+        if let Some(&i) = self.index.get(&key) {
+            self.queues[i].2.record(rows, elapsed);
+        }
+    }
+
+    /// The expected execution time of a batch of `rows` from `key`.
+    #[cfg(test)]
+    pub fn expected(&self, key: QueueKey, rows: usize) -> Duration {
+        self.index
+            .get(&key)
+            .map_or(Duration::ZERO, |&i| self.queues[i].2.expected(rows))
+    }
+
+    /// What to do at `now`: run the queue ready for interactive work whose
+    /// oldest interactive request has waited longest; when no interactive
+    /// request waits anywhere, the same for bulk work; else sleep until the
+    /// first batch closes.
     pub fn poll(&mut self, now: Instant) -> Poll<R> {
+        let interactive = self.queues.iter().any(|(_, q, _)| q.has_interactive());
+        let class = if interactive {
+            Class::Interactive
+        } else {
+            Class::Bulk
+        };
         let ready = self
             .queues
             .iter()
             .enumerate()
-            .filter(|(_, (_, q))| q.is_ready(now))
-            .min_by_key(|(_, (_, q))| q.oldest())
+            .filter(|(_, (_, q, _))| q.is_ready(class, now))
+            .min_by_key(|(_, (_, q, _))| q.oldest(class))
             .map(|(i, _)| i);
         match ready {
             Some(i) => Poll::Run(self.take(i, now)),
-            None => match self.queues.iter().filter_map(|(_, q)| q.closes_at()).min() {
+            None => match self
+                .queues
+                .iter()
+                .filter_map(|(_, q, _)| q.closes_at(class))
+                .min()
+            {
                 Some(at) => Poll::Sleep(at),
                 None => Poll::Idle,
             },
@@ -176,20 +269,25 @@ impl<R: Request> Scheduler<R> {
             .queues
             .iter()
             .enumerate()
-            .filter(|(_, (_, q))| !q.is_empty())
-            .min_by_key(|(_, (_, q))| q.oldest())
+            .filter(|(_, (_, q, _))| !q.is_empty())
+            .min_by_key(|(_, (_, q, _))| q.oldest(Class::Interactive).or(q.oldest(Class::Bulk)))
             .map(|(i, _)| i)?;
         Some(self.take(i, now))
     }
 
     fn take(&mut self, i: usize, now: Instant) -> Run<R> {
-        let (key, queue) = &mut self.queues[i];
+        let (key, queue, estimates) = &mut self.queues[i];
         let mut run = Run {
             key: *key,
             batch: Vec::new(),
             dropped: Vec::new(),
         };
-        queue.take(now, &mut run.batch, &mut run.dropped);
+        queue.take(
+            now,
+            |rows| estimates.expected(rows),
+            &mut run.batch,
+            &mut run.dropped,
+        );
         run
     }
 }

@@ -11,6 +11,7 @@ struct R {
     id: u32,
     key: QueueKey,
     rows: usize,
+    class: Class,
     enqueued: Instant,
     deadline: Instant,
     cancelled: Rc<Cell<bool>>,
@@ -22,6 +23,9 @@ impl Request for R {
     }
     fn rows(&self) -> usize {
         self.rows
+    }
+    fn class(&self) -> Class {
+        self.class
     }
     fn enqueued(&self) -> Instant {
         self.enqueued
@@ -57,6 +61,7 @@ impl Fixture {
                 BatchPolicy {
                     max_rows,
                     max_delay: us(delay_us),
+                    bulk_min_share: 0.05,
                 },
             );
         }
@@ -81,6 +86,17 @@ impl Fixture {
         at_us: u64,
         ttl_us: u64,
     ) -> (u32, Rc<Cell<bool>>) {
+        self.push_class(key, Class::Interactive, rows, at_us, ttl_us)
+    }
+
+    fn push_class(
+        &mut self,
+        key: QueueKey,
+        class: Class,
+        rows: usize,
+        at_us: u64,
+        ttl_us: u64,
+    ) -> (u32, Rc<Cell<bool>>) {
         let id = self.next_id;
         self.next_id += 1;
         let cancelled = Rc::new(Cell::new(false));
@@ -88,6 +104,7 @@ impl Fixture {
             id,
             key,
             rows,
+            class,
             enqueued: self.at(at_us),
             deadline: self.at(at_us + ttl_us),
             cancelled: cancelled.clone(),
@@ -273,6 +290,7 @@ fn depth_is_exact_whatever_happens_to_the_requests() {
     // is released with it.
     let permit = f.admission.try_admit().unwrap();
     let stray = R {
+        class: Class::Interactive,
         id: 99,
         key: QueueKey { model: 7 },
         rows: 1,
@@ -321,6 +339,7 @@ fn a_removed_queue_takes_no_requests_and_the_others_keep_their_order() {
     assert!(f.s.remove_queue(B));
     assert!(f.s.remove_queue(B), "removing twice is harmless");
     let stray = R {
+        class: Class::Interactive,
         id: 99,
         key: B,
         rows: 1,
@@ -335,4 +354,116 @@ fn a_removed_queue_takes_no_requests_and_the_others_keep_their_order() {
     assert_eq!(ids(&f.run(1_000).batch), vec![0]);
     assert_eq!(ids(&f.run(1_010).batch), vec![c]);
     assert!(f.s.remove_queue(A));
+}
+
+fn classes(f: &Fixture, batch: &[R]) -> (usize, usize) {
+    let _ = f;
+    let bulk = batch.iter().filter(|r| r.class == Class::Bulk).count();
+    (batch.len() - bulk, bulk)
+}
+
+#[test]
+fn interactive_rows_go_first_and_bulk_fills_the_room_left() {
+    let mut f = Fixture::new(&[(A, 4, 500)]);
+    for i in 0..6 {
+        f.push_class(A, Class::Bulk, 1, i, LONG);
+    }
+    f.push(A, 1, 10, LONG);
+    f.push(A, 1, 20, LONG);
+    // The bulk lane alone fills a batch, but the interactive requests that
+    // arrived later still go first; bulk rows fill the other two rows.
+    let run = f.run(30);
+    assert_eq!(classes(&f, &run.batch), (2, 2));
+    assert_eq!(ids(&run.batch[..2]), vec![6, 7], "interactive first");
+    assert_eq!(ids(&run.batch[2..]), vec![0, 1], "bulk in arrival order");
+    // Only bulk is left: its lane is full, so it runs at once.
+    let run = f.run(30);
+    assert_eq!(classes(&f, &run.batch), (0, 4));
+    assert!(matches!(f.s.poll(f.at(30)), Poll::Idle));
+}
+
+#[test]
+fn bulk_work_waits_while_interactive_work_waits_in_any_queue() {
+    let mut f = Fixture::new(&[(A, 4, 500), (B, 4, 500)]);
+    for i in 0..4 {
+        f.push_class(B, Class::Bulk, 1, i, LONG);
+    }
+    f.push(A, 1, 10, LONG);
+    // B's bulk batch is full, but A holds an interactive request that is
+    // not ready yet: the scheduler waits for A's batch to close.
+    match f.s.poll(f.at(20)) {
+        Poll::Sleep(at) => assert_eq!(at, f.at(510)),
+        other => panic!("expected a sleep until A closes, got {other:?}"),
+    }
+    assert_eq!(f.run(510).key, A);
+    let run = f.run(510);
+    assert_eq!((run.key, classes(&f, &run.batch)), (B, (0, 4)));
+}
+
+#[test]
+fn bulk_keeps_its_minimum_share_under_sustained_interactive_load() {
+    // bulk_min_share is 0.05: of 20 full batches of 20 rows (400 rows), at
+    // least 20 rows must be bulk even though interactive rows alone fill
+    // every batch.
+    let mut f = Fixture::new(&[(A, 20, 500)]);
+    for i in 0..500 {
+        f.push_class(A, Class::Bulk, 1, i, LONG);
+    }
+    let (mut interactive, mut bulk) = (0, 0);
+    for step in 0..20u64 {
+        let t = 1000 + step * 100;
+        for j in 0..20 {
+            f.push(A, 1, t + j, LONG);
+        }
+        let run = f.run(t + 20);
+        assert_eq!(run.batch.len(), 20);
+        let (i, b) = classes(&f, &run.batch);
+        interactive += i;
+        bulk += b;
+    }
+    let share = bulk as f64 / (bulk + interactive) as f64;
+    assert!(
+        (0.04..=0.10).contains(&share),
+        "bulk got {bulk} of {} rows ({share:.3}), want about 0.05",
+        bulk + interactive
+    );
+    assert!(bulk >= 19, "bulk got {bulk} rows, fewer than its share");
+}
+
+#[test]
+fn a_request_that_cannot_finish_before_its_deadline_is_dropped_before_it_runs() {
+    let mut f = Fixture::new(&[(A, 4, 0)]);
+    // Nothing measured yet: nothing is dropped on a guess.
+    f.push(A, 1, 0, 300);
+    assert_eq!(f.run(10).batch.len(), 1);
+    // Batches of up to two rows take 1 ms.
+    f.s.record(A, 2, Duration::from_millis(1));
+    assert_eq!(f.s.expected(A, 2), Duration::from_millis(1));
+    let (tight, _) = f.push(A, 1, 100, 500);
+    let (roomy, _) = f.push(A, 1, 100, 5_000);
+    let run = f.run(110);
+    assert_eq!(ids(&run.batch), vec![roomy]);
+    let reasons: Vec<(u32, DropReason)> = run
+        .dropped
+        .iter()
+        .map(|d| (d.request.id, d.reason))
+        .collect();
+    assert_eq!(reasons, vec![(tight, DropReason::Predicted)]);
+}
+
+#[test]
+fn execution_estimates_are_a_running_mean_per_size_bucket() {
+    let mut f = Fixture::new(&[(A, 64, 0)]);
+    assert_eq!(f.s.expected(A, 8), Duration::ZERO);
+    f.s.record(A, 4, Duration::from_millis(10));
+    // A larger, unmeasured bucket borrows the nearest smaller one.
+    assert_eq!(f.s.expected(A, 64), Duration::from_millis(10));
+    // A smaller bucket has nothing below it to borrow.
+    assert_eq!(f.s.expected(A, 1), Duration::ZERO);
+    f.s.record(A, 3, Duration::from_millis(20));
+    // 3 and 4 rows share a bucket: 10 + 0.2 * (20 - 10).
+    let e = f.s.expected(A, 4).as_secs_f64();
+    assert!((e - 0.012).abs() < 1e-9, "got {e}");
+    f.s.record(A, 64, Duration::from_millis(50));
+    assert_eq!(f.s.expected(A, 40), Duration::from_millis(50));
 }

@@ -4,7 +4,9 @@
 //! It comes in sections, one per part of the daemon that uses it, each with
 //! its defaults, its checks and its flags: models and device (`exec`), HTTP
 //! (`http`), request deadlines (`requests`), the Unix socket (`socket`), Kafka
-//! ingestion (`kafka`) and snapshots (`snapshot`). The file stays flat: every
+//! ingestion (`kafka`), snapshots (`snapshot`), model lifecycle
+//! (`lifecycle`), tokens (`access`), TLS (`tls`), shutdown and durability
+//! (`durability`) and overload answers (`pressure`). The file stays flat: every
 //! key is at the top level (plus the `[kafka_properties]` table), named like
 //! its flag, and a key no section knows is an error.
 
@@ -14,6 +16,7 @@ mod exec;
 mod http;
 mod kafka;
 mod lifecycle;
+mod pressure;
 mod requests;
 mod snapshot;
 mod socket;
@@ -29,6 +32,7 @@ pub use exec::{ExecArgs, ExecConfig};
 pub use http::{HttpArgs, HttpConfig};
 pub use kafka::{KafkaArgs, KafkaConfig};
 pub use lifecycle::{LifecycleArgs, LifecycleConfig};
+pub use pressure::{PressureArgs, PressureConfig};
 pub use requests::{RequestArgs, RequestConfig};
 pub use snapshot::{SnapshotArgs, SnapshotConfig};
 pub use socket::{SocketArgs, SocketConfig};
@@ -58,6 +62,8 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(flatten)]
     pub durability: DurabilityConfig,
+    #[serde(flatten)]
+    pub pressure: PressureConfig,
 }
 
 impl Config {
@@ -74,6 +80,7 @@ impl Config {
             AccessConfig::KEYS,
             TlsConfig::KEYS,
             DurabilityConfig::KEYS,
+            PressureConfig::KEYS,
         ]
         .into_iter()
         .flatten()
@@ -128,6 +135,7 @@ impl Config {
             access: section(&doc, text)?,
             tls: section(&doc, text)?,
             durability: section(&doc, text)?,
+            pressure: section(&doc, text)?,
         })
     }
 
@@ -148,6 +156,7 @@ impl Config {
         self.access.validate()?;
         self.tls.validate()?;
         self.durability.validate()?;
+        self.pressure.validate()?;
         self.exec.validate()
     }
 }
@@ -181,6 +190,8 @@ pub struct ServeArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub durability: DurabilityArgs,
+    #[command(flatten)]
+    pub pressure: PressureArgs,
 }
 
 impl ServeArgs {
@@ -200,6 +211,7 @@ impl ServeArgs {
         self.access.apply(&mut c.access);
         self.tls.apply(&mut c.tls);
         self.durability.apply(&mut c.durability);
+        self.pressure.apply(&mut c.pressure);
         c.validate()?;
         Ok(c)
     }

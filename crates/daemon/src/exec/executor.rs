@@ -22,17 +22,19 @@ use tokio::sync::oneshot;
 use super::load::{self, VersionFiles};
 use super::online::OnlineEval;
 use super::{
-    deadline_exceeded, Command, ExecutorHandle, InferRequest, LoadState, Op, Registry, Reply,
-    Resident, Split,
+    deadline_exceeded, Answer, Command, ExecutorHandle, InferRequest, LoadState, Note, Op,
+    Registry, Reply, Resident, Split,
 };
-use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Output, Query, Task};
-use crate::batch::{BatchPolicy, DropReason, Poll, QueueKey, Run, Scheduler};
+use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Output, Query, Scored, Task};
+use crate::batch::{BatchPolicy, Class, DropReason, Poll, QueueKey, Run, Scheduler};
 use crate::error::ServeError;
+use crate::features::popularity::{self, Popularity};
 use crate::features::snapshot::Snapshot;
 use crate::features::store::State;
 use crate::features::wal::{self, Record, Wal};
 use crate::features::UserStore;
 use crate::metrics::Metrics;
+use crate::model::spec::{ColdStart, Degrade};
 use crate::model::{ItemTable, ModelEntry, ModelError, ModelSpec};
 
 /// A resident model version.
@@ -74,6 +76,10 @@ pub struct Startup {
     pub wal: Option<(PathBuf, bool)>,
     /// Most users held (0: unlimited).
     pub max_users: usize,
+    /// Event counts that degraded and cold-start answers come from.
+    pub popularity: Arc<Popularity>,
+    /// `degrade` for the models whose model.toml does not set it.
+    pub degrade: Degrade,
 }
 
 /// A write applied this turn, acknowledged once the log is committed.
@@ -101,7 +107,15 @@ struct Executor {
     metrics: Arc<Metrics>,
     wal: Option<Wal>,
     acks: Vec<Ack>,
+    popularity: Arc<Popularity>,
+    degrade: Degrade,
+    /// Requests answered per model since the window started, for the
+    /// throughput behind `Retry-After`.
+    rates: HashMap<usize, (u64, Instant)>,
 }
+
+/// How often each model's throughput is published.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Starts the executor thread for `backend`. It loads the start-up versions
 /// before taking requests; `loaded` fires when all are done. User histories
@@ -120,6 +134,8 @@ pub fn spawn(
         tx,
         registry: registry.clone(),
         metrics: metrics.clone(),
+        popularity: startup.popularity.clone(),
+        degrade: startup.degrade,
     };
     let device = backend.device();
     registry.set_device(device.clone());
@@ -150,6 +166,9 @@ pub fn spawn(
                 metrics,
                 wal: None,
                 acks: Vec::new(),
+                popularity: startup.popularity.clone(),
+                degrade: startup.degrade,
+                rates: HashMap::new(),
             };
             exec.load_at_start(startup.versions, startup.fallbacks, &startup.splits);
             exec.publish_health();
@@ -303,6 +322,7 @@ impl Executor {
             BatchPolicy {
                 max_rows: spec.batching.max_batch_size,
                 max_delay: Duration::from_micros(spec.batching.max_queue_delay_us),
+                bulk_min_share: spec.batching.bulk_min_share,
             },
         );
         let sizes = self.backend.warm_batch_sizes(spec.max_batch_rows());
@@ -540,12 +560,26 @@ impl Executor {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Infer(req, permit) => {
+                if self.is_cold_start(&req) {
+                    drop(permit);
+                    let name = &self.registry.by_index(req.resident.model).name;
+                    self.metrics.cold_start.with_label_values(&[name]).inc();
+                    return self.answer_popular(req, Note::ColdStart);
+                }
                 if let Err(req) = self.scheduler.push(req, permit) {
                     let _ = req.reply.send(Err(ServeError::Internal(format!(
                         "no queue for version {} of model {}: this is a bug",
                         req.resident.version, req.resident.model
                     ))));
                 }
+            }
+            Command::Degraded(req, reason) => {
+                let name = &self.registry.by_index(req.resident.model).name;
+                self.metrics
+                    .degraded
+                    .with_label_values(&[name, reason])
+                    .inc();
+                self.answer_popular(req, Note::Degraded);
             }
             Command::Install(files, reply) => {
                 let at = (files.model, files.version);
@@ -568,6 +602,8 @@ impl Executor {
                 let added = self.added_to_history(&update);
                 let result = self.state.upsert_user(update, &dims);
                 if let (Ok(summary), false) = (&result, added.is_empty()) {
+                    self.popularity
+                        .record(added.iter().copied(), popularity::now_s());
                     let now = Instant::now();
                     for item in added {
                         self.clicked(summary.user_id, item, now);
@@ -726,7 +762,7 @@ impl Executor {
 
     /// The items a history write adds to the user's stored history.
     fn added_to_history(&self, update: &super::UserUpdate) -> Vec<u64> {
-        let Some(new) = update.history.as_ref().filter(|_| self.online.enabled()) else {
+        let Some(new) = update.history.as_ref() else {
             return Vec::new();
         };
         let old: std::collections::HashSet<u64> = self
@@ -782,6 +818,87 @@ impl Executor {
         }
     }
 
+    /// Counts answered requests and publishes the model's throughput once
+    /// per window.
+    fn count_answered(&mut self, model: usize, n: u64) {
+        let now = Instant::now();
+        let (count, since) = self.rates.entry(model).or_insert((0, now));
+        *count += n;
+        let window = now - *since;
+        if window >= RATE_WINDOW {
+            self.registry
+                .by_index(model)
+                .set_rate(*count as f64 / window.as_secs_f64());
+            *count = 0;
+            *since = now;
+        }
+    }
+
+    /// A recommend for a user with no history and no features, of a model
+    /// that answers those from popularity.
+    fn is_cold_start(&self, req: &InferRequest) -> bool {
+        let Op::Recommend { user_id, .. } = &req.op else {
+            return false;
+        };
+        req.resident.spec.cold_start == ColdStart::Popular
+            && self
+                .state
+                .users
+                .get(*user_id)
+                .is_none_or(|u| u.history.is_empty() && u.features.is_none())
+    }
+
+    /// Answers a recommend with the most popular live items of its table,
+    /// then the catalogue in table order, leaving out the user's history
+    /// and `exclude`.
+    fn answer_popular(&self, req: InferRequest, note: Note) {
+        let Op::Recommend {
+            user_id,
+            k,
+            exclude,
+        } = &req.op
+        else {
+            let _ = req.reply.send(Err(ServeError::Internal(
+                "only a recommend has a popular answer: this is a bug".into(),
+            )));
+            return;
+        };
+        let Some(slot) = self.slots.get(&req.resident.id) else {
+            let _ = req.reply.send(Err(ServeError::Internal(format!(
+                "version {} of model {} is not resident: this is a bug",
+                req.resident.version, req.resident.model
+            ))));
+            return;
+        };
+        let items = &self.state.tables[slot.table];
+        let mut skip: std::collections::HashSet<u64> = exclude.iter().copied().collect();
+        if let Some(u) = self.state.users.get(*user_id) {
+            skip.extend(u.history.iter().copied());
+        }
+        let mut answer: Vec<Scored> = Vec::with_capacity(*k);
+        for &(id, score) in self.popularity.top().iter() {
+            if answer.len() == *k {
+                break;
+            }
+            if items.live_row_of(id).is_some() && skip.insert(id) {
+                answer.push(Scored { id, score });
+            }
+        }
+        for row in 0..items.rows() as u32 {
+            if answer.len() == *k {
+                break;
+            }
+            let id = items.id(row);
+            if items.is_live(row) && skip.insert(id) {
+                answer.push(Scored { id, score: 0.0 });
+            }
+        }
+        let _ = req.reply.send(Ok(Answer {
+            output: Output::TopK(answer),
+            note,
+        }));
+    }
+
     fn execute(&mut self, run: Run<InferRequest>) {
         let Run {
             key,
@@ -801,22 +918,38 @@ impl Executor {
         let name = slot.name.clone();
         let label = slot.label.clone();
         let (model, version) = (slot.model, slot.version);
+        let degrades = slot.spec.degrade.unwrap_or(self.degrade) == Degrade::Popular;
         for d in dropped {
+            let req = d.request;
             self.metrics
                 .dropped
-                .with_label_values(&[&name, d.reason.as_str()])
+                .with_label_values(&[&name, d.reason.as_str(), req.class.as_str()])
                 .inc();
-            if d.reason == DropReason::Deadline {
-                let req = d.request;
-                let _ = req
-                    .reply
-                    .send(Err(deadline_exceeded(req.deadline - req.enqueued)));
+            match d.reason {
+                // Its deadline cannot be met: the popular items, where the
+                // model degrades, else the 504 now rather than at the deadline.
+                DropReason::Predicted if degrades && req.degradable() => {
+                    self.metrics
+                        .degraded
+                        .with_label_values(&[&name, "deadline"])
+                        .inc();
+                    self.answer_popular(req, Note::Degraded);
+                }
+                DropReason::Predicted | DropReason::Deadline => {
+                    let _ = req
+                        .reply
+                        .send(Err(deadline_exceeded(req.deadline - req.enqueued)));
+                }
+                DropReason::Cancelled => {}
             }
         }
-        self.metrics
-            .queue_depth
-            .with_label_values(&[&name])
-            .set(self.registry.by_index(model).queued() as i64);
+        let served_model = self.registry.by_index(model);
+        for class in [Class::Interactive, Class::Bulk] {
+            self.metrics
+                .queue_depth
+                .with_label_values(&[&name, class.as_str()])
+                .set(served_model.admission(class).depth() as i64);
+        }
         if batch.is_empty() {
             return;
         }
@@ -832,7 +965,7 @@ impl Executor {
                 Ok(p) => {
                     self.metrics
                         .queue_seconds
-                        .with_label_values(&[&name])
+                        .with_label_values(&[&name, req.class.as_str()])
                         .observe((now - req.enqueued).as_secs_f64());
                     prepared.push(p);
                     live.push(req);
@@ -870,10 +1003,12 @@ impl Executor {
         let rows: usize = live.iter().map(|r| r.rows).sum();
         let started = Instant::now();
         let result = self.backend.run(id, items, &queries);
+        let elapsed = started.elapsed();
+        self.scheduler.record(key, rows, elapsed);
         self.metrics
             .exec_seconds
             .with_label_values(&[&name, &label, &self.device])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
         drop(queries);
         self.metrics
             .batch_rows
@@ -887,6 +1022,7 @@ impl Executor {
         match result {
             Ok(outputs) => {
                 debug_assert_eq!(outputs.len(), live.len());
+                let n_live = live.len() as u64;
                 let now = Instant::now();
                 let mut served = 0u64;
                 for (req, out) in live.into_iter().zip(outputs) {
@@ -897,8 +1033,12 @@ impl Executor {
                             served += 1;
                         }
                     }
-                    let _ = req.reply.send(Ok(out));
+                    let _ = req.reply.send(Ok(Answer {
+                        output: out,
+                        note: Note::Model,
+                    }));
                 }
+                self.count_answered(model, n_live);
                 if served > 0 {
                     self.metrics
                         .online_impressions

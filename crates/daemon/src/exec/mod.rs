@@ -19,9 +19,11 @@ pub use crate::model::Op;
 pub use executor::{spawn, Startup};
 pub use registry::{LoadState, Registry, Resident, Route, ServedModel, Split};
 
-use crate::batch::{self, Permit, QueueKey};
+use crate::batch::{self, Class, Permit, QueueKey};
 use crate::error::ServeError;
+use crate::features::popularity::Popularity;
 use crate::metrics::Metrics;
+use crate::model::spec::Degrade;
 
 pub type Reply<T> = oneshot::Sender<Result<T, ServeError>>;
 
@@ -30,9 +32,36 @@ pub struct InferRequest {
     pub resident: Arc<Resident>,
     pub op: Op,
     pub rows: usize,
+    pub class: Class,
     pub enqueued: Instant,
     pub deadline: Instant,
-    pub reply: Reply<Output>,
+    pub reply: Reply<Answer>,
+}
+
+/// A scoring answer and how it was made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub output: Output,
+    pub note: Note,
+}
+
+/// Whether an answer is the model's, or the popular items standing in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Note {
+    /// The model scored it.
+    #[default]
+    Model,
+    /// The request would have been shed; the popular items answered.
+    Degraded,
+    /// The user has no state; the popular items answered.
+    ColdStart,
+}
+
+impl InferRequest {
+    /// An interactive recommend, the only request a popular list can answer.
+    fn degradable(&self) -> bool {
+        self.class == Class::Interactive && matches!(self.op, Op::Recommend { .. })
+    }
 }
 
 impl batch::Request for InferRequest {
@@ -43,6 +72,9 @@ impl batch::Request for InferRequest {
     }
     fn rows(&self) -> usize {
         self.rows
+    }
+    fn class(&self) -> Class {
+        self.class
     }
     fn enqueued(&self) -> Instant {
         self.enqueued
@@ -58,6 +90,9 @@ impl batch::Request for InferRequest {
 pub enum Command {
     /// A scoring request with the permit it was admitted with.
     Infer(InferRequest, Permit),
+    /// A recommend that could not be queued, answered from the popular
+    /// items; `reason` labels `rankd_degraded_total`.
+    Degraded(InferRequest, &'static str),
     UpsertUser(UserUpdate, Reply<UserSummary>),
     /// A user's stored state; changes nothing.
     GetUser(u64, Reply<UserSummary>),
@@ -87,53 +122,72 @@ pub struct ExecutorHandle {
     tx: flume::Sender<Command>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    popularity: Arc<Popularity>,
+    /// `degrade` for the models whose model.toml does not set it.
+    degrade: Degrade,
 }
-
-/// How long a client is told to wait when a queue is full.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl ExecutorHandle {
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
 
-    /// Admits, queues and awaits one scoring request for the version `route`
-    /// picked.
+    /// Admits, queues and awaits one scoring request of `class` for the
+    /// version `route` picked. A full queue is a 429 with a `Retry-After`
+    /// from the queue's depth and recent throughput, or, for an interactive
+    /// recommend of a model that degrades, the popular items.
     pub async fn infer(
         &self,
         route: Route,
         op: Op,
         rows: usize,
         timeout: Duration,
-    ) -> Result<Output, ServeError> {
+        class: Class,
+    ) -> Result<Answer, ServeError> {
         let enqueued = Instant::now();
         let deadline = enqueued + timeout;
         let served = self.registry.by_index(route.resident.model);
-        let admission = served.admission();
-        let permit = admission
-            .try_admit()
-            .map_err(|full| ServeError::Overloaded {
-                message: format!(
-                    "queue of model {} is full: {} requests waiting, max_queue_size is {}",
-                    served.name, full.waiting, full.limit
-                ),
-                retry_after_ms: RETRY_AFTER.as_millis() as u64,
-            })?;
-        self.metrics
-            .queue_depth
-            .with_label_values(&[&served.name])
-            .set(admission.depth() as i64);
+        let admission = served.admission(class);
         let (reply, rx) = oneshot::channel();
         let req = InferRequest {
             resident: route.resident,
             op,
             rows,
+            class,
             enqueued,
             deadline,
             reply,
         };
+        let command = match admission.try_admit() {
+            Ok(permit) => {
+                self.metrics
+                    .queue_depth
+                    .with_label_values(&[&served.name, class.as_str()])
+                    .set(admission.depth() as i64);
+                Command::Infer(req, permit)
+            }
+            Err(_) if req.degradable() && self.degrades(&req.resident) => {
+                Command::Degraded(req, "queue_full")
+            }
+            Err(full) => {
+                let queue = match class {
+                    Class::Interactive => "max_queue_size",
+                    Class::Bulk => "max_bulk_queue_size",
+                };
+                return Err(ServeError::Overloaded {
+                    message: format!(
+                        "{} queue of model {} is full: {} requests waiting, {queue} is {}",
+                        class.as_str(),
+                        served.name,
+                        full.waiting,
+                        full.limit
+                    ),
+                    retry_after_ms: served.retry_after(full.waiting).as_millis() as u64,
+                });
+            }
+        };
         // A request that cannot be sent drops its permit with it.
-        if self.tx.send(Command::Infer(req, permit)).is_err() {
+        if self.tx.send(command).is_err() {
             return Err(ServeError::NotReady("the executor has stopped".into()));
         }
         match tokio::time::timeout_at(deadline.into(), rx).await {
@@ -143,6 +197,11 @@ impl ExecutorHandle {
             )),
             Err(_) => Err(deadline_exceeded(timeout)),
         }
+    }
+
+    /// Whether `resident`'s model answers shed recommends from popularity.
+    fn degrades(&self, resident: &Resident) -> bool {
+        resident.spec.degrade.unwrap_or(self.degrade) == Degrade::Popular
     }
 
     fn command<T>(
@@ -196,6 +255,12 @@ impl ExecutorHandle {
         &self,
         batch: crate::features::updates::UpdateBatch,
     ) -> Result<state::ApplyReport, ServeError> {
+        // Counted here, on the caller's thread, not on the executor's.
+        if !batch.events.is_empty() {
+            let now = crate::features::popularity::now_s();
+            self.popularity
+                .record(batch.events.iter().map(|&(_, item)| item), now);
+        }
         self.command(|r| Command::Apply(batch, r))?
             .blocking_recv()
             .map_err(|_| ServeError::Internal("the executor dropped the command".into()))?

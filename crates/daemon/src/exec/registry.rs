@@ -14,9 +14,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::backend::{DeviceHealth, ModelId};
-use crate::batch::Admission;
+use crate::batch::{Admission, Class};
 use crate::error::ServeError;
 use crate::model::ModelSpec;
 
@@ -121,19 +122,28 @@ pub struct Route {
 pub struct ServedModel {
     pub name: String,
     inner: RwLock<Versions>,
-    /// Slots of the model's queue (`max_queue_size` of its first readable
-    /// version), shared by its versions.
+    /// Slots of the model's interactive and bulk queues (`max_queue_size`
+    /// and `max_bulk_queue_size` of its first readable version), shared by
+    /// its versions.
     admission: Admission,
+    bulk_admission: Admission,
     items: AtomicUsize,
+    /// Requests answered per second lately (f64 bits), for `Retry-After`.
+    rate: std::sync::atomic::AtomicU64,
 }
 
+/// The longest `Retry-After` given, however deep the queue.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 impl ServedModel {
-    pub fn new(name: String, max_queue_size: usize) -> Self {
+    pub fn new(name: String, max_queue_size: usize, max_bulk_queue_size: usize) -> Self {
         Self {
             name,
             inner: RwLock::new(Versions::default()),
             admission: Admission::new(max_queue_size),
+            bulk_admission: Admission::new(max_bulk_queue_size),
             items: AtomicUsize::new(0),
+            rate: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
         }
     }
 
@@ -469,13 +479,34 @@ impl ServedModel {
         }
     }
 
-    pub fn admission(&self) -> &Admission {
-        &self.admission
+    pub fn admission(&self, class: Class) -> &Admission {
+        match class {
+            Class::Interactive => &self.admission,
+            Class::Bulk => &self.bulk_admission,
+        }
     }
 
-    /// Requests admitted and still waiting in the queue.
+    /// Requests admitted and still waiting, both classes.
     pub fn queued(&self) -> usize {
-        self.admission.depth()
+        self.admission.depth() + self.bulk_admission.depth()
+    }
+
+    /// Publishes the requests answered per second lately.
+    pub fn set_rate(&self, per_second: f64) {
+        self.rate.store(per_second.to_bits(), Ordering::Relaxed);
+    }
+
+    /// How long a refused caller should wait: the time the recent
+    /// throughput needs to answer `waiting` requests, at least a second
+    /// (the header counts whole seconds), at most a minute.
+    pub fn retry_after(&self, waiting: usize) -> Duration {
+        let rate = f64::from_bits(self.rate.load(Ordering::Relaxed));
+        let secs = if rate > 0.0 {
+            (waiting as f64 / rate).ceil()
+        } else {
+            1.0
+        };
+        Duration::from_secs_f64(secs.max(1.0)).min(MAX_RETRY_AFTER)
     }
 
     pub fn item_count(&self) -> usize {
@@ -683,7 +714,7 @@ mod tests {
 
     #[test]
     fn latest_takes_over_and_retires_the_old_version_and_a_split_pins_traffic() {
-        let m = ServedModel::new("demo".into(), 16);
+        let m = ServedModel::new("demo".into(), 16, 16);
         m.add_version(1, Some(spec()), LoadState::Loading);
         assert!(m.version_ready(resident(0, 1)).unwrap().is_empty());
         assert_eq!(m.traffic(), BTreeMap::from([(1, 100)]));
@@ -740,7 +771,7 @@ mod tests {
 
     #[test]
     fn a_version_unloaded_or_removed_while_loading_is_not_put_in_service() {
-        let m = ServedModel::new("demo".into(), 16);
+        let m = ServedModel::new("demo".into(), 16, 16);
         m.add_version(1, Some(spec()), LoadState::Loading);
         m.version_ready(resident(0, 1)).unwrap();
         assert!(m.begin_load(2));
@@ -766,7 +797,7 @@ mod tests {
 
     #[test]
     fn versions_at_zero_percent_are_left_out_of_a_split() {
-        let m = ServedModel::new("demo".into(), 16);
+        let m = ServedModel::new("demo".into(), 16, 16);
         for (id, v) in [(0, 1), (1, 2)] {
             m.add_version(v, Some(spec()), LoadState::Loading);
             m.version_ready(resident(id, v)).unwrap();
@@ -783,7 +814,7 @@ mod tests {
 
     #[test]
     fn a_vanished_version_is_kept_while_it_carries_traffic() {
-        let m = ServedModel::new("demo".into(), 16);
+        let m = ServedModel::new("demo".into(), 16, 16);
         m.add_version(1, Some(spec()), LoadState::Loading);
         m.version_ready(resident(0, 1)).unwrap();
         m.add_version(2, Some(spec()), LoadState::Loading);
@@ -797,5 +828,16 @@ mod tests {
         let freed = m.take_orphans();
         assert_eq!(freed.iter().map(|r| r.version).collect::<Vec<_>>(), vec![2]);
         assert!(m.version(2).is_none());
+    }
+
+    #[test]
+    fn retry_after_is_the_time_recent_throughput_needs_for_the_queue() {
+        let m = ServedModel::new("demo".into(), 16, 16);
+        assert_eq!(m.retry_after(500), Duration::from_secs(1), "no rate yet");
+        m.set_rate(100.0);
+        assert_eq!(m.retry_after(50), Duration::from_secs(1), "at least 1 s");
+        assert_eq!(m.retry_after(1024), Duration::from_secs(11));
+        m.set_rate(1.0);
+        assert_eq!(m.retry_after(1_000_000), Duration::from_secs(60));
     }
 }

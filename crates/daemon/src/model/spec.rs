@@ -43,10 +43,42 @@ pub struct ModelSpec {
     pub batching: BatchingSpec,
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// What an interactive recommend that would be shed (queue full, or its
+    /// deadline cannot be met) gets: `"popular"` (the popular items, flagged
+    /// `degraded`) or `"off"` (the 429 / 504). Unset: the daemon's `--degrade`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degrade: Option<Degrade>,
+    /// What a recommend for a user with no history and no features gets:
+    /// `"popular"` (the popular items, flagged `cold_start`) or `"model"`
+    /// (the tower's answer for an empty input).
+    #[serde(default)]
+    pub cold_start: ColdStart,
     /// Present on the bundled demo models: missing weight files are generated
     /// from this seed instead of failing the load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub demo: Option<DemoSpec>,
+}
+
+/// The answer to a recommend that would be shed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Degrade {
+    /// 429 / 504, as the request asked for more than the daemon can give.
+    #[default]
+    Off,
+    /// The model's popular items, flagged `degraded`.
+    Popular,
+}
+
+/// The answer to a recommend for a user rankd knows nothing about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColdStart {
+    /// The popular items, flagged `cold_start`.
+    #[default]
+    Popular,
+    /// The tower's own answer for an empty history.
+    Model,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -59,9 +91,17 @@ pub struct BatchingSpec {
     /// ... or when the oldest waiting request has waited this long.
     #[serde(default = "default_max_queue_delay_us")]
     pub max_queue_delay_us: u64,
-    /// Requests waiting beyond this are refused with 429.
+    /// Interactive requests waiting beyond this are refused with 429.
     #[serde(default = "default_max_queue_size")]
     pub max_queue_size: usize,
+    /// Bulk requests waiting beyond this are refused (the bulk route waits
+    /// for room instead).
+    #[serde(default = "default_max_bulk_queue_size")]
+    pub max_bulk_queue_size: usize,
+    /// Under sustained interactive load, the least fraction (0 to 1) of the
+    /// rows executed that goes to waiting bulk work.
+    #[serde(default = "default_bulk_min_share")]
+    pub bulk_min_share: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -96,6 +136,12 @@ fn default_max_queue_delay_us() -> u64 {
 fn default_max_queue_size() -> usize {
     1024
 }
+fn default_max_bulk_queue_size() -> usize {
+    4096
+}
+fn default_bulk_min_share() -> f64 {
+    0.05
+}
 fn default_max_k() -> usize {
     1000
 }
@@ -112,6 +158,8 @@ impl Default for BatchingSpec {
             max_batch_size: default_max_batch_size(),
             max_queue_delay_us: default_max_queue_delay_us(),
             max_queue_size: default_max_queue_size(),
+            max_bulk_queue_size: default_max_bulk_queue_size(),
+            bulk_min_share: default_bulk_min_share(),
         }
     }
 }
@@ -149,6 +197,10 @@ impl ModelSpec {
             ("history_len", self.history_len),
             ("batching.max_batch_size", self.batching.max_batch_size),
             ("batching.max_queue_size", self.batching.max_queue_size),
+            (
+                "batching.max_bulk_queue_size",
+                self.batching.max_bulk_queue_size,
+            ),
             ("limits.max_k", self.limits.max_k),
             ("limits.max_items", self.limits.max_items),
         ];
@@ -156,6 +208,12 @@ impl ModelSpec {
             if value == 0 {
                 return Err(format!("{key} must be > 0, got 0"));
             }
+        }
+        let share = self.batching.bulk_min_share;
+        if !(0.0..=1.0).contains(&share) {
+            return Err(format!(
+                "batching.bulk_min_share must be between 0 and 1, got {share}"
+            ));
         }
         Ok(())
     }

@@ -89,6 +89,7 @@ impl Workload {
                 exclude: Vec::new(),
                 timeout_ms: Some(self.timeout_ms),
                 version: None,
+                priority: None,
             }),
             OpKind::Score => Call::Score(ScoreRequest {
                 user_id: self.user(rng),
@@ -97,6 +98,7 @@ impl Workload {
                     .collect(),
                 timeout_ms: Some(self.timeout_ms),
                 version: None,
+                priority: None,
             }),
         }
     }
