@@ -17,6 +17,7 @@ mod kafka;
 mod lifecycle;
 mod logs;
 mod monitoring;
+mod pressure;
 mod tls;
 mod uds;
 mod uds_hostile;

@@ -38,6 +38,11 @@ pub struct WireRequest {
     /// `interactive` (the default) or `bulk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// `bulk`: the requests, each shaped like a line of the HTTP bulk body
+    /// (`user_id`, and `items` to score or `k` to recommend). Each is
+    /// checked on its own, so one bad entry is an error for that entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Vec<serde_json::Value>>,
 }
 
 /// Just the id, to answer a request whose other fields do not decode.
@@ -79,4 +84,5 @@ pub const OPS: &[&str] = &[
     "models",
     "health",
     "ingest",
+    "bulk",
 ];

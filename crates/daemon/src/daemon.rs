@@ -477,6 +477,16 @@ impl Daemon {
         }
         let started = std::time::Instant::now();
         let deadline = tokio::time::Instant::now() + self.grace;
+        // Streaming calls still running just before the deadline end with
+        // a final error, which then has time to reach their callers.
+        let cutter = {
+            let service = self.service.clone();
+            let cut_at = deadline - (self.grace / 10).min(Duration::from_millis(200));
+            tokio::spawn(async move {
+                tokio::time::sleep_until(cut_at).await;
+                service.set_cut();
+            })
+        };
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -518,6 +528,7 @@ impl Daemon {
             }
         );
         // Whatever is still running is cut: nothing outlives the grace period.
+        cutter.abort();
         self.server.abort();
         if let Some(task) = uds_task {
             task.abort();

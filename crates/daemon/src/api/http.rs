@@ -42,6 +42,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/models/{model}/recommend", post(recommend))
         .route("/v1/models/{model}/score", post(score))
+        .route("/v1/models/{model}/bulk", post(bulk))
         .route("/v1/users/{user_id}", post(upsert_user).get(get_user))
         .route("/v1/items/{item_id}", post(write_item))
         .route("/v1/ingest", get(ingest))
@@ -230,6 +231,94 @@ async fn recommend(
     let model = segment(&s, "recommend", model)?;
     let JsonBody(req) = admitted(&s, &model, "recommend", body)?;
     Ok(Json(s.service.recommend(&model, req).await?))
+}
+
+/// `POST /v1/models/{model}/bulk`: NDJSON in, NDJSON out, one result per
+/// input line in input order (see `bulk`). The body is streamed, so
+/// `max_body_bytes` bounds each line, not the body.
+async fn bulk(
+    State(s): State<HttpState>,
+    model: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let model = segment(&s, "bulk", model)?;
+    admitted(
+        &s,
+        &model,
+        "bulk",
+        s.service.model(&model).map_err(ApiError),
+    )?;
+    let body = req.into_body().into_data_stream();
+    let broken = Arc::new(std::sync::Mutex::new(None::<String>));
+    let lines = {
+        let broken = broken.clone();
+        futures::stream::unfold(
+            super::bulk::Lines::new(body, s.max_body_bytes),
+            move |mut lines| {
+                let broken = broken.clone();
+                async move {
+                    match lines.next().await? {
+                        super::bulk::Piece::Line(n, r) => Some(((n, r), lines)),
+                        super::bulk::Piece::Broken(why) => {
+                            *broken.lock().expect("bulk lock") = Some(why);
+                            None
+                        }
+                    }
+                }
+            },
+        )
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let service = s.service.clone();
+    tokio::spawn(async move {
+        let (results, mut encoded) = tokio::sync::mpsc::channel(64);
+        let run = super::bulk::run(service, model, Box::pin(lines), results);
+        let forward = {
+            let tx = tx.clone();
+            async move {
+                while let Some(r) = encoded.recv().await {
+                    if tx.send(ndjson(&r)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        let (ended, ()) = tokio::join!(run, forward);
+        let last = match ended {
+            super::bulk::Ended::Cut(n) => Some(ServeError::NotReady(format!(
+                "rankd is shutting down: the bulk call was cut at the end of the grace period after {n} lines"
+            ))),
+            super::bulk::Ended::Done(_) => broken
+                .lock()
+                .expect("bulk lock")
+                .take()
+                .map(ServeError::Malformed),
+            super::bulk::Ended::Gone => None,
+        };
+        if let Some(e) = last {
+            let _ = tx
+                .send(ndjson(
+                    &serde_json::json!({ "error": super::bulk::detail(&e) }),
+                ))
+                .await;
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+fn ndjson<T: serde::Serialize>(v: &T) -> Bytes {
+    let mut out = serde_json::to_vec(v).expect("results always encode");
+    out.push(b'\n');
+    Bytes::from(out)
 }
 
 async fn score(

@@ -29,6 +29,9 @@ pub struct Service {
     ingest: std::sync::OnceLock<Arc<IngestStatus>>,
     /// Set by a shutdown signal: `/readyz` answers 503 `draining` from then on.
     draining: std::sync::atomic::AtomicBool,
+    /// Turns true at the end of the shutdown grace period: streaming calls
+    /// still running end with a final error.
+    cut: tokio::sync::watch::Sender<bool>,
 }
 
 impl Service {
@@ -39,7 +42,26 @@ impl Service {
             limits,
             ingest: std::sync::OnceLock::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            cut: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Ends the streaming calls still running (the grace period is over).
+    pub fn set_cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Resolves when the streaming calls must end.
+    pub fn cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.cut.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+
+    /// The largest `timeout_ms`; a bulk line without one gets it.
+    pub fn max_timeout(&self) -> Duration {
+        self.limits.max_timeout
     }
 
     /// From now on `/readyz` says `draining`, so load balancers move away.

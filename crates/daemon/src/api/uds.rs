@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::Service;
+use super::{bulk, Service};
 use crate::error::ServeError;
 use rankd_client::frame::{encode_frame, FrameDecoder, FrameError};
 use rankd_client::types::*;
@@ -134,6 +134,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 fn encode<R: serde::Serialize>(resp: &WireResponse<R>) -> Vec<u8> {
+    frame_of(resp)
+}
+
+fn frame_of<T: serde::Serialize>(resp: &T) -> Vec<u8> {
     let payload = rmp_serde::to_vec_named(resp).expect("responses always encode");
     let mut out = Vec::with_capacity(payload.len() + 4);
     encode_frame(&payload, &mut out);
@@ -195,7 +199,11 @@ async fn connection(
                     let (service, tx) = (service.clone(), tx.clone());
                     while tasks.try_join_next().is_some() {}
                     tasks.spawn(async move {
-                        let _ = tx.send(answer(&service, req).await).await;
+                        if req.op == "bulk" {
+                            bulk(service, req, &tx).await;
+                        } else {
+                            let _ = tx.send(answer(&service, req).await).await;
+                        }
                         drop(permit);
                     });
                 }
@@ -310,6 +318,78 @@ fn decode(frame: &[u8]) -> Result<WireRequest, Vec<u8>> {
         };
         error_frame(id, &err)
     })
+}
+
+/// One result frame of a bulk call: the call's `id`, the entry's `line`,
+/// and its `result` or `error`.
+#[derive(serde::Serialize)]
+struct BulkFrame<'a> {
+    id: u64,
+    line: u64,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a bulk::Outcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a ErrorDetail>,
+}
+
+/// Serves a `bulk` op: one frame per entry, in order, as results complete,
+/// then `{"id", "ok": true, "result": {"done": N}}`. A client that does not
+/// read its frames stops the call (the writer's timeout cuts it off).
+async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>>) {
+    let id = req.id;
+    let checked = required(req.model, "model", "bulk").and_then(|model| {
+        service.model(&model)?;
+        Ok((model, required(req.requests, "requests", "bulk")?))
+    });
+    let (model, requests) = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(error_frame(id, &e)).await;
+            return;
+        }
+    };
+    let input = futures::stream::iter(requests.into_iter().enumerate().map(|(i, v)| {
+        let parsed = serde_json::from_value::<bulk::BulkLine>(v)
+            .map_err(|e| ServeError::Invalid(format!("invalid request: {e}")));
+        (i as u64 + 1, parsed)
+    }));
+    let (results, mut rx) = mpsc::channel::<bulk::BulkResult>(64);
+    let forward = async {
+        while let Some(r) = rx.recv().await {
+            let (result, error) = match &r.outcome {
+                bulk::Outcome::Error { error } => (None, Some(error)),
+                outcome => (Some(outcome), None),
+            };
+            let frame = frame_of(&BulkFrame {
+                id,
+                line: r.line,
+                ok: error.is_none(),
+                result,
+                error,
+            });
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    let (ended, ()) = tokio::join!(bulk::run(service.clone(), model, input, results), forward);
+    let last = match ended {
+        bulk::Ended::Done(n) => encode(&WireResponse {
+            id,
+            ok: true,
+            result: Some(serde_json::json!({ "done": n })),
+            error: None,
+        }),
+        bulk::Ended::Cut(n) => error_frame(
+            id,
+            &ServeError::NotReady(format!(
+                "rankd is shutting down: the bulk call was cut at the end of the grace period after {n} results"
+            )),
+        ),
+        bulk::Ended::Gone => return,
+    };
+    let _ = tx.send(last).await;
 }
 
 /// Serves one decoded request; always returns an answer frame.
