@@ -220,18 +220,21 @@ pub fn score_topk(items: &ItemTable, qs: &[f32], specs: &[(usize, &[u32])]) -> V
             for (qi, heap) in heaps.iter_mut().enumerate() {
                 let exclude = specs[qi].1;
                 let row_scores = &scores[qi * rows..(qi + 1) * rows];
-                let mut threshold = heap.threshold();
+                let (mut threshold, mut worst_id) = heap.bar();
                 // Most scores lose against a full heap: test 16 at a time with a
                 // branch-free (vectorisable) compare and look closer only on a hit.
+                // A score equal to the bar loses unless its id is smaller, so a run
+                // of ties (a zero query scores every row 0) costs one id compare
+                // per row, never a call into the heap.
                 for (c, lanes) in row_scores.chunks(SCAN_LANES).enumerate() {
                     if !lanes.iter().fold(false, |hit, &s| hit | (s >= threshold)) {
                         continue;
                     }
                     for (j, &s) in lanes.iter().enumerate() {
-                        if s < threshold {
+                        let row = start + c * SCAN_LANES + j;
+                        if !(s > threshold || (s == threshold && ids[row] <= worst_id)) {
                             continue;
                         }
-                        let row = start + c * SCAN_LANES + j;
                         if !live[row] || exclude.binary_search(&(row as u32)).is_ok() {
                             continue;
                         }
@@ -239,7 +242,7 @@ pub fn score_topk(items: &ItemTable, qs: &[f32], specs: &[(usize, &[u32])]) -> V
                             id: ids[row],
                             score: s,
                         });
-                        threshold = heap.threshold();
+                        (threshold, worst_id) = heap.bar();
                     }
                 }
             }
