@@ -1,18 +1,23 @@
 //! The demo model's forward pass on the CPU backend at batch sizes 1–256,
-//! beside a large f32 matrix product through the same GEMM library (candle →
-//! gemm) in the same run. Throughput is reported in elements/s where one
-//! element is one floating-point operation, so `Gelem/s` reads as GFLOP/s:
-//! scoring counts 2·N·d per user (the item-table product), the matmul 2·n³.
+//! the fused scan alone (per batch size, per instruction set, random and
+//! zero queries), and in the same run the two roofs it is held to: a large
+//! f32 matrix product (candle → gemm) and a streaming read (a sum over an
+//! array the table's size and over one far past the caches). Throughput is
+//! reported in elements/s where one element is one floating-point
+//! operation, so `Gelem/s` reads as GFLOP/s: scoring counts 2·N·d per user
+//! (the item-table product), the matmul 2·n³; the reads in bytes/s.
 
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rankd::internals::cpu::fused::{score_topk_with, Isa};
 use rankd::internals::cpu::score_topk;
 use rankd::internals::CpuBackend;
 use rankd::internals::Rng;
 use rankd::internals::{Backend, BatchBounds, ModelDesc, Query, Task};
 use rankd::internals::{ItemTable, ModelSpec, TowerWeights};
+use rayon::prelude::*;
 
 fn demo_forward(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
@@ -93,6 +98,72 @@ fn ties(c: &mut Criterion) {
     group.finish();
 }
 
+fn demo_items() -> ItemTable {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    rankd::generate_demo(&root, rankd::DEMO_SEED).expect("writing the demo repository");
+    ItemTable::load(&root.join("catalogues/demo/items.safetensors"), 64).unwrap()
+}
+
+/// The scan alone (k = 10, random queries) at the roofline's batch sizes,
+/// then each instruction set this CPU has at batch 1 and 64.
+fn fused_scan(c: &mut Criterion) {
+    let items = demo_items();
+    let d = items.dim();
+    let threads = rayon::current_num_threads();
+    let mut rng = Rng::new(4);
+    let mut group = c.benchmark_group("fused_topk_k10");
+    group.sample_size(20);
+    for batch in [1usize, 4, 16, 32, 64, 256] {
+        let qs: Vec<f32> = (0..batch * d).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let specs: Vec<(usize, &[u32])> = (0..batch).map(|_| (10, &[][..])).collect();
+        group.throughput(Throughput::Elements((2 * items.rows() * d * batch) as u64));
+        group.bench_function(BenchmarkId::from_parameter(batch), |b| {
+            b.iter(|| score_topk(&items, &qs, &specs))
+        });
+        if batch == 1 || batch == 64 {
+            for isa in Isa::available() {
+                let name = format!("{isa:?}");
+                group.bench_function(BenchmarkId::new(name, batch), |b| {
+                    b.iter(|| score_topk_with(isa, threads, &items, &qs, &specs))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+/// Streaming-read bandwidth on all cores: a sum over an array the item
+/// table's size (where the table itself lives: it may fit in the last-level
+/// cache) and over 512 MiB (main memory).
+fn stream_read(c: &mut Criterion) {
+    let table = demo_items().embeddings().len();
+    let mut group = c.benchmark_group("stream_read");
+    group.sample_size(20);
+    for len in [table, 128 << 20] {
+        let data: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+        let threads = rayon::current_num_threads();
+        let per = len.div_ceil(threads);
+        group.throughput(Throughput::Bytes((len * 4) as u64));
+        group.bench_function(
+            BenchmarkId::from_parameter(format!("{}MB", len * 4 / 1_000_000)),
+            |b| {
+                b.iter(|| {
+                    data.par_chunks(per)
+                        .map(|part| {
+                            let lanes = part.chunks_exact(16).fold([0f32; 16], |mut acc, c| {
+                                acc.iter_mut().zip(c).for_each(|(a, x)| *a += x);
+                                acc
+                            });
+                            lanes.iter().sum::<f32>()
+                        })
+                        .sum::<f32>()
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 fn matmul(c: &mut Criterion) {
     let n = 2048;
     let mut rng = Rng::new(2);
@@ -108,5 +179,5 @@ fn matmul(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, demo_forward, ties);
+criterion_group!(benches, matmul, stream_read, fused_scan, demo_forward, ties);
 criterion_main!(benches);
