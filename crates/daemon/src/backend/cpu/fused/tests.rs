@@ -56,7 +56,7 @@ fn exact_on_integer_tables_with_ties_exclusions_and_deleted_rows() {
     for isa in Isa::available() {
         for (n, d) in [(1, 4), (37, 8), (1300, 19), (2 * BLOCK_ROWS + 5, 64)] {
             let items = table(&mut rng, n, d, |r| 1.0 + r.below(3) as f32);
-            for b in [1, 3, 9, 40] {
+            for b in [1, 3, 8, 9, 40] {
                 let queries: Vec<Vec<f32>> = (0..b)
                     .map(|i| match i % 4 {
                         0 => vec![0.0; d],
