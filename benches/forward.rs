@@ -1,18 +1,25 @@
 //! The demo model's forward pass on the CPU backend at batch sizes 1–256,
-//! beside a large f32 matrix product through the same GEMM library (candle →
-//! gemm) in the same run. Throughput is reported in elements/s where one
-//! element is one floating-point operation, so `Gelem/s` reads as GFLOP/s:
-//! scoring counts 2·N·d per user (the item-table product), the matmul 2·n³.
+//! the fused scan alone (per batch size, per instruction set, random and
+//! zero queries), and in the same run the two roofs it is held to: a large
+//! f32 matrix product (candle → gemm) and a streaming read (a sum over an
+//! array the table's size and over one far past the caches). Throughput is
+//! reported in elements/s where one element is one floating-point
+//! operation, so `Gelem/s` reads as GFLOP/s: scoring counts 2·N·d per user
+//! (the item-table product), the matmul 2·n³; the reads in bytes/s.
 
+use std::hint::black_box;
 use std::path::Path;
+use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use rankd::internals::cpu::fused::{score_topk_with, Isa};
 use rankd::internals::cpu::score_topk;
 use rankd::internals::CpuBackend;
 use rankd::internals::Rng;
 use rankd::internals::{Backend, BatchBounds, ModelDesc, Query, Task};
 use rankd::internals::{ItemTable, ModelSpec, TowerWeights};
+use rayon::prelude::*;
 
 fn demo_forward(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
@@ -93,6 +100,72 @@ fn ties(c: &mut Criterion) {
     group.finish();
 }
 
+fn demo_items() -> ItemTable {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    rankd::generate_demo(&root, rankd::DEMO_SEED).expect("writing the demo repository");
+    ItemTable::load(&root.join("catalogues/demo/items.safetensors"), 64).unwrap()
+}
+
+/// The scan alone (k = 10, random queries) at the roofline's batch sizes,
+/// then each instruction set this CPU has at batch 1 and 64.
+fn fused_scan(c: &mut Criterion) {
+    let items = demo_items();
+    let d = items.dim();
+    let threads = rayon::current_num_threads();
+    let mut rng = Rng::new(4);
+    let mut group = c.benchmark_group("fused_topk_k10");
+    group.sample_size(20);
+    for batch in [1usize, 4, 16, 32, 64, 256] {
+        let qs: Vec<f32> = (0..batch * d).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let specs: Vec<(usize, &[u32])> = (0..batch).map(|_| (10, &[][..])).collect();
+        group.throughput(Throughput::Elements((2 * items.rows() * d * batch) as u64));
+        group.bench_function(BenchmarkId::from_parameter(batch), |b| {
+            b.iter(|| score_topk(&items, &qs, &specs))
+        });
+        if batch == 1 || batch == 64 {
+            for isa in Isa::available() {
+                let name = format!("{isa:?}");
+                group.bench_function(BenchmarkId::new(name, batch), |b| {
+                    b.iter(|| score_topk_with(isa, threads, &items, &qs, &specs))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+/// Streaming-read bandwidth on all cores: a sum over an array the item
+/// table's size (where the table itself lives: it may fit in the last-level
+/// cache) and over 512 MiB (main memory).
+fn stream_read(c: &mut Criterion) {
+    let table = demo_items().embeddings().len();
+    let mut group = c.benchmark_group("stream_read");
+    group.sample_size(20);
+    for len in [table, 128 << 20] {
+        let data: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+        let threads = rayon::current_num_threads();
+        let per = len.div_ceil(threads);
+        group.throughput(Throughput::Bytes((len * 4) as u64));
+        group.bench_function(
+            BenchmarkId::from_parameter(format!("{}MB", len * 4 / 1_000_000)),
+            |b| {
+                b.iter(|| {
+                    data.par_chunks(per)
+                        .map(|part| {
+                            let lanes = part.chunks_exact(16).fold([0f32; 16], |mut acc, c| {
+                                acc.iter_mut().zip(c).for_each(|(a, x)| *a += x);
+                                acc
+                            });
+                            lanes.iter().sum::<f32>()
+                        })
+                        .sum::<f32>()
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 fn matmul(c: &mut Criterion) {
     let n = 2048;
     let mut rng = Rng::new(2);
@@ -108,5 +181,200 @@ fn matmul(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, demo_forward, ties);
-criterion_main!(benches);
+/// The FMA units' peak on every thread: 16 independent chains of the widest
+/// FMA the CPU has, so neither latency nor memory limits it. Returns FLOP/s
+/// and the vector width in f32 lanes.
+fn fma_peak() -> (f64, usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx512f")]
+        fn chains512(iters: usize) -> f32 {
+            let (x, y) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            let mut acc = [_mm512_set1_ps(1.0); 16];
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = _mm512_fmadd_ps(*a, x, y);
+                }
+            }
+            acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn chains256(iters: usize) -> f32 {
+            let (x, y) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+            let mut acc = [_mm256_set1_ps(1.0); 16];
+            let mut out = [0f32; 8];
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = _mm256_fmadd_ps(*a, x, y);
+                }
+            }
+            let s = acc
+                .iter()
+                .fold(_mm256_setzero_ps(), |s, &a| _mm256_add_ps(s, a));
+            // SAFETY: `out` holds 8 floats.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
+            out.iter().sum()
+        }
+        let threads = rayon::current_num_threads();
+        let iters = 2_000_000;
+        let lanes = if is_x86_feature_detected!("avx512f") {
+            16
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            8
+        } else {
+            return (f64::NAN, 1);
+        };
+        let run = |_| {
+            // SAFETY: the feature was detected above.
+            unsafe {
+                if lanes == 16 {
+                    chains512(iters)
+                } else {
+                    chains256(iters)
+                }
+            }
+        };
+        let t = best(5, || (0..threads).into_par_iter().map(run).sum::<f32>());
+        ((threads * iters * 16 * lanes * 2) as f64 / t, lanes)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    (f64::NAN, 1)
+}
+
+/// The best (least disturbed) of `reps` timings of `f`, in seconds.
+fn best<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(f());
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// `-- --roofline`: the scan against both roofs, every case timed in turn
+/// in each of many rounds and each reported by its best round, so a burst of
+/// other work on a shared machine slows one sample, not one case.
+fn roofline() {
+    let items = demo_items();
+    let (n, d) = (items.rows(), items.dim());
+    let table_bytes = (n * d * 4) as f64;
+    let threads = rayon::current_num_threads();
+    let mut rng = Rng::new(4);
+    let batches = [1usize, 4, 16, 32, 64, 256];
+    let random: Vec<Vec<f32>> = batches
+        .iter()
+        .map(|&b| (0..b * d).map(|_| rng.uniform() as f32 - 0.5).collect())
+        .collect();
+    let specs: Vec<(usize, &[u32])> = (0..256).map(|_| (10, &[][..])).collect();
+    let zero = vec![0f32; 256 * d];
+    let stream: Vec<f32> = (0..n * d).map(|i| (i % 7) as f32).collect();
+    let per = stream.len().div_ceil(threads);
+    let read = || {
+        stream
+            .par_chunks(per)
+            .map(|part| {
+                let lanes = part.chunks_exact(16).fold([0f32; 16], |mut acc, c| {
+                    acc.iter_mut().zip(c).for_each(|(a, x)| *a += x);
+                    acc
+                });
+                lanes.iter().sum::<f32>()
+            })
+            .sum::<f32>()
+    };
+    let m = 2048;
+    let a = Tensor::from_vec(
+        (0..m * m).map(|_| rng.uniform() as f32).collect::<Vec<_>>(),
+        (m, m),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let bm = Tensor::from_vec(
+        (0..m * m).map(|_| rng.uniform() as f32).collect::<Vec<_>>(),
+        (m, m),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let isas = Isa::available();
+    let rounds = 40;
+    let mut t_read = f64::INFINITY;
+    let mut t_mm = f64::INFINITY;
+    let mut t_batch = vec![f64::INFINITY; batches.len()];
+    let mut t_zero = [f64::INFINITY; 2];
+    let mut t_isa = vec![[f64::INFINITY; 2]; isas.len()];
+    for _ in 0..rounds {
+        t_read = t_read.min(best(5, read));
+        t_mm = t_mm.min(best(1, || a.matmul(&bm).unwrap()));
+        for (i, &b) in batches.iter().enumerate() {
+            let reps = if b <= 16 { 5 } else { 2 };
+            t_batch[i] = t_batch[i].min(best(reps, || score_topk(&items, &random[i], &specs[..b])));
+        }
+        for (j, (b, i)) in [(1usize, 0usize), (64, 4)].into_iter().enumerate() {
+            t_zero[j] = t_zero[j].min(best(3, || score_topk(&items, &zero[..b * d], &specs[..b])));
+            for (x, &isa) in isas.iter().enumerate() {
+                t_isa[x][j] = t_isa[x][j].min(best(2, || {
+                    score_topk_with(isa, threads, &items, &random[i], &specs[..b])
+                }));
+            }
+        }
+    }
+    let (peak, lanes) = fma_peak();
+    let bw = table_bytes / t_read;
+    let rate = 2.0 * (m as f64).powi(3) / t_mm;
+    println!("roofline: N = {n}, d = {d}, k = 10, {threads} threads, best of {rounds} rounds");
+    println!(
+        "streaming read of {:.1} MB: {:.3} ms, {:.1} GB/s",
+        table_bytes / 1e6,
+        t_read * 1e3,
+        bw / 1e9
+    );
+    println!(
+        "matmul {m}^3 f32 (candle -> gemm): {:.1} ms, {:.1} GFLOP/s",
+        t_mm * 1e3,
+        rate / 1e9
+    );
+    println!(
+        "FMA peak ({lanes} f32 lanes, 16 chains per thread): {:.1} GFLOP/s",
+        peak / 1e9
+    );
+    println!("| batch | time | memory bound | compute bound | GB/s (share of read) | GFLOP/s (share of matmul) |");
+    println!("|---|---|---|---|---|---|");
+    for (i, &b) in batches.iter().enumerate() {
+        let t = t_batch[i];
+        let flops = 2.0 * (n * d * b) as f64;
+        println!(
+            "| {b} | {:.3} ms | {:.3} ms | {:.3} ms | {:.1} ({:.0}%) | {:.1} ({:.0}%; {:.0}% of peak) |",
+            t * 1e3,
+            table_bytes / bw * 1e3,
+            flops / rate * 1e3,
+            table_bytes / t / 1e9,
+            100.0 * table_bytes / t / bw,
+            flops / t / 1e9,
+            100.0 * flops / t / rate,
+            100.0 * flops / t / peak
+        );
+    }
+    for (j, (b, i)) in [(1usize, 0usize), (64, 4)].into_iter().enumerate() {
+        println!(
+            "batch {b}: zero query {:.3} ms vs random {:.3} ms ({:+.1}%)",
+            t_zero[j] * 1e3,
+            t_batch[i] * 1e3,
+            100.0 * (t_zero[j] / t_batch[i] - 1.0)
+        );
+        for (x, isa) in isas.iter().enumerate() {
+            println!("batch {b}: {isa:?} {:.3} ms", t_isa[x][j] * 1e3);
+        }
+    }
+}
+
+criterion_group!(benches, matmul, stream_read, fused_scan, demo_forward, ties);
+
+fn main() {
+    if std::env::args().any(|a| a == "--roofline") {
+        roofline();
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -326,7 +326,7 @@ pub mod faulty {
         ) -> Result<Vec<Output>, BackendError> {
             let n = self.plan.runs.fetch_add(1, Ordering::AcqRel) + 1;
             let every = self.plan.fail_every.load(Ordering::Acquire);
-            if take_one(&self.plan.fail_runs) || (every > 0 && n % every == 0) {
+            if take_one(&self.plan.fail_runs) || (every > 0 && n.is_multiple_of(every)) {
                 return Err(BackendError::new(
                     "faulty-cpu",
                     Reason::Launch,

@@ -45,13 +45,16 @@ impl TopK {
         }
     }
 
-    /// Scores strictly below this cannot enter; equal scores may (by id).
+    /// The bar a candidate must clear, as (score, id): it enters if its score
+    /// is higher, or equal with an id at most the bar's (ids are unique, so
+    /// "at most" only matters before the heap is full, when the bar is
+    /// (-inf, u64::MAX) and every candidate enters). A scan tests rows
+    /// against it without calling into the heap.
     #[inline]
-    pub fn threshold(&self) -> f32 {
-        if self.heap.len() < self.k {
-            f32::NEG_INFINITY
-        } else {
-            self.heap.peek().map_or(f32::NEG_INFINITY, |w| w.0.score)
+    pub fn bar(&self) -> (f32, u64) {
+        match self.heap.peek() {
+            Some(w) if self.heap.len() >= self.k => (w.0.score, w.0.id),
+            _ => (f32::NEG_INFINITY, u64::MAX),
         }
     }
 

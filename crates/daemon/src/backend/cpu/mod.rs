@@ -1,9 +1,9 @@
-//! The CPU backend: towers run through candle; retrieval streams the item
-//! table once per batch in cache-sized blocks (one GEMM per block through the
-//! same `gemm` kernels candle uses) and keeps a per-query top-k as it goes, so
-//! the B×N score matrix is never materialised. This file holds the `Backend`
+//! The CPU backend: towers run through candle; retrieval is the fused scan in
+//! `fused`, which streams the item table once per batch and keeps each
+//! query's top-k as it goes, so the B×N score matrix is never materialised. This file holds the `Backend`
 //! impl and the helpers every kind uses; each kind's forward pass has a file.
 
+pub mod fused;
 mod ranker;
 mod two_tower;
 
@@ -11,19 +11,12 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use candle_nn::{Linear, Module};
-use rayon::prelude::*;
 
-use super::topk::TopK;
-use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, Scored, TableId};
+pub use fused::score_topk;
+
+use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, TableId};
 use crate::model::kind::{RANKER, TWO_TOWER};
 use crate::model::{ItemDtype, ItemTable, ModelKind, TowerWeights};
-
-/// Rows of the item table scored per GEMM: 512 × 64 f32 is 128 KiB, and the
-/// block of scores for 64 queries another 128 KiB, so both stay in L2.
-const BLOCK_ROWS: usize = 512;
-
-/// Scores tested per branch-free compare in the top-k scan.
-const SCAN_LANES: usize = 16;
 
 /// A kind's forward pass over one batch.
 type Forward = fn(&CpuModel, &ItemTable, &[Query<'_>]) -> Result<Vec<Output>, BackendError>;
@@ -167,98 +160,10 @@ fn forward(
         .map_err(err)
 }
 
-/// Scores every live row against each query and keeps each query's top-k.
-/// `qs` is [B, d] row-major; `specs` gives each query's k and sorted exclusions.
-pub fn score_topk(items: &ItemTable, qs: &[f32], specs: &[(usize, &[u32])]) -> Vec<Vec<Scored>> {
-    let d = items.dim();
-    let b = specs.len();
-    let n = items.rows();
-    let emb = items.embeddings();
-    let live = items.live_mask();
-    let ids = items.ids();
-    let blocks = n.div_ceil(BLOCK_ROWS);
-    let fresh = || {
-        (
-            specs.iter().map(|(k, _)| TopK::new(*k)).collect::<Vec<_>>(),
-            vec![0f32; b * BLOCK_ROWS],
-        )
-    };
-    let heaps = (0..blocks)
-        .into_par_iter()
-        .fold(fresh, |(mut heaps, mut scores), blk| {
-            let start = blk * BLOCK_ROWS;
-            let rows = BLOCK_ROWS.min(n - start);
-            // scoresᵀ[rows, b] = emb[start.., d] · qs[b, d]ᵀ, stored column-major
-            // so each query's scores for the block are contiguous.
-            // SAFETY: every pointer/stride pair addresses memory inside the
-            // slices above: lhs is the row-major block rows×d (row stride d),
-            // rhs d×b reads qs transposed (column stride d), dst rows×b with
-            // column stride `rows` fits the b·BLOCK_ROWS buffer.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    b,
-                    d,
-                    scores.as_mut_ptr(),
-                    rows as isize,
-                    1,
-                    false,
-                    emb[start * d..].as_ptr(),
-                    1,
-                    d as isize,
-                    qs.as_ptr(),
-                    d as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (qi, heap) in heaps.iter_mut().enumerate() {
-                let exclude = specs[qi].1;
-                let row_scores = &scores[qi * rows..(qi + 1) * rows];
-                let mut threshold = heap.threshold();
-                // Most scores lose against a full heap: test 16 at a time with a
-                // branch-free (vectorisable) compare and look closer only on a hit.
-                for (c, lanes) in row_scores.chunks(SCAN_LANES).enumerate() {
-                    if !lanes.iter().fold(false, |hit, &s| hit | (s >= threshold)) {
-                        continue;
-                    }
-                    for (j, &s) in lanes.iter().enumerate() {
-                        if s < threshold {
-                            continue;
-                        }
-                        let row = start + c * SCAN_LANES + j;
-                        if !live[row] || exclude.binary_search(&(row as u32)).is_ok() {
-                            continue;
-                        }
-                        heap.offer(Scored {
-                            id: ids[row],
-                            score: s,
-                        });
-                        threshold = heap.threshold();
-                    }
-                }
-            }
-            (heaps, scores)
-        })
-        .map(|(heaps, _)| heaps)
-        .reduce(
-            || specs.iter().map(|(k, _)| TopK::new(*k)).collect(),
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| x.merge(y));
-                a
-            },
-        );
-    heaps.into_iter().map(TopK::into_sorted).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Scored;
     use crate::backend::Task;
     use crate::model::demo::Rng;
     use crate::model::Layer;
@@ -332,7 +237,7 @@ mod tests {
     #[test]
     fn score_topk_equals_a_full_sort_with_ties_exclusions_and_deleted_rows() {
         let mut rng = Rng::new(11);
-        for (n, d) in [(1, 4), (37, 8), (1300, 16), (2 * BLOCK_ROWS + 5, 8)] {
+        for (n, d) in [(1, 4), (37, 8), (1300, 16), (2 * 480 + 5, 8)] {
             let mut ids: Vec<u64> = (0..n as u64).map(|i| 10 + 3 * i).collect();
             // Ids not in row order, so ties are not already sorted by id.
             for i in (1..n).rev() {
