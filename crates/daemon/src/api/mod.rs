@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod conn;
 pub mod http;
 pub mod service;
 pub mod tls;

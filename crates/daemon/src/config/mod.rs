@@ -4,11 +4,13 @@
 //! It comes in sections, one per part of the daemon that uses it, each with
 //! its defaults, its checks and its flags: models and device (`exec`), HTTP
 //! (`http`), request deadlines (`requests`), the Unix socket (`socket`), Kafka
-//! ingestion (`kafka`) and snapshots (`snapshot`). The file stays flat: every
+//! ingestion (`kafka`), snapshots (`snapshot`) and the limits on slow, idle
+//! and too many clients (`connections`). The file stays flat: every
 //! key is at the top level (plus the `[kafka_properties]` table), named like
 //! its flag, and a key no section knows is an error.
 
 mod access;
+mod connections;
 mod durability;
 mod exec;
 mod http;
@@ -24,6 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use access::{AccessArgs, AccessConfig};
+pub use connections::{ConnectionsArgs, ConnectionsConfig};
 pub use durability::{DurabilityArgs, DurabilityConfig, WalSync};
 pub use exec::{ExecArgs, ExecConfig};
 pub use http::{HttpArgs, HttpConfig};
@@ -58,6 +61,8 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(flatten)]
     pub durability: DurabilityConfig,
+    #[serde(flatten)]
+    pub connections: ConnectionsConfig,
 }
 
 impl Config {
@@ -74,6 +79,7 @@ impl Config {
             AccessConfig::KEYS,
             TlsConfig::KEYS,
             DurabilityConfig::KEYS,
+            ConnectionsConfig::KEYS,
         ]
         .into_iter()
         .flatten()
@@ -128,6 +134,7 @@ impl Config {
             access: section(&doc, text)?,
             tls: section(&doc, text)?,
             durability: section(&doc, text)?,
+            connections: section(&doc, text)?,
         })
     }
 
@@ -148,6 +155,7 @@ impl Config {
         self.access.validate()?;
         self.tls.validate()?;
         self.durability.validate()?;
+        self.connections.validate()?;
         self.exec.validate()
     }
 }
@@ -181,6 +189,8 @@ pub struct ServeArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub durability: DurabilityArgs,
+    #[command(flatten)]
+    pub connections: ConnectionsArgs,
 }
 
 impl ServeArgs {
@@ -200,6 +210,7 @@ impl ServeArgs {
         self.access.apply(&mut c.access);
         self.tls.apply(&mut c.tls);
         self.durability.apply(&mut c.durability);
+        self.connections.apply(&mut c.connections);
         c.validate()?;
         Ok(c)
     }
@@ -321,6 +332,9 @@ mod tests {
             grace_ms = 16
             wal_sync = "off"
             max_users = 17
+            header_timeout_ms = 18
+            idle_timeout_ms = 19
+            max_connections = 20
 
             [kafka_properties]
             "client.id" = "c"
@@ -371,6 +385,9 @@ mod tests {
         assert_eq!(c.durability.grace_ms, 16);
         assert_eq!(c.durability.wal_sync, WalSync::Off);
         assert_eq!(c.durability.max_users, 17);
+        assert_eq!(c.connections.header_timeout_ms, 18);
+        assert_eq!(c.connections.idle_timeout_ms, 19);
+        assert_eq!(c.connections.max_connections, 20);
 
         // The sections' key lists are what they read and write, no more.
         let written = toml::Table::try_from(&c).unwrap();
