@@ -261,7 +261,10 @@ impl Connection {
             inner: io,
             clock: clock.clone(),
         });
-        let mut conn = http1::Builder::new().serve_connection(io, service);
+        // hyper's own header timer stays off: the clock above keeps time.
+        let mut conn = http1::Builder::new()
+            .header_read_timeout(None::<Duration>)
+            .serve_connection(io, service);
         let mut draining = *self.closing.borrow();
         if draining {
             Pin::new(&mut conn).graceful_shutdown();
