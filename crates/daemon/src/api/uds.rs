@@ -194,10 +194,8 @@ async fn connection(
     let decoder = FrameDecoder::new(config.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let limits = config.limits;
-    // The idle clock runs from the last read or answered request; a partial
-    // frame's from the read that began it.
-    let mut last_read = Instant::now();
-    let mut last_activity = last_read;
+    // The idle clock runs from the last read or answered request.
+    let mut last_activity = Instant::now();
     let mut frame_started: Option<Instant> = None;
     'conn: loop {
         loop {
@@ -239,10 +237,14 @@ async fn connection(
                 }
             }
         }
+        // A partial frame's clock starts when the reader waits for its rest
+        // (not at the read that brought its first bytes: the reader may
+        // have been held since by the in-flight limit, no fault of the
+        // client's).
         if buf.is_empty() {
             frame_started = None;
         } else if frame_started.is_none() {
-            frame_started = Some(last_read);
+            frame_started = Some(Instant::now());
         }
         while tasks.try_join_next().is_some() {
             last_activity = Instant::now();
@@ -287,10 +289,7 @@ async fn connection(
                 }
                 break;
             }
-            Ok(_) => {
-                last_read = Instant::now();
-                last_activity = last_read;
-            }
+            Ok(_) => last_activity = Instant::now(),
             Err(e) => {
                 tracing::debug!(error = %e, "socket read failed");
                 break;
