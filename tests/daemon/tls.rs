@@ -177,8 +177,9 @@ fn a_missing_or_mismatched_key_is_refused_at_start() {
     assert!(err.contains("do not go together"), "{err}");
 }
 
-/// Over TLS, the same edges: a client that never finishes its handshake, or
-/// finishes it and sends half a head, is closed after the header timeout; a
+/// Over TLS, the same edges: a 10 MB body written before reading gets its
+/// 413; a client that never finishes its handshake, or finishes it and sends
+/// half a head, is closed after the header timeout; a
 /// connection beyond `--max-connections` is closed at once (no handshake is
 /// spent on refusing it), and the served ones keep working.
 #[tokio::test]
@@ -205,6 +206,27 @@ async fn tls_slow_clients_are_closed_and_the_cap_closes_the_extra_at_once() {
     let addr = d.http.trim_start_matches("https://").to_string();
     let header = Duration::from_millis(1000);
     let late = header + Duration::from_millis(1200);
+    // A 10 MB body written whole before reading gets its 413 over TLS too.
+    {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = connector(&p.ca_pem).connect(name, tcp).await.unwrap();
+        let body = vec![b' '; 10 << 20];
+        let head = format!(
+            "POST /v1/models/demo/recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), tls.write_all(&body))
+            .await
+            .expect("writing 10 MB over TLS timed out")
+            .expect("writing 10 MB over TLS before reading");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 413"), "10 MB over TLS: {text}");
+        assert!(text.contains("too_large"), "10 MB over TLS: {text}");
+    }
     // No handshake at all.
     let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let since = std::time::Instant::now();
