@@ -398,9 +398,8 @@ async fn metrics_cover_requests_batches_queues_and_models() {
     let url = d.url("/v1/models/demo/recommend");
     let r = c.post(&url).body("{\"user_id\": ").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    // Refused on its Content-Length alone (the body is never read), so the
-    // request goes over a raw socket: a client still writing the body would
-    // see the connection close under it.
+    // Refused on its Content-Length alone (the body is never read as a
+    // body: what follows is drained and dropped), over a raw socket.
     let head = format!(
         "POST /v1/models/demo/recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
         2 << 20

@@ -484,8 +484,9 @@ async fn bodies_over_the_limit_are_413() {
     };
     let n = ten_mb.len().to_string();
     // Sent over a raw connection that reads while it writes (as curl does):
-    // the daemon answers once it has read past the limit and then closes,
-    // so a client that only reads after writing everything may see a reset.
+    // the daemon answers once it has read past the limit, then reads and
+    // drops the rest (bounded) before closing; a client that writes
+    // everything before reading is in `edges`.
     let addr = d.addr();
     for route in [RECOMMEND, SCORE, RANKER_SCORE, "/v1/users/7"] {
         let a = raw_post(&addr, route, ten_mb.as_bytes()).await;

@@ -10,6 +10,7 @@ mod common;
 
 mod device;
 mod durable;
+mod edges;
 mod http_api;
 mod http_bad_input;
 mod http_cases;

@@ -176,3 +176,118 @@ fn a_missing_or_mismatched_key_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("do not go together"), "{err}");
 }
+
+/// Over TLS, the same edges: a 10 MB body written before reading gets its
+/// 413; a client that never finishes its handshake, or finishes it and sends
+/// half a head, is closed after the header timeout; a
+/// connection beyond `--max-connections` is closed at once (no handshake is
+/// spent on refusing it), and the served ones keep working.
+#[tokio::test]
+async fn tls_slow_clients_are_closed_and_the_cap_closes_the_extra_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, &p.cert_pem).unwrap();
+    std::fs::write(&key, &p.key_pem).unwrap();
+    let d = Daemon::start_with(
+        &demo_models(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--header-timeout-ms",
+            "1000",
+            "--max-connections",
+            "3",
+        ],
+    );
+    let addr = d.http.trim_start_matches("https://").to_string();
+    let header = Duration::from_millis(1000);
+    let late = header + Duration::from_millis(1200);
+    // A 10 MB body written whole before reading gets its 413 over TLS too.
+    {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = connector(&p.ca_pem).connect(name, tcp).await.unwrap();
+        let body = vec![b' '; 10 << 20];
+        let head = format!(
+            "POST /v1/models/demo/recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), tls.write_all(&body))
+            .await
+            .expect("writing 10 MB over TLS timed out")
+            .expect("writing 10 MB over TLS before reading");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 413"), "10 MB over TLS: {text}");
+        assert!(text.contains("too_large"), "10 MB over TLS: {text}");
+    }
+    // No handshake at all.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let since = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(late, async {
+        while !matches!(silent.read(&mut buf).await, Ok(0) | Err(_)) {}
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a silent TLS client still open after {late:?}"
+    );
+    assert!(since.elapsed() + Duration::from_millis(50) >= header);
+    // A handshake, then half a head.
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector(&p.ca_pem).connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let since = std::time::Instant::now();
+    let closed = tokio::time::timeout(late, async {
+        while !matches!(tls.read(&mut buf).await, Ok(0) | Err(_)) {}
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "half a head over TLS still open after {late:?}"
+    );
+    assert!(since.elapsed() + Duration::from_millis(50) >= header);
+
+    // Three held connections (each kept busy so the header timeout spares
+    // it: a head, answered, then the next within the timeout), a fourth
+    // closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        held.push(connector(&p.ca_pem).connect(name, tcp).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while !matches!(extra.read(&mut buf).await, Ok(0) | Err(_)) {}
+    })
+    .await;
+    assert!(
+        closed.is_ok() && started.elapsed() < header,
+        "the connection over the cap was not closed at once ({:?})",
+        started.elapsed()
+    );
+    for tls in &mut held {
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "a held TLS connection: {text}"
+        );
+    }
+}

@@ -248,18 +248,15 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         None => None,
     };
     let https = tls.is_some();
-    let server = tokio::spawn(async move {
-        match tls {
-            Some(acceptor) => api::tls::serve(listener, acceptor, app, stopped).await,
-            None => {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-            }
-        }
-    });
+    let limits = api::conn::Limits::from(&config.connections);
+    let server = tokio::spawn(api::conn::serve(
+        listener,
+        tls,
+        app,
+        limits,
+        metrics.clone(),
+        stopped,
+    ));
     let (uds_stop, uds_stopped) = watch::channel(false);
     let uds_path = uds_listener.as_ref().map(|(_, path)| path.clone());
     let uds_task = uds_listener.map(|(l, path)| {
@@ -268,6 +265,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             max_frame_bytes: config.socket.max_frame_bytes,
             max_inflight: config.socket.max_inflight,
             write_timeout: config.socket.write_timeout(),
+            limits,
         };
         tokio::spawn(api::uds::serve(l, service.clone(), uds_config, uds_stopped))
     });

@@ -29,6 +29,13 @@ pub struct Metrics {
     pub user_updates: IntCounterVec,
     /// Open socket connections.
     pub uds_connections: prometheus::IntGauge,
+    /// Open connections by transport (`http`, `uds`).
+    pub connections: IntGaugeVec,
+    /// Connections refused at `--max-connections`, by transport.
+    pub connections_refused: IntCounterVec,
+    /// Connections closed for a late request head (or socket frame) or for
+    /// idling, by transport and reason.
+    pub connections_timed_out: IntCounterVec,
     /// Users held in memory, an estimate of their bytes, and those evicted
     /// by `--max-users`.
     pub users: prometheus::IntGauge,
@@ -217,6 +224,21 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
+            connections: gauge(
+                "rankd_connections",
+                "Open connections, by transport.",
+                &["transport"],
+            ),
+            connections_refused: counter(
+                "rankd_connections_refused_total",
+                "Connections refused at --max-connections, by transport.",
+                &["transport"],
+            ),
+            connections_timed_out: counter(
+                "rankd_connections_timed_out_total",
+                "Connections closed for a late request head or frame (header_timeout) or for idling (idle_timeout).",
+                &["transport", "reason"],
+            ),
             uds_errors: counter(
                 "rankd_uds_protocol_errors_total",
                 "Socket connections closed for a protocol error, by reason.",

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod bulk;
+pub mod conn;
 pub mod http;
 pub mod service;
 pub mod tls;

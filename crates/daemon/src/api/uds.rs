@@ -3,7 +3,10 @@
 //! `max_inflight` at once: past that it stops reading, which pushes back on the
 //! client) and a writer (answers out, in completion order). A client that
 //! stops reading is cut off after `write_timeout`; a broken frame ends only
-//! its own connection.
+//! its own connection. At most `max_connections` are open (the next gets an
+//! `overloaded` error frame with id 0 and is closed); a connection whose
+//! frame has not arrived whole within the header timeout of its first byte,
+//! or with nothing in flight and nothing read for the idle timeout, is closed.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,8 +17,10 @@ use anyhow::Context;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
+use super::conn::{Limits, Open, Timeout};
 use super::{bulk, Service};
 use crate::error::ServeError;
 use rankd_client::frame::{encode_frame, FrameDecoder, FrameError};
@@ -30,6 +35,8 @@ pub struct UdsConfig {
     pub max_inflight: usize,
     /// How long a write may block on a client that does not read.
     pub write_timeout: Duration,
+    /// The header (partial frame) and idle timeouts, the connection cap.
+    pub limits: Limits,
 }
 
 /// Binds the socket with mode 0660. A socket file left by a dead process is
@@ -102,12 +109,29 @@ pub async fn serve(
     let config = Arc::new(config);
     let mut connections = tokio::task::JoinSet::new();
     let drain = stop.clone();
+    let admitted = Arc::new(Semaphore::new(config.limits.max_connections));
+    let limit = config.limits.max_connections;
+    let refusal = error_frame(
+        0,
+        &ServeError::Overloaded {
+            message: super::conn::refusal_error(limit).error.message,
+            retry_after_ms: 1000,
+        },
+    );
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     while connections.try_join_next().is_some() {}
-                    connections.spawn(connection(stream, service.clone(), config.clone(), drain.clone()));
+                    let Ok(permit) = admitted.clone().try_acquire_owned() else {
+                        service.metrics().connections_refused.with_label_values(&["uds"]).inc();
+                        tracing::debug!(limit, "socket connection limit reached: refused");
+                        // The error frame if the socket buffer takes it at
+                        // once, then closed: a refusal never waits.
+                        let _ = stream.try_write(&refusal);
+                        continue;
+                    };
+                    connections.spawn(connection(stream, service.clone(), config.clone(), drain.clone(), permit));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "socket accept failed");
@@ -161,8 +185,10 @@ async fn connection(
     service: Arc<Service>,
     config: Arc<UdsConfig>,
     mut drain: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
 ) {
     let metrics = service.metrics();
+    let _open = Open::new(metrics, "uds");
     metrics.uds_connections.inc();
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Vec<u8>>(config.max_inflight.max(1) * 2);
@@ -171,10 +197,15 @@ async fn connection(
     let mut tasks = tokio::task::JoinSet::new();
     let decoder = FrameDecoder::new(config.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(8 * 1024);
+    let limits = config.limits;
+    // The idle clock runs from the last read or answered request.
+    let mut last_activity = Instant::now();
+    let mut frame_started: Option<Instant> = None;
     'conn: loop {
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
+                    frame_started = None;
                     let req = match decode(&frame) {
                         Ok(req) => req,
                         Err(answer) => {
@@ -214,11 +245,49 @@ async fn connection(
                 }
             }
         }
+        // A partial frame's clock starts when the reader waits for its rest
+        // (not at the read that brought its first bytes: the reader may
+        // have been held since by the in-flight limit, no fault of the
+        // client's).
+        if buf.is_empty() {
+            frame_started = None;
+        } else if frame_started.is_none() {
+            frame_started = Some(Instant::now());
+        }
+        while tasks.try_join_next().is_some() {
+            last_activity = Instant::now();
+        }
+        let deadline = match frame_started {
+            Some(t) => Some((t + limits.header_timeout, Timeout::Header)),
+            None if tasks.is_empty() => Some((last_activity + limits.idle_timeout, Timeout::Idle)),
+            None => None,
+        };
+        let expiry = async {
+            match deadline {
+                Some((at, why)) => {
+                    tokio::time::sleep_until(at).await;
+                    why
+                }
+                None => std::future::pending().await,
+            }
+        };
         let read = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
             _ = tx.closed() => break,
             // Draining: no new requests; those read are answered below.
             _ = stopped(&mut drain) => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                last_activity = Instant::now();
+                continue;
+            }
+            why = expiry => {
+                metrics
+                    .connections_timed_out
+                    .with_label_values(&["uds", why.as_str()])
+                    .inc();
+                tracing::debug!(reason = why.as_str(), "closing a slow or idle socket connection");
+                break;
+            }
         };
         match read {
             Ok(0) => {
@@ -228,7 +297,7 @@ async fn connection(
                 }
                 break;
             }
-            Ok(_) => {}
+            Ok(_) => last_activity = Instant::now(),
             Err(e) => {
                 tracing::debug!(error = %e, "socket read failed");
                 break;

@@ -6,11 +6,13 @@
 //! (`http`), request deadlines (`requests`), the Unix socket (`socket`), Kafka
 //! ingestion (`kafka`), snapshots (`snapshot`), model lifecycle
 //! (`lifecycle`), tokens (`access`), TLS (`tls`), shutdown and durability
-//! (`durability`) and overload answers (`pressure`). The file stays flat: every
+//! (`durability`), overload answers (`pressure`) and the limits on slow, idle
+//! and too many clients (`connections`). The file stays flat: every
 //! key is at the top level (plus the `[kafka_properties]` table), named like
 //! its flag, and a key no section knows is an error.
 
 mod access;
+mod connections;
 mod durability;
 mod exec;
 mod http;
@@ -27,6 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use access::{AccessArgs, AccessConfig};
+pub use connections::{ConnectionsArgs, ConnectionsConfig};
 pub use durability::{DurabilityArgs, DurabilityConfig, WalSync};
 pub use exec::{ExecArgs, ExecConfig};
 pub use http::{HttpArgs, HttpConfig};
@@ -64,6 +67,8 @@ pub struct Config {
     pub durability: DurabilityConfig,
     #[serde(flatten)]
     pub pressure: PressureConfig,
+    #[serde(flatten)]
+    pub connections: ConnectionsConfig,
 }
 
 impl Config {
@@ -81,6 +86,7 @@ impl Config {
             TlsConfig::KEYS,
             DurabilityConfig::KEYS,
             PressureConfig::KEYS,
+            ConnectionsConfig::KEYS,
         ]
         .into_iter()
         .flatten()
@@ -136,6 +142,7 @@ impl Config {
             tls: section(&doc, text)?,
             durability: section(&doc, text)?,
             pressure: section(&doc, text)?,
+            connections: section(&doc, text)?,
         })
     }
 
@@ -157,6 +164,7 @@ impl Config {
         self.tls.validate()?;
         self.durability.validate()?;
         self.pressure.validate()?;
+        self.connections.validate()?;
         self.exec.validate()
     }
 }
@@ -192,6 +200,8 @@ pub struct ServeArgs {
     pub durability: DurabilityArgs,
     #[command(flatten)]
     pub pressure: PressureArgs,
+    #[command(flatten)]
+    pub connections: ConnectionsArgs,
 }
 
 impl ServeArgs {
@@ -212,6 +222,7 @@ impl ServeArgs {
         self.tls.apply(&mut c.tls);
         self.durability.apply(&mut c.durability);
         self.pressure.apply(&mut c.pressure);
+        self.connections.apply(&mut c.connections);
         c.validate()?;
         Ok(c)
     }
@@ -333,6 +344,9 @@ mod tests {
             grace_ms = 16
             wal_sync = "off"
             max_users = 17
+            header_timeout_ms = 18
+            idle_timeout_ms = 19
+            max_connections = 20
 
             [kafka_properties]
             "client.id" = "c"
@@ -383,6 +397,9 @@ mod tests {
         assert_eq!(c.durability.grace_ms, 16);
         assert_eq!(c.durability.wal_sync, WalSync::Off);
         assert_eq!(c.durability.max_users, 17);
+        assert_eq!(c.connections.header_timeout_ms, 18);
+        assert_eq!(c.connections.idle_timeout_ms, 19);
+        assert_eq!(c.connections.max_connections, 20);
 
         // The sections' key lists are what they read and write, no more.
         let written = toml::Table::try_from(&c).unwrap();
