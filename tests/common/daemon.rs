@@ -353,3 +353,76 @@ pub fn slow_repo(delay_us: u64, queue: usize) -> tempfile::TempDir {
     });
     root
 }
+
+/// Writes `tensors` (name, shape, f32 values) as a safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape, values) in tensors {
+        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
+        let end = offset + 4 * values.len();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&head);
+    for (_, _, values) in tensors {
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A repository with `heavy`: a ranker over the demo catalogue whose tower
+/// has three layers of `hidden` units, so that a batch of 1,000 candidates
+/// takes long enough on a CPU (about 70 GFLOP at 4,096) to stand for a
+/// slow model.
+pub fn heavy_ranker_repo(hidden: usize) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let weights = root.path().join("heavy-weights.safetensors");
+    // The demo ranker's input: [history ‖ features ‖ item ‖ history ⊙ item].
+    let input = 3 * 64 + 16;
+    let mut rng = crate::common::Rng::new(0x0068_6561_7679);
+    let mut noise = |n: usize, scale: f64| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((rng.uniform() - 0.5) * scale) as f32)
+            .collect()
+    };
+    let layers = [
+        (
+            "tower.0.weight",
+            vec![hidden, input],
+            noise(hidden * input, 0.2),
+        ),
+        ("tower.0.bias", vec![hidden], noise(hidden, 0.02)),
+        (
+            "tower.1.weight",
+            vec![hidden, hidden],
+            noise(hidden * hidden, 0.05),
+        ),
+        ("tower.1.bias", vec![hidden], noise(hidden, 0.02)),
+        (
+            "tower.2.weight",
+            vec![hidden, hidden],
+            noise(hidden * hidden, 0.05),
+        ),
+        ("tower.2.bias", vec![hidden], noise(hidden, 0.02)),
+        ("tower.3.weight", vec![1, hidden], noise(hidden, 0.05)),
+        ("tower.3.bias", vec![1], vec![0.0]),
+    ];
+    write_safetensors(&weights, &layers);
+    let demo_weights = demo_models().join("demo-ranker/1/weights.safetensors");
+    derived_model(root.path(), "heavy", "demo-ranker", |t| {
+        t.replace(
+            &format!("weights = {:?}", demo_weights.to_str().unwrap()),
+            &format!("weights = {:?}", weights.to_str().unwrap()),
+        )
+    });
+    root
+}

@@ -1,6 +1,7 @@
 //! Talking to the daemon over HTTP: a client, JSON and raw-body requests,
 //! raw TCP for what no HTTP client sends, /metrics and user seeding.
 
+use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -284,4 +285,104 @@ pub fn body_of(resp: &[u8]) -> String {
     text.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default()
+}
+
+/// A raw HTTP/1.1 chunked POST on `addr` of `lines`, written from a
+/// thread; returns the stream (for reading), a counter of bytes written so
+/// far and the thread.
+pub fn chunked_post(
+    addr: &str,
+    path: &str,
+    lines: impl Iterator<Item = String> + Send + 'static,
+) -> (
+    std::net::TcpStream,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::thread::JoinHandle<()>,
+) {
+    chunked_post_every(addr, path, lines, 16 * 1024)
+}
+
+/// As [`chunked_post`], writing a chunk once `flush_at` bytes are held.
+pub fn chunked_post_every(
+    addr: &str,
+    path: &str,
+    lines: impl Iterator<Item = String> + Send + 'static,
+    flush_at: usize,
+) -> (
+    std::net::TcpStream,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::thread::JoinHandle<()>,
+) {
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-ndjson\r\n\r\n"
+    );
+    let t = std::thread::spawn(move || {
+        w.write_all(head.as_bytes()).unwrap();
+        let mut chunk = String::new();
+        for l in lines {
+            chunk.push_str(&l);
+            if chunk.len() >= flush_at {
+                if w.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
+                    .is_err()
+                {
+                    return;
+                }
+                counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+                chunk.clear();
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = w.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
+            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        let _ = w.write_all(b"0\r\n\r\n");
+    });
+    (stream, written, t)
+}
+
+/// Reads a chunked HTTP/1.1 response's NDJSON lines from `stream`, giving
+/// each to `each` until it returns false or the response ends; returns the
+/// status line.
+pub fn read_ndjson_response(
+    stream: std::net::TcpStream,
+    mut each: impl FnMut(Value) -> bool,
+) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut r = std::io::BufReader::new(stream);
+    let mut status = String::new();
+    std::io::BufRead::read_line(&mut r, &mut status).unwrap();
+    loop {
+        let mut l = String::new();
+        std::io::BufRead::read_line(&mut r, &mut l).unwrap();
+        if l == "\r\n" || l.is_empty() {
+            break;
+        }
+    }
+    let mut pending = Vec::new();
+    loop {
+        let mut size = String::new();
+        if std::io::BufRead::read_line(&mut r, &mut size).unwrap_or(0) == 0 {
+            return status;
+        }
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return status;
+        };
+        let mut data = vec![0; size + 2];
+        if r.read_exact(&mut data).is_err() || size == 0 {
+            return status;
+        }
+        pending.extend_from_slice(&data[..size]);
+        while let Some(at) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=at).collect();
+            if !each(serde_json::from_slice(&line).unwrap()) {
+                return status;
+            }
+        }
+    }
 }

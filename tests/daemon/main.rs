@@ -19,6 +19,7 @@ mod lifecycle;
 mod logs;
 mod monitoring;
 mod pressure;
+mod soak;
 mod tls;
 mod uds;
 mod uds_hostile;

@@ -2,7 +2,7 @@
 //! socket, popularity-backed cold-start and degraded answers, and the bulk
 //! class beside interactive traffic.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -155,48 +155,6 @@ async fn a_bulk_line_longer_than_max_body_bytes_is_an_error_for_that_line_only()
     );
     assert_eq!(lines[201]["line"], json!(202));
     assert_eq!(ids(&lines[201]).len(), 1);
-}
-
-/// Writes `body` to a raw HTTP/1.1 chunked POST on `addr` from a thread and
-/// returns the stream (for reading) and a counter of bytes written so far.
-fn chunked_post(
-    addr: &str,
-    path: &str,
-    lines: impl Iterator<Item = String> + Send + 'static,
-) -> (
-    std::net::TcpStream,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    std::thread::JoinHandle<()>,
-) {
-    let stream = std::net::TcpStream::connect(addr).unwrap();
-    let mut w = stream.try_clone().unwrap();
-    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = written.clone();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-ndjson\r\n\r\n"
-    );
-    let t = std::thread::spawn(move || {
-        w.write_all(head.as_bytes()).unwrap();
-        let mut chunk = String::new();
-        for l in lines {
-            chunk.push_str(&l);
-            if chunk.len() >= 16 * 1024 {
-                if w.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
-                    .is_err()
-                {
-                    return;
-                }
-                counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
-                chunk.clear();
-            }
-        }
-        if !chunk.is_empty() {
-            let _ = w.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
-            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
-        }
-        let _ = w.write_all(b"0\r\n\r\n");
-    });
-    (stream, written, t)
 }
 
 #[tokio::test]
@@ -547,4 +505,302 @@ async fn bulk_and_interactive_requests_have_separate_queues_and_labels() {
     ] {
         assert_eq!(sample(&m, series), Some(1.0), "{series} in\n{m}");
     }
+}
+
+/// Scores `n` candidates for user 1 on `heavy` with `timeout_ms`.
+async fn heavy_score(
+    c: &reqwest::Client,
+    d: &Daemon,
+    n: u64,
+    timeout_ms: u64,
+) -> (u16, Value, Duration) {
+    let t = Instant::now();
+    let items: Vec<u64> = (1..=n).collect();
+    let (s, body) = post(
+        c,
+        &d.url("/v1/models/heavy/score"),
+        json!({"user_id": 1, "items": items, "timeout_ms": timeout_ms}),
+    )
+    .await;
+    (s, body, t.elapsed())
+}
+
+/// How long a batch of 1,000 candidates runs on `heavy` here: the fastest
+/// of three (which also gives the daemon its estimate for that size).
+async fn heavy_batch_time(c: &reqwest::Client, d: &Daemon) -> Duration {
+    post(c, &d.url("/v1/users/1"), json!({"history": [3, 4, 5]})).await;
+    let mut fastest = Duration::MAX;
+    for _ in 0..3 {
+        let (s, body, took) = heavy_score(c, d, 1000, 60_000).await;
+        assert_eq!(s, 200, "{body}");
+        fastest = fastest.min(took);
+    }
+    assert!(
+        fastest >= Duration::from_millis(200),
+        "a batch of the heavy model takes {fastest:?}: too fast to stand for a slow model"
+    );
+    fastest
+}
+
+/// The sum of a metric's samples whose series starts with `prefix`.
+fn sum_of(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_deadline_that_expires_during_a_running_batch_is_answered_at_the_deadline() {
+    let _alone = alone();
+    let root = heavy_ranker_repo(4096);
+    let d = Daemon::start_with(root.path(), &[]);
+    let c = Daemon::client();
+    let batch = heavy_batch_time(&c, &d).await;
+    let long = {
+        let (c, url) = (c.clone(), d.url("/v1/models/heavy/score"));
+        let items: Vec<u64> = (1..=1000).collect();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = post(&c, &url, json!({"user_id": 1, "items": items})).await;
+            (r, t.elapsed())
+        })
+    };
+    // The long batch is running; a small request queued behind it has
+    // 80 ms in all.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (s, body, took) = heavy_score(&c, &d, 5, 80).await;
+    assert_eq!(s, 504, "{body}");
+    assert_eq!(body["error"]["type"], "deadline_exceeded", "{body}");
+    assert!(
+        took >= Duration::from_millis(75) && took < Duration::from_millis(150),
+        "answered after {took:?}, not at its 80 ms deadline (a batch takes {batch:?})"
+    );
+    assert!(!long.is_finished(), "the long batch was still running");
+    let ((s, body), long_took) = long.await.unwrap();
+    assert_eq!(s, 200, "{body}");
+    assert!(
+        long_took > took + Duration::from_millis(100),
+        "{long_took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_finish_in_time_is_not_executed() {
+    let _alone = alone();
+    let root = heavy_ranker_repo(4096);
+    let d = Daemon::start_with(root.path(), &[]);
+    let c = Daemon::client();
+    let batch = heavy_batch_time(&c, &d).await;
+    let m = metrics(&c, &d).await;
+    let batches = "rankd_batch_execution_seconds_count{model=\"heavy\"";
+    let ran_before = sum_of(&m, batches);
+    // A third of a batch's time is not enough for a batch of that size: it
+    // is refused at once, not run and not answered late.
+    let budget = (batch.as_millis() as u64 / 3).max(1);
+    let (s, body, took) = heavy_score(&c, &d, 1000, budget).await;
+    assert_eq!(s, 504, "{body}");
+    assert_eq!(body["error"]["type"], "deadline_exceeded", "{body}");
+    assert!(
+        took < Duration::from_millis(budget),
+        "refused after {took:?}, with {budget} ms to spare and batches of {batch:?}"
+    );
+    let m = metrics(&c, &d).await;
+    assert_eq!(
+        sample(
+            &m,
+            "rankd_requests_dropped_total{model=\"heavy\",priority=\"interactive\",reason=\"predicted\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(sum_of(&m, batches), ran_before, "no batch ran for it");
+    // Three times a batch's time is enough: served.
+    let (s, body, _) = heavy_score(&c, &d, 1000, 3 * batch.as_millis() as u64).await;
+    assert_eq!(s, 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_bulk_call_whose_client_goes_away_stops_and_the_daemon_serves_on() {
+    let d = Daemon::start();
+    let c = Daemon::client();
+    with_histories(&c, &d, 20).await;
+    // A body without end, read a few answers in, then the connection cut.
+    let lines = (0u64..).map(|i| format!("{{\"user_id\": {}, \"k\": 5}}\n", 1 + i % 20));
+    let (stream, _, writer) = chunked_post(&d.addr(), "/v1/models/demo/bulk", lines);
+    let cut = stream.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = 0;
+        let status = read_ndjson_response(stream, |v| {
+            seen += 1;
+            assert_eq!(v["line"], json!(seen), "{v}");
+            seen < 500
+        });
+        (status, seen)
+    });
+    let (status, seen) = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(seen, 500);
+    cut.shutdown(std::net::Shutdown::Both).unwrap();
+    tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    // The daemon stops serving the call's lines and keeps serving others.
+    let served = "rankd_requests_total{model=\"demo\",priority=\"bulk\",route=\"recommend\",status=\"200\",version=\"1\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = sample(&metrics(&c, &d).await, served).unwrap();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = sample(&metrics(&c, &d).await, served).unwrap();
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bulk lines still served: {now}");
+        last = now;
+    }
+    let (s, body) = post(
+        &c,
+        &d.url("/v1/models/demo/recommend"),
+        json!({"user_id": 3, "k": 5}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let m = metrics(&c, &d).await;
+    assert_eq!(
+        sample(&m, "rankd_queue_depth{model=\"demo\",priority=\"bulk\"}"),
+        Some(0.0),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_bulk_call_still_running_at_the_end_of_the_grace_period_ends_with_an_error_line() {
+    let mut d = Daemon::start_with(&demo_models(), &["--grace-ms", "1500"]);
+    let c = Daemon::client();
+    with_histories(&c, &d, 20).await;
+    let lines = (0u64..).map(|i| format!("{{\"user_id\": {}, \"k\": 5}}\n", 1 + i % 20));
+    let (stream, _, writer) = chunked_post(&d.addr(), "/v1/models/demo/bulk", lines);
+    let reader = std::thread::spawn(move || {
+        let (mut seen, mut last) = (0u64, Value::Null);
+        let status = read_ndjson_response(stream, |v| {
+            if v.get("line").is_some() {
+                seen += 1;
+                assert_eq!(v["line"], json!(seen), "{v}");
+            }
+            last = v;
+            true
+        });
+        (status, seen, last)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    d.signal("TERM");
+    let exit = d.wait_exit(Duration::from_secs(10));
+    let took = t.elapsed();
+    assert!(exit.is_some_and(|e| e.success()), "{exit:?}\n{}", d.log());
+    assert!(took < Duration::from_millis(3000), "exit after {took:?}");
+    let (status, seen, last) = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(seen > 0, "lines were answered before the cut");
+    assert!(
+        last.get("line").is_none(),
+        "the last line is the cut: {last}"
+    );
+    assert_eq!(last["error"]["type"], "not_ready", "{last}");
+    let msg = last["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("grace") && msg.contains(&format!("after {seen} lines")),
+        "{msg}"
+    );
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+}
+
+#[tokio::test]
+async fn a_bulk_call_longer_than_the_header_and_idle_timeouts_runs_to_its_end() {
+    let d = Daemon::start_with(
+        &demo_models(),
+        &["--header-timeout-ms", "300", "--idle-timeout-ms", "300"],
+    );
+    let c = Daemon::client();
+    with_histories(&c, &d, 5).await;
+    // Forty lines over two seconds: the body keeps arriving, and answers
+    // keep leaving, long after the head was read.
+    let lines = (0u64..40).map(|i| {
+        std::thread::sleep(Duration::from_millis(50));
+        format!("{{\"user_id\": {}, \"k\": 3}}\n", 1 + i % 5)
+    });
+    let (stream, _, writer) = chunked_post_every(&d.addr(), "/v1/models/demo/bulk", lines, 1);
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let status = read_ndjson_response(stream, |v| {
+            got.push(v);
+            true
+        });
+        (status, got)
+    });
+    let (status, got) = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    writer.join().unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(got.len(), 40, "{:?}", got.last());
+    assert!(got.iter().all(|v| ids(v).len() == 3), "{:?}", got.last());
+}
+
+#[tokio::test]
+async fn a_request_that_the_queue_ahead_keeps_past_its_deadline_is_refused_at_once() {
+    let _alone = alone();
+    let root = heavy_ranker_repo(4096);
+    let d = Daemon::start_with(root.path(), &[]);
+    let c = Daemon::client();
+    let batch = heavy_batch_time(&c, &d).await;
+    let long = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let (c, url) = (c.clone(), d.url("/v1/models/heavy/score"));
+                let items: Vec<u64> = (1..=1000).collect();
+                let body = json!({"user_id": 1, "items": items, "timeout_ms": 60_000});
+                tokio::spawn(async move { post(&c, &url, body).await })
+            })
+            .collect::<Vec<_>>()
+    };
+    // Backlogs, so that the daemon learns how fast its queue drains.
+    for _ in 0..2 {
+        for t in long(4) {
+            assert_eq!(t.await.unwrap().0, 200);
+        }
+    }
+    // One long request runs and two wait: a request with 150 ms to spare
+    // cannot be answered in time and hears so at once.
+    let waiting = long(3);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (s, body, took) = heavy_score(&c, &d, 5, 150).await;
+    assert_eq!(s, 504, "{body}");
+    assert_eq!(body["error"]["type"], "deadline_exceeded", "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("2 requests wait ahead"), "{msg}");
+    assert!(
+        took < Duration::from_millis(50),
+        "refused after {took:?}, with batches of {batch:?}"
+    );
+    for t in waiting {
+        assert_eq!(t.await.unwrap().0, 200);
+    }
+    // With nothing ahead, the same request is served.
+    let (s, body, _) = heavy_score(&c, &d, 5, 150).await;
+    assert_eq!(s, 200, "{body}");
+    let m = metrics(&c, &d).await;
+    assert_eq!(
+        sample(
+            &m,
+            "rankd_requests_dropped_total{model=\"heavy\",priority=\"interactive\",reason=\"predicted\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
 }

@@ -149,10 +149,37 @@ where
 }
 
 async fn one(service: &Service, model: &str, line: u64, req: BulkLine) -> BulkResult {
-    let timeout_ms = req
+    let timeout = req
         .timeout_ms
-        .or(Some(service.max_timeout().as_millis() as u64));
-    let result = match (req.items, req.k) {
+        .map_or(service.max_timeout(), std::time::Duration::from_millis);
+    // (The first attempt checks the line's own timeout_ms.)
+    let give_up = tokio::time::Instant::now() + timeout.min(service.max_timeout());
+    // A full bulk queue is waited out (other bulk calls hold it), not
+    // answered with an error line, until the line's own deadline.
+    let mut pause = std::time::Duration::from_millis(2);
+    let mut timeout_ms = timeout.as_millis() as u64;
+    loop {
+        match attempt(service, model, &req, timeout_ms).await {
+            Err(ServeError::Overloaded { .. }) if tokio::time::Instant::now() + pause < give_up => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+                let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+                timeout_ms = (left.as_millis() as u64).max(1);
+            }
+            Ok(outcome) => return BulkResult { line, outcome },
+            Err(e) => return BulkResult::error(line, &e),
+        }
+    }
+}
+
+async fn attempt(
+    service: &Service,
+    model: &str,
+    req: &BulkLine,
+    timeout_ms: u64,
+) -> Result<Outcome, ServeError> {
+    let timeout_ms = Some(timeout_ms);
+    match (&req.items, req.k) {
         (Some(_), Some(_)) => Err(ServeError::Invalid(
             "a bulk line has `items` (score) or `k` (recommend), not both".into(),
         )),
@@ -161,7 +188,7 @@ async fn one(service: &Service, model: &str, line: u64, req: BulkLine) -> BulkRe
                 model,
                 ScoreRequest {
                     user_id: req.user_id,
-                    items,
+                    items: items.clone(),
                     timeout_ms,
                     version: req.version,
                     priority: Some(Priority::Bulk),
@@ -179,7 +206,7 @@ async fn one(service: &Service, model: &str, line: u64, req: BulkLine) -> BulkRe
                 RecommendRequest {
                     user_id: req.user_id,
                     k: k.unwrap_or(10),
-                    exclude: req.exclude.unwrap_or_default(),
+                    exclude: req.exclude.clone().unwrap_or_default(),
                     timeout_ms,
                     version: req.version,
                     priority: Some(Priority::Bulk),
@@ -193,10 +220,6 @@ async fn one(service: &Service, model: &str, line: u64, req: BulkLine) -> BulkRe
                 degraded: r.degraded,
                 cold_start: r.cold_start,
             }),
-    };
-    match result {
-        Ok(outcome) => BulkResult { line, outcome },
-        Err(e) => BulkResult::error(line, &e),
     }
 }
 

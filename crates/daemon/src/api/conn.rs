@@ -328,9 +328,37 @@ impl hyper::service::Service<Request<Incoming>> for Served {
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            drop(busy);
-            Ok(resp)
+            // The connection stays busy until the answer's body has been
+            // sent (a streamed answer, such as a bulk call's, outlives its
+            // head, and its request body may still be arriving).
+            Ok(resp.map(|body| axum::body::Body::new(Holding { body, _busy: busy })))
         })
+    }
+}
+
+/// A response body that keeps its connection busy while it lives.
+struct Holding {
+    body: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -201,9 +201,16 @@ impl<R: Request> Queue<R> {
         dropped: &mut Vec<Dropped<R>>,
     ) {
         let max = self.policy.max_rows;
+        // The batch holds up to `max` rows, or one oversized request alone.
+        let first = self
+            .interactive
+            .entries
+            .front()
+            .or(self.bulk.entries.front())
+            .map_or(1, |e| e.request.rows());
         let gate = Gate {
             now,
-            expected: expected(self.rows().clamp(1, max)),
+            expected: expected(self.rows().min(max).max(first).max(1)),
         };
         let owed = if self.bulk.entries.is_empty() || self.interactive.entries.is_empty() {
             0

@@ -452,6 +452,26 @@ fn a_request_that_cannot_finish_before_its_deadline_is_dropped_before_it_runs() 
 }
 
 #[test]
+fn an_oversized_request_is_judged_by_the_estimate_for_its_own_size() {
+    // Batches hold 4 rows, but one request of 1,000 rows runs alone, and
+    // such batches take 200 ms.
+    let mut f = Fixture::new(&[(A, 4, 0)]);
+    f.s.record(A, 1, Duration::from_micros(100));
+    f.s.record(A, 1000, Duration::from_millis(200));
+    let (tight, _) = f.push(A, 1000, 0, 50_000);
+    let run = f.run(10);
+    assert!(run.batch.is_empty());
+    let reasons: Vec<(u32, DropReason)> = run
+        .dropped
+        .iter()
+        .map(|d| (d.request.id, d.reason))
+        .collect();
+    assert_eq!(reasons, vec![(tight, DropReason::Predicted)]);
+    let (roomy, _) = f.push(A, 1000, 100, 500_000);
+    assert_eq!(ids(&f.run(110).batch), vec![roomy]);
+}
+
+#[test]
 fn execution_estimates_are_a_running_mean_per_size_bucket() {
     let mut f = Fixture::new(&[(A, 64, 0)]);
     assert_eq!(f.s.expected(A, 8), Duration::ZERO);

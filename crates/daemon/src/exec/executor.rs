@@ -109,9 +109,23 @@ struct Executor {
     acks: Vec<Ack>,
     popularity: Arc<Popularity>,
     degrade: Degrade,
-    /// Requests answered per model since the window started, for the
-    /// throughput behind `Retry-After`.
-    rates: HashMap<usize, (u64, Instant)>,
+    /// Requests answered per model since the window started and the
+    /// execution time they took, for the throughput behind `Retry-After`
+    /// and the service rate behind shedding at admission.
+    rates: HashMap<usize, Rates>,
+}
+
+/// A model's answered requests in the current window: all of them, for
+/// the throughput; and those answered while a backlog waited, with the time
+/// from one batch start to the next that they took, for the service rate.
+struct Rates {
+    since: Instant,
+    answered: u64,
+    backlogged: u64,
+    busy: Duration,
+    /// The previous batch's start and size, when requests still waited
+    /// after it was taken.
+    previous: Option<(Instant, u64)>,
 }
 
 /// How often each model's throughput is published.
@@ -818,19 +832,40 @@ impl Executor {
         }
     }
 
-    /// Counts answered requests and publishes the model's throughput once
-    /// per window.
-    fn count_answered(&mut self, model: usize, n: u64) {
+    /// Counts a batch's answered requests, and publishes the model's
+    /// throughput and service rate once per window. The service rate is
+    /// measured from batch start to batch start while requests wait
+    /// (whatever slows the executor — other models, updates, a busy CPU —
+    /// slows it too), so it is how fast a backlog drains.
+    fn count_answered(&mut self, model: usize, n: u64, started: Instant) {
+        let backlog = self.registry.by_index(model).queued() > 0;
+        let r = self.rates.entry(model).or_insert(Rates {
+            since: started,
+            answered: 0,
+            backlogged: 0,
+            busy: Duration::ZERO,
+            previous: None,
+        });
+        r.answered += n;
+        if let Some((at, size)) = r.previous.take() {
+            r.busy += started - at;
+            r.backlogged += size;
+        }
+        if backlog {
+            r.previous = Some((started, n));
+        }
         let now = Instant::now();
-        let (count, since) = self.rates.entry(model).or_insert((0, now));
-        *count += n;
-        let window = now - *since;
+        let window = now - r.since;
         if window >= RATE_WINDOW {
-            self.registry
-                .by_index(model)
-                .set_rate(*count as f64 / window.as_secs_f64());
-            *count = 0;
-            *since = now;
+            let served = self.registry.by_index(model);
+            served.set_rate(r.answered as f64 / window.as_secs_f64());
+            if r.backlogged > 0 && !r.busy.is_zero() {
+                served.set_service_rate(r.backlogged as f64 / r.busy.as_secs_f64());
+            }
+            r.answered = 0;
+            r.backlogged = 0;
+            r.busy = Duration::ZERO;
+            r.since = now;
         }
     }
 
@@ -1038,7 +1073,7 @@ impl Executor {
                         note: Note::Model,
                     }));
                 }
-                self.count_answered(model, n_live);
+                self.count_answered(model, n_live, started);
                 if served > 0 {
                     self.metrics
                         .online_impressions

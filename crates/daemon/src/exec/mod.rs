@@ -158,7 +158,28 @@ impl ExecutorHandle {
             deadline,
             reply,
         };
+        // An interactive request that the queue ahead of it surely keeps
+        // past its deadline is shed now, not when its deadline comes.
+        let hopeless = class == Class::Interactive
+            && served
+                .expected_wait(admission.depth())
+                .is_some_and(|wait| wait >= timeout);
         let command = match admission.try_admit() {
+            Ok(permit) if hopeless => {
+                let ahead = admission.depth().saturating_sub(1);
+                drop(permit);
+                self.metrics
+                    .dropped
+                    .with_label_values(&[&served.name, "predicted", class.as_str()])
+                    .inc();
+                if !(req.degradable() && self.degrades(&req.resident)) {
+                    return Err(ServeError::DeadlineExceeded(format!(
+                        "no answer possible within timeout_ms = {}: {ahead} requests wait ahead",
+                        timeout.as_millis(),
+                    )));
+                }
+                Command::Degraded(req, "deadline")
+            }
             Ok(permit) => {
                 self.metrics
                     .queue_depth

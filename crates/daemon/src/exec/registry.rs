@@ -130,6 +130,9 @@ pub struct ServedModel {
     items: AtomicUsize,
     /// Requests answered per second lately (f64 bits), for `Retry-After`.
     rate: std::sync::atomic::AtomicU64,
+    /// Requests answered per second lately while a backlog waited (f64
+    /// bits): how fast the queue drains.
+    service_rate: std::sync::atomic::AtomicU64,
 }
 
 /// The longest `Retry-After` given, however deep the queue.
@@ -144,6 +147,7 @@ impl ServedModel {
             bulk_admission: Admission::new(max_bulk_queue_size),
             items: AtomicUsize::new(0),
             rate: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
+            service_rate: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
         }
     }
 
@@ -496,6 +500,19 @@ impl ServedModel {
         self.rate.store(per_second.to_bits(), Ordering::Relaxed);
     }
 
+    /// Publishes how fast a backlog drained lately, in requests per second.
+    pub fn set_service_rate(&self, per_second: f64) {
+        self.service_rate
+            .store(per_second.to_bits(), Ordering::Relaxed);
+    }
+
+    /// How long `ahead` waiting requests take to be answered at the recent
+    /// service rate (`None` before a backlog was measured).
+    pub fn expected_wait(&self, ahead: usize) -> Option<Duration> {
+        let rate = f64::from_bits(self.service_rate.load(Ordering::Relaxed));
+        (rate > 0.0 && ahead > 0).then(|| Duration::from_secs_f64(ahead as f64 / rate))
+    }
+
     /// How long a refused caller should wait: the time the recent
     /// throughput needs to answer `waiting` requests, at least a second
     /// (the header counts whole seconds), at most a minute.
@@ -828,6 +845,15 @@ mod tests {
         let freed = m.take_orphans();
         assert_eq!(freed.iter().map(|r| r.version).collect::<Vec<_>>(), vec![2]);
         assert!(m.version(2).is_none());
+    }
+
+    #[test]
+    fn the_expected_wait_is_the_queue_ahead_at_the_service_rate() {
+        let m = ServedModel::new("m".into(), 10, 10);
+        assert_eq!(m.expected_wait(100), None, "nothing measured yet");
+        m.set_service_rate(1000.0);
+        assert_eq!(m.expected_wait(0), None, "nothing ahead");
+        assert_eq!(m.expected_wait(250), Some(Duration::from_millis(250)));
     }
 
     #[test]

@@ -94,8 +94,8 @@ pub struct BatchingSpec {
     /// Interactive requests waiting beyond this are refused with 429.
     #[serde(default = "default_max_queue_size")]
     pub max_queue_size: usize,
-    /// Bulk requests waiting beyond this are refused (the bulk route waits
-    /// for room instead).
+    /// Bulk requests waiting beyond this are refused with 429; a line of the
+    /// bulk route waits for room instead, up to its deadline.
     #[serde(default = "default_max_bulk_queue_size")]
     pub max_bulk_queue_size: usize,
     /// Under sustained interactive load, the least fraction (0 to 1) of the
