@@ -13,12 +13,24 @@ from ._errors import (
     Unauthorized,
 )
 from ._sync import Client
-from ._types import Health, Item, ModelInfo, Recommendation, ScoredItem, Scores, User
+from ._types import (
+    BulkResult,
+    Health,
+    Item,
+    ModelInfo,
+    Recommendation,
+    RecommendRequest,
+    ScoredItem,
+    Scores,
+    ScoreRequest,
+    User,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "BulkResult",
     "Client",
     "ConnectionError",
     "DeadlineExceeded",
@@ -30,7 +42,9 @@ __all__ = [
     "NotReady",
     "Overloaded",
     "RankdError",
+    "RecommendRequest",
     "Recommendation",
+    "ScoreRequest",
     "ScoredItem",
     "Scores",
     "Unauthorized",

@@ -1,13 +1,15 @@
 """The asyncio client. Over the socket, every call from every task shares one
-connection: requests are pipelined and answers matched by id."""
+connection: requests are pipelined and answers matched by id. A `bulk` op is
+answered by many frames with its id: they go to the call's queue (`streams`)
+until its final frame."""
 
 import asyncio
 import itertools
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import msgpack
 
-from . import _core
+from . import _bulk, _core
 from . import _types as t
 from ._errors import ConnectionError
 
@@ -16,6 +18,7 @@ class _Conn:
     def __init__(self, target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.target, self.reader, self.writer = target, reader, writer
         self.pending: Dict[int, "asyncio.Future[Any]"] = {}
+        self.streams: Dict[int, "asyncio.Queue[Any]"] = {}
         self.ids = itertools.count(1)
         self.closed = False
         self.task = asyncio.ensure_future(self._read_loop())
@@ -32,6 +35,12 @@ class _Conn:
                     err = (answer.get("error") or {})
                     reason = f"{err.get('type')}: {err.get('message')}"
                     continue  # the daemon closes the connection next
+                q = self.streams.get(rid)
+                if q is not None:
+                    if "line" not in answer:
+                        del self.streams[rid]  # the final frame
+                    q.put_nowait(answer)
+                    continue
                 fut = self.pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(answer)
@@ -49,6 +58,9 @@ class _Conn:
             if not fut.done():
                 fut.set_exception(ConnectionError(self.target, reason))
         self.pending.clear()
+        for q in self.streams.values():
+            q.put_nowait(ConnectionError(self.target, reason))
+        self.streams.clear()
         self.writer.close()
 
     async def request(self, fields: Dict[str, Any]) -> Any:
@@ -63,6 +75,22 @@ class _Conn:
             self._fail(f"connection lost: {e}")
             raise ConnectionError(self.target, f"connection lost: {e}") from e
         return await fut
+
+    async def open_stream(self, model: str, entries: List[bytes]) -> Tuple[int, "asyncio.Queue[Any]"]:
+        """Sends one chunk as a `bulk` op; its id and the queue of its frames."""
+        if self.closed:
+            raise ConnectionError(self.target, "connection lost")
+        rid = next(self.ids)
+        q: "asyncio.Queue[Any]" = asyncio.Queue()
+        self.streams[rid] = q
+        try:
+            self.writer.write(_core.frame(_bulk.socket_payload(rid, model, entries)))
+            await self.writer.drain()
+        except OSError as e:
+            self.streams.pop(rid, None)
+            self._fail(f"connection lost: {e}")
+            raise ConnectionError(self.target, f"connection lost: {e}") from e
+        return rid, q
 
     async def close(self) -> None:
         self.task.cancel()
@@ -97,6 +125,67 @@ class _SocketTransport:
         answer = await conn.request({"op": call.op, **call.socket_fields})
         return call.parse(_core.socket_answer(answer))
 
+    async def bulk(self, model: str, requests: Any, chunk_size: int, timeout_ms: Optional[int],
+                   version: Optional[int]) -> AsyncIterator[t.BulkResult]:
+        conn = await self._get()
+        chunks = _bulk.Chunker(chunk_size, timeout_ms, version).achunks(requests)
+        # The chunks sent, in order (id, frames, offset, count), then None at
+        # the end of the input, or the error that ended the sending.
+        sent: "asyncio.Queue[Any]" = asyncio.Queue()
+        # One chunk ahead: the next is served while this one's results are read.
+        slots = asyncio.Semaphore(2)
+        live: Dict[int, None] = {}
+
+        async def sender() -> None:
+            offset = 0
+            try:
+                while True:
+                    await slots.acquire()  # before the input is read for the chunk
+                    try:
+                        entries = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    rid, q = await conn.open_stream(model, entries)
+                    live[rid] = None
+                    sent.put_nowait((rid, q, offset, len(entries)))
+                    offset += len(entries)
+                sent.put_nowait(None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # noqa: BLE001 -- raised after the chunks sent before
+                sent.put_nowait(e)
+
+        # The input is read by its own task, so an input that waits (for
+        # results, say) does not hold back the results of what was sent.
+        task = asyncio.ensure_future(sender())
+        try:
+            while True:
+                chunk = await sent.get()
+                if chunk is None:
+                    break
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                rid, q, offset, count = chunk
+                while True:
+                    frame = await q.get()
+                    if isinstance(frame, BaseException):
+                        raise frame
+                    if "line" not in frame:
+                        break
+                    yield _bulk.socket_result(model, offset, frame)
+                live.pop(rid, None)
+                _bulk.socket_end(frame, count)
+                slots.release()
+        finally:
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 -- cancelled on purpose
+                pass
+            for rid in live:
+                conn.streams.pop(rid, None)
+            await chunks.aclose()
+
     async def close(self) -> None:
         if self.conn is not None:
             await self.conn.close()
@@ -111,6 +200,7 @@ class _HttpTransport:
         self.target = target
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         self.http = httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout, verify=verify)
+        self.conf = _bulk.HttpConf(target, base, token, timeout, verify)
 
     async def call(self, call: _core.Call) -> Any:
         try:
@@ -118,6 +208,10 @@ class _HttpTransport:
         except self.httpx.TransportError as e:
             raise ConnectionError(self.target, f"{type(e).__name__}: {e}") from e
         return _core.http_answer(call, r.status_code, r.headers, r.content)
+
+    def bulk(self, model: str, requests: Any, chunk_size: int, timeout_ms: Optional[int],
+             version: Optional[int]) -> AsyncIterator[t.BulkResult]:
+        return _bulk.http_bulk(self.conf, model, requests, timeout_ms, version)
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -151,6 +245,18 @@ class AsyncClient:
     async def upsert_item(self, item_id: int, embedding: Optional[Iterable[float]] = None,
                           deleted: bool = False, version: Optional[int] = None) -> t.Item:
         return await self._t.call(_core.upsert_item(item_id, embedding, deleted, version))
+
+    async def bulk(self, model: str, requests: Any, *, timeout_ms: Optional[int] = None,
+                   version: Optional[int] = None,
+                   chunk_size: int = _bulk.CHUNK_SIZE) -> AsyncIterator[t.BulkResult]:
+        """`Client.bulk` as an async generator: `requests` may also be an
+        async iterable; `async for r in c.bulk(...)`."""
+        results = self._t.bulk(model, requests, chunk_size, timeout_ms, version)
+        try:
+            async for r in results:
+                yield r
+        finally:
+            await results.aclose()  # at once, when the caller stops early
 
     async def models(self) -> List[t.ModelInfo]:
         return await self._t.call(_core.models())

@@ -2,7 +2,9 @@
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
+
+from ._errors import RankdError, error_from
 
 _F32 = struct.Struct("<f")
 
@@ -124,3 +126,109 @@ class Health:
     @classmethod
     def from_wire(cls, r: Dict[str, Any]) -> "Health":
         return cls(bool(r["ready"]), r.get("device"), dict(r.get("models") or {}), r.get("reason"))
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One `bulk` line that scores `items` for `user_id`, in the given order."""
+
+    user_id: int
+    items: Sequence[int]
+    version: Optional[int] = None
+    timeout_ms: Optional[int] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"user_id": self.user_id, "items": list(self.items)}
+        if self.version is not None:
+            d["version"] = self.version
+        if self.timeout_ms is not None:
+            d["timeout_ms"] = self.timeout_ms
+        return d
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    """One `bulk` line that recommends the `k` best items for `user_id`."""
+
+    user_id: int
+    k: int = 10
+    exclude: Optional[Sequence[int]] = None
+    version: Optional[int] = None
+    timeout_ms: Optional[int] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"user_id": self.user_id, "k": self.k}
+        if self.exclude is not None:
+            d["exclude"] = list(self.exclude)
+        if self.version is not None:
+            d["version"] = self.version
+        if self.timeout_ms is not None:
+            d["timeout_ms"] = self.timeout_ms
+        return d
+
+
+@dataclass(frozen=True, eq=False)
+class BulkResult:
+    """The answer to one line of a `bulk` call. `line` is the 1-based position
+    of the request in the input. A score line carries `scores`, a recommend
+    line `items` (and `degraded`, `cold_start`); a line that failed carries
+    `error`, the exception a lone call would have raised (`InvalidRequest`,
+    `DeadlineExceeded`, `Overloaded`, ...), and the other lines go on."""
+
+    line: int
+    model: str
+    user_id: Optional[int] = None
+    version: Optional[int] = None
+    scores: Optional[List[float]] = None
+    items: Optional[List[ScoredItem]] = None
+    degraded: bool = False
+    cold_start: bool = False
+    error: Optional[RankdError] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> Any:
+        """The line's answer as a lone call gives it (`Scores` or
+        `Recommendation`), or raises the line's error."""
+        if self.error is not None:
+            raise self.error
+        if self.scores is not None:
+            return Scores(self.model, self.version or 0, self.scores)
+        return Recommendation(self.model, self.version or 0, self.items or [], self.degraded,
+                              self.cold_start)
+
+    def _key(self) -> Any:
+        e = self.error
+        err = None if e is None else (type(e), e.type, e.message)
+        return (self.line, self.model, self.user_id, self.version, self.scores, self.items,
+                self.degraded, self.cold_start, err)
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, BulkResult):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def from_wire(cls, model: str, line: int, r: Optional[Dict[str, Any]],
+                  error: Optional[Dict[str, Any]] = None) -> "BulkResult":
+        """A line's result `r`, or its `error` (`{"type", "message"}`)."""
+        if error is not None or r is None:
+            err = error or {}
+            return cls(line, model, error=error_from(err.get("type", "internal"),
+                                                     err.get("message", "no message")))
+        items = r.get("items")
+        scores = r.get("scores")
+        return cls(
+            line=line,
+            model=model,
+            user_id=int(r["user_id"]),
+            version=r.get("version"),
+            scores=None if scores is None else [_f32(s) for s in scores],
+            items=None if items is None else [ScoredItem(int(i["id"]), _f32(i["score"])) for i in items],
+            degraded=bool(r.get("degraded", False)),
+            cold_start=bool(r.get("cold_start", False)),
+        )

@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
+import rankd
+
 ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(os.environ.get("RANKD_BIN", ROOT / "target" / "release" / "rankd"))
+
+
+USERS = range(1, 51)
+
+
+def history(u):
+    return [(u * 7919 + j * 104729) % 100000 + 1 for j in range(1 + u % 20)]
 
 
 def free_port() -> int:
@@ -89,6 +98,15 @@ def daemon(demo_repo, tmp_path_factory):
     d = Daemon(demo_repo, tmp_path_factory.mktemp("rankd")).start()
     yield d
     d.stop()
+
+
+@pytest.fixture(scope="session")
+def with_state(daemon):
+    """Users 1..50 with histories (a user without state scores every item 0)."""
+    with rankd.Client(daemon.unix) as c:
+        for u in USERS:
+            c.upsert_user(u, history=history(u))
+    return daemon
 
 
 @pytest.fixture

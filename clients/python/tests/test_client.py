@@ -9,22 +9,7 @@ import threading
 import pytest
 
 import rankd
-from conftest import Daemon, wait_gone
-
-USERS = range(1, 51)
-
-
-def history(u):
-    return [(u * 7919 + j * 104729) % 100000 + 1 for j in range(1 + u % 20)]
-
-
-@pytest.fixture(scope="session")
-def with_state(daemon):
-    """Users 1..50 with histories (a user without state scores every item 0)."""
-    with rankd.Client(daemon.unix) as c:
-        for u in USERS:
-            c.upsert_user(u, history=history(u))
-    return daemon
+from conftest import USERS, Daemon, wait_gone
 
 
 def targets(d):

@@ -108,7 +108,7 @@ pub enum Ended {
 pub async fn run<S>(
     service: Arc<Service>,
     model: String,
-    input: S,
+    input: &mut S,
     out: mpsc::Sender<BulkResult>,
 ) -> Ended
 where
@@ -127,9 +127,16 @@ where
             biased;
             _ = &mut cut => return Ended::Cut(done),
             Some(result) = inflight.next(), if !inflight.is_empty() => {
-                // A full channel stops the loop here, so no more input is read.
-                if out.send(result).await.is_err() {
-                    return Ended::Gone;
+                // A full channel stops the loop here, so no more input is
+                // read; the cut still ends a call whose reader is slow.
+                tokio::select! {
+                    biased;
+                    _ = &mut cut => return Ended::Cut(done),
+                    sent = out.send(result) => {
+                        if sent.is_err() {
+                            return Ended::Gone;
+                        }
+                    }
                 }
                 done += 1;
             }
@@ -227,7 +234,11 @@ async fn attempt(
 pub fn parse_line(bytes: &[u8]) -> Result<BulkLine, ServeError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| ServeError::Invalid(format!("the line is not valid UTF-8: {e}")))?;
-    serde_json::from_str(text).map_err(|e| ServeError::Invalid(format!("invalid line: {e}")))
+    serde_json::from_str(text).map_err(|e| {
+        // The position is within the line: "column", not "line 1 column".
+        let e = e.to_string().replace(" at line 1 column ", " at column ");
+        ServeError::Invalid(format!("invalid line: {e}"))
+    })
 }
 
 /// Splits a body stream into NDJSON lines of at most `max_line` bytes

@@ -11,6 +11,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
 use super::Service;
@@ -272,7 +273,9 @@ async fn bulk(
     let service = s.service.clone();
     tokio::spawn(async move {
         let (results, mut encoded) = tokio::sync::mpsc::channel(64);
-        let run = super::bulk::run(service, model, Box::pin(lines), results);
+        // Fused: read on after the cut, whether or not it had ended.
+        let mut lines = Box::pin(lines.fuse());
+        let run = super::bulk::run(service, model, &mut lines, results);
         let forward = {
             let tx = tx.clone();
             async move {
@@ -295,6 +298,7 @@ async fn bulk(
                 .map(ServeError::Malformed),
             super::bulk::Ended::Gone => None,
         };
+        let cut = matches!(ended, super::bulk::Ended::Cut(_));
         if let Some(e) = last {
             let _ = tx
                 .send(ndjson(
@@ -302,6 +306,14 @@ async fn bulk(
                 ))
                 .await;
         }
+        if cut {
+            // Ending the answer now would close the connection while the
+            // caller still sends, and the reset could destroy the last line
+            // before it is read: keep reading (and dropping) the input until
+            // the connection is closed at the end of the grace period.
+            while lines.next().await.is_some() {}
+        }
+        drop(tx);
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()

@@ -418,7 +418,7 @@ async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>
             return;
         }
     };
-    let input = futures::stream::iter(requests.into_iter().enumerate().map(|(i, v)| {
+    let mut input = futures::stream::iter(requests.into_iter().enumerate().map(|(i, v)| {
         let parsed = serde_json::from_value::<bulk::BulkLine>(v)
             .map_err(|e| ServeError::Invalid(format!("invalid request: {e}")));
         (i as u64 + 1, parsed)
@@ -442,7 +442,10 @@ async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>
             }
         }
     };
-    let (ended, ()) = tokio::join!(bulk::run(service.clone(), model, input, results), forward);
+    let (ended, ()) = tokio::join!(
+        bulk::run(service.clone(), model, &mut input, results),
+        forward
+    );
     let last = match ended {
         bulk::Ended::Done(n) => encode(&WireResponse {
             id,
@@ -453,7 +456,7 @@ async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>
         bulk::Ended::Cut(n) => error_frame(
             id,
             &ServeError::NotReady(format!(
-                "rankd is shutting down: the bulk call was cut at the end of the grace period after {n} results"
+                "rankd is shutting down: the bulk call was cut at the end of the grace period after {n} lines"
             )),
         ),
         bulk::Ended::Gone => return,
