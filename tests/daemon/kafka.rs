@@ -519,6 +519,15 @@ async fn clicks_on_the_events_topic_are_hits_for_the_version_that_served_the_lis
     let c = Daemon::client();
     let mut lists = Vec::new();
     for user in 0..60u64 {
+        // Users with a history: the model serves them (a cold-start list
+        // is not the version's and earns it no impression).
+        let (s, body) = post(
+            &c,
+            &d.url(&format!("/v1/users/{}", 5_000 + user)),
+            json!({"history": spread_history(5_000 + user, 5)}),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
         let (s, body) = post(
             &c,
             &d.url("/v1/models/demo/recommend"),

@@ -295,6 +295,14 @@ async fn every_metric_and_label_in_the_rules_and_the_dashboard_is_exported() {
     let broker = Broker::start();
     broker.create_topics(&["rankd.events", "rankd.items"], 1);
     let dir = slow_repo(300_000, 1);
+    // `shed`: the slow model, degrading what it sheds and answering new
+    // users from popularity.
+    derived_model(dir.path(), "shed", "demo", |t| {
+        let t = t
+            .replace("max_queue_delay_us = 500", "max_queue_delay_us = 300000")
+            .replace("max_queue_size = 1024", "max_queue_size = 1");
+        format!("degrade = \"popular\"\n{t}")
+    });
     let state = tempfile::tempdir().unwrap();
     let d = Daemon::start_with(
         dir.path(),
@@ -353,6 +361,19 @@ async fn every_metric_and_label_in_the_rules_and_the_dashboard_is_exported() {
     assert_eq!(s, 429, "{body}");
     let (s, body) = first.await.unwrap();
     assert_eq!(s, 504, "{body}");
+    // `shed`: one request holds the queue, the next is degraded; a user
+    // without state is a cold start.
+    let url = d.url("/v1/models/shed/recommend");
+    let first = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { post(&c, &url, json!({ "user_id": 1 })).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (s, body) = post(&c, &url, json!({ "user_id": 2 })).await;
+    assert_eq!((s, &body["degraded"]), (200, &json!(true)), "{body}");
+    assert_eq!(first.await.unwrap().0, 200);
+    let (s, body) = post(&c, &url, json!({ "user_id": 999_999 })).await;
+    assert_eq!((s, &body["cold_start"]), (200, &json!(true)), "{body}");
     // Kafka: clicks applied (lag, freshness, applied counts).
     let producer = broker.producer();
     for i in 0..20u64 {

@@ -71,7 +71,7 @@ pub struct DurabilityArgs {
     /// Time in-flight requests get to finish once accepting stopped; connections still open then are closed [default: 10000]
     #[arg(long, env = "RANKD_GRACE_MS", value_name = "MS")]
     pub grace_ms: Option<u64>,
-    /// Write-ahead log of user and item writes (in --snapshot-dir): always = fsync before acknowledging (one per executor turn); off = no fsync (a machine crash may lose acknowledged writes) [default: always]
+    /// Write-ahead log of user and item writes (in --snapshot-dir): always = fsync before acknowledging (one covers every write waiting for it); off = no fsync (a machine crash may lose acknowledged writes) [default: always]
     #[arg(long, env = "RANKD_WAL_SYNC", value_name = "MODE", value_enum)]
     pub wal_sync: Option<WalSync>,
     /// Most users held in memory; beyond it the least recently updated are evicted (0: unlimited) [default: 0]

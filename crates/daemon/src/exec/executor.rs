@@ -738,28 +738,32 @@ impl Executor {
             .set(self.state.users.bytes() as i64);
     }
 
-    /// Writes (and syncs) the turn's log records, then acknowledges them.
+    /// Hands the turn's log records to the log's writer, which acknowledges
+    /// them once they are written (and synced); without a log, at once.
     fn commit(&mut self) {
         if self.acks.is_empty() {
             return;
         }
-        let result = match &mut self.wal {
-            Some(w) => w.commit(),
-            None => Ok(()),
-        };
-        let failed = result.err().map(|e| {
-            tracing::error!(error = %e, "write-ahead log write failed");
-            ServeError::Internal(format!("the write-ahead log could not be written: {e}"))
-        });
-        for ack in self.acks.drain(..) {
-            match ack {
-                Ack::User(r, s) => {
-                    let _ = r.send(failed.clone().map_or(Ok(s), Err));
-                }
-                Ack::Item(r, s) => {
-                    let _ = r.send(failed.clone().map_or(Ok(s), Err));
+        let acks = std::mem::take(&mut self.acks);
+        let acknowledge = move |result: Result<(), String>| {
+            let failed = result.err().map(|e| {
+                tracing::error!(error = %e, "write-ahead log write failed");
+                ServeError::Internal(format!("the write-ahead log could not be written: {e}"))
+            });
+            for ack in acks {
+                match ack {
+                    Ack::User(r, s) => {
+                        let _ = r.send(failed.clone().map_or(Ok(s), Err));
+                    }
+                    Ack::Item(r, s) => {
+                        let _ = r.send(failed.clone().map_or(Ok(s), Err));
+                    }
                 }
             }
+        };
+        match &mut self.wal {
+            Some(w) => w.commit(Box::new(acknowledge)),
+            None => acknowledge(Ok(())),
         }
     }
 

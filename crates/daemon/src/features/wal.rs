@@ -1,9 +1,13 @@
 //! The write-ahead log of user and item writes made over HTTP and the socket.
 //!
-//! The executor appends each write it applied during a turn, then, once per
-//! turn, writes them out and (with `wal_sync = always`) syncs the file before
-//! acknowledging any of them: one fsync covers every write of the turn (group
-//! commit). Kafka-fed updates need no log: their offsets are in snapshots.
+//! The executor appends each write it applied during a turn and, once per
+//! turn, hands the turn's records to the log's writer thread with the
+//! acknowledgements they wait for. The writer writes out everything handed
+//! to it since its last sync and (with `wal_sync = always`) syncs the file
+//! once before acknowledging any of it: one fsync covers every write that
+//! arrived while the previous one ran (group commit), and the executor goes
+//! on serving while the disk works. Kafka-fed updates need no log: their
+//! offsets are in snapshots.
 //!
 //! Files: `wal-<seq>.log` in the snapshot folder. A capture for a snapshot
 //! starts a new segment; the snapshot records the first segment it does not
@@ -29,12 +33,24 @@ pub enum Record {
     Item(ItemWrite),
 }
 
+/// Called once the records it came with are durable (or could not be
+/// written: the error's text).
+pub type Acknowledge = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// The write-ahead log as the executor sees it: records are appended to the
+/// turn's batch, which `commit` hands to the writer thread.
 pub struct Wal {
-    dir: PathBuf,
     seq: u64,
-    file: File,
     buf: Vec<u8>,
-    sync: bool,
+    jobs: Option<flume::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Job {
+    /// Records, and who waits for them.
+    Commit(Vec<u8>, Acknowledge),
+    /// Everything before is written and synced, then segment `seq` begins.
+    Rotate(u64, flume::Sender<std::io::Result<()>>),
 }
 
 fn segment(dir: &Path, seq: u64) -> PathBuf {
@@ -123,31 +139,24 @@ pub fn replay(dir: &Path, from: u64) -> std::io::Result<(Vec<Record>, u64)> {
 }
 
 impl Wal {
-    /// Starts segment `seq` in `dir`.
+    /// Starts segment `seq` in `dir` and its writer thread.
     pub fn open(dir: &Path, seq: u64, sync: bool) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let file = Self::create(dir, seq)?;
+        let file = create(dir, seq)?;
+        let (jobs, rx) = flume::unbounded();
+        let dir = dir.to_path_buf();
+        let writer = std::thread::Builder::new()
+            .name("rankd-wal".into())
+            .spawn(move || write_loop(dir, file, sync, rx))?;
         Ok(Self {
-            dir: dir.to_path_buf(),
             seq,
-            file,
             buf: Vec::with_capacity(64 * 1024),
-            sync,
+            jobs: Some(jobs),
+            writer: Some(writer),
         })
     }
 
-    fn create(dir: &Path, seq: u64) -> std::io::Result<File> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(segment(dir, seq))?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(file)
-    }
-
-    /// Adds a record to the turn's batch (written by `commit`).
+    /// Adds a record to the turn's batch (handed on by `commit`).
     pub fn append(&mut self, record: &Record) {
         let payload = rmp_serde::to_vec(record).expect("records always encode");
         self.buf
@@ -157,29 +166,24 @@ impl Wal {
         self.buf.extend_from_slice(&payload);
     }
 
-    /// Writes the batch and, when syncing, syncs it: after this the batch's
-    /// writes may be acknowledged.
-    pub fn commit(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
+    /// Hands the batch to the writer; `ack` is called once it is durable.
+    pub fn commit(&mut self, ack: Acknowledge) {
+        let records = std::mem::replace(&mut self.buf, Vec::with_capacity(64 * 1024));
+        let job = Job::Commit(records, ack);
+        if let Err(flume::SendError(Job::Commit(_, ack))) = self.send(job) {
+            ack(Err("the write-ahead log writer has stopped".into()));
         }
-        let result = self.file.write_all(&self.buf).and_then(|()| {
-            if self.sync {
-                self.file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
-        self.buf.clear();
-        result
     }
 
-    /// Commits, then starts the next segment; returns its sequence number
-    /// (a snapshot of the state now covers every segment before it).
+    /// Waits until everything committed is written (and synced), then
+    /// starts the next segment; returns its sequence number (a snapshot of
+    /// the state now covers every segment before it).
     pub fn rotate(&mut self) -> std::io::Result<u64> {
-        self.commit()?;
         let next = self.seq + 1;
-        self.file = Self::create(&self.dir, next)?;
+        let (done, rx) = flume::bounded(1);
+        let stopped = || std::io::Error::other("the write-ahead log writer has stopped");
+        self.send(Job::Rotate(next, done)).map_err(|_| stopped())?;
+        rx.recv().map_err(|_| stopped())??;
         self.seq = next;
         Ok(next)
     }
@@ -187,6 +191,73 @@ impl Wal {
     /// The segment being written.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    fn send(&self, job: Job) -> Result<(), flume::SendError<Job>> {
+        match &self.jobs {
+            Some(jobs) => jobs.send(job),
+            None => Err(flume::SendError(job)),
+        }
+    }
+}
+
+impl Drop for Wal {
+    /// Lets the writer finish what it was handed, and waits for it.
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn create(dir: &Path, seq: u64) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(segment(dir, seq))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(file)
+}
+
+/// The writer thread: takes every job waiting, writes the records of all of
+/// them with one write and one sync, then acknowledges them.
+fn write_loop(dir: PathBuf, mut file: File, sync: bool, jobs: flume::Receiver<Job>) {
+    let mut bytes = Vec::new();
+    let mut acks: Vec<Acknowledge> = Vec::new();
+    let flush = |file: &mut File, bytes: &mut Vec<u8>, acks: &mut Vec<Acknowledge>| {
+        let result = if bytes.is_empty() {
+            Ok(())
+        } else {
+            file.write_all(bytes)
+                .and_then(|()| if sync { file.sync_data() } else { Ok(()) })
+        };
+        bytes.clear();
+        let result = result.map_err(|e| e.to_string());
+        for ack in acks.drain(..) {
+            ack(result.clone());
+        }
+        result
+    };
+    while let Ok(first) = jobs.recv() {
+        for job in std::iter::once(first).chain(jobs.try_iter()) {
+            match job {
+                Job::Commit(records, ack) => {
+                    bytes.extend_from_slice(&records);
+                    acks.push(ack);
+                }
+                Job::Rotate(seq, done) => {
+                    let result = flush(&mut file, &mut bytes, &mut acks)
+                        .map_err(std::io::Error::other)
+                        .and_then(|()| create(&dir, seq))
+                        .map(|f| file = f);
+                    let _ = done.send(result);
+                }
+            }
+        }
+        let _ = flush(&mut file, &mut bytes, &mut acks);
     }
 }
 
@@ -206,14 +277,30 @@ mod tests {
     fn records_come_back_in_order_and_a_torn_tail_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::open(dir.path(), 0, true).unwrap();
+        let (acked, acks) = flume::unbounded();
+        let ack = || -> Acknowledge {
+            let acked = acked.clone();
+            Box::new(move |r| acked.send(r).unwrap())
+        };
         for id in 0..3 {
             wal.append(&user(id));
         }
-        wal.commit().unwrap();
+        wal.commit(ack());
         assert_eq!(wal.rotate().unwrap(), 1);
+        assert_eq!(
+            acks.try_recv(),
+            Ok(Ok(())),
+            "acknowledged before the rotation"
+        );
         wal.append(&user(3));
         wal.append(&user(4));
-        wal.commit().unwrap();
+        wal.commit(ack());
+        drop(wal);
+        assert_eq!(
+            acks.try_recv(),
+            Ok(Ok(())),
+            "acknowledged before the writer stops"
+        );
         let (all, next) = replay(dir.path(), 0).unwrap();
         assert_eq!(all, (0..5).map(user).collect::<Vec<_>>());
         assert_eq!(next, 2);
