@@ -193,14 +193,26 @@ impl<R: Request> Queue<R> {
     /// oversized request still runs alone): first the bulk rows owed by the
     /// minimum share, then interactive rows, then bulk rows in the room left.
     /// `expected` is how long a batch of that many rows is expected to run.
+    ///
+    /// While interactive traffic is about (`interactive_lately`), bulk rows
+    /// beyond those owed join no batch that holds interactive rows (they
+    /// would make it longer), and a batch of bulk rows alone takes at most
+    /// an eighth of `max_rows` (at least one), so an interactive request
+    /// that arrives behind it waits little.
     pub(super) fn take(
         &mut self,
         now: Instant,
         expected: impl Fn(usize) -> Duration,
+        interactive_lately: bool,
         batch: &mut Vec<R>,
         dropped: &mut Vec<Dropped<R>>,
     ) {
         let max = self.policy.max_rows;
+        let bulk_cap = if interactive_lately {
+            (max / 8).max(1)
+        } else {
+            max
+        };
         // The batch holds up to `max` rows, or one oversized request alone.
         let first = self
             .interactive
@@ -221,7 +233,12 @@ impl<R: Request> Queue<R> {
         let interactive = self
             .interactive
             .take(max.saturating_sub(bulk), &gate, batch, dropped);
-        let room = max.saturating_sub(bulk + interactive);
+        let room = if interactive > 0 && interactive_lately {
+            0
+        } else {
+            max.saturating_sub(bulk + interactive)
+                .min(bulk_cap.saturating_sub(bulk))
+        };
         if room > 0 || batch.is_empty() {
             bulk += self.bulk.take(room, &gate, batch, dropped);
         }

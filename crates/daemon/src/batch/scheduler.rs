@@ -111,7 +111,14 @@ pub enum Poll<R> {
 pub struct Scheduler<R> {
     queues: Vec<(QueueKey, Queue<R>, Estimates)>,
     index: HashMap<QueueKey, usize>,
+    /// When the newest interactive request arrived, in any queue.
+    last_interactive: Option<Instant>,
 }
+
+/// Interactive traffic counts as present for this long after a request
+/// arrives: meanwhile bulk work keeps its batches small (see
+/// `Queue::take`), so an interactive request never waits long behind one.
+const INTERACTIVE_LATELY: Duration = Duration::from_millis(100);
 
 /// Running estimates of a queue's batch execution time, one per power-of-two
 /// bucket of rows.
@@ -158,6 +165,7 @@ impl<R: Request> Scheduler<R> {
         Self {
             queues: Vec::new(),
             index: HashMap::new(),
+            last_interactive: None,
         }
     }
 
@@ -201,6 +209,9 @@ impl<R: Request> Scheduler<R> {
     pub fn push(&mut self, request: R, permit: Permit) -> Result<(), R> {
         match self.index.get(&request.key()) {
             Some(&i) => {
+                if request.class() == Class::Interactive {
+                    self.last_interactive = Some(request.enqueued());
+                }
                 self.queues[i].1.push(request, permit);
                 Ok(())
             }
@@ -282,9 +293,13 @@ impl<R: Request> Scheduler<R> {
             batch: Vec::new(),
             dropped: Vec::new(),
         };
+        let interactive_lately = self
+            .last_interactive
+            .is_some_and(|t| now.saturating_duration_since(t) < INTERACTIVE_LATELY);
         queue.take(
             now,
             |rows| estimates.expected(rows),
+            interactive_lately,
             &mut run.batch,
             &mut run.dropped,
         );

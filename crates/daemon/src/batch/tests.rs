@@ -371,15 +371,26 @@ fn interactive_rows_go_first_and_bulk_fills_the_room_left() {
     f.push(A, 1, 10, LONG);
     f.push(A, 1, 20, LONG);
     // The bulk lane alone fills a batch, but the interactive requests that
-    // arrived later still go first; bulk rows fill the other two rows.
+    // arrived later still go first, alone while interactive traffic is about
+    // (bulk rows would make their batch longer).
     let run = f.run(30);
-    assert_eq!(classes(&f, &run.batch), (2, 2));
-    assert_eq!(ids(&run.batch[..2]), vec![6, 7], "interactive first");
-    assert_eq!(ids(&run.batch[2..]), vec![0, 1], "bulk in arrival order");
-    // Only bulk is left: its lane is full, so it runs at once.
+    assert_eq!(ids(&run.batch), vec![6, 7], "interactive first, alone");
+    // Only bulk is left: its lane is full, so it runs at once, in small
+    // batches (an eighth of a batch, at least one row) while interactive
+    // requests arrived within 100 ms ...
     let run = f.run(30);
-    assert_eq!(classes(&f, &run.batch), (0, 4));
-    assert!(matches!(f.s.poll(f.at(30)), Poll::Idle));
+    assert_eq!(ids(&run.batch), vec![0], "bulk in arrival order");
+    // ... and in whole ones after.
+    let run = f.run(100_030);
+    assert_eq!(ids(&run.batch), vec![1, 2, 3, 4]);
+    // Without interactive traffic lately, bulk fills the room interactive
+    // rows leave.
+    f.push(A, 1, 300_000, LONG);
+    for i in 0..4 {
+        f.push_class(A, Class::Bulk, 1, 300_000 + i, LONG);
+    }
+    let run = f.run(500_000);
+    assert_eq!(classes(&f, &run.batch), (1, 3), "{:?}", ids(&run.batch));
 }
 
 #[test]
@@ -396,7 +407,7 @@ fn bulk_work_waits_while_interactive_work_waits_in_any_queue() {
         other => panic!("expected a sleep until A closes, got {other:?}"),
     }
     assert_eq!(f.run(510).key, A);
-    let run = f.run(510);
+    let run = f.run(100_010);
     assert_eq!((run.key, classes(&f, &run.batch)), (B, (0, 4)));
 }
 
