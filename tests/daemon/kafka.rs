@@ -572,3 +572,54 @@ async fn clicks_on_the_events_topic_are_hits_for_the_version_that_served_the_lis
         format!("rankd_online_hit_rank_bucket{{model=\"demo\",version=\"1\",le=\"5\"}} {hits}");
     assert!(metrics.contains(&rank5), "every hit at rank 5: {metrics}");
 }
+
+#[tokio::test]
+async fn popularity_follows_the_clicks_on_the_events_topic_and_survives_a_restart() {
+    let broker = broker_with_topics();
+    let state = tempfile::tempdir().unwrap();
+    let mut d = rankd_on(&broker, state.path());
+    let c = Daemon::client();
+    // Clicks: item 777 by 9 users, 555 by 6, 333 by 3.
+    let producer = broker.producer();
+    let mut sent = 0i64;
+    for (item, clicks) in [(777u64, 9u64), (555, 6), (333, 3)] {
+        for u in 0..clicks {
+            let user = 40_000 + item * 10 + u;
+            producer.send(EVENTS, &user.to_string(), &event(user, item));
+            sent += 1;
+        }
+    }
+    producer.flush();
+    wait_applied(&c, &d, EVENTS, sent, Duration::from_secs(30)).await;
+    // A new user's answer follows them within moments (the list is rebuilt
+    // off the request path).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, body) = post(
+            &c,
+            &d.url("/v1/models/demo/recommend"),
+            json!({"user_id": 1_234_567, "k": 3}),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        if ids(&body) == vec![777, 555, 333] {
+            assert_eq!(body["cold_start"], json!(true), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "popularity not followed: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        d.signal_and_wait("TERM", Duration::from_secs(20)),
+        "{}",
+        d.log()
+    );
+    let d = rankd_on(&broker, state.path());
+    let (_, body) = post(
+        &c,
+        &d.url("/v1/models/demo/recommend"),
+        json!({"user_id": 1_234_568, "k": 3, "exclude": [555]}),
+    )
+    .await;
+    assert_eq!(ids(&body)[..2], [777, 333], "after a restart: {body}");
+}
