@@ -31,8 +31,9 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, models: Path, workdir: Path, port: int = 0):
+    def __init__(self, models: Path, workdir: Path, port: int = 0, extra=()):
         self.models, self.workdir, self.port = models, workdir, port
+        self.extra = list(extra)
         self.sock_path = workdir / "rankd.sock"
         self.proc = None
         self.http = None
@@ -46,7 +47,8 @@ class Daemon:
         self.log = open(self.workdir / "stderr.log", "ab")
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--models", str(self.models), "--http", f"127.0.0.1:{self.port}",
-             "--uds", str(self.sock_path), "--snapshot-dir", str(self.workdir / "state")],
+             "--uds", str(self.sock_path), "--snapshot-dir", str(self.workdir / "state"),
+             *self.extra],
             stdout=subprocess.PIPE, stderr=self.log, env={**os.environ, "RANKD_LOG": "info"},
         )
         line = self.proc.stdout.readline().decode()

@@ -2,14 +2,13 @@
 clients, the same answers everywhere, pipelining, errors, and restarts."""
 
 import asyncio
-import http.server
-import json
+import shutil
 import threading
 
 import pytest
 
 import rankd
-from conftest import USERS, Daemon, wait_gone
+from conftest import USERS, Daemon, history, wait_gone
 
 
 def targets(d):
@@ -243,40 +242,41 @@ def test_the_client_reconnects_after_a_daemon_restart(own_daemon):
         assert c.health().ready
 
 
-class _TokenEcho(http.server.BaseHTTPRequestHandler):
-    """Stands in for a daemon that requires a bearer token (not in this rankd
-    yet): answers 401 in rankd's error shape and records the request."""
-
-    seen = []
-
-    def do_GET(self):  # noqa: N802
-        self.seen.append((self.path, self.headers.get("Authorization")))
-        body = json.dumps({"error": {"type": "unauthorized", "message": "bad token"}}).encode()
-        self.send_response(401)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
-def test_token_is_sent_as_bearer_and_401_is_unauthorized():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenEcho)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+def test_client_tokens_are_sent_as_bearer_and_a_refusal_is_unauthorized(demo_repo, tmp_path):
+    tokens = tmp_path / "client-tokens"
+    tokens.write_text("s3cret\n")
+    d = Daemon(demo_repo, tmp_path, extra=["--client-token-file", str(tokens)]).start()
     try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}"
-        with rankd.Client(url, token="s3cret") as c:
-            with pytest.raises(rankd.Unauthorized) as e:
-                c.models()
-            assert (e.value.type, e.value.message) == ("unauthorized", "bad token")
-        with rankd.Client(url) as c:
-            with pytest.raises(rankd.Unauthorized):
-                c.health()
-        assert _TokenEcho.seen == [("/v1/models", "Bearer s3cret"), ("/readyz", None)]
+        with rankd.Client(d.http, token="s3cret") as c:
+            assert len(c.recommend("demo", 1, k=2).items) == 2
+        for token in ("wrong", None):
+            with rankd.Client(d.http, token=token) as c:
+                with pytest.raises(rankd.Unauthorized) as e:
+                    c.recommend("demo", 1, k=2)
+                assert e.value.type == "unauthorized"
+                # Probes stay open.
+                assert c.health().ready
     finally:
-        srv.shutdown()
+        d.stop()
+
+
+def test_a_version_is_asked_for_by_number(demo_repo, tmp_path):
+    repo = tmp_path / "models"
+    shutil.copytree(demo_repo, repo, symlinks=True)
+    shutil.copytree(repo / "demo" / "1", repo / "demo" / "2")
+    d = Daemon(repo, tmp_path).start()
+    try:
+        for target in (d.http, d.unix):
+            with rankd.Client(target) as c:
+                c.upsert_user(1, history=history(1))
+                assert c.recommend("demo", 1, k=2).version == 2
+                assert c.recommend("demo", 1, k=2, version=2).version == 2
+                assert c.score("demo", 1, [1, 2], version=2).version == 2
+                with pytest.raises(rankd.NotFound) as e:
+                    c.recommend("demo", 1, k=2, version=9)
+                assert "9" in e.value.message
+    finally:
+        d.stop()
 
 
 def test_version_is_sent_only_when_given(with_state):
