@@ -804,3 +804,25 @@ async fn a_request_that_the_queue_ahead_keeps_past_its_deadline_is_refused_at_on
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn an_unreadable_popularity_file_is_logged_not_fatal() {
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(state.path().join("popularity.json"), b"{ not json").unwrap();
+    let dir = state.path().to_str().unwrap().to_string();
+    let d = Daemon::start_with(&demo_models(), &["--snapshot-dir", dir.as_str()]);
+    let c = Daemon::client();
+    let (s, body) = post(
+        &c,
+        &d.url("/v1/models/demo/recommend"),
+        json!({"user_id": 77, "k": 3}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["cold_start"], json!(true), "{body}");
+    assert!(
+        d.log().contains("popularity counts not restored"),
+        "{}",
+        d.log()
+    );
+}

@@ -103,11 +103,15 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     let metrics = Arc::new(Metrics::new());
     let popularity = Arc::new(Popularity::new(config.pressure.popularity_half_life()));
     if let Some(dir) = &config.snapshot.dir {
-        let n = popularity
-            .load(dir)
-            .with_context(|| format!("reading the popularity counts in {}", dir.display()))?;
-        if n > 0 {
-            tracing::info!(items = n, "popularity counts restored");
+        // The counts are a cache of what the events said: an unreadable
+        // file costs the popular answers their history, not the start.
+        match popularity.load(dir) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(items = n, "popularity counts restored"),
+            Err(e) => tracing::warn!(
+                error = %format!("{e:#}"),
+                "popularity counts not restored: starting from none"
+            ),
         }
     }
     // Every version folder is listed; the latest of each model, and those a

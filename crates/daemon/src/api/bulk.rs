@@ -253,6 +253,8 @@ pub struct Lines<B> {
     line: u64,
     /// Bytes of an overlong line skipped so far (`None`: not skipping).
     skipping: Option<usize>,
+    /// How much of `buf` holds no newline (already searched).
+    scanned: usize,
     eof: bool,
 }
 
@@ -274,6 +276,7 @@ where
             max_line,
             line: 0,
             skipping: None,
+            scanned: 0,
             eof: false,
         }
     }
@@ -282,7 +285,15 @@ where
     /// its end.
     pub async fn next(&mut self) -> Option<Piece> {
         loop {
-            if let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+            // Only the bytes not searched yet are searched (a line sent in
+            // many small chunks costs no more than one sent whole).
+            let found = self.buf[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| self.scanned + i);
+            self.scanned = self.buf.len();
+            if let Some(at) = found {
+                self.scanned = 0;
                 let raw = self.buf.split_to(at + 1);
                 self.line += 1;
                 if let Some(skipped) = self.skipping.take() {
@@ -302,12 +313,14 @@ where
                 // newline.
                 *self.skipping.get_or_insert(0) += self.buf.len();
                 self.buf.clear();
+                self.scanned = 0;
             }
             if self.eof {
                 if let Some(skipped) = self.skipping.take() {
                     self.line += 1;
                     return Some(Piece::Line(self.line, Err(self.too_long(skipped))));
                 }
+                self.scanned = 0;
                 let rest = self.buf.split();
                 let line = trim(&rest);
                 if line.is_empty() {
@@ -422,6 +435,14 @@ mod tests {
         .await;
         assert!(got[0].1.as_ref().unwrap_err().contains("got 34"), "{got:?}");
         assert_eq!(got[1], (2, Ok(2)));
+    }
+
+    #[tokio::test]
+    async fn a_line_in_one_byte_chunks_is_found_whole() {
+        let text: &'static [u8] = b"{\"user_id\": 12345, \"k\": 3}\n{\"user_id\": 6}\n";
+        let chunks: Vec<&'static [u8]> = (0..text.len()).map(|i| &text[i..i + 1]).collect();
+        let got = collect(chunks, 1000).await;
+        assert_eq!(got, vec![(1, Ok(12345)), (2, Ok(6))]);
     }
 
     #[tokio::test]

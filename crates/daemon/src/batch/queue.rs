@@ -220,14 +220,21 @@ impl<R: Request> Queue<R> {
             .front()
             .or(self.bulk.entries.front())
             .map_or(1, |e| e.request.rows());
-        let gate = Gate {
-            now,
-            expected: expected(self.rows().min(max).max(first).max(1)),
-        };
         let owed = if self.bulk.entries.is_empty() || self.interactive.entries.is_empty() {
             0
         } else {
             (self.bulk_credit.floor() as usize).min(max)
+        };
+        // The rows this batch will hold, for its expected time: with
+        // interactive work kept short, its rows and the owed bulk rows only.
+        let rows = if interactive_lately && !self.interactive.entries.is_empty() {
+            self.interactive.rows + owed.min(self.bulk.rows)
+        } else {
+            self.rows()
+        };
+        let gate = Gate {
+            now,
+            expected: expected(rows.min(max).max(first).max(1)),
         };
         let mut bulk = self.bulk.take(owed, &gate, batch, dropped);
         let interactive = self

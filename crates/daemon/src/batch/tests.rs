@@ -483,6 +483,23 @@ fn an_oversized_request_is_judged_by_the_estimate_for_its_own_size() {
 }
 
 #[test]
+fn a_bulk_backlog_does_not_make_an_interactive_request_look_late() {
+    // One row runs in 1 ms, eight in 10 ms. Bulk work fills the queue; an
+    // interactive request with 5 ms to spare runs alone (bulk rows do not
+    // join it while interactive traffic is about), so it is not dropped.
+    let mut f = Fixture::new(&[(A, 8, 0)]);
+    f.s.record(A, 1, Duration::from_millis(1));
+    f.s.record(A, 8, Duration::from_millis(10));
+    for i in 0..8 {
+        f.push_class(A, Class::Bulk, 1, i, LONG);
+    }
+    let (urgent, _) = f.push(A, 1, 10, 5_000);
+    let run = f.run(20);
+    assert!(run.dropped.is_empty(), "{:?}", run.dropped.len());
+    assert_eq!(ids(&run.batch), vec![urgent]);
+}
+
+#[test]
 fn execution_estimates_are_a_running_mean_per_size_bucket() {
     let mut f = Fixture::new(&[(A, 64, 0)]);
     assert_eq!(f.s.expected(A, 8), Duration::ZERO);
