@@ -158,6 +158,14 @@ impl<R: Request> Queue<R> {
         !self.interactive.entries.is_empty()
     }
 
+    pub(super) fn has_bulk(&self) -> bool {
+        !self.bulk.entries.is_empty()
+    }
+
+    pub(super) fn bulk_min_share(&self) -> f64 {
+        self.policy.bulk_min_share
+    }
+
     /// Rows waiting in both lanes.
     pub(super) fn rows(&self) -> usize {
         self.interactive.rows + self.bulk.rows

@@ -113,12 +113,18 @@ pub struct Scheduler<R> {
     index: HashMap<QueueKey, usize>,
     /// When the newest interactive request arrived, in any queue.
     last_interactive: Option<Instant>,
+    /// Rows owed to queues that hold only bulk work while interactive work
+    /// runs in others.
+    starved_credit: f64,
 }
 
 /// Interactive traffic counts as present for this long after a request
 /// arrives: meanwhile bulk work keeps its batches small (see
 /// `Queue::take`), so an interactive request never waits long behind one.
 const INTERACTIVE_LATELY: Duration = Duration::from_millis(100);
+
+/// The most rows of credit a queue of bulk work alone can hold.
+const STARVED_CREDIT_MAX: f64 = 1024.0;
 
 /// Running estimates of a queue's batch execution time, one per power-of-two
 /// bucket of rows.
@@ -166,6 +172,7 @@ impl<R: Request> Scheduler<R> {
             queues: Vec::new(),
             index: HashMap::new(),
             last_interactive: None,
+            starved_credit: 0.0,
         }
     }
 
@@ -244,7 +251,8 @@ impl<R: Request> Scheduler<R> {
     /// What to do at `now`: run the queue ready for interactive work whose
     /// oldest interactive request has waited longest; when no interactive
     /// request waits anywhere, the same for bulk work; else sleep until the
-    /// first batch closes.
+    /// first batch closes. A queue of bulk work alone that is owed a row of
+    /// its share goes before interactive work elsewhere.
     pub fn poll(&mut self, now: Instant) -> Poll<R> {
         let interactive = self.queues.iter().any(|(_, q, _)| q.has_interactive());
         let class = if interactive {
@@ -252,6 +260,21 @@ impl<R: Request> Scheduler<R> {
         } else {
             Class::Bulk
         };
+        // A queue holding only bulk work, while interactive work waits
+        // elsewhere, is owed its share of what the others execute (the
+        // share within one queue is kept by the queue itself).
+        if interactive && self.starved_credit >= 1.0 {
+            let starved = self
+                .queues
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, q, _))| !q.has_interactive() && q.is_ready(Class::Bulk, now))
+                .min_by_key(|(_, (_, q, _))| q.oldest(Class::Bulk))
+                .map(|(i, _)| i);
+            if let Some(i) = starved {
+                return Poll::Run(self.take(i, now));
+            }
+        }
         let ready = self
             .queues
             .iter()
@@ -296,6 +319,7 @@ impl<R: Request> Scheduler<R> {
         let interactive_lately = self
             .last_interactive
             .is_some_and(|t| now.saturating_duration_since(t) < INTERACTIVE_LATELY);
+        let starving = !queue.has_interactive();
         queue.take(
             now,
             |rows| estimates.expected(rows),
@@ -303,6 +327,22 @@ impl<R: Request> Scheduler<R> {
             &mut run.batch,
             &mut run.dropped,
         );
+        // Credit for queues of bulk work alone: their share of the rows
+        // other queues run while they wait, paid by the rows they run.
+        let rows: usize = run.batch.iter().map(|r| r.rows()).sum();
+        let share = self
+            .queues
+            .iter()
+            .filter(|(_, q, _)| q.has_bulk() && !q.has_interactive())
+            .map(|(_, q, _)| q.bulk_min_share())
+            .fold(0.0, f64::max);
+        self.starved_credit = if share == 0.0 {
+            0.0
+        } else if starving {
+            (self.starved_credit - rows as f64).max(0.0)
+        } else {
+            (self.starved_credit + share * rows as f64).min(STARVED_CREDIT_MAX)
+        };
         run
     }
 }

@@ -442,6 +442,41 @@ fn bulk_keeps_its_minimum_share_under_sustained_interactive_load() {
 }
 
 #[test]
+fn bulk_work_of_another_model_keeps_its_share_under_sustained_interactive_load() {
+    // A runs full interactive batches of 20 rows, one after another; B holds
+    // only bulk work. B still gets about 5 % of the rows executed.
+    let mut f = Fixture::new(&[(A, 20, 500), (B, 20, 500)]);
+    for i in 0..500 {
+        f.push_class(B, Class::Bulk, 1, i, LONG);
+    }
+    let (mut a_rows, mut b_rows) = (0, 0);
+    let mut t = 1000;
+    for _ in 0..40 {
+        for j in 0..20 {
+            f.push(A, 1, t + j, LONG);
+        }
+        t += 20;
+        // Run until A's batch has gone.
+        loop {
+            let run = f.run(t);
+            let rows = run.batch.len();
+            if run.key == A {
+                a_rows += rows;
+                break;
+            }
+            b_rows += rows;
+        }
+        t += 100;
+    }
+    let share = b_rows as f64 / (a_rows + b_rows) as f64;
+    assert!(
+        (0.04..=0.10).contains(&share),
+        "B got {b_rows} of {} rows ({share:.3}), want about 0.05",
+        a_rows + b_rows
+    );
+}
+
+#[test]
 fn a_request_that_cannot_finish_before_its_deadline_is_dropped_before_it_runs() {
     let mut f = Fixture::new(&[(A, 4, 0)]);
     // Nothing measured yet: nothing is dropped on a guess.
