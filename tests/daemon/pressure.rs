@@ -2,7 +2,6 @@
 //! socket, popularity-backed cold-start and degraded answers, and the bulk
 //! class beside interactive traffic.
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -187,41 +186,15 @@ async fn a_slow_bulk_reader_slows_the_reading_of_its_input() {
     );
     // Reading the answers lets the rest through, every line in order.
     let reader = std::thread::spawn(move || {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
-        let mut r = std::io::BufReader::new(stream);
-        let mut head = String::new();
-        loop {
-            let mut l = String::new();
-            std::io::BufRead::read_line(&mut r, &mut l).unwrap();
-            if l == "\r\n" {
-                break;
-            }
-            head.push_str(&l);
-        }
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        let mut expected = 1u64;
-        let mut pending = Vec::new();
-        loop {
-            let mut size = String::new();
-            std::io::BufRead::read_line(&mut r, &mut size).unwrap();
-            let size = usize::from_str_radix(size.trim(), 16).unwrap();
-            let mut data = vec![0; size + 2];
-            r.read_exact(&mut data).unwrap();
-            if size == 0 {
-                break;
-            }
-            pending.extend_from_slice(&data[..size]);
-            while let Some(at) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=at).collect();
-                let v: Value = serde_json::from_slice(&line).unwrap();
-                assert_eq!(v["line"], json!(expected), "{v}");
-                assert_eq!(v["items"].as_array().map(Vec::len), Some(200), "{v}");
-                expected += 1;
-            }
-        }
-        expected - 1
+        let mut answered = 0u64;
+        let status = read_ndjson_response(stream, |v| {
+            answered += 1;
+            assert_eq!(v["line"], json!(answered), "{v}");
+            assert_eq!(v["items"].as_array().map(Vec::len), Some(200), "{v}");
+            true
+        });
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        answered
     });
     let answered = tokio::task::spawn_blocking(move || reader.join().unwrap())
         .await
@@ -292,11 +265,6 @@ async fn bulk_over_the_socket_streams_one_frame_per_entry_then_done() {
     );
 }
 
-/// The ids a cold-start or degraded answer lists.
-fn popular_items(body: &Value) -> Vec<u64> {
-    ids(body)
-}
-
 #[tokio::test]
 async fn cold_start_answers_follow_popularity_and_respect_exclude() {
     let state = tempfile::tempdir().unwrap();
@@ -332,7 +300,7 @@ async fn cold_start_answers_follow_popularity_and_respect_exclude() {
         )
         .await;
         assert_eq!(s, 200, "{body}");
-        if popular_items(&body) == vec![500, 400, 300] {
+        if ids(&body) == vec![500, 400, 300] {
             break body;
         }
         assert!(Instant::now() < deadline, "popularity not followed: {body}");
@@ -354,7 +322,7 @@ async fn cold_start_answers_follow_popularity_and_respect_exclude() {
         json!({"user_id": 1_000_001, "k": 5, "exclude": [500]}),
     )
     .await;
-    let got = popular_items(&body);
+    let got = ids(&body);
     assert_eq!(&got[..2], &[400, 300], "{body}");
     assert_eq!(got.len(), 5);
     assert!(!got.contains(&500));
@@ -388,11 +356,7 @@ async fn cold_start_answers_follow_popularity_and_respect_exclude() {
         json!({"user_id": 1_000_002, "k": 3}),
     )
     .await;
-    assert_eq!(
-        popular_items(&body),
-        vec![500, 400, 300],
-        "after a restart: {body}"
-    );
+    assert_eq!(ids(&body), vec![500, 400, 300], "after a restart: {body}");
 }
 
 #[tokio::test]

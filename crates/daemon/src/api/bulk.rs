@@ -102,6 +102,13 @@ pub enum Ended {
     Cut(u64),
 }
 
+/// The error a call cut by the grace period ends with, on both transports.
+pub fn cut_error(lines: u64) -> ServeError {
+    ServeError::NotReady(format!(
+        "rankd is shutting down: the bulk call was cut at the end of the grace period after {lines} lines"
+    ))
+}
+
 /// Serves the lines of `input` against `model`, sending each result to
 /// `out` in input order. `input` yields each line's 1-based number and the
 /// line or the reason it cannot be served.

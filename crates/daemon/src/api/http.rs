@@ -288,9 +288,7 @@ async fn bulk(
         };
         let (ended, ()) = tokio::join!(run, forward);
         let last = match ended {
-            super::bulk::Ended::Cut(n) => Some(ServeError::NotReady(format!(
-                "rankd is shutting down: the bulk call was cut at the end of the grace period after {n} lines"
-            ))),
+            super::bulk::Ended::Cut(n) => Some(super::bulk::cut_error(n)),
             super::bulk::Ended::Done(_) => broken
                 .lock()
                 .expect("bulk lock")

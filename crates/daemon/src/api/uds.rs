@@ -453,12 +453,7 @@ async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>
             result: Some(serde_json::json!({ "done": n })),
             error: None,
         }),
-        bulk::Ended::Cut(n) => error_frame(
-            id,
-            &ServeError::NotReady(format!(
-                "rankd is shutting down: the bulk call was cut at the end of the grace period after {n} lines"
-            )),
-        ),
+        bulk::Ended::Cut(n) => error_frame(id, &bulk::cut_error(n)),
         bulk::Ended::Gone => return,
     };
     let _ = tx.send(last).await;
