@@ -31,19 +31,13 @@ enum LogFormat {
     Json,
 }
 
-/// Logs to stderr, filtered by `RANKD_LOG` (default `info`).
-fn init_logs(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("RANKD_LOG").unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    match format {
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
+/// Logs to stderr, filtered by `RANKD_LOG` (default `info`), and span
+/// export when `tracing` names an OTLP endpoint.
+fn init_logs(
+    format: LogFormat,
+    tracing: Option<&rankd::config::TracingConfig>,
+) -> anyhow::Result<rankd::trace::Guard> {
+    rankd::trace::init(format == LogFormat::Json, tracing)
 }
 
 #[derive(Subcommand)]
@@ -93,11 +87,19 @@ enum ModelsCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    init_logs(cli.log_format);
-    match cli.command {
-        Command::Serve(args) => {
-            let config = args.into_config()?;
+    let Cli {
+        log_format,
+        command,
+    } = Cli::parse();
+    let config = match &command {
+        Command::Serve(args) => Some(args.clone().into_config()?),
+        _ => None,
+    };
+    // Dropped last: flushes the spans still buffered once the daemon stopped.
+    let _logs = init_logs(log_format, config.as_ref().map(|c| &c.tracing))?;
+    match command {
+        Command::Serve(_) => {
+            let config = config.expect("read above");
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?

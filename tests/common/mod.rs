@@ -9,6 +9,7 @@ pub mod errors;
 pub mod frame;
 pub mod http;
 pub mod kafka;
+pub mod otlp;
 pub mod reference;
 pub mod rng;
 

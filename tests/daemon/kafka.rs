@@ -197,9 +197,25 @@ async fn five_clicks_reshape_the_next_answer_within_200ms() {
         metrics.contains("rankd_ingest_updates_applied_total{topic=\"rankd.events\"} 15"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("rankd_ingest_freshness_seconds_count 15"),
-        "{metrics}"
+    // Both stages saw every message; rankd's own share (fetch to visible)
+    // is far below the broker's acknowledgement time.
+    for stage in ["end_to_end", "rankd"] {
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("rankd_ingest_freshness_seconds_count{{stage=\"{stage}\"}}")
+            ),
+            Some(15.0),
+            "{metrics}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &metrics,
+            "rankd_ingest_freshness_seconds_bucket{stage=\"rankd\",le=\"0.1\"}"
+        ),
+        Some(15.0),
+        "every update visible within 100 ms of its fetch: {metrics}"
     );
 }
 

@@ -21,5 +21,6 @@ mod monitoring;
 mod pressure;
 mod soak;
 mod tls;
+mod tracing;
 mod uds;
 mod uds_hostile;

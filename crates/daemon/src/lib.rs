@@ -27,6 +27,7 @@ mod lifecycle;
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 mod metrics;
 mod model;
+pub mod trace;
 
 use std::future::Future;
 

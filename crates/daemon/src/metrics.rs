@@ -57,8 +57,10 @@ pub struct Metrics {
     pub ingest_batch_messages: prometheus::Histogram,
     /// Consumer lag per topic-partition (end offset − applied offset).
     pub ingest_lag: IntGaugeVec,
-    /// Time applied − message timestamp.
-    pub ingest_freshness: prometheus::Histogram,
+    /// How old an update is once applied, by `stage`: `end_to_end` from
+    /// the message's timestamp, `rankd` from the consumer's fetch (rankd's
+    /// own share: batching, decoding, applying).
+    pub ingest_freshness: HistogramVec,
     /// GPU telemetry from NVML, by device.
     pub gpu_utilization: prometheus::GaugeVec,
     pub gpu_memory_used: IntGaugeVec,
@@ -301,12 +303,15 @@ impl Metrics {
                 &["topic", "partition"],
             ),
             ingest_freshness: {
-                let h = prometheus::Histogram::with_opts(
+                let h = HistogramVec::new(
                     HistogramOpts::new(
                         "rankd_ingest_freshness_seconds",
-                        "Time from a message's timestamp to its update being applied.",
+                        "Age of an update once applied and visible to the next request: \
+                         stage=\"end_to_end\" from the message's timestamp, \
+                         stage=\"rankd\" from its fetch by rankd's consumer.",
                     )
                     .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["stage"],
                 )
                 .expect("valid metric");
                 registry

@@ -50,13 +50,16 @@ pub fn router(state: HttpState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             super::admin::require_client,
-        ));
+        ))
+        .route_layer(axum::middleware::from_fn(traced));
     // Without an admin token file the admin routes do not exist (404).
     let admin = match state.tokens.admin {
-        Some(_) => super::admin::routes().route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            super::admin::require_admin,
-        )),
+        Some(_) => super::admin::routes()
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::admin::require_admin,
+            ))
+            .route_layer(axum::middleware::from_fn(traced)),
         None => Router::new(),
     };
     // Probes and scrapers stay open.
@@ -71,6 +74,33 @@ pub fn router(state: HttpState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
+
+/// One span per API request while spans are exported, named after the
+/// matched route and a child of the caller's `traceparent`, if any.
+async fn traced(req: Request, next: axum::middleware::Next) -> Response {
+    if !crate::trace::enabled() {
+        return next.run(req).await;
+    }
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string());
+    let model = match req.uri().path().split('/').collect::<Vec<_>>()[..] {
+        ["", "v1", "models", model, ..] | ["", "v1", "admin", "models", model, ..] => model,
+        _ => "",
+    }
+    .to_string();
+    let span = crate::trace::request_span(&format!("{} {route}", req.method()), &route, &model);
+    crate::trace::set_remote_parent(&span, req.headers());
+    let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    let error = resp.extensions().get::<ErrorKind>().map(|k| k.0);
+    crate::trace::finish(&span, resp.status().as_u16(), error);
+    resp
+}
+
+/// The error type of an error answer, for its span.
+#[derive(Clone, Copy)]
+struct ErrorKind(&'static str);
 
 /// An error as an HTTP answer.
 pub struct ApiError(pub ServeError);
@@ -92,6 +122,7 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (status, Json(body)).into_response();
+        resp.extensions_mut().insert(ErrorKind(self.0.kind()));
         if let ServeError::Unauthorized(_) = &self.0 {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

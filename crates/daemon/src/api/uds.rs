@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::conn::{Limits, Open, Timeout};
 use super::{bulk, Service};
@@ -462,7 +463,13 @@ async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>
 /// Serves one decoded request; always returns an answer frame.
 async fn answer(service: &Service, req: WireRequest) -> Vec<u8> {
     let id = req.id;
-    match dispatch(service, req).await {
+    let span = crate::trace::request_span(&req.op, &req.op, req.model.as_deref().unwrap_or(""));
+    let result = dispatch(service, req).instrument(span.clone()).await;
+    match &result {
+        Ok(_) => crate::trace::finish(&span, 200, None),
+        Err(e) => crate::trace::finish(&span, e.status(), Some(e.kind())),
+    }
+    match result {
         Ok(result) => encode(&WireResponse {
             id,
             ok: true,

@@ -6,8 +6,8 @@
 //! (`http`), request deadlines (`requests`), the Unix socket (`socket`), Kafka
 //! ingestion (`kafka`), snapshots (`snapshot`), model lifecycle
 //! (`lifecycle`), tokens (`access`), TLS (`tls`), shutdown and durability
-//! (`durability`), overload answers (`pressure`) and the limits on slow, idle
-//! and too many clients (`connections`). The file stays flat: every
+//! (`durability`), overload answers (`pressure`), the limits on slow, idle
+//! and too many clients (`connections`) and span export (`tracing`). The file stays flat: every
 //! key is at the top level (plus the `[kafka_properties]` table), named like
 //! its flag, and a key no section knows is an error.
 
@@ -23,6 +23,7 @@ mod requests;
 mod snapshot;
 mod socket;
 mod tls;
+mod tracing;
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +41,7 @@ pub use requests::{RequestArgs, RequestConfig};
 pub use snapshot::{SnapshotArgs, SnapshotConfig};
 pub use socket::{SocketArgs, SocketConfig};
 pub use tls::{TlsArgs, TlsConfig};
+pub use tracing::{OtlpProtocol, TracingArgs, TracingConfig};
 
 /// The whole configuration. In the file (and written back with serde) the
 /// sections' keys all sit at the top level.
@@ -69,6 +71,8 @@ pub struct Config {
     pub pressure: PressureConfig,
     #[serde(flatten)]
     pub connections: ConnectionsConfig,
+    #[serde(flatten)]
+    pub tracing: TracingConfig,
 }
 
 impl Config {
@@ -87,6 +91,7 @@ impl Config {
             DurabilityConfig::KEYS,
             PressureConfig::KEYS,
             ConnectionsConfig::KEYS,
+            TracingConfig::KEYS,
         ]
         .into_iter()
         .flatten()
@@ -143,6 +148,7 @@ impl Config {
             durability: section(&doc, text)?,
             pressure: section(&doc, text)?,
             connections: section(&doc, text)?,
+            tracing: section(&doc, text)?,
         })
     }
 
@@ -165,6 +171,7 @@ impl Config {
         self.durability.validate()?;
         self.pressure.validate()?;
         self.connections.validate()?;
+        self.tracing.validate()?;
         self.exec.validate()
     }
 }
@@ -202,6 +209,8 @@ pub struct ServeArgs {
     pub pressure: PressureArgs,
     #[command(flatten)]
     pub connections: ConnectionsArgs,
+    #[command(flatten)]
+    pub tracing: TracingArgs,
 }
 
 impl ServeArgs {
@@ -223,6 +232,7 @@ impl ServeArgs {
         self.durability.apply(&mut c.durability);
         self.pressure.apply(&mut c.pressure);
         self.connections.apply(&mut c.connections);
+        self.tracing.apply(&mut c.tracing);
         c.validate()?;
         Ok(c)
     }

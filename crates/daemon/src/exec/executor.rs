@@ -113,6 +113,8 @@ struct Executor {
     /// execution time they took, for the throughput behind `Retry-After`
     /// and the service rate behind shedding at admission.
     rates: HashMap<usize, Rates>,
+    /// Batches executed, numbering them in spans.
+    batches: u64,
 }
 
 /// A model's answered requests in the current window: all of them, for
@@ -183,6 +185,7 @@ pub fn spawn(
                 popularity: startup.popularity.clone(),
                 degrade: startup.degrade,
                 rates: HashMap::new(),
+                batches: 0,
             };
             exec.load_at_start(startup.versions, startup.fallbacks, &startup.splits);
             exec.publish_health();
@@ -935,6 +938,7 @@ impl Executor {
         let _ = req.reply.send(Ok(Answer {
             output: Output::TopK(answer),
             note,
+            batch: None,
         }));
     }
 
@@ -945,6 +949,7 @@ impl Executor {
             dropped,
         } = run;
         let id = key.model;
+        let taken = Instant::now();
         let Some(slot) = self.slots.get(&id) else {
             for req in batch {
                 let _ = req.reply.send(Err(ServeError::Internal(format!(
@@ -1043,6 +1048,7 @@ impl Executor {
         let started = Instant::now();
         let result = self.backend.run(id, items, &queries);
         let elapsed = started.elapsed();
+        self.batches += 1;
         self.scheduler.record(key, rows, elapsed);
         self.metrics
             .exec_seconds
@@ -1063,6 +1069,17 @@ impl Executor {
                 debug_assert_eq!(outputs.len(), live.len());
                 let n_live = live.len() as u64;
                 let now = Instant::now();
+                let trace = crate::trace::enabled().then(|| {
+                    Arc::new(crate::trace::BatchTrace {
+                        id: self.batches,
+                        requests: live.len(),
+                        rows,
+                        device: self.device.clone(),
+                        taken,
+                        started,
+                        finished: started + elapsed,
+                    })
+                });
                 let mut served = 0u64;
                 for (req, out) in live.into_iter().zip(outputs) {
                     if let (Op::Recommend { user_id, .. }, Output::TopK(items)) = (&req.op, &out) {
@@ -1075,6 +1092,7 @@ impl Executor {
                     let _ = req.reply.send(Ok(Answer {
                         output: out,
                         note: Note::Model,
+                        batch: trace.clone(),
                     }));
                 }
                 self.count_answered(model, n_live, started);

@@ -43,6 +43,8 @@ pub struct InferRequest {
 pub struct Answer {
     pub output: Output,
     pub note: Note,
+    /// The batch it ran in, while spans are exported.
+    pub batch: Option<Arc<crate::trace::BatchTrace>>,
 }
 
 /// Whether an answer is the model's, or the popular items standing in.
@@ -146,6 +148,7 @@ impl ExecutorHandle {
     ) -> Result<Answer, ServeError> {
         let enqueued = Instant::now();
         let deadline = enqueued + timeout;
+        crate::trace::record_version(route.resident.version);
         let served = self.registry.by_index(route.resident.model);
         let admission = served.admission(class);
         let (reply, rx) = oneshot::channel();
@@ -211,13 +214,18 @@ impl ExecutorHandle {
         if self.tx.send(command).is_err() {
             return Err(ServeError::NotReady("the executor has stopped".into()));
         }
-        match tokio::time::timeout_at(deadline.into(), rx).await {
+        let result = match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ServeError::Internal(
                 "the executor dropped the request".into(),
             )),
             Err(_) => Err(deadline_exceeded(timeout)),
+        };
+        if crate::trace::enabled() {
+            let batch = result.as_ref().ok().and_then(|a| a.batch.as_deref());
+            crate::trace::batch_spans(class.as_str(), enqueued, batch);
         }
+        result
     }
 
     /// Whether `resident`'s model answers shed recommends from popularity.

@@ -198,6 +198,7 @@ impl Ingest {
             log: RateLimitedLog(HashMap::new()),
             uncommitted: BTreeMap::new(),
             last_commit: Instant::now(),
+            fetched: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("rankd-ingest".into())
@@ -236,6 +237,8 @@ struct Worker {
     /// Applied positions not yet committed to the group.
     uncommitted: BTreeMap<Position, i64>,
     last_commit: Instant,
+    /// When each message of the open batch was fetched.
+    fetched: Vec<Instant>,
 }
 
 /// Offsets are committed at most this often (and at shutdown): a synchronous
@@ -357,7 +360,9 @@ impl Worker {
                         Some((&topic, msg.partition(), msg.offset())),
                         msg.timestamp().to_millis(),
                     );
-                    batch_started.get_or_insert_with(Instant::now);
+                    let fetched = Instant::now();
+                    self.fetched.push(fetched);
+                    batch_started.get_or_insert(fetched);
                     let payload = msg.payload().unwrap_or_default();
                     match self.validator.decode(stream, payload) {
                         Ok(update) => coalescer.push(update),
@@ -429,7 +434,9 @@ impl Worker {
         let positions = batch.positions.clone();
         let timestamps = std::mem::take(&mut batch.timestamps_ms);
         let messages = batch.messages;
-        let report = match self.exec.apply_blocking(batch) {
+        let fetched = std::mem::take(&mut self.fetched);
+        let span = crate::trace::update_span(messages);
+        let report = match span.in_scope(|| self.exec.apply_blocking(batch)) {
             Ok(r) => r,
             Err(e) => {
                 // The executor is gone (shutdown): nothing is committed, the
@@ -439,7 +446,17 @@ impl Worker {
                 return;
             }
         };
+        // Applied by the executor, so visible to the next request it takes.
+        let visible = Instant::now();
         let applied_at = now_ms();
+        span.record("events", report.events);
+        span.record("users", report.users);
+        span.record("items", report.items);
+        drop(span);
+        let own = self.metrics.ingest_freshness.with_label_values(&["rankd"]);
+        for f in fetched {
+            own.observe((visible - f).as_secs_f64());
+        }
         self.metrics.ingest_batch_messages.observe(messages as f64);
         for (topic, n) in [
             (&self.config.events_topic, report.events),
@@ -460,10 +477,12 @@ impl Worker {
             (report.events + report.items + report.users) as u64,
             Ordering::Relaxed,
         );
+        let end_to_end = self
+            .metrics
+            .ingest_freshness
+            .with_label_values(&["end_to_end"]);
         for ts in timestamps {
-            self.metrics
-                .ingest_freshness
-                .observe((applied_at as i64 - ts).max(0) as f64 / 1000.0);
+            end_to_end.observe((applied_at as i64 - ts).max(0) as f64 / 1000.0);
         }
         for ((topic, partition), next) in &positions {
             self.status
