@@ -314,6 +314,10 @@ impl Metrics {
                     &["stage"],
                 )
                 .expect("valid metric");
+                // Both series exist (at zero) before the first update.
+                for stage in ["end_to_end", "rankd"] {
+                    h.with_label_values(&[stage]);
+                }
                 registry
                     .register(Box::new(h.clone()))
                     .expect("unique metric");
