@@ -52,6 +52,14 @@ def test_hadolint(dockerfile):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_hadolint_rejects_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian:latest\nRUN apt-get install curl\n")
+    r = subprocess.run([tool("hadolint"), "--no-color", "--failure-threshold", "info", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "DL3007" in r.stdout, r.stdout + r.stderr
+
+
 def test_compose_matches_the_compose_specification():
     schema = json.loads((ROOT / "docker" / "schema" / "compose-spec.json").read_text())
     doc = yaml.safe_load(COMPOSE.read_text())
@@ -519,14 +527,24 @@ def used_flags_and_vars():
     return flags, names
 
 
+def unknown_options(flags, names, known_flags, known_vars):
+    bad = [(f, a) for f, a in flags if a not in known_flags]
+    bad += [(f, v) for f, v in names if v not in known_vars | NOT_FLAGS]
+    return bad
+
+
 def test_every_flag_and_variable_exists_in_rankd_serve():
     known_flags, known_vars = serve_help()
     assert "--uds" in known_flags and "RANKD_UDS" in known_vars, "the help moved"
     flags, names = used_flags_and_vars()
     assert flags and names, "nothing found to check"
-    bad = [(f, a) for f, a in flags if a not in known_flags]
-    bad += [(f, v) for f, v in names if v not in known_vars | NOT_FLAGS]
+    # The flags of native sidecars (init containers) and of compose count.
+    assert ("sidecar.yaml", "--client-token-file") in flags and ("compose.yaml", "--admin-token-file") in flags
+    bad = unknown_options(flags, names, known_flags, known_vars)
     assert bad == [], f"not options of `rankd serve`: {bad}"
+    made_up = unknown_options([("x.yaml", "--tls-certificate")], [("x.yaml", "RANKD_TLS_CERTIFICATE")],
+                              known_flags, known_vars)
+    assert made_up == [("x.yaml", "--tls-certificate"), ("x.yaml", "RANKD_TLS_CERTIFICATE")]
 
 
 BEGIN = "<!-- config-reference:begin (scripts/config-reference.sh rewrites this block) -->"
