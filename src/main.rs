@@ -58,8 +58,8 @@ enum Command {
         device: usize,
     },
     /// Print the configuration reference of `rankd serve` (flag, environment
-    /// variable, default, meaning) as a Markdown table, from the CLI's own
-    /// definitions; the README's table is this output
+    /// variable, config file key, default, meaning) as a Markdown table, from
+    /// the CLI's own definitions; the README's table is this output
     ConfigReference,
     /// Manage the model repository
     Models {
@@ -139,36 +139,35 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The `rankd serve` options as a Markdown table, one row per option, grouped
-/// by their help heading, rendered from clap's definitions.
+/// The `rankd serve` options as a Markdown table, one row per option and one
+/// per key of the config file that no flag sets, grouped by their help
+/// heading, rendered from clap's definitions and the config's own keys and
+/// defaults.
 fn config_reference() -> String {
     use clap::CommandFactory;
+    use rankd::config::{Config, FILE_ONLY_KEYS};
     let cli = Cli::command();
     let serve = cli
         .find_subcommand("serve")
         .expect("the serve subcommand")
         .clone();
-    let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
-    let mut out = String::from("| flag | env | default | meaning |\n|---|---|---|---|\n");
     let mut args: Vec<&clap::Arg> = serve
         .get_arguments()
         .chain(cli.get_arguments().filter(|a| a.is_global_set()))
         .filter(|a| a.get_long().is_some() && a.get_id() != "help")
         .collect();
     // Stable: the help's own order within each heading, headings in order of
-    // first appearance.
-    let mut headings: Vec<Option<&str>> = Vec::new();
+    // first appearance; a file-only key closes its heading's group.
+    let mut headings: Vec<&str> = Vec::new();
     for a in &args {
-        if !headings.contains(&a.get_help_heading()) {
-            headings.push(a.get_help_heading());
+        let h = a.get_help_heading().unwrap_or("General");
+        if !headings.contains(&h) {
+            headings.push(h);
         }
     }
-    args.sort_by_key(|a| {
-        headings
-            .iter()
-            .position(|h| *h == a.get_help_heading())
-            .unwrap_or(0)
-    });
+    let position = |h: &str| headings.iter().position(|x| *x == h).unwrap_or(0);
+    args.sort_by_key(|a| position(a.get_help_heading().unwrap_or("General")));
+    let mut rows: Vec<(usize, String)> = Vec::new();
     for a in args {
         let long = a.get_long().unwrap_or_default();
         let value = a
@@ -188,6 +187,12 @@ fn config_reference() -> String {
             .get_env()
             .map(|e| format!("`{}`", e.to_string_lossy()))
             .unwrap_or_default();
+        let key = Config::file_key(long);
+        let file_key = match key {
+            Some("kafka_properties") => "`[kafka_properties]`".to_string(),
+            Some(k) => format!("`{k}`"),
+            None => String::new(),
+        };
         let defaults: Vec<String> = a
             .get_default_values()
             .iter()
@@ -195,7 +200,8 @@ fn config_reference() -> String {
             .collect();
         let mut help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
         // Options merged from flags, RANKD_* and the config file carry their
-        // default in the help text: it moves to its own column.
+        // default in the help text: it moves to its own column, as a value
+        // when the file has it, as words ("none", "off") when it is unset.
         let mut default = if defaults.is_empty() {
             String::new()
         } else {
@@ -204,16 +210,64 @@ fn config_reference() -> String {
         if let Some(i) = help.find(" [default: ") {
             if default.is_empty() {
                 let d = help[i + " [default: ".len()..].trim_end_matches(']');
-                default = format!("`{d}`");
+                default = if key.and_then(Config::default_toml).is_some() {
+                    format!("`{d}`")
+                } else {
+                    cell(d)
+                };
             }
             help.truncate(i);
         }
         let heading = a.get_help_heading().unwrap_or("General");
-        out.push_str(&format!(
-            "| {flag} | {env} | {default} | {}: {} |\n",
-            cell(heading),
-            cell(&help)
+        rows.push((
+            position(heading),
+            format!(
+                "| {flag} | {env} | {file_key} | {default} | {}: {} |\n",
+                cell(heading),
+                cell(&help)
+            ),
         ));
+    }
+    for (key, heading, meaning) in FILE_ONLY_KEYS {
+        let default = Config::default_toml(key)
+            .map(|d| format!("`{}`", d.replace('|', "\\|")))
+            .unwrap_or_default();
+        rows.push((
+            position(heading),
+            format!(
+                "|  |  | `{key}` | {default} | {}: {} |\n",
+                cell(heading),
+                cell(meaning)
+            ),
+        ));
+    }
+    rows.sort_by_key(|(heading, _)| *heading);
+    let mut out =
+        String::from("| flag | env | file key | default | meaning |\n|---|---|---|---|---|\n");
+    for (_, row) in rows {
+        out.push_str(&row);
+    }
+    out
+}
+
+/// Text for a Markdown table cell: on one line, `|` escaped, and outside
+/// code spans `<`, `>` and `*` escaped, so that `DIR/<name>` is not taken
+/// for an HTML tag nor `RANKD_*` for emphasis.
+fn cell(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_code = false;
+    for c in s.chars() {
+        match c {
+            '`' => in_code = !in_code,
+            '\n' => {
+                out.push(' ');
+                continue;
+            }
+            '|' => out.push('\\'),
+            '<' | '>' | '*' if !in_code => out.push('\\'),
+            _ => {}
+        }
+        out.push(c);
     }
     out
 }

@@ -70,16 +70,16 @@ impl AccessConfig {
 #[derive(Debug, Clone, Default, clap::Args)]
 #[command(next_help_heading = "Access")]
 pub struct AccessArgs {
-    /// File of admin API tokens, one per line (no file: no admin API) [default: none]
+    /// File of admin API tokens, one per line (no file: no admin API, every /v1/admin/ route answers 404) [default: none]
     #[arg(long, env = "RANKD_ADMIN_TOKEN_FILE", value_name = "PATH")]
     pub admin_token_file: Option<PathBuf>,
-    /// File of client tokens, one per line, required by scoring, user and item routes [default: none]
+    /// File of client tokens, one per line: every HTTP /v1/ route outside the admin API then needs a client or admin token (no file: they are open; /healthz, /readyz and /metrics always are; the socket is guarded by --uds-mode) [default: none]
     #[arg(long, env = "RANKD_CLIENT_TOKEN_FILE", value_name = "PATH")]
     pub client_token_file: Option<PathBuf>,
-    /// Permission bits of the socket file, octal [default: 0660]
+    /// Permission bits of the socket file, octal; a client needs write permission to connect [default: 0660]
     #[arg(long, env = "RANKD_UDS_MODE", value_name = "OCTAL")]
     pub uds_mode: Option<String>,
-    /// Group of the socket file, name or gid [default: unchanged]
+    /// Group of the socket file, name or gid (rankd must be in it) [default: unchanged]
     #[arg(long, env = "RANKD_UDS_GROUP", value_name = "GROUP")]
     pub uds_group: Option<String>,
 }

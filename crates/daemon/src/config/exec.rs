@@ -49,7 +49,7 @@ pub struct ExecArgs {
     /// Device: auto (GPU 0 if usable, else CPU), cpu, or cuda:N [default: auto]
     #[arg(long, env = "RANKD_DEVICE", value_name = "DEVICE")]
     pub device: Option<String>,
-    /// Item ids kept per user history (the newest) [default: 1000]
+    /// Item ids kept per user history (the newest; 8 bytes each; raised to the largest history_len of the models) [default: 1000]
     #[arg(long, env = "RANKD_HISTORY_MAX", value_name = "N")]
     pub history_max: Option<usize>,
 }

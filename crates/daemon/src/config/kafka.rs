@@ -101,7 +101,7 @@ impl KafkaConfig {
 #[derive(Debug, Clone, Default, clap::Args)]
 #[command(next_help_heading = "Kafka ingestion")]
 pub struct KafkaArgs {
-    /// Kafka bootstrap servers HOST:PORT[,...]; turns ingestion on
+    /// Kafka bootstrap servers HOST:PORT[,...]; turns ingestion on [default: off]
     #[arg(long, env = "RANKD_KAFKA_BROKERS", value_name = "HOSTS")]
     pub kafka_brokers: Option<String>,
     /// Consumer group for offset commits [default: rankd]
@@ -119,7 +119,7 @@ pub struct KafkaArgs {
     /// Topic that receives invalid messages [default: none]
     #[arg(long, env = "RANKD_KAFKA_DEAD_LETTER_TOPIC", value_name = "TOPIC")]
     pub kafka_dead_letter_topic: Option<String>,
-    /// A librdkafka property (repeatable); overrides [kafka_properties]
+    /// A librdkafka property (SASL, TLS, ...), repeatable; wins over the file's [kafka_properties] table; values of secret-looking keys are redacted in logs
     #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
     pub kafka_property: Vec<String>,
     /// Messages per applied update batch, at most [default: 1024]

@@ -98,6 +98,31 @@ impl Config {
         .copied()
     }
 
+    /// The key of the config file that flag `--LONG` sets: its name with `_`
+    /// for `-`, `kafka_properties` for the repeatable `--kafka-property`;
+    /// `None` for a flag the file has no key for (`--config`).
+    pub fn file_key(long: &str) -> Option<&'static str> {
+        let key = match long {
+            "kafka-property" => "kafka_properties".to_string(),
+            _ => long.replace('-', "_"),
+        };
+        Self::keys().find(|k| *k == key)
+    }
+
+    /// A key's default as TOML (`1000`, `"./models"`, `["click", ...]`);
+    /// `None` for a key that is unset by default (`kafka_brokers`, the token
+    /// files, ...) or an empty table.
+    pub fn default_toml(key: &str) -> Option<String> {
+        Self::default_value(key).map(|v| v.to_string())
+    }
+
+    fn default_value(key: &str) -> Option<toml::Value> {
+        let mut defaults = toml::Table::try_from(Self::default()).expect("the defaults serialize");
+        defaults
+            .remove(key)
+            .filter(|v| v.as_table().is_none_or(|t| !t.is_empty()))
+    }
+
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config file {}: {e}", path.display()))?;
@@ -175,6 +200,14 @@ impl Config {
         self.exec.validate()
     }
 }
+
+/// The keys of the config file that no flag sets, each with its help heading
+/// and meaning, for `rankd config-reference`.
+pub const FILE_ONLY_KEYS: &[(&str, &str, &str)] = &[(
+    "kafka_event_types",
+    "Kafka ingestion",
+    "Event types that append to a user's history; events of other types are ignored and counted (file only)",
+)];
 
 /// `rankd serve` flags, a group per section. Each is optional so that an
 /// unset flag leaves the config file's value (or the default) in place.
@@ -357,6 +390,8 @@ mod tests {
             header_timeout_ms = 18
             idle_timeout_ms = 19
             max_connections = 20
+            degrade = "popular"
+            popularity_half_life_s = 21
 
             [kafka_properties]
             "client.id" = "c"
@@ -410,6 +445,16 @@ mod tests {
         assert_eq!(c.connections.header_timeout_ms, 18);
         assert_eq!(c.connections.idle_timeout_ms, 19);
         assert_eq!(c.connections.max_connections, 20);
+        assert_eq!(c.pressure.degrade, crate::model::spec::Degrade::Popular);
+        assert_eq!(c.pressure.popularity_half_life_s, 21);
+
+        // The text above holds every key there is.
+        let given: toml::Table = text.parse().unwrap();
+        let mut given: Vec<&str> = given.keys().map(String::as_str).collect();
+        given.sort_unstable();
+        let mut all: Vec<&str> = Config::keys().collect();
+        all.sort_unstable();
+        assert_eq!(given, all);
 
         // The sections' key lists are what they read and write, no more.
         let written = toml::Table::try_from(&c).unwrap();
@@ -419,6 +464,69 @@ mod tests {
         known.sort_unstable();
         assert_eq!(keys, known);
         assert_eq!(Config::from_toml(&toml::to_string(&c).unwrap()).unwrap(), c);
+    }
+
+    /// What `rankd config-reference` relies on: every flag but `--config`
+    /// sets a key of the file, every key is set by a flag or listed in
+    /// [`FILE_ONLY_KEYS`], and the default a help text states is the file's.
+    #[test]
+    fn flags_keys_and_stated_defaults_agree() {
+        use clap::Args;
+        let serve = ServeArgs::augment_args(clap::Command::new("serve"));
+        let mut by_flags = Vec::new();
+        let mut headings = Vec::new();
+        for a in serve.get_arguments() {
+            let long = a.get_long().expect("every option is a long flag");
+            headings.push(a.get_help_heading());
+            let Some(key) = Config::file_key(long) else {
+                assert_eq!(long, "config", "--{long} sets no key of the file");
+                continue;
+            };
+            by_flags.push(key);
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let stated = help
+                .split_once(" [default: ")
+                .map(|(_, d)| d.trim_end_matches(']').to_string());
+            let file = Config::default_value(key).map(|v| match v {
+                toml::Value::String(s) => s,
+                v => v.to_string(),
+            });
+            match (stated, file) {
+                (Some(stated), Some(file)) => assert_eq!(stated, file, "--{long}"),
+                // Unset by default: the help says what that means.
+                (Some(stated), None) => assert!(
+                    ["none", "off", "unchanged", "plain HTTP"].contains(&stated.as_str()),
+                    "--{long}: [default: {stated}], but the file's {key} is unset"
+                ),
+                (None, Some(file)) => panic!("--{long} states no default; the file's is {file}"),
+                (None, None) => assert_eq!(long, "kafka-property"),
+            }
+        }
+        for key in Config::keys() {
+            let file_only = FILE_ONLY_KEYS.iter().any(|(k, _, _)| *k == key);
+            assert!(
+                by_flags.contains(&key) != file_only,
+                "{key}: set by a flag {}, listed as file-only {file_only}",
+                by_flags.contains(&key)
+            );
+        }
+        for (key, heading, _) in FILE_ONLY_KEYS {
+            assert!(
+                headings.contains(&Some(*heading)),
+                "{key}: no heading {heading}"
+            );
+            assert!(Config::default_toml(key).is_some(), "{key}: no default");
+        }
+        assert_eq!(Config::file_key("kafka-property"), Some("kafka_properties"));
+        assert_eq!(
+            Config::file_key("uds-max-inflight"),
+            Some("uds_max_inflight")
+        );
+        assert_eq!(Config::file_key("log-format"), None);
+        assert_eq!(
+            Config::default_toml("kafka_event_types").as_deref(),
+            Some(r#"["click", "add_to_cart", "purchase"]"#)
+        );
     }
 
     #[test]

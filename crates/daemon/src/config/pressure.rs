@@ -52,7 +52,7 @@ pub struct PressureArgs {
     /// Answer for an interactive recommend that would be shed (queue full, or its deadline cannot be met), for models whose model.toml does not set `degrade`: popular = the popular items flagged "degraded"; off = the 429 or 504 [default: off]
     #[arg(long, env = "RANKD_DEGRADE", value_name = "MODE", value_enum)]
     pub degrade: Option<Degrade>,
-    /// Half-life, in seconds, of the decayed event counts that rank popular items (degraded and cold-start answers) [default: 3600]
+    /// Half-life, in seconds, of the decayed event counts that rank popular items (degraded and cold-start answers), at least 1 [default: 3600]
     #[arg(long, env = "RANKD_POPULARITY_HALF_LIFE_S", value_name = "SECONDS")]
     pub popularity_half_life_s: Option<u64>,
 }
