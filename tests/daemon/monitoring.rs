@@ -333,6 +333,17 @@ async fn every_metric_and_label_in_the_rules_and_the_dashboard_is_exported() {
         )
         .await;
         assert_eq!(s, 200, "{body}");
+        // A click on a recommended item: a hit for online evaluation.
+        if u == 0 {
+            let clicked = ids(&body)[0];
+            let (s, body) = post(
+                &c,
+                &d.url(&format!("/v1/users/{u}")),
+                json!({ "history": [u + 1, u + 2, clicked] }),
+            )
+            .await;
+            assert_eq!(s, 200, "{body}");
+        }
         let (s, body) = post(
             &c,
             &d.url("/v1/models/demo/score"),

@@ -392,6 +392,8 @@ mod tests {
             max_connections = 20
             degrade = "popular"
             popularity_half_life_s = 21
+            otlp_endpoint = "http://collector:4318"
+            otlp_protocol = "http/json"
 
             [kafka_properties]
             "client.id" = "c"
@@ -447,6 +449,11 @@ mod tests {
         assert_eq!(c.connections.max_connections, 20);
         assert_eq!(c.pressure.degrade, crate::model::spec::Degrade::Popular);
         assert_eq!(c.pressure.popularity_half_life_s, 21);
+        assert_eq!(
+            c.tracing.otlp_endpoint.as_deref(),
+            Some("http://collector:4318")
+        );
+        assert_eq!(c.tracing.otlp_protocol, OtlpProtocol::HttpJson);
 
         // The text above holds every key there is.
         let given: toml::Table = text.parse().unwrap();
