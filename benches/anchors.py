@@ -3,9 +3,10 @@ argpartition and a sort of the top k) over the item table and query vectors
 that `cargo bench --bench forward -- --anchors DIR` wrote, at the same batch
 sizes, each user's history excluded as rankd excludes it.
 
-  python3 anchors.py time DIR ROUNDS faiss|numpy
+  python3 anchors.py time DIR ROUNDS faiss|faiss1|numpy
       time one anchor (one per process: neither's thread pool then spins
-      while the other runs), appending every sample to DIR/samples.tsv
+      while the other runs), appending every sample to DIR/samples.tsv;
+      faiss1 is FAISS on one thread, for reference
   python3 anchors.py report DIR
       check the three agree on every user's top k, print the table
 """
@@ -61,8 +62,8 @@ def timed(f):
 def time_anchor(d, rounds, which):
     table, ids, queries, history, meta = load(d)
     k = int(meta["k"])
-    if which == "faiss":
-        faiss.omp_set_num_threads(int(meta["threads"]))
+    if which in ("faiss", "faiss1"):
+        faiss.omp_set_num_threads(1 if which == "faiss1" else int(meta["threads"]))
         index = faiss.IndexFlatIP(table.shape[1])
         index.add(table)
 
@@ -145,7 +146,7 @@ def report(d):
     )
     print(
         "samples per batch size: "
-        + ", ".join(f"{c} {counts[c]}" for c in ("rankd", "faiss", "numpy"))
+        + ", ".join(f"{c} {counts[c]}" for c in ("rankd", "faiss", "numpy", "rankd1", "faiss1"))
         + " (median reported; the passes of the three alternate)"
     )
     print(
@@ -160,19 +161,23 @@ def report(d):
         f"rankd answers holding a history item: {in_history}"
     )
     print()
-    print("| batch | rankd | FAISS | numpy | FAISS / rankd | numpy / rankd | memory bound | compute bound |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| batch | rankd | FAISS | numpy | FAISS / rankd | numpy / rankd | memory bound | compute bound "
+        "| 1 thread: rankd, FAISS (FAISS / rankd) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for b in BATCHES:
-        r, fs, nm = med[("rankd", b)], med[("faiss", b)], med[("numpy", b)]
+        r, fs, nm, r1, f1 = (med[(c, b)] for c in ("rankd", "faiss", "numpy", "rankd1", "faiss1"))
         flops = 2.0 * n * dim * b
         print(
             f"| {b} | {r * 1e3:.3f} ms | {fs * 1e3:.3f} ms | {nm * 1e3:.3f} ms | "
-            f"{fs / r:.2f}× | {nm / r:.2f}× | {t_read * 1e3:.3f} ms | {flops / rate * 1e3:.3f} ms |"
+            f"{fs / r:.2f}× | {nm / r:.2f}× | {t_read * 1e3:.3f} ms | {flops / rate * 1e3:.3f} ms | "
+            f"{r1 * 1e3:.3f} ms, {f1 * 1e3:.3f} ms ({f1 / r1:.2f}×) |"
         )
 
 
 def main():
-    if len(sys.argv) == 5 and sys.argv[1] == "time" and sys.argv[4] in ("faiss", "numpy"):
+    if len(sys.argv) == 5 and sys.argv[1] == "time" and sys.argv[4] in ("faiss", "faiss1", "numpy"):
         time_anchor(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif len(sys.argv) == 3 and sys.argv[1] == "report":
         report(sys.argv[2])

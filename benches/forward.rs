@@ -440,8 +440,8 @@ const ANCHOR_BATCHES: [usize; 5] = [1, 4, 16, 64, 256];
 /// for the FAISS and numpy anchors, with rankd's top-k of each user; then
 /// times, in each of ROUNDS rounds (after one warm-up round), the two roofs
 /// and rankd's scan (k = 10, the history excluded, on the serving path's
-/// threads) at batch 1, 4, 16, 64 and 256, and appends every sample to
-/// DIR/samples.tsv (`case batch seconds`).
+/// threads; and on one thread, for reference) at batch 1, 4, 16, 64 and 256,
+/// and appends every sample to DIR/samples.tsv (`case batch seconds`).
 fn anchors(dir: &Path, rounds: usize) {
     use std::io::Write;
     std::fs::create_dir_all(dir).unwrap();
@@ -584,6 +584,7 @@ fn anchors(dir: &Path, rounds: usize) {
     );
 
     let roofs = Roofs::new(n * d, &mut rng);
+    let isa = Isa::detect();
     let mut samples = String::new();
     for round in 0..=rounds {
         let mut put = |case: &str, batch: usize, t: f64| {
@@ -599,6 +600,15 @@ fn anchors(dir: &Path, rounds: usize) {
                     "rankd",
                     b,
                     best(1, || score_topk(&items, &queries[..b * d], &specs[..b])),
+                );
+            }
+            for _ in 0..if b <= 16 { 3 } else { 1 } {
+                put(
+                    "rankd1",
+                    b,
+                    best(1, || {
+                        score_topk_with(isa, 1, &items, &queries[..b * d], &specs[..b])
+                    }),
                 );
             }
         }
