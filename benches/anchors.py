@@ -3,10 +3,11 @@ argpartition and a sort of the top k) over the item table and query vectors
 that `cargo bench --bench forward -- --anchors DIR` wrote, at the same batch
 sizes, each user's history excluded as rankd excludes it.
 
-  python3 anchors.py time DIR ROUNDS faiss|faiss1|numpy
+  python3 anchors.py time DIR ROUNDS faiss|numpy|faiss1|numpy1
       time one anchor (one per process: neither's thread pool then spins
       while the other runs), appending every sample to DIR/samples.tsv;
-      faiss1 is FAISS on one thread, for reference
+      faiss1 and numpy1 are on one thread, for reference (numpy1 wants
+      OPENBLAS_NUM_THREADS=1 set before the process starts)
   python3 anchors.py report DIR
       check the three agree on every user's top k, print the table
 """
@@ -71,6 +72,8 @@ def time_anchor(d, rounds, which):
             return faiss_topk(index, ids, q, h, k)
 
     else:
+        if which == "numpy1" and os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+            sys.exit("numpy1 wants OPENBLAS_NUM_THREADS=1")
 
         def run(q, h):
             return numpy_topk(table, ids, q, h, k)
@@ -146,8 +149,8 @@ def report(d):
     )
     print(
         "samples per batch size: "
-        + ", ".join(f"{c} {counts[c]}" for c in ("rankd", "faiss", "numpy", "rankd1", "faiss1"))
-        + " (median reported; the passes of the three alternate)"
+        + ", ".join(f"{c} {counts[c]}" for c in ("rankd", "faiss", "numpy", "rankd1", "faiss1", "numpy1"))
+        + " (median reported; the passes alternate)"
     )
     print(
         f"roofs, same run (best sample): streaming read of {table_bytes / 1e6:.1f} MB "
@@ -163,21 +166,23 @@ def report(d):
     print()
     print(
         "| batch | rankd | FAISS | numpy | FAISS / rankd | numpy / rankd | memory bound | compute bound "
-        "| 1 thread: rankd, FAISS (FAISS / rankd) |"
+        "| 1 thread: rankd, FAISS, numpy (FAISS / rankd, numpy / rankd) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for b in BATCHES:
-        r, fs, nm, r1, f1 = (med[(c, b)] for c in ("rankd", "faiss", "numpy", "rankd1", "faiss1"))
+        r, fs, nm, r1, f1, n1 = (
+            med[(c, b)] for c in ("rankd", "faiss", "numpy", "rankd1", "faiss1", "numpy1")
+        )
         flops = 2.0 * n * dim * b
         print(
             f"| {b} | {r * 1e3:.3f} ms | {fs * 1e3:.3f} ms | {nm * 1e3:.3f} ms | "
             f"{fs / r:.2f}× | {nm / r:.2f}× | {t_read * 1e3:.3f} ms | {flops / rate * 1e3:.3f} ms | "
-            f"{r1 * 1e3:.3f} ms, {f1 * 1e3:.3f} ms ({f1 / r1:.2f}×) |"
+            f"{r1 * 1e3:.3f} ms, {f1 * 1e3:.3f} ms, {n1 * 1e3:.3f} ms ({f1 / r1:.2f}×, {n1 / r1:.2f}×) |"
         )
 
 
 def main():
-    if len(sys.argv) == 5 and sys.argv[1] == "time" and sys.argv[4] in ("faiss", "faiss1", "numpy"):
+    if len(sys.argv) == 5 and sys.argv[1] == "time" and sys.argv[4] in ("faiss", "numpy", "faiss1", "numpy1"):
         time_anchor(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif len(sys.argv) == 3 and sys.argv[1] == "report":
         report(sys.argv[2])

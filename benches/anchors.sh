@@ -9,8 +9,8 @@
 # side (benches/anchors.py) times FAISS and numpy over the same files. The
 # three alternate, PASSES times, each in its own process, and the table gives
 # each one's median over all its samples, the ratios to rankd and the
-# memory and compute bounds from the same run; rankd and FAISS on one thread
-# are timed too, for reference (on a shared machine a busy core stalls a
+# memory and compute bounds from the same run; all three on one thread are
+# timed too, for reference (on a shared machine a busy core stalls a
 # two-thread OpenMP loop at its barrier).
 # FAISS and numpy are pinned in benches/anchors-requirements.txt and installed
 # once into ~/.cache/rankd/tools/anchors-<hash of that file>/.
@@ -42,14 +42,15 @@ for line in sys.stdin:
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 threads="$(nproc)"
-py() { OPENBLAS_NUM_THREADS="$threads" PYTHONPATH="$env" python3 benches/anchors.py "$@"; }
+py() { OPENBLAS_NUM_THREADS="${blas:-$threads}" PYTHONPATH="$env" python3 benches/anchors.py "$@"; }
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 for pass in $(seq "$passes"); do
-  echo "== pass $pass of $passes: rankd, FAISS, numpy, FAISS on one thread ($rounds rounds each)" >&2
+  echo "== pass $pass of $passes: rankd, FAISS, numpy, then the three on one thread ($rounds rounds each)" >&2
   "$bench" --anchors "$work" "$rounds" >/dev/null
   py time "$work" "$rounds" faiss
   py time "$work" "$rounds" numpy
   py time "$work" "$rounds" faiss1
+  blas=1 py time "$work" "$rounds" numpy1
 done
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 
