@@ -6,6 +6,9 @@
 //! reported in elements/s where one element is one floating-point
 //! operation, so `Gelem/s` reads as GFLOP/s: scoring counts 2·N·d per user
 //! (the item-table product), the matmul 2·n³; the reads in bytes/s.
+//! `-- --roofline` times the scan against both roofs; `-- --anchors DIR`
+//! writes the table and tower queries for benches/anchors.sh (FAISS, numpy)
+//! and times rankd's side of it.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -427,8 +430,8 @@ fn le_bytes<T: Copy, const W: usize>(v: &[T], to: impl Fn(T) -> [u8; W]) -> Vec<
     v.iter().flat_map(|&x| to(x)).collect()
 }
 
-/// Users of the anchors run: one of 256 users each, a history of 20 items
-/// from one cluster or two (10 + 10) of the demo catalogue.
+/// The anchors run's users: 256, each with a history of 20 distinct items
+/// from one cluster of the demo catalogue or from two (10 + 10).
 const ANCHOR_USERS: usize = 256;
 const ANCHOR_HISTORY: usize = 20;
 const ANCHOR_K: usize = 10;
@@ -622,7 +625,7 @@ fn anchors(dir: &Path, rounds: usize) {
     let mut meta = format!(
         "rows\t{n}\ndim\t{d}\nk\t{ANCHOR_K}\nhistory\t{ANCHOR_HISTORY}\nthreads\t{}\nisa\t{:?}\nmatmul_flops\t{}\n",
         rayon::current_num_threads(),
-        Isa::detect(),
+        isa,
         roofs.matmul_flops()
     );
     meta.push_str(&format!("table_bytes\t{}\n", n * d * 4));
