@@ -105,7 +105,9 @@ def report(d):
     # Agreement on every user (all of them in one batch, and one at a time
     # for FAISS, whose small batches take another code path).
     fa = faiss_topk(index, ids, queries, history, k)
-    fa1 = np.concatenate([faiss_topk(index, ids, queries[i : i + 1], history[i : i + 1], k) for i in range(users)])
+    fa1 = np.concatenate(
+        [faiss_topk(index, ids, queries[i : i + 1], history[i : i + 1], k) for i in range(users)]
+    )
     npy = numpy_topk(table, ids, queries, history, k)
     rows = {int(i): r for r, i in enumerate(ids)}
     in_history = sum(
