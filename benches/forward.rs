@@ -6,6 +6,9 @@
 //! reported in elements/s where one element is one floating-point
 //! operation, so `Gelem/s` reads as GFLOP/s: scoring counts 2·N·d per user
 //! (the item-table product), the matmul 2·n³; the reads in bytes/s.
+//! `-- --roofline` times the scan against both roofs; `-- --anchors DIR`
+//! writes the table and tower queries for benches/anchors.sh (FAISS, numpy)
+//! and times rankd's side of it.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -253,6 +256,63 @@ fn best<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// The two roofs the scan is held to, timed in the same run as the scan
+/// (`--roofline` and `--anchors`): a streaming read over an array the item
+/// table's size on every thread, and a 2048³ f32 matrix product through
+/// candle → gemm.
+struct Roofs {
+    stream: Vec<f32>,
+    per: usize,
+    m: usize,
+    a: Tensor,
+    b: Tensor,
+}
+
+impl Roofs {
+    fn new(table_len: usize, rng: &mut Rng) -> Self {
+        let stream: Vec<f32> = (0..table_len).map(|i| (i % 7) as f32).collect();
+        let per = stream.len().div_ceil(rayon::current_num_threads());
+        let m = 2048;
+        let mut square = || {
+            Tensor::from_vec(
+                (0..m * m).map(|_| rng.uniform() as f32).collect::<Vec<_>>(),
+                (m, m),
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        let (a, b) = (square(), square());
+        Self {
+            stream,
+            per,
+            m,
+            a,
+            b,
+        }
+    }
+
+    fn read(&self) -> f32 {
+        self.stream
+            .par_chunks(self.per)
+            .map(|part| {
+                let lanes = part.chunks_exact(16).fold([0f32; 16], |mut acc, c| {
+                    acc.iter_mut().zip(c).for_each(|(a, x)| *a += x);
+                    acc
+                });
+                lanes.iter().sum::<f32>()
+            })
+            .sum::<f32>()
+    }
+
+    fn matmul(&self) -> Tensor {
+        self.a.matmul(&self.b).unwrap()
+    }
+
+    fn matmul_flops(&self) -> f64 {
+        2.0 * (self.m as f64).powi(3)
+    }
+}
+
 /// `-- --roofline`: the scan against both roofs, every case timed in turn
 /// in each of many rounds and each reported by its best round, so a burst of
 /// other work on a shared machine slows one sample, not one case.
@@ -269,33 +329,8 @@ fn roofline() {
         .collect();
     let specs: Vec<(usize, &[u32])> = (0..256).map(|_| (10, &[][..])).collect();
     let zero = vec![0f32; 256 * d];
-    let stream: Vec<f32> = (0..n * d).map(|i| (i % 7) as f32).collect();
-    let per = stream.len().div_ceil(threads);
-    let read = || {
-        stream
-            .par_chunks(per)
-            .map(|part| {
-                let lanes = part.chunks_exact(16).fold([0f32; 16], |mut acc, c| {
-                    acc.iter_mut().zip(c).for_each(|(a, x)| *a += x);
-                    acc
-                });
-                lanes.iter().sum::<f32>()
-            })
-            .sum::<f32>()
-    };
-    let m = 2048;
-    let a = Tensor::from_vec(
-        (0..m * m).map(|_| rng.uniform() as f32).collect::<Vec<_>>(),
-        (m, m),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let bm = Tensor::from_vec(
-        (0..m * m).map(|_| rng.uniform() as f32).collect::<Vec<_>>(),
-        (m, m),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let roofs = Roofs::new(n * d, &mut rng);
+    let m = roofs.m;
     let isas = Isa::available();
     let rounds = 40;
     let mut t_read = f64::INFINITY;
@@ -304,8 +339,8 @@ fn roofline() {
     let mut t_zero = [f64::INFINITY; 2];
     let mut t_isa = vec![[f64::INFINITY; 2]; isas.len()];
     for _ in 0..rounds {
-        t_read = t_read.min(best(5, read));
-        t_mm = t_mm.min(best(1, || a.matmul(&bm).unwrap()));
+        t_read = t_read.min(best(5, || roofs.read()));
+        t_mm = t_mm.min(best(1, || roofs.matmul()));
         for (i, &b) in batches.iter().enumerate() {
             let reps = if b <= 16 { 5 } else { 2 };
             t_batch[i] = t_batch[i].min(best(reps, || score_topk(&items, &random[i], &specs[..b])));
@@ -321,7 +356,7 @@ fn roofline() {
     }
     let (peak, lanes) = fma_peak();
     let bw = table_bytes / t_read;
-    let rate = 2.0 * (m as f64).powi(3) / t_mm;
+    let rate = roofs.matmul_flops() / t_mm;
     println!("roofline: N = {n}, d = {d}, k = 10, {threads} threads, best of {rounds} rounds");
     println!(
         "streaming read of {:.1} MB: {:.3} ms, {:.1} GB/s",
@@ -368,11 +403,251 @@ fn roofline() {
     }
 }
 
+/// Writes `data` as a little-endian .npy file (format 1.0) of `shape`;
+/// `descr` is numpy's name of the element type (`<f4`, `<u4`, `<u8`).
+fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
+    let dims: Vec<String> = shape.iter().map(|s| s.to_string()).collect();
+    let dims = if dims.len() == 1 {
+        format!("{},", dims[0])
+    } else {
+        dims.join(", ")
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
+    // Magic (6) + version (2) + length (2) + header + '\n', to a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+fn le_bytes<T: Copy, const W: usize>(v: &[T], to: impl Fn(T) -> [u8; W]) -> Vec<u8> {
+    v.iter().flat_map(|&x| to(x)).collect()
+}
+
+/// The anchors run's users: 256, each with a history of 20 distinct items
+/// from one cluster of the demo catalogue or from two (10 + 10).
+const ANCHOR_USERS: usize = 256;
+const ANCHOR_HISTORY: usize = 20;
+const ANCHOR_K: usize = 10;
+const ANCHOR_BATCHES: [usize; 5] = [1, 4, 16, 64, 256];
+
+/// `-- --anchors DIR [ROUNDS]` (benches/anchors.sh): writes the demo item
+/// table, 256 users' query vectors (their histories through the demo tower,
+/// as the CPU backend computes them) and the histories to DIR as .npy files
+/// for the FAISS and numpy anchors, with rankd's top-k of each user; then
+/// times, in each of ROUNDS rounds (after one warm-up round), the two roofs
+/// and rankd's scan (k = 10, the history excluded, on the serving path's
+/// threads; and on one thread, for reference) at batch 1, 4, 16, 64 and 256,
+/// and appends every sample to DIR/samples.tsv (`case batch seconds`).
+fn anchors(dir: &Path, rounds: usize) {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    rankd::generate_demo(&root, rankd::DEMO_SEED).expect("writing the demo repository");
+    let spec = ModelSpec::read(&root.join("demo/1/model.toml")).unwrap();
+    let weights = TowerWeights::load(&root.join("demo/1/weights.safetensors"), &spec).unwrap();
+    let items = ItemTable::load(&root.join("catalogues/demo/items.safetensors"), spec.dim).unwrap();
+    let (n, d) = (items.rows(), items.dim());
+
+    // Each cluster's rows, from the catalogue's clusters.csv (item id, cluster).
+    let csv = std::fs::read_to_string(root.join("catalogues/demo/clusters.csv")).unwrap();
+    let mut clusters: Vec<Vec<u32>> = Vec::new();
+    for line in csv.lines().skip(1) {
+        let (id, c) = line.split_once(',').unwrap();
+        let (id, c): (u64, usize) = (id.parse().unwrap(), c.parse().unwrap());
+        if clusters.len() <= c {
+            clusters.resize(c + 1, Vec::new());
+        }
+        clusters[c].push(items.row_of(id).unwrap());
+    }
+    let mut rng = Rng::new(14);
+    let histories: Vec<Vec<u32>> = (0..ANCHOR_USERS)
+        .map(|_| {
+            let runs = 1 + rng.below(2) as usize;
+            let mut h: Vec<u32> = Vec::with_capacity(ANCHOR_HISTORY);
+            for run in 0..runs {
+                let pool = &clusters[rng.below(clusters.len() as u64) as usize];
+                let want = ANCHOR_HISTORY * (run + 1) / runs;
+                while h.len() < want {
+                    let row = pool[rng.below(pool.len() as u64) as usize];
+                    if !h.contains(&row) {
+                        h.push(row);
+                    }
+                }
+            }
+            h
+        })
+        .collect();
+    let excludes: Vec<Vec<u32>> = histories
+        .iter()
+        .map(|h| {
+            let mut e = h.clone();
+            e.sort_unstable();
+            e
+        })
+        .collect();
+
+    // The query vectors: [history mean ‖ zero features] through the tower,
+    // with candle's Linear and ReLU as the CPU backend runs them.
+    let desc = ModelDesc {
+        kind: spec.kind,
+        dim: spec.dim,
+        user_feature_dim: spec.user_feature_dim,
+        bounds: BatchBounds::of(&spec, spec.history_len),
+    };
+    let width = desc.tower_dims().0;
+    let mut x = vec![0f32; ANCHOR_USERS * width];
+    for (h, row) in histories.iter().zip(x.chunks_exact_mut(width)) {
+        rankd::internals::cpu::history_mean(&items, h, &mut row[..d]);
+    }
+    let mut t = Tensor::from_vec(x, (ANCHOR_USERS, width), &Device::Cpu).unwrap();
+    for (i, l) in weights.layers.iter().enumerate() {
+        let w = Tensor::from_slice(&l.weight, (l.out_dim, l.in_dim), &Device::Cpu).unwrap();
+        let b = Tensor::from_slice(&l.bias, l.out_dim, &Device::Cpu).unwrap();
+        t = candle_nn::Module::forward(&candle_nn::Linear::new(w, Some(b)), &t).unwrap();
+        if i + 1 < weights.layers.len() {
+            t = t.relu().unwrap();
+        }
+    }
+    let queries: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(queries.len(), ANCHOR_USERS * d);
+    let specs: Vec<(usize, &[u32])> = excludes.iter().map(|e| (ANCHOR_K, &e[..])).collect();
+    let ours = score_topk(&items, &queries, &specs);
+
+    // The same users through the whole CPU backend (tower and scan) must get
+    // the same answers: these are the queries rankd serves.
+    let mut backend = CpuBackend::new();
+    backend.load(0, desc, 0, &weights).unwrap();
+    let batch: Vec<Query<'_>> = (0..ANCHOR_USERS)
+        .map(|i| Query {
+            history: &histories[i],
+            features: None,
+            task: Task::TopK {
+                k: ANCHOR_K,
+                exclude: &excludes[i],
+            },
+        })
+        .collect();
+    let served = backend.run(0, &items, &batch).unwrap();
+    for (i, out) in served.iter().enumerate() {
+        match out {
+            rankd::internals::Output::TopK(top) => assert_eq!(top, &ours[i], "user {i}"),
+            other => panic!("user {i}: {other:?}"),
+        }
+    }
+
+    let flat_hist: Vec<u32> = histories.iter().flatten().copied().collect();
+    let top_ids: Vec<u64> = ours.iter().flat_map(|t| t.iter().map(|s| s.id)).collect();
+    let top_scores: Vec<f32> = ours
+        .iter()
+        .flat_map(|t| t.iter().map(|s| s.score))
+        .collect();
+    assert_eq!(top_ids.len(), ANCHOR_USERS * ANCHOR_K);
+    write_npy(
+        &dir.join("table.npy"),
+        "<f4",
+        &[n, d],
+        &le_bytes(items.embeddings(), f32::to_le_bytes),
+    );
+    write_npy(
+        &dir.join("ids.npy"),
+        "<u8",
+        &[n],
+        &le_bytes(items.ids(), u64::to_le_bytes),
+    );
+    write_npy(
+        &dir.join("queries.npy"),
+        "<f4",
+        &[ANCHOR_USERS, d],
+        &le_bytes(&queries, f32::to_le_bytes),
+    );
+    write_npy(
+        &dir.join("history.npy"),
+        "<u4",
+        &[ANCHOR_USERS, ANCHOR_HISTORY],
+        &le_bytes(&flat_hist, u32::to_le_bytes),
+    );
+    write_npy(
+        &dir.join("rankd_ids.npy"),
+        "<u8",
+        &[ANCHOR_USERS, ANCHOR_K],
+        &le_bytes(&top_ids, u64::to_le_bytes),
+    );
+    write_npy(
+        &dir.join("rankd_scores.npy"),
+        "<f4",
+        &[ANCHOR_USERS, ANCHOR_K],
+        &le_bytes(&top_scores, f32::to_le_bytes),
+    );
+
+    let roofs = Roofs::new(n * d, &mut rng);
+    let isa = Isa::detect();
+    let mut samples = String::new();
+    for round in 0..=rounds {
+        let mut put = |case: &str, batch: usize, t: f64| {
+            if round > 0 {
+                samples.push_str(&format!("{case}\t{batch}\t{t:.9}\n"));
+            }
+        };
+        put("read", 0, best(1, || roofs.read()));
+        put("matmul", 0, best(1, || roofs.matmul()));
+        for b in ANCHOR_BATCHES {
+            for _ in 0..if b <= 16 { 5 } else { 3 } {
+                put(
+                    "rankd",
+                    b,
+                    best(1, || score_topk(&items, &queries[..b * d], &specs[..b])),
+                );
+            }
+            for _ in 0..if b <= 16 { 3 } else { 1 } {
+                put(
+                    "rankd1",
+                    b,
+                    best(1, || {
+                        score_topk_with(isa, 1, &items, &queries[..b * d], &specs[..b])
+                    }),
+                );
+            }
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("samples.tsv"))
+        .unwrap();
+    f.write_all(samples.as_bytes()).unwrap();
+    let mut meta = format!(
+        "rows\t{n}\ndim\t{d}\nk\t{ANCHOR_K}\nhistory\t{ANCHOR_HISTORY}\nthreads\t{}\nisa\t{:?}\nmatmul_flops\t{}\n",
+        rayon::current_num_threads(),
+        isa,
+        roofs.matmul_flops()
+    );
+    meta.push_str(&format!("table_bytes\t{}\n", n * d * 4));
+    std::fs::write(dir.join("rankd.tsv"), meta).unwrap();
+    println!(
+        "rankd: {rounds} rounds timed into {}",
+        dir.join("samples.tsv").display()
+    );
+}
+
 criterion_group!(benches, matmul, stream_read, fused_scan, demo_forward, ties);
 
 fn main() {
-    if std::env::args().any(|a| a == "--roofline") {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--roofline") {
         roofline();
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--anchors") {
+        let dir = args.get(i + 1).expect("--anchors DIR [ROUNDS]");
+        let rounds = args.get(i + 2).and_then(|r| r.parse().ok()).unwrap_or(10);
+        anchors(Path::new(dir), rounds);
         return;
     }
     benches();
