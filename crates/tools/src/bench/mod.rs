@@ -9,7 +9,7 @@ pub mod workload;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,6 +76,11 @@ pub struct BenchArgs {
     /// state, whose query is the tower of a zero input
     #[arg(long, default_value_t = 10_000)]
     pub populate: u64,
+    /// item_id,cluster CSV that --populate draws histories from (one or two
+    /// clusters per user, like the demo's users) [default: the demo
+    /// catalogue's clusters.csv under --start, when there is one]
+    #[arg(long, value_name = "FILE")]
+    pub clusters: Option<PathBuf>,
     /// Longest history written by --populate
     #[arg(long, default_value_t = 50)]
     pub history_len: usize,
@@ -286,15 +291,43 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<Vec<Report>> {
     Ok(reports)
 }
 
-/// Writes a history for each of the `--populate` most frequent users: one or
-/// two runs of neighbouring item ids (the demo catalogue keeps a cluster's
-/// items together), of a length spread over 1..=`--history-len`.
+/// The clusters' members from an `item_id,cluster` CSV (a header line).
+fn read_clusters(path: &Path) -> anyhow::Result<Vec<Vec<u64>>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --clusters {}", path.display()))?;
+    let mut members: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let parsed = line
+            .split_once(',')
+            .and_then(|(item, c)| Some((item.trim().parse().ok()?, c.trim().parse().ok()?)));
+        let Some((item, cluster)) = parsed else {
+            anyhow::bail!(
+                "{} line {}: expected item_id,cluster, got {line:?}",
+                path.display(),
+                i + 1
+            );
+        };
+        members.entry(cluster).or_default().push(item);
+    }
+    anyhow::ensure!(!members.is_empty(), "{}: no clusters", path.display());
+    Ok(members.into_values().collect())
+}
+
+/// Writes a history for each of the `--populate` most frequent users, of a
+/// length spread over 1..=`--history-len`: items of one or two clusters
+/// (from `--clusters`, or the demo catalogue's), or without a clusters
+/// file, one or two runs of item ids seven apart.
 async fn populate<C: Client>(args: &BenchArgs, client: &C, w: &Workload) -> anyhow::Result<()> {
     let n = args.populate.min(args.users);
     if n == 0 {
         return Ok(());
     }
     let started = Instant::now();
+    let file = args.clusters.clone().or_else(|| {
+        let demo = args.start.as_ref()?.join("catalogues/demo/clusters.csv");
+        demo.exists().then_some(demo)
+    });
+    let clusters = file.as_deref().map(read_clusters).transpose()?;
     let mut rng = Rng::new(args.seed ^ 0x9090);
     let mut pending = Vec::new();
     for rank in 1..=n {
@@ -303,13 +336,23 @@ async fn populate<C: Client>(args: &BenchArgs, client: &C, w: &Workload) -> anyh
         let runs = 1 + rng.below(2) as usize;
         let mut history = Vec::with_capacity(len);
         for run in 0..runs {
-            let start = 1 + rng.below(w.items);
             let take = if run + 1 == runs {
                 len - history.len()
             } else {
                 len / runs
             };
-            history.extend((0..take as u64).map(|i| 1 + (start + i * 7) % w.items));
+            match &clusters {
+                Some(c) => {
+                    let members = &c[rng.below(c.len() as u64) as usize];
+                    history.extend(
+                        (0..take).map(|_| members[rng.below(members.len() as u64) as usize]),
+                    );
+                }
+                None => {
+                    let start = 1 + rng.below(w.items);
+                    history.extend((0..take as u64).map(|i| 1 + (start + i * 7) % w.items));
+                }
+            }
         }
         let c = client.clone();
         pending.push(tokio::spawn(async move {
@@ -330,8 +373,12 @@ async fn populate<C: Client>(args: &BenchArgs, client: &C, w: &Workload) -> anyh
         }
     }
     eprintln!(
-        "populated {n} users with histories in {:.1} s",
-        started.elapsed().as_secs_f64()
+        "populated {n} users with histories in {:.1} s ({})",
+        started.elapsed().as_secs_f64(),
+        match &file {
+            Some(f) => format!("items of one or two clusters of {}", f.display()),
+            None => "runs of item ids: no clusters file".to_string(),
+        }
     );
     Ok(())
 }

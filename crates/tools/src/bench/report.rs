@@ -29,6 +29,29 @@ pub struct Batches {
     pub batches: f64,
     /// Mean requests per batch the daemon executed during the run.
     pub mean_requests: f64,
+    /// Seconds the executor spent running this model's batches on the
+    /// backend (towers and scoring) during the run.
+    pub execution_seconds: f64,
+    /// Requests per second the backend alone sustains at this mean batch
+    /// size: requests executed / execution seconds.
+    pub kernel_rps: f64,
+    /// Requests per second answered by the model (executed in batches; a
+    /// cold-start answer comes from the popular items, outside batches).
+    pub executed_rps: f64,
+    /// `executed_rps` as a share of `kernel_rps`: the share of the run's
+    /// wall time the executor spent executing.
+    pub serving_vs_kernel: f64,
+}
+
+/// Counters read from the daemon's /metrics for one model.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Scraped {
+    /// Requests in executed batches (`rankd_batch_requests_sum`).
+    requests: f64,
+    /// Batches executed (`rankd_batch_requests_count`).
+    batches: f64,
+    /// `rankd_batch_execution_seconds_sum` over every version and device.
+    execution_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,18 +78,37 @@ impl Report {
         load: Load,
         elapsed: Duration,
         rec: &Recorder,
-        before: Option<(f64, f64)>,
-        after: Option<(f64, f64)>,
+        before: Option<Scraped>,
+        after: Option<Scraped>,
     ) -> Self {
         let h = rec.latency.lock().expect("histogram lock");
         let us = |ns: u64| ns as f64 / 1000.0;
         let errors = rec.errors.lock().expect("errors lock").clone();
         let requests = h.len();
+        let wall = elapsed.as_secs_f64().max(1e-9);
+        let throughput = requests as f64 / wall;
         let batches = match (before, after) {
-            (Some((s0, c0)), Some((s1, c1))) => Some(Batches {
-                batches: c1 - c0,
-                mean_requests: if c1 > c0 { (s1 - s0) / (c1 - c0) } else { 0.0 },
-            }),
+            (Some(b), Some(a)) => {
+                let (n, executed) = (a.batches - b.batches, a.requests - b.requests);
+                let execution_seconds = a.execution_seconds - b.execution_seconds;
+                let kernel_rps = if execution_seconds > 0.0 {
+                    executed / execution_seconds
+                } else {
+                    0.0
+                };
+                Some(Batches {
+                    batches: n,
+                    mean_requests: if n > 0.0 { executed / n } else { 0.0 },
+                    execution_seconds,
+                    kernel_rps,
+                    executed_rps: executed / wall,
+                    serving_vs_kernel: if kernel_rps > 0.0 {
+                        executed / wall / kernel_rps
+                    } else {
+                        0.0
+                    },
+                })
+            }
             _ => None,
         };
         Self {
@@ -78,7 +120,7 @@ impl Report {
             requests,
             ok: rec.ok.load(Ordering::Relaxed),
             errors,
-            throughput_rps: requests as f64 / elapsed.as_secs_f64().max(1e-9),
+            throughput_rps: throughput,
             latency_us: Figures {
                 p50: us(h.value_at_quantile(0.5)),
                 p90: us(h.value_at_quantile(0.9)),
@@ -145,8 +187,16 @@ impl Report {
         }
         match &self.batches {
             Some(b) => t.push_str(&format!(
-                "daemon batches: {:.0}, mean {:.1} requests per batch\n",
-                b.batches, b.mean_requests
+                "daemon batches: {:.0}, mean {:.1} requests per batch\n\
+                 model answers: {:.0} req/s (the rest cold starts); the backend alone at this \
+                 batch size: {:.0} req/s ({:.2} s executing of {:.2} s); served {:.1}% of it\n",
+                b.batches,
+                b.mean_requests,
+                b.executed_rps,
+                b.kernel_rps,
+                b.execution_seconds,
+                self.seconds,
+                100.0 * b.serving_vs_kernel
             )),
             None => t.push_str("daemon batches: not read (no /metrics at --http)\n"),
         }
@@ -154,8 +204,8 @@ impl Report {
     }
 }
 
-/// `(sum, count)` of `rankd_batch_requests` for `model`, from /metrics.
-pub(super) async fn scrape_batches(http: &str, model: &str) -> Option<(f64, f64)> {
+/// `model`'s batch counters, from /metrics.
+pub(super) async fn scrape_batches(http: &str, model: &str) -> Option<Scraped> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
@@ -174,10 +224,19 @@ pub(super) async fn scrape_batches(http: &str, model: &str) -> Option<(f64, f64)
             .find_map(|l| l.strip_prefix(&prefix))
             .and_then(|v| v.trim().parse().ok())
     };
-    Some((
-        value("rankd_batch_requests_sum").unwrap_or(0.0),
-        value("rankd_batch_requests_count").unwrap_or(0.0),
-    ))
+    let label = format!("model=\"{model}\"");
+    let execution_seconds = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("rankd_batch_execution_seconds_sum{"))
+        .filter_map(|l| l.split_once("} "))
+        .filter(|(labels, _)| labels.split(',').any(|kv| kv == label))
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum();
+    Some(Scraped {
+        requests: value("rankd_batch_requests_sum").unwrap_or(0.0),
+        batches: value("rankd_batch_requests_count").unwrap_or(0.0),
+        execution_seconds,
+    })
 }
 
 pub(super) fn progress(duration: Duration, load: Load) -> ProgressBar {
