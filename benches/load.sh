@@ -31,22 +31,25 @@ run closed-uds-32 --transport uds --concurrency 32 --duration "$dur"
 run closed-http-64 --transport http --concurrency 64 --duration "$dur"
 run closed-uds-64 --transport uds --concurrency 64 --duration "$dur"
 
-# Open loop at half and 90% of the socket's closed-loop saturation (the
+# Open loop at half and 90% of each transport's closed-loop saturation (the
 # better of its two closed-loop runs above).
-sat="$(python3 - "$out" <<'EOF'
+saturation() {
+    python3 - "$out" "$1" <<'EOF'
 import glob, json, sys
-best = max(json.load(open(f))[0]["throughput_rps"] for f in glob.glob(sys.argv[1] + "/*-closed-uds-*.json"))
-print(int(best))
+print(int(max(json.load(open(f))[0]["throughput_rps"] for f in glob.glob(f"{sys.argv[1]}/*-closed-{sys.argv[2]}-*.json"))))
 EOF
-)"
-echo "== recommend, open loop at 50% and 90% of the socket saturation ($sat req/s)"
-for share in 50 90; do
-    rate=$((sat * share / 100))
-    run "open-uds-$share" --transport uds --rate "$rate" --duration "$dur"
-    run "open-http-$share" --transport http --rate "$rate" --duration "$dur"
+}
+for t in uds http; do
+    sat="$(saturation "$t")"
+    echo "== recommend, $t, open loop at 50% and 90% of its saturation ($sat req/s)"
+    for share in 50 90; do
+        run "open-$t-$share" --transport "$t" --rate "$((sat * share / 100))" --duration "$dur"
+    done
 done
 
-echo "== cold users: recommend with no user state (the all-ties case), socket, 32 clients"
+# The demo model answers a user without state from the popular items
+# (cold_start = "popular"), so this measures that path, not a scan.
+echo "== cold users: recommend with no user state, socket, 32 clients"
 run cold-uds-32 --transport uds --concurrency 32 --duration "$dur" --populate 0
 
 echo "== socket overhead: health round trip, one connection, closed loop"

@@ -106,6 +106,10 @@ pub struct Round {
     pub rankd: Consume,
     pub rankd_startup_secs: f64,
     pub freshness: Freshness,
+    /// The same messages from their fetch by rankd's consumer to applied:
+    /// rankd's own share. (Absent in figures written before it was added.)
+    #[serde(default)]
+    pub freshness_rankd: Option<Freshness>,
     pub probes: Vec<Probe>,
     /// Closed-loop recommend throughput (32 callers) of a daemon without Kafka.
     pub saturation_no_kafka_rps: Option<f64>,

@@ -20,7 +20,7 @@ pub fn p99_text(f: &Freshness) -> String {
         format!("in bucket ({lo:.0} ms, +Inf)")
     } else {
         format!(
-            "in bucket ({lo:.0}, {hi:.0}] ms, interpolated {:.1} ms",
+            "in bucket ({lo}, {hi}] ms, interpolated {:.1} ms",
             f.p99_interpolated_ms
         )
     }
@@ -153,6 +153,19 @@ pub fn table(rounds: &[Round]) -> String {
             "p99 <= 50 ms",
             verdict(f.fraction_le_50ms >= 0.99),
         );
+        if let Some(own) = &r.freshness_rankd {
+            row(
+                format!("{l}: T3 rankd's own share (fetch to applied) p99"),
+                format!(
+                    "p99 {}; mean {:.2} ms; {} msgs",
+                    p99_text(own),
+                    own.mean_ms,
+                    own.observations
+                ),
+                "p99 <= 5 ms",
+                verdict(own.p99_interpolated_ms <= 5.0),
+            );
+        }
         row(
             format!("{l}: T3 producer ack latency (same run)"),
             format!(

@@ -114,7 +114,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         s.label
     );
 
-    let freshness = s.paced_freshness(&r, &mut mix)?;
+    let (freshness, freshness_rankd) = s.paced_freshness(&r, &mut mix)?;
 
     // Target 4: recommend p99 without and with ingestion.
     let target = daemon_target(&r);
@@ -134,6 +134,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         rankd: rankd_consume,
         rankd_startup_secs: startup_secs,
         freshness,
+        freshness_rankd: Some(freshness_rankd),
         probes,
         saturation_no_kafka_rps,
         saturation_rps,
@@ -327,9 +328,12 @@ impl Steps<'_> {
     }
 
     /// Target 3: freshness at the paced rate, no request load.
-    fn paced_freshness(&mut self, r: &Rankd, mix: &mut Mix) -> Result<Freshness> {
+    /// Returns the end-to-end figures and rankd's own share (fetch to
+    /// applied) of the same messages.
+    fn paced_freshness(&mut self, r: &Rankd, mix: &mut Mix) -> Result<(Freshness, Freshness)> {
         let a = self.a;
-        let before = self.http.freshness(&r.http)?;
+        let before = self.http.freshness(&r.http, "end_to_end")?;
+        let own_before = self.http.freshness(&r.http, "rankd")?;
         let cpu = CpuMeter::start(&pids_of(a, Some(r)));
         let paced = produce_paced(
             &a.brokers,
@@ -349,12 +353,22 @@ impl Steps<'_> {
             &self.expected,
             Duration::from_secs(120),
         )?;
-        let after = self.http.freshness(&r.http)?;
+        let after = self.http.freshness(&r.http, "end_to_end")?;
+        let own_after = self.http.freshness(&r.http, "rankd")?;
         let mut freshness =
             freshness_between("paced, no requests", &before, &after, a.update_rate, &paced);
-        freshness.cpu = t3_cpu;
+        freshness.cpu = t3_cpu.clone();
+        let mut own = freshness_between(
+            "paced, no requests: fetch to applied",
+            &own_before,
+            &own_after,
+            a.update_rate,
+            &paced,
+        );
+        own.cpu = t3_cpu;
         eprintln!("[{}] freshness: {freshness:?}", self.label);
-        Ok(freshness)
+        eprintln!("[{}] rankd's own share: {own:?}", self.label);
+        Ok((freshness, own))
     }
 
     /// Target 4: for each rate, `--bench-pairs` times, `rankd bench` with no
@@ -428,7 +442,7 @@ impl Steps<'_> {
         let a = self.a;
         let to_probe = mode == "broker-only";
         let stop = Arc::new(AtomicBool::new(false));
-        let before = self.http.freshness(&r.http)?;
+        let before = self.http.freshness(&r.http, "end_to_end")?;
         let (brokers, update_rate) = (a.brokers.clone(), a.update_rate);
         let flag = stop.clone();
         let producer_thread = std::thread::spawn(move || {
@@ -463,7 +477,7 @@ impl Steps<'_> {
                 &self.expected,
                 Duration::from_secs(120),
             )?;
-            let after = self.http.freshness(&r.http)?;
+            let after = self.http.freshness(&r.http, "end_to_end")?;
             Some(freshness_between(
                 "paced, during rankd bench",
                 &before,

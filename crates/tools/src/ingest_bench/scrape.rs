@@ -48,29 +48,37 @@ impl Http {
         Ok(m)
     }
 
-    /// The freshness histogram: cumulative (le, count), plus sum and count.
-    pub fn freshness(&self, base: &str) -> Result<Hist> {
+    /// The freshness histogram of `stage` (`end_to_end`: from the message
+    /// timestamp; `rankd`: from the fetch): cumulative (le, count), plus sum
+    /// and count.
+    pub fn freshness(&self, base: &str, stage: &str) -> Result<Hist> {
         let text = self.get(&format!("{base}/metrics"))?;
         let mut h = Hist::default();
+        let labels = format!("{{stage=\"{stage}\"");
         for line in text.lines() {
             let Some(rest) = line.strip_prefix("rankd_ingest_freshness_seconds") else {
                 continue;
             };
             let value = |s: &str| s.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            let Some((kind, rest)) = rest.split_once(&labels) else {
+                continue;
+            };
+            let rest = format!("{kind}{{{}", rest.trim_start_matches(','));
+            let rest = rest.as_str();
             if let Some(b) = rest.strip_prefix("_bucket{le=\"") {
                 let (le, tail) = b.split_once('"').context("bucket line")?;
                 let le = if le == "+Inf" { INF_LE } else { le.parse()? };
                 h.cumulative
                     .push((le, value(tail).context("bucket value")?));
-            } else if rest.starts_with("_sum") {
+            } else if rest.starts_with("_sum{") {
                 h.sum = value(rest).context("sum")?;
-            } else if rest.starts_with("_count") {
+            } else if rest.starts_with("_count{") {
                 h.count = value(rest).context("count")?;
             }
         }
         ensure!(
             !h.cumulative.is_empty(),
-            "no rankd_ingest_freshness_seconds in /metrics"
+            "no rankd_ingest_freshness_seconds{{stage=\"{stage}\"}} in /metrics"
         );
         Ok(h)
     }
