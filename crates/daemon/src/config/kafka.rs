@@ -54,7 +54,7 @@ impl Default for KafkaConfig {
             event_types: vec!["click".into(), "add_to_cart".into(), "purchase".into()],
             properties: BTreeMap::new(),
             batch_max: 1024,
-            batch_wait_us: 2000,
+            batch_wait_us: 500,
         }
     }
 }
@@ -125,7 +125,7 @@ pub struct KafkaArgs {
     /// Messages per applied update batch, at most [default: 1024]
     #[arg(long, env = "RANKD_INGEST_BATCH_MAX", value_name = "N")]
     pub ingest_batch_max: Option<usize>,
-    /// Longest wait before a partial update batch is applied [default: 2000]
+    /// Longest wait before a partial update batch is applied [default: 500]
     #[arg(long, env = "RANKD_INGEST_BATCH_WAIT_US", value_name = "US")]
     pub ingest_batch_wait_us: Option<u64>,
 }

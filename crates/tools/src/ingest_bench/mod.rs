@@ -15,7 +15,7 @@
 //!    plain consumer configured like rankd's (fetch.wait.max.ms 10, the same
 //!    3 x 3 partition layout on `bench.probe.*`) times the same paced mix
 //!    before rankd starts, without and with an async offset commit every 2 ms
-//!    (rankd commits after every batch; batches close after 2 ms);
+//!    (rankd commits after every batch; batches close after 0.5 ms by default);
 //! 4. recommend p99 under `rankd bench --transport uds --rate R` (R = half the
 //!    closed-loop saturation measured in the round, and 1,800/s) with no
 //!    updates, with 5,000 updates/s ingested, and, as a control, with the same
