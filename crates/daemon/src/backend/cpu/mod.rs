@@ -4,6 +4,7 @@
 //! impl and the helpers every kind uses; each kind's forward pass has a file.
 
 pub mod fused;
+pub mod int8;
 mod ranker;
 mod two_tower;
 
@@ -13,6 +14,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::{Linear, Module};
 
 pub use fused::score_topk;
+pub use int8::score_topk_int8;
 
 use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, TableId};
 use crate::model::kind::{RANKER, TWO_TOWER};
@@ -200,6 +202,7 @@ mod tests {
                 dim: d,
                 user_feature_dim: fd,
                 bounds: Default::default(),
+                cpu_scoring: Default::default(),
             };
             cpu.load(id, desc, 0, &tower(&mut rng, &[i, 16, o]))
                 .unwrap();
