@@ -254,3 +254,33 @@ impl ModelSpec {
             .max_batch_rows(self.batching.max_batch_size, self.limits.max_items)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(extra: &str) -> Result<ModelSpec, ModelError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.toml");
+        std::fs::write(
+            &path,
+            format!("{extra}kind = \"two_tower\"\ndim = 4\nuser_feature_dim = 0\nhistory_len = 5\nitems = \"i.safetensors\"\n"),
+        )
+        .unwrap();
+        ModelSpec::read(&path)
+    }
+
+    #[test]
+    fn cpu_scoring_is_f32_unless_exact_int8_is_asked_for() {
+        assert_eq!(read("").unwrap().cpu_scoring, CpuScoring::F32);
+        let f32 = read("cpu_scoring = \"f32\"\n").unwrap();
+        assert_eq!(f32.cpu_scoring, CpuScoring::F32);
+        let int8 = read("cpu_scoring = \"exact-int8\"\n").unwrap();
+        assert_eq!(int8.cpu_scoring, CpuScoring::ExactInt8);
+        let err = read("cpu_scoring = \"int8\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("cpu_scoring") && err.contains("int8") && err.contains("exact-int8"),
+            "{err}"
+        );
+    }
+}
