@@ -40,6 +40,12 @@ async fn exact_int8_answers_exactly_what_the_f32_scan_answers() {
             }
         }
     };
+    let log = d.log();
+    assert_eq!(
+        log.matches("cpu_scoring = exact-int8").count(),
+        1,
+        "one model scans the int8 copy: {log}"
+    );
     compare("as loaded").await;
     // Move items: the top answers of user 0 pushed far down, new items, a
     // deletion; both models share the table and see the same rows.

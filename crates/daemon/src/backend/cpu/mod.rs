@@ -18,7 +18,7 @@ pub use int8::score_topk_int8;
 
 use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, TableId};
 use crate::model::kind::{RANKER, TWO_TOWER};
-use crate::model::{ItemDtype, ItemTable, ModelKind, TowerWeights};
+use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, TowerWeights};
 
 /// A kind's forward pass over one batch.
 type Forward = fn(&CpuModel, &ItemTable, &[Query<'_>]) -> Result<Vec<Output>, BackendError>;
@@ -103,6 +103,12 @@ impl Backend for CpuBackend {
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(err)?;
         let in_dim = desc.tower_dims().0;
+        if desc.cpu_scoring == CpuScoring::ExactInt8 && desc.kind == TWO_TOWER {
+            tracing::info!(
+                model = id,
+                "top-k through the int8 copy of the item table (cpu_scoring = exact-int8)"
+            );
+        }
         self.models.insert(
             id,
             CpuModel {
@@ -168,7 +174,7 @@ mod tests {
     use crate::backend::Scored;
     use crate::backend::Task;
     use crate::model::demo::Rng;
-    use crate::model::{CpuScoring, Layer};
+    use crate::model::Layer;
 
     fn tower(rng: &mut Rng, widths: &[usize]) -> TowerWeights {
         let layers = widths
