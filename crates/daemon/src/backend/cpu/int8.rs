@@ -126,11 +126,11 @@ pub fn score_topk_int8_with(
     );
     let queries: Vec<Int8Query> = qs.chunks_exact(d).map(Int8Query::new).collect();
     let max_norm = f64::from(table.max_norm());
-    if d > MAX_DIM
-        || queries
-            .iter()
-            .any(|q| !(f64::from(q.qn) * max_norm < MAX_PRODUCT))
-    {
+    // NaN fails the test too.
+    let bounded = queries
+        .iter()
+        .all(|q| f64::from(q.qn) * max_norm < MAX_PRODUCT);
+    if d > MAX_DIM || !bounded {
         return Int8Answer {
             lists: fused::score_topk_with(isa, threads, items, qs, specs),
             rescored: 0,
@@ -326,7 +326,9 @@ impl<'a> Job<'a> {
     fn hit(&self, part: &mut Part, q: usize, row: usize, y: f32, r: f32) {
         let ub = y + r;
         // The bar may have risen since the mask was taken.
-        if !(ub >= part.bar[q])
+        if ub
+            .partial_cmp(&part.bar[q])
+            .is_none_or(std::cmp::Ordering::is_lt)
             || !self.live[row]
             || self.specs[q].1.binary_search(&(row as u32)).is_ok()
         {
