@@ -425,6 +425,37 @@ fn int8_scan() {
             }
         }
     }
+    // Each int8 kernel this CPU has against the f32 scan of the same
+    // vector width (what a CPU with only that instruction set runs), random
+    // queries, k = 10.
+    let kernels: Vec<(Int8Kernel, Isa)> = Int8Kernel::available()
+        .into_iter()
+        .filter_map(|k| {
+            let f = match k {
+                Int8Kernel::Vnni512 => Isa::Avx512,
+                Int8Kernel::Avx2 => Isa::Avx2Fma,
+                Int8Kernel::Portable => Isa::Portable,
+            };
+            Isa::available().contains(&f).then_some((k, f))
+        })
+        .collect();
+    let specs: Vec<(usize, &[u32])> = (0..64).map(|_| (10, &[][..])).collect();
+    let kernel_batches = [1usize, 2, 4, 8];
+    let mut t_kernel =
+        vec![vec![(f64::INFINITY, f64::INFINITY); kernel_batches.len()]; kernels.len()];
+    for _ in 0..10 {
+        for (x, &(kern, f)) in kernels.iter().enumerate() {
+            for (i, &b) in kernel_batches.iter().enumerate() {
+                let (q, s) = (&random[..b * d], &specs[..b]);
+                let c = &mut t_kernel[x][i];
+                c.0 =
+                    c.0.min(best(3, || score_topk_with(f, threads, &items, q, s)));
+                c.1 = c.1.min(best(3, || {
+                    score_topk_int8_with(f, kern, threads, &items, q, s)
+                }));
+            }
+        }
+    }
     println!(
         "exact-int8 vs f32: N = {n}, d = {d}, {threads} threads, f32 {isa:?}, int8 {kernel:?}, best of {rounds} rounds"
     );
@@ -447,6 +478,20 @@ fn int8_scan() {
                     f / q
                 );
             }
+        }
+    }
+    println!("per instruction set, random queries, k = 10 (best of 10 rounds):");
+    println!("| int8 kernel | f32 scan | batch | f32 | exact-int8 | speed-up |");
+    println!("|---|---|---|---|---|---|");
+    for (x, (kern, f)) in kernels.iter().enumerate() {
+        for (i, b) in kernel_batches.iter().enumerate() {
+            let (a, q) = t_kernel[x][i];
+            println!(
+                "| {kern:?} | {f:?} | {b} | {:.3} ms | {:.3} ms | {:.2}x |",
+                a * 1e3,
+                q * 1e3,
+                a / q
+            );
         }
     }
 }

@@ -43,6 +43,9 @@ const CHUNK: usize = 8;
 pub enum Int8Kernel {
     /// AVX-512 VNNI: one `vpdpbusd` per 4 dims × 16 rows × query.
     Vnni512,
+    /// AVX2: `vpmaddubsw` on |c| and sign-moved p, then `vpmaddwd`, per
+    /// 4 dims × 8 rows × query.
+    Avx2,
     /// Plain Rust.
     Portable,
 }
@@ -64,6 +67,9 @@ impl Int8Kernel {
             {
                 v.push(Int8Kernel::Vnni512);
             }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Int8Kernel::Avx2);
+            }
         }
         v.push(Int8Kernel::Portable);
         v
@@ -81,22 +87,20 @@ pub struct Int8Answer {
     pub fell_back: bool,
 }
 
-/// The f32 scan's answer ([`fused::score_topk`]), through the int8 copy.
+/// The f32 scan's answer ([`fused::score_topk`]), through the int8 copy. A
+/// CPU with neither AVX-512 VNNI nor AVX2 runs the f32 scan itself: the
+/// portable int8 kernel is correct but slower than it.
 pub fn score_topk_int8(
     items: &ItemTable,
     qs: &[f32],
     specs: &[(usize, &[u32])],
 ) -> Vec<Vec<Scored>> {
+    let kernel = Int8Kernel::detect();
+    if kernel == Int8Kernel::Portable {
+        return fused::score_topk(items, qs, specs);
+    }
     let threads = rayon::current_num_threads().min(items.rows().div_ceil(MIN_ROWS_PER_THREAD));
-    score_topk_int8_with(
-        Isa::detect(),
-        Int8Kernel::detect(),
-        threads,
-        items,
-        qs,
-        specs,
-    )
-    .lists
+    score_topk_int8_with(Isa::detect(), kernel, threads, items, qs, specs).lists
 }
 
 /// [`score_topk_int8`] with the f32 instruction set whose answer it gives,
@@ -316,6 +320,9 @@ impl<'a> Job<'a> {
             // kernel reads inside the slices checked above.
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::Vnni512 => unsafe { x86::scan_vnni(self, part, blocks) },
+            // SAFETY: as above, for AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::Avx2 => unsafe { x86::scan_avx2(self, part, blocks) },
             _ => scan_portable(self, part, blocks),
         }
     }
@@ -400,6 +407,98 @@ mod x86 {
                     }
                 }
                 q0 += j;
+            }
+        }
+    }
+
+    /// Blocks of 16 rows as two halves of 8, queries in chunks of up to 4
+    /// (8 ymm accumulators).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scan_avx2(job: &Job, part: &mut Part, blocks: Range<usize>) {
+        let b = job.specs.len();
+        for blk in blocks {
+            let mut q0 = 0;
+            while q0 < b {
+                let j = (b - q0).min(4);
+                // SAFETY: as in `scan_vnni`.
+                unsafe {
+                    match j {
+                        1 => block_avx2::<1>(job, part, blk, q0),
+                        2 => block_avx2::<2>(job, part, blk, q0),
+                        3 => block_avx2::<3>(job, part, blk, q0),
+                        _ => block_avx2::<4>(job, part, blk, q0),
+                    }
+                }
+                q0 += j;
+            }
+        }
+    }
+
+    /// Σ cᵢ·pᵢ without the u8 offset: c = u ^ 0x80 as i8, then
+    /// |c| (u8) × p·sign(c) (i8) in pairs: at most 2·127·127 < 2¹⁵, so
+    /// `vpmaddubsw` never saturates; `vpmaddwd` by ones sums the pairs.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_avx2<const J: usize>(job: &Job, part: &mut Part, blk: usize, q0: usize) {
+        let (t, g) = (job.table, job.groups);
+        let base = blk * BLOCK;
+        let valid: u32 = if base + BLOCK <= job.rows {
+            0xffff
+        } else {
+            (1u32 << (job.rows - base)) - 1
+        };
+        // SAFETY: as in `block`.
+        unsafe {
+            let data = t.data().as_ptr().add(blk * g * BLOCK * 4);
+            let words = job.words.as_ptr().add(q0 * g);
+            let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+            let mut acc = [[_mm256_setzero_si256(); 2]; J];
+            for gi in 0..g {
+                for h in 0..2 {
+                    let c = _mm256_xor_si256(
+                        _mm256_loadu_si256(data.add(gi * BLOCK * 4 + h * 32).cast()),
+                        flip,
+                    );
+                    let mag = _mm256_abs_epi8(c);
+                    for (jj, a) in acc.iter_mut().enumerate() {
+                        let p = _mm256_set1_epi32(*words.add(jj * g + gi));
+                        let pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(p, c));
+                        a[h] = _mm256_add_epi32(a[h], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            let eta = _mm256_set1_ps(ETA);
+            for h in 0..2 {
+                let row0 = base + h * 8;
+                let sc = _mm256_loadu_ps(t.scale().as_ptr().add(row0));
+                let pc = _mm256_loadu_ps(t.p_coef().as_ptr().add(row0));
+                let qc = _mm256_loadu_ps(t.q_coef().as_ptr().add(row0));
+                for (jj, a) in acc.iter().enumerate() {
+                    let q = q0 + jj;
+                    let y = _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(a[h]),
+                        _mm256_mul_ps(sc, _mm256_set1_ps(job.t[q])),
+                    );
+                    let r = _mm256_fmadd_ps(
+                        _mm256_set1_ps(job.qn[q]),
+                        pc,
+                        _mm256_fmadd_ps(_mm256_set1_ps(job.dq[q]), qc, eta),
+                    );
+                    let ub = _mm256_add_ps(y, r);
+                    let ge = _mm256_cmp_ps::<_CMP_GE_OQ>(ub, _mm256_set1_ps(part.bar[q]));
+                    let mut hits = _mm256_movemask_ps(ge) as u32 & (valid >> (h * 8)) & 0xff;
+                    if hits == 0 {
+                        continue;
+                    }
+                    let (mut ys, mut rs) = ([0f32; 8], [0f32; 8]);
+                    _mm256_storeu_ps(ys.as_mut_ptr(), y);
+                    _mm256_storeu_ps(rs.as_mut_ptr(), r);
+                    while hits != 0 {
+                        let l = hits.trailing_zeros() as usize;
+                        hits &= hits - 1;
+                        job.hit(part, q, row0 + l, ys[l], rs[l]);
+                    }
+                }
             }
         }
     }
