@@ -78,7 +78,11 @@ fn check(
 ) -> usize {
     let want = fused::score_topk_with(isa, threads, items, qs, specs);
     // The f32 answer does not depend on how the rows are split.
-    assert_eq!(fused::score_topk_with(isa, 1, items, qs, specs), want, "{tag}");
+    assert_eq!(
+        fused::score_topk_with(isa, 1, items, qs, specs),
+        want,
+        "{tag}"
+    );
     let got = score_topk_int8_with(isa, kernel, threads, items, qs, specs);
     assert!(!got.fell_back, "{tag}");
     for (q, (g, w)) in got.lists.iter().zip(&want).enumerate() {
