@@ -411,20 +411,6 @@ fn int8_scan() {
             }
         }
     }
-    for _ in 0..rounds {
-        for (x, (_, qs)) in kinds.iter().enumerate() {
-            for (y, &k) in ks.iter().enumerate() {
-                let specs: Vec<(usize, &[u32])> = (0..64).map(|_| (k, &[][..])).collect();
-                for (i, &b) in batches.iter().enumerate() {
-                    let (q, s) = (&qs[..b * d], &specs[..b]);
-                    let reps = if b <= 16 { 5 } else { 2 };
-                    let c = &mut t[x][y][i];
-                    c.0 = c.0.min(best(reps, || score_topk(&items, q, s)));
-                    c.1 = c.1.min(best(reps, || score_topk_int8(&items, q, s)));
-                }
-            }
-        }
-    }
     // Each int8 kernel this CPU has against the f32 scan of the same
     // vector width (what a CPU with only that instruction set runs), random
     // queries, k = 10.
@@ -443,7 +429,7 @@ fn int8_scan() {
     let kernel_batches = [1usize, 2, 4, 8];
     let mut t_kernel =
         vec![vec![(f64::INFINITY, f64::INFINITY); kernel_batches.len()]; kernels.len()];
-    for _ in 0..10 {
+    for _ in 0..rounds {
         for (x, &(kern, f)) in kernels.iter().enumerate() {
             for (i, &b) in kernel_batches.iter().enumerate() {
                 let (q, s) = (&random[..b * d], &specs[..b]);
@@ -453,6 +439,18 @@ fn int8_scan() {
                 c.1 = c.1.min(best(3, || {
                     score_topk_int8_with(f, kern, threads, &items, q, s)
                 }));
+            }
+        }
+        for (x, (_, qs)) in kinds.iter().enumerate() {
+            for (y, &k) in ks.iter().enumerate() {
+                let specs: Vec<(usize, &[u32])> = (0..64).map(|_| (k, &[][..])).collect();
+                for (i, &b) in batches.iter().enumerate() {
+                    let (q, s) = (&qs[..b * d], &specs[..b]);
+                    let reps = if b <= 16 { 5 } else { 2 };
+                    let c = &mut t[x][y][i];
+                    c.0 = c.0.min(best(reps, || score_topk(&items, q, s)));
+                    c.1 = c.1.min(best(reps, || score_topk_int8(&items, q, s)));
+                }
             }
         }
     }
@@ -480,7 +478,7 @@ fn int8_scan() {
             }
         }
     }
-    println!("per instruction set, random queries, k = 10 (best of 10 rounds):");
+    println!("per instruction set, random queries, k = 10 (same rounds):");
     println!("| int8 kernel | f32 scan | batch | f32 | exact-int8 | speed-up |");
     println!("|---|---|---|---|---|---|");
     for (x, (kern, f)) in kernels.iter().enumerate() {
