@@ -16,15 +16,21 @@
 //! u = 2⁻²⁴ and γₙ = n·u / (1 − n·u):
 //!
 //! - the f32 kernel sums d products in some order (lanes, then a horizontal
-//!   sum, then a tail; or one FMA chain), at most d + 2 roundings deep, so
-//!   |ŝ − x| ≤ γ_{d+2}·Σ|qᵢeᵢ| ≤ γ_{d+2}·‖q‖·N with N = ‖e‖;
-//! - ŷ is two roundings from t·s·a: |ŷ − t·s·a| ≤ 2.01·u·(‖q‖·N + R);
+//!   sum, then a tail; or one FMA chain; or, portable, a rounded product and
+//!   a rounded sum per step), and every product passes through at most d + 2
+//!   roundings on its way to the result (⌊d/W⌋ + log₂W + d mod W + 1 ≤ d + 2
+//!   for W = 8 or 16 lanes once d ≥ W; below W the lanes hold exact zeros), so
+//!   |ŝ − x| ≤ γ_{d+2}·Σ|qᵢeᵢ| ≤ γ_{d+2}·‖q‖·N with N = ‖e‖ (Higham's bound
+//!   for any summation tree);
+//! - ŷ is at most three roundings from t·s·a (f32(a), s·t, the product;
+//!   f32(a) is exact while |a| < 2²⁴): |ŷ − t·s·a| ≤ 3.01·u·(‖q‖·N + R);
 //! - the scan then forms ub = fl(ŷ + r) and lb = fl(ŷ − r), one rounding
 //!   each, at most u·(|ŷ| + r).
 //!
 //! So with r ≥ (1 + 2⁻⁸)·R + (γ_{d+2} + 8u)·‖q‖·N + η, lb ≤ ŝ ≤ ub holds
 //! for the computed ub and lb: the factor 1 + 2⁻⁸ and the 8u absorb the
-//! three last terms (each a few u of ‖q‖·N + R + r), and η = 2⁻¹⁰⁰ absorbs
+//! last terms (together under 6u of ‖q‖·N + R, once r's own rounding is
+//! moved to the right-hand side), and η = 2⁻¹⁰⁰ absorbs
 //! any underflow (each rounding in the subnormal range errs by at most 2⁻¹⁵⁰
 //! absolutely, a few thousand of them by far less than η for any table rankd
 //! holds). Here γ_{d+2} + 8u ≤ 2·(d + 12)·u = `rel` while d·u ≤ ¼.
@@ -33,7 +39,8 @@
 //! (1 + 2⁻⁸)·A, and per query the scan keeps `qn` ≥ ‖q‖ and `dq` ≥ ‖δq‖, so
 //! r = qn·p_coef + dq·q_coef + η. Each is computed in f64 (relative error a
 //! few d·2⁻⁵³), inflated by 2⁻¹⁶ and rounded up to f32; that inflation also
-//! covers the three f32 roundings of r itself (≥ r·(1 − 3.1u) computed).
+//! covers the f32 roundings of r itself (at most four: the r computed is
+//! ≥ r·(1 − 4.1u)).
 //!
 //! Overflow: the scan refuses a batch (and runs the f32 kernel instead)
 //! unless every qn · `max_norm` < 2¹⁰⁰ and d ≤ 65,536, so nothing above

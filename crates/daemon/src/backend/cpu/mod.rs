@@ -1,6 +1,9 @@
 //! The CPU backend: towers run through candle; retrieval is the fused scan in
 //! `fused`, which streams the item table once per batch and keeps each
-//! query's top-k as it goes, so the B×N score matrix is never materialised. This file holds the `Backend`
+//! query's top-k as it goes, so the B×N score matrix is never materialised
+//! (or, for `cpu_scoring = "exact-int8"` models, `int8`: the same answer from
+//! the table's int8 copy and an f32 re-score of the few rows that can reach
+//! the top-k). This file holds the `Backend`
 //! impl and the helpers every kind uses; each kind's forward pass has a file.
 
 pub mod fused;
