@@ -274,3 +274,41 @@ fn huge_queries_fall_back_to_the_f32_scan() {
     assert_eq!(got.lists, fused::score_topk(&items, &qs, &specs));
     assert!(score_topk_int8(&items, &[], &[]).is_empty());
 }
+
+/// A long d with rows and queries along one direction, so the integer sum
+/// passes 2²⁴ and f32(a) rounds; d not a multiple of 4 or of any lane count.
+#[test]
+fn long_rows_whose_integer_sums_pass_two_to_the_24() {
+    let mut rng = Rng::new(13);
+    let (n, d) = (300, 1101);
+    let mut items = table(&mut rng, n, d, |r| r.normal() as f32);
+    for r in (0..n).step_by(3) {
+        let id = items.id(r as u32);
+        let scale = 1.0 + (r % 7) as f32 * 1e-3;
+        items.upsert(id, &vec![scale; d], 3);
+    }
+    let mut qs: Vec<f32> = vec![1.0; d];
+    qs.extend(vec![-0.5f32; d]);
+    qs.extend((0..d).map(|_| rng.normal() as f32));
+    let specs: Vec<(usize, &[u32])> = vec![(5, &[][..]), (40, &[][..]), (7, &[][..])];
+    for isa in Isa::available() {
+        for kernel in Int8Kernel::available() {
+            for b in [1, 3] {
+                let tag = format!("{isa:?}/{kernel:?}, b {b}");
+                check(isa, kernel, 2, &items, &qs[..b * d], &specs[..b], &tag);
+            }
+            // Nine copies of the queries: the blocked kernel's arithmetic.
+            let qs9: Vec<f32> = qs.iter().copied().cycle().take(9 * d).collect();
+            let specs9: Vec<(usize, &[u32])> = (0..9).map(|i| specs[i % 3]).collect();
+            check(
+                isa,
+                kernel,
+                2,
+                &items,
+                &qs9,
+                &specs9,
+                &format!("{isa:?}/{kernel:?}, b 9"),
+            );
+        }
+    }
+}
