@@ -17,7 +17,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use rankd::internals::cpu::fused::{score_topk_with, Isa};
-use rankd::internals::cpu::score_topk;
+use rankd::internals::cpu::int8::{score_topk_int8_with, Int8Kernel};
+use rankd::internals::cpu::{score_topk, score_topk_int8};
 use rankd::internals::CpuBackend;
 use rankd::internals::Rng;
 use rankd::internals::{Backend, BatchBounds, ModelDesc, Query, Task};
@@ -36,6 +37,7 @@ fn demo_forward(c: &mut Criterion) {
         dim: spec.dim,
         user_feature_dim: spec.user_feature_dim,
         bounds: BatchBounds::of(&spec, spec.history_len),
+        cpu_scoring: spec.cpu_scoring,
     };
     backend.load(0, desc, 0, &weights).unwrap();
     let mut rng = Rng::new(1);
@@ -636,6 +638,130 @@ fn anchors(dir: &Path, rounds: usize) {
     );
 }
 
+/// `-- --int8`: `cpu_scoring = "exact-int8"` against the f32 scan on the
+/// demo table, side by side in the same rounds (each case by its best
+/// round), at batch 1–64 and k = 10 and 100, for random queries and for
+/// history means (the mean of 20 random rows, as the tower's input is: the
+/// table's own directions). Prints the speed-up and the rows re-scored in
+/// f32 per query; every answer is checked equal to the f32 one first.
+fn int8_scan() {
+    let items = demo_items();
+    let (n, d) = (items.rows(), items.dim());
+    let threads = rayon::current_num_threads();
+    let (isa, kernel) = (Isa::detect(), Int8Kernel::detect());
+    let t0 = Instant::now();
+    let bytes = items.int8().bytes();
+    let made = t0.elapsed();
+    let mut rng = Rng::new(12);
+    let batches = [1usize, 2, 4, 8, 16, 64];
+    let random: Vec<f32> = (0..64 * d).map(|_| rng.uniform() as f32 - 0.5).collect();
+    let mut history = vec![0f32; 64 * d];
+    for q in history.chunks_exact_mut(d) {
+        for _ in 0..20 {
+            let row = items.embedding(rng.below(n as u64) as u32);
+            q.iter_mut().zip(row).for_each(|(a, b)| *a += b / 20.0);
+        }
+    }
+    let kinds = [("random", &random), ("history", &history)];
+    let ks = [10usize, 100];
+    let rounds = 30;
+    // [kind][k][batch] -> (f32, int8, rescored per query)
+    let mut t = vec![vec![vec![(f64::INFINITY, f64::INFINITY, 0.0); batches.len()]; ks.len()]; 2];
+    for (x, (_, qs)) in kinds.iter().enumerate() {
+        for (y, &k) in ks.iter().enumerate() {
+            let specs: Vec<(usize, &[u32])> = (0..64).map(|_| (k, &[][..])).collect();
+            for (i, &b) in batches.iter().enumerate() {
+                let got =
+                    score_topk_int8_with(isa, kernel, threads, &items, &qs[..b * d], &specs[..b]);
+                assert!(!got.fell_back);
+                assert_eq!(got.lists, score_topk(&items, &qs[..b * d], &specs[..b]));
+                t[x][y][i].2 = got.rescored as f64 / b as f64;
+            }
+        }
+    }
+    // Each int8 kernel this CPU has against the f32 scan of the same
+    // vector width (what a CPU with only that instruction set runs), random
+    // queries, k = 10.
+    let kernels: Vec<(Int8Kernel, Isa)> = Int8Kernel::available()
+        .into_iter()
+        .filter_map(|k| {
+            let f = match k {
+                Int8Kernel::Vnni512 => Isa::Avx512,
+                Int8Kernel::Avx2 => Isa::Avx2Fma,
+                Int8Kernel::Portable => Isa::Portable,
+            };
+            Isa::available().contains(&f).then_some((k, f))
+        })
+        .collect();
+    let specs: Vec<(usize, &[u32])> = (0..64).map(|_| (10, &[][..])).collect();
+    let kernel_batches = [1usize, 2, 4, 8];
+    let mut t_kernel =
+        vec![vec![(f64::INFINITY, f64::INFINITY); kernel_batches.len()]; kernels.len()];
+    for _ in 0..rounds {
+        for (x, &(kern, f)) in kernels.iter().enumerate() {
+            for (i, &b) in kernel_batches.iter().enumerate() {
+                let (q, s) = (&random[..b * d], &specs[..b]);
+                let c = &mut t_kernel[x][i];
+                c.0 =
+                    c.0.min(best(3, || score_topk_with(f, threads, &items, q, s)));
+                c.1 = c.1.min(best(3, || {
+                    score_topk_int8_with(f, kern, threads, &items, q, s)
+                }));
+            }
+        }
+        for (x, (_, qs)) in kinds.iter().enumerate() {
+            for (y, &k) in ks.iter().enumerate() {
+                let specs: Vec<(usize, &[u32])> = (0..64).map(|_| (k, &[][..])).collect();
+                for (i, &b) in batches.iter().enumerate() {
+                    let (q, s) = (&qs[..b * d], &specs[..b]);
+                    let reps = if b <= 16 { 5 } else { 2 };
+                    let c = &mut t[x][y][i];
+                    c.0 = c.0.min(best(reps, || score_topk(&items, q, s)));
+                    c.1 = c.1.min(best(reps, || score_topk_int8(&items, q, s)));
+                }
+            }
+        }
+    }
+    println!(
+        "exact-int8 vs f32: N = {n}, d = {d}, {threads} threads, f32 {isa:?}, int8 {kernel:?}, best of {rounds} rounds"
+    );
+    println!(
+        "tables read: f32 {:.1} MB, int8 copy {:.1} MB (made in {:.1} ms)",
+        (n * d * 4) as f64 / 1e6,
+        bytes as f64 / 1e6,
+        made.as_secs_f64() * 1e3
+    );
+    println!("| queries | k | batch | f32 | exact-int8 | speed-up | re-scored rows per query |");
+    println!("|---|---|---|---|---|---|---|");
+    for (x, (name, _)) in kinds.iter().enumerate() {
+        for (y, k) in ks.iter().enumerate() {
+            for (i, b) in batches.iter().enumerate() {
+                let (f, q, r) = t[x][y][i];
+                println!(
+                    "| {name} | {k} | {b} | {:.3} ms | {:.3} ms | {:.2}x | {r:.1} |",
+                    f * 1e3,
+                    q * 1e3,
+                    f / q
+                );
+            }
+        }
+    }
+    println!("per instruction set, random queries, k = 10 (same rounds):");
+    println!("| int8 kernel | f32 scan | batch | f32 | exact-int8 | speed-up |");
+    println!("|---|---|---|---|---|---|");
+    for (x, (kern, f)) in kernels.iter().enumerate() {
+        for (i, b) in kernel_batches.iter().enumerate() {
+            let (a, q) = t_kernel[x][i];
+            println!(
+                "| {kern:?} | {f:?} | {b} | {:.3} ms | {:.3} ms | {:.2}x |",
+                a * 1e3,
+                q * 1e3,
+                a / q
+            );
+        }
+    }
+}
+
 criterion_group!(benches, matmul, stream_read, fused_scan, demo_forward, ties);
 
 fn main() {
@@ -648,6 +774,10 @@ fn main() {
         let dir = args.get(i + 1).expect("--anchors DIR [ROUNDS]");
         let rounds = args.get(i + 2).and_then(|r| r.parse().ok()).unwrap_or(10);
         anchors(Path::new(dir), rounds);
+        return;
+    }
+    if std::env::args().any(|a| a == "--int8") {
+        int8_scan();
         return;
     }
     benches();

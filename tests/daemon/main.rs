@@ -8,6 +8,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod cpu_scoring;
 mod device;
 mod durable;
 mod edges;

@@ -404,6 +404,7 @@ mod tests {
             dim: d,
             user_feature_dim: 0,
             bounds: Default::default(),
+            cpu_scoring: Default::default(),
         };
         fb.load_table(0, &items, ItemDtype::F32).unwrap();
         fb.load(0, desc, 0, &weights).unwrap();

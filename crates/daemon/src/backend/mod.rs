@@ -9,7 +9,7 @@ pub mod device;
 pub mod fallback;
 pub mod topk;
 
-use crate::model::{ItemDtype, ItemTable, ModelKind, ModelSpec, TowerWeights};
+use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, ModelSpec, TowerWeights};
 pub use crate::model::{Query, Task};
 
 /// Index of a loaded model in the executor.
@@ -27,6 +27,9 @@ pub struct ModelDesc {
     /// The largest batch the executor will hand over; a device backend sizes
     /// its batch buffers for it at load.
     pub bounds: BatchBounds,
+    /// `cpu_scoring` in model.toml: the CPU backend's top-k scan (a device
+    /// backend ignores it).
+    pub cpu_scoring: CpuScoring,
 }
 
 impl ModelDesc {

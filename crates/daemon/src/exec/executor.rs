@@ -326,6 +326,7 @@ impl Executor {
             dim: spec.dim,
             user_feature_dim: spec.user_feature_dim,
             bounds: BatchBounds::of(&spec, self.state.users.history_cap()),
+            cpu_scoring: spec.cpu_scoring,
         };
         if let Err(e) = self.backend.load(id, desc, table, &f.weights) {
             self.release_table(&f.items_key);

@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use safetensors::{Dtype, SafeTensors};
 
+use super::int8::Int8Table;
 use super::weights::f32_values;
 use super::ModelError;
 
@@ -20,6 +22,10 @@ pub struct ItemTable {
     live: Vec<bool>,
     versions: Vec<u64>,
     live_count: usize,
+    /// The int8 copy `cpu_scoring = "exact-int8"` scans: made on first use,
+    /// then rewritten with every row written here, so it never lags the f32
+    /// rows (liveness is read from `live`).
+    int8: OnceLock<Int8Table>,
 }
 
 /// Outcome of applying one item update.
@@ -55,6 +61,7 @@ impl ItemTable {
             live: vec![true; n],
             versions: vec![0; n],
             live_count: n,
+            int8: OnceLock::new(),
         })
     }
 
@@ -165,6 +172,19 @@ impl ItemTable {
         &self.embeddings
     }
 
+    /// The int8 copy of the rows, made on the first call.
+    pub fn int8(&self) -> &Int8Table {
+        self.int8
+            .get_or_init(|| Int8Table::new(self.dim, &self.embeddings))
+    }
+
+    /// Rewrites row `row` of the int8 copy, if there is one, from the f32 row.
+    fn sync_int8(&mut self, row: usize) {
+        if let Some(q) = self.int8.get_mut() {
+            q.set_row(row, &self.embeddings[row * self.dim..(row + 1) * self.dim]);
+        }
+    }
+
     /// Writes an item's embedding if `version` is newer than the stored one;
     /// a new id grows the table by one row.
     pub fn upsert(&mut self, id: u64, embedding: &[f32], version: u64) -> ItemChange {
@@ -180,6 +200,7 @@ impl ItemTable {
                     return ItemChange::Stale;
                 }
                 self.embeddings[r * self.dim..(r + 1) * self.dim].copy_from_slice(embedding);
+                self.sync_int8(r);
                 self.versions[r] = version;
                 if !self.live[r] {
                     self.live[r] = true;
@@ -192,6 +213,7 @@ impl ItemTable {
                 self.ids.push(id);
                 self.index.insert(id, row);
                 self.embeddings.extend_from_slice(embedding);
+                self.sync_int8(row as usize);
                 self.live.push(true);
                 self.versions.push(version);
                 self.live_count += 1;
@@ -210,6 +232,7 @@ impl ItemTable {
             }
         };
         self.embeddings[row * self.dim..(row + 1) * self.dim].copy_from_slice(embedding);
+        self.sync_int8(row);
         self.versions[row] = version;
         if self.live[row] != live {
             self.live[row] = live;

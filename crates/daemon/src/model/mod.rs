@@ -4,6 +4,7 @@
 //! Everything here is plain host data; backends turn it into device state.
 
 pub mod demo;
+pub mod int8;
 pub mod items;
 pub mod kind;
 pub mod query;
@@ -17,7 +18,7 @@ pub use items::ItemTable;
 pub use kind::ModelKind;
 pub use query::{Op, OpKind, Query, Task};
 pub use repository::{ModelEntry, Repository};
-pub use spec::{ItemDtype, ModelSpec};
+pub use spec::{CpuScoring, ItemDtype, ModelSpec};
 pub use weights::{Layer, TowerWeights};
 
 /// Why a model could not be loaded. Messages name the file, the tensor and

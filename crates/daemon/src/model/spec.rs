@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::{ModelError, ModelKind};
 
 /// How a device keeps the item table's embeddings. Scores are accumulated in
-/// f32 whatever the storage; the CPU backend always scores the f32 table.
+/// f32 whatever the storage; the CPU backend always answers with the f32
+/// table's scores (see [`CpuScoring`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ItemDtype {
@@ -17,6 +18,22 @@ pub enum ItemDtype {
     F32,
     F16,
     Bf16,
+}
+
+/// How the CPU backend finds a two-tower model's top-k. Both give the same
+/// answer, ids and f32 scores bit for bit; `exact-int8` reads an int8 copy of
+/// the table first and re-scores in f32 only the rows that can reach the
+/// top-k. The GPU backend ignores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CpuScoring {
+    /// Every row scored in f32.
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    /// An int8 scan with a per-row error bound, then an f32 re-score of every
+    /// row whose bound reaches the k-th best.
+    #[serde(rename = "exact-int8")]
+    ExactInt8,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +56,9 @@ pub struct ModelSpec {
     /// Storage of the item table on a GPU: f32, f16 or bf16.
     #[serde(default)]
     pub item_dtype: ItemDtype,
+    /// The CPU backend's top-k scan: `"f32"` or `"exact-int8"`.
+    #[serde(default)]
+    pub cpu_scoring: CpuScoring,
     #[serde(default)]
     pub batching: BatchingSpec,
     #[serde(default)]
@@ -232,5 +252,35 @@ impl ModelSpec {
     pub fn max_batch_rows(&self) -> usize {
         self.kind
             .max_batch_rows(self.batching.max_batch_size, self.limits.max_items)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(extra: &str) -> Result<ModelSpec, ModelError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.toml");
+        std::fs::write(
+            &path,
+            format!("{extra}kind = \"two_tower\"\ndim = 4\nuser_feature_dim = 0\nhistory_len = 5\nitems = \"i.safetensors\"\n"),
+        )
+        .unwrap();
+        ModelSpec::read(&path)
+    }
+
+    #[test]
+    fn cpu_scoring_is_f32_unless_exact_int8_is_asked_for() {
+        assert_eq!(read("").unwrap().cpu_scoring, CpuScoring::F32);
+        let f32 = read("cpu_scoring = \"f32\"\n").unwrap();
+        assert_eq!(f32.cpu_scoring, CpuScoring::F32);
+        let int8 = read("cpu_scoring = \"exact-int8\"\n").unwrap();
+        assert_eq!(int8.cpu_scoring, CpuScoring::ExactInt8);
+        let err = read("cpu_scoring = \"int8\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("cpu_scoring") && err.contains("int8") && err.contains("exact-int8"),
+            "{err}"
+        );
     }
 }

@@ -255,6 +255,7 @@ pub(super) fn desc(kind: ModelKind) -> ModelDesc {
         dim: D,
         user_feature_dim: FD,
         bounds: Default::default(),
+        cpu_scoring: Default::default(),
     }
 }
 

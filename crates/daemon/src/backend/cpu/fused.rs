@@ -133,6 +133,64 @@ pub fn score_topk_with(
     heaps.into_iter().map(TopK::into_sorted).collect()
 }
 
+/// The scores [`score_topk_with`] gives `rows` for query `q` (d values) in a
+/// batch of `batch` queries on `isa`, computed with the same operations in
+/// the same order as the kernel that batch runs (row by row: lanes, a
+/// horizontal sum, a tail; blocked: one FMA chain per lane), so the bits
+/// agree. Appended to `out`.
+pub fn rescore(
+    isa: Isa,
+    batch: usize,
+    items: &ItemTable,
+    q: &[f32],
+    rows: &[u32],
+    out: &mut Vec<f32>,
+) {
+    let (emb, d) = (items.embeddings(), items.dim());
+    assert!(q.len() == d && rows.iter().all(|&r| (r as usize) < items.rows()));
+    let row_dot = batch <= ROW_DOT_MAX;
+    out.reserve(rows.len());
+    match isa {
+        // SAFETY: `available` lists an ISA only when the CPU has it; the rows
+        // were checked to lie inside the table and q holds d values.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::rescore_avx512(row_dot, emb, d, q, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { x86::rescore_avx2(row_dot, emb, d, q, rows, out) },
+        // SAFETY: as above; portable code needs no CPU feature.
+        _ => unsafe { rescore_rows::<Portable>(row_dot, emb, d, q, rows, out) },
+    }
+}
+
+/// See [`rescore`]: `dot` for the row-by-row kernel, else the chain the
+/// blocked kernel's lanes and ragged tail both compute.
+#[inline(always)]
+unsafe fn rescore_rows<S: Simd>(
+    row_dot: bool,
+    emb: &[f32],
+    d: usize,
+    q: &[f32],
+    rows: &[u32],
+    out: &mut Vec<f32>,
+) {
+    for &r in rows {
+        // SAFETY: the caller checked r < rows and emb holds rows·d values.
+        unsafe {
+            let e = emb.as_ptr().add(r as usize * d);
+            let s = if row_dot {
+                dot::<S>(e, q.as_ptr(), d)
+            } else {
+                let mut s = 0f32;
+                for t in 0..d {
+                    s = S::fma1(*e.add(t), *q.as_ptr().add(t), s);
+                }
+                s
+            };
+            out.push(s);
+        }
+    }
+}
+
 /// Panels of `nr` queries, each [d][nr] (query j of panel p, element t at
 /// p·d·nr + t·nr + j), zero past the last query.
 fn pack(qs: &[f32], b: usize, d: usize, nr: usize) -> Vec<f32> {
@@ -462,7 +520,33 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{scan_rows, Job, Scan, Simd};
+    use super::{rescore_rows, scan_rows, Job, Scan, Simd};
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn rescore_avx512(
+        row_dot: bool,
+        emb: &[f32],
+        d: usize,
+        q: &[f32],
+        rows: &[u32],
+        out: &mut Vec<f32>,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { rescore_rows::<Avx512>(row_dot, emb, d, q, rows, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rescore_avx2(
+        row_dot: bool,
+        emb: &[f32],
+        d: usize,
+        q: &[f32],
+        rows: &[u32],
+        out: &mut Vec<f32>,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { rescore_rows::<Avx2Fma>(row_dot, emb, d, q, rows, out) }
+    }
 
     /// 12-row tiles: 24 accumulators, two panel vectors and a broadcast in
     /// the 32 zmm registers (24 rows × one vector for batches up to 16).

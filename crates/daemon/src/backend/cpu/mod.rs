@@ -1,9 +1,13 @@
 //! The CPU backend: towers run through candle; retrieval is the fused scan in
 //! `fused`, which streams the item table once per batch and keeps each
-//! query's top-k as it goes, so the B×N score matrix is never materialised. This file holds the `Backend`
+//! query's top-k as it goes, so the B×N score matrix is never materialised
+//! (or, for `cpu_scoring = "exact-int8"` models, `int8`: the same answer from
+//! the table's int8 copy and an f32 re-score of the few rows that can reach
+//! the top-k). This file holds the `Backend`
 //! impl and the helpers every kind uses; each kind's forward pass has a file.
 
 pub mod fused;
+pub mod int8;
 mod ranker;
 mod two_tower;
 
@@ -13,10 +17,11 @@ use candle_core::{Device, Tensor};
 use candle_nn::{Linear, Module};
 
 pub use fused::score_topk;
+pub use int8::score_topk_int8;
 
 use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, TableId};
 use crate::model::kind::{RANKER, TWO_TOWER};
-use crate::model::{ItemDtype, ItemTable, ModelKind, TowerWeights};
+use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, TowerWeights};
 
 /// A kind's forward pass over one batch.
 type Forward = fn(&CpuModel, &ItemTable, &[Query<'_>]) -> Result<Vec<Output>, BackendError>;
@@ -101,6 +106,12 @@ impl Backend for CpuBackend {
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(err)?;
         let in_dim = desc.tower_dims().0;
+        if desc.cpu_scoring == CpuScoring::ExactInt8 && desc.kind == TWO_TOWER {
+            tracing::info!(
+                model = id,
+                "top-k through the int8 copy of the item table (cpu_scoring = exact-int8)"
+            );
+        }
         self.models.insert(
             id,
             CpuModel {
@@ -200,6 +211,7 @@ mod tests {
                 dim: d,
                 user_feature_dim: fd,
                 bounds: Default::default(),
+                cpu_scoring: Default::default(),
             };
             cpu.load(id, desc, 0, &tower(&mut rng, &[i, 16, o]))
                 .unwrap();
@@ -227,6 +239,95 @@ mod tests {
         let e = cpu.run(1, &items, &topk).unwrap_err();
         assert_eq!(e.reason, Reason::Other);
         assert!(e.message.contains("cannot answer recommend"), "{e}");
+    }
+
+    /// A two-tower model loaded with `cpu_scoring = "exact-int8"` answers
+    /// every batch exactly as the same model with `"f32"`: ids and score bits,
+    /// recommend and score tasks, batch sizes on both sides of the f32 scan's
+    /// kernel switch, histories, exclusions, deleted rows, and after upserts.
+    #[test]
+    fn exact_int8_models_answer_as_f32_models_do() {
+        let (d, fd, n) = (16, 3, 5000);
+        let mut rng = Rng::new(17);
+        let ids: Vec<u64> = (0..n as u64).map(|i| 7 + 2 * i).collect();
+        let emb: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+        let mut items = ItemTable::new(d, ids.clone(), emb).unwrap();
+        for r in (0..n).step_by(9) {
+            items.delete(ids[r], 1);
+        }
+        let mut cpu = CpuBackend::new();
+        let (i, o) = TWO_TOWER.tower_dims(d, fd);
+        let weights = tower(&mut rng, &[i, 32, o]);
+        for (id, cpu_scoring) in [(0, CpuScoring::F32), (1, CpuScoring::ExactInt8)] {
+            let desc = ModelDesc {
+                kind: TWO_TOWER,
+                dim: d,
+                user_feature_dim: fd,
+                bounds: Default::default(),
+                cpu_scoring,
+            };
+            cpu.load(id, desc, 0, &weights).unwrap();
+        }
+        let histories: Vec<Vec<u32>> = (0..40)
+            .map(|_| {
+                (0..1 + rng.below(20))
+                    .map(|_| rng.below(n as u64) as u32)
+                    .collect()
+            })
+            .collect();
+        let excludes: Vec<Vec<u32>> = histories
+            .iter()
+            .map(|h| {
+                let mut e = h.clone();
+                e.sort_unstable();
+                e.dedup();
+                e
+            })
+            .collect();
+        let feats: Vec<Vec<f32>> = (0..40)
+            .map(|_| (0..fd).map(|_| rng.normal() as f32).collect())
+            .collect();
+        let bits = |out: Vec<Output>| -> Vec<Vec<(u64, u32)>> {
+            out.into_iter()
+                .map(|o| match o {
+                    Output::TopK(l) => l.iter().map(|s| (s.id, s.score.to_bits())).collect(),
+                    Output::Scores(s) => s.iter().map(|x| (0, x.to_bits())).collect(),
+                })
+                .collect()
+        };
+        for round in 0..2 {
+            for b in [1, 2, 5, 8, 9, 16, 40] {
+                let queries: Vec<Query<'_>> = (0..b)
+                    .map(|q| Query {
+                        history: &histories[q],
+                        features: Some(&feats[q]),
+                        task: if q % 7 == 6 {
+                            Task::Score {
+                                rows: &histories[q],
+                            }
+                        } else {
+                            Task::TopK {
+                                k: [1, 10, 100, 1000][q % 4],
+                                exclude: &excludes[q],
+                            }
+                        },
+                    })
+                    .collect();
+                let want = bits(cpu.run(0, &items, &queries).unwrap());
+                let got = bits(cpu.run(1, &items, &queries).unwrap());
+                assert_eq!(got, want, "round {round}, batch {b}");
+            }
+            // Rewrite a quarter of the rows and append some: the int8 copy
+            // follows them.
+            for r in (0..n).step_by(4) {
+                let e: Vec<f32> = (0..d).map(|_| rng.normal() as f32 * 3.0).collect();
+                items.upsert(ids[r], &e, 5);
+            }
+            for id in 0..50u64 {
+                let e: Vec<f32> = (0..d).map(|_| rng.normal() as f32 * 2.0).collect();
+                items.upsert(1_000_000 + id, &e, 5);
+            }
+        }
     }
 
     /// The fused scan against a sort of every live, non-excluded row, on

@@ -2,9 +2,9 @@
 //! the tower, then one streamed top-k over the item table for the recommend
 //! queries and dot products for the score queries.
 
-use super::{forward, history_mean, score_topk, CpuModel};
+use super::{forward, history_mean, score_topk, score_topk_int8, CpuModel};
 use crate::backend::{BackendError, Output, Query, Task};
-use crate::model::ItemTable;
+use crate::model::{CpuScoring, ItemTable};
 
 /// x = [h ‖ f] per query, `width` = d + fd wide.
 fn user_inputs(model: &CpuModel, items: &ItemTable, queries: &[Query<'_>]) -> Vec<f32> {
@@ -45,7 +45,10 @@ pub(super) fn run(
                 Task::Score { .. } => unreachable!("filtered to top-k tasks"),
             })
             .collect();
-        score_topk(items, &qs, &specs)
+        match model.desc.cpu_scoring {
+            CpuScoring::F32 => score_topk(items, &qs, &specs),
+            CpuScoring::ExactInt8 => score_topk_int8(items, &qs, &specs),
+        }
     }
     .into_iter();
     Ok(queries

@@ -339,6 +339,7 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
             dim: d,
             user_feature_dim: fd,
             bounds,
+            cpu_scoring: Default::default(),
         };
         let query = |task| Query {
             history: &history,
