@@ -502,6 +502,7 @@ fn anchors(dir: &Path, rounds: usize) {
         dim: spec.dim,
         user_feature_dim: spec.user_feature_dim,
         bounds: BatchBounds::of(&spec, spec.history_len),
+        cpu_scoring: spec.cpu_scoring,
     };
     let width = desc.tower_dims().0;
     let mut x = vec![0f32; ANCHOR_USERS * width];
