@@ -23,5 +23,7 @@ mod pressure;
 mod soak;
 mod tls;
 mod tracing;
+#[cfg(not(feature = "otlp"))]
+mod tracing_off;
 mod uds;
 mod uds_hostile;

@@ -2,6 +2,7 @@
 //! request's span (joined to the caller's trace by `traceparent`) with its
 //! queue and batch children, on HTTP and the socket, in protobuf and JSON,
 //! flushed at exit; and the span of an applied update batch.
+#![cfg(feature = "otlp")]
 
 use std::time::Duration;
 
