@@ -186,6 +186,9 @@ impl Report {
             t.push_str(&format!("errors by type: {}\n", list.join(", ")));
         }
         match &self.batches {
+            Some(b) if b.batches == 0.0 => t.push_str(
+                "daemon batches: none (every answer came from outside a batch: cold starts)\n",
+            ),
             Some(b) => t.push_str(&format!(
                 "daemon batches: {:.0}, mean {:.1} requests per batch\n\
                  model answers: {:.0} req/s (the rest cold starts); the backend alone at this \
