@@ -684,4 +684,4 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -20,8 +20,14 @@ fn reference(items: &ItemTable, q: &[f32], exclude: &[u32], k: usize) -> Vec<(u6
 }
 
 /// A table with shuffled ids (ties are not already in id order), every
-/// seventh row a copy of row 0, every fifth row deleted.
-fn table(rng: &mut Rng, n: usize, d: usize, value: impl Fn(&mut Rng) -> f32) -> ItemTable {
+/// seventh row a copy of row 0, every fifth row deleted; the int8 scan's
+/// tests use it too.
+pub(in crate::backend::cpu) fn table(
+    rng: &mut Rng,
+    n: usize,
+    d: usize,
+    value: impl Fn(&mut Rng) -> f32,
+) -> ItemTable {
     let mut ids: Vec<u64> = (0..n as u64).map(|i| 10 + 3 * i).collect();
     for i in (1..n).rev() {
         ids.swap(i, rng.below(i as u64 + 1) as usize);

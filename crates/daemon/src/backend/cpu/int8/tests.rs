@@ -1,24 +1,7 @@
 use super::*;
 use crate::model::demo::Rng;
 
-/// A table with shuffled ids, rows whose norms span six orders of magnitude,
-/// every seventh row a copy of row 0 (ties), every fifth row deleted.
-fn table(rng: &mut Rng, n: usize, d: usize, value: impl Fn(&mut Rng) -> f32) -> ItemTable {
-    let mut ids: Vec<u64> = (0..n as u64).map(|i| 10 + 3 * i).collect();
-    for i in (1..n).rev() {
-        ids.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-    let mut emb: Vec<f32> = (0..n * d).map(|_| value(rng)).collect();
-    for r in (0..n).step_by(7).skip(1) {
-        let (a, b) = emb.split_at_mut(r * d);
-        b[..d].copy_from_slice(&a[..d]);
-    }
-    let mut items = ItemTable::new(d, ids.clone(), emb).unwrap();
-    for r in (0..n).step_by(5) {
-        items.delete(ids[r], 2);
-    }
-    items
-}
+use crate::backend::cpu::fused::tests::table;
 
 /// Row norms from 1e-3 to 1e3 (and a zero row), values of mixed signs.
 fn spread(rng: &mut Rng, n: usize, d: usize) -> ItemTable {
