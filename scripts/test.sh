@@ -1,63 +1,22 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean checkout: installs what the tests need
-# (the Kafka-protocol broker, NVRTC and Prometheus, once each, cached by version under
-# ~/.cache/rankd/tools), checks formatting and lints, builds everything (the
-# GPU code included) and a rankd without the default features (no CUDA, no
-# Kafka), then runs the unit and integration tests against the real daemon:
+# (the Kafka-protocol broker, NVRTC, Prometheus and the Python tools, once each,
+# cached by version under ~/.cache/rankd/tools; scripts/tools.sh), checks
+# formatting and lints, builds everything (the GPU code included) and a rankd
+# without the default features (no CUDA, no Kafka), then runs the unit and integration tests against the real daemon:
 # without the features first, then every test against the full rankd last
 # (CI reads the closing lines of that last cargo test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TANSU_VERSION=0.6.0
-tools="${RANKD_TOOLS:-$HOME/.cache/rankd/tools}"
-export RANKD_TANSU="$tools/tansu-$TANSU_VERSION/bin/tansu"
-if [ ! -x "$RANKD_TANSU" ]; then
-  echo "== installing tansu $TANSU_VERSION into $tools (once; about 9 minutes on 2 cores)"
-  cargo install tansu --version "$TANSU_VERSION" --locked --features libsql \
-    --root "$tools/tansu-$TANSU_VERSION"
-fi
-
-# NVRTC alone (no driver, no GPU) compiles the CUDA kernels, so every run checks
-# that kernels/*.cu still compile for the GPUs rankd targets.
-NVRTC_VERSION=13.0.88
-nvrtc="$tools/nvrtc-$NVRTC_VERSION"
-if [ ! -f "$nvrtc/nvidia/cu13/lib/libnvrtc.so.13" ]; then
-  echo "== installing NVRTC $NVRTC_VERSION into $nvrtc (once)"
-  python3 -m pip install --quiet --disable-pip-version-check --target "$nvrtc" \
-    "nvidia-cuda-nvrtc==$NVRTC_VERSION"
-fi
-export RANKD_NVRTC_LIB="$nvrtc/nvidia/cu13/lib"
+# The tools (scripts/tools.sh): first what will be installed and whether each
+# pinned artifact is still obtainable (seconds), then the installs (minutes,
+# once per version).
+source scripts/tools.sh
+tools_plan
+tools_install
 export LD_LIBRARY_PATH="$RANKD_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-
-# Prometheus and promtool (Debian's package, unpacked without installing it:
-# no root needed) for the tests of docker/monitoring/.
-PROMETHEUS_VERSION=2.42.0
-PROMETHEUS_DEB_VERSION=2.42.0+ds-5+b6
-prom="$tools/prometheus-$PROMETHEUS_VERSION"
-if [ ! -x "$prom/usr/bin/prometheus" ] || [ ! -x "$prom/usr/bin/promtool" ]; then
-  echo "== installing prometheus $PROMETHEUS_DEB_VERSION into $prom (once)"
-  dl="$(mktemp -d)"
-  # A fresh machine may have no package lists yet: read them once, then retry.
-  (cd "$dl" && { apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" ||
-    { apt-get update -qq && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION"; }; })
-  rm -rf "$prom"
-  dpkg-deb -x "$dl"/prometheus_*.deb "$prom"
-  rm -rf "$dl"
-fi
-export RANKD_PROMETHEUS="$prom/usr/bin/prometheus"
-export RANKD_PROMTOOL="$prom/usr/bin/promtool"
-
-# The Python tools (the client's tests and the deploy-file checks), pinned in
-# scripts/python-tools.txt, installed once per change of that file.
-pyreq=scripts/python-tools.txt
-pytools="$tools/python-$(sha256sum "$pyreq" | cut -c1-12)"
-if [ ! -f "$pytools/.complete" ]; then
-  echo "== installing the Python tools of $pyreq into $pytools (once)"
-  rm -rf "$pytools"
-  python3 -m pip install --quiet --disable-pip-version-check --target "$pytools" -r "$pyreq"
-  touch "$pytools/.complete"
-fi
+pytools="$pytools_root"
 
 echo "== format"
 cargo fmt --all --check
