@@ -53,8 +53,10 @@ cargo test --release --workspace --no-default-features --locked
 
 # The Python client against the release rankd, and the deploy files (hadolint,
 # the Compose schema, the Kubernetes schemas, flags against `rankd serve
-# --help`, the README's configuration reference against the CLI). The package
-# must also install as a user would install it.
+# --help`, the configuration reference in docs/configuration.md against the
+# CLI), the links between the documents, and the documents' example requests
+# against the demo models. The package must also install as a user would
+# install it.
 echo "== Python client and deploy files"
 pip_check="$(mktemp -d)"
 python3 -m pip install --quiet --disable-pip-version-check --no-deps \
