@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # rankd's CPU scan against two anchors on the same table and queries, in one
-# run (README, "Against FAISS and numpy"): FAISS IndexFlatIP and numpy (GEMM,
+# run (benches/RESULTS.md, "Against FAISS and numpy"): FAISS IndexFlatIP and numpy (GEMM,
 # argpartition, a sort of the top k), at batch 1, 4, 16, 64 and 256, k = 10,
 # each user's history excluded, on every core. The Rust side
 # (`cargo bench --bench forward -- --anchors DIR`) writes the demo item table

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Drain time for the README ("Shutdown and durability"): a daemon serving
+# Drain time for benches/RESULTS.md ("Drain time"): a daemon serving
 # 1,000 recommends in flight over the socket (closed loop, users with
 # histories) gets SIGTERM; the figure is the time from the signal to the
 # process's exit, against --grace-ms. Repeated a few times.

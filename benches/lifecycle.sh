@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Model lifecycle figures for the README, on users with histories
+# Model lifecycle figures for benches/RESULTS.md, on users with histories
 # (rankd bench --populate): recommend latency while a new version is copied
 # into the repository and swapped in, against a steady run just before it;
 # and recommend throughput with a 90/10 split and online evaluation against

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The serving and socket benchmarks behind the README's figures. Starts its own
+# The serving and socket benchmarks behind benches/RESULTS.md's figures. Starts its own
 # daemon on the demo models (rankd bench --start) for each run, so runs do not
 # share state. Usage: benches/load.sh [duration, default 10s]
 #

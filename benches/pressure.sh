@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Priority classes and streaming bulk scoring, on users with histories, for
-# the README ("Batching, priorities and shedding"). One daemon, the demo
+# benches/RESULTS.md ("Under pressure"). One daemon, the demo
 # model; every figure below is measured in this one run, side by side:
 #   1. closed-loop recommend capacity over the socket (32 callers);
 #   2. a bulk call of recommend lines alone: rows/s against (1);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rewrites the configuration reference in README.md (the block between the
+# Rewrites the configuration reference in docs/configuration.md (the block between the
 # config-reference markers) from `rankd config-reference`, i.e. from the CLI's
 # own definitions. RANKD_BIN: the rankd to ask (default: a release build).
 set -euo pipefail
@@ -11,10 +11,10 @@ python3 - "$table" <<'PY'
 import sys
 begin = "<!-- config-reference:begin (scripts/config-reference.sh rewrites this block) -->"
 end = "<!-- config-reference:end -->"
-text = open("README.md").read()
-assert begin in text and end in text, "README.md has no config-reference markers"
+text = open("docs/configuration.md").read()
+assert begin in text and end in text, "docs/configuration.md has no config-reference markers"
 head, rest = text.split(begin, 1)
 _, tail = rest.split(end, 1)
-open("README.md", "w").write(head + begin + "\n" + sys.argv[1].strip("\n") + "\n" + end + tail)
+open("docs/configuration.md", "w").write(head + begin + "\n" + sys.argv[1].strip("\n") + "\n" + end + tail)
 PY
-echo "README.md: configuration reference rewritten"
+echo "docs/configuration.md: configuration reference rewritten"

@@ -454,7 +454,7 @@ fn promtool_checks_the_rules_and_runs_their_unit_tests() {
     // Every alert in the rules has a unit test and a runbook entry.
     let rules = std::fs::read_to_string(monitoring_dir().join("alerts.yaml")).unwrap();
     let tests = std::fs::read_to_string(monitoring_dir().join("alerts_test.yaml")).unwrap();
-    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo_root().join("docs/operations.md")).unwrap();
     for line in rules.lines() {
         if let Some(name) = line.trim().strip_prefix("- alert:") {
             let name = name.trim();
@@ -464,7 +464,7 @@ fn promtool_checks_the_rules_and_runs_their_unit_tests() {
             );
             assert!(
                 readme.contains(&format!("**{name}**")),
-                "{name} has no runbook entry in README.md"
+                "{name} has no runbook entry in docs/operations.md"
             );
         }
     }

@@ -6,8 +6,8 @@ against `rankd serve --help`, the files rankd is given (tokens, TLS) against
 what is mounted where, the probes against TLS and tokens, the socket's
 permissions against the containers that share it, rankd itself run with
 the manifests' options (their paths moved into a temporary folder), and the
-README's configuration reference against `rankd config-reference` and the
-config file parser."""
+configuration reference in docs/configuration.md against `rankd config-reference`
+and the config file parser."""
 
 import copy
 
@@ -549,23 +549,25 @@ def test_every_flag_and_variable_exists_in_rankd_serve():
 
 BEGIN = "<!-- config-reference:begin (scripts/config-reference.sh rewrites this block) -->"
 END = "<!-- config-reference:end -->"
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 
 
-def test_the_readme_configuration_reference_is_the_cli_s():
-    text = (ROOT / "README.md").read_text()
-    assert BEGIN in text and END in text, "the README has no configuration reference block"
+def test_the_documented_configuration_reference_is_the_cli_s():
+    text = CONFIGURATION.read_text()
+    assert BEGIN in text and END in text, "docs/configuration.md has no configuration reference block"
     block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
     want = subprocess.run([str(BIN), "config-reference"], check=True, capture_output=True,
                           text=True).stdout.strip("\n")
-    assert block == want, "README.md and `rankd config-reference` differ: run scripts/config-reference.sh"
+    assert block == want, "docs/configuration.md and `rankd config-reference` differ: run scripts/config-reference.sh"
     for flag in ("--uds", "--http", "--models", "--kafka-brokers"):
         assert f"`{flag} " in want, flag
 
 
 def reference_rows():
-    """The README's configuration reference, a list of cells per row (the
-    header and the rule left out), split at unescaped `|` as GFM does."""
-    text = (ROOT / "README.md").read_text()
+    """The configuration reference (docs/configuration.md), a list of cells
+    per row (the header and the rule left out), split at unescaped `|` as GFM
+    does."""
+    text = CONFIGURATION.read_text()
     block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n").splitlines()
     assert block[0] == "| flag | env | file key | default | meaning |", block[0]
     assert block[1] == "|---|---|---|---|---|", block[1]
@@ -655,9 +657,10 @@ def test_the_config_file_takes_every_key_of_the_reference(tmp_path):
     assert known == names, known ^ names
 
 
-def test_the_readme_config_file_example_is_read(tmp_path):
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+def test_the_documented_config_file_example_is_read(tmp_path):
+    text = CONFIGURATION.read_text()
+    assert text.startswith("# Configuration\n"), text[:40]
+    section = text.split("\n## ", 1)[0]  # the page's opening section, before "## Logs"
     example = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
     err = run_with_config(tmp_path, example)
     assert "max_body_bytes must be > 0, got 0" in err, err
