@@ -2,11 +2,13 @@
 //! (`admission`), one queue per model version with an interactive and a bulk
 //! lane and its closing rule (`queue`), and the scheduler that decides which
 //! batch runs next, when to wake up, and which requests are dropped
-//! (`scheduler`). No threads and no I/O: the executor
+//! (`scheduler`), and the throughput and service-rate estimates behind
+//! `Retry-After` and shedding at admission (`rate`). No threads and no I/O: the executor
 //! drives it, and it is tested with explicit instants.
 
 mod admission;
 mod queue;
+pub mod rate;
 mod scheduler;
 #[cfg(test)]
 mod tests;

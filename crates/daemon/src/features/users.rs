@@ -114,6 +114,12 @@ impl UserStore {
         self.history_cap
     }
 
+    /// Keeps at least `cap` ids per history from now on (a version with a
+    /// longer window was loaded); histories grow as new events arrive.
+    pub fn raise_history_cap(&mut self, cap: usize) {
+        self.history_cap = self.history_cap.max(cap);
+    }
+
     /// Replaces the history (oldest first); only the newest `history_cap` are kept.
     pub fn set_history(&mut self, user_id: u64, history: &[u64]) {
         let keep = &history[history.len().saturating_sub(self.history_cap)..];
