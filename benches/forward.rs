@@ -22,14 +22,15 @@ use rankd::internals::cpu::{score_topk, score_topk_int8};
 use rankd::internals::CpuBackend;
 use rankd::internals::Rng;
 use rankd::internals::{Backend, BatchBounds, ModelDesc, Query, Task};
-use rankd::internals::{ItemTable, ModelSpec, TowerWeights};
+use rankd::internals::{ItemTable, ModelSpec, TowerWeights, Weights};
 use rayon::prelude::*;
 
 fn demo_forward(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     rankd::generate_demo(&root, rankd::DEMO_SEED).expect("writing the demo repository");
     let spec = ModelSpec::read(&root.join("demo/1/model.toml")).unwrap();
-    let weights = TowerWeights::load(&root.join("demo/1/weights.safetensors"), &spec).unwrap();
+    let weights =
+        Weights::new(TowerWeights::load(&root.join("demo/1/weights.safetensors"), &spec).unwrap());
     let items = ItemTable::load(&root.join("catalogues/demo/items.safetensors"), spec.dim).unwrap();
     let mut backend = CpuBackend::new();
     let desc = ModelDesc {
@@ -453,7 +454,7 @@ fn anchors(dir: &Path, rounds: usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     rankd::generate_demo(&root, rankd::DEMO_SEED).expect("writing the demo repository");
     let spec = ModelSpec::read(&root.join("demo/1/model.toml")).unwrap();
-    let weights = TowerWeights::load(&root.join("demo/1/weights.safetensors"), &spec).unwrap();
+    let tower = TowerWeights::load(&root.join("demo/1/weights.safetensors"), &spec).unwrap();
     let items = ItemTable::load(&root.join("catalogues/demo/items.safetensors"), spec.dim).unwrap();
     let (n, d) = (items.rows(), items.dim());
 
@@ -510,11 +511,11 @@ fn anchors(dir: &Path, rounds: usize) {
         rankd::internals::cpu::history_mean(&items, h, &mut row[..d]);
     }
     let mut t = Tensor::from_vec(x, (ANCHOR_USERS, width), &Device::Cpu).unwrap();
-    for (i, l) in weights.layers.iter().enumerate() {
+    for (i, l) in tower.layers.iter().enumerate() {
         let w = Tensor::from_slice(&l.weight, (l.out_dim, l.in_dim), &Device::Cpu).unwrap();
         let b = Tensor::from_slice(&l.bias, l.out_dim, &Device::Cpu).unwrap();
         t = candle_nn::Module::forward(&candle_nn::Linear::new(w, Some(b)), &t).unwrap();
-        if i + 1 < weights.layers.len() {
+        if i + 1 < tower.layers.len() {
             t = t.relu().unwrap();
         }
     }
@@ -526,7 +527,7 @@ fn anchors(dir: &Path, rounds: usize) {
     // The same users through the whole CPU backend (tower and scan) must get
     // the same answers: these are the queries rankd serves.
     let mut backend = CpuBackend::new();
-    backend.load(0, desc, 0, &weights).unwrap();
+    backend.load(0, desc, 0, &Weights::new(tower)).unwrap();
     let batch: Vec<Query<'_>> = (0..ANCHOR_USERS)
         .map(|i| Query {
             history: &histories[i],

@@ -7,13 +7,30 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
+/// `RANKD_EXPECT_GPU=1` says the host has a GPU rankd must open (set it
+/// when running the suite on a GPU machine): then `auto` must pick it, and
+/// this test fails rather than pass on the CPU.
+fn expect_gpu() -> bool {
+    std::env::var("RANKD_EXPECT_GPU").is_ok_and(|v| v == "1")
+}
+
 #[tokio::test]
-async fn auto_on_a_host_without_a_gpu_serves_on_the_cpu_and_says_why() {
+async fn auto_picks_the_gpu_where_one_is_expected_and_else_serves_on_the_cpu_saying_why() {
     let d = Daemon::start_with(&demo_models(), &["--device", "auto"]);
     let c = Daemon::client();
     let (s, body) = get(&c, &d.url("/readyz")).await;
     assert_eq!(s, 200, "{body}");
     let r: Value = serde_json::from_str(&body).unwrap();
+    if expect_gpu() {
+        assert_eq!(
+            r["device"],
+            "cuda:0",
+            "RANKD_EXPECT_GPU=1: {body}\n{}",
+            d.log()
+        );
+        assert!(r["device_reason"].is_null(), "{body}");
+        return;
+    }
     assert_eq!(r["device"], "cpu");
     let reason = r["device_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("cuda:0 not used"), "{body}");

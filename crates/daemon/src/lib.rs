@@ -27,6 +27,7 @@ mod lifecycle;
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 mod metrics;
 mod model;
+mod toml_doc;
 pub mod trace;
 
 use std::future::Future;
@@ -70,6 +71,6 @@ pub mod internals {
     pub use crate::features::updates::{Coalescer, Stream, Update, UpdateBatch, Validator};
     pub use crate::model::demo::{files as demo_files, Rng};
     pub use crate::model::items::ItemChange;
-    pub use crate::model::kind::{RANKER, TWO_TOWER};
-    pub use crate::model::{ItemTable, Layer, ModelKind, ModelSpec, TowerWeights};
+    pub use crate::model::kind::{RANKER, SASREC, TWO_TOWER};
+    pub use crate::model::{ItemTable, Layer, ModelKind, ModelSpec, TowerWeights, Weights};
 }

@@ -468,8 +468,11 @@ impl Service {
                 LoadState::Failed(why) => Some(why),
                 _ => None,
             },
-            device: self.exec.registry().device(),
-            device_reason: self.device_reason(),
+            device: match m.cpu_reason() {
+                Some(_) => "cpu".to_string(),
+                None => self.exec.registry().device(),
+            },
+            device_reason: m.cpu_reason().or_else(|| self.device_reason()),
             dim: spec.map(|s| s.dim),
             user_feature_dim: spec.map(|s| s.user_feature_dim),
             history_len: spec.map(|s| s.history_len),

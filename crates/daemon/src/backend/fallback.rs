@@ -4,6 +4,10 @@
 //! doubles up to a ceiling. Item rows written while it was out of service are
 //! replayed to it (and models or tables it failed to load are loaded again)
 //! before it takes traffic again.
+//!
+//! A model whose kind has no forward pass on the device is served by the CPU
+//! copy alone, for good: that says nothing about the device, which stays in
+//! service for every other model.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -14,7 +18,7 @@ use super::{
     Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId,
 };
 use crate::metrics::Metrics;
-use crate::model::{ItemDtype, ItemTable, TowerWeights};
+use crate::model::{ItemDtype, ItemTable, ModelKind, Weights};
 
 /// Where time comes from (injectable, so back-off is tested without sleeping).
 pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
@@ -35,10 +39,15 @@ pub struct Fallback {
     max_backoff: Duration,
     /// Rows written while the device was out of service, per table.
     pending_rows: BTreeMap<TableId, BTreeSet<u32>>,
-    /// Tables and models the device failed to load: loaded again on recovery.
+    /// Tables and models not on the device: not needed there yet (a table
+    /// goes up with the first model that runs there) or failed to load.
+    /// Loaded before that model's next batch on the device.
     stale_tables: BTreeSet<TableId>,
     stale_models: BTreeSet<ModelId>,
-    models: HashMap<ModelId, (ModelDesc, TableId, TowerWeights)>,
+    models: HashMap<ModelId, (ModelDesc, TableId, Weights)>,
+    /// Models whose kind the device has no forward pass for, and why: they
+    /// run on the CPU copy alone.
+    cpu_only: HashMap<ModelId, String>,
     table_dtypes: HashMap<TableId, ItemDtype>,
     clock: Clock,
     metrics: Option<Arc<Metrics>>,
@@ -65,6 +74,7 @@ impl Fallback {
             stale_tables: BTreeSet::new(),
             stale_models: BTreeSet::new(),
             models: HashMap::new(),
+            cpu_only: HashMap::new(),
             table_dtypes: HashMap::new(),
             clock,
             metrics,
@@ -149,10 +159,9 @@ impl Backend for Fallback {
     ) -> Result<(), BackendError> {
         self.cpu.load_table(table, items, dtype)?;
         self.table_dtypes.insert(table, dtype);
-        if let Err(e) = self.primary.load_table(table, items, dtype) {
-            self.mark_unhealthy(&e);
-            self.stale_tables.insert(table);
-        }
+        // Uploaded before the first batch of a model that runs on the
+        // device: a table only CPU-served models read never goes there.
+        self.stale_tables.insert(table);
         Ok(())
     }
 
@@ -161,11 +170,23 @@ impl Backend for Fallback {
         id: ModelId,
         desc: ModelDesc,
         table: TableId,
-        weights: &TowerWeights,
+        weights: &Weights,
     ) -> Result<(), BackendError> {
         self.cpu.load(id, desc, table, weights)?;
+        if !self.primary.runs(desc.kind) {
+            let reason = format!(
+                "{} has no forward pass for {} models",
+                self.device, desc.kind
+            );
+            tracing::info!(model = id, device = %self.device, kind = %desc.kind, "serving this model from the CPU: {reason}");
+            self.cpu_only.insert(id, reason);
+            return Ok(());
+        }
         self.models.insert(id, (desc, table, weights.clone()));
-        if let Err(e) = self.primary.load(id, desc, table, weights) {
+        if self.stale_tables.contains(&table) {
+            // Loaded with its table, before its first batch (`resync`).
+            self.stale_models.insert(id);
+        } else if let Err(e) = self.primary.load(id, desc, table, weights) {
             self.mark_unhealthy(&e);
             self.stale_models.insert(id);
         }
@@ -178,6 +199,9 @@ impl Backend for Fallback {
         items: &ItemTable,
         queries: &[Query<'_>],
     ) -> Result<Vec<Output>, BackendError> {
+        if self.cpu_only.contains_key(&id) {
+            return self.cpu.run(id, items, queries);
+        }
         let probing = !self.healthy && (self.clock)() >= self.retry_at;
         if self.healthy || probing {
             let table = self.models.get(&id).map(|m| m.1);
@@ -209,6 +233,10 @@ impl Backend for Fallback {
         items: &ItemTable,
         rows: &[u32],
     ) -> Result<(), BackendError> {
+        if self.stale_tables.contains(&table) {
+            // Not on the device: it gets the whole table when it needs it.
+            return Ok(());
+        }
         if self.healthy {
             match self.primary.items_changed(table, items, rows) {
                 Ok(()) => return Ok(()),
@@ -224,7 +252,9 @@ impl Backend for Fallback {
 
     fn unload(&mut self, id: ModelId) {
         self.cpu.unload(id);
-        self.primary.unload(id);
+        if self.cpu_only.remove(&id).is_none() {
+            self.primary.unload(id);
+        }
         self.models.remove(&id);
         self.stale_models.remove(&id);
     }
@@ -239,6 +269,15 @@ impl Backend for Fallback {
 
     fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
         self.primary.warm_batch_sizes(max_batch)
+    }
+
+    /// Every kind: those the device lacks run on the CPU copy.
+    fn runs(&self, kind: ModelKind) -> bool {
+        self.primary.runs(kind) || self.cpu.runs(kind)
+    }
+
+    fn cpu_reason(&self, id: ModelId) -> Option<String> {
+        self.cpu_only.get(&id).cloned()
     }
 
     fn health(&self) -> DeviceHealth {
@@ -266,10 +305,14 @@ pub mod faulty {
         pub fail_every: AtomicUsize,
         /// Fail the next N `items_changed` calls.
         pub fail_updates: AtomicUsize,
+        /// A kind this backend has no forward pass for.
+        pub lacks: Mutex<Option<ModelKind>>,
         pub runs: AtomicUsize,
         pub runs_ok: AtomicUsize,
         /// Rows received through `items_changed`, per call.
         pub rows_seen: Mutex<Vec<Vec<u32>>>,
+        /// Tables uploaded through `load_table`, in order.
+        pub tables_seen: Mutex<Vec<TableId>>,
     }
 
     pub struct Faulty {
@@ -295,12 +338,16 @@ pub mod faulty {
         fn device(&self) -> String {
             "faulty-cpu".into()
         }
+        fn runs(&self, kind: ModelKind) -> bool {
+            *self.plan.lacks.lock().expect("plan lock") != Some(kind)
+        }
         fn load_table(
             &mut self,
             table: TableId,
             items: &ItemTable,
             dtype: ItemDtype,
         ) -> Result<(), BackendError> {
+            self.plan.tables_seen.lock().expect("plan lock").push(table);
             self.inner.load_table(table, items, dtype)
         }
         fn load(
@@ -308,7 +355,7 @@ pub mod faulty {
             id: ModelId,
             desc: ModelDesc,
             table: TableId,
-            weights: &TowerWeights,
+            weights: &Weights,
         ) -> Result<(), BackendError> {
             self.inner.load(id, desc, table, weights)
         }
@@ -369,8 +416,8 @@ mod tests {
     use super::*;
     use crate::backend::Task;
     use crate::model::demo::Rng;
-    use crate::model::kind::TWO_TOWER;
-    use crate::model::Layer;
+    use crate::model::kind::{RANKER, TWO_TOWER};
+    use crate::model::{Layer, TowerWeights};
 
     struct ManualClock(Mutex<Instant>);
 
@@ -387,9 +434,9 @@ mod tests {
             weight: (0..o * i).map(|_| rng.uniform() as f32 - 0.5).collect(),
             bias: (0..o).map(|_| rng.uniform() as f32 - 0.5).collect(),
         };
-        let weights = TowerWeights {
+        let weights = Weights::new(TowerWeights {
             layers: vec![layer(16, d, &mut rng), layer(d, 16, &mut rng)],
-        };
+        });
         let plan = Arc::new(Plan::default());
         let clock = Arc::new(ManualClock(Mutex::new(Instant::now())));
         let c = clock.clone();
@@ -453,6 +500,80 @@ mod tests {
         assert!(fb.health().healthy);
     }
 
+    /// A kind the device has no forward pass for is served from the CPU for
+    /// that model alone: the device stays healthy and serves the others.
+    #[test]
+    fn a_kind_without_a_device_forward_runs_on_the_cpu_and_the_device_stays_in_service() {
+        let (mut fb, plan, _clock, items) = setup();
+        *plan.lacks.lock().unwrap() = Some(RANKER);
+        let mut rng = Rng::new(4);
+        let d = items.dim();
+        let weights = Weights::new(TowerWeights {
+            layers: vec![Layer {
+                out_dim: 1,
+                in_dim: 3 * d,
+                weight: (0..3 * d).map(|_| rng.uniform() as f32 - 0.5).collect(),
+                bias: vec![0.1],
+            }],
+        });
+        let desc = ModelDesc {
+            kind: RANKER,
+            dim: d,
+            user_feature_dim: 0,
+            bounds: Default::default(),
+            cpu_scoring: Default::default(),
+        };
+        // Its own table (as a sasrec model's `item_emb` is): never uploaded,
+        // and writes to it never reach the device.
+        fb.load_table(1, &items, ItemDtype::F32).unwrap();
+        fb.load(1, desc, 1, &weights).unwrap();
+        fb.items_changed(1, &items, &[2, 3]).unwrap();
+        assert!(fb.health().healthy, "{:?}", fb.health());
+        assert_eq!(fb.cpu_reason(0), None);
+        let why = fb.cpu_reason(1).unwrap();
+        assert!(
+            why.contains("faulty-cpu has no forward pass for ranker models"),
+            "{why}"
+        );
+        let runs = plan.runs.load(Ordering::Acquire);
+        let candidates = [1u32, 2, 3];
+        let scored = fb
+            .run(
+                1,
+                &items,
+                &[Query {
+                    history: &[4],
+                    features: None,
+                    task: Task::Score { rows: &candidates },
+                }],
+            )
+            .unwrap();
+        assert!(
+            matches!(&scored[..], [Output::Scores(s)] if s.len() == 3),
+            "{scored:?}"
+        );
+        assert_eq!(
+            plan.runs.load(Ordering::Acquire),
+            runs,
+            "the device never ran the ranker"
+        );
+        batch(&mut fb, &items);
+        assert_eq!(
+            plan.runs.load(Ordering::Acquire),
+            runs + 1,
+            "the device serves the two-tower model"
+        );
+        assert!(fb.health().healthy);
+        assert_eq!(
+            *plan.tables_seen.lock().unwrap(),
+            vec![0],
+            "only the device model's table"
+        );
+        assert!(plan.rows_seen.lock().unwrap().is_empty());
+        fb.unload(1);
+        assert_eq!(fb.cpu_reason(1), None);
+    }
+
     #[test]
     fn failed_probes_double_the_back_off_up_to_the_ceiling() {
         let (mut fb, plan, clock, items) = setup();
@@ -513,6 +634,8 @@ mod tests {
     #[test]
     fn a_failed_update_upload_marks_the_device_unhealthy_and_keeps_the_rows() {
         let (mut fb, plan, clock, items) = setup();
+        // The table goes to the device with the model's first batch there.
+        batch(&mut fb, &items);
         plan.fail_updates.store(1, Ordering::Release);
         fb.items_changed(0, &items, &[7, 8]).unwrap();
         assert!(!fb.health().healthy);

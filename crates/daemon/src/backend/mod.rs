@@ -9,7 +9,7 @@ pub mod device;
 pub mod fallback;
 pub mod topk;
 
-use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, ModelSpec, TowerWeights};
+use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, ModelSpec, Weights};
 pub use crate::model::{Query, Task};
 
 /// Index of a loaded model in the executor.
@@ -156,13 +156,27 @@ pub trait Backend: Send {
     ) -> Result<(), BackendError>;
 
     /// Makes a model resident. Called once per model, before any `run`.
+    /// `weights` are as the model's kind loaded them.
     fn load(
         &mut self,
         id: ModelId,
         desc: ModelDesc,
         table: TableId,
-        weights: &TowerWeights,
+        weights: &Weights,
     ) -> Result<(), BackendError>;
+
+    /// Whether this backend has a forward pass for models of `kind`. A
+    /// device without one serves such models from the CPU copy, and stays
+    /// in service for every other model.
+    fn runs(&self, _kind: ModelKind) -> bool {
+        true
+    }
+
+    /// Why model `id` runs on the CPU rather than on this backend's device,
+    /// when it does.
+    fn cpu_reason(&self, _id: ModelId) -> Option<String> {
+        None
+    }
 
     /// Computes one batch. `items` is the host copy of record of the model's
     /// item table; a device backend keeps its own mirror in step with it.

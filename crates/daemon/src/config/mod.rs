@@ -134,46 +134,22 @@ impl Config {
     /// value is); a key no section knows is looked for here, as a section's
     /// `deny_unknown_fields` would refuse the other sections' keys.
     fn from_toml(text: &str) -> Result<Self, String> {
-        let doc = toml::de::DeTable::parse(text).map_err(|e| e.to_string())?;
-        if let Some(key) = doc
-            .get_ref()
-            .keys()
-            .find(|k| !Self::keys().any(|known| known == k.get_ref().as_ref()))
-        {
-            let at = key.span().start;
-            let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-            let expected: Vec<String> = Self::keys().map(|k| format!("`{k}`")).collect();
-            return Err(format!(
-                "unknown field `{}` at line {}, column {}, expected one of {}",
-                key.get_ref(),
-                text[..at].matches('\n').count() + 1,
-                text[line_start..at].chars().count() + 1,
-                expected.join(", ")
-            ));
-        }
-        fn section<S: serde::de::DeserializeOwned>(
-            doc: &toml::Spanned<toml::de::DeTable<'_>>,
-            text: &str,
-        ) -> Result<S, String> {
-            S::deserialize(toml::de::Deserializer::from(doc.clone())).map_err(|mut e| {
-                e.set_input(Some(text));
-                e.to_string()
-            })
-        }
+        let doc = crate::toml_doc::Doc::parse(text)?;
+        doc.refuse_unknown(Self::keys())?;
         Ok(Self {
-            exec: section(&doc, text)?,
-            http: section(&doc, text)?,
-            requests: section(&doc, text)?,
-            socket: section(&doc, text)?,
-            kafka: section(&doc, text)?,
-            snapshot: section(&doc, text)?,
-            lifecycle: section(&doc, text)?,
-            access: section(&doc, text)?,
-            tls: section(&doc, text)?,
-            durability: section(&doc, text)?,
-            pressure: section(&doc, text)?,
-            connections: section(&doc, text)?,
-            tracing: section(&doc, text)?,
+            exec: doc.part()?,
+            http: doc.part()?,
+            requests: doc.part()?,
+            socket: doc.part()?,
+            kafka: doc.part()?,
+            snapshot: doc.part()?,
+            lifecycle: doc.part()?,
+            access: doc.part()?,
+            tls: doc.part()?,
+            durability: doc.part()?,
+            pressure: doc.part()?,
+            connections: doc.part()?,
+            tracing: doc.part()?,
         })
     }
 

@@ -26,6 +26,7 @@ use super::{
     Registry, Reply, Resident, Split,
 };
 use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Output, Query, Scored, Task};
+use crate::batch::rate::Rates;
 use crate::batch::{BatchPolicy, Class, DropReason, Poll, QueueKey, Run, Scheduler};
 use crate::error::ServeError;
 use crate::features::popularity::{self, Popularity};
@@ -116,22 +117,6 @@ struct Executor {
     /// Batches executed, numbering them in spans.
     batches: u64,
 }
-
-/// A model's answered requests in the current window: all of them, for
-/// the throughput; and those answered while a backlog waited, with the time
-/// from one batch start to the next that they took, for the service rate.
-struct Rates {
-    since: Instant,
-    answered: u64,
-    backlogged: u64,
-    busy: Duration,
-    /// The previous batch's start and size, when requests still waited
-    /// after it was taken.
-    previous: Option<(Instant, u64)>,
-}
-
-/// How often each model's throughput is published.
-const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Starts the executor thread for `backend`. It loads the start-up versions
 /// before taking requests; `loaded` fires when all are done. User histories
@@ -321,6 +306,16 @@ impl Executor {
         };
         let id = self.next_id;
         self.next_id += 1;
+        if spec.history_len > self.state.users.history_cap() {
+            tracing::info!(
+                model = %f.name,
+                version = f.version,
+                from = self.state.users.history_cap(),
+                to = spec.history_len,
+                "stored histories grow to this version's window"
+            );
+            self.state.users.raise_history_cap(spec.history_len);
+        }
         let desc = ModelDesc {
             kind: spec.kind,
             dim: spec.dim,
@@ -363,6 +358,7 @@ impl Executor {
                 model: f.model,
                 version: f.version,
                 spec,
+                cpu_reason: self.backend.cpu_reason(id),
             }),
             sizes,
             next: 0,
@@ -424,6 +420,7 @@ impl Executor {
         self.registry
             .by_index(model)
             .set_item_count(self.state.tables[self.slots[&resident.id].table].live_count());
+        let id = resident.id;
         let retired = match served.version_ready(resident) {
             Ok(retired) => retired,
             Err(resident) => {
@@ -441,10 +438,11 @@ impl Executor {
             }
         };
         self.metrics.set_model_state(&served.name, version, "ready");
+        let cpu_reason = self.backend.cpu_reason(id);
         tracing::info!(
             model = %served.name,
             version,
-            device = %self.device,
+            device = %if cpu_reason.is_some() { "cpu" } else { &self.device },
             ms = started.elapsed().as_millis() as u64,
             traffic = ?served.traffic(),
             "model loaded and warmed"
@@ -534,10 +532,20 @@ impl Executor {
                     Err(TryRecvError::Disconnected) => return self.finish(),
                 }
             }
+            // Users beyond --max-users go before the turn's writes are
+            // answered, so a caller that saw its write acknowledged also sees
+            // the user count and evictions it caused.
+            self.evict_users();
             // The turn's writes are logged (one sync) before any is answered.
             self.commit();
-            self.evict_users();
             self.collect_retired();
+            // A model with nothing waiting is not draining a backlog: the
+            // time until its next batch is not its service time.
+            for (&model, rates) in self.rates.iter_mut() {
+                if self.registry.by_index(model).queued() == 0 {
+                    rates.idle();
+                }
+            }
             let cmd = match self.scheduler.poll(Instant::now()) {
                 Poll::Run(run) => {
                     self.execute(run);
@@ -841,39 +849,20 @@ impl Executor {
     }
 
     /// Counts a batch's answered requests, and publishes the model's
-    /// throughput and service rate once per window. The service rate is
-    /// measured from batch start to batch start while requests wait
-    /// (whatever slows the executor — other models, updates, a busy CPU —
-    /// slows it too), so it is how fast a backlog drains.
+    /// throughput and service rate once per window (`batch::rate`).
     fn count_answered(&mut self, model: usize, n: u64, started: Instant) {
         let backlog = self.registry.by_index(model).queued() > 0;
-        let r = self.rates.entry(model).or_insert(Rates {
-            since: started,
-            answered: 0,
-            backlogged: 0,
-            busy: Duration::ZERO,
-            previous: None,
-        });
-        r.answered += n;
-        if let Some((at, size)) = r.previous.take() {
-            r.busy += started - at;
-            r.backlogged += size;
-        }
-        if backlog {
-            r.previous = Some((started, n));
-        }
-        let now = Instant::now();
-        let window = now - r.since;
-        if window >= RATE_WINDOW {
+        let r = self
+            .rates
+            .entry(model)
+            .or_insert_with(|| Rates::new(started));
+        r.batch(started, n, backlog);
+        if let Some(p) = r.publish(Instant::now()) {
             let served = self.registry.by_index(model);
-            served.set_rate(r.answered as f64 / window.as_secs_f64());
-            if r.backlogged > 0 && !r.busy.is_zero() {
-                served.set_service_rate(r.backlogged as f64 / r.busy.as_secs_f64());
+            served.set_rate(p.throughput);
+            if let Some(rate) = p.service_rate {
+                served.set_service_rate(rate);
             }
-            r.answered = 0;
-            r.backlogged = 0;
-            r.busy = Duration::ZERO;
-            r.since = now;
         }
     }
 
@@ -883,12 +872,13 @@ impl Executor {
         let Op::Recommend { user_id, .. } = &req.op else {
             return false;
         };
+        // Features count only where the model reads them (set for another
+        // model, they say nothing to this one).
+        let fd = req.resident.spec.user_feature_dim;
         req.resident.spec.cold_start == ColdStart::Popular
-            && self
-                .state
-                .users
-                .get(*user_id)
-                .is_none_or(|u| u.history.is_empty() && u.features.is_none())
+            && self.state.users.get(*user_id).is_none_or(|u| {
+                u.history.is_empty() && u.features.as_ref().is_none_or(|f| fd == 0 || f.len() != fd)
+            })
     }
 
     /// Answers a recommend with the most popular live items of its table,

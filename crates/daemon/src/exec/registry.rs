@@ -52,6 +52,9 @@ pub struct Resident {
     pub model: usize,
     pub version: u64,
     pub spec: Arc<ModelSpec>,
+    /// Why this version runs on the CPU while the executor's device is
+    /// another (its kind has no forward pass there).
+    pub cpu_reason: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +152,19 @@ impl ServedModel {
             rate: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
             service_rate: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
         }
+    }
+
+    /// Why the primary version (the one with the largest share) runs on
+    /// the CPU, when it does.
+    pub fn cpu_reason(&self) -> Option<String> {
+        let primary = self.primary_version()?;
+        self.read()
+            .versions
+            .get(&primary)?
+            .resident
+            .as_ref()?
+            .cpu_reason
+            .clone()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Versions> {
@@ -509,8 +525,10 @@ impl ServedModel {
     /// How long `ahead` waiting requests take to be answered at the recent
     /// service rate (`None` before a backlog was measured).
     pub fn expected_wait(&self, ahead: usize) -> Option<Duration> {
-        let rate = f64::from_bits(self.service_rate.load(Ordering::Relaxed));
-        (rate > 0.0 && ahead > 0).then(|| Duration::from_secs_f64(ahead as f64 / rate))
+        crate::batch::rate::expected_wait(
+            f64::from_bits(self.service_rate.load(Ordering::Relaxed)),
+            ahead,
+        )
     }
 
     /// How long a refused caller should wait: the time the recent
@@ -708,6 +726,7 @@ mod tests {
             model: 0,
             version,
             spec: spec(),
+            cpu_reason: None,
         })
     }
 

@@ -19,7 +19,7 @@ pub use kind::ModelKind;
 pub use query::{Op, OpKind, Query, Task};
 pub use repository::{ModelEntry, Repository};
 pub use spec::{CpuScoring, ItemDtype, ModelSpec};
-pub use weights::{Layer, TowerWeights};
+pub use weights::{Layer, TowerWeights, Weights};
 
 /// Why a model could not be loaded. Messages name the file, the tensor and
 /// both shapes, so the fix is obvious from the log or `/v1/models`.

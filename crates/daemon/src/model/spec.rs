@@ -1,12 +1,15 @@
 //! `model.toml`: the per-version description of a model in the repository.
-//! Every key is documented in the README; unknown keys are rejected so a typo
-//! never silently falls back to a default.
+//! The keys every kind shares are read here, a kind's own keys by the kind
+//! (`Kind::options`); a key neither knows is refused with its line and
+//! column, so a typo never silently falls back to a default.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::kind::KindOptions;
 use super::{ModelError, ModelKind};
+use crate::toml_doc::Doc;
 
 /// How a device keeps the item table's embeddings. Scores are accumulated in
 /// f32 whatever the storage; the CPU backend always answers with the f32
@@ -36,16 +39,36 @@ pub enum CpuScoring {
     ExactInt8,
 }
 
+/// The keys of model.toml every kind shares (a kind adds its own).
+pub const SHARED_KEYS: &[&str] = &[
+    "kind",
+    "dim",
+    "user_feature_dim",
+    "history_len",
+    "items",
+    "weights",
+    "item_dtype",
+    "cpu_scoring",
+    "batching",
+    "limits",
+    "degrade",
+    "cold_start",
+    "demo",
+];
+
+/// Unknown keys are refused by `ModelSpec::read` against [`SHARED_KEYS`] and
+/// the kind's own keys, not by serde: the kind's keys share the document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// `two_tower` or `ranker` (see `model::kind`).
+    /// A kind `model::kind` registers: `two_tower`, `ranker`, `sasrec`.
     pub kind: ModelKind,
     /// Item embedding dimension `d`.
     pub dim: usize,
-    /// Dense user feature dimension.
+    /// Dense user feature dimension (0 when the kind reads none).
+    #[serde(default)]
     pub user_feature_dim: usize,
-    /// How many of the user's most recent items feed the history mean.
+    /// How many of the user's most recent items the model reads (the mean's
+    /// window, or the sequence length).
     pub history_len: usize,
     /// Item table (safetensors: `ids` u64 [N], `embeddings` f32 [N, d]),
     /// relative to the version directory.
@@ -77,6 +100,9 @@ pub struct ModelSpec {
     /// from this seed instead of failing the load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub demo: Option<DemoSpec>,
+    /// The kind's own keys, as the kind read them.
+    #[serde(skip)]
+    pub options: KindOptions,
 }
 
 /// The answer to a recommend that would be shed.
@@ -200,14 +226,23 @@ impl ModelSpec {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let spec: ModelSpec = toml::from_str(&text).map_err(|e| ModelError::Spec {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        spec.check().map_err(|message| ModelError::Spec {
+        Self::parse(&text).map_err(|message| ModelError::Spec {
             path: path.to_path_buf(),
             message,
-        })?;
+        })
+    }
+
+    /// Parses model.toml's text: the shared keys, then the kind's own.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let doc = Doc::parse(text)?;
+        // An unknown or missing kind is reported by the shared keys' parse.
+        if let Some(kind) = doc.string("kind").and_then(|k| ModelKind::parse(k).ok()) {
+            doc.refuse_unknown(SHARED_KEYS.iter().chain(kind.keys()).copied())?;
+        }
+        let mut spec: ModelSpec = doc.part()?;
+        spec.options = spec.kind.options(&doc)?;
+        spec.check()?;
+        spec.kind.check(&spec)?;
         Ok(spec)
     }
 

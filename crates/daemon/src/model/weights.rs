@@ -1,11 +1,37 @@
 //! Tower weights: `tower.<i>.weight` [out, in] and `tower.<i>.bias` [out] for
 //! i = 0, 1, ... in a safetensors file, checked against the model spec at load.
 
+use std::any::Any;
+use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
 
 use super::{ModelError, ModelSpec};
+
+/// A version's weights as its kind loaded them (a [`TowerWeights`], or a
+/// kind's own type), read back by each backend's forward pass for the kind.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Weights(Arc<dyn Any + Send + Sync>);
+
+impl Weights {
+    pub fn new<T: Any + Send + Sync>(weights: T) -> Self {
+        Self(Arc::new(weights))
+    }
+
+    /// The weights as `T`, when they are a `T`.
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl fmt::Debug for Weights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Weights(..)")
+    }
+}
 
 /// One Linear layer, row-major `weight[out][in]`.
 #[derive(Debug, Clone)]

@@ -19,7 +19,7 @@ use rankd::internals::cuda::tables::{Buf, DeviceTable};
 use rankd::internals::cuda::{ops, plan, CudaBackend, ItemDtype};
 use rankd::internals::Rng;
 use rankd::internals::{Backend, Output, Query, Scored, Task};
-use rankd::internals::{ItemTable, RANKER, TWO_TOWER};
+use rankd::internals::{ItemTable, Weights, RANKER, TWO_TOWER};
 
 const S: &str = "(a) kernels";
 
@@ -208,8 +208,18 @@ fn gpu_checks(
     let (t_items, t_ties, t_scatter) = (base, base + 1, base + 2);
     b.load_table(t_items, &inp.items, dtype)?;
     b.load_table(t_ties, &inp.ties, dtype)?;
-    b.load(base, desc(TWO_TOWER), t_items, &inp.two_tower)?;
-    b.load(base + 1, desc(RANKER), t_items, &inp.ranker)?;
+    b.load(
+        base,
+        desc(TWO_TOWER),
+        t_items,
+        &Weights::new(inp.two_tower.clone()),
+    )?;
+    b.load(
+        base + 1,
+        desc(RANKER),
+        t_items,
+        &Weights::new(inp.ranker.clone()),
+    )?;
     let items_q = quantized(&inp.items, dtype);
     let tt = queries(&inp.tt_queries);
 

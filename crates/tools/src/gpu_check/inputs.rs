@@ -8,7 +8,7 @@ use rankd::internals::cuda::ItemDtype;
 use rankd::internals::Rng;
 use rankd::internals::{cpu, CpuBackend};
 use rankd::internals::{Backend, ModelDesc, Query, Scored, Task};
-use rankd::internals::{ItemTable, Layer, ModelKind, TowerWeights, RANKER, TWO_TOWER};
+use rankd::internals::{ItemTable, Layer, ModelKind, TowerWeights, Weights, RANKER, TWO_TOWER};
 
 pub(super) const N: usize = 300_000;
 /// Not a multiple of 8: device rows are padded, and the fused kernel's last
@@ -261,8 +261,8 @@ pub(super) fn desc(kind: ModelKind) -> ModelDesc {
 
 pub(super) fn cpu_backend(inp: &Inputs) -> anyhow::Result<CpuBackend> {
     let mut cpu = CpuBackend::new();
-    cpu.load(0, desc(TWO_TOWER), 0, &inp.two_tower)?;
-    cpu.load(1, desc(RANKER), 0, &inp.ranker)?;
+    cpu.load(0, desc(TWO_TOWER), 0, &Weights::new(inp.two_tower.clone()))?;
+    cpu.load(1, desc(RANKER), 0, &Weights::new(inp.ranker.clone()))?;
     Ok(cpu)
 }
 

@@ -1,14 +1,16 @@
-//! The CPU backend: towers run through candle; retrieval is the fused scan in
-//! `fused`, which streams the item table once per batch and keeps each
-//! query's top-k as it goes, so the B×N score matrix is never materialised
-//! (or, for `cpu_scoring = "exact-int8"` models, `int8`: the same answer from
-//! the table's int8 copy and an f32 re-score of the few rows that can reach
-//! the top-k). This file holds the `Backend`
-//! impl and the helpers every kind uses; each kind's forward pass has a file.
+//! The CPU backend: forward passes run through candle; retrieval is the
+//! fused scan in `fused`, which streams the item table once per batch and
+//! keeps each query's top-k as it goes, so the B×N score matrix is never
+//! materialised (or, for `cpu_scoring = "exact-int8"` models, `int8`: the
+//! same answer from the table's int8 copy and an f32 re-score of the few rows
+//! that can reach the top-k). This file holds the `Backend` impl and the
+//! parts kinds share (a tower of linear layers, retrieval from query
+//! vectors); each kind's forward pass has a file.
 
 pub mod fused;
 pub mod int8;
 mod ranker;
+pub mod sasrec;
 mod two_tower;
 
 use std::collections::HashMap;
@@ -19,28 +21,28 @@ use candle_nn::{Linear, Module};
 pub use fused::score_topk;
 pub use int8::score_topk_int8;
 
-use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, TableId};
-use crate::model::kind::{RANKER, TWO_TOWER};
-use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, TowerWeights};
+use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, TableId, Task};
+use crate::model::kind::{RANKER, SASREC, TWO_TOWER};
+use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, TowerWeights, Weights};
 
-/// A kind's forward pass over one batch.
-type Forward = fn(&CpuModel, &ItemTable, &[Query<'_>]) -> Result<Vec<Output>, BackendError>;
+/// A model's forward pass on the CPU, built once at load from its weights.
+pub trait Forward: Send {
+    fn run(&self, items: &ItemTable, queries: &[Query<'_>]) -> Result<Vec<Output>, BackendError>;
+}
+
+/// Builds a kind's forward pass from the weights its kind loaded.
+type Build = fn(ModelDesc, &Weights) -> Result<Box<dyn Forward>, BackendError>;
 
 /// The forward pass of each model kind. A new kind adds its file and one line.
-const FORWARDS: &[(ModelKind, Forward)] = &[(TWO_TOWER, two_tower::run), (RANKER, ranker::run)];
-
-struct CpuModel {
-    desc: ModelDesc,
-    layers: Vec<Linear>,
-    /// Width of the tower's input rows.
-    in_dim: usize,
-    /// The kind's forward pass, looked up once at load.
-    forward: Forward,
-}
+const FORWARDS: &[(ModelKind, Build)] = &[
+    (TWO_TOWER, two_tower::build),
+    (RANKER, ranker::build),
+    (SASREC, sasrec::build),
+];
 
 #[derive(Default)]
 pub struct CpuBackend {
-    models: HashMap<ModelId, CpuModel>,
+    models: HashMap<ModelId, Box<dyn Forward>>,
 }
 
 fn err(e: impl std::fmt::Display) -> BackendError {
@@ -88,40 +90,26 @@ impl Backend for CpuBackend {
         id: ModelId,
         desc: ModelDesc,
         _table: TableId,
-        weights: &TowerWeights,
+        weights: &Weights,
     ) -> Result<(), BackendError> {
-        let forward = FORWARDS
+        let build = FORWARDS
             .iter()
             .find(|(kind, _)| *kind == desc.kind)
-            .map(|(_, f)| *f)
+            .map(|(_, b)| *b)
             .ok_or_else(|| err(format!("no CPU forward pass for {} models", desc.kind)))?;
-        let layers = weights
-            .layers
-            .iter()
-            .map(|l| {
-                let w = Tensor::from_slice(&l.weight, (l.out_dim, l.in_dim), &Device::Cpu)?;
-                let b = Tensor::from_slice(&l.bias, l.out_dim, &Device::Cpu)?;
-                Ok(Linear::new(w, Some(b)))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(err)?;
-        let in_dim = desc.tower_dims().0;
-        if desc.cpu_scoring == CpuScoring::ExactInt8 && desc.kind == TWO_TOWER {
+        let forward = build(desc, weights)?;
+        if desc.cpu_scoring == CpuScoring::ExactInt8 && desc.kind != RANKER {
             tracing::info!(
                 model = id,
                 "top-k through the int8 copy of the item table (cpu_scoring = exact-int8)"
             );
         }
-        self.models.insert(
-            id,
-            CpuModel {
-                desc,
-                layers,
-                in_dim,
-                forward,
-            },
-        );
+        self.models.insert(id, forward);
         Ok(())
+    }
+
+    fn runs(&self, kind: ModelKind) -> bool {
+        FORWARDS.iter().any(|(k, _)| *k == kind)
     }
 
     fn run(
@@ -134,7 +122,7 @@ impl Backend for CpuBackend {
             .models
             .get(&id)
             .ok_or_else(|| err(format!("model {id} is not loaded: this is a bug")))?;
-        (model.forward)(model, items, queries)
+        model.run(items, queries)
     }
 }
 
@@ -153,22 +141,103 @@ pub fn history_mean(items: &ItemTable, history: &[u32], out: &mut [f32]) {
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
-fn forward(
-    layers: &[Linear],
-    x: Vec<f32>,
-    rows: usize,
-    width: usize,
-) -> Result<Vec<f32>, BackendError> {
-    let mut t = Tensor::from_vec(x, (rows, width), &Device::Cpu).map_err(err)?;
-    for (i, layer) in layers.iter().enumerate() {
-        t = layer.forward(&t).map_err(err)?;
-        if i + 1 < layers.len() {
-            t = t.relu().map_err(err)?;
+/// Linear layers with ReLU between them and none after the last.
+struct Tower {
+    layers: Vec<Linear>,
+    /// Width of the input rows.
+    in_dim: usize,
+}
+
+impl Tower {
+    /// The tower of `weights`, which must be a `TowerWeights` of the widths
+    /// `desc` says.
+    fn new(desc: &ModelDesc, weights: &Weights) -> Result<Self, BackendError> {
+        let weights = weights.get::<TowerWeights>().ok_or_else(|| {
+            err(format!(
+                "{} weights are not a tower: this is a bug",
+                desc.kind
+            ))
+        })?;
+        let layers = weights
+            .layers
+            .iter()
+            .map(|l| {
+                let w = Tensor::from_slice(&l.weight, (l.out_dim, l.in_dim), &Device::Cpu)?;
+                let b = Tensor::from_slice(&l.bias, l.out_dim, &Device::Cpu)?;
+                Ok(Linear::new(w, Some(b)))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(err)?;
+        Ok(Self {
+            layers,
+            in_dim: desc.tower_dims().0,
+        })
+    }
+
+    /// The tower over `rows` input rows of `in_dim` values.
+    fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>, BackendError> {
+        let mut t = Tensor::from_vec(x, (rows, self.in_dim), &Device::Cpu).map_err(err)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            t = layer.forward(&t).map_err(err)?;
+            if i + 1 < self.layers.len() {
+                t = t.relu().map_err(err)?;
+            }
+        }
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(err)
+    }
+}
+
+/// Answers each query of a retrieval model from its query vector (`q`,
+/// `dim` values per query): one streamed top-k over the item table for the
+/// recommend queries, dot products for the score queries.
+fn retrieve(
+    cpu_scoring: CpuScoring,
+    dim: usize,
+    items: &ItemTable,
+    queries: &[Query<'_>],
+    q: &[f32],
+) -> Vec<Output> {
+    let topk_idx: Vec<usize> = (0..queries.len())
+        .filter(|&i| matches!(queries[i].task, Task::TopK { .. }))
+        .collect();
+    let mut topk_out = if topk_idx.is_empty() {
+        Vec::new()
+    } else {
+        let qs: Vec<f32> = topk_idx
+            .iter()
+            .flat_map(|&i| q[i * dim..(i + 1) * dim].iter().copied())
+            .collect();
+        let specs: Vec<(usize, &[u32])> = topk_idx
+            .iter()
+            .map(|&i| match queries[i].task {
+                Task::TopK { k, exclude } => (k, exclude),
+                Task::Score { .. } => unreachable!("filtered to top-k tasks"),
+            })
+            .collect();
+        match cpu_scoring {
+            CpuScoring::F32 => score_topk(items, &qs, &specs),
+            CpuScoring::ExactInt8 => score_topk_int8(items, &qs, &specs),
         }
     }
-    t.flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(err)
+    .into_iter();
+    queries
+        .iter()
+        .enumerate()
+        .map(|(i, query)| match query.task {
+            Task::TopK { .. } => Output::TopK(topk_out.next().expect("one result per top-k query")),
+            Task::Score { rows } => {
+                let qi = &q[i * dim..(i + 1) * dim];
+                Output::Scores(rows.iter().map(|&r| dot(qi, items.embedding(r))).collect())
+            }
+        })
+        .collect()
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]
@@ -213,7 +282,7 @@ mod tests {
                 bounds: Default::default(),
                 cpu_scoring: Default::default(),
             };
-            cpu.load(id, desc, 0, &tower(&mut rng, &[i, 16, o]))
+            cpu.load(id, desc, 0, &Weights::new(tower(&mut rng, &[i, 16, o])))
                 .unwrap();
         }
         let rows = vec![0u32; 4];
@@ -257,7 +326,7 @@ mod tests {
         }
         let mut cpu = CpuBackend::new();
         let (i, o) = TWO_TOWER.tower_dims(d, fd);
-        let weights = tower(&mut rng, &[i, 32, o]);
+        let weights = Weights::new(tower(&mut rng, &[i, 32, o]));
         for (id, cpu_scoring) in [(0, CpuScoring::F32), (1, CpuScoring::ExactInt8)] {
             let desc = ModelDesc {
                 kind: TWO_TOWER,

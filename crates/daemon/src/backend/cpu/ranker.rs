@@ -2,18 +2,36 @@
 //! (user, candidate) pair, the tower over all pairs of the batch at once,
 //! and a sigmoid per logit.
 
-use super::{err, forward, history_mean, CpuModel};
-use crate::backend::{BackendError, Output, Query, Task};
-use crate::model::ItemTable;
+use super::{err, history_mean, Forward, Tower};
+use crate::backend::{BackendError, ModelDesc, Output, Query, Task};
+use crate::model::{ItemTable, Weights};
 
-pub(super) fn run(
-    model: &CpuModel,
+struct Ranker {
+    desc: ModelDesc,
+    tower: Tower,
+}
+
+pub(super) fn build(desc: ModelDesc, weights: &Weights) -> Result<Box<dyn Forward>, BackendError> {
+    Ok(Box::new(Ranker {
+        tower: Tower::new(&desc, weights)?,
+        desc,
+    }))
+}
+
+impl Forward for Ranker {
+    fn run(&self, items: &ItemTable, queries: &[Query<'_>]) -> Result<Vec<Output>, BackendError> {
+        run(self, items, queries)
+    }
+}
+
+fn run(
+    model: &Ranker,
     items: &ItemTable,
     queries: &[Query<'_>],
 ) -> Result<Vec<Output>, BackendError> {
     let (d, fd) = (model.desc.dim, model.desc.user_feature_dim);
     // 3d + fd.
-    let width = model.in_dim;
+    let width = model.tower.in_dim;
     let total: usize = queries
         .iter()
         .map(|q| match q.task {
@@ -46,7 +64,7 @@ pub(super) fn run(
     let logits = if total == 0 {
         Vec::new()
     } else {
-        forward(&model.layers, x, total, width)?
+        model.tower.forward(x, total)?
     };
     let mut logits = logits.into_iter();
     queries

@@ -60,7 +60,7 @@ pub use self::tables::ItemDtype;
 use super::{
     Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId,
 };
-use crate::model::{ItemTable, TowerWeights};
+use crate::model::{ItemTable, ModelKind, TowerWeights, Weights};
 
 /// What rankd reads about the device once, at start.
 #[derive(Debug, Clone)]
@@ -438,13 +438,19 @@ impl Backend for CudaBackend {
         id: ModelId,
         desc: ModelDesc,
         table: TableId,
-        weights: &TowerWeights,
+        weights: &Weights,
     ) -> Result<(), BackendError> {
         self.guard()?;
         let device = self.device.clone();
         let invalid = |m: String| BackendError::new(device.clone(), Reason::Other, m);
         let kind = kind::find(desc.kind)
             .ok_or_else(|| invalid(format!("no CUDA forward pass for {} models", desc.kind)))?;
+        let weights = weights.get::<TowerWeights>().ok_or_else(|| {
+            invalid(format!(
+                "{} weights are not a tower: this is a bug",
+                desc.kind
+            ))
+        })?;
         let t = self
             .tables
             .get(&table)
@@ -492,6 +498,11 @@ impl Backend for CudaBackend {
 
     fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
         plan::warm_sizes(max_batch)
+    }
+
+    /// The kinds `kind/` has a device forward pass for.
+    fn runs(&self, kind: ModelKind) -> bool {
+        kind::find(kind).is_some()
     }
 
     fn run(

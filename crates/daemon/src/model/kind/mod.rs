@@ -1,23 +1,56 @@
 //! Model kinds: everything particular to one kind of model (its `kind` name,
-//! the requests it takes, batch rows per request, tower widths, warm-up
-//! batches) lives in the kind's own file. A model's kind is resolved once,
-//! when its model.toml is read; backends keep their own table of forward
-//! passes per kind.
+//! its own model.toml keys, its weights and how they are validated, an item
+//! table its weights may carry, the requests it takes, batch rows per
+//! request, warm-up batches) lives in the kind's own file or folder. A
+//! model's kind is resolved once, when its model.toml is read; backends keep
+//! their own table of forward passes per kind.
 
 mod ranker;
+pub mod sasrec;
 mod two_tower;
 
+use std::any::Any;
 use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::query::{Op, OpKind, Query};
+use super::{ItemTable, ModelError, ModelSpec, TowerWeights, Weights};
+use crate::toml_doc::Doc;
 
 pub use ranker::RANKER;
+pub use sasrec::SASREC;
 pub use two_tower::TWO_TOWER;
 
-/// Every kind a model.toml may name. A new kind adds its file and one entry.
-const KINDS: &[ModelKind] = &[TWO_TOWER, RANKER];
+/// Every kind a model.toml may name. A new kind adds its folder and one entry.
+const KINDS: &[ModelKind] = &[TWO_TOWER, RANKER, SASREC];
+
+/// A kind's own model.toml keys, as the kind read them (the kind reads them
+/// back with [`KindOptions::get`]).
+#[derive(Clone, Default)]
+pub struct KindOptions(Option<Arc<dyn Any + Send + Sync>>);
+
+impl KindOptions {
+    pub fn new<T: Any + Send + Sync>(options: T) -> Self {
+        Self(Some(Arc::new(options)))
+    }
+
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.as_deref().and_then(|o| o.downcast_ref())
+    }
+}
+
+impl fmt::Debug for KindOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "KindOptions(..)"
+        } else {
+            "KindOptions(none)"
+        })
+    }
+}
 
 /// What one kind of model is, apart from its forward pass (that lives with
 /// each backend).
@@ -45,6 +78,38 @@ pub trait Kind: Sync {
     /// out as this kind's requests are. `rows` holds at least `size`
     /// item-table rows to use, or none when the table is empty.
     fn warm_batch<'a>(&self, size: usize, rows: &'a [u32]) -> Vec<Query<'a>>;
+
+    /// model.toml keys this kind reads besides the shared ones.
+    fn keys(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Reads this kind's own keys from model.toml (errors point into it).
+    fn options(&self, _doc: &Doc<'_>) -> Result<KindOptions, String> {
+        Ok(KindOptions::default())
+    }
+
+    /// Checks a parsed spec as a whole, past the checks every kind shares.
+    fn check(&self, _spec: &ModelSpec) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Reads and validates the version's weights from `path` (`weights` in
+    /// model.toml): names, shapes, dtypes, finite values, each error naming
+    /// the file and the tensor. By default, a tower of linear layers.
+    fn load_weights(&self, spec: &ModelSpec, path: &Path) -> Result<Weights, ModelError> {
+        TowerWeights::load(path, spec).map(Weights::new)
+    }
+
+    /// The item table the weights carry, when model.toml's `items` names
+    /// it rather than a file (`None`: `items` is a file).
+    fn embedded_items(
+        &self,
+        _spec: &ModelSpec,
+        _weights: &Weights,
+    ) -> Option<Result<ItemTable, ModelError>> {
+        None
+    }
 }
 
 /// A model's kind: a cheap handle on its `Kind`, compared by name.

@@ -26,7 +26,7 @@ fn kinds_parse_from_their_names_and_print_them() {
     }
     assert_ne!(TWO_TOWER, RANKER);
     let names: Vec<&str> = ModelKind::all().iter().map(|k| k.as_str()).collect();
-    assert_eq!(names, ["two_tower", "ranker"]);
+    assert_eq!(names, ["two_tower", "ranker", "sasrec"]);
 }
 
 #[test]
@@ -34,7 +34,7 @@ fn an_unknown_kind_names_the_allowed_ones() {
     let err = ModelKind::parse("three_tower").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "unknown model kind `three_tower`, expected one of: two_tower, ranker"
+        "unknown model kind `three_tower`, expected one of: two_tower, ranker, sasrec"
     );
     #[derive(Debug, serde::Deserialize)]
     struct Spec {
@@ -68,7 +68,7 @@ fn a_ranker_refuses_recommend_with_the_routes_message() {
     assert_eq!(
         RANKER.accepts("demo-ranker", OpKind::Recommend),
         Err(
-            "model demo-ranker is a ranker: recommend needs a two_tower model (use score)"
+            "model demo-ranker is a ranker: recommend needs a retrieval model, two_tower or sasrec (use score)"
                 .to_string()
         )
     );
