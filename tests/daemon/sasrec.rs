@@ -255,6 +255,69 @@ async fn a_user_with_no_history_gets_the_cold_start_answer_and_the_model_says_wh
     );
 }
 
+/// On a device without a sasrec forward pass (the fault-injecting stand-in
+/// for a GPU, as the CUDA backend today), the sasrec model is served from
+/// the CPU and says so, with PyTorch's answers, while the device stays
+/// healthy and serves the other models.
+#[tokio::test]
+async fn a_device_without_a_sasrec_forward_serves_it_from_the_cpu_and_stays_in_service() {
+    let root = repo("sasrec");
+    let towers = repo_root().join("tests/fixtures/towers");
+    for model in ["two_tower", "ranker"] {
+        let to = root.path().join(model).join("1");
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(towers.join(model).join("1")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    // The ranker reads the two-tower model's table.
+    let d = Daemon::start_with(root.path(), &["--device", "faulty-cpu:1000000"]);
+    let c = Daemon::client();
+    let sasrec = get_json(&c, &d.url("/v1/models/sasrec")).await;
+    assert_eq!(sasrec["device"], "cpu", "{sasrec}");
+    let why = sasrec["device_reason"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("faulty-cpu has no forward pass for sasrec models"),
+        "{sasrec}"
+    );
+    let tower = get_json(&c, &d.url("/v1/models/two_tower")).await;
+    assert_eq!(tower["device"], "faulty-cpu", "{tower}");
+    assert!(tower["device_reason"].is_null(), "{tower}");
+    let (s, body) = get(&c, &d.url("/readyz")).await;
+    assert_eq!(s, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["device"], "faulty-cpu", "{body}");
+    assert!(
+        d.log().contains("serving this model from the CPU"),
+        "{}",
+        d.log()
+    );
+
+    let exp = expected("sasrec");
+    let user = &exp["users"][5];
+    seed_histories(&c, &d, &[(3, history(user))]).await;
+    let body = score_all(&c, &d, 3, 40).await;
+    assert_scores(
+        &body["scores"],
+        &floats(&user["scores"]),
+        "sasrec on the CPU beside a device",
+    );
+    let (s, body) = post(
+        &c,
+        &d.url("/v1/models/two_tower/recommend"),
+        json!({"user_id": 3, "k": 5}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let (_, body) = get(&c, &d.url("/readyz")).await;
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        ready["device_reason"].is_null(),
+        "the device stays healthy: {body}"
+    );
+}
+
 #[cfg(feature = "kafka")]
 mod kafka {
     use std::time::{Duration, Instant};

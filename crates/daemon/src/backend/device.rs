@@ -59,8 +59,9 @@ fn cpu(reason: String) -> Selected {
 
 /// `spec`: `auto` (GPU 0 if usable, else CPU), `cpu`, `cuda` / `cuda:N`
 /// (that GPU, else CPU with a warning), or `faulty-cpu[:N]`: a CPU backend
-/// behind the fallback that fails every Nth batch (default 3), to exercise
-/// and alert on the fallback path without a GPU.
+/// behind the fallback that fails every Nth batch (default 3) and, like the
+/// CUDA backend, has no forward pass for sasrec models, to exercise and
+/// alert on the fallback paths without a GPU.
 pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, DeviceSpecError> {
     let wrap = |b: Box<dyn Backend>| -> Box<dyn Backend> {
         Box::new(Fallback::new(b, Some(metrics.clone()), system_clock()))
@@ -85,6 +86,7 @@ pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, DeviceSpec
         let plan = Arc::new(faulty::Plan::default());
         plan.fail_every
             .store(every, std::sync::atomic::Ordering::Release);
+        *plan.lacks.lock().expect("a new plan") = Some(crate::model::kind::SASREC);
         tracing::warn!(
             every,
             "fault injection: every Nth batch fails and is re-executed on the CPU"
