@@ -33,8 +33,9 @@ echo "== GPU check, host side (the GPU parts run where a GPU is: benches/gpu/che
 OUT="$(mktemp -d)" benches/gpu/check.sh --dry-run
 
 # rankd-tools' ingest_bench needs `kafka` and is skipped here.
-echo "== build without the default features (no CUDA, no Kafka, no OTLP)"
+echo "== build and lints without the default features (no CUDA, no Kafka, no OTLP)"
 cargo build --release --workspace --no-default-features --locked
+cargo clippy --release --workspace --all-targets --no-default-features --locked -- -D warnings
 deps="$(cargo tree -p rankd-cli --no-default-features -e normal --locked)"
 for dep in rdkafka cudarc nvml-wrapper opentelemetry-otlp; do
   if grep -q " $dep v" <<<"$deps"; then

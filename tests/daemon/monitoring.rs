@@ -52,6 +52,7 @@ struct Use {
 
 /// The expressions of `alerts.yaml`: each rule keeps its `expr:` on one line,
 /// and its summary names the labels it shows.
+#[cfg(feature = "kafka")]
 fn rule_uses() -> Vec<Use> {
     let text = std::fs::read_to_string(monitoring_dir().join("alerts.yaml")).unwrap();
     let mut uses: Vec<Use> = Vec::new();
@@ -75,6 +76,7 @@ fn rule_uses() -> Vec<Use> {
 }
 
 /// The expressions of `dashboard.json`: every panel target and the variables.
+#[cfg(feature = "kafka")]
 fn dashboard_uses() -> Vec<Use> {
     let text = std::fs::read_to_string(monitoring_dir().join("dashboard.json")).unwrap();
     let dash: Value = serde_json::from_str(&text).expect("dashboard.json is JSON");

@@ -200,6 +200,10 @@ fn a_missing_misshapen_or_non_finite_tensor_is_named_with_its_file() {
     std::fs::write(&other, b"x").unwrap();
     let e = load(&other).unwrap_err().to_string();
     assert!(e.contains("got extension `onnx`"), "{e}");
+    // A training checkpoint that nests the state_dict ({"model": ..., "epoch": 3}).
+    let nested = fixture().parent().unwrap().join("../nested.pth");
+    let e = load(&nested).unwrap_err().to_string();
+    assert!(e.contains("no tensors at the top level"), "{e}");
     let e = load(&dir.path().join("absent.pth"))
         .unwrap_err()
         .to_string();

@@ -90,6 +90,13 @@ impl Checkpoint<'_> {
                 )))
             }
         };
+        if tensors.is_empty() {
+            return Err(format(
+                "no tensors at the top level of the file: a state_dict is expected \
+                 (torch.save(model.state_dict())), not a checkpoint that nests one"
+                    .into(),
+            ));
+        }
         Ok(Checkpoint { path, tensors })
     }
 
