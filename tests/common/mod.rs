@@ -1,7 +1,7 @@
 //! What rankd's integration tests share: starting the real `rankd` binary
 //! (and a Kafka-protocol broker), HTTP and raw-TCP clients, socket frames,
-//! error checks, an f64 reference of the model math and one seeded random
-//! generator.
+//! error checks, an f64 reference of the model math, the parity tolerance
+//! against PyTorch fixtures and one seeded random generator.
 #![allow(dead_code)]
 
 pub mod daemon;
@@ -10,6 +10,7 @@ pub mod frame;
 pub mod http;
 pub mod kafka;
 pub mod otlp;
+pub mod parity;
 pub mod reference;
 pub mod rng;
 

@@ -6,15 +6,8 @@
 
 use serde_json::{json, Value};
 
+use crate::common::parity::{close, floats};
 use crate::common::*;
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
 
 fn ids_of(v: &Value) -> Vec<u64> {
     v.as_array()
@@ -22,11 +15,6 @@ fn ids_of(v: &Value) -> Vec<u64> {
         .iter()
         .map(|x| x.as_u64().unwrap())
         .collect()
-}
-
-/// Within 1e-5 of PyTorch's value, relative to it past magnitude 1.
-fn close(got: f64, want: f64) -> bool {
-    (got - want).abs() <= 1e-5 * want.abs().max(1.0)
 }
 
 #[tokio::test]

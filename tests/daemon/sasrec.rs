@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use crate::common::frame::{connect, read_frame, request_frame, send};
+use crate::common::parity::{close, floats};
 use crate::common::*;
 
 fn fixture(block: &str) -> PathBuf {
@@ -39,19 +40,6 @@ fn repo(block: &str) -> tempfile::TempDir {
     )
     .unwrap();
     root
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-/// Within 1e-5 of PyTorch's value, relative to it past magnitude 1.
-fn close(got: f64, want: f64) -> bool {
-    (got - want).abs() <= 1e-5 * want.abs().max(1.0)
 }
 
 fn assert_scores(got: &Value, want: &[f64], what: &str) {

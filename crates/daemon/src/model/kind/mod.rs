@@ -112,6 +112,19 @@ pub trait Kind: Sync {
     }
 }
 
+/// `size` recommend requests of `k` over a history of one item (none when the
+/// table is empty): the warm-up batch of a retrieval kind, one row each.
+pub(crate) fn recommend_batch(size: usize, rows: &[u32], k: usize) -> Vec<Query<'_>> {
+    let history = &rows[..rows.len().min(1)];
+    (0..size)
+        .map(|_| Query {
+            history,
+            features: None,
+            task: super::query::Task::TopK { k, exclude: &[] },
+        })
+        .collect()
+}
+
 /// A model's kind: a cheap handle on its `Kind`, compared by name.
 #[derive(Clone, Copy)]
 pub struct ModelKind(&'static dyn Kind);

@@ -2,8 +2,8 @@
 //! to a query vector in the item space. Recommend takes the top k items by
 //! dot product with it, score the dot products with the given items.
 
-use super::{Kind, ModelKind};
-use crate::model::query::{Op, OpKind, Query, Task};
+use super::{recommend_batch, Kind, ModelKind};
+use crate::model::query::{Op, OpKind, Query};
 
 pub const TWO_TOWER: ModelKind = ModelKind::new(&TwoTower);
 
@@ -36,16 +36,6 @@ impl Kind for TwoTower {
 
     /// `size` recommend requests, one row each.
     fn warm_batch<'a>(&self, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
-        let history = &rows[..rows.len().min(1)];
-        (0..size)
-            .map(|_| Query {
-                history,
-                features: None,
-                task: Task::TopK {
-                    k: WARM_K,
-                    exclude: &[],
-                },
-            })
-            .collect()
+        recommend_batch(size, rows, WARM_K)
     }
 }

@@ -15,8 +15,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{Kind, KindOptions, ModelKind};
-use crate::model::query::{Op, OpKind, Query, Task};
+use super::{recommend_batch, Kind, KindOptions, ModelKind};
+use crate::model::query::{Op, OpKind, Query};
 use crate::model::{ItemTable, ModelError, ModelSpec, Weights};
 use crate::toml_doc::Doc;
 
@@ -91,17 +91,7 @@ impl Kind for Sasrec {
 
     /// `size` recommend requests over a history of one item.
     fn warm_batch<'a>(&self, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
-        let history = &rows[..rows.len().min(1)];
-        (0..size)
-            .map(|_| Query {
-                history,
-                features: None,
-                task: Task::TopK {
-                    k: WARM_K,
-                    exclude: &[],
-                },
-            })
-            .collect()
+        recommend_batch(size, rows, WARM_K)
     }
 
     fn keys(&self) -> &'static [&'static str] {
