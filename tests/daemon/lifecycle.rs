@@ -1060,3 +1060,62 @@ async fn a_broken_newest_version_falls_back_and_an_admin_load_survives_the_next_
         "{body}"
     );
 }
+
+/// A version loaded while the daemon serves, with a longer window than any
+/// loaded at start (and than `--history-max`), raises what stored histories
+/// keep: histories written after it keep its whole window.
+#[tokio::test]
+async fn a_version_with_a_longer_window_raises_the_stored_history() {
+    let root = tempfile::tempdir().unwrap();
+    let v1 = root.path().join("two_tower/1");
+    upload(&repo_root().join("tests/fixtures/towers/two_tower/1"), &v1);
+    let d = Daemon::start_with(
+        root.path(),
+        &["--repository-poll-ms", "100", "--history-max", "3"],
+    );
+    let c = Daemon::client();
+    // Ten of the fixture catalogue's ids.
+    let ids: Vec<u64> = (1..=10u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect();
+    let upsert = async |user: u64, history: &[u64]| {
+        post(
+            &c,
+            &d.url(&format!("/v1/users/{user}")),
+            json!({ "history": history }),
+        )
+        .await
+    };
+    // Version 1's window (6) wins over --history-max 3: 6 ids are kept, 10
+    // are refused naming the bound.
+    let (s, body) = upsert(1, &ids[..6]).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["history"].as_array().unwrap().len(), 6, "{body}");
+    let (s, body) = upsert(1, &ids).await;
+    assert_eq!(s, 422, "{body}");
+    assert!(body.to_string().contains("<= 6 item ids"), "{body}");
+    // Version 2: the same model with a window of 10.
+    let staging = root.path().join("staging");
+    upload(&v1, &staging);
+    let toml = std::fs::read_to_string(staging.join("model.toml")).unwrap();
+    std::fs::write(
+        staging.join("model.toml"),
+        toml.replace("history_len = 6", "history_len = 10"),
+    )
+    .unwrap();
+    upload(&staging, &root.path().join("two_tower/2"));
+    wait_for("version 2 ready", Duration::from_secs(30), async || {
+        version_entry(&model_info(&c, &d, "two_tower").await, 2)
+            .is_some_and(|v| v["state"] == "ready")
+    })
+    .await;
+    let (s, body) = upsert(2, &ids).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["history"].as_array().unwrap().len(), 10, "{body}");
+    assert!(
+        d.log()
+            .contains("stored histories grow to this version's window"),
+        "{}",
+        d.log()
+    );
+}
