@@ -17,6 +17,8 @@ use rankd::internals::{Backend, BatchBounds, CpuBackend, ModelDesc, ModelSpec, Q
 const BATCHES: [usize; 3] = [1, 16, 64];
 
 fn main() {
+    // As the daemon runs.
+    rankd::tune_allocator();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

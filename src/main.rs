@@ -87,6 +87,7 @@ enum ModelsCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    rankd::tune_allocator();
     let Cli {
         log_format,
         command,
