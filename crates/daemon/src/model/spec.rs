@@ -305,6 +305,22 @@ mod tests {
         ModelSpec::read(&path)
     }
 
+    /// `SHARED_KEYS`, which decides what is refused as unknown, names every
+    /// field of the spec and nothing else.
+    #[test]
+    fn the_shared_keys_are_the_spec_fields() {
+        let spec = ModelSpec::parse(
+            "kind = \"two_tower\"\ndim = 4\nhistory_len = 5\nitems = \"i.safetensors\"\ndegrade = \"popular\"\n[demo]\nseed = 1\n",
+        )
+        .unwrap();
+        let table = toml::Table::try_from(&spec).unwrap();
+        let mut fields: Vec<&str> = table.keys().map(String::as_str).collect();
+        let mut shared = SHARED_KEYS.to_vec();
+        fields.sort_unstable();
+        shared.sort_unstable();
+        assert_eq!(fields, shared);
+    }
+
     #[test]
     fn cpu_scoring_is_f32_unless_exact_int8_is_asked_for() {
         assert_eq!(read("").unwrap().cpu_scoring, CpuScoring::F32);
