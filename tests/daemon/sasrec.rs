@@ -306,6 +306,112 @@ async fn a_device_without_a_sasrec_forward_serves_it_from_the_cpu_and_stays_in_s
     );
 }
 
+/// Writes the fixture's item embeddings (rows 1..N of `item_emb.weight`) as
+/// an item table file with ids 1..N.
+fn write_item_table(pth: &std::path::Path, to: &std::path::Path) {
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        candle_core::pickle::read_all(pth)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let emb = &tensors["item_emb.weight"];
+    let (rows, d) = emb.dims2().unwrap();
+    let n = rows - 1;
+    let values: Vec<f32> = emb
+        .narrow(0, 1, n)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let header = json!({
+        "ids": {"dtype": "U64", "shape": [n], "data_offsets": [0, 8 * n]},
+        "embeddings": {"dtype": "F32", "shape": [n, d], "data_offsets": [8 * n, 8 * n + 4 * n * d]},
+    });
+    let mut head = header.to_string().into_bytes();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&head);
+    bytes.extend((1..=n as u64).flat_map(|id| id.to_le_bytes()));
+    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(to, bytes).unwrap();
+}
+
+/// `cpu_scoring = "exact-int8"` and an item table file in place of
+/// `items = "item_emb"` give PyTorch's answers too: the int8 scan the same
+/// lists as the f32 one, the file the same scores as the embedded table.
+#[tokio::test]
+async fn exact_int8_and_an_item_table_file_answer_as_the_embedded_f32_model() {
+    let root = repo("sasrec");
+    let base = root.path().join("sasrec/1");
+    let toml = std::fs::read_to_string(base.join("model.toml")).unwrap();
+    let int8 = root.path().join("sasrec-int8/1");
+    std::fs::create_dir_all(&int8).unwrap();
+    std::fs::copy(base.join("model.pth"), int8.join("model.pth")).unwrap();
+    std::fs::write(
+        int8.join("model.toml"),
+        format!("cpu_scoring = \"exact-int8\"\n{toml}"),
+    )
+    .unwrap();
+    let file = root.path().join("sasrec-file/1");
+    std::fs::create_dir_all(&file).unwrap();
+    std::fs::copy(base.join("model.pth"), file.join("model.pth")).unwrap();
+    write_item_table(&base.join("model.pth"), &file.join("items.safetensors"));
+    std::fs::write(
+        file.join("model.toml"),
+        toml.replace("items = \"item_emb\"", "items = \"items.safetensors\""),
+    )
+    .unwrap();
+    let d = Daemon::start_with(root.path(), &[]);
+    let c = Daemon::client();
+    assert_eq!(
+        d.log().matches("cpu_scoring = exact-int8").count(),
+        1,
+        "one model scans the int8 copy: {}",
+        d.log()
+    );
+    let exp = expected("sasrec");
+    for (u, user) in exp["users"].as_array().unwrap().iter().enumerate() {
+        let history = history(user);
+        if history.is_empty() {
+            continue;
+        }
+        let id = u as u64 + 1;
+        seed_histories(&c, &d, &[(id, history.clone())]).await;
+        let want = floats(&user["scores"]);
+        let mut lists = Vec::new();
+        for model in ["sasrec", "sasrec-int8", "sasrec-file"] {
+            let (s, body) = post(
+                &c,
+                &d.url(&format!("/v1/models/{model}/score")),
+                json!({"user_id": id, "items": (1..=40).collect::<Vec<u64>>()}),
+            )
+            .await;
+            assert_eq!(s, 200, "{body}");
+            assert_scores(&body["scores"], &want, &format!("{model}, user {id}"));
+            let (s, body) = post(
+                &c,
+                &d.url(&format!("/v1/models/{model}/recommend")),
+                json!({"user_id": id, "k": 10}),
+            )
+            .await;
+            assert_eq!(s, 200, "{body}");
+            assert_top(
+                &body,
+                &pytorch_top(&want, &history, 10),
+                &format!("{model}, user {id}"),
+            );
+            lists.push(body["items"].clone());
+        }
+        assert_eq!(
+            lists[1], lists[0],
+            "exact-int8 answers the f32 scan's list, user {id}"
+        );
+    }
+}
+
 #[cfg(feature = "kafka")]
 mod kafka {
     use std::time::{Duration, Instant};
