@@ -41,6 +41,16 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 
 
+def tower(widths):
+    """rankd's tower: Linear layers of these widths with ReLU between them."""
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        if layers:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
 class TwoTower(nn.Module):
     """rankd's `two_tower` model. Items are arbitrary u64 ids: the model works
     on row numbers, and `ids[row]` is the id of embedding row `row`."""
@@ -52,13 +62,7 @@ class TwoTower(nn.Module):
             raise ValueError("item ids must be unique")
         self.item_embeddings = nn.Embedding(len(self.ids), dim)
         nn.init.normal_(self.item_embeddings.weight, std=dim**-0.5)
-        widths = [dim + user_feature_dim, *hidden, dim]
-        layers = []
-        for a, b in zip(widths, widths[1:]):
-            if layers:
-                layers.append(nn.ReLU())
-            layers.append(nn.Linear(a, b))
-        self.tower = nn.Sequential(*layers)
+        self.tower = tower([dim + user_feature_dim, *hidden, dim])
 
     def query(self, history, mask, features):
         """history: item rows [B, L]; mask: [B, L], False where a user has

@@ -459,6 +459,7 @@ impl Service {
                 }
             })
             .collect();
+        let cpu_reason = m.cpu_reason();
         ModelInfo {
             name: m.name.clone(),
             version: m.primary_version().unwrap_or(0),
@@ -468,11 +469,11 @@ impl Service {
                 LoadState::Failed(why) => Some(why),
                 _ => None,
             },
-            device: match m.cpu_reason() {
+            device: match cpu_reason {
                 Some(_) => "cpu".to_string(),
                 None => self.exec.registry().device(),
             },
-            device_reason: m.cpu_reason().or_else(|| self.device_reason()),
+            device_reason: cpu_reason.or_else(|| self.device_reason()),
             dim: spec.map(|s| s.dim),
             user_feature_dim: spec.map(|s| s.user_feature_dim),
             history_len: spec.map(|s| s.history_len),

@@ -420,7 +420,7 @@ impl Executor {
         self.registry
             .by_index(model)
             .set_item_count(self.state.tables[self.slots[&resident.id].table].live_count());
-        let id = resident.id;
+        let on_cpu = resident.cpu_reason.is_some();
         let retired = match served.version_ready(resident) {
             Ok(retired) => retired,
             Err(resident) => {
@@ -438,11 +438,10 @@ impl Executor {
             }
         };
         self.metrics.set_model_state(&served.name, version, "ready");
-        let cpu_reason = self.backend.cpu_reason(id);
         tracing::info!(
             model = %served.name,
             version,
-            device = %if cpu_reason.is_some() { "cpu" } else { &self.device },
+            device = %if on_cpu { "cpu" } else { &self.device },
             ms = started.elapsed().as_millis() as u64,
             traffic = ?served.traffic(),
             "model loaded and warmed"
