@@ -112,8 +112,10 @@ impl Mix {
 }
 
 fn validator() -> Validator {
+    let catalogues = rankd::internals::Catalogues::new();
+    catalogues.set("items", Some(ITEM_DIM));
     Validator {
-        item_dim: ITEM_DIM,
+        catalogues,
         user_feature_dim: USER_DIM,
         event_types: rankd::Config::default().kafka.event_types,
     }
@@ -192,7 +194,7 @@ fn update_path(c: &mut Criterion) {
     let table = ItemTable::load(&root.join("catalogues/demo/items.safetensors"), ITEM_DIM)
         .expect("loading the demo item table");
     let mut state = State::new(50);
-    state.tables.push(table);
+    state.add_table("items", table);
     let v = validator();
     let mut mix = Mix::new(7);
 
@@ -284,7 +286,7 @@ fn executor_stalls(c: &mut Criterion) {
     let table = ItemTable::load(&root.join("catalogues/demo/items.safetensors"), ITEM_DIM)
         .expect("loading the demo item table");
     let mut state = State::new(50);
-    state.tables.push(table);
+    state.add_table("items", table);
     let v = validator();
     let mut mix = Mix::new(11);
     // About 300,000 messages: ~2 history entries per user, ~30,000 feature

@@ -379,6 +379,48 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) 
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Writes an item table (`ids` u64 [N], `embeddings` f32 [N, dim]).
+pub fn write_item_table(path: &Path, ids: &[u64], dim: usize, embeddings: &[f32]) {
+    let n = ids.len();
+    assert_eq!(embeddings.len(), n * dim);
+    let header = serde_json::json!({
+        "ids": {"dtype": "U64", "shape": [n], "data_offsets": [0, 8 * n]},
+        "embeddings": {"dtype": "F32", "shape": [n, dim], "data_offsets": [8 * n, 8 * n + 4 * n * dim]},
+    });
+    let mut head = header.to_string().into_bytes();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&head);
+    bytes.extend(ids.iter().flat_map(|id| id.to_le_bytes()));
+    bytes.extend(embeddings.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A repository with two catalogues of the demo's dimension, `videos` and
+/// `creators` (copies of the demo table), and a two-tower model on each,
+/// named after its catalogue.
+pub fn two_catalogue_repo() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let demo = demo_models().join("catalogues/demo/items.safetensors");
+    for name in ["videos", "creators"] {
+        let dir = root.path().join("catalogues").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&demo, dir.join("items.safetensors")).unwrap();
+        derived_model(root.path(), name, "demo", |t| {
+            let items = t
+                .lines()
+                .find(|l| l.starts_with("items = "))
+                .unwrap()
+                .to_string();
+            t.replace(&items, &format!("catalogue = \"{name}\""))
+        });
+    }
+    root
+}
+
 /// A repository with `heavy`: a ranker over the demo catalogue whose tower
 /// has three layers of `hidden` units, so that a batch of 1,000 candidates
 /// takes long enough on a CPU (about 70 GFLOP at 4,096) to stand for a

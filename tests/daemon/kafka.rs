@@ -22,10 +22,14 @@ fn broker_with_topics() -> Broker {
 }
 
 fn rankd_on(broker: &Broker, state: &std::path::Path) -> Daemon {
+    rankd_serving(broker, state, &demo_models())
+}
+
+fn rankd_serving(broker: &Broker, state: &std::path::Path, models: &std::path::Path) -> Daemon {
     let bootstrap = broker.bootstrap();
     let state = state.to_str().unwrap().to_string();
     Daemon::start_with(
-        &demo_models(),
+        models,
         &[
             "--kafka-brokers",
             &bootstrap,
@@ -311,6 +315,65 @@ async fn item_upserts_appear_where_their_embedding_puts_them_and_deletes_remove_
     assert!(!top(&body).contains(&new_item), "{body}");
     let metrics = metrics(&c, &d).await;
     assert!(metrics.contains("rankd_ingest_stale_total 1"), "{metrics}");
+}
+
+/// With two catalogues, an item message reaches the catalogue it names
+/// alone; one that names none, or an unknown one, is dead-lettered with
+/// its reason and changes nothing.
+#[tokio::test]
+async fn item_messages_reach_the_catalogue_they_name() {
+    let broker = broker_with_topics();
+    let state = tempfile::tempdir().unwrap();
+    let repo = two_catalogue_repo();
+    let d = rankd_serving(&broker, state.path(), repo.path());
+    let c = Daemon::client();
+    wait_connected(&c, &d, true).await;
+    let item = async |catalogue: &str, id: u64| {
+        get_json(
+            &c,
+            &d.url(&format!("/v1/catalogues/{catalogue}/items/{id}")),
+        )
+        .await
+    };
+    let before = (item("creators", 7).await, item("videos", 8).await);
+    let producer = broker.producer();
+    for (key, msg) in [
+        (
+            "7",
+            json!({"catalogue": "videos", "item_id": 7, "embedding": vec![0.5; 64], "version": 1}),
+        ),
+        (
+            "7",
+            json!({"catalogue": "creators", "item_id": 7, "deleted": true, "version": 1}),
+        ),
+        (
+            "8",
+            json!({"item_id": 8, "embedding": vec![0.5; 64], "version": 1}),
+        ),
+        (
+            "8",
+            json!({"catalogue": "music", "item_id": 8, "deleted": true, "version": 1}),
+        ),
+    ] {
+        producer.send(ITEMS, key, &msg.to_string());
+    }
+    producer.flush();
+    wait_applied(&c, &d, ITEMS, 4, Duration::from_secs(10)).await;
+    let videos7 = item("videos", 7).await;
+    assert_eq!(videos7["embedding"], json!(vec![0.5; 64]), "{videos7}");
+    assert_eq!(videos7["deleted"], false, "{videos7}");
+    let creators7 = item("creators", 7).await;
+    assert_eq!(creators7["deleted"], true, "{creators7}");
+    assert_eq!(creators7["embedding"], before.0["embedding"], "{creators7}");
+    assert_eq!(item("videos", 8).await, before.1);
+    let dead = consume_all(&broker, DEAD, 2, Duration::from_secs(15));
+    let mut reasons: Vec<&str> = dead.iter().map(|(r, _)| r.as_str()).collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons,
+        ["catalogue_required", "unknown_catalogue"],
+        "{dead:?}"
+    );
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod catalogues;
 mod cpu_scoring;
 mod device;
 mod durable;

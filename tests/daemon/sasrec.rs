@@ -324,19 +324,8 @@ fn write_item_table(pth: &std::path::Path, to: &std::path::Path) {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let header = json!({
-        "ids": {"dtype": "U64", "shape": [n], "data_offsets": [0, 8 * n]},
-        "embeddings": {"dtype": "F32", "shape": [n, d], "data_offsets": [8 * n, 8 * n + 4 * n * d]},
-    });
-    let mut head = header.to_string().into_bytes();
-    while !head.len().is_multiple_of(8) {
-        head.push(b' ');
-    }
-    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&head);
-    bytes.extend((1..=n as u64).flat_map(|id| id.to_le_bytes()));
-    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-    std::fs::write(to, bytes).unwrap();
+    let ids: Vec<u64> = (1..=n as u64).collect();
+    crate::common::write_item_table(to, &ids, d, &values);
 }
 
 /// `cpu_scoring = "exact-int8"` and an item table file in place of

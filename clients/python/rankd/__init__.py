@@ -15,6 +15,7 @@ from ._errors import (
 from ._sync import Client
 from ._types import (
     BulkResult,
+    Catalogue,
     Health,
     Item,
     ModelInfo,
@@ -23,6 +24,7 @@ from ._types import (
     ScoredItem,
     Scores,
     ScoreRequest,
+    StoredItem,
     User,
 )
 
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "BulkResult",
+    "Catalogue",
     "Client",
     "ConnectionError",
     "DeadlineExceeded",
@@ -47,6 +50,7 @@ __all__ = [
     "ScoreRequest",
     "ScoredItem",
     "Scores",
+    "StoredItem",
     "Unauthorized",
     "User",
 ]

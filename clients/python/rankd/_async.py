@@ -242,9 +242,19 @@ class AsyncClient:
                           features: Optional[Iterable[float]] = None) -> t.User:
         return await self._t.call(_core.upsert_user(user_id, history, features))
 
-    async def upsert_item(self, item_id: int, embedding: Optional[Iterable[float]] = None,
-                          deleted: bool = False, version: Optional[int] = None) -> t.Item:
-        return await self._t.call(_core.upsert_item(item_id, embedding, deleted, version))
+    async def upsert_item(self, item_id: int, embedding: Optional[Iterable[float]] = None, deleted: bool = False,
+                    version: Optional[int] = None, catalogue: Optional[str] = None) -> t.Item:
+        """Writes (or with `deleted=True` removes) an item of `catalogue`; leave
+        `catalogue` out while the daemon serves exactly one."""
+        return await self._t.call(_core.upsert_item(item_id, embedding, deleted, version, catalogue))
+
+    async def get_item(self, catalogue: str, item_id: int) -> t.StoredItem:
+        """An item as its catalogue stores it."""
+        return await self._t.call(_core.get_item(catalogue, item_id))
+
+    async def catalogues(self) -> List[t.Catalogue]:
+        """The resident catalogues."""
+        return await self._t.call(_core.catalogues())
 
     async def bulk(self, model: str, requests: Any, *, timeout_ms: Optional[int] = None,
                    version: Optional[int] = None,

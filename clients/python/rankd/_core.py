@@ -72,14 +72,32 @@ def upsert_user(user_id: int, history: Optional[Iterable[int]] = None,
 
 
 def upsert_item(item_id: int, embedding: Optional[Iterable[float]] = None, deleted: bool = False,
-                version: Optional[int] = None) -> Call:
+                version: Optional[int] = None, catalogue: Optional[str] = None) -> Call:
     body: Dict[str, Any] = _opt({}, version=version)
     if embedding is not None:
         body["embedding"] = [float(x) for x in embedding]
     if deleted:
         body["deleted"] = True
-    return Call("upsert_item", "POST", f"/v1/items/{int(item_id)}", body,
-                {"item_id": item_id, **body}, t.Item.from_wire)
+    if catalogue is None:
+        path = f"/v1/items/{int(item_id)}"
+        fields = {"item_id": item_id, **body}
+    else:
+        path = f"/v1/catalogues/{quote(catalogue, safe='')}/items/{int(item_id)}"
+        fields = {"item_id": item_id, "catalogue": catalogue, **body}
+    return Call("upsert_item", "POST", path, body, fields, t.Item.from_wire)
+
+
+def get_item(catalogue: str, item_id: int) -> Call:
+    return Call("get_item", "GET", f"/v1/catalogues/{quote(catalogue, safe='')}/items/{int(item_id)}",
+                None, {"catalogue": catalogue, "item_id": item_id}, t.StoredItem.from_wire)
+
+
+def _catalogues(r: Dict[str, Any]) -> List[t.Catalogue]:
+    return [t.Catalogue.from_wire(c) for c in r["catalogues"]]
+
+
+def catalogues() -> Call:
+    return Call("catalogues", "GET", "/v1/catalogues", None, {}, _catalogues)
 
 
 def _models(r: Dict[str, Any]) -> List[t.ModelInfo]:

@@ -247,8 +247,18 @@ class Client:
         return self._t.call(_core.upsert_user(user_id, history, features))
 
     def upsert_item(self, item_id: int, embedding: Optional[Iterable[float]] = None, deleted: bool = False,
-                    version: Optional[int] = None) -> t.Item:
-        return self._t.call(_core.upsert_item(item_id, embedding, deleted, version))
+                    version: Optional[int] = None, catalogue: Optional[str] = None) -> t.Item:
+        """Writes (or with `deleted=True` removes) an item of `catalogue`; leave
+        `catalogue` out while the daemon serves exactly one."""
+        return self._t.call(_core.upsert_item(item_id, embedding, deleted, version, catalogue))
+
+    def get_item(self, catalogue: str, item_id: int) -> t.StoredItem:
+        """An item as its catalogue stores it."""
+        return self._t.call(_core.get_item(catalogue, item_id))
+
+    def catalogues(self) -> List[t.Catalogue]:
+        """The resident catalogues."""
+        return self._t.call(_core.catalogues())
 
     def bulk(self, model: str, requests: Iterable[Any], *, timeout_ms: Optional[int] = None,
              version: Optional[int] = None, chunk_size: int = _bulk.CHUNK_SIZE) -> Iterator[t.BulkResult]:

@@ -73,10 +73,43 @@ class Item:
     version: int
     deleted: bool
     applied: bool
+    #: The catalogue written.
+    catalogue: Optional[str] = None
 
     @classmethod
     def from_wire(cls, r: Dict[str, Any]) -> "Item":
-        return cls(int(r["item_id"]), int(r["version"]), bool(r["deleted"]), bool(r["applied"]))
+        return cls(int(r["item_id"]), int(r["version"]), bool(r["deleted"]), bool(r["applied"]),
+                   r.get("catalogue"))
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """An item as its catalogue stores it."""
+    catalogue: str
+    item_id: int
+    version: int
+    deleted: bool
+    embedding: List[float]
+
+    @classmethod
+    def from_wire(cls, r: Dict[str, Any]) -> "StoredItem":
+        return cls(str(r["catalogue"]), int(r["item_id"]), int(r["version"]), bool(r["deleted"]),
+                   [_f32(x) for x in r["embedding"]])
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    name: str
+    dim: int
+    live_rows: int
+    rows: int
+    attributes: List[str]
+    models: List[str]
+
+    @classmethod
+    def from_wire(cls, r: Dict[str, Any]) -> "Catalogue":
+        return cls(str(r["name"]), int(r["dim"]), int(r["live_rows"]), int(r["rows"]),
+                   list(r["attributes"]), list(r["models"]))
 
 
 @dataclass(frozen=True)

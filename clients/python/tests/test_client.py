@@ -3,6 +3,7 @@ clients, the same answers everywhere, pipelining, errors, and restarts."""
 
 import asyncio
 import shutil
+import struct
 import threading
 
 import pytest
@@ -13,6 +14,10 @@ from conftest import USERS, Daemon, history, wait_gone
 
 def targets(d):
     return [d.unix, d.http]
+
+
+def c_f32(x):
+    return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
 def test_every_method_sync(with_state):
@@ -40,10 +45,15 @@ def test_every_method_sync(with_state):
             assert all(0.0 <= x <= 1.0 for x in s.scores)
             item = 99000 + n
             it = c.upsert_item(item, embedding=[0.01] * 64, version=10)
-            assert it == rankd.Item(item, 10, False, True)
+            assert it == rankd.Item(item, 10, False, True, "demo")
             assert c.upsert_item(item, embedding=[0.02] * 64, version=5).applied is False
-            it = c.upsert_item(item, deleted=True, version=11)
-            assert (it.deleted, it.applied) == (True, True)
+            stored = c.get_item("demo", item)
+            assert stored == rankd.StoredItem("demo", item, 10, False, [c_f32(0.01)] * 64)
+            it = c.upsert_item(item, deleted=True, version=11, catalogue="demo")
+            assert (it.deleted, it.applied, it.catalogue) == (True, True, "demo")
+            [cat] = c.catalogues()
+            assert (cat.name, cat.dim) == ("demo", 64) and "demo@1" in cat.models, cat
+            assert cat.rows > cat.live_rows, "deleted rows stay allocated"
 
 
 def test_every_method_async(with_state):
@@ -67,6 +77,8 @@ def test_every_method_async(with_state):
                 assert (it.item_id, it.deleted, it.applied) == (item, False, True)
                 it = await c.upsert_item(item, deleted=True)
                 assert it.deleted
+                assert (await c.get_item("demo", item)).deleted
+                assert [x.name for x in await c.catalogues()] == ["demo"]
 
     asyncio.run(run())
 

@@ -237,6 +237,41 @@ pub struct ItemSummary {
     pub deleted: bool,
     /// False when a newer version was already stored.
     pub applied: bool,
+    /// The catalogue written (absent from daemons before named catalogues).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalogue: Option<String>,
+}
+
+/// An item as its catalogue stores it (`GET /v1/catalogues/{catalogue}/items/{item_id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredItem {
+    pub catalogue: String,
+    pub item_id: u64,
+    pub version: u64,
+    /// Deleted items keep their row (histories that name them still read
+    /// it) but are never returned.
+    pub deleted: bool,
+    pub embedding: Vec<f32>,
+}
+
+/// A resident catalogue (`GET /v1/catalogues`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogueInfo {
+    pub name: String,
+    pub dim: usize,
+    /// Items that can be returned.
+    pub live_rows: usize,
+    /// Rows ever allocated, deleted ones included.
+    pub rows: usize,
+    /// Integer attribute names.
+    pub attributes: Vec<String>,
+    /// The resident versions reading it, as `model@version`.
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CataloguesResponse {
+    pub catalogues: Vec<CatalogueInfo>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

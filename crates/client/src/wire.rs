@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use super::types::*;
 
+/// A field the daemon does not know is refused (`invalid`, naming it), so a
+/// client never gets an answer that silently ignored part of its request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WireRequest {
     pub id: u64,
     pub op: String,
@@ -26,9 +29,13 @@ pub struct WireRequest {
     pub history: Option<Vec<u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<Vec<f64>>,
-    /// `upsert_item`: the item to write.
+    /// `upsert_item`, `get_item`: the item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub item_id: Option<u64>,
+    /// `upsert_item`, `get_item`: the item's catalogue (`upsert_item` may
+    /// leave it out while exactly one catalogue is loaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalogue: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding: Option<Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,6 +80,8 @@ pub enum WireResult {
     Model(ModelInfo),
     Health(Readiness),
     Item(ItemSummary),
+    StoredItem(StoredItem),
+    Catalogues(CataloguesResponse),
     Ingest(IngestReport),
 }
 
@@ -81,6 +90,8 @@ pub const OPS: &[&str] = &[
     "score",
     "upsert_user",
     "upsert_item",
+    "get_item",
+    "catalogues",
     "models",
     "health",
     "ingest",

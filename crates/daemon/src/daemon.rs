@@ -355,7 +355,7 @@ fn start_ingest(
         .find_map(|m| m.spec())
         .context("no model loaded: nothing to validate updates against")?;
     let validator = Validator {
-        item_dim: spec.dim,
+        catalogues: registry.catalogues().clone(),
         user_feature_dim: spec.user_feature_dim,
         event_types: kafka.event_types.clone(),
     };

@@ -84,6 +84,7 @@ pub mod internals {
     #[cfg(feature = "cuda")]
     pub use crate::backend::cuda;
     pub use crate::backend::{Backend, BatchBounds, ModelDesc, Output, Query, Scored, Task};
+    pub use crate::features::catalogues::Catalogues;
     pub use crate::features::store::State;
     pub use crate::features::updates::{Coalescer, Stream, Update, UpdateBatch, Validator};
     pub use crate::model::demo::{files as demo_files, Rng};

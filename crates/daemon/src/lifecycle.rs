@@ -234,7 +234,7 @@ impl Lifecycle {
         let read = tokio::task::spawn_blocking(move || {
             let entry = ModelEntry::read(&name, version, dir);
             load::read(index, &entry, |path, dim| {
-                registry.table_resident(path, dim)
+                registry.catalogues().resident(path, dim)
             })
         })
         .await

@@ -46,6 +46,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/models/{model}/bulk", post(bulk))
         .route("/v1/users/{user_id}", post(upsert_user).get(get_user))
         .route("/v1/items/{item_id}", post(write_item))
+        .route("/v1/catalogues", get(list_catalogues))
+        .route(
+            "/v1/catalogues/{catalogue}/items/{item_id}",
+            post(write_catalogue_item).get(get_catalogue_item),
+        )
         .route("/v1/ingest", get(ingest))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -403,7 +408,50 @@ async fn write_item(
     let JsonBody(req) = admitted(&s, "", "write_item", body)?;
     let id = parse_id("item_id", &item_id).map_err(ApiError);
     let item_id = admitted(&s, "", "write_item", id)?;
-    Ok(Json(s.service.write_item(item_id, req).await?))
+    Ok(Json(s.service.write_item(None, item_id, req).await?))
+}
+
+/// The catalogue and item id of `/v1/catalogues/{catalogue}/items/{item_id}`.
+fn catalogue_item(
+    s: &HttpState,
+    route: &str,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<(String, u64), ApiError> {
+    let decoded = p.map(|Path(v)| v).map_err(|e| {
+        ApiError(ServeError::Invalid(format!(
+            "the path does not decode: {}",
+            e.body_text()
+        )))
+    });
+    let (catalogue, item_id) = admitted(s, "", route, decoded)?;
+    let id = parse_id("item_id", &item_id).map_err(ApiError);
+    Ok((catalogue, admitted(s, "", route, id)?))
+}
+
+async fn write_catalogue_item(
+    State(s): State<HttpState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<JsonBody<ItemRequest>, ApiError>,
+) -> Result<Json<rankd_client::types::ItemSummary>, ApiError> {
+    let (catalogue, item_id) = catalogue_item(&s, "write_item", path)?;
+    let JsonBody(req) = admitted(&s, "", "write_item", body)?;
+    Ok(Json(
+        s.service.write_item(Some(catalogue), item_id, req).await?,
+    ))
+}
+
+async fn get_catalogue_item(
+    State(s): State<HttpState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<rankd_client::types::StoredItem>, ApiError> {
+    let (catalogue, item_id) = catalogue_item(&s, "get_item", path)?;
+    Ok(Json(s.service.get_item(catalogue, item_id).await?))
+}
+
+async fn list_catalogues(
+    State(s): State<HttpState>,
+) -> Result<Json<rankd_client::types::CataloguesResponse>, ApiError> {
+    Ok(Json(s.service.catalogues().await?))
 }
 
 async fn ingest(State(s): State<HttpState>) -> Json<rankd_client::types::IngestReport> {

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use crate::batch::Class;
 use crate::error::ServeError;
 use crate::exec::{ExecutorHandle, LoadState, Note, Op, Output, ServedModel, UserUpdate};
-use crate::features::store::{ItemSummary, ItemWrite};
+use crate::features::store::{ItemSummary, ItemWrite, StoredItem};
 use crate::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
 use crate::model::OpKind;
+use rankd_client::types::CataloguesResponse;
 use rankd_client::types::*;
 
 #[derive(Debug, Clone)]
@@ -364,19 +365,39 @@ impl Service {
         })
     }
 
+    /// Writes an item of `catalogue` (`None`: the only one loaded).
     pub async fn write_item(
         &self,
+        catalogue: Option<String>,
         item_id: u64,
         req: ItemRequest,
     ) -> Result<ItemSummary, ServeError> {
         let started = Instant::now();
-        let result = self.write_item_inner(item_id, req).await;
+        let result = self.write_item_inner(catalogue, item_id, req).await;
         self.observe("", "", "write_item", "", started, &result);
         result
     }
 
+    /// An item of a catalogue as stored.
+    pub async fn get_item(
+        &self,
+        catalogue: String,
+        item_id: u64,
+    ) -> Result<StoredItem, ServeError> {
+        let started = Instant::now();
+        let result = self.exec.get_item(catalogue, item_id).await;
+        self.observe("", "", "get_item", "", started, &result);
+        result
+    }
+
+    pub async fn catalogues(&self) -> Result<CataloguesResponse, ServeError> {
+        let catalogues = self.exec.catalogues().await?;
+        Ok(CataloguesResponse { catalogues })
+    }
+
     async fn write_item_inner(
         &self,
+        catalogue: Option<String>,
         item_id: u64,
         req: ItemRequest,
     ) -> Result<ItemSummary, ServeError> {
@@ -399,6 +420,7 @@ impl Service {
                 item_id,
                 embedding,
                 version: req.version,
+                catalogue,
             })
             .await
     }

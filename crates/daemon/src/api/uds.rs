@@ -532,10 +532,19 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 version: req.version,
             };
             service
-                .write_item(item_id, body)
+                .write_item(req.catalogue, item_id, body)
                 .await
                 .map(WireResult::Item)
         }
+        "get_item" => {
+            let item_id = required(req.item_id, "item_id", op)?;
+            let catalogue = required(req.catalogue, "catalogue", op)?;
+            service
+                .get_item(catalogue, item_id)
+                .await
+                .map(WireResult::StoredItem)
+        }
+        "catalogues" => service.catalogues().await.map(WireResult::Catalogues),
         "ingest" => Ok(WireResult::Ingest(service.ingest())),
         "models" => match req.model {
             Some(m) => service.model(&m).map(WireResult::Model),

@@ -48,6 +48,8 @@ struct Slot {
     label: String,
     spec: Arc<ModelSpec>,
     table: usize,
+    catalogue: String,
+    /// Where the table was read from.
     table_key: PathBuf,
 }
 
@@ -97,8 +99,8 @@ struct Executor {
     device: String,
     slots: HashMap<ModelId, Slot>,
     next_id: ModelId,
-    /// Resident tables by canonical path: id and the versions using it.
-    tables: HashMap<PathBuf, (usize, usize)>,
+    /// Resident catalogues by name: table id and the versions using it.
+    tables: HashMap<String, (usize, usize)>,
     warming: VecDeque<Warming>,
     retiring: Vec<Arc<Resident>>,
     scheduler: Scheduler<InferRequest>,
@@ -237,13 +239,11 @@ impl Executor {
 
     /// Reads, loads and warms one version at once (nothing is served yet).
     fn load_now(&mut self, model: usize, entry: &ModelEntry) {
-        let files = load::read(model, entry, |path, dim| self.table_resident(path, dim));
+        let files = load::read(model, entry, |name, dim| {
+            self.registry.catalogues().resident(name, dim)
+        });
         self.begin((model, entry.version), files, None);
         while self.warm_step() {}
-    }
-
-    fn table_resident(&self, path: &std::path::Path, dim: usize) -> bool {
-        self.registry.table_resident(path, dim)
     }
 
     /// Starts making a read version resident; its warm-up follows in
@@ -268,7 +268,7 @@ impl Executor {
     fn make_resident(&mut self, f: VersionFiles) -> Result<Warming, ModelError> {
         let started = Instant::now();
         let spec = f.spec;
-        let table = match self.tables.get_mut(&f.items_key) {
+        let table = match self.tables.get_mut(&f.catalogue) {
             Some((t, users)) if self.state.tables[*t].dim() == spec.dim => {
                 *users += 1;
                 *t
@@ -287,7 +287,7 @@ impl Executor {
                     // Resident when the file was read, freed since: read it now.
                     None => ItemTable::load(&f.items_key, spec.dim)?,
                 };
-                let t = self.state.add_table(table);
+                let t = self.state.add_table(&f.catalogue, table);
                 if let Err(e) = self
                     .backend
                     .load_table(t, &self.state.tables[t], spec.item_dtype)
@@ -298,9 +298,8 @@ impl Executor {
                         message: e.to_string(),
                     });
                 }
-                self.tables.insert(f.items_key.clone(), (t, 1));
-                self.registry
-                    .set_table_resident(&f.items_key, Some(spec.dim));
+                self.tables.insert(f.catalogue.clone(), (t, 1));
+                self.registry.catalogues().set(&f.catalogue, Some(spec.dim));
                 t
             }
         };
@@ -324,7 +323,7 @@ impl Executor {
             cpu_scoring: spec.cpu_scoring,
         };
         if let Err(e) = self.backend.load(id, desc, table, &f.weights) {
-            self.release_table(&f.items_key);
+            self.release_table(&f.catalogue);
             return Err(ModelError::Device {
                 path: f.dir.clone(),
                 message: e.to_string(),
@@ -349,6 +348,7 @@ impl Executor {
                 label: f.version.to_string(),
                 spec: spec.clone(),
                 table,
+                catalogue: f.catalogue,
                 table_key: f.items_key,
             },
         );
@@ -495,19 +495,19 @@ impl Executor {
                 .metrics
                 .traffic_share
                 .remove_label_values(&[&slot.name, &slot.label]);
-            self.release_table(&slot.table_key);
+            self.release_table(&slot.catalogue);
         }
     }
 
-    fn release_table(&mut self, key: &PathBuf) {
-        let Some((t, users)) = self.tables.get_mut(key) else {
+    fn release_table(&mut self, catalogue: &str) {
+        let Some((t, users)) = self.tables.get_mut(catalogue) else {
             return;
         };
         *users -= 1;
         if *users == 0 {
             let t = *t;
-            self.tables.remove(key);
-            self.registry.set_table_resident(key, None);
+            self.tables.remove(catalogue);
+            self.registry.catalogues().set(catalogue, None);
             self.backend.unload_table(t);
             self.state.retire_table(t);
         }
@@ -655,8 +655,9 @@ impl Executor {
                 match result {
                     Ok(summary) => {
                         if let Some(wal) = &mut self.wal {
-                            // Replayed with the version it was given.
+                            // Replayed with the version and catalogue it was given.
                             logged.version = Some(summary.version);
+                            logged.catalogue = summary.catalogue.clone();
                             wal.append(&Record::Item(logged));
                         }
                         self.acks.push(Ack::Item(reply, summary));
@@ -665,6 +666,12 @@ impl Executor {
                         let _ = reply.send(Err(e));
                     }
                 }
+            }
+            Command::GetItem(catalogue, item_id, reply) => {
+                let _ = reply.send(self.state.item(&catalogue, item_id));
+            }
+            Command::Catalogues(reply) => {
+                let _ = reply.send(Ok(self.catalogues()));
             }
             Command::Apply(batch, reply) => {
                 if self.online.enabled() {
@@ -698,6 +705,32 @@ impl Executor {
         }
     }
 
+    /// The resident catalogues with the versions reading each.
+    fn catalogues(&self) -> Vec<crate::features::store::CatalogueInfo> {
+        self.state
+            .catalogues()
+            .into_iter()
+            .map(|(name, t)| {
+                let table = &self.state.tables[t];
+                let mut models: Vec<String> = self
+                    .slots
+                    .values()
+                    .filter(|s| s.table == t)
+                    .map(|s| format!("{}@{}", s.name, s.version))
+                    .collect();
+                models.sort_unstable();
+                crate::features::store::CatalogueInfo {
+                    name: name.to_string(),
+                    dim: table.dim(),
+                    live_rows: table.live_count(),
+                    rows: table.rows(),
+                    attributes: Vec::new(),
+                    models,
+                }
+            })
+            .collect()
+    }
+
     /// Replays the log from segment `from` on (after the snapshot) and
     /// starts a new segment.
     fn open_wal(&mut self, dir: &std::path::Path, from: u64, sync: bool) {
@@ -719,7 +752,7 @@ impl Executor {
                     }
                     Record::Item(w) => {
                         items += 1;
-                        self.state.write_item_request(w).is_ok()
+                        self.state.replay_item(w).is_ok()
                     }
                 };
                 refused += usize::from(!ok);

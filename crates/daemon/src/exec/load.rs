@@ -18,21 +18,56 @@ pub struct VersionFiles {
     pub spec: ModelSpec,
     /// The weights as the model's kind loaded them.
     pub weights: Weights,
-    /// The item table's canonical path: versions naming the same file share
-    /// one resident table. A table the weights carry is keyed by the
-    /// weights file's path and the tensor (`…/model.pth#item_emb`).
+    /// The catalogue: versions naming the same one share one resident table
+    /// (see [`catalogue_name`]).
+    pub catalogue: String,
+    /// Where the table is read from: the items file, or for a table the
+    /// weights carry, the weights file and the tensor (`…/model.pth#item_emb`).
     pub items_key: PathBuf,
     /// The table read from `items_key`; `None` when it was resident already.
     pub items: Option<ItemTable>,
 }
 
-/// Reads `entry`. `resident(path, dim)` tells whether the table at that
-/// canonical path is already resident with that dimension (then it is not
-/// read again).
+/// The name of the catalogue a table file makes, given the repository's
+/// root (both canonical): `<name>` for a file inside `catalogues/<name>/`,
+/// otherwise its path relative to the root without the extension
+/// (`demo/1/items`), or the absolute path without the extension for a file
+/// outside the repository. A table the weights carry is named after the
+/// weights file and the tensor (`sasrec/1/model/item_emb`).
+pub fn catalogue_name(root: &Path, table: &Path, tensor: Option<&str>) -> String {
+    let relative = table.strip_prefix(root).ok();
+    if tensor.is_none() {
+        if let Some(rel) = relative {
+            let mut parts = rel.components();
+            if let (Some(first), Some(name), Some(_)) = (parts.next(), parts.next(), parts.next()) {
+                if first.as_os_str() == crate::model::CATALOGUES_DIR {
+                    return name.as_os_str().to_string_lossy().into_owned();
+                }
+            }
+        }
+    }
+    let path = relative.unwrap_or(table).with_extension("");
+    let mut name: String = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/");
+    if relative.is_none() {
+        name = format!("/{}", name.trim_start_matches('/'));
+    }
+    if let Some(t) = tensor {
+        name.push('/');
+        name.push_str(t);
+    }
+    name
+}
+
+/// Reads `entry`. `resident(catalogue, dim)` tells whether that catalogue
+/// is already resident with that dimension (then it is not read again).
 pub fn read(
     model: usize,
     entry: &ModelEntry,
-    resident: impl Fn(&Path, usize) -> bool,
+    resident: impl Fn(&str, usize) -> bool,
 ) -> Result<VersionFiles, ModelError> {
     let spec = entry.spec.clone()?;
     let weights_path = entry.resolve(&spec.weights);
@@ -43,22 +78,44 @@ pub fn read(
             message: e.to_string(),
         })
     };
-    let (items_key, items) = match spec.kind.embedded_items(&spec, &weights) {
+    // The repository's root: the version folder is `<root>/<model>/<version>`.
+    let root = entry
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|r| r.canonicalize().unwrap_or_else(|_| r.to_path_buf()))
+        .unwrap_or_default();
+    let (catalogue, items_key, items) = match spec.kind.embedded_items(&spec, &weights) {
         Some(table) => {
-            let mut key = canonical(&weights_path)?.into_os_string();
+            let weights_key = canonical(&weights_path)?;
+            let tensor = spec.items.to_string_lossy();
+            let catalogue = catalogue_name(&root, &weights_key, Some(&tensor));
+            let mut key = weights_key.into_os_string();
             key.push("#");
             key.push(&spec.items);
-            (PathBuf::from(key), Some(table?))
+            (catalogue, PathBuf::from(key), Some(table?))
         }
         None => {
             let items_path = entry.resolve(&spec.items);
             let items_key = canonical(&items_path)?;
-            let items = if resident(&items_key, spec.dim) {
+            let catalogue = catalogue_name(&root, &items_key, None);
+            if let Some(named) = &spec.catalogue {
+                if *named != catalogue {
+                    return Err(ModelError::Spec {
+                        path: entry.dir.join("model.toml"),
+                        message: format!(
+                            "catalogue '{named}' resolves to {} (catalogue '{catalogue}')",
+                            items_key.display()
+                        ),
+                    });
+                }
+            }
+            let items = if resident(&catalogue, spec.dim) {
                 None
             } else {
                 Some(ItemTable::load(&items_path, spec.dim)?)
             };
-            (items_key, items)
+            (catalogue, items_key, items)
         }
     };
     Ok(VersionFiles {
@@ -68,7 +125,47 @@ pub fn read(
         dir: entry.dir.clone(),
         spec,
         weights,
+        catalogue,
         items_key,
         items,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_names_follow_the_table_files_place() {
+        let root = Path::new("/srv/models");
+        let name = |p: &str, t: Option<&str>| catalogue_name(root, Path::new(p), t);
+        assert_eq!(
+            name("/srv/models/catalogues/videos/items.safetensors", None),
+            "videos"
+        );
+        assert_eq!(
+            name("/srv/models/catalogues/videos/v2.safetensors", None),
+            "videos"
+        );
+        assert_eq!(
+            name("/srv/models/demo/1/items.safetensors", None),
+            "demo/1/items"
+        );
+        assert_eq!(
+            name("/srv/models/demo/2/items.safetensors", None),
+            "demo/2/items"
+        );
+        assert_eq!(
+            name("/srv/models/catalogues.safetensors", None),
+            "catalogues"
+        );
+        assert_eq!(
+            name("/data/tables/items.safetensors", None),
+            "/data/tables/items"
+        );
+        assert_eq!(
+            name("/srv/models/sasrec/1/model.pth", Some("item_emb")),
+            "sasrec/1/model/item_emb"
+        );
+    }
 }

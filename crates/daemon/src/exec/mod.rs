@@ -99,6 +99,10 @@ pub enum Command {
     /// A user's stored state; changes nothing.
     GetUser(u64, Reply<UserSummary>),
     WriteItem(state::ItemWrite, Reply<state::ItemSummary>),
+    /// An item of a catalogue as stored; changes nothing.
+    GetItem(String, u64, Reply<state::StoredItem>),
+    /// The resident catalogues.
+    Catalogues(Reply<Vec<state::CatalogueInfo>>),
     /// Applies a batch of feature updates between scoring batches.
     Apply(
         crate::features::updates::UpdateBatch,
@@ -277,6 +281,19 @@ impl ExecutorHandle {
         write: state::ItemWrite,
     ) -> Result<state::ItemSummary, ServeError> {
         self.ask(|r| Command::WriteItem(write, r)).await
+    }
+
+    /// An item of a catalogue, in order with the writes before it.
+    pub async fn get_item(
+        &self,
+        catalogue: String,
+        item_id: u64,
+    ) -> Result<state::StoredItem, ServeError> {
+        self.ask(|r| Command::GetItem(catalogue, item_id, r)).await
+    }
+
+    pub async fn catalogues(&self) -> Result<Vec<state::CatalogueInfo>, ServeError> {
+        self.ask(Command::Catalogues).await
     }
 
     /// Applies an update batch; blocks the calling (non-async) thread.

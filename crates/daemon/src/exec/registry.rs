@@ -11,6 +11,7 @@
 //! same version for as long as the split holds, on every replica and after a
 //! restart.
 
+use crate::features::catalogues::Catalogues;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -606,8 +607,8 @@ pub struct Registry {
     /// Why the GPU is not used, when it is not.
     device_reason: RwLock<Option<String>>,
     health: RwLock<DeviceHealth>,
-    /// Item tables resident in the executor: canonical path → dimension.
-    tables: RwLock<HashMap<std::path::PathBuf, usize>>,
+    /// Catalogues resident in the executor: name → dimension.
+    catalogues: Catalogues,
 }
 
 impl Registry {
@@ -626,21 +627,13 @@ impl Registry {
                 healthy: true,
                 reason: None,
             }),
-            tables: RwLock::new(HashMap::new()),
+            catalogues: Catalogues::new(),
         }
     }
 
-    /// Whether the table at `path` is resident with dimension `dim`.
-    pub fn table_resident(&self, path: &std::path::Path, dim: usize) -> bool {
-        self.tables.read().expect("tables lock poisoned").get(path) == Some(&dim)
-    }
-
-    pub fn set_table_resident(&self, path: &std::path::Path, dim: Option<usize>) {
-        let mut g = self.tables.write().expect("tables lock poisoned");
-        match dim {
-            Some(d) => g.insert(path.to_path_buf(), d),
-            None => g.remove(path),
-        };
+    /// The resident catalogues (the executor keeps them current).
+    pub fn catalogues(&self) -> &Catalogues {
+        &self.catalogues
     }
 
     pub fn get(&self, name: &str) -> Option<(usize, &Arc<ServedModel>)> {

@@ -2,6 +2,7 @@
 //! dense feature vector. Owned by the executor thread; changed only through
 //! update commands, so scoring and updates are ordered without locks.
 
+pub mod catalogues;
 pub mod popularity;
 pub mod snapshot;
 pub mod store;

@@ -52,6 +52,11 @@ pub struct SnapshotUser {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotItem {
+    /// The item's catalogue. Snapshots written before catalogues had names
+    /// lack it; their items are restored into every table of their
+    /// dimension, as writes then reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalogue: Option<String>,
     pub id: u64,
     pub version: u64,
     pub deleted: bool,
@@ -84,7 +89,8 @@ pub struct SnapshotDelta {
 pub struct SnapshotBase {
     offsets: Vec<SnapshotOffset>,
     users: HashMap<u64, Arc<UserState>>,
-    items: HashMap<u64, SnapshotItem>,
+    /// By catalogue and id.
+    items: HashMap<(Option<String>, u64), SnapshotItem>,
     /// A full capture has been merged: the copy is the whole state.
     complete: bool,
     wal_next: u64,
@@ -145,8 +151,12 @@ impl SnapshotBase {
             self.users.remove(id);
         }
         self.users.extend(delta.users);
-        self.items
-            .extend(delta.items.into_iter().map(|i| (i.id, i)));
+        self.items.extend(
+            delta
+                .items
+                .into_iter()
+                .map(|i| ((i.catalogue.clone(), i.id), i)),
+        );
     }
 
     fn view(&self) -> SnapshotView<'_> {
@@ -162,7 +172,7 @@ impl SnapshotBase {
             .collect();
         users.sort_unstable_by_key(|u| u.id);
         let mut items: Vec<&SnapshotItem> = self.items.values().collect();
-        items.sort_unstable_by_key(|i| i.id);
+        items.sort_unstable_by(|a, b| (&a.catalogue, a.id).cmp(&(&b.catalogue, b.id)));
         SnapshotView {
             format: FORMAT,
             created_ms: now_ms(),
@@ -350,6 +360,7 @@ mod tests {
                 (2, user(&[], Some(vec![0.5, -1.0]))),
             ],
             items: vec![SnapshotItem {
+                catalogue: Some("videos".into()),
                 id: 7,
                 version: 2,
                 deleted: true,

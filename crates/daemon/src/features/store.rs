@@ -2,9 +2,10 @@
 //! source offsets already applied, and what changed since the catalogue was
 //! loaded (for snapshots). Only the executor thread touches it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::error::ServeError;
+use crate::features::catalogues::Unresolved;
 use crate::features::snapshot::{
     Snapshot, SnapshotDelta, SnapshotItem, SnapshotOffset, SnapshotUser,
 };
@@ -12,7 +13,7 @@ use crate::features::updates::{Position, Update, UpdateBatch};
 use crate::features::{UserState, UserStore};
 use crate::model::items::ItemChange;
 use crate::model::ItemTable;
-pub use rankd_client::types::ItemSummary;
+pub use rankd_client::types::{CatalogueInfo, ItemSummary, StoredItem};
 
 /// A change to one user's state; a field given replaces that part.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -48,21 +49,35 @@ pub struct ItemWrite {
     /// `None` deletes the item.
     pub embedding: Option<Vec<f32>>,
     pub version: Option<u64>,
+    /// The catalogue written; `None`: the only one loaded. A log record
+    /// always names it (records of releases before named catalogues do
+    /// not: they reach every table of their dimension, as they did then).
+    #[serde(default)]
+    pub catalogue: Option<String>,
 }
 
 pub struct State {
+    /// Item tables by id; a catalogue's table keeps its id while resident.
     pub tables: Vec<ItemTable>,
+    /// The catalogue name of each table ("" for a retired one).
+    names: Vec<String>,
+    by_name: HashMap<String, usize>,
     /// Tables no model uses any more: emptied, skipped by writes, and reused
     /// by the next table added.
     retired: std::collections::BTreeSet<usize>,
     pub users: UserStore,
     /// Next offset per topic-partition that the state includes.
     pub applied: BTreeMap<Position, i64>,
-    dirty_items: HashSet<u64>,
+    /// Items written since their catalogue was loaded, per catalogue.
+    written: HashMap<String, HashSet<u64>>,
+    /// Written items of catalogues not resident now (unloaded, or restored
+    /// from a snapshot before a model brings the catalogue back): kept for
+    /// snapshots and put back when the catalogue loads again.
+    parked: HashMap<String, HashMap<u64, SnapshotItem>>,
     /// Users and items changed since the last `capture`, tracked once the
     /// first capture was taken (never when snapshots are off).
     users_since: HashSet<u64>,
-    items_since: HashSet<u64>,
+    items_since: HashSet<(String, u64)>,
     tracking: bool,
     /// Rows written since the backend last heard of them, per table.
     changed_rows: BTreeMap<usize, Vec<u32>>,
@@ -78,10 +93,13 @@ impl State {
     pub fn new(history_cap: usize) -> Self {
         Self {
             tables: Vec::new(),
+            names: Vec::new(),
+            by_name: HashMap::new(),
             retired: std::collections::BTreeSet::new(),
             users: UserStore::new(history_cap),
             applied: BTreeMap::new(),
-            dirty_items: HashSet::new(),
+            written: HashMap::new(),
+            parked: HashMap::new(),
             users_since: HashSet::new(),
             items_since: HashSet::new(),
             tracking: false,
@@ -92,79 +110,132 @@ impl State {
         }
     }
 
-    /// Adds a table loaded from a file and brings it up to date with every
-    /// item written since the start (over the API or Kafka, or restored from
-    /// the snapshot), as the tables already served are. Returns its id.
-    pub fn add_table(&mut self, mut table: ItemTable) -> usize {
-        let mut written: Vec<u64> = self.dirty_items.iter().copied().collect();
-        written.sort_unstable();
-        for id in written {
-            if let Some(it) = self.snapshot_item(id) {
+    /// Adds catalogue `name`'s table, loaded from its file, and puts back
+    /// the items written to that catalogue before it was last unloaded (or
+    /// restored from the snapshot for it). Returns the table's id.
+    pub fn add_table(&mut self, name: &str, mut table: ItemTable) -> usize {
+        debug_assert!(
+            !self.by_name.contains_key(name),
+            "catalogue {name} added twice"
+        );
+        if let Some(parked) = self.parked.remove(name) {
+            let mut items: Vec<SnapshotItem> = parked.into_values().collect();
+            items.sort_unstable_by_key(|it| it.id);
+            for it in items {
                 if it.embedding.len() == table.dim() {
                     table.restore(it.id, &it.embedding, it.version, !it.deleted);
+                } else {
+                    tracing::warn!(
+                        catalogue = name,
+                        item = it.id,
+                        dim = table.dim(),
+                        "a written item of another dimension than the catalogue's file is dropped"
+                    );
+                    if let Some(w) = self.written.get_mut(name) {
+                        w.remove(&it.id);
+                    }
                 }
             }
         }
-        match self.retired.pop_first() {
+        let t = match self.retired.pop_first() {
             Some(t) => {
                 self.tables[t] = table;
+                self.names[t] = name.to_string();
                 t
             }
             None => {
                 self.tables.push(table);
+                self.names.push(name.to_string());
                 self.tables.len() - 1
             }
-        }
+        };
+        self.by_name.insert(name.to_string(), t);
+        t
     }
 
-    /// Frees a table no model uses any more.
+    /// Frees a table no model uses any more; the items written to its
+    /// catalogue are kept aside.
     pub fn retire_table(&mut self, t: usize) {
+        let name = std::mem::take(&mut self.names[t]);
+        if let Some(ids) = self.written.get(&name) {
+            let parked: HashMap<u64, SnapshotItem> = ids
+                .iter()
+                .filter_map(|&id| Some((id, table_item(&self.tables[t], &name, id)?)))
+                .collect();
+            self.parked.insert(name.clone(), parked);
+        }
+        self.by_name.remove(&name);
         let dim = self.tables[t].dim();
         self.tables[t] = ItemTable::new(dim, Vec::new(), Vec::new()).expect("an empty table");
         self.changed_rows.remove(&t);
         self.retired.insert(t);
     }
 
-    fn live_tables(&self) -> impl Iterator<Item = &ItemTable> {
-        self.tables
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !self.retired.contains(i))
-            .map(|(_, t)| t)
+    /// The table of catalogue `name`, when resident.
+    pub fn table_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The catalogue name of table `t`.
+    pub fn name_of(&self, t: usize) -> &str {
+        &self.names[t]
+    }
+
+    /// Resident catalogues: (name, table id), by name.
+    pub fn catalogues(&self) -> Vec<(&str, usize)> {
+        let mut v: Vec<(&str, usize)> =
+            self.by_name.iter().map(|(n, &t)| (n.as_str(), t)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The table a write names (or the only one).
+    fn resolve(&self, named: Option<&str>) -> Result<usize, ServeError> {
+        let loaded = self.catalogues();
+        let dims = loaded.iter().map(|&(n, t)| (n, self.tables[t].dim()));
+        match crate::features::catalogues::resolve(named, dims) {
+            Ok((name, _)) => Ok(self.by_name[name]),
+            Err(Unresolved::Unknown(m)) => Err(ServeError::NotFound(m)),
+            Err(Unresolved::Ambiguous(m)) => Err(ServeError::Invalid(m)),
+        }
     }
 
     pub fn knows_item(&self, id: u64) -> bool {
-        self.tables.iter().any(|t| t.row_of(id).is_some())
+        self.by_name
+            .values()
+            .any(|&t| self.tables[t].row_of(id).is_some())
     }
 
-    fn write_item(&mut self, update: &Update) -> bool {
-        let mut applied = false;
-        for (ti, t) in self.tables.iter_mut().enumerate() {
-            if self.retired.contains(&ti) {
-                continue;
-            }
-            let change = match update {
-                Update::ItemUpsert {
-                    item_id,
-                    embedding,
-                    version,
-                } if embedding.len() == t.dim() => t.upsert(*item_id, embedding, *version),
-                Update::ItemDelete { item_id, version } => t.delete(*item_id, *version),
-                _ => continue,
-            };
-            if let ItemChange::Applied { row } = change {
-                self.changed_rows.entry(ti).or_default().push(row);
-                applied = true;
+    /// Applies an item update to table `t`; true when it changed the row.
+    fn write_item(&mut self, t: usize, update: &Update) -> bool {
+        let table = &mut self.tables[t];
+        let change = match update {
+            Update::ItemUpsert {
+                item_id,
+                embedding,
+                version,
+                ..
+            } if embedding.len() == table.dim() => table.upsert(*item_id, embedding, *version),
+            Update::ItemDelete {
+                item_id, version, ..
+            } => table.delete(*item_id, *version),
+            _ => return false,
+        };
+        let ItemChange::Applied { row } = change else {
+            return false;
+        };
+        self.changed_rows.entry(t).or_default().push(row);
+        if let Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } = update {
+            let name = &self.names[t];
+            self.written
+                .entry(name.clone())
+                .or_default()
+                .insert(*item_id);
+            if self.tracking {
+                self.items_since.insert((name.clone(), *item_id));
             }
         }
-        if applied {
-            if let Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } = update
-            {
-                self.dirty_items.insert(*item_id);
-                self.touched_item(*item_id);
-            }
-        }
-        applied
+        true
     }
 
     pub fn apply(&mut self, batch: &UpdateBatch) -> ApplyReport {
@@ -178,7 +249,20 @@ impl State {
             r.events += 1;
         }
         for u in &batch.items {
-            if self.write_item(u) {
+            let catalogue = match u {
+                Update::ItemUpsert { catalogue, .. } | Update::ItemDelete { catalogue, .. } => {
+                    catalogue
+                }
+                _ => continue,
+            };
+            let applied = match self.table_of(catalogue) {
+                Some(t) => self.write_item(t, u),
+                None => {
+                    tracing::warn!(catalogue = %catalogue, "an item update for a catalogue unloaded since it was read is dropped");
+                    false
+                }
+            };
+            if applied {
                 r.items += 1;
             } else {
                 r.stale += 1;
@@ -210,28 +294,61 @@ impl State {
         r
     }
 
+    /// Applies an item write made over HTTP or the socket, in the catalogue
+    /// it names (or the only one loaded).
     pub fn write_item_request(&mut self, w: ItemWrite) -> Result<ItemSummary, ServeError> {
-        let stored = self
-            .tables
-            .iter()
-            .filter_map(|t| t.version_of(w.item_id))
-            .max();
+        let t = self.resolve(w.catalogue.as_deref())?;
+        self.write_item_at(t, w)
+    }
+
+    /// Replays a logged item write: a record of a release before named
+    /// catalogues reaches every table of its dimension, as it did then.
+    pub fn replay_item(&mut self, w: ItemWrite) -> Result<ItemSummary, ServeError> {
+        if w.catalogue.is_some() || self.by_name.len() <= 1 {
+            return self.write_item_request(w);
+        }
+        let tables: Vec<usize> = self
+            .catalogues()
+            .into_iter()
+            .map(|(_, t)| t)
+            .filter(|&t| {
+                w.embedding
+                    .as_ref()
+                    .is_none_or(|e| e.len() == self.tables[t].dim())
+            })
+            .collect();
+        let mut last = Err(ServeError::NotFound(format!(
+            "no catalogue holds item {} or has its dimension",
+            w.item_id
+        )));
+        for t in tables {
+            let r = self.write_item_at(t, w.clone());
+            if r.is_ok() || last.is_err() {
+                last = r;
+            }
+        }
+        last
+    }
+
+    fn write_item_at(&mut self, t: usize, w: ItemWrite) -> Result<ItemSummary, ServeError> {
+        let catalogue = self.names[t].clone();
+        let table = &self.tables[t];
+        let stored = table.version_of(w.item_id);
         let version = match w.version {
             Some(v) => v,
             None => stored.map_or(1, |v| v + 1),
         };
         let update = match w.embedding {
             Some(embedding) => {
-                if !self.live_tables().any(|t| t.dim() == embedding.len()) {
-                    let dims: Vec<String> =
-                        self.live_tables().map(|t| t.dim().to_string()).collect();
+                if embedding.len() != table.dim() {
                     return Err(ServeError::Invalid(format!(
-                        "embedding must have {} values, got {}",
-                        dims.join(" or "),
+                        "embedding must have {} values (the dim of catalogue '{catalogue}'), got {}",
+                        table.dim(),
                         embedding.len()
                     )));
                 }
                 Update::ItemUpsert {
+                    catalogue: catalogue.clone(),
                     item_id: w.item_id,
                     embedding,
                     version,
@@ -240,24 +357,43 @@ impl State {
             None => {
                 if stored.is_none() {
                     return Err(ServeError::NotFound(format!(
-                        "unknown item id {}",
+                        "unknown item id {} in catalogue '{catalogue}'",
                         w.item_id
                     )));
                 }
                 Update::ItemDelete {
+                    catalogue: catalogue.clone(),
                     item_id: w.item_id,
                     version,
                 }
             }
         };
         let deleted = matches!(update, Update::ItemDelete { .. });
-        let applied = self.write_item(&update);
+        let applied = self.write_item(t, &update);
         self.changes += 1;
         Ok(ItemSummary {
             item_id: w.item_id,
             version,
             deleted,
             applied,
+            catalogue: Some(catalogue),
+        })
+    }
+
+    /// An item of a catalogue, as stored.
+    pub fn item(&self, catalogue: &str, item_id: u64) -> Result<StoredItem, ServeError> {
+        let t = self.resolve(Some(catalogue))?;
+        let it = table_item(&self.tables[t], catalogue, item_id).ok_or_else(|| {
+            ServeError::NotFound(format!(
+                "unknown item id {item_id} in catalogue '{catalogue}'"
+            ))
+        })?;
+        Ok(StoredItem {
+            catalogue: catalogue.to_string(),
+            item_id,
+            version: it.version,
+            deleted: it.deleted,
+            embedding: it.embedding,
         })
     }
 
@@ -329,12 +465,7 @@ impl State {
             .map(|(&id, u)| snapshot_user(id, u))
             .collect();
         s.users.sort_by_key(|u| u.id);
-        let mut items: Vec<u64> = self.dirty_items.iter().copied().collect();
-        items.sort_unstable();
-        s.items = items
-            .into_iter()
-            .filter_map(|id| self.snapshot_item(id))
-            .collect();
+        s.items = self.written_items();
         s
     }
 
@@ -350,12 +481,7 @@ impl State {
         let mut removed_users = Vec::new();
         let (users, items) = if full {
             let users = self.users.iter_shared().collect();
-            let items = self
-                .dirty_items
-                .iter()
-                .filter_map(|&id| self.snapshot_item(id))
-                .collect();
-            (users, items)
+            (users, self.written_items())
         } else {
             let mut users = Vec::with_capacity(users_since.len());
             for id in users_since {
@@ -366,7 +492,7 @@ impl State {
             }
             let items = items_since
                 .into_iter()
-                .filter_map(|id| self.snapshot_item(id))
+                .filter_map(|(catalogue, id)| self.snapshot_item(&catalogue, id))
                 .collect();
             (users, items)
         };
@@ -400,12 +526,6 @@ impl State {
         }
     }
 
-    fn touched_item(&mut self, id: u64) {
-        if self.tracking {
-            self.items_since.insert(id);
-        }
-    }
-
     fn snapshot_offsets(&self) -> Vec<SnapshotOffset> {
         self.applied
             .iter()
@@ -417,15 +537,23 @@ impl State {
             .collect()
     }
 
-    fn snapshot_item(&self, id: u64) -> Option<SnapshotItem> {
-        let t = self.tables.iter().find(|t| t.row_of(id).is_some())?;
-        let row = t.row_of(id)?;
-        Some(SnapshotItem {
-            id,
-            version: t.version_of(id).unwrap_or(0),
-            deleted: !t.is_live(row),
-            embedding: t.embedding(row).to_vec(),
-        })
+    /// A written item of catalogue `catalogue`, resident or parked.
+    fn snapshot_item(&self, catalogue: &str, id: u64) -> Option<SnapshotItem> {
+        match self.by_name.get(catalogue) {
+            Some(&t) => table_item(&self.tables[t], catalogue, id),
+            None => self.parked.get(catalogue)?.get(&id).cloned(),
+        }
+    }
+
+    /// Every item written since its catalogue was loaded, by catalogue and id.
+    fn written_items(&self) -> Vec<SnapshotItem> {
+        let mut items: Vec<SnapshotItem> = self
+            .written
+            .iter()
+            .flat_map(|(c, ids)| ids.iter().filter_map(|&id| self.snapshot_item(c, id)))
+            .collect();
+        items.sort_unstable_by(|a, b| (&a.catalogue, a.id).cmp(&(&b.catalogue, b.id)));
+        items
     }
 
     /// Rows written since the last call, per table, for the backend's mirror.
@@ -451,21 +579,61 @@ impl State {
             );
         }
         for it in &s.items {
-            for (_, t) in self
-                .tables
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, t)| !self.retired.contains(i) && t.dim() == it.embedding.len())
-            {
-                t.restore(it.id, &it.embedding, it.version, !it.deleted);
+            match &it.catalogue {
+                Some(name) => {
+                    if let Some(&t) = self.by_name.get(name) {
+                        if it.embedding.len() == self.tables[t].dim() {
+                            self.tables[t].restore(it.id, &it.embedding, it.version, !it.deleted);
+                        }
+                    } else {
+                        self.parked
+                            .entry(name.clone())
+                            .or_default()
+                            .insert(it.id, it.clone());
+                    }
+                    self.written.entry(name.clone()).or_default().insert(it.id);
+                }
+                // Written before catalogues had names, when a write reached
+                // every table of its dimension: restored the same way.
+                None => {
+                    let tables: Vec<usize> = self
+                        .by_name
+                        .values()
+                        .copied()
+                        .filter(|&t| self.tables[t].dim() == it.embedding.len())
+                        .collect();
+                    if tables.is_empty() {
+                        tracing::warn!(
+                            item = it.id,
+                            dim = it.embedding.len(),
+                            "a snapshot item of no resident catalogue's dimension is dropped"
+                        );
+                    }
+                    for t in tables {
+                        self.tables[t].restore(it.id, &it.embedding, it.version, !it.deleted);
+                        let name = self.names[t].clone();
+                        self.written.entry(name).or_default().insert(it.id);
+                    }
+                }
             }
-            self.dirty_items.insert(it.id);
         }
         for o in &s.offsets {
             self.applied
                 .insert((o.topic.clone(), o.partition), o.next_offset);
         }
     }
+}
+
+/// Item `id` of `table` as a snapshot records it.
+fn table_item(table: &ItemTable, catalogue: &str, id: u64) -> Option<SnapshotItem> {
+    let row = table.row_of(id)?;
+    Some(SnapshotItem {
+        catalogue: Some(catalogue.to_string()),
+        id,
+        version: table.version_of(id).unwrap_or(0),
+        deleted: !table.is_live(row),
+        embedding: table.embedding(row).to_vec(),
+    })
 }
 
 fn snapshot_user(id: u64, u: &UserState) -> SnapshotUser {
@@ -491,7 +659,7 @@ mod tests {
         let ids: Vec<u64> = (1..=50).collect();
         let emb: Vec<f32> = (0..50 * dim).map(|i| i as f32 * 0.01).collect();
         let mut state = State::new(5);
-        state.tables.push(ItemTable::new(dim, ids, emb).unwrap());
+        state.add_table("c", ItemTable::new(dim, ids, emb).unwrap());
         let mut base = crate::features::snapshot::SnapshotBase::default();
         let mut rng = Rng::new(7);
         let mut offset = 0i64;
@@ -510,9 +678,14 @@ mod tests {
                         let item_id = 1 + rng.below(70);
                         let version = rng.below(8);
                         b.items.push(if rng.below(4) == 0 {
-                            Update::ItemDelete { item_id, version }
+                            Update::ItemDelete {
+                                catalogue: "c".into(),
+                                item_id,
+                                version,
+                            }
                         } else {
                             Update::ItemUpsert {
+                                catalogue: "c".into(),
                                 item_id,
                                 embedding: vec![step as f32; dim],
                                 version,
@@ -557,6 +730,7 @@ mod tests {
                         item_id: 1 + rng.below(50),
                         embedding: Some(vec![-(step as f32); dim]),
                         version: None,
+                        catalogue: None,
                     };
                     touched_items.insert(w.item_id);
                     state.write_item_request(w).unwrap();
@@ -595,5 +769,145 @@ mod tests {
         state.capture(false);
         let idle = state.capture(false);
         assert!(idle.users.is_empty() && idle.items.is_empty());
+    }
+
+    fn write(catalogue: Option<&str>, item_id: u64, embedding: Option<Vec<f32>>) -> ItemWrite {
+        ItemWrite {
+            item_id,
+            embedding,
+            version: None,
+            catalogue: catalogue.map(str::to_string),
+        }
+    }
+
+    fn two_catalogues() -> State {
+        let mut state = State::new(5);
+        state.add_table(
+            "a",
+            ItemTable::new(2, vec![1, 7], vec![1.0, 0.0, 0.0, 1.0]).unwrap(),
+        );
+        state.add_table(
+            "b",
+            ItemTable::new(2, vec![7, 9], vec![5.0, 5.0, 6.0, 6.0]).unwrap(),
+        );
+        state
+    }
+
+    /// Two catalogues of one dimension: a write reaches the one it names
+    /// alone, an unnamed write is refused naming both, and an unknown
+    /// catalogue is a 404.
+    #[test]
+    fn a_write_reaches_its_catalogue_alone() {
+        let mut state = two_catalogues();
+        let s = state
+            .write_item_request(write(Some("a"), 7, Some(vec![3.0, 3.0])))
+            .unwrap();
+        assert_eq!(s.catalogue.as_deref(), Some("a"));
+        assert_eq!(state.item("a", 7).unwrap().embedding, [3.0, 3.0]);
+        assert_eq!(state.item("b", 7).unwrap().embedding, [5.0, 5.0]);
+        // A new id grows its own catalogue only.
+        state
+            .write_item_request(write(Some("b"), 40, Some(vec![1.0, 1.0])))
+            .unwrap();
+        assert!(matches!(state.item("a", 40), Err(ServeError::NotFound(_))));
+        // Deleting in one leaves the other's row live.
+        state.write_item_request(write(Some("b"), 7, None)).unwrap();
+        assert!(state.item("b", 7).unwrap().deleted);
+        assert!(!state.item("a", 7).unwrap().deleted);
+        match state.write_item_request(write(None, 7, Some(vec![0.0, 0.0]))) {
+            Err(ServeError::Invalid(m)) => assert!(m.contains("(a, b)"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        match state.write_item_request(write(Some("c"), 7, Some(vec![0.0, 0.0]))) {
+            Err(ServeError::NotFound(m)) => assert!(m.contains("unknown catalogue 'c'"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Kafka batches name their catalogue too.
+        let mut b = UpdateBatch::default();
+        b.items.push(Update::ItemUpsert {
+            catalogue: "b".into(),
+            item_id: 1,
+            embedding: vec![8.0, 8.0],
+            version: 1,
+        });
+        assert_eq!(state.apply(&b).items, 1);
+        assert_eq!(state.item("a", 1).unwrap().embedding, [1.0, 0.0]);
+        assert_eq!(state.item("b", 1).unwrap().embedding, [8.0, 8.0]);
+        // The snapshot records each catalogue's items apart, and restores
+        // them apart.
+        let snap = state.snapshot();
+        let keys: Vec<(Option<&str>, u64)> = snap
+            .items
+            .iter()
+            .map(|i| (i.catalogue.as_deref(), i.id))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (Some("a"), 7),
+                (Some("b"), 1),
+                (Some("b"), 7),
+                (Some("b"), 40)
+            ]
+        );
+        let mut fresh = two_catalogues();
+        fresh.restore(&snap);
+        for (c, id) in [("a", 7), ("b", 1), ("b", 7), ("b", 40), ("a", 1)] {
+            assert_eq!(
+                fresh.item(c, id).unwrap(),
+                state.item(c, id).unwrap(),
+                "{c} {id}"
+            );
+        }
+        assert!(fresh.item("a", 40).is_err());
+    }
+
+    /// A catalogue unloaded and loaded again gets back what was written to
+    /// it; so does one a snapshot restored before the catalogue loaded.
+    #[test]
+    fn written_items_outlive_their_table() {
+        let mut state = two_catalogues();
+        state
+            .write_item_request(write(Some("b"), 9, Some(vec![-1.0, -1.0])))
+            .unwrap();
+        let b = state.table_of("b").unwrap();
+        state.retire_table(b);
+        assert!(state.item("b", 9).is_err());
+        let snap = state.snapshot();
+        assert_eq!(snap.items.len(), 1, "a parked item stays in snapshots");
+        state.add_table("b", ItemTable::new(2, vec![9], vec![6.0, 6.0]).unwrap());
+        assert_eq!(state.item("b", 9).unwrap().embedding, [-1.0, -1.0]);
+
+        let mut later = State::new(5);
+        later.restore(&snap);
+        assert_eq!(later.snapshot().items, snap.items);
+        later.add_table("b", ItemTable::new(2, vec![9], vec![6.0, 6.0]).unwrap());
+        assert_eq!(later.item("b", 9).unwrap().embedding, [-1.0, -1.0]);
+    }
+
+    /// Snapshot items and log records from before catalogues had names
+    /// reach every table of their dimension, as writes did then.
+    #[test]
+    fn unnamed_items_of_an_older_release_restore_as_they_were_written() {
+        let mut state = two_catalogues();
+        state.add_table("wide", ItemTable::new(3, vec![7], vec![0.0; 3]).unwrap());
+        let mut snap = Snapshot::new();
+        snap.items.push(SnapshotItem {
+            catalogue: None,
+            id: 7,
+            version: 4,
+            deleted: false,
+            embedding: vec![2.0, 2.0],
+        });
+        state.restore(&snap);
+        assert_eq!(state.item("a", 7).unwrap().embedding, [2.0, 2.0]);
+        assert_eq!(state.item("b", 7).unwrap().embedding, [2.0, 2.0]);
+        assert_eq!(state.item("wide", 7).unwrap().embedding, [0.0; 3]);
+        state
+            .replay_item(write(None, 9, Some(vec![4.0, 4.0])))
+            .unwrap();
+        assert_eq!(state.item("a", 9).unwrap().embedding, [4.0, 4.0]);
+        assert_eq!(state.item("b", 9).unwrap().embedding, [4.0, 4.0]);
+        assert!(state.item("wide", 9).is_err());
     }
 }

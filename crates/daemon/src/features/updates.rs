@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
+use super::catalogues::{Catalogues, Unresolved};
+
 /// Which stream a message came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Stream {
@@ -33,14 +35,19 @@ impl Stream {
 pub enum Update {
     /// The user engaged with the item: append it to their history.
     Event { user_id: u64, item_id: u64 },
-    /// Write an item's embedding (a new id grows the table).
+    /// Write an item's embedding in a catalogue (a new id grows its table).
     ItemUpsert {
+        catalogue: String,
         item_id: u64,
         embedding: Vec<f32>,
         version: u64,
     },
-    /// Remove an item from results.
-    ItemDelete { item_id: u64, version: u64 },
+    /// Remove an item of a catalogue from results.
+    ItemDelete {
+        catalogue: String,
+        item_id: u64,
+        version: u64,
+    },
     /// Set a user's dense features.
     UserFeatures {
         user_id: u64,
@@ -61,10 +68,11 @@ pub enum Rejection {
     },
 }
 
-/// The dimensions messages are checked against.
+/// What messages are checked against: the resident catalogues (an item
+/// message names one, or there is only one) and the user feature width.
 #[derive(Debug, Clone)]
 pub struct Validator {
-    pub item_dim: usize,
+    pub catalogues: Catalogues,
     pub user_feature_dim: usize,
     /// Event types that append to the history; others are ignored.
     pub event_types: Vec<String>,
@@ -83,6 +91,8 @@ struct EventMsg {
 
 #[derive(Deserialize)]
 struct ItemMsg {
+    #[serde(default)]
+    catalogue: Option<String>,
     item_id: u64,
     #[serde(default)]
     embedding: Option<Vec<f64>>,
@@ -158,14 +168,23 @@ impl Validator {
             }
             Stream::Items => {
                 let m: ItemMsg = parse(payload)?;
+                let (catalogue, dim) =
+                    self.catalogues
+                        .resolve(m.catalogue.as_deref())
+                        .map_err(|e| match e {
+                            Unresolved::Unknown(m) => invalid("unknown_catalogue", m),
+                            Unresolved::Ambiguous(m) => invalid("catalogue_required", m),
+                        })?;
                 match (m.deleted, m.embedding) {
                     (true, _) => Ok(Update::ItemDelete {
+                        catalogue,
                         item_id: m.item_id,
                         version: m.version,
                     }),
                     (false, Some(e)) => Ok(Update::ItemUpsert {
+                        catalogue,
                         item_id: m.item_id,
-                        embedding: finite_vector(&e, self.item_dim, "embedding")?,
+                        embedding: finite_vector(&e, dim, "embedding")?,
                         version: m.version,
                     }),
                     (false, None) => Err(invalid(
@@ -218,7 +237,7 @@ impl UpdateBatch {
 #[derive(Debug, Default)]
 pub struct Coalescer {
     batch: UpdateBatch,
-    items: HashMap<u64, usize>,
+    items: HashMap<(String, u64), usize>,
     users: HashMap<u64, usize>,
 }
 
@@ -270,13 +289,23 @@ impl Coalescer {
     pub fn push(&mut self, update: Update) {
         match update {
             Update::Event { user_id, item_id } => self.batch.events.push((user_id, item_id)),
-            Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } => {
+            Update::ItemUpsert {
+                ref catalogue,
+                item_id,
+                ..
+            }
+            | Update::ItemDelete {
+                ref catalogue,
+                item_id,
+                ..
+            } => {
+                let key = (catalogue.clone(), item_id);
                 let b = &mut self.batch;
                 keep_newest(
                     &mut self.items,
                     &mut b.items,
                     &mut b.superseded,
-                    item_id,
+                    key,
                     update,
                 )
             }
@@ -302,11 +331,11 @@ impl Coalescer {
 
 /// Keeps, per key, the update sequential application would leave in place:
 /// a later one replaces an earlier one only with a strictly newer version.
-fn keep_newest(
-    index: &mut HashMap<u64, usize>,
+fn keep_newest<K: std::hash::Hash + Eq>(
+    index: &mut HashMap<K, usize>,
     list: &mut Vec<Update>,
     superseded: &mut usize,
-    key: u64,
+    key: K,
     u: Update,
 ) {
     match index.get(&key) {
@@ -328,8 +357,10 @@ mod tests {
     use super::*;
 
     fn validator() -> Validator {
+        let catalogues = Catalogues::new();
+        catalogues.set("videos", Some(2));
         Validator {
-            item_dim: 2,
+            catalogues,
             user_feature_dim: 1,
             event_types: vec!["click".into()],
         }
@@ -361,6 +392,7 @@ mod tests {
                 br#"{"item_id": 3, "embedding": [1, 2.5], "version": 7}"#
             ),
             Ok(Update::ItemUpsert {
+                catalogue: "videos".into(),
                 item_id: 3,
                 embedding: vec![1.0, 2.5],
                 version: 7
@@ -372,6 +404,7 @@ mod tests {
                 br#"{"item_id": 3, "deleted": true, "version": 8}"#
             ),
             Ok(Update::ItemDelete {
+                catalogue: "videos".into(),
                 item_id: 3,
                 version: 8
             })
@@ -412,6 +445,94 @@ mod tests {
         );
     }
 
+    /// An item message goes to the catalogue it names, or to the only one;
+    /// with several loaded, one that names none or an unknown one is refused
+    /// naming the catalogues.
+    #[test]
+    fn item_messages_resolve_their_catalogue() {
+        let v = validator();
+        let upsert = |c: &str| Update::ItemUpsert {
+            catalogue: c.into(),
+            item_id: 3,
+            embedding: vec![1.0, 2.0],
+            version: 1,
+        };
+        let plain = br#"{"item_id": 3, "embedding": [1, 2], "version": 1}"#;
+        assert_eq!(v.decode(Stream::Items, plain), Ok(upsert("videos")));
+        v.catalogues.set("creators", Some(3));
+        let creators =
+            br#"{"catalogue": "creators", "item_id": 3, "embedding": [1, 2, 3], "version": 1}"#;
+        assert_eq!(
+            v.decode(Stream::Items, creators),
+            Ok(Update::ItemUpsert {
+                catalogue: "creators".into(),
+                item_id: 3,
+                embedding: vec![1.0, 2.0, 3.0],
+                version: 1
+            })
+        );
+        match v.decode(Stream::Items, plain) {
+            Err(Rejection::Invalid { reason, detail }) => {
+                assert_eq!(reason, "catalogue_required");
+                assert!(detail.contains("creators, videos"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match v.decode(
+            Stream::Items,
+            br#"{"catalogue": "music", "item_id": 3, "deleted": true, "version": 1}"#,
+        ) {
+            Err(Rejection::Invalid { reason, detail }) => {
+                assert_eq!(reason, "unknown_catalogue");
+                assert!(detail.contains("'music'"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The dimension checked is the named catalogue's.
+        match v.decode(
+            Stream::Items,
+            br#"{"catalogue": "creators", "item_id": 3, "embedding": [1, 2], "version": 1}"#,
+        ) {
+            Err(Rejection::Invalid { reason, detail }) => {
+                assert_eq!(reason, "wrong_length");
+                assert!(detail.contains("must have 3 values"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The same item id in two catalogues is two keys: neither supersedes
+    /// the other.
+    #[test]
+    fn coalescing_keeps_one_update_per_catalogue_and_item() {
+        let mut c = Coalescer::new();
+        for (catalogue, version) in [("a", 2), ("b", 1), ("a", 1)] {
+            c.consumed(None, None);
+            c.push(Update::ItemDelete {
+                catalogue: catalogue.into(),
+                item_id: 9,
+                version,
+            });
+        }
+        let b = c.take();
+        assert_eq!(
+            b.items,
+            vec![
+                Update::ItemDelete {
+                    catalogue: "a".into(),
+                    item_id: 9,
+                    version: 2
+                },
+                Update::ItemDelete {
+                    catalogue: "b".into(),
+                    item_id: 9,
+                    version: 1
+                },
+            ]
+        );
+        assert_eq!(b.superseded, 1);
+    }
+
     #[test]
     fn coalescing_keeps_event_order_and_the_newest_version() {
         let mut c = Coalescer::new();
@@ -421,6 +542,7 @@ mod tests {
                 item_id: 10,
             },
             Update::ItemUpsert {
+                catalogue: "videos".into(),
                 item_id: 5,
                 embedding: vec![1.0],
                 version: 8,
@@ -430,6 +552,7 @@ mod tests {
                 item_id: 11,
             },
             Update::ItemUpsert {
+                catalogue: "videos".into(),
                 item_id: 5,
                 embedding: vec![2.0],
                 version: 7,
@@ -445,6 +568,7 @@ mod tests {
                 version: 2,
             },
             Update::ItemDelete {
+                catalogue: "videos".into(),
                 item_id: 6,
                 version: 1,
             },
@@ -463,11 +587,13 @@ mod tests {
             b.items,
             vec![
                 Update::ItemUpsert {
+                    catalogue: "videos".into(),
                     item_id: 5,
                     embedding: vec![1.0],
                     version: 8
                 },
                 Update::ItemDelete {
+                    catalogue: "videos".into(),
                     item_id: 6,
                     version: 1
                 },

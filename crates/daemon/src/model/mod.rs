@@ -14,6 +14,10 @@ pub mod weights;
 
 use std::path::PathBuf;
 
+/// The repository folder that holds shared item tables:
+/// `catalogues/<name>/items.safetensors` is the catalogue `<name>`.
+pub const CATALOGUES_DIR: &str = "catalogues";
+
 pub use items::ItemTable;
 pub use kind::ModelKind;
 pub use query::{Op, OpKind, Query, Task};

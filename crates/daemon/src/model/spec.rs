@@ -46,6 +46,7 @@ pub const SHARED_KEYS: &[&str] = &[
     "user_feature_dim",
     "history_len",
     "items",
+    "catalogue",
     "weights",
     "item_dtype",
     "cpu_scoring",
@@ -71,8 +72,14 @@ pub struct ModelSpec {
     /// window, or the sequence length).
     pub history_len: usize,
     /// Item table (safetensors: `ids` u64 [N], `embeddings` f32 [N, d]),
-    /// relative to the version directory.
+    /// relative to the version directory. Set from `catalogue` when that is
+    /// given instead.
+    #[serde(default)]
     pub items: PathBuf,
+    /// The shared catalogue `<repository>/catalogues/<name>/items.safetensors`
+    /// (in place of `items`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalogue: Option<String>,
     /// Tower weights, relative to the version directory.
     #[serde(default = "default_weights")]
     pub weights: PathBuf,
@@ -240,10 +247,34 @@ impl ModelSpec {
             doc.refuse_unknown(SHARED_KEYS.iter().chain(kind.keys()).copied())?;
         }
         let mut spec: ModelSpec = doc.part()?;
+        spec.resolve_catalogue()?;
         spec.options = spec.kind.options(&doc)?;
         spec.check()?;
         spec.kind.check(&spec)?;
         Ok(spec)
+    }
+
+    /// `catalogue = "<name>"` stands for the items file of that catalogue;
+    /// exactly one of `items` and `catalogue` is given.
+    fn resolve_catalogue(&mut self) -> Result<(), String> {
+        match (&self.catalogue, self.items.as_os_str().is_empty()) {
+            (Some(_), false) => Err("give `items` or `catalogue`, not both".into()),
+            (None, true) => Err("`items` or `catalogue` is required".into()),
+            (None, false) => Ok(()),
+            (Some(name), true) => {
+                if !super::repository::valid_model_name(name) {
+                    return Err(format!(
+                        "catalogue must be a folder name of letters, digits, '-', '_' and '.' (at most 128), got {name:?}"
+                    ));
+                }
+                self.items = Path::new("..")
+                    .join("..")
+                    .join(super::CATALOGUES_DIR)
+                    .join(name)
+                    .join("items.safetensors");
+                Ok(())
+            }
+        }
     }
 
     fn check(&self) -> Result<(), String> {
@@ -310,7 +341,7 @@ mod tests {
     #[test]
     fn the_shared_keys_are_the_spec_fields() {
         let spec = ModelSpec::parse(
-            "kind = \"two_tower\"\ndim = 4\nhistory_len = 5\nitems = \"i.safetensors\"\ndegrade = \"popular\"\n[demo]\nseed = 1\n",
+            "kind = \"two_tower\"\ndim = 4\nhistory_len = 5\ncatalogue = \"videos\"\ndegrade = \"popular\"\n[demo]\nseed = 1\n",
         )
         .unwrap();
         let table = toml::Table::try_from(&spec).unwrap();
@@ -319,6 +350,26 @@ mod tests {
         fields.sort_unstable();
         shared.sort_unstable();
         assert_eq!(fields, shared);
+    }
+
+    /// `catalogue` names the repository's shared table in place of `items`.
+    #[test]
+    fn a_catalogue_stands_for_its_items_file() {
+        let base = "kind = \"two_tower\"\ndim = 4\nhistory_len = 5\n";
+        let spec = ModelSpec::parse(&format!("{base}catalogue = \"videos\"\n")).unwrap();
+        assert_eq!(spec.catalogue.as_deref(), Some("videos"));
+        assert_eq!(
+            spec.items,
+            Path::new("../../catalogues/videos/items.safetensors")
+        );
+        let both = ModelSpec::parse(&format!(
+            "{base}catalogue = \"v\"\nitems = \"i.safetensors\"\n"
+        ));
+        assert_eq!(both.unwrap_err(), "give `items` or `catalogue`, not both");
+        let neither = ModelSpec::parse(base);
+        assert_eq!(neither.unwrap_err(), "`items` or `catalogue` is required");
+        let escape = ModelSpec::parse(&format!("{base}catalogue = \"../x\"\n")).unwrap_err();
+        assert!(escape.contains("got \"../x\""), "{escape}");
     }
 
     #[test]
