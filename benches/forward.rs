@@ -68,6 +68,7 @@ fn demo_forward(c: &mut Criterion) {
                 task: Task::TopK {
                     k: 10,
                     exclude: &excludes[i],
+                    filter: None,
                 },
             })
             .collect();
@@ -535,6 +536,7 @@ fn anchors(dir: &Path, rounds: usize) {
             task: Task::TopK {
                 k: ANCHOR_K,
                 exclude: &excludes[i],
+                filter: None,
             },
         })
         .collect();

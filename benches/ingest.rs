@@ -113,7 +113,13 @@ impl Mix {
 
 fn validator() -> Validator {
     let catalogues = rankd::internals::Catalogues::new();
-    catalogues.set("items", Some(ITEM_DIM));
+    catalogues.set(
+        "items",
+        Some(rankd::internals::Shape {
+            dim: ITEM_DIM,
+            attributes: Vec::new(),
+        }),
+    );
     Validator {
         catalogues,
         user_feature_dim: USER_DIM,

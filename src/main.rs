@@ -83,6 +83,11 @@ enum ModelsCommand {
         /// Seed for the generated weights
         #[arg(long, default_value_t = rankd::DEMO_SEED)]
         seed: u64,
+        /// Items in the generated catalogue (ids 1..=N, drawn like the demo's;
+        /// the default writes the bundled demo's bytes). The items file is
+        /// written as it is drawn: N = 10,000,000 makes a 2.6 GB file
+        #[arg(long, default_value_t = rankd::DEMO_ITEMS, value_name = "N")]
+        items: usize,
     },
 }
 
@@ -126,9 +131,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Models {
-            command: ModelsCommand::Generate { models, seed },
+            command:
+                ModelsCommand::Generate {
+                    models,
+                    seed,
+                    items,
+                },
         } => {
-            let written = rankd::generate_demo(&models, seed)?;
+            let written = rankd::generate_demo_items(&models, seed, items)?;
             for f in &written {
                 println!("wrote {}", models.join(f).display());
             }

@@ -399,6 +399,30 @@ pub fn write_item_table(path: &Path, ids: &[u64], dim: usize, embeddings: &[f32]
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Writes integer attribute columns (`I64` [N] each) as a safetensors file.
+pub fn write_attributes(path: &Path, columns: &[(&str, Vec<i64>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, values) in columns {
+        let end = offset + 8 * values.len();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "I64", "shape": [values.len()], "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&head);
+    for (_, values) in columns {
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
 /// A repository with two catalogues of the demo's dimension, `videos` and
 /// `creators` (copies of the demo table), and a two-tower model on each,
 /// named after its catalogue.

@@ -332,3 +332,221 @@ async fn state_written_before_named_catalogues_restores() {
     let second = Daemon::start_with(&demo_models(), &args);
     check(&second, "from today's snapshot").await;
 }
+
+/// The demo table's ids in file order, and each row's attributes in the
+/// filter tests: `in_stock` = row % 2, `category` = row % 20.
+fn attribute_rows() -> (Vec<u64>, std::collections::HashMap<u64, (i64, i64)>) {
+    let table = rankd::internals::ItemTable::load(
+        &demo_models().join("catalogues/demo/items.safetensors"),
+        64,
+    )
+    .unwrap();
+    let ids = table.ids().to_vec();
+    let by_id = ids
+        .iter()
+        .enumerate()
+        .map(|(r, &id)| (id, ((r % 2) as i64, (r % 20) as i64)))
+        .collect();
+    (ids, by_id)
+}
+
+fn ids_of(v: &Value) -> Vec<u64> {
+    v["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no items in {v}"))
+        .iter()
+        .map(|i| i["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// Filtered recommends over HTTP, the socket and bulk: only items whose
+/// attributes hold every clause come back, the list is the unfiltered
+/// ranking's passing items in order (the filter runs inside the scan, not
+/// after a cut), fewer than `k` when fewer pass; attribute writes move an
+/// item in and out of a filter and survive a restart; cold-start answers
+/// honour the filter; unknown attributes are refused naming what exists.
+#[tokio::test]
+async fn filtered_recommends_return_only_passing_items_in_ranking_order() {
+    let repo = two_catalogue_repo();
+    let (ids, attrs) = attribute_rows();
+    let rows = ids.len();
+    write_attributes(
+        &repo.path().join("catalogues/videos/attributes.safetensors"),
+        &[
+            ("in_stock", (0..rows).map(|r| (r % 2) as i64).collect()),
+            ("category", (0..rows).map(|r| (r % 20) as i64).collect()),
+        ],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap().to_string();
+    let args = ["--snapshot-dir", &dir, "--snapshot-interval-ms", "600000"];
+    let mut d = Daemon::start_with(repo.path(), &args);
+    let c = client();
+    let list = get_json(&c, &d.url("/v1/catalogues")).await;
+    assert_eq!(
+        list["catalogues"][1]["attributes"],
+        json!(["category", "in_stock"]),
+        "{list}"
+    );
+    assert_eq!(list["catalogues"][0]["attributes"], json!([]), "{list}");
+
+    let user = 7u64;
+    let history: Vec<u64> = ids[..8].to_vec();
+    let (s, w) = post(
+        &c,
+        &d.url(&format!("/v1/users/{user}")),
+        json!({"history": history}),
+    )
+    .await;
+    assert_eq!(s, 200, "{w}");
+    let recommend = async |body: Value| {
+        let (s, r) = post(&c, &d.url("/v1/models/videos/recommend"), body).await;
+        assert_eq!(s, 200, "{r}");
+        r
+    };
+    let filter = json!({"in_stock": 1, "category": [3, 7]});
+    let passes = |id: &u64| {
+        let (stock, cat) = attrs[id];
+        stock == 1 && (cat == 3 || cat == 7)
+    };
+    let filtered = recommend(json!({"user_id": user, "k": 50, "filter": filter})).await;
+    let got = ids_of(&filtered);
+    assert_eq!(got.len(), 50, "{filtered}");
+    assert!(got.iter().all(passes), "{filtered}");
+    let all = recommend(json!({"user_id": user, "k": 1000})).await;
+    let want: Vec<&Value> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| passes(&i["id"].as_u64().unwrap()))
+        .take(50)
+        .collect();
+    assert_eq!(want.len(), 50, "the top 1000 hold 50 passing items");
+    assert_eq!(
+        filtered["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect::<Vec<_>>(),
+        want,
+        "the filtered list is the ranking's passing items, scores included"
+    );
+    let none = recommend(json!({"user_id": user, "k": 10, "filter": {"category": 999}})).await;
+    assert_eq!(none["items"], json!([]), "{none}");
+
+    // The socket and bulk take the same filter and give the same list.
+    let mut s = connect(&d.uds).await;
+    let v = json!({"id": 1, "op": "recommend", "model": "videos", "user_id": user, "k": 50, "filter": filter});
+    send(&mut s, &request_frame(&v), "socket recommend").await;
+    let r = read_frame(&mut s, "socket recommend").await;
+    assert_eq!(ids_of(&r["result"]), got, "{r}");
+    let line = json!({"user_id": user, "k": 50, "filter": filter}).to_string();
+    let r = c
+        .post(d.url("/v1/models/videos/bulk"))
+        .body(format!("{line}\n"))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(ids_of(&first), got, "{text}");
+
+    // An attribute write moves an item into a filter; attributes alone
+    // keep the embedding.
+    let top = ids_of(&all)[0];
+    let before = get_json(&c, &d.url(&format!("/v1/catalogues/videos/items/{top}"))).await;
+    let (s, w) = post(
+        &c,
+        &d.url(&format!("/v1/catalogues/videos/items/{top}")),
+        json!({"attributes": {"category": 999}}),
+    )
+    .await;
+    assert_eq!((s, &w["applied"]), (200, &json!(true)), "{w}");
+    let after = get_json(&c, &d.url(&format!("/v1/catalogues/videos/items/{top}"))).await;
+    assert_eq!(after["embedding"], before["embedding"]);
+    assert_eq!(after["attributes"]["category"], 999, "{after}");
+    assert_eq!(
+        after["attributes"]["in_stock"], before["attributes"]["in_stock"],
+        "{after}"
+    );
+    let only = recommend(json!({"user_id": user, "k": 10, "filter": {"category": 999}})).await;
+    assert_eq!(ids_of(&only), [top], "{only}");
+
+    // A user rankd knows nothing about gets the popular items, filtered.
+    let cold = recommend(json!({"user_id": 424242, "k": 20, "filter": {"in_stock": 0}})).await;
+    assert_eq!(cold["cold_start"], true, "{cold}");
+    let cold_ids = ids_of(&cold);
+    assert_eq!(cold_ids.len(), 20, "{cold}");
+    assert!(cold_ids.iter().all(|id| attrs[id].0 == 0), "{cold}");
+
+    // Unknown attributes and empty lists are refused, naming what exists.
+    let a = post_json(
+        &c,
+        &d.url("/v1/models/videos/recommend"),
+        &json!({"user_id": user, "filter": {"colour": 1}}),
+    )
+    .await;
+    assert_http_error(
+        "filter",
+        &a,
+        422,
+        "invalid",
+        &["unknown attribute 'colour'", "category, in_stock"],
+    );
+    let a = post_json(
+        &c,
+        &d.url("/v1/models/videos/recommend"),
+        &json!({"user_id": user, "filter": {"category": []}}),
+    )
+    .await;
+    assert_http_error(
+        "filter",
+        &a,
+        422,
+        "invalid",
+        &["filter.category", "at least one value"],
+    );
+    let a = post_json(
+        &c,
+        &d.url("/v1/models/creators/recommend"),
+        &json!({"user_id": user, "filter": {"category": 1}}),
+    )
+    .await;
+    assert_http_error(
+        "filter",
+        &a,
+        422,
+        "invalid",
+        &["catalogue 'creators' has: none"],
+    );
+    let a = post_json(
+        &c,
+        &d.url(&format!("/v1/catalogues/videos/items/{top}")),
+        &json!({"attributes": {"colour": 1}}),
+    )
+    .await;
+    assert_http_error(
+        "attribute write",
+        &a,
+        422,
+        "invalid",
+        &["unknown attribute 'colour'"],
+    );
+
+    // Written attributes survive a restart (snapshot).
+    assert!(
+        d.signal_and_wait("TERM", Duration::from_secs(20)),
+        "{}",
+        d.log()
+    );
+    let d = Daemon::start_with(repo.path(), &args);
+    let again = get_json(&c, &d.url(&format!("/v1/catalogues/videos/items/{top}"))).await;
+    assert_eq!(again["attributes"]["category"], 999, "{again}");
+    let (s, only) = post(
+        &c,
+        &d.url("/v1/models/videos/recommend"),
+        json!({"user_id": user, "k": 10, "filter": {"category": 999}}),
+    )
+    .await;
+    assert_eq!((s, ids_of(&only)), (200, vec![top]), "{only}");
+}

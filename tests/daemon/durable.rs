@@ -75,6 +75,7 @@ async fn drain_answers_in_flight_requests_on_both_transports() {
                     timeout_ms: Some(5000),
                     version: None,
                     priority: None,
+                    filter: None,
                 },
             )
             .await

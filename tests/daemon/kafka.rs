@@ -354,11 +354,15 @@ async fn item_messages_reach_the_catalogue_they_name() {
             "8",
             json!({"catalogue": "music", "item_id": 8, "deleted": true, "version": 1}),
         ),
+        (
+            "9",
+            json!({"catalogue": "creators", "item_id": 9, "embedding": vec![0.5; 64], "version": 1, "attributes": {"in_stock": 1}}),
+        ),
     ] {
         producer.send(ITEMS, key, &msg.to_string());
     }
     producer.flush();
-    wait_applied(&c, &d, ITEMS, 4, Duration::from_secs(10)).await;
+    wait_applied(&c, &d, ITEMS, 5, Duration::from_secs(10)).await;
     let videos7 = item("videos", 7).await;
     assert_eq!(videos7["embedding"], json!(vec![0.5; 64]), "{videos7}");
     assert_eq!(videos7["deleted"], false, "{videos7}");
@@ -366,12 +370,21 @@ async fn item_messages_reach_the_catalogue_they_name() {
     assert_eq!(creators7["deleted"], true, "{creators7}");
     assert_eq!(creators7["embedding"], before.0["embedding"], "{creators7}");
     assert_eq!(item("videos", 8).await, before.1);
-    let dead = consume_all(&broker, DEAD, 2, Duration::from_secs(15));
+    assert_eq!(
+        item("creators", 9).await["version"],
+        0,
+        "a message with an unknown attribute changes nothing"
+    );
+    let dead = consume_all(&broker, DEAD, 3, Duration::from_secs(15));
     let mut reasons: Vec<&str> = dead.iter().map(|(r, _)| r.as_str()).collect();
     reasons.sort_unstable();
     assert_eq!(
         reasons,
-        ["catalogue_required", "unknown_catalogue"],
+        [
+            "catalogue_required",
+            "unknown_attribute",
+            "unknown_catalogue"
+        ],
         "{dead:?}"
     );
 }

@@ -484,6 +484,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
                         timeout_ms: Some(10_000),
                         version: None,
                         priority: None,
+                        filter: None,
                     };
                     uds.recommend("demo", req).await.unwrap().version
                 })
@@ -508,6 +509,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
                             timeout_ms: Some(10_000),
                             version: None,
                             priority: None,
+                            filter: None,
                         };
                         uds.recommend("demo", req).await.unwrap().version
                     })
@@ -578,6 +580,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
                 timeout_ms: None,
                 version: Some(7),
                 priority: None,
+                filter: None,
             },
         )
         .await

@@ -21,6 +21,7 @@ mod lifecycle;
 mod logs;
 mod monitoring;
 mod parity;
+mod pipelines;
 mod pressure;
 mod sasrec;
 mod soak;

@@ -138,6 +138,7 @@ async fn socket_answers_equal_http_answers() {
             timeout_ms: None,
             version: None,
             priority: None,
+            filter: None,
         };
         let a = uds.recommend("demo", req.clone()).await.unwrap();
         let b = http.recommend("demo", req).await.unwrap();
@@ -160,6 +161,7 @@ async fn socket_answers_equal_http_answers() {
         timeout_ms: None,
         version: None,
         priority: None,
+        filter: None,
     };
     let e1 = uds.recommend("demo", too_many.clone()).await.unwrap_err();
     let e2 = http.recommend("demo", too_many).await.unwrap_err();
@@ -190,6 +192,7 @@ async fn many_connections_and_one_shared_pipelined_client() {
                             timeout_ms: None,
                             version: None,
                             priority: None,
+                            filter: None,
                         },
                     )
                     .await

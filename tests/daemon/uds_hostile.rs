@@ -125,6 +125,7 @@ fn probe_request(user_id: u64, k: usize) -> RecommendRequest {
         timeout_ms: Some(10_000),
         version: None,
         priority: None,
+        filter: None,
     }
 }
 

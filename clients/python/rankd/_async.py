@@ -230,9 +230,12 @@ class AsyncClient:
             self._t = _HttpTransport(target, where, token, timeout, verify)
 
     async def recommend(self, model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[int]] = None,
-                        timeout_ms: Optional[int] = None, version: Optional[int] = None,
-                  priority: Optional[str] = None) -> t.Recommendation:
-        return await self._t.call(_core.recommend(model, user_id, k, exclude, timeout_ms, version, priority))
+                  timeout_ms: Optional[int] = None, version: Optional[int] = None,
+                  priority: Optional[str] = None, filter: Optional[Dict[str, Any]] = None) -> t.Recommendation:
+        """The top `k` items for `user_id`; `filter` maps attribute names to an
+        allowed value or a list of them (every attribute named must hold)."""
+        return await self._t.call(_core.recommend(model, user_id, k, exclude, timeout_ms, version, priority,
+                                                filter))
 
     async def score(self, model: str, user_id: int, items: Sequence[int], timeout_ms: Optional[int] = None,
                     version: Optional[int] = None, priority: Optional[str] = None) -> t.Scores:
@@ -243,10 +246,13 @@ class AsyncClient:
         return await self._t.call(_core.upsert_user(user_id, history, features))
 
     async def upsert_item(self, item_id: int, embedding: Optional[Iterable[float]] = None, deleted: bool = False,
-                    version: Optional[int] = None, catalogue: Optional[str] = None) -> t.Item:
+                    version: Optional[int] = None, catalogue: Optional[str] = None,
+                    attributes: Optional[Dict[str, int]] = None) -> t.Item:
         """Writes (or with `deleted=True` removes) an item of `catalogue`; leave
-        `catalogue` out while the daemon serves exactly one."""
-        return await self._t.call(_core.upsert_item(item_id, embedding, deleted, version, catalogue))
+        `catalogue` out while the daemon serves exactly one. `attributes` alone
+        changes an existing item's attributes and keeps its embedding."""
+        return await self._t.call(_core.upsert_item(item_id, embedding, deleted, version, catalogue,
+                                                  attributes))
 
     async def get_item(self, catalogue: str, item_id: int) -> t.StoredItem:
         """An item as its catalogue stores it."""

@@ -44,8 +44,9 @@ def _opt(d: Dict[str, Any], **kv: Any) -> Dict[str, Any]:
 
 def recommend(model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[int]] = None,
               timeout_ms: Optional[int] = None, version: Optional[int] = None,
-              priority: Optional[str] = None) -> Call:
-    body = _opt({"user_id": user_id, "k": k}, timeout_ms=timeout_ms, version=version, priority=priority)
+              priority: Optional[str] = None, filter: Optional[Dict[str, Any]] = None) -> Call:
+    body = _opt({"user_id": user_id, "k": k}, timeout_ms=timeout_ms, version=version, priority=priority,
+                filter=filter)
     if exclude is not None:
         body["exclude"] = list(exclude)
     return Call("recommend", "POST", f"/v1/models/{quote(model, safe='')}/recommend", body,
@@ -72,8 +73,9 @@ def upsert_user(user_id: int, history: Optional[Iterable[int]] = None,
 
 
 def upsert_item(item_id: int, embedding: Optional[Iterable[float]] = None, deleted: bool = False,
-                version: Optional[int] = None, catalogue: Optional[str] = None) -> Call:
-    body: Dict[str, Any] = _opt({}, version=version)
+                version: Optional[int] = None, catalogue: Optional[str] = None,
+                attributes: Optional[Dict[str, int]] = None) -> Call:
+    body: Dict[str, Any] = _opt({}, version=version, attributes=attributes)
     if embedding is not None:
         body["embedding"] = [float(x) for x in embedding]
     if deleted:

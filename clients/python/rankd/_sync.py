@@ -235,8 +235,11 @@ class Client:
 
     def recommend(self, model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[int]] = None,
                   timeout_ms: Optional[int] = None, version: Optional[int] = None,
-                  priority: Optional[str] = None) -> t.Recommendation:
-        return self._t.call(_core.recommend(model, user_id, k, exclude, timeout_ms, version, priority))
+                  priority: Optional[str] = None, filter: Optional[Dict[str, Any]] = None) -> t.Recommendation:
+        """The top `k` items for `user_id`; `filter` maps attribute names to an
+        allowed value or a list of them (every attribute named must hold)."""
+        return self._t.call(_core.recommend(model, user_id, k, exclude, timeout_ms, version, priority,
+                                                filter))
 
     def score(self, model: str, user_id: int, items: Sequence[int], timeout_ms: Optional[int] = None,
               version: Optional[int] = None, priority: Optional[str] = None) -> t.Scores:
@@ -247,10 +250,13 @@ class Client:
         return self._t.call(_core.upsert_user(user_id, history, features))
 
     def upsert_item(self, item_id: int, embedding: Optional[Iterable[float]] = None, deleted: bool = False,
-                    version: Optional[int] = None, catalogue: Optional[str] = None) -> t.Item:
+                    version: Optional[int] = None, catalogue: Optional[str] = None,
+                    attributes: Optional[Dict[str, int]] = None) -> t.Item:
         """Writes (or with `deleted=True` removes) an item of `catalogue`; leave
-        `catalogue` out while the daemon serves exactly one."""
-        return self._t.call(_core.upsert_item(item_id, embedding, deleted, version, catalogue))
+        `catalogue` out while the daemon serves exactly one. `attributes` alone
+        changes an existing item's attributes and keeps its embedding."""
+        return self._t.call(_core.upsert_item(item_id, embedding, deleted, version, catalogue,
+                                                  attributes))
 
     def get_item(self, catalogue: str, item_id: int) -> t.StoredItem:
         """An item as its catalogue stores it."""

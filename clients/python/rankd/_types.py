@@ -23,20 +23,32 @@ class ScoredItem:
 
 @dataclass(frozen=True)
 class Recommendation:
+    """A recommend's answer. For a pipeline (`kind = "pipeline"`), `version`
+    is the retrieval stage's, `versions` holds both stages' (`retrieve`,
+    `rank`), `retrieval_scores` the retrieval model's score of each item,
+    and `degraded_reason` says which stage did not run."""
+
     model: str
     version: int
     items: List[ScoredItem]
     degraded: bool = False
     cold_start: bool = False
+    versions: Optional[Dict[str, int]] = None
+    retrieval_scores: Optional[List[float]] = None
+    degraded_reason: Optional[str] = None
 
     @classmethod
     def from_wire(cls, r: Dict[str, Any]) -> "Recommendation":
+        versions = r.get("versions")
         return cls(
             model=r["model"],
-            version=r["version"],
+            version=versions["retrieve"] if versions is not None else r["version"],
             items=[ScoredItem(int(i["id"]), _f32(i["score"])) for i in r["items"]],
             degraded=bool(r.get("degraded", False)),
             cold_start=bool(r.get("cold_start", False)),
+            versions=dict(versions) if versions is not None else None,
+            retrieval_scores=[_f32(i["retrieval_score"]) for i in r["items"]] if versions is not None else None,
+            degraded_reason=r.get("degraded_reason"),
         )
 
 
@@ -90,11 +102,12 @@ class StoredItem:
     version: int
     deleted: bool
     embedding: List[float]
+    attributes: Dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_wire(cls, r: Dict[str, Any]) -> "StoredItem":
         return cls(str(r["catalogue"]), int(r["item_id"]), int(r["version"]), bool(r["deleted"]),
-                   [_f32(x) for x in r["embedding"]])
+                   [_f32(x) for x in r["embedding"]], {str(k): int(v) for k, v in r.get("attributes", {}).items()})
 
 
 @dataclass(frozen=True)
@@ -188,11 +201,14 @@ class RecommendRequest:
     exclude: Optional[Sequence[int]] = None
     version: Optional[int] = None
     timeout_ms: Optional[int] = None
+    filter: Optional[Dict[str, Any]] = None
 
     def to_wire(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {"user_id": self.user_id, "k": self.k}
         if self.exclude is not None:
             d["exclude"] = list(self.exclude)
+        if self.filter is not None:
+            d["filter"] = dict(self.filter)
         if self.version is not None:
             d["version"] = self.version
         if self.timeout_ms is not None:

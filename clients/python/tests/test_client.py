@@ -54,6 +54,12 @@ def test_every_method_sync(with_state):
             [cat] = c.catalogues()
             assert (cat.name, cat.dim) == ("demo", 64) and "demo@1" in cat.models, cat
             assert cat.rows > cat.live_rows, "deleted rows stay allocated"
+            # The filter reaches the daemon on both transports (the demo
+            # catalogue has no attributes to filter on).
+            with pytest.raises(rankd.InvalidRequest, match="catalogue 'demo' has: none"):
+                c.recommend("demo", user, k=3, filter={"in_stock": 1})
+            with pytest.raises(rankd.InvalidRequest, match="unknown attribute 'in_stock'"):
+                c.upsert_item(item, attributes={"in_stock": 1}, catalogue="demo")
 
 
 def test_every_method_async(with_state):
@@ -297,3 +303,28 @@ def test_version_is_sent_only_when_given(with_state):
     with rankd.Client(with_state.http) as c:
         assert len(c.recommend("demo", 1, k=2).items) == 2
         assert len(c.score("demo", 1, [1, 2]).scores) == 2
+
+
+def test_a_pipeline_answers_with_both_stages_versions(demo_repo, tmp_path):
+    repo = tmp_path / "models"
+    shutil.copytree(demo_repo, repo, symlinks=True)
+    (repo / "feed" / "1").mkdir(parents=True)
+    (repo / "feed" / "1" / "model.toml").write_text(
+        'kind = "pipeline"\nretrieve = "demo"\ncandidates = 50\nrank = "demo-ranker"\n')
+    d = Daemon(repo, tmp_path).start()
+    try:
+        answers = []
+        for target in targets(d):
+            with rankd.Client(target) as c:
+                c.upsert_user(7, history=history(7))
+                r = c.recommend("feed", 7, k=5)
+                assert r.model == "feed" and r.versions == {"retrieve": 1, "rank": 1}, r
+                assert len(r.items) == 5 and len(r.retrieval_scores) == 5
+                assert [i.score for i in r.items] == sorted((i.score for i in r.items), reverse=True)
+                ranked = c.score("demo-ranker", 7, [i.id for i in r.items])
+                # One batch of 50 candidates against one of 5: equal to float rounding.
+                assert [i.score for i in r.items] == pytest.approx(ranked.scores, rel=1e-5)
+                answers.append(r)
+        assert answers[0] == answers[1]
+    finally:
+        d.stop()

@@ -23,6 +23,30 @@ pub struct RecommendRequest {
     /// `interactive` (the default) or `bulk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// Only items whose attributes hold every clause may be returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Filter>,
+}
+
+/// A recommend's filter: attribute name → the allowed value or values; an
+/// item passes when every attribute named holds one of its values.
+pub type Filter = std::collections::BTreeMap<String, FilterValues>;
+
+/// One attribute's allowed values: `3` or `[3, 7]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FilterValues {
+    One(i64),
+    Any(Vec<i64>),
+}
+
+impl FilterValues {
+    pub fn values(&self) -> &[i64] {
+        match self {
+            FilterValues::One(v) => std::slice::from_ref(v),
+            FilterValues::Any(v) => v,
+        }
+    }
 }
 
 /// A scoring request's priority class.
@@ -75,6 +99,10 @@ pub struct ItemRequest {
     pub deleted: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// Integer attributes to set (names the catalogue has); alone, they
+    /// change an existing item's attributes and keep its embedding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<std::collections::BTreeMap<String, i64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -242,6 +270,42 @@ pub struct ItemSummary {
     pub catalogue: Option<String>,
 }
 
+/// One item of a pipeline's answer: the ranker's score and the retrieval
+/// model's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PipelineItem {
+    pub id: u64,
+    /// The ranker's probability; the retrieval score when the ranking stage
+    /// did not run (`degraded`).
+    pub score: f32,
+    pub retrieval_score: f32,
+}
+
+/// The versions of a pipeline's stages that answered.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StageVersions {
+    pub retrieve: u64,
+    /// Absent when the ranking stage did not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u64>,
+}
+
+/// A pipeline's recommend (`kind = "pipeline"`): retrieval, then ranking.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineResponse {
+    pub model: String,
+    pub items: Vec<PipelineItem>,
+    pub versions: StageVersions,
+    /// The ranking stage could not run in time or was shed (or retrieval
+    /// itself degraded): the items are in retrieval order.
+    pub degraded: bool,
+    /// `rank_stage` when the ranking stage was skipped, `retrieve_stage`
+    /// when retrieval answered with the popular items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_reason: Option<String>,
+    pub cold_start: bool,
+}
+
 /// An item as its catalogue stores it (`GET /v1/catalogues/{catalogue}/items/{item_id}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredItem {
@@ -252,6 +316,9 @@ pub struct StoredItem {
     /// it) but are never returned.
     pub deleted: bool,
     pub embedding: Vec<f32>,
+    /// The catalogue's attributes for this item (empty when it has none).
+    #[serde(default)]
+    pub attributes: std::collections::BTreeMap<String, i64>,
 }
 
 /// A resident catalogue (`GET /v1/catalogues`).

@@ -40,6 +40,12 @@ pub struct WireRequest {
     pub embedding: Option<Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted: Option<bool>,
+    /// `upsert_item`: integer attributes to set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<std::collections::BTreeMap<String, i64>>,
+    /// `recommend`: attribute → allowed value(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Filter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
     /// `interactive` (the default) or `bulk`.
@@ -74,6 +80,7 @@ pub struct WireResponse<R> {
 #[serde(untagged)]
 pub enum WireResult {
     Recommend(RecommendResponse),
+    Pipeline(PipelineResponse),
     Score(ScoreResponse),
     User(UserResponse),
     Models(ModelsResponse),

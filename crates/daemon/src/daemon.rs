@@ -239,6 +239,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             max_timeout: config.requests.max_timeout(),
         },
     ));
+    service.set_pipelines(load_pipelines(&repo, &service, &exec).await);
     let app = api::http::router(api::http::HttpState {
         service: service.clone(),
         max_body_bytes: config.http.max_body_bytes,
@@ -339,6 +340,68 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         shutdown_delay: config.durability.shutdown_delay(),
         grace: config.durability.grace(),
     })
+}
+
+/// Reads the repository's pipelines and checks their stages against the
+/// models loaded; one that cannot serve keeps the reason (and answers 503
+/// with it).
+async fn load_pipelines(
+    repo: &Repository,
+    service: &api::Service,
+    exec: &ExecutorHandle,
+) -> Vec<api::pipeline::Pipeline> {
+    let mut pipelines = Vec::new();
+    for dir in &repo.pipelines {
+        let Some((version, path)) = dir.latest() else {
+            continue;
+        };
+        let file = path.join("model.toml");
+        let (spec, error) = match model::pipeline::PipelineSpec::read(&file) {
+            Ok(spec) => (spec, None),
+            Err(e) => (
+                model::pipeline::PipelineSpec {
+                    retrieve: String::new(),
+                    candidates: 0,
+                    rank: String::new(),
+                    limits: Default::default(),
+                },
+                Some(e.to_string()),
+            ),
+        };
+        pipelines.push(api::pipeline::Pipeline {
+            name: dir.name.clone(),
+            version: *version,
+            spec,
+            error,
+        });
+    }
+    if pipelines.is_empty() {
+        return pipelines;
+    }
+    let mut catalogue_of = std::collections::HashMap::new();
+    for c in exec.catalogues().await.unwrap_or_default() {
+        for m in c.models {
+            let name = m.rsplit_once('@').map_or(m.as_str(), |(n, _)| n);
+            catalogue_of.insert(name.to_string(), c.name.clone());
+        }
+    }
+    api::pipeline::check(&mut pipelines, service, &catalogue_of);
+    for p in &pipelines {
+        match &p.error {
+            None => tracing::info!(
+                pipeline = %p.name,
+                version = p.version,
+                retrieve = %p.spec.retrieve,
+                candidates = p.spec.candidates,
+                rank = %p.spec.rank,
+                "pipeline serving"
+            ),
+            Some(why) => {
+                tracing::error!(pipeline = %p.name, version = p.version, error = %why, "pipeline cannot serve")
+            }
+        }
+    }
+    pipelines
 }
 
 fn start_ingest(

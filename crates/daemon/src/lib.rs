@@ -73,8 +73,21 @@ pub fn generate_demo(root: &std::path::Path, seed: u64) -> anyhow::Result<Vec<st
     Ok(model::demo::generate(root, seed)?)
 }
 
+/// [`generate_demo`] with a catalogue of `items` items (ids 1..=items) drawn
+/// the same way, written as it is drawn; `DEMO_ITEMS` gives the bundled bytes.
+pub fn generate_demo_items(
+    root: &std::path::Path,
+    seed: u64,
+    items: usize,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    Ok(model::demo::generate_items(root, seed, items)?)
+}
+
 /// The seed of the bundled demo models.
 pub const DEMO_SEED: u64 = model::demo::DEMO_SEED;
+
+/// The bundled demo catalogue's size.
+pub const DEMO_ITEMS: usize = model::demo::ITEMS;
 
 /// Internals for rankd's own benchmarks and tools (the load generator, the
 /// GPU check, the ingestion benchmark): not a stable API.
@@ -84,7 +97,7 @@ pub mod internals {
     #[cfg(feature = "cuda")]
     pub use crate::backend::cuda;
     pub use crate::backend::{Backend, BatchBounds, ModelDesc, Output, Query, Scored, Task};
-    pub use crate::features::catalogues::Catalogues;
+    pub use crate::features::catalogues::{Catalogues, Shape};
     pub use crate::features::store::State;
     pub use crate::features::updates::{Coalescer, Stream, Update, UpdateBatch, Validator};
     pub use crate::model::demo::{files as demo_files, Rng};

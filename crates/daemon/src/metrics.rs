@@ -11,6 +11,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Whole request latency as the server saw it.
     pub request_seconds: HistogramVec,
+    /// A pipeline's time per stage (`retrieve`, `rank`).
+    pub pipeline_stage_seconds: HistogramVec,
     /// Time from admission to the start of the batch that carried it.
     pub queue_seconds: HistogramVec,
     /// Backend time per batch.
@@ -134,6 +136,12 @@ impl Metrics {
                 "rankd_requests_total",
                 "Requests by model, version, route, status code and priority class.",
                 &["model", "version", "route", "status", "priority"],
+            ),
+            pipeline_stage_seconds: histogram(
+                "rankd_pipeline_stage_seconds",
+                "A pipeline recommend's time per stage: retrieve (the retrieval model's recommend) and rank (the ranker's score of the candidates).",
+                &["pipeline", "stage"],
+                LATENCY_BUCKETS,
             ),
             request_seconds: histogram(
                 "rankd_request_duration_seconds",
@@ -438,7 +446,7 @@ impl Metrics {
             },
             degraded: counter(
                 "rankd_degraded_total",
-                "Recommends answered with the popular items instead of being shed, by reason (queue_full, deadline).",
+                "Recommends answered with the popular items instead of being shed, by reason (queue_full, deadline); for a pipeline, rank_stage: answered in retrieval order without its ranking stage.",
                 &["model", "reason"],
             ),
             cold_start: counter(

@@ -16,6 +16,7 @@ use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::pipeline::Recommended;
 use super::Service;
 use crate::error::ServeError;
 use rankd_client::types::*;
@@ -39,6 +40,9 @@ pub struct BulkLine {
     pub version: Option<u64>,
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Recommend lines only: attribute → allowed value(s), as in `recommend`.
+    #[serde(default)]
+    pub filter: Option<rankd_client::types::Filter>,
 }
 
 /// The answer to one input line.
@@ -67,6 +71,18 @@ pub enum Outcome {
         items: Vec<ScoredItem>,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         degraded: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cold_start: bool,
+    },
+    /// A pipeline's recommend line.
+    Ranked {
+        user_id: u64,
+        versions: StageVersions,
+        items: Vec<PipelineItem>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        degraded: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        degraded_reason: Option<String>,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         cold_start: bool,
     },
@@ -215,7 +231,7 @@ async fn attempt(
                 scores: r.scores,
             }),
         (None, k) => service
-            .recommend(
+            .recommend_any(
                 model,
                 RecommendRequest {
                     user_id: req.user_id,
@@ -224,15 +240,26 @@ async fn attempt(
                     timeout_ms,
                     version: req.version,
                     priority: Some(Priority::Bulk),
+                    filter: req.filter.clone(),
                 },
             )
             .await
-            .map(|r| Outcome::Items {
-                user_id: req.user_id,
-                version: r.version,
-                items: r.items,
-                degraded: r.degraded,
-                cold_start: r.cold_start,
+            .map(|r| match r {
+                Recommended::Model(r) => Outcome::Items {
+                    user_id: req.user_id,
+                    version: r.version,
+                    items: r.items,
+                    degraded: r.degraded,
+                    cold_start: r.cold_start,
+                },
+                Recommended::Pipeline(p) => Outcome::Ranked {
+                    user_id: req.user_id,
+                    versions: p.versions,
+                    items: p.items,
+                    degraded: p.degraded,
+                    degraded_reason: p.degraded_reason,
+                    cold_start: p.cold_start,
+                },
             }),
     }
 }

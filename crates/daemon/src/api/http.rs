@@ -264,10 +264,10 @@ async fn recommend(
     State(s): State<HttpState>,
     model: Result<Path<String>, PathRejection>,
     body: Result<JsonBody<RecommendRequest>, ApiError>,
-) -> Result<Json<RecommendResponse>, ApiError> {
+) -> Result<Json<super::pipeline::Recommended>, ApiError> {
     let model = segment(&s, "recommend", model)?;
     let JsonBody(req) = admitted(&s, &model, "recommend", body)?;
-    Ok(Json(s.service.recommend(&model, req).await?))
+    Ok(Json(s.service.recommend_any(&model, req).await?))
 }
 
 /// `POST /v1/models/{model}/bulk`: NDJSON in, NDJSON out, one result per
@@ -283,7 +283,7 @@ async fn bulk(
         &s,
         &model,
         "bulk",
-        s.service.model(&model).map_err(ApiError),
+        s.service.bulk_target(&model).map_err(ApiError),
     )?;
     let body = req.into_body().into_data_stream();
     let broken = Arc::new(std::sync::Mutex::new(None::<String>));

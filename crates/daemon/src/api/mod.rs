@@ -6,6 +6,7 @@ pub mod auth;
 pub mod bulk;
 pub mod conn;
 pub mod http;
+pub mod pipeline;
 pub mod service;
 pub mod tls;
 pub mod uds;

@@ -2,6 +2,7 @@
 //! that name the limit and the value, dispatch to the executor, and the
 //! per-request metrics. HTTP and the socket both call into this.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use crate::exec::{ExecutorHandle, LoadState, Note, Op, Output, ServedModel, User
 use crate::features::store::{ItemSummary, ItemWrite, StoredItem};
 use crate::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
+use crate::model::attributes::check_filter;
 use crate::model::OpKind;
 use rankd_client::types::CataloguesResponse;
 use rankd_client::types::*;
@@ -33,6 +35,8 @@ pub struct Service {
     /// Turns true at the end of the shutdown grace period: streaming calls
     /// still running end with a final error.
     cut: tokio::sync::watch::Sender<bool>,
+    /// Pipelines by name, set once at start.
+    pipelines: std::sync::OnceLock<HashMap<String, super::pipeline::Pipeline>>,
 }
 
 impl Service {
@@ -44,6 +48,7 @@ impl Service {
             ingest: std::sync::OnceLock::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
             cut: tokio::sync::watch::Sender::new(false),
+            pipelines: std::sync::OnceLock::new(),
         }
     }
 
@@ -92,6 +97,29 @@ impl Service {
         &self.metrics
     }
 
+    /// Sets the pipelines served (once, at start).
+    pub fn set_pipelines(&self, pipelines: Vec<super::pipeline::Pipeline>) {
+        let _ = self
+            .pipelines
+            .set(pipelines.into_iter().map(|p| (p.name.clone(), p)).collect());
+    }
+
+    pub(super) fn pipeline(&self, name: &str) -> Option<&super::pipeline::Pipeline> {
+        self.pipelines.get()?.get(name)
+    }
+
+    /// The target of a bulk call: a model or a pipeline.
+    pub fn bulk_target(&self, name: &str) -> Result<(), ServeError> {
+        if self.pipeline(name).is_some() {
+            return Ok(());
+        }
+        self.lookup(name).map(|_| ())
+    }
+
+    pub(super) fn exec(&self) -> &ExecutorHandle {
+        &self.exec
+    }
+
     fn lookup(&self, name: &str) -> Result<(usize, &Arc<ServedModel>), ServeError> {
         self.exec.registry().get(name).ok_or_else(|| {
             let known: Vec<&str> = self
@@ -108,7 +136,7 @@ impl Service {
         })
     }
 
-    fn timeout(&self, timeout_ms: Option<u64>) -> Result<Duration, ServeError> {
+    pub(super) fn timeout(&self, timeout_ms: Option<u64>) -> Result<Duration, ServeError> {
         match timeout_ms {
             None => Ok(self.limits.default_timeout),
             Some(0) => Err(ServeError::Invalid("timeout_ms must be >= 1, got 0".into())),
@@ -125,7 +153,7 @@ impl Service {
     /// Counts the request and its latency under `route`, the version that
     /// answered (empty when none did), the status it ended in and its
     /// priority class (empty for a route that does not score).
-    fn observe<T>(
+    pub(super) fn observe<T>(
         &self,
         model: &str,
         version: &str,
@@ -172,9 +200,20 @@ impl Service {
         model: &str,
         req: RecommendRequest,
     ) -> Result<RecommendResponse, ServeError> {
+        self.recommend_counted(model, req, true).await
+    }
+
+    /// A recommend whose answer counts as an impression for online
+    /// evaluation when `online` (a pipeline's candidates do not).
+    pub(super) async fn recommend_counted(
+        &self,
+        model: &str,
+        req: RecommendRequest,
+        online: bool,
+    ) -> Result<RecommendResponse, ServeError> {
         let started = Instant::now();
         let class = class_of(req.priority);
-        let result = self.recommend_inner(model, req).await;
+        let result = self.recommend_inner(model, req, online).await;
         let label = if self.exec.registry().get(model).is_some() {
             model
         } else {
@@ -198,6 +237,7 @@ impl Service {
         &self,
         model: &str,
         req: RecommendRequest,
+        online: bool,
     ) -> Result<RecommendResponse, ServeError> {
         let (_, served) = self.lookup(model)?;
         let route = served.route(req.user_id, req.version)?;
@@ -222,11 +262,16 @@ impl Service {
                 req.exclude.len()
             )));
         }
+        if let Some(filter) = &req.filter {
+            check_filter(filter).map_err(ServeError::Invalid)?;
+        }
         let timeout = self.timeout(req.timeout_ms)?;
         let op = Op::Recommend {
             user_id: req.user_id,
             k: req.k,
             exclude: req.exclude,
+            filter: req.filter,
+            online,
         };
         let rows = spec.kind.rows(&op);
         let class = class_of(req.priority);
@@ -272,6 +317,11 @@ impl Service {
         model: &str,
         req: ScoreRequest,
     ) -> Result<ScoreResponse, ServeError> {
+        if self.pipeline(model).is_some() {
+            return Err(ServeError::Invalid(format!(
+                "'{model}' is a pipeline: it answers recommend only (score its ranker instead)"
+            )));
+        }
         let (_, served) = self.lookup(model)?;
         let route = served.route(req.user_id, req.version)?;
         let spec = route.resident.spec.clone();
@@ -401,6 +451,11 @@ impl Service {
         item_id: u64,
         req: ItemRequest,
     ) -> Result<ItemSummary, ServeError> {
+        if req.deleted && req.attributes.is_some() {
+            return Err(ServeError::Invalid(
+                "give either `attributes` or `deleted: true`, not both".into(),
+            ));
+        }
         let embedding = match (req.deleted, &req.embedding) {
             (true, Some(_)) => {
                 return Err(ServeError::Invalid(
@@ -409,9 +464,10 @@ impl Service {
             }
             (true, None) => None,
             (false, Some(e)) => Some(finite_f32(e, "embedding")?),
+            (false, None) if req.attributes.is_some() => None,
             (false, None) => {
                 return Err(ServeError::Invalid(
-                    "an item write needs `embedding` or `deleted: true`".into(),
+                    "an item write needs `embedding`, `attributes` or `deleted: true`".into(),
                 ))
             }
         };
@@ -421,6 +477,7 @@ impl Service {
                 embedding,
                 version: req.version,
                 catalogue,
+                attributes: req.attributes,
             })
             .await
     }
@@ -568,7 +625,7 @@ fn finite_f32(values: &[f64], field: &str) -> Result<Vec<f32>, ServeError> {
     crate::features::updates::finite_f32(values, field).map_err(ServeError::Invalid)
 }
 
-fn class_of(priority: Option<Priority>) -> Class {
+pub(super) fn class_of(priority: Option<Priority>) -> Class {
     match priority.unwrap_or_default() {
         Priority::Interactive => Class::Interactive,
         Priority::Bulk => Class::Bulk,

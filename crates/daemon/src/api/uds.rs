@@ -409,7 +409,7 @@ struct BulkFrame<'a> {
 async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>>) {
     let id = req.id;
     let checked = required(req.model, "model", "bulk").and_then(|model| {
-        service.model(&model)?;
+        service.bulk_target(&model)?;
         Ok((model, required(req.requests, "requests", "bulk")?))
     });
     let (model, requests) = match checked {
@@ -496,11 +496,12 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 timeout_ms: req.timeout_ms,
                 version: req.version,
                 priority: req.priority,
+                filter: req.filter,
             };
-            service
-                .recommend(&model, body)
-                .await
-                .map(WireResult::Recommend)
+            service.recommend_any(&model, body).await.map(|r| match r {
+                super::pipeline::Recommended::Model(r) => WireResult::Recommend(r),
+                super::pipeline::Recommended::Pipeline(p) => WireResult::Pipeline(p),
+            })
         }
         "score" => {
             let model = required(req.model, "model", op)?;
@@ -530,6 +531,7 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 embedding: req.embedding,
                 deleted: req.deleted.unwrap_or(false),
                 version: req.version,
+                attributes: req.attributes,
             };
             service
                 .write_item(req.catalogue, item_id, body)

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::cpu::CpuBackend;
 use super::{
-    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId,
+    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId, Task,
 };
 use crate::metrics::Metrics;
 use crate::model::{ItemDtype, ItemTable, ModelKind, Weights};
@@ -199,7 +199,16 @@ impl Backend for Fallback {
         items: &ItemTable,
         queries: &[Query<'_>],
     ) -> Result<Vec<Output>, BackendError> {
-        if self.cpu_only.contains_key(&id) {
+        let filtered = queries.iter().any(|q| {
+            matches!(
+                q.task,
+                Task::TopK {
+                    filter: Some(_),
+                    ..
+                }
+            )
+        });
+        if self.cpu_only.contains_key(&id) || (filtered && !self.primary.filters()) {
             return self.cpu.run(id, items, queries);
         }
         let probing = !self.healthy && (self.clock)() >= self.retry_at;
@@ -269,6 +278,11 @@ impl Backend for Fallback {
 
     fn warm_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
         self.primary.warm_batch_sizes(max_batch)
+    }
+
+    /// Filtered batches the device cannot filter run on the CPU copy.
+    fn filters(&self) -> bool {
+        true
     }
 
     /// Every kind: those the device lacks run on the CPU copy.
@@ -414,7 +428,6 @@ mod tests {
 
     use super::faulty::{Faulty, Plan};
     use super::*;
-    use crate::backend::Task;
     use crate::model::demo::Rng;
     use crate::model::kind::{RANKER, TWO_TOWER};
     use crate::model::{Layer, TowerWeights};
@@ -465,7 +478,11 @@ mod tests {
             .map(|h| Query {
                 history: h,
                 features: None,
-                task: Task::TopK { k: 5, exclude: &[] },
+                task: Task::TopK {
+                    k: 5,
+                    exclude: &[],
+                    filter: None,
+                },
             })
             .collect();
         fb.run(0, items, &queries).unwrap()
@@ -625,7 +642,11 @@ mod tests {
             .map(|h| Query {
                 history: h,
                 features: None,
-                task: Task::TopK { k: 5, exclude: &[] },
+                task: Task::TopK {
+                    k: 5,
+                    exclude: &[],
+                    filter: None,
+                },
             })
             .collect();
         assert_eq!(out, cpu.run(0, &items, &queries).unwrap());

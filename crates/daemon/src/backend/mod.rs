@@ -172,6 +172,13 @@ pub trait Backend: Send {
         true
     }
 
+    /// Whether `run` honours a top-k task's `filter`. A backend that does
+    /// not is never handed a filtered recommend: the fallback answers such
+    /// batches from the CPU scan.
+    fn filters(&self) -> bool {
+        false
+    }
+
     /// Why model `id` runs on the CPU rather than on this backend's device,
     /// when it does.
     fn cpu_reason(&self, _id: ModelId) -> Option<String> {

@@ -29,12 +29,14 @@ use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Output, Query, Sc
 use crate::batch::rate::Rates;
 use crate::batch::{BatchPolicy, Class, DropReason, Poll, QueueKey, Run, Scheduler};
 use crate::error::ServeError;
+use crate::features::catalogues::Shape;
 use crate::features::popularity::{self, Popularity};
 use crate::features::snapshot::Snapshot;
 use crate::features::store::State;
 use crate::features::wal::{self, Record, Wal};
 use crate::features::UserStore;
 use crate::metrics::Metrics;
+use crate::model::query::RowFilter;
 use crate::model::spec::{ColdStart, Degrade};
 use crate::model::{ItemTable, ModelEntry, ModelError, ModelSpec};
 
@@ -285,7 +287,7 @@ impl Executor {
                 let table = match f.items {
                     Some(t) => t,
                     // Resident when the file was read, freed since: read it now.
-                    None => ItemTable::load(&f.items_key, spec.dim)?,
+                    None => load::load_table(&f.items_key, spec.dim)?,
                 };
                 let t = self.state.add_table(&f.catalogue, table);
                 if let Err(e) = self
@@ -299,7 +301,13 @@ impl Executor {
                     });
                 }
                 self.tables.insert(f.catalogue.clone(), (t, 1));
-                self.registry.catalogues().set(&f.catalogue, Some(spec.dim));
+                self.registry.catalogues().set(
+                    &f.catalogue,
+                    Some(Shape {
+                        dim: spec.dim,
+                        attributes: self.state.tables[t].attributes().names().to_vec(),
+                    }),
+                );
                 t
             }
         };
@@ -670,6 +678,22 @@ impl Executor {
             Command::GetItem(catalogue, item_id, reply) => {
                 let _ = reply.send(self.state.item(&catalogue, item_id));
             }
+            Command::Served {
+                user,
+                model,
+                version,
+                items,
+            } => {
+                if self.online.enabled() && !items.is_empty() {
+                    self.online
+                        .served(user, model, version, &items, Instant::now());
+                    let name = &self.registry.by_index(model).name;
+                    self.metrics
+                        .online_impressions
+                        .with_label_values(&[name, &version.to_string()])
+                        .inc();
+                }
+            }
             Command::Catalogues(reply) => {
                 let _ = reply.send(Ok(self.catalogues()));
             }
@@ -724,7 +748,7 @@ impl Executor {
                     dim: table.dim(),
                     live_rows: table.live_count(),
                     rows: table.rows(),
-                    attributes: Vec::new(),
+                    attributes: table.attributes().names().to_vec(),
                     models,
                 }
             })
@@ -921,6 +945,8 @@ impl Executor {
             user_id,
             k,
             exclude,
+            filter,
+            ..
         } = &req.op
         else {
             let _ = req.reply.send(Err(ServeError::Internal(
@@ -936,6 +962,23 @@ impl Executor {
             return;
         };
         let items = &self.state.tables[slot.table];
+        let attributes = items.attributes();
+        let filter = match filter
+            .as_ref()
+            .map(|f| RowFilter::resolve(f, attributes, self.state.name_of(slot.table)))
+            .transpose()
+        {
+            Ok(f) => f,
+            Err(m) => {
+                let _ = req.reply.send(Err(ServeError::Invalid(m)));
+                return;
+            }
+        };
+        let allowed = |row: u32| {
+            filter
+                .as_ref()
+                .is_none_or(|f| f.allows(attributes, row as usize))
+        };
         let mut skip: std::collections::HashSet<u64> = exclude.iter().copied().collect();
         if let Some(u) = self.state.users.get(*user_id) {
             skip.extend(u.history.iter().copied());
@@ -945,7 +988,7 @@ impl Executor {
             if answer.len() == *k {
                 break;
             }
-            if items.live_row_of(id).is_some() && skip.insert(id) {
+            if items.live_row_of(id).is_some_and(allowed) && skip.insert(id) {
                 answer.push(Scored { id, score });
             }
         }
@@ -954,7 +997,7 @@ impl Executor {
                 break;
             }
             let id = items.id(row);
-            if items.is_live(row) && skip.insert(id) {
+            if items.is_live(row) && allowed(row) && skip.insert(id) {
                 answer.push(Scored { id, score: 0.0 });
             }
         }
@@ -1027,8 +1070,9 @@ impl Executor {
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
         let mut prepared = Vec::with_capacity(batch.len());
+        let catalogue = self.state.name_of(table);
         for req in batch {
-            match prepare(&req.op, spec, items, &self.state.users) {
+            match prepare(&req.op, spec, items, catalogue, &self.state.users) {
                 Ok(p) => {
                     self.metrics
                         .queue_seconds
@@ -1062,6 +1106,7 @@ impl Executor {
                     Op::Recommend { k, .. } => Task::TopK {
                         k: *k,
                         exclude: &p.rows,
+                        filter: p.filter.as_ref(),
                     },
                     Op::Score { .. } => Task::Score { rows: &p.rows },
                 },
@@ -1105,7 +1150,15 @@ impl Executor {
                 });
                 let mut served = 0u64;
                 for (req, out) in live.into_iter().zip(outputs) {
-                    if let (Op::Recommend { user_id, .. }, Output::TopK(items)) = (&req.op, &out) {
+                    if let (
+                        Op::Recommend {
+                            user_id,
+                            online: true,
+                            ..
+                        },
+                        Output::TopK(items),
+                    ) = (&req.op, &out)
+                    {
                         if self.online.enabled() && !items.is_empty() {
                             let ids: Vec<u64> = items.iter().map(|s| s.id).collect();
                             self.online.served(*user_id, model, version, &ids, now);
@@ -1142,12 +1195,15 @@ struct Prepared {
     history: Vec<u32>,
     /// Sorted excluded rows (recommend) or candidate rows (score).
     rows: Vec<u32>,
+    /// A recommend's filter, resolved against the catalogue's attributes.
+    filter: Option<RowFilter>,
 }
 
 fn prepare(
     op: &Op,
     spec: &ModelSpec,
     items: &ItemTable,
+    catalogue: &str,
     users: &UserStore,
 ) -> Result<Prepared, ServeError> {
     let user_id = match op {
@@ -1183,5 +1239,17 @@ fn prepare(
             })
             .collect::<Result<_, _>>()?,
     };
-    Ok(Prepared { history, rows })
+    let filter = match op {
+        Op::Recommend {
+            filter: Some(f), ..
+        } => Some(
+            RowFilter::resolve(f, items.attributes(), catalogue).map_err(ServeError::Invalid)?,
+        ),
+        _ => None,
+    };
+    Ok(Prepared {
+        history,
+        rows,
+        filter,
+    })
 }

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::model::attributes::{Attributes, ATTRIBUTES_FILE};
 use crate::model::{ItemTable, ModelEntry, ModelError, ModelSpec, Weights};
 
 /// A version read and validated, ready to be made resident.
@@ -62,6 +63,24 @@ pub fn catalogue_name(root: &Path, table: &Path, tensor: Option<&str>) -> String
     name
 }
 
+/// Reads a catalogue's items file and, when one lies beside it, its
+/// attributes (`attributes.safetensors`).
+pub fn load_table(items_path: &Path, dim: usize) -> Result<ItemTable, ModelError> {
+    let mut table = ItemTable::load(items_path, dim)?;
+    let attributes_path = items_path.with_file_name(ATTRIBUTES_FILE);
+    if attributes_path.is_file() {
+        let attributes = Attributes::load(&attributes_path, table.rows())?;
+        table
+            .set_attributes(attributes)
+            .map_err(|message| ModelError::Values {
+                path: attributes_path,
+                tensor: "*".into(),
+                message,
+            })?;
+    }
+    Ok(table)
+}
+
 /// Reads `entry`. `resident(catalogue, dim)` tells whether that catalogue
 /// is already resident with that dimension (then it is not read again).
 pub fn read(
@@ -113,7 +132,7 @@ pub fn read(
             let items = if resident(&catalogue, spec.dim) {
                 None
             } else {
-                Some(ItemTable::load(&items_path, spec.dim)?)
+                Some(load_table(&items_path, spec.dim)?)
             };
             (catalogue, items_key, items)
         }

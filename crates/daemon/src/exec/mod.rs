@@ -103,6 +103,14 @@ pub enum Command {
     GetItem(String, u64, Reply<state::StoredItem>),
     /// The resident catalogues.
     Catalogues(Reply<Vec<state::CatalogueInfo>>),
+    /// A list answered for `user` counts as an impression of the model's
+    /// version (a pipeline's answer, credited to each stage).
+    Served {
+        user: u64,
+        model: usize,
+        version: u64,
+        items: Vec<u64>,
+    },
     /// Applies a batch of feature updates between scoring batches.
     Apply(
         crate::features::updates::UpdateBatch,
@@ -290,6 +298,16 @@ impl ExecutorHandle {
         item_id: u64,
     ) -> Result<state::StoredItem, ServeError> {
         self.ask(|r| Command::GetItem(catalogue, item_id, r)).await
+    }
+
+    /// Counts `items` as an impression of `model`'s `version` for `user`.
+    pub fn served(&self, user: u64, model: usize, version: u64, items: Vec<u64>) {
+        let _ = self.tx.send(Command::Served {
+            user,
+            model,
+            version,
+            items,
+        });
     }
 
     pub async fn catalogues(&self) -> Result<Vec<state::CatalogueInfo>, ServeError> {

@@ -64,9 +64,17 @@ pub fn resolve<'a>(
     }
 }
 
-/// Resident catalogues: name → dimension, shared between threads.
+/// What a write is checked against: the catalogue's dimension and
+/// attribute names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    pub dim: usize,
+    pub attributes: Vec<String>,
+}
+
+/// Resident catalogues by name, shared between threads.
 #[derive(Debug, Clone, Default)]
-pub struct Catalogues(Arc<RwLock<BTreeMap<String, usize>>>);
+pub struct Catalogues(Arc<RwLock<BTreeMap<String, Shape>>>);
 
 impl Catalogues {
     pub fn new() -> Self {
@@ -75,15 +83,19 @@ impl Catalogues {
 
     /// Whether catalogue `name` is resident with dimension `dim`.
     pub fn resident(&self, name: &str, dim: usize) -> bool {
-        self.0.read().expect("catalogues lock poisoned").get(name) == Some(&dim)
+        self.0
+            .read()
+            .expect("catalogues lock poisoned")
+            .get(name)
+            .is_some_and(|s| s.dim == dim)
     }
 
-    /// Records catalogue `name` as resident (`Some(dim)`) or gone (`None`).
-    pub fn set(&self, name: &str, dim: Option<usize>) {
+    /// Records catalogue `name` as resident (`Some(shape)`) or gone (`None`).
+    pub fn set(&self, name: &str, shape: Option<Shape>) {
         let mut g = self.0.write().expect("catalogues lock poisoned");
-        match dim {
-            Some(d) => {
-                g.insert(name.to_string(), d);
+        match shape {
+            Some(s) => {
+                g.insert(name.to_string(), s);
             }
             None => {
                 g.remove(name);
@@ -91,10 +103,11 @@ impl Catalogues {
         }
     }
 
-    /// The catalogue a write names (or the only one), with its dimension.
-    pub fn resolve(&self, named: Option<&str>) -> Result<(String, usize), Unresolved> {
+    /// The catalogue a write names (or the only one), with its shape.
+    pub fn resolve(&self, named: Option<&str>) -> Result<(String, Shape), Unresolved> {
         let g = self.0.read().expect("catalogues lock poisoned");
-        resolve(named, g.iter().map(|(n, &d)| (n.as_str(), d))).map(|(n, d)| (n.to_string(), d))
+        let (name, _) = resolve(named, g.iter().map(|(n, s)| (n.as_str(), s.dim)))?;
+        Ok((name.to_string(), g[name].clone()))
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -110,11 +123,15 @@ mod tests {
     #[test]
     fn a_write_resolves_to_the_named_or_the_only_catalogue() {
         let c = Catalogues::new();
+        let shape = |dim| Shape {
+            dim,
+            attributes: vec!["in_stock".into()],
+        };
         assert!(matches!(c.resolve(None), Err(Unresolved::Ambiguous(_))));
-        c.set("videos", Some(4));
-        assert_eq!(c.resolve(None), Ok(("videos".into(), 4)));
-        assert_eq!(c.resolve(Some("videos")), Ok(("videos".into(), 4)));
-        c.set("creators", Some(4));
+        c.set("videos", Some(shape(4)));
+        assert_eq!(c.resolve(None), Ok(("videos".into(), shape(4))));
+        assert_eq!(c.resolve(Some("videos")), Ok(("videos".into(), shape(4))));
+        c.set("creators", Some(shape(4)));
         match c.resolve(None) {
             Err(Unresolved::Ambiguous(m)) => {
                 assert!(
@@ -133,6 +150,6 @@ mod tests {
         }
         assert!(c.resident("creators", 4) && !c.resident("creators", 8));
         c.set("creators", None);
-        assert_eq!(c.resolve(None), Ok(("videos".into(), 4)));
+        assert_eq!(c.resolve(None), Ok(("videos".into(), shape(4))));
     }
 }

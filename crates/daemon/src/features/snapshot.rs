@@ -61,6 +61,9 @@ pub struct SnapshotItem {
     pub version: u64,
     pub deleted: bool,
     pub embedding: Vec<f32>,
+    /// The item's attribute values, when its catalogue has attributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<std::collections::BTreeMap<String, i64>>,
 }
 
 /// What changed in the feature state since the previous capture: users are
@@ -365,6 +368,7 @@ mod tests {
                 version: 2,
                 deleted: true,
                 embedding: vec![1.0, 2.0],
+                attributes: Some([("in_stock".to_string(), 0)].into()),
             }],
             ..Default::default()
         });

@@ -54,6 +54,10 @@ pub struct ItemWrite {
     /// not: they reach every table of their dimension, as they did then).
     #[serde(default)]
     pub catalogue: Option<String>,
+    /// Attribute values to set. With no `embedding`, a write that carries
+    /// attributes changes only them; one that carries none deletes the item.
+    #[serde(default)]
+    pub attributes: Option<BTreeMap<String, i64>>,
 }
 
 pub struct State {
@@ -123,7 +127,7 @@ impl State {
             items.sort_unstable_by_key(|it| it.id);
             for it in items {
                 if it.embedding.len() == table.dim() {
-                    table.restore(it.id, &it.embedding, it.version, !it.deleted);
+                    restore_into(&mut table, &it);
                 } else {
                     tracing::warn!(
                         catalogue = name,
@@ -209,23 +213,45 @@ impl State {
     /// Applies an item update to table `t`; true when it changed the row.
     fn write_item(&mut self, t: usize, update: &Update) -> bool {
         let table = &mut self.tables[t];
-        let change = match update {
+        let (change, attributes) = match update {
             Update::ItemUpsert {
                 item_id,
                 embedding,
                 version,
+                attributes,
                 ..
-            } if embedding.len() == table.dim() => table.upsert(*item_id, embedding, *version),
+            } if embedding.len() == table.dim() => (
+                table.upsert(*item_id, embedding, *version),
+                Some(attributes),
+            ),
+            Update::ItemAttributes {
+                item_id,
+                version,
+                attributes,
+                ..
+            } => (table.bump_version(*item_id, *version), Some(attributes)),
             Update::ItemDelete {
                 item_id, version, ..
-            } => table.delete(*item_id, *version),
+            } => (table.delete(*item_id, *version), None),
             _ => return false,
         };
         let ItemChange::Applied { row } = change else {
             return false;
         };
+        if let Some(values) = attributes.filter(|v| !v.is_empty()) {
+            // Names were checked against the catalogue when the write came
+            // in; one gone since (a reloaded file without it) is skipped.
+            let resolved: Vec<(usize, i64)> = values
+                .iter()
+                .filter_map(|(n, &v)| Some((table.attributes().index(n)?, v)))
+                .collect();
+            table.write_attributes(row, &resolved);
+        }
         self.changed_rows.entry(t).or_default().push(row);
-        if let Update::ItemUpsert { item_id, .. } | Update::ItemDelete { item_id, .. } = update {
+        if let Update::ItemUpsert { item_id, .. }
+        | Update::ItemAttributes { item_id, .. }
+        | Update::ItemDelete { item_id, .. } = update
+        {
             let name = &self.names[t];
             self.written
                 .entry(name.clone())
@@ -250,9 +276,9 @@ impl State {
         }
         for u in &batch.items {
             let catalogue = match u {
-                Update::ItemUpsert { catalogue, .. } | Update::ItemDelete { catalogue, .. } => {
-                    catalogue
-                }
+                Update::ItemUpsert { catalogue, .. }
+                | Update::ItemAttributes { catalogue, .. }
+                | Update::ItemDelete { catalogue, .. } => catalogue,
                 _ => continue,
             };
             let applied = match self.table_of(catalogue) {
@@ -338,8 +364,12 @@ impl State {
             Some(v) => v,
             None => stored.map_or(1, |v| v + 1),
         };
-        let update = match w.embedding {
-            Some(embedding) => {
+        let attributes = w.attributes.unwrap_or_default();
+        if let Err(m) = table.attributes().resolve_values(&attributes, &catalogue) {
+            return Err(ServeError::Invalid(m));
+        }
+        let update = match (w.embedding, attributes.is_empty()) {
+            (Some(embedding), _) => {
                 if embedding.len() != table.dim() {
                     return Err(ServeError::Invalid(format!(
                         "embedding must have {} values (the dim of catalogue '{catalogue}'), got {}",
@@ -352,19 +382,34 @@ impl State {
                     item_id: w.item_id,
                     embedding,
                     version,
+                    attributes,
                 }
             }
-            None => {
+            (None, no_attributes) => {
                 if stored.is_none() {
                     return Err(ServeError::NotFound(format!(
-                        "unknown item id {} in catalogue '{catalogue}'",
-                        w.item_id
+                        "unknown item id {} in catalogue '{catalogue}'{}",
+                        w.item_id,
+                        if no_attributes {
+                            ""
+                        } else {
+                            " (a new item needs an `embedding`)"
+                        }
                     )));
                 }
-                Update::ItemDelete {
-                    catalogue: catalogue.clone(),
-                    item_id: w.item_id,
-                    version,
+                if no_attributes {
+                    Update::ItemDelete {
+                        catalogue: catalogue.clone(),
+                        item_id: w.item_id,
+                        version,
+                    }
+                } else {
+                    Update::ItemAttributes {
+                        catalogue: catalogue.clone(),
+                        item_id: w.item_id,
+                        version,
+                        attributes,
+                    }
                 }
             }
         };
@@ -389,6 +434,7 @@ impl State {
             ))
         })?;
         Ok(StoredItem {
+            attributes: it.attributes.unwrap_or_default(),
             catalogue: catalogue.to_string(),
             item_id,
             version: it.version,
@@ -583,7 +629,7 @@ impl State {
                 Some(name) => {
                     if let Some(&t) = self.by_name.get(name) {
                         if it.embedding.len() == self.tables[t].dim() {
-                            self.tables[t].restore(it.id, &it.embedding, it.version, !it.deleted);
+                            restore_into(&mut self.tables[t], it);
                         }
                     } else {
                         self.parked
@@ -610,7 +656,7 @@ impl State {
                         );
                     }
                     for t in tables {
-                        self.tables[t].restore(it.id, &it.embedding, it.version, !it.deleted);
+                        restore_into(&mut self.tables[t], it);
                         let name = self.names[t].clone();
                         self.written.entry(name).or_default().insert(it.id);
                     }
@@ -624,6 +670,19 @@ impl State {
     }
 }
 
+/// Sets an item of `table` as a snapshot recorded it, attributes included
+/// (those the table has).
+fn restore_into(table: &mut ItemTable, it: &SnapshotItem) {
+    table.restore(it.id, &it.embedding, it.version, !it.deleted);
+    if let (Some(values), Some(row)) = (&it.attributes, table.row_of(it.id)) {
+        let resolved: Vec<(usize, i64)> = values
+            .iter()
+            .filter_map(|(n, &v)| Some((table.attributes().index(n)?, v)))
+            .collect();
+        table.write_attributes(row, &resolved);
+    }
+}
+
 /// Item `id` of `table` as a snapshot records it.
 fn table_item(table: &ItemTable, catalogue: &str, id: u64) -> Option<SnapshotItem> {
     let row = table.row_of(id)?;
@@ -633,6 +692,7 @@ fn table_item(table: &ItemTable, catalogue: &str, id: u64) -> Option<SnapshotIte
         version: table.version_of(id).unwrap_or(0),
         deleted: !table.is_live(row),
         embedding: table.embedding(row).to_vec(),
+        attributes: (!table.attributes().is_empty()).then(|| table.attributes().row(row as usize)),
     })
 }
 
@@ -689,6 +749,7 @@ mod tests {
                                 item_id,
                                 embedding: vec![step as f32; dim],
                                 version,
+                                attributes: Default::default(),
                             }
                         });
                     }
@@ -705,6 +766,7 @@ mod tests {
                     for u in b.items.iter().chain(&b.users) {
                         match u {
                             Update::ItemUpsert { item_id, .. }
+                            | Update::ItemAttributes { item_id, .. }
                             | Update::ItemDelete { item_id, .. } => {
                                 touched_items.insert(*item_id);
                             }
@@ -731,6 +793,7 @@ mod tests {
                         embedding: Some(vec![-(step as f32); dim]),
                         version: None,
                         catalogue: None,
+                        attributes: None,
                     };
                     touched_items.insert(w.item_id);
                     state.write_item_request(w).unwrap();
@@ -777,6 +840,7 @@ mod tests {
             embedding,
             version: None,
             catalogue: catalogue.map(str::to_string),
+            attributes: None,
         }
     }
 
@@ -829,6 +893,7 @@ mod tests {
             item_id: 1,
             embedding: vec![8.0, 8.0],
             version: 1,
+            attributes: Default::default(),
         });
         assert_eq!(state.apply(&b).items, 1);
         assert_eq!(state.item("a", 1).unwrap().embedding, [1.0, 0.0]);
@@ -898,6 +963,7 @@ mod tests {
             version: 4,
             deleted: false,
             embedding: vec![2.0, 2.0],
+            attributes: None,
         });
         state.restore(&snap);
         assert_eq!(state.item("a", 7).unwrap().embedding, [2.0, 2.0]);

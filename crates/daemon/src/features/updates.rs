@@ -41,6 +41,17 @@ pub enum Update {
         item_id: u64,
         embedding: Vec<f32>,
         version: u64,
+        /// Attribute values to set (names the catalogue has); others keep
+        /// theirs (0 for a new item).
+        attributes: BTreeMap<String, i64>,
+    },
+    /// Set an existing item's attributes, keeping its embedding (HTTP and
+    /// the socket only: a Kafka item message carries the whole item).
+    ItemAttributes {
+        catalogue: String,
+        item_id: u64,
+        version: u64,
+        attributes: BTreeMap<String, i64>,
     },
     /// Remove an item of a catalogue from results.
     ItemDelete {
@@ -99,6 +110,8 @@ struct ItemMsg {
     #[serde(default)]
     deleted: bool,
     version: u64,
+    #[serde(default)]
+    attributes: Option<BTreeMap<String, i64>>,
 }
 
 #[derive(Deserialize)]
@@ -168,13 +181,34 @@ impl Validator {
             }
             Stream::Items => {
                 let m: ItemMsg = parse(payload)?;
-                let (catalogue, dim) =
+                let (catalogue, shape) =
                     self.catalogues
                         .resolve(m.catalogue.as_deref())
                         .map_err(|e| match e {
                             Unresolved::Unknown(m) => invalid("unknown_catalogue", m),
                             Unresolved::Ambiguous(m) => invalid("catalogue_required", m),
                         })?;
+                if let Some(attributes) = &m.attributes {
+                    if m.deleted {
+                        return Err(invalid(
+                            "conflicting_fields",
+                            "an item message with `deleted: true` carries no `attributes`",
+                        ));
+                    }
+                    if let Some(name) = attributes.keys().find(|n| !shape.attributes.contains(n)) {
+                        return Err(invalid(
+                            "unknown_attribute",
+                            format!(
+                                "unknown attribute '{name}'; catalogue '{catalogue}' has: {}",
+                                if shape.attributes.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    shape.attributes.join(", ")
+                                }
+                            ),
+                        ));
+                    }
+                }
                 match (m.deleted, m.embedding) {
                     (true, _) => Ok(Update::ItemDelete {
                         catalogue,
@@ -184,8 +218,9 @@ impl Validator {
                     (false, Some(e)) => Ok(Update::ItemUpsert {
                         catalogue,
                         item_id: m.item_id,
-                        embedding: finite_vector(&e, dim, "embedding")?,
+                        embedding: finite_vector(&e, shape.dim, "embedding")?,
                         version: m.version,
+                        attributes: m.attributes.unwrap_or_default(),
                     }),
                     (false, None) => Err(invalid(
                         "missing_field",
@@ -244,6 +279,7 @@ pub struct Coalescer {
 fn version_of(u: &Update) -> u64 {
     match u {
         Update::ItemUpsert { version, .. }
+        | Update::ItemAttributes { version, .. }
         | Update::ItemDelete { version, .. }
         | Update::UserFeatures { version, .. } => *version,
         Update::Event { .. } => 0,
@@ -290,6 +326,11 @@ impl Coalescer {
         match update {
             Update::Event { user_id, item_id } => self.batch.events.push((user_id, item_id)),
             Update::ItemUpsert {
+                ref catalogue,
+                item_id,
+                ..
+            }
+            | Update::ItemAttributes {
                 ref catalogue,
                 item_id,
                 ..
@@ -355,10 +396,17 @@ fn keep_newest<K: std::hash::Hash + Eq>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::features::catalogues::Shape;
 
     fn validator() -> Validator {
         let catalogues = Catalogues::new();
-        catalogues.set("videos", Some(2));
+        catalogues.set(
+            "videos",
+            Some(Shape {
+                dim: 2,
+                attributes: vec!["in_stock".into()],
+            }),
+        );
         Validator {
             catalogues,
             user_feature_dim: 1,
@@ -395,7 +443,8 @@ mod tests {
                 catalogue: "videos".into(),
                 item_id: 3,
                 embedding: vec![1.0, 2.5],
-                version: 7
+                version: 7,
+                attributes: Default::default(),
             })
         );
         assert_eq!(
@@ -456,10 +505,17 @@ mod tests {
             item_id: 3,
             embedding: vec![1.0, 2.0],
             version: 1,
+            attributes: Default::default(),
         };
         let plain = br#"{"item_id": 3, "embedding": [1, 2], "version": 1}"#;
         assert_eq!(v.decode(Stream::Items, plain), Ok(upsert("videos")));
-        v.catalogues.set("creators", Some(3));
+        v.catalogues.set(
+            "creators",
+            Some(Shape {
+                dim: 3,
+                attributes: Vec::new(),
+            }),
+        );
         let creators =
             br#"{"catalogue": "creators", "item_id": 3, "embedding": [1, 2, 3], "version": 1}"#;
         assert_eq!(
@@ -468,7 +524,8 @@ mod tests {
                 catalogue: "creators".into(),
                 item_id: 3,
                 embedding: vec![1.0, 2.0, 3.0],
-                version: 1
+                version: 1,
+                attributes: Default::default(),
             })
         );
         match v.decode(Stream::Items, plain) {
@@ -546,6 +603,7 @@ mod tests {
                 item_id: 5,
                 embedding: vec![1.0],
                 version: 8,
+                attributes: Default::default(),
             },
             Update::Event {
                 user_id: 1,
@@ -556,6 +614,7 @@ mod tests {
                 item_id: 5,
                 embedding: vec![2.0],
                 version: 7,
+                attributes: Default::default(),
             },
             Update::UserFeatures {
                 user_id: 1,
@@ -590,7 +649,8 @@ mod tests {
                     catalogue: "videos".into(),
                     item_id: 5,
                     embedding: vec![1.0],
-                    version: 8
+                    version: 8,
+                    attributes: Default::default(),
                 },
                 Update::ItemDelete {
                     catalogue: "videos".into(),

@@ -1,5 +1,6 @@
 //! The demo repository: a `two_tower` model `demo` and a `ranker` model
-//! `demo-ranker` over one catalogue of 100,000 items in 50 clusters.
+//! `demo-ranker` over one catalogue of 100,000 items in 50 clusters (or of
+//! any number of items, drawn the same way, for `rankd models generate --items`).
 //!
 //! Every byte comes from a fixed seed through integer arithmetic and IEEE
 //! add/multiply/sqrt only (no libm transcendental functions), so the files are
@@ -11,7 +12,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::TensorView;
+use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::Dtype;
 
 use super::ModelError;
@@ -116,47 +117,116 @@ fn normalize(v: &mut [f64]) {
     }
 }
 
-/// The demo catalogue: item ids (row order shuffled, ids 1..=N), embeddings
-/// and each item's cluster.
-pub struct Catalogue {
-    pub ids: Vec<u64>,
-    pub embeddings: Vec<f32>,
-    pub clusters: Vec<u32>,
+/// The demo catalogue, drawn row by row so that a catalogue of millions of
+/// items is never held whole: item ids (row order shuffled, ids 1..=N) first,
+/// then each row's cluster and embedding, in row order. The draws for N =
+/// [`ITEMS`] are the bundled catalogue's.
+struct CatalogueRows {
+    rng: Rng,
+    centers: Vec<Vec<f64>>,
+    noise_scale: f64,
+    e: Vec<f64>,
 }
 
-pub fn catalogue(seed: u64) -> Catalogue {
-    let mut rng = Rng::new(seed);
-    let centers: Vec<Vec<f64>> = (0..CLUSTERS)
-        .map(|_| {
-            let mut c: Vec<f64> = (0..DIM).map(|_| rng.normal()).collect();
-            normalize(&mut c);
-            c
-        })
-        .collect();
-    let mut ids: Vec<u64> = (1..=ITEMS as u64).collect();
-    for i in (1..ids.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        ids.swap(i, j);
-    }
-    let noise_scale = 0.5 / (DIM as f64).sqrt();
-    let mut embeddings = Vec::with_capacity(ITEMS * DIM);
-    let mut clusters = Vec::with_capacity(ITEMS);
-    let mut e = vec![0f64; DIM];
-    for _ in 0..ITEMS {
-        let c = rng.below(CLUSTERS as u64) as usize;
-        for (x, center) in e.iter_mut().zip(&centers[c]) {
-            *x = center + noise_scale * rng.normal();
+impl CatalogueRows {
+    /// The row order's item ids, and the rows to draw in that order.
+    fn new(seed: u64, items: usize) -> (Vec<u64>, Self) {
+        let mut rng = Rng::new(seed);
+        let centers: Vec<Vec<f64>> = (0..CLUSTERS)
+            .map(|_| {
+                let mut c: Vec<f64> = (0..DIM).map(|_| rng.normal()).collect();
+                normalize(&mut c);
+                c
+            })
+            .collect();
+        let mut ids: Vec<u64> = (1..=items as u64).collect();
+        for i in (1..ids.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            ids.swap(i, j);
         }
-        normalize(&mut e);
-        let popularity = 0.8 + 0.4 * rng.uniform();
-        embeddings.extend(e.iter().map(|x| (x * popularity) as f32));
-        clusters.push(c as u32);
+        let rows = Self {
+            rng,
+            centers,
+            noise_scale: 0.5 / (DIM as f64).sqrt(),
+            e: vec![0f64; DIM],
+        };
+        (ids, rows)
     }
-    Catalogue {
-        ids,
-        embeddings,
-        clusters,
+
+    /// Draws the next row: appends its embedding to `out`, returns its cluster.
+    fn next_row(&mut self, out: &mut Vec<f32>) -> u32 {
+        let c = self.rng.below(CLUSTERS as u64) as usize;
+        for (x, center) in self.e.iter_mut().zip(&self.centers[c]) {
+            *x = center + self.noise_scale * self.rng.normal();
+        }
+        normalize(&mut self.e);
+        let popularity = 0.8 + 0.4 * self.rng.uniform();
+        out.extend(self.e.iter().map(|x| (x * popularity) as f32));
+        c as u32
     }
+}
+
+/// The items file's header (length and JSON) for `items` rows, as
+/// `safetensors::serialize` writes it: `ids` (U64 [N]) then `embeddings`
+/// (F32 [N, DIM]), the JSON padded with spaces to a multiple of 8 bytes.
+fn items_header(items: usize) -> Vec<u8> {
+    let ids_bytes = items * 8;
+    let tensors = vec![
+        (
+            "ids".to_string(),
+            TensorInfo {
+                dtype: Dtype::U64,
+                shape: vec![items],
+                data_offsets: (0, ids_bytes),
+            },
+        ),
+        (
+            "embeddings".to_string(),
+            TensorInfo {
+                dtype: Dtype::F32,
+                shape: vec![items, DIM],
+                data_offsets: (ids_bytes, ids_bytes + items * DIM * 4),
+            },
+        ),
+    ];
+    let metadata = Metadata::new(None, tensors).expect("offsets are built in order: this is a bug");
+    let mut json = serde_json::to_string(&metadata)
+        .expect("a header serializes")
+        .into_bytes();
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out
+}
+
+/// Draws the catalogue of `items` items; writes its safetensors file to
+/// `items_file` when given, row by row (memory: the ids and the clusters,
+/// never the embeddings), and returns each item's cluster, indexed by id − 1.
+fn write_catalogue(
+    seed: u64,
+    items: usize,
+    mut items_file: Option<&mut dyn Write>,
+) -> std::io::Result<Vec<u32>> {
+    let (ids, mut rows) = CatalogueRows::new(seed, items);
+    if let Some(w) = items_file.as_mut() {
+        w.write_all(&items_header(items))?;
+        for id in &ids {
+            w.write_all(&id.to_le_bytes())?;
+        }
+    }
+    let mut clusters = vec![0u32; items];
+    let mut row = Vec::with_capacity(DIM);
+    let mut bytes = Vec::with_capacity(DIM * 4);
+    for &id in &ids {
+        row.clear();
+        clusters[(id - 1) as usize] = rows.next_row(&mut row);
+        if let Some(w) = items_file.as_mut() {
+            bytes.clear();
+            bytes.extend(row.iter().flat_map(|x| x.to_le_bytes()));
+            w.write_all(&bytes)?;
+        }
+    }
+    Ok(clusters)
 }
 
 struct Linear {
@@ -235,6 +305,14 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
 /// Writes `bytes` to `path` through a temporary file and a rename, so a
 /// concurrent reader (or a second generator) never sees a partial file.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] with the bytes streamed by `write` (through a buffer).
+fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), ModelError> {
     let dir = path.parent().expect("generated files live in a folder");
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let tmp = dir.join(format!(
@@ -242,8 +320,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
         path.file_name().expect("a file name").to_string_lossy(),
         std::process::id()
     ));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
+    let f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    write(&mut w).map_err(|e| io_err(&tmp, e))?;
+    let f = w.into_inner().map_err(|e| io_err(&tmp, e.error()))?;
     f.sync_all().map_err(|e| io_err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
@@ -295,6 +375,12 @@ pub fn files() -> [PathBuf; 7] {
 /// Writes whichever demo files are missing under `root` and returns the ones
 /// written. Existing files (an edited model.toml, say) are left alone.
 pub fn generate(root: &Path, seed: u64) -> Result<Vec<PathBuf>, ModelError> {
+    generate_items(root, seed, ITEMS)
+}
+
+/// [`generate`] with a catalogue of `items` items (ids 1..=items) drawn the
+/// same way; `items` = [`ITEMS`] writes the bundled demo's bytes.
+pub fn generate_items(root: &Path, seed: u64, items: usize) -> Result<Vec<PathBuf>, ModelError> {
     let missing: Vec<PathBuf> = files()
         .into_iter()
         .filter(|f| !root.join(f).exists())
@@ -325,31 +411,39 @@ pub fn generate(root: &Path, seed: u64) -> Result<Vec<PathBuf>, ModelError> {
         &tower_bytes(&ranker_layers(seed)),
     )?;
     if wants("items.safetensors") || wants("clusters.csv") || wants("README.md") {
-        let cat = catalogue(seed);
         let dir = Path::new(CATALOGUE_DIR);
-        let ids: Vec<u8> = cat.ids.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let items = safetensors_bytes(vec![
-            ("ids".into(), Dtype::U64, vec![ITEMS], ids),
-            (
-                "embeddings".into(),
-                Dtype::F32,
-                vec![ITEMS, DIM],
-                f32_bytes(&cat.embeddings),
-            ),
-        ]);
-        put(&dir.join("items.safetensors"), &items)?;
-        let mut by_id: Vec<(u64, u32)> = cat.ids.iter().copied().zip(cat.clusters).collect();
-        by_id.sort_unstable();
-        let mut csv = String::from("item_id,cluster\n");
-        for (id, c) in by_id {
-            csv.push_str(&format!("{id},{c}\n"));
+        let items_rel = dir.join("items.safetensors");
+        let clusters = if missing.contains(&items_rel) {
+            let mut clusters = Vec::new();
+            write_atomic_with(&root.join(&items_rel), |w| {
+                clusters = write_catalogue(seed, items, Some(w))?;
+                Ok(())
+            })?;
+            written.push(items_rel);
+            clusters
+        } else {
+            write_catalogue(seed, items, None).map_err(|e| io_err(root, e))?
+        };
+        let csv_rel = dir.join("clusters.csv");
+        if missing.contains(&csv_rel) {
+            write_atomic_with(&root.join(&csv_rel), |w| {
+                w.write_all(b"item_id,cluster\n")?;
+                for (id, c) in (1u64..).zip(&clusters) {
+                    writeln!(w, "{id},{c}")?;
+                }
+                Ok(())
+            })?;
+            written.push(csv_rel);
         }
-        put(&dir.join("clusters.csv"), csv.as_bytes())?;
         let readme = format!(
-            "Demo catalogue generated by rankd from seed {seed}: {ITEMS} items, d = {DIM}, \
+            "Demo catalogue generated by rankd from seed {seed}: {items} items, d = {DIM}, \
              {CLUSTERS} clusters.\nclusters.csv maps each item id to its cluster.\n"
         );
-        put(&dir.join("README.md"), readme.as_bytes())?;
+        let readme_rel = dir.join("README.md");
+        if missing.contains(&readme_rel) {
+            write_atomic(&root.join(&readme_rel), readme.as_bytes())?;
+            written.push(readme_rel);
+        }
     }
     Ok(written)
 }
@@ -384,6 +478,58 @@ mod tests {
         assert_ne!(
             tower_bytes(&ranker_layers(DEMO_SEED)),
             tower_bytes(&ranker_layers(DEMO_SEED + 1))
+        );
+    }
+
+    #[test]
+    fn the_streamed_items_file_is_what_safetensors_serialize_writes() {
+        for items in [0, 1, 1000] {
+            let mut streamed = Vec::new();
+            let clusters = write_catalogue(DEMO_SEED, items, Some(&mut streamed)).unwrap();
+            let (ids, mut rows) = CatalogueRows::new(DEMO_SEED, items);
+            let mut emb = Vec::new();
+            let mut by_id = vec![0u32; items];
+            for &id in &ids {
+                by_id[(id - 1) as usize] = rows.next_row(&mut emb);
+            }
+            let ids_bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let whole = safetensors_bytes(vec![
+                ("ids".into(), Dtype::U64, vec![items], ids_bytes),
+                (
+                    "embeddings".into(),
+                    Dtype::F32,
+                    vec![items, DIM],
+                    f32_bytes(&emb),
+                ),
+            ]);
+            assert!(streamed == whole, "{items} items: the bytes differ");
+            assert_eq!(clusters, by_id);
+        }
+    }
+
+    #[test]
+    fn generate_items_writes_a_catalogue_of_that_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = generate_items(dir.path(), DEMO_SEED, 500).unwrap();
+        assert_eq!(written.len(), files().len());
+        let cat = dir.path().join(CATALOGUE_DIR);
+        let table = crate::model::ItemTable::load(&cat.join("items.safetensors"), DIM).unwrap();
+        assert_eq!(table.rows(), 500);
+        let mut ids = table.ids().to_vec();
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=500).collect::<Vec<u64>>());
+        let csv = std::fs::read_to_string(cat.join("clusters.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 501);
+        assert!(csv.starts_with("item_id,cluster\n1,"));
+        let readme = std::fs::read_to_string(cat.join("README.md")).unwrap();
+        assert!(readme.contains(": 500 items, d = 64"), "{readme}");
+        // A missing clusters.csv alone is drawn again, the same.
+        std::fs::remove_file(cat.join("clusters.csv")).unwrap();
+        let written = generate_items(dir.path(), DEMO_SEED, 500).unwrap();
+        assert_eq!(written, vec![Path::new(CATALOGUE_DIR).join("clusters.csv")]);
+        assert_eq!(
+            std::fs::read_to_string(cat.join("clusters.csv")).unwrap(),
+            csv
         );
     }
 }

@@ -3,10 +3,12 @@
 //! The model kinds (`kind`) and the request types they speak in (`query`).
 //! Everything here is plain host data; backends turn it into device state.
 
+pub mod attributes;
 pub mod demo;
 pub mod int8;
 pub mod items;
 pub mod kind;
+pub mod pipeline;
 pub mod query;
 pub mod repository;
 pub mod spec;

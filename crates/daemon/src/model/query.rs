@@ -9,6 +9,11 @@ pub enum Op {
         user_id: u64,
         k: usize,
         exclude: Vec<u64>,
+        /// Attribute → allowed values; checked against the catalogue when
+        /// the request is prepared.
+        filter: Option<rankd_client::types::Filter>,
+        /// Whether the answer counts as an impression for online evaluation.
+        online: bool,
     },
     Score {
         user_id: u64,
@@ -33,6 +38,8 @@ impl Op {
     }
 }
 
+pub use super::attributes::RowFilter;
+
 /// One request row group of a batch: a user (history and features) and what to
 /// compute for them.
 #[derive(Debug, Clone)]
@@ -47,8 +54,13 @@ pub struct Query<'a> {
 
 #[derive(Debug, Clone)]
 pub enum Task<'a> {
-    /// Top `k` live items by score, skipping `exclude` (sorted rows).
-    TopK { k: usize, exclude: &'a [u32] },
+    /// Top `k` live items by score, skipping `exclude` (sorted rows) and
+    /// the rows `filter` (when given) does not allow.
+    TopK {
+        k: usize,
+        exclude: &'a [u32],
+        filter: Option<&'a RowFilter>,
+    },
     /// One score per given row, in order.
     Score { rows: &'a [u32] },
 }

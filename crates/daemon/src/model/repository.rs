@@ -56,6 +56,9 @@ impl ModelDir {
 pub struct Repository {
     pub root: PathBuf,
     pub models: Vec<ModelDir>,
+    /// Folders whose newest version is a `kind = "pipeline"` (served from
+    /// their stages, not loaded).
+    pub pipelines: Vec<ModelDir>,
 }
 
 /// Model names appear in URLs: keep them to a safe alphabet.
@@ -75,6 +78,7 @@ impl Repository {
             message: e.to_string(),
         };
         let mut models = Vec::new();
+        let mut pipelines = Vec::new();
         let mut dirs: Vec<_> = std::fs::read_dir(root)
             .map_err(io)?
             .filter_map(|e| e.ok())
@@ -91,11 +95,18 @@ impl Repository {
                 tracing::debug!(folder = %dir.path().display(), "no <version>/model.toml inside: not a model");
                 continue;
             }
-            models.push(ModelDir { name, versions });
+            let newest = &versions.last().expect("not empty").1;
+            let text = std::fs::read_to_string(newest.join("model.toml")).unwrap_or_default();
+            if super::pipeline::is_pipeline(&text) {
+                pipelines.push(ModelDir { name, versions });
+            } else {
+                models.push(ModelDir { name, versions });
+            }
         }
         Ok(Self {
             root: root.to_path_buf(),
             models,
+            pipelines,
         })
     }
 }

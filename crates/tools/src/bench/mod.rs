@@ -114,6 +114,15 @@ pub struct BenchArgs {
     /// No progress bar
     #[arg(long)]
     pub quiet: bool,
+    /// Recommend with this filter (JSON: attribute → value or list of
+    /// values), e.g. '{"in_stock": 1}'
+    #[arg(long, value_name = "JSON", value_parser = parse_filter)]
+    pub filter: Option<rankd_client::types::Filter>,
+}
+
+fn parse_filter(s: &str) -> Result<rankd_client::types::Filter, String> {
+    serde_json::from_str(s)
+        .map_err(|e| format!("--filter takes a JSON object of attribute → value(s): {e}"))
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -252,6 +261,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<Vec<Report>> {
         candidates: args.candidates,
         items: args.items.max(1),
         timeout_ms: args.timeout_ms,
+        filter: args.filter.clone(),
     });
     let mut reports = match args.transport {
         Transport::Uds => {

@@ -54,6 +54,8 @@ pub struct Workload {
     /// Candidate item ids are drawn from 1..=items.
     pub items: u64,
     pub timeout_ms: u64,
+    /// Sent with every recommend.
+    pub filter: Option<rankd_client::types::Filter>,
 }
 
 pub enum Call {
@@ -90,6 +92,7 @@ impl Workload {
                 timeout_ms: Some(self.timeout_ms),
                 version: None,
                 priority: None,
+                filter: self.filter.clone(),
             }),
             OpKind::Score => Call::Score(ScoreRequest {
                 user_id: self.user(rng),

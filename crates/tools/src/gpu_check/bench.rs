@@ -55,7 +55,11 @@ fn topk_tasks(batch: usize, k: usize) -> PackedTopk {
         .map(|_| Query {
             history: &[],
             features: None,
-            task: Task::TopK { k, exclude: &[] },
+            task: Task::TopK {
+                k,
+                exclude: &[],
+                filter: None,
+            },
         })
         .collect();
     plan::pack_topk(&q)

@@ -311,7 +311,7 @@ fn gpu_checks(
     let specs: Vec<(usize, &[u32])> = tt
         .iter()
         .filter_map(|q| match q.task {
-            Task::TopK { k, exclude } => Some((k, exclude)),
+            Task::TopK { k, exclude, .. } => Some((k, exclude)),
             Task::Score { .. } => None,
         })
         .collect();
@@ -398,7 +398,11 @@ fn gpu_checks(
         .map(|(k, ex)| Query {
             history: &[],
             features: None,
-            task: Task::TopK { k: *k, exclude: ex },
+            task: Task::TopK {
+                k: *k,
+                exclude: ex,
+                filter: None,
+            },
         })
         .collect();
     let t = plan::pack_topk(&tie_queries);
@@ -508,6 +512,7 @@ fn scatter_check(
             task: Task::TopK {
                 k: [10, 1000][i % 2],
                 exclude: &[],
+                filter: None,
             },
         })
         .collect();

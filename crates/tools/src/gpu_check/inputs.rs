@@ -34,7 +34,11 @@ impl QuerySpec {
             history: &self.history,
             features: self.features.as_deref(),
             task: match &self.task {
-                TaskSpec::TopK { k, exclude } => Task::TopK { k: *k, exclude },
+                TaskSpec::TopK { k, exclude } => Task::TopK {
+                    k: *k,
+                    exclude,
+                    filter: None,
+                },
                 TaskSpec::Score { rows } => Task::Score { rows },
             },
         }

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::backend::topk::TopK;
 use crate::backend::Scored;
+use crate::model::attributes::{Attributes, RowFilter};
 use crate::model::ItemTable;
 
 /// Batches up to this size score row by row (one row read, dotted with every
@@ -76,8 +77,21 @@ impl Isa {
 /// (higher score first, ties to the smaller id). `qs` is [B, d] row-major;
 /// `specs` gives each query's k and sorted excluded rows.
 pub fn score_topk(items: &ItemTable, qs: &[f32], specs: &[(usize, &[u32])]) -> Vec<Vec<Scored>> {
+    score_topk_filtered(items, qs, specs, &[])
+}
+
+/// [`score_topk`] where query `q` keeps only the rows `filters[q]` allows
+/// (`filters` empty, or `None` for a query: every row). A row the filter
+/// refuses never enters that query's list; the test runs only for rows
+/// whose score clears the query's bar.
+pub fn score_topk_filtered(
+    items: &ItemTable,
+    qs: &[f32],
+    specs: &[(usize, &[u32])],
+    filters: &[Option<&RowFilter>],
+) -> Vec<Vec<Scored>> {
     let threads = rayon::current_num_threads().min(items.rows().div_ceil(MIN_ROWS_PER_THREAD));
-    score_topk_with(Isa::detect(), threads, items, qs, specs)
+    score_topk_with_filters(Isa::detect(), threads, items, qs, specs, filters)
 }
 
 /// [`score_topk`] with a chosen instruction set and number of row ranges.
@@ -87,6 +101,19 @@ pub fn score_topk_with(
     items: &ItemTable,
     qs: &[f32],
     specs: &[(usize, &[u32])],
+) -> Vec<Vec<Scored>> {
+    score_topk_with_filters(isa, threads, items, qs, specs, &[])
+}
+
+/// [`score_topk_filtered`] with a chosen instruction set and number of row
+/// ranges.
+pub fn score_topk_with_filters(
+    isa: Isa,
+    threads: usize,
+    items: &ItemTable,
+    qs: &[f32],
+    specs: &[(usize, &[u32])],
+    filters: &[Option<&RowFilter>],
 ) -> Vec<Vec<Scored>> {
     let (d, b, n) = (items.dim(), specs.len(), items.rows());
     assert_eq!(qs.len(), b * d, "one query row per spec: this is a bug");
@@ -99,6 +126,8 @@ pub fn score_topk_with(
         emb: items.embeddings(),
         ids: items.ids(),
         live: items.live_mask(),
+        attributes: items.attributes(),
+        filters,
         d,
         qs,
         specs,
@@ -210,6 +239,9 @@ struct Job<'a> {
     emb: &'a [f32],
     ids: &'a [u64],
     live: &'a [bool],
+    attributes: &'a Attributes,
+    /// Per query, the rows it may return (empty: all).
+    filters: &'a [Option<&'a RowFilter>],
     d: usize,
     qs: &'a [f32],
     specs: &'a [(usize, &'a [u32])],
@@ -279,13 +311,18 @@ impl<'a> Scan<'a> {
         s > t || (s == t && self.job.ids[row] <= self.bar_id[q])
     }
 
-    /// A score that cleared the bar: offered unless the row is deleted or
-    /// excluded for this query.
+    /// A score that cleared the bar: offered unless the row is deleted,
+    /// excluded for this query or refused by its filter.
     #[inline(never)]
     fn enter(&mut self, q: usize, row: usize, s: f32) {
         let job = self.job;
         if !job.live[row] || job.specs[q].1.binary_search(&(row as u32)).is_ok() {
             return;
+        }
+        if let Some(Some(f)) = job.filters.get(q) {
+            if !f.allows(job.attributes, row) {
+                return;
+            }
         }
         let heap = &mut self.heaps[q];
         heap.offer(Scored {

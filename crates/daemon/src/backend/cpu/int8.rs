@@ -28,6 +28,7 @@ use rayon::prelude::*;
 use super::fused::{self, Isa};
 use crate::backend::topk::TopK;
 use crate::backend::Scored;
+use crate::model::attributes::{Attributes, RowFilter};
 use crate::model::int8::{Int8Query, Int8Table, BLOCK, ETA, MAX_DIM, MAX_PRODUCT};
 use crate::model::ItemTable;
 
@@ -95,12 +96,23 @@ pub fn score_topk_int8(
     qs: &[f32],
     specs: &[(usize, &[u32])],
 ) -> Vec<Vec<Scored>> {
+    score_topk_int8_filtered(items, qs, specs, &[])
+}
+
+/// [`score_topk_int8`] with per-query filters, as
+/// [`fused::score_topk_filtered`]: the answer is that scan's.
+pub fn score_topk_int8_filtered(
+    items: &ItemTable,
+    qs: &[f32],
+    specs: &[(usize, &[u32])],
+    filters: &[Option<&RowFilter>],
+) -> Vec<Vec<Scored>> {
     let kernel = Int8Kernel::detect();
     if kernel == Int8Kernel::Portable {
-        return fused::score_topk(items, qs, specs);
+        return fused::score_topk_filtered(items, qs, specs, filters);
     }
     let threads = rayon::current_num_threads().min(items.rows().div_ceil(MIN_ROWS_PER_THREAD));
-    score_topk_int8_with(Isa::detect(), kernel, threads, items, qs, specs).lists
+    score_topk_int8_with_filters(Isa::detect(), kernel, threads, items, qs, specs, filters).lists
 }
 
 /// [`score_topk_int8`] with the f32 instruction set whose answer it gives,
@@ -112,6 +124,19 @@ pub fn score_topk_int8_with(
     items: &ItemTable,
     qs: &[f32],
     specs: &[(usize, &[u32])],
+) -> Int8Answer {
+    score_topk_int8_with_filters(isa, kernel, threads, items, qs, specs, &[])
+}
+
+/// [`score_topk_int8_with`] with per-query filters.
+pub fn score_topk_int8_with_filters(
+    isa: Isa,
+    kernel: Int8Kernel,
+    threads: usize,
+    items: &ItemTable,
+    qs: &[f32],
+    specs: &[(usize, &[u32])],
+    filters: &[Option<&RowFilter>],
 ) -> Int8Answer {
     let (d, b, n) = (items.dim(), specs.len(), items.rows());
     assert_eq!(qs.len(), b * d, "one query row per spec: this is a bug");
@@ -136,12 +161,12 @@ pub fn score_topk_int8_with(
         .all(|q| f64::from(q.qn) * max_norm < MAX_PRODUCT);
     if d > MAX_DIM || !bounded {
         return Int8Answer {
-            lists: fused::score_topk_with(isa, threads, items, qs, specs),
+            lists: fused::score_topk_with_filters(isa, threads, items, qs, specs, filters),
             rescored: 0,
             fell_back: true,
         };
     }
-    let job = Job::new(table, items, &queries, specs);
+    let job = Job::new(table, items, &queries, specs, filters);
     let blocks = n.div_ceil(BLOCK);
     let per = blocks.div_ceil(threads.max(1)).max(1);
     let ranges: Vec<Range<usize>> = (0..blocks.div_ceil(per))
@@ -270,6 +295,9 @@ struct Job<'a> {
     table: &'a Int8Table,
     live: &'a [bool],
     specs: &'a [(usize, &'a [u32])],
+    attributes: &'a Attributes,
+    /// Per query, the rows it may return (empty: all).
+    filters: &'a [Option<&'a RowFilter>],
     rows: usize,
     groups: usize,
     /// Each query's packed codes, [b][groups].
@@ -287,11 +315,14 @@ impl<'a> Job<'a> {
         items: &'a ItemTable,
         queries: &[Int8Query],
         specs: &'a [(usize, &'a [u32])],
+        filters: &'a [Option<&'a RowFilter>],
     ) -> Self {
         Self {
             table,
             live: items.live_mask(),
             specs,
+            attributes: items.attributes(),
+            filters,
             rows: items.rows(),
             groups: table.groups(),
             words: queries
@@ -327,8 +358,9 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// A row whose upper bound reached its query's bar: kept unless deleted
-    /// or excluded, and its lower bound offered to the bar.
+    /// A row whose upper bound reached its query's bar: kept unless deleted,
+    /// excluded or refused by the query's filter, and its lower bound
+    /// offered to the bar.
     #[inline(never)]
     fn hit(&self, part: &mut Part, q: usize, row: usize, y: f32, r: f32) {
         let ub = y + r;
@@ -338,6 +370,10 @@ impl<'a> Job<'a> {
             .is_none_or(std::cmp::Ordering::is_lt)
             || !self.live[row]
             || self.specs[q].1.binary_search(&(row as u32)).is_ok()
+            || self
+                .filters
+                .get(q)
+                .is_some_and(|f| f.is_some_and(|f| !f.allows(self.attributes, row)))
         {
             return;
         }

@@ -22,6 +22,7 @@ pub use fused::score_topk;
 pub use int8::score_topk_int8;
 
 use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, TableId, Task};
+use crate::model::attributes::RowFilter;
 use crate::model::kind::{RANKER, SASREC, TWO_TOWER};
 use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, TowerWeights, Weights};
 
@@ -106,6 +107,10 @@ impl Backend for CpuBackend {
         }
         self.models.insert(id, forward);
         Ok(())
+    }
+
+    fn filters(&self) -> bool {
+        true
     }
 
     fn runs(&self, kind: ModelKind) -> bool {
@@ -209,16 +214,22 @@ fn retrieve(
             .iter()
             .flat_map(|&i| q[i * dim..(i + 1) * dim].iter().copied())
             .collect();
-        let specs: Vec<(usize, &[u32])> = topk_idx
+        type Specs<'a> = Vec<(usize, &'a [u32])>;
+        let (specs, filters): (Specs<'_>, Vec<Option<&RowFilter>>) = topk_idx
             .iter()
             .map(|&i| match queries[i].task {
-                Task::TopK { k, exclude } => (k, exclude),
+                Task::TopK { k, exclude, filter } => ((k, exclude), filter),
                 Task::Score { .. } => unreachable!("filtered to top-k tasks"),
             })
-            .collect();
+            .unzip();
+        let filters: &[Option<&RowFilter>] = if filters.iter().any(Option::is_some) {
+            &filters
+        } else {
+            &[]
+        };
         match cpu_scoring {
-            CpuScoring::F32 => score_topk(items, &qs, &specs),
-            CpuScoring::ExactInt8 => score_topk_int8(items, &qs, &specs),
+            CpuScoring::F32 => fused::score_topk_filtered(items, &qs, &specs, filters),
+            CpuScoring::ExactInt8 => int8::score_topk_int8_filtered(items, &qs, &specs, filters),
         }
     }
     .into_iter();
@@ -303,7 +314,11 @@ mod tests {
         let topk = [Query {
             history: &[],
             features: None,
-            task: Task::TopK { k: 3, exclude: &[] },
+            task: Task::TopK {
+                k: 3,
+                exclude: &[],
+                filter: None,
+            },
         }];
         let e = cpu.run(1, &items, &topk).unwrap_err();
         assert_eq!(e.reason, Reason::Other);
@@ -378,6 +393,7 @@ mod tests {
                             Task::TopK {
                                 k: [1, 10, 100, 1000][q % 4],
                                 exclude: &excludes[q],
+                                filter: None,
                             }
                         },
                     })

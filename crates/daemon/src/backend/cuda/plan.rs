@@ -74,6 +74,10 @@ pub enum BatchError {
     },
     #[error("user features have {got} values, the model takes {want}")]
     FeatureWidth { got: usize, want: usize },
+    /// The fused kernel does not filter: a filtered recommend is answered
+    /// by the CPU scan (`Backend::filters`), never here.
+    #[error("a filtered recommend reached the device scan, which does not filter")]
+    Filtered,
 }
 
 /// What the fused kernel's launch shape depends on.
@@ -321,6 +325,9 @@ pub fn check_rows(queries: &[Query<'_>], n_rows: usize, fd: usize) -> Result<(),
             }
         }
         let rows = match q.task {
+            Task::TopK {
+                filter: Some(_), ..
+            } => return Err(BatchError::Filtered),
             Task::TopK { exclude, .. } => exclude,
             Task::Score { rows } => rows,
         };
@@ -368,7 +375,7 @@ pub fn pack_topk_into(p: &mut PackedTopk, queries: &[Query<'_>]) {
     p.excl_off.push(0);
     p.kmax = 0;
     for (i, q) in queries.iter().enumerate() {
-        if let Task::TopK { k, exclude } = q.task {
+        if let Task::TopK { k, exclude, .. } = q.task {
             p.qsel.push(i as u32);
             p.ks.push(k as u32);
             p.kmax = p.kmax.max(k);

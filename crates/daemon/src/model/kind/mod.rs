@@ -120,7 +120,11 @@ pub(crate) fn recommend_batch(size: usize, rows: &[u32], k: usize) -> Vec<Query<
         .map(|_| Query {
             history,
             features: None,
-            task: super::query::Task::TopK { k, exclude: &[] },
+            task: super::query::Task::TopK {
+                k,
+                exclude: &[],
+                filter: None,
+            },
         })
         .collect()
 }

@@ -6,6 +6,8 @@ fn recommend() -> Op {
         user_id: 1,
         k: 5,
         exclude: vec![7, 8],
+        filter: None,
+        online: true,
     }
 }
 
@@ -108,7 +110,14 @@ fn warm_batches_are_laid_out_as_each_kinds_requests() {
     for q in &tt {
         assert_eq!(q.history, [0]);
         assert!(q.features.is_none());
-        assert!(matches!(q.task, Task::TopK { k: 10, exclude: [] }));
+        assert!(matches!(
+            q.task,
+            Task::TopK {
+                k: 10,
+                exclude: [],
+                filter: None
+            }
+        ));
     }
     let rk = RANKER.warm_batch(16, &rows);
     assert_eq!(rk.len(), 1);

@@ -184,7 +184,11 @@ fn the_window_is_the_last_history_len_items() {
                 &[Query {
                     history: h,
                     features: None,
-                    task: Task::TopK { k: 1, exclude: &[] },
+                    task: Task::TopK {
+                        k: 1,
+                        exclude: &[],
+                        filter: None,
+                    },
                 }],
             )
             .unwrap()

@@ -134,6 +134,7 @@ fn packing_matches_the_batch() {
             task: Task::TopK {
                 k: 5,
                 exclude: &excl,
+                filter: None,
             },
         },
         Query {
@@ -144,7 +145,11 @@ fn packing_matches_the_batch() {
         Query {
             history: &hist[..1],
             features: None,
-            task: Task::TopK { k: 0, exclude: &[] },
+            task: Task::TopK {
+                k: 0,
+                exclude: &[],
+                filter: None,
+            },
         },
     ];
     let u = pack_users(&queries, 2);
@@ -349,6 +354,7 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
         let recommend = Task::TopK {
             k: bounds.max_k,
             exclude: &exclude,
+            filter: None,
         };
         let score = |n: usize| Task::Score { rows: &cands[..n] };
         let legal: Vec<(ModelKind, Vec<Query<'_>>)> = vec![
@@ -432,6 +438,7 @@ fn packing_into_reused_buffers_equals_packing_afresh() {
                 Task::TopK {
                     k: 100 + i,
                     exclude: &hist[..i],
+                    filter: None,
                 }
             } else {
                 Task::Score { rows: &hist[..i] }
@@ -445,6 +452,7 @@ fn packing_into_reused_buffers_equals_packing_afresh() {
             task: Task::TopK {
                 k: 3,
                 exclude: &unsorted,
+                filter: None,
             },
         },
         Query {
