@@ -282,3 +282,30 @@ async fn max_users_evicts_the_least_recently_updated() {
         assert_eq!(history_of(&c, &d, u).await, json!([]), "user {u} was kept");
     }
 }
+
+/// An idle daemon keeps its write-ahead log at a segment or two: the
+/// captures that find nothing new remove the empty segments they rotated
+/// past, and a write after the idle spell still survives SIGKILL.
+#[tokio::test]
+async fn an_idle_daemon_does_not_pile_up_log_segments() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap().to_string();
+    let args = ["--snapshot-dir", &dir, "--snapshot-interval-ms", "20"];
+    let mut d = Daemon::start_with(&demo_models(), &args);
+    let c = Daemon::client();
+    let (s, _) = post(&c, &d.url("/v1/users/5"), json!({ "history": [3, 4] })).await;
+    assert_eq!(s, 200);
+    // About 50 intervals with nothing to write.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let segments = wal_segments(state.path());
+    assert!(
+        segments.len() <= 3,
+        "{} segments: {segments:?}",
+        segments.len()
+    );
+    let (s, _) = post(&c, &d.url("/v1/users/5"), json!({ "history": [3, 4, 6] })).await;
+    assert_eq!(s, 200);
+    assert!(d.signal_and_wait("KILL", Duration::from_secs(5)));
+    let d = Daemon::start_with(&demo_models(), &args);
+    assert_eq!(history_of(&c, &d, 5).await, json!([3, 4, 6]));
+}

@@ -467,7 +467,13 @@ impl Snapshotter {
                         Ok(delta) => {
                             let changes = delta.changes;
                             base.merge(delta);
-                            if changes != written {
+                            if changes == written {
+                                // Nothing changed since the snapshot on disk:
+                                // the segments the captures rotated past since
+                                // hold no record, so an idle daemon does not
+                                // pile up one empty segment per interval.
+                                crate::features::wal::remove_before(&dir, base.wal_next());
+                            } else {
                                 match base.write(&dir) {
                                     Ok(path) => {
                                         written = changes;
