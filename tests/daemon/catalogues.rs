@@ -212,7 +212,14 @@ async fn socket_item_ops_name_their_catalogue_and_unknown_fields_are_refused() {
     let r = ask(json!({"id": 7, "op": "recommend", "model": "videos", "user_id": 1, "k": 3, "colour": "red"})).await;
     let m = assert_socket_error(&r, 7, &["invalid"], "unknown field");
     assert!(m.contains("unknown field `colour`"), "{m}");
-    // The connection goes on serving after the refusal.
+    // A field another op takes is refused too, not ignored.
+    let r = ask(json!({"id": 9, "op": "score", "model": "videos", "user_id": 1, "items": [1], "filter": {"a": 1}})).await;
+    let m = assert_socket_error(&r, 9, &["invalid"], "filter on score");
+    assert!(m.contains("op score does not take `filter`"), "{m}");
+    let r = ask(json!({"id": 10, "op": "upsert_user", "user_id": 1, "catalogue": "videos"})).await;
+    let m = assert_socket_error(&r, 10, &["invalid"], "catalogue on upsert_user");
+    assert!(m.contains("does not take `catalogue`"), "{m}");
+    // The connection goes on serving after the refusals.
     let r = ask(json!({"id": 8, "op": "recommend", "model": "videos", "user_id": 1, "k": 3})).await;
     assert_eq!(r["ok"], true, "{r}");
 }

@@ -185,6 +185,27 @@ async fn a_pipeline_answers_what_retrieval_then_ranking_by_hand_gives() {
     .await;
     assert_http_error("score", &a, 422, "invalid", &["pipeline", "recommend only"]);
 
+    let info = get_json(&c, &d.url("/v1/models/feed")).await;
+    assert_eq!(
+        (&info["kind"], &info["state"], &info["version"]),
+        (&json!("pipeline"), &json!("ready"), &json!(1)),
+        "{info}"
+    );
+    assert_eq!(
+        info["pipeline"],
+        json!({"retrieve": "demo", "candidates": 50, "rank": "demo-ranker"}),
+        "{info}"
+    );
+    assert_eq!(info["limits"]["max_k"], 50, "{info}");
+    let all = get_json(&c, &d.url("/v1/models")).await;
+    let names: Vec<&str> = all["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["demo", "demo-ranker", "feed"], "{all}");
+
     let m = metrics(&c, &d).await;
     for stage in ["retrieve", "rank"] {
         let series =

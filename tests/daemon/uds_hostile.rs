@@ -817,15 +817,18 @@ async fn fifty_connections_pipelining_at_once_are_all_answered() {
 
 /// A `health` request padded (through the `model` field, which health
 /// ignores) to exactly `size` bytes of MessagePack.
-fn health_of_size(id: u64, size: usize) -> Vec<u8> {
+/// A valid request of exactly `size` bytes: an `upsert_user` whose history
+/// (item 1, repeated) pads it; every field is one the op takes.
+fn upsert_of_size(id: u64, size: usize) -> Vec<u8> {
     for pad in 0..size {
-        let p = msgpack(&json!({"id": id, "op": "health", "model": "x".repeat(pad)}));
+        let p =
+            msgpack(&json!({"id": id, "op": "upsert_user", "user_id": 1, "history": vec![1; pad]}));
         if p.len() == size {
             return p;
         }
         assert!(
             p.len() < size,
-            "cannot pad a health request to {size} bytes"
+            "cannot pad an upsert_user request to {size} bytes"
         );
     }
     unreachable!()
@@ -854,14 +857,14 @@ async fn frames_at_the_limit_are_served_and_one_byte_over_closes() {
     let mut s = connect(&path).await;
 
     // Exactly at the limit, valid: served.
-    let ctx = "a valid 64-byte health request";
-    let p = health_of_size(1, LIMIT);
+    let ctx = "a valid 64-byte upsert_user request";
+    let p = upsert_of_size(1, LIMIT);
     assert_eq!(p.len(), LIMIT);
     send(&mut s, &frame(&p), ctx).await;
     let v = read_frame(&mut s, ctx).await;
     assert_eq!(v["id"], json!(1), "{ctx}: {v}");
     assert_eq!(v["ok"], json!(true), "{ctx}: {v}");
-    assert_eq!(v["result"]["ready"], json!(true), "{ctx}: {v}");
+    assert_eq!(v["result"]["user_id"], json!(1), "{ctx}: {v}");
 
     // Exactly at the limit, not MessagePack: a per-request error, still open.
     let ctx = "64 bytes of garbage";
@@ -878,8 +881,8 @@ async fn frames_at_the_limit_are_served_and_one_byte_over_closes() {
     assert_socket_error(&v, 3, &["invalid"], ctx);
 
     // One below, and an empty frame.
-    let ctx = "a valid 63-byte health request";
-    send(&mut s, &frame(&health_of_size(4, LIMIT - 1)), ctx).await;
+    let ctx = "a valid 63-byte upsert_user request";
+    send(&mut s, &frame(&upsert_of_size(4, LIMIT - 1)), ctx).await;
     let v = read_frame(&mut s, ctx).await;
     assert_eq!(v["id"], json!(4), "{ctx}: {v}");
     assert_eq!(v["ok"], json!(true), "{ctx}: {v}");
@@ -900,7 +903,7 @@ async fn frames_at_the_limit_are_served_and_one_byte_over_closes() {
 
     // One byte over, on the same connection: error frame, then closed.
     let ctx = "a 65-byte frame";
-    let p = health_of_size(6, LIMIT + 1);
+    let p = upsert_of_size(6, LIMIT + 1);
     assert_eq!(p.len(), LIMIT + 1);
     send(&mut s, &frame(&p), ctx).await;
     let closed = expect_closed(&mut s, Duration::from_secs(5), ctx).await;

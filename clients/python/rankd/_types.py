@@ -233,6 +233,11 @@ class BulkResult:
     degraded: bool = False
     cold_start: bool = False
     error: Optional[RankdError] = None
+    #: A pipeline's line: both stages' versions, the retrieval scores and
+    #: which stage did not run when degraded.
+    versions: Optional[Dict[str, int]] = None
+    retrieval_scores: Optional[List[float]] = None
+    degraded_reason: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -246,13 +251,15 @@ class BulkResult:
         if self.scores is not None:
             return Scores(self.model, self.version or 0, self.scores)
         return Recommendation(self.model, self.version or 0, self.items or [], self.degraded,
-                              self.cold_start)
+                              self.cold_start, self.versions, self.retrieval_scores,
+                              self.degraded_reason)
 
     def _key(self) -> Any:
         e = self.error
         err = None if e is None else (type(e), e.type, e.message)
         return (self.line, self.model, self.user_id, self.version, self.scores, self.items,
-                self.degraded, self.cold_start, err)
+                self.degraded, self.cold_start, err, self.versions, self.retrieval_scores,
+                self.degraded_reason)
 
     def __eq__(self, other: Any) -> bool:
         if not isinstance(other, BulkResult):
@@ -271,13 +278,18 @@ class BulkResult:
                                                      err.get("message", "no message")))
         items = r.get("items")
         scores = r.get("scores")
+        versions = r.get("versions")
         return cls(
             line=line,
             model=model,
             user_id=int(r["user_id"]),
-            version=r.get("version"),
+            version=versions["retrieve"] if versions is not None else r.get("version"),
             scores=None if scores is None else [_f32(s) for s in scores],
             items=None if items is None else [ScoredItem(int(i["id"]), _f32(i["score"])) for i in items],
             degraded=bool(r.get("degraded", False)),
             cold_start=bool(r.get("cold_start", False)),
+            versions=None if versions is None else dict(versions),
+            retrieval_scores=None if versions is None or items is None
+            else [_f32(i["retrieval_score"]) for i in items],
+            degraded_reason=r.get("degraded_reason"),
         )

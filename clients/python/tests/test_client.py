@@ -325,6 +325,8 @@ def test_a_pipeline_answers_with_both_stages_versions(demo_repo, tmp_path):
                 # One batch of 50 candidates against one of 5: equal to float rounding.
                 assert [i.score for i in r.items] == pytest.approx(ranked.scores, rel=1e-5)
                 answers.append(r)
+                [line] = list(c.bulk("feed", [rankd.RecommendRequest(7, k=5)]))
+                assert line.unwrap() == r, line
         assert answers[0] == answers[1]
     finally:
         d.stop()

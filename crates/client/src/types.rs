@@ -180,6 +180,17 @@ pub struct ModelInfo {
     /// The effective split: version (as a string) → percent of users.
     #[serde(default)]
     pub traffic: std::collections::BTreeMap<String, u32>,
+    /// A pipeline's stages (`kind` is `pipeline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineInfo>,
+}
+
+/// What a pipeline runs: its retrieval model, how many candidates, its ranker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineInfo {
+    pub retrieve: String,
+    pub candidates: usize,
+    pub rank: String,
 }
 
 /// One version of a model.

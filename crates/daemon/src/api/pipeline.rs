@@ -167,9 +167,9 @@ impl Service {
                 p.name, p.spec.candidates, req.k
             )));
         }
-        if req.version.is_some() {
+        if let Some(v) = req.version {
             return Err(ServeError::Invalid(format!(
-                "`version` names a model version; pipeline '{}' routes each stage by its own traffic split",
+                "version {v}: a pipeline takes no `version`; pipeline '{}' routes each stage by its own traffic split",
                 p.name
             )));
         }
@@ -248,7 +248,13 @@ impl Service {
             .observe(stage.elapsed().as_secs_f64());
         let ranked = match ranked {
             Ok(r) => r,
-            Err(ServeError::Overloaded { .. } | ServeError::DeadlineExceeded(_)) => {
+            // Shed, out of time, or the ranker not serving just now (a
+            // version loading or failed): the retrieval order stands in.
+            Err(
+                ServeError::Overloaded { .. }
+                | ServeError::DeadlineExceeded(_)
+                | ServeError::NotReady(_),
+            ) => {
                 return Ok(self.rank_stage_skipped(
                     p,
                     user_id,

@@ -451,6 +451,11 @@ impl Service {
         item_id: u64,
         req: ItemRequest,
     ) -> Result<ItemSummary, ServeError> {
+        if req.attributes.as_ref().is_some_and(|a| a.is_empty()) {
+            return Err(ServeError::Invalid(
+                "attributes must name at least one attribute, got an empty map".into(),
+            ));
+        }
         if req.deleted && req.attributes.is_some() {
             return Err(ServeError::Invalid(
                 "give either `attributes` or `deleted: true`, not both".into(),
@@ -483,20 +488,73 @@ impl Service {
     }
 
     pub fn models(&self) -> ModelsResponse {
-        ModelsResponse {
-            models: self
-                .exec
-                .registry()
-                .models()
-                .iter()
-                .map(|m| self.info(m))
-                .collect(),
-        }
+        let mut models: Vec<ModelInfo> = self
+            .exec
+            .registry()
+            .models()
+            .iter()
+            .map(|m| self.info(m))
+            .collect();
+        let mut pipelines: Vec<&super::pipeline::Pipeline> = self
+            .pipelines
+            .get()
+            .into_iter()
+            .flat_map(|p| p.values())
+            .collect();
+        pipelines.sort_by(|a, b| a.name.cmp(&b.name));
+        models.extend(pipelines.into_iter().map(|p| self.pipeline_info(p)));
+        ModelsResponse { models }
     }
 
     pub fn model(&self, name: &str) -> Result<ModelInfo, ServeError> {
+        if let Some(p) = self.pipeline(name) {
+            return Ok(self.pipeline_info(p));
+        }
         let (_, served) = self.lookup(name)?;
         Ok(self.info(served))
+    }
+
+    /// A pipeline as `/v1/models` shows it: its stages, `ready` or `failed`
+    /// with the reason, the retrieval model's catalogue size and device.
+    fn pipeline_info(&self, p: &super::pipeline::Pipeline) -> ModelInfo {
+        let retrieve = self
+            .exec
+            .registry()
+            .get(&p.spec.retrieve)
+            .map(|(_, m)| self.info(m));
+        ModelInfo {
+            name: p.name.clone(),
+            version: p.version,
+            kind: Some(crate::model::pipeline::PIPELINE.to_string()),
+            state: if p.error.is_some() { "failed" } else { "ready" }.to_string(),
+            error: p.error.clone(),
+            device: retrieve
+                .as_ref()
+                .map_or_else(|| self.exec.registry().device(), |r| r.device.clone()),
+            device_reason: None,
+            dim: retrieve.as_ref().and_then(|r| r.dim),
+            user_feature_dim: None,
+            history_len: None,
+            items: retrieve.as_ref().map_or(0, |r| r.items),
+            batching: None,
+            limits: Some(LimitsInfo {
+                max_k: p.spec.limits.max_k.min(p.spec.candidates),
+                max_items: 0,
+                // `exclude` applies in the retrieval stage, under its limit.
+                max_exclude: retrieve
+                    .as_ref()
+                    .and_then(|r| r.limits.as_ref())
+                    .map_or(0, |l| l.max_exclude),
+            }),
+            queue_depth: 0,
+            versions: Vec::new(),
+            traffic: Default::default(),
+            pipeline: Some(PipelineInfo {
+                retrieve: p.spec.retrieve.clone(),
+                candidates: p.spec.candidates,
+                rank: p.spec.rank.clone(),
+            }),
+        }
     }
 
     fn info(&self, m: &ServedModel) -> ModelInfo {
@@ -574,6 +632,7 @@ impl Service {
                 .into_iter()
                 .map(|(v, p)| (v.to_string(), p))
                 .collect(),
+            pipeline: None,
         }
     }
 

@@ -408,10 +408,12 @@ struct BulkFrame<'a> {
 /// read its frames stops the call (the writer's timeout cuts it off).
 async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>>) {
     let id = req.id;
-    let checked = required(req.model, "model", "bulk").and_then(|model| {
-        service.bulk_target(&model)?;
-        Ok((model, required(req.requests, "requests", "bulk")?))
-    });
+    let checked = refuse_other_fields(&req)
+        .and_then(|()| required(req.model, "model", "bulk"))
+        .and_then(|model| {
+            service.bulk_target(&model)?;
+            Ok((model, required(req.requests, "requests", "bulk")?))
+        });
     let (model, requests) = match checked {
         Ok(c) => c,
         Err(e) => {
@@ -480,11 +482,103 @@ async fn answer(service: &Service, req: WireRequest) -> Vec<u8> {
     }
 }
 
+/// The fields a request sets beyond `id` and `op`.
+fn fields_set(req: &WireRequest) -> Vec<&'static str> {
+    let set = [
+        ("model", req.model.is_some()),
+        ("user_id", req.user_id.is_some()),
+        ("k", req.k.is_some()),
+        ("exclude", req.exclude.is_some()),
+        ("items", req.items.is_some()),
+        ("timeout_ms", req.timeout_ms.is_some()),
+        ("history", req.history.is_some()),
+        ("features", req.features.is_some()),
+        ("item_id", req.item_id.is_some()),
+        ("catalogue", req.catalogue.is_some()),
+        ("embedding", req.embedding.is_some()),
+        ("deleted", req.deleted.is_some()),
+        ("attributes", req.attributes.is_some()),
+        ("filter", req.filter.is_some()),
+        ("version", req.version.is_some()),
+        ("priority", req.priority.is_some()),
+        ("requests", req.requests.is_some()),
+    ];
+    set.into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(f, _)| f)
+        .collect()
+}
+
+/// The fields each op reads, as its HTTP call's path and body hold them.
+fn fields_of(op: &str) -> Option<&'static [&'static str]> {
+    Some(match op {
+        "recommend" => &[
+            "model",
+            "user_id",
+            "k",
+            "exclude",
+            "timeout_ms",
+            "version",
+            "priority",
+            "filter",
+        ],
+        "score" => &[
+            "model",
+            "user_id",
+            "items",
+            "timeout_ms",
+            "version",
+            "priority",
+        ],
+        // Each entry carries its own `timeout_ms` and `version`.
+        "bulk" => &["model", "requests"],
+        "upsert_user" => &["user_id", "history", "features"],
+        "upsert_item" => &[
+            "item_id",
+            "catalogue",
+            "embedding",
+            "deleted",
+            "version",
+            "attributes",
+        ],
+        "get_item" => &["catalogue", "item_id"],
+        "models" => &["model"],
+        "health" | "ingest" | "catalogues" => &[],
+        _ => return None,
+    })
+}
+
+/// A field another op reads but this one does not is refused, as HTTP
+/// refuses a body field its route does not take: it would otherwise be
+/// silently ignored.
+fn refuse_other_fields(req: &WireRequest) -> Result<(), ServeError> {
+    let Some(allowed) = fields_of(&req.op) else {
+        return Ok(());
+    };
+    match fields_set(req).into_iter().find(|f| !allowed.contains(f)) {
+        Some(f) => Err(ServeError::Invalid(format!(
+            "op {} does not take `{f}`; it takes {}",
+            req.op,
+            if allowed.is_empty() {
+                "no other field".to_string()
+            } else {
+                allowed
+                    .iter()
+                    .map(|a| format!("`{a}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn required<T>(value: Option<T>, field: &str, op: &str) -> Result<T, ServeError> {
     value.ok_or_else(|| ServeError::Invalid(format!("`{field}` is required for op {op}")))
 }
 
 async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, ServeError> {
+    refuse_other_fields(&req)?;
     let op = req.op.as_str();
     match op {
         "recommend" => {

@@ -63,6 +63,26 @@ pub fn catalogue_name(root: &Path, table: &Path, tensor: Option<&str>) -> String
     name
 }
 
+/// `path` made absolute with `.` and `..` resolved by name, symlinks kept.
+fn lexical(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut out = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// Reads a catalogue's items file and, when one lies beside it, its
 /// attributes (`attributes.safetensors`).
 pub fn load_table(items_path: &Path, dim: usize) -> Result<ItemTable, ModelError> {
@@ -98,12 +118,11 @@ pub fn read(
         })
     };
     // The repository's root: the version folder is `<root>/<model>/<version>`.
-    let root = entry
-        .dir
-        .parent()
-        .and_then(Path::parent)
+    let parent = entry.dir.parent().and_then(Path::parent);
+    let root = parent
         .map(|r| r.canonicalize().unwrap_or_else(|_| r.to_path_buf()))
         .unwrap_or_default();
+    let lexical_root = parent.map(lexical).unwrap_or_default();
     let (catalogue, items_key, items) = match spec.kind.embedded_items(&spec, &weights) {
         Some(table) => {
             let weights_key = canonical(&weights_path)?;
@@ -117,7 +136,9 @@ pub fn read(
         None => {
             let items_path = entry.resolve(&spec.items);
             let items_key = canonical(&items_path)?;
-            let catalogue = catalogue_name(&root, &items_key, None);
+            // Named from the path as written (`..` resolved, symlinks kept),
+            // so `catalogues/videos` linked to another disk is still `videos`.
+            let catalogue = catalogue_name(&lexical_root, &lexical(&items_path), None);
             if let Some(named) = &spec.catalogue {
                 if *named != catalogue {
                     return Err(ModelError::Spec {
@@ -186,5 +207,37 @@ mod tests {
             name("/srv/models/sasrec/1/model.pth", Some("item_emb")),
             "sasrec/1/model/item_emb"
         );
+    }
+
+    /// A catalogue folder that is a symlink keeps its name: the name comes
+    /// from the path as the repository spells it.
+    #[cfg(unix)]
+    #[test]
+    fn a_symlinked_catalogue_keeps_its_name() {
+        let data = tempfile::tempdir().unwrap();
+        crate::model::demo::generate(data.path(), crate::model::demo::DEMO_SEED).unwrap();
+        let repo = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(repo.path().join("catalogues")).unwrap();
+        std::os::unix::fs::symlink(
+            data.path().join("catalogues/demo"),
+            repo.path().join("catalogues/videos"),
+        )
+        .unwrap();
+        let dir = repo.path().join("m/1");
+        std::fs::create_dir_all(&dir).unwrap();
+        let weights = data.path().join("demo/1/weights.safetensors");
+        std::fs::write(
+            dir.join("model.toml"),
+            format!(
+                "kind = \"two_tower\"\ndim = 64\nuser_feature_dim = 16\nhistory_len = 50\n\
+                 catalogue = \"videos\"\nweights = {:?}\n",
+                weights.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let entry = crate::model::ModelEntry::read("m", 1, dir);
+        let f = read(0, &entry, |_, _| false).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(f.catalogue, "videos");
+        assert_eq!(f.items.unwrap().rows(), 100_000);
     }
 }

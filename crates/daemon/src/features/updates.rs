@@ -342,13 +342,24 @@ impl Coalescer {
             } => {
                 let key = (catalogue.clone(), item_id);
                 let b = &mut self.batch;
-                keep_newest(
-                    &mut self.items,
-                    &mut b.items,
-                    &mut b.superseded,
-                    key,
-                    update,
-                )
+                // Upserts that set attributes may set different ones: each
+                // is kept, in order, so applying the batch does what
+                // applying them one by one does (the version rule decides).
+                let partial = |u: &Update| matches!(u, Update::ItemUpsert { attributes, .. } if !attributes.is_empty());
+                let keep_both =
+                    partial(&update) || self.items.get(&key).is_some_and(|&i| partial(&b.items[i]));
+                if keep_both {
+                    self.items.insert(key, b.items.len());
+                    b.items.push(update);
+                } else {
+                    keep_newest(
+                        &mut self.items,
+                        &mut b.items,
+                        &mut b.superseded,
+                        key,
+                        update,
+                    )
+                }
             }
             Update::UserFeatures { user_id, .. } => {
                 let b = &mut self.batch;
@@ -556,6 +567,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Upserts setting attributes are all kept, in order: one setting
+    /// `category` then one setting `in_stock` leave both set, as applying
+    /// them one by one does.
+    #[test]
+    fn upserts_with_attributes_are_not_merged_away() {
+        let mut c = Coalescer::new();
+        let upsert = |version, name: &str| Update::ItemUpsert {
+            catalogue: "a".into(),
+            item_id: 9,
+            embedding: vec![1.0],
+            version,
+            attributes: [(name.to_string(), 1)].into(),
+        };
+        for u in [upsert(2, "category"), upsert(3, "in_stock")] {
+            c.consumed(None, None);
+            c.push(u);
+        }
+        let b = c.take();
+        assert_eq!(b.items, vec![upsert(2, "category"), upsert(3, "in_stock")]);
+        assert_eq!(b.superseded, 0);
     }
 
     /// The same item id in two catalogues is two keys: neither supersedes
