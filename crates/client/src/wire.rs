@@ -84,7 +84,7 @@ pub enum WireResult {
     Score(ScoreResponse),
     User(UserResponse),
     Models(ModelsResponse),
-    Model(ModelInfo),
+    Model(Box<ModelInfo>),
     Health(Readiness),
     Item(ItemSummary),
     StoredItem(StoredItem),

@@ -643,7 +643,7 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
         "catalogues" => service.catalogues().await.map(WireResult::Catalogues),
         "ingest" => Ok(WireResult::Ingest(service.ingest())),
         "models" => match req.model {
-            Some(m) => service.model(&m).map(WireResult::Model),
+            Some(m) => service.model(&m).map(|m| WireResult::Model(Box::new(m))),
             None => Ok(WireResult::Models(service.models())),
         },
         "health" => Ok(WireResult::Health(service.readiness())),

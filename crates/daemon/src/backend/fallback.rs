@@ -54,6 +54,46 @@ pub struct Fallback {
 }
 
 impl Fallback {
+    /// A batch holding filtered recommends on a device that does not
+    /// filter: those run on the CPU scan, the others where they would run
+    /// otherwise, and the answers come back in the batch's order.
+    fn run_split(
+        &mut self,
+        id: ModelId,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Result<Vec<Output>, BackendError> {
+        let filtered = |q: &Query<'_>| {
+            matches!(
+                q.task,
+                Task::TopK {
+                    filter: Some(_),
+                    ..
+                }
+            )
+        };
+        let (on_cpu, elsewhere): (Vec<usize>, Vec<usize>) =
+            (0..queries.len()).partition(|&i| filtered(&queries[i]));
+        if elsewhere.is_empty() {
+            return self.cpu.run(id, items, queries);
+        }
+        let pick = |idx: &[usize]| idx.iter().map(|&i| queries[i].clone()).collect::<Vec<_>>();
+        let cpu_out = self.cpu.run(id, items, &pick(&on_cpu))?;
+        let rest = pick(&elsewhere);
+        let rest_out = self.run(id, items, &rest)?;
+        let mut out: Vec<Option<Output>> = (0..queries.len()).map(|_| None).collect();
+        for (i, o) in on_cpu.into_iter().zip(cpu_out) {
+            out[i] = Some(o);
+        }
+        for (i, o) in elsewhere.into_iter().zip(rest_out) {
+            out[i] = Some(o);
+        }
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("one answer per query"))
+            .collect())
+    }
+
     pub fn new(primary: Box<dyn Backend>, metrics: Option<Arc<Metrics>>, clock: Clock) -> Self {
         let device = primary.device();
         let now = clock();
@@ -208,8 +248,11 @@ impl Backend for Fallback {
                 }
             )
         });
-        if self.cpu_only.contains_key(&id) || (filtered && !self.primary.filters()) {
+        if self.cpu_only.contains_key(&id) {
             return self.cpu.run(id, items, queries);
+        }
+        if filtered && !self.primary.filters() {
+            return self.run_split(id, items, queries);
         }
         let probing = !self.healthy && (self.clock)() >= self.retry_at;
         if self.healthy || probing {
@@ -323,6 +366,8 @@ pub mod faulty {
         pub lacks: Mutex<Option<ModelKind>>,
         pub runs: AtomicUsize,
         pub runs_ok: AtomicUsize,
+        /// Queries the successful runs were handed.
+        pub queries_run: AtomicUsize,
         /// Rows received through `items_changed`, per call.
         pub rows_seen: Mutex<Vec<Vec<u32>>>,
         /// Tables uploaded through `load_table`, in order.
@@ -396,6 +441,9 @@ pub mod faulty {
             }
             let out = self.inner.run(id, items, queries)?;
             self.plan.runs_ok.fetch_add(1, Ordering::AcqRel);
+            self.plan
+                .queries_run
+                .fetch_add(queries.len(), Ordering::AcqRel);
             Ok(out)
         }
         fn items_changed(
@@ -515,6 +563,64 @@ mod tests {
         assert_eq!(batch(&mut fb, &items), reference);
         assert_eq!(plan.runs.load(Ordering::Acquire), runs + 1);
         assert!(fb.health().healthy);
+    }
+
+    /// On a device that does not filter, a batch's filtered recommends run
+    /// on the CPU scan and the others on the device, each getting what the
+    /// CPU backend gives the whole batch, in the batch's order.
+    #[test]
+    fn filtered_queries_of_a_batch_run_on_the_cpu_and_the_rest_on_the_device() {
+        use crate::model::attributes::{Attributes, RowFilter};
+        use rankd_client::types::{Filter, FilterValues};
+        let (mut fb, plan, _clock, mut items) = setup();
+        let column: Vec<i64> = (0..items.rows() as i64).map(|r| r % 4).collect();
+        items
+            .set_attributes(Attributes::new(vec![("a".into(), column)]).unwrap())
+            .unwrap();
+        let f: Filter = [("a".to_string(), FilterValues::One(0))].into();
+        let rf = RowFilter::resolve(&f, items.attributes(), "c").unwrap();
+        let hist: Vec<Vec<u32>> = (0..6u32).map(|i| vec![i, i * 7, i * 13 + 1]).collect();
+        let queries: Vec<Query<'_>> = hist
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Query {
+                history: h,
+                features: None,
+                task: Task::TopK {
+                    k: 5,
+                    exclude: &[],
+                    filter: (i % 2 == 0).then_some(&rf),
+                },
+            })
+            .collect();
+        let mut cpu = CpuBackend::new();
+        let desc = ModelDesc {
+            kind: TWO_TOWER,
+            dim: items.dim(),
+            user_feature_dim: 0,
+            bounds: Default::default(),
+            cpu_scoring: Default::default(),
+        };
+        cpu.load_table(0, &items, ItemDtype::F32).unwrap();
+        let (_, _, weights) = fb.models[&0].clone();
+        cpu.load(0, desc, 0, &weights).unwrap();
+        let want = cpu.run(0, &items, &queries).unwrap();
+        let before = plan.queries_run.load(Ordering::Acquire);
+        let got = fb.run(0, &items, &queries).unwrap();
+        assert_eq!(got, want);
+        assert_eq!(
+            plan.queries_run.load(Ordering::Acquire) - before,
+            3,
+            "the device ran the three unfiltered queries only"
+        );
+        for (i, out) in got.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+            let Output::TopK(list) = out else {
+                panic!("query {i}: {out:?}")
+            };
+            assert!(list
+                .iter()
+                .all(|s| rf.allows(items.attributes(), items.row_of(s.id).unwrap() as usize)));
+        }
     }
 
     /// A kind the device has no forward pass for is served from the CPU for
