@@ -325,6 +325,17 @@ async fn item_messages_reach_the_catalogue_they_name() {
     let broker = broker_with_topics();
     let state = tempfile::tempdir().unwrap();
     let repo = two_catalogue_repo();
+    // `videos` has attributes (every item: category 2, in_stock 1).
+    let rows = rankd::internals::ItemTable::load(
+        &repo.path().join("catalogues/videos/items.safetensors"),
+        64,
+    )
+    .unwrap()
+    .rows();
+    write_attributes(
+        &repo.path().join("catalogues/videos/attributes.safetensors"),
+        &[("category", vec![2; rows]), ("in_stock", vec![1; rows])],
+    );
     let d = rankd_serving(&broker, state.path(), repo.path());
     let c = Daemon::client();
     wait_connected(&c, &d, true).await;
@@ -340,7 +351,7 @@ async fn item_messages_reach_the_catalogue_they_name() {
     for (key, msg) in [
         (
             "7",
-            json!({"catalogue": "videos", "item_id": 7, "embedding": vec![0.5; 64], "version": 1}),
+            json!({"catalogue": "videos", "item_id": 7, "embedding": vec![0.5; 64], "version": 1, "attributes": {"in_stock": 0}}),
         ),
         (
             "7",
@@ -365,6 +376,11 @@ async fn item_messages_reach_the_catalogue_they_name() {
     wait_applied(&c, &d, ITEMS, 5, Duration::from_secs(10)).await;
     let videos7 = item("videos", 7).await;
     assert_eq!(videos7["embedding"], json!(vec![0.5; 64]), "{videos7}");
+    assert_eq!(
+        videos7["attributes"],
+        json!({"category": 2, "in_stock": 0}),
+        "the message's attribute is set, the others kept: {videos7}"
+    );
     assert_eq!(videos7["deleted"], false, "{videos7}");
     let creators7 = item("creators", 7).await;
     assert_eq!(creators7["deleted"], true, "{creators7}");

@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
+use super::items::{read_header, read_le_values};
 use super::ModelError;
 use rankd_client::types::Filter;
 
@@ -48,41 +49,44 @@ impl Attributes {
         Ok(Self { names, columns })
     }
 
-    /// Reads `path`: every tensor is an attribute, I64 of shape [rows].
+    /// Reads `path`: every tensor is an attribute, I64 of shape [rows],
+    /// read straight into its column (no copy of the file is held).
     pub fn load(path: &Path, rows: usize) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|e| ModelError::Io {
+        let io = |e: std::io::Error| ModelError::Io {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Format {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let mut tensors = st.tensors();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let (data_start, metadata) = read_header(path, &mut file, len)?;
+        let mut names = metadata.offset_keys();
+        names.sort();
         let mut out = Attributes::default();
-        for (name, view) in tensors {
-            if view.dtype() != Dtype::I64 {
+        for name in names {
+            let info = metadata.info(&name).expect("a listed tensor");
+            if info.dtype != Dtype::I64 {
                 return Err(ModelError::Dtype {
                     path: path.to_path_buf(),
                     tensor: name,
                     expected: "I64".into(),
-                    actual: format!("{:?}", view.dtype()),
+                    actual: format!("{:?}", info.dtype),
                 });
             }
-            if view.shape() != [rows] {
+            if info.shape != [rows] {
                 return Err(ModelError::Shape {
                     path: path.to_path_buf(),
                     tensor: name,
                     expected: format!("[{rows}] (one value per item of the items file)"),
-                    actual: view.shape().to_vec(),
+                    actual: info.shape.clone(),
                 });
             }
-            let column = view
-                .data()
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("chunks of 8 bytes")))
-                .collect();
+            let mut column = vec![0i64; rows];
+            read_le_values(
+                &mut file,
+                data_start + info.data_offsets.0 as u64,
+                &mut column,
+            )
+            .map_err(io)?;
             out.names.push(name);
             out.columns.push(column);
         }
@@ -227,6 +231,7 @@ impl RowFilter {
 mod tests {
     use super::*;
     use rankd_client::types::FilterValues;
+    use safetensors::Dtype;
 
     fn attrs() -> Attributes {
         Attributes {
@@ -254,6 +259,56 @@ mod tests {
         assert!(RowFilter::resolve(&unknown, &Attributes::default(), "v")
             .unwrap_err()
             .ends_with("has: none"));
+    }
+
+    /// Columns load by name; a column of another dtype or length fails
+    /// naming the file and the tensor.
+    #[test]
+    fn attribute_files_load_and_bad_columns_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]| {
+            let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+                .iter()
+                .map(|(n, d, shape, data)| {
+                    (
+                        n.to_string(),
+                        safetensors::tensor::TensorView::new(*d, shape.clone(), data).unwrap(),
+                    )
+                })
+                .collect();
+            let path = dir.path().join(name);
+            std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+            path
+        };
+        let i64s = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let good = write(
+            "a.safetensors",
+            &[
+                ("in_stock", Dtype::I64, vec![3], i64s(&[1, 0, 1])),
+                ("category", Dtype::I64, vec![3], i64s(&[-5, 7, i64::MAX])),
+            ],
+        );
+        let a = Attributes::load(&good, 3).unwrap();
+        assert_eq!(a.names(), ["category", "in_stock"]);
+        assert_eq!(
+            a.row(2),
+            [
+                ("category".to_string(), i64::MAX),
+                ("in_stock".to_string(), 1)
+            ]
+            .into()
+        );
+        let e = Attributes::load(&good, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("a.safetensors") && e.contains("category") && e.contains("[4]"),
+            "{e}"
+        );
+        let f32s = write(
+            "b.safetensors",
+            &[("x", Dtype::F32, vec![1], 1f32.to_le_bytes().to_vec())],
+        );
+        let e = Attributes::load(&f32s, 1).unwrap_err().to_string();
+        assert!(e.contains("b.safetensors") && e.contains("I64"), "{e}");
     }
 
     #[test]

@@ -355,7 +355,7 @@ struct HeaderJson {
 /// Reads and checks a safetensors file's header as
 /// `SafeTensors::deserialize` does (same checks, its messages), without the
 /// rest of the file: returns where the data starts and the tensors.
-fn read_header(
+pub(super) fn read_header(
     path: &Path,
     file: &mut std::fs::File,
     file_len: u64,
@@ -434,7 +434,7 @@ fn read_header(
 ///
 /// Implementors have no padding and every bit pattern is a valid value, so
 /// their storage may be written as bytes.
-unsafe trait LeValue: Copy {
+pub(super) unsafe trait LeValue: Copy {
     /// The value from its little-endian representation.
     fn le_to_native(self) -> Self;
 }
@@ -443,6 +443,13 @@ unsafe trait LeValue: Copy {
 unsafe impl LeValue for u64 {
     fn le_to_native(self) -> Self {
         u64::from_le(self)
+    }
+}
+
+// SAFETY: i64 is 8 bytes, no padding, every bit pattern valid.
+unsafe impl LeValue for i64 {
+    fn le_to_native(self) -> Self {
+        i64::from_le(self)
     }
 }
 
@@ -457,7 +464,7 @@ unsafe impl LeValue for f32 {
 /// Fills `out` with the little-endian values at `offset` in `file`, read in
 /// chunks straight into `out`'s bytes (a no-op conversion on little-endian
 /// hosts).
-fn read_le_values<T: LeValue>(
+pub(super) fn read_le_values<T: LeValue>(
     file: &mut std::fs::File,
     offset: u64,
     out: &mut [T],

@@ -43,14 +43,7 @@ pub fn is_pipeline(text: &str) -> bool {
 
 impl PipelineSpec {
     pub fn read(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Self::parse(&text).map_err(|message| ModelError::Spec {
-            path: path.to_path_buf(),
-            message,
-        })
+        super::spec::read_with(path, Self::parse)
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {

@@ -227,16 +227,24 @@ impl Default for LimitsSpec {
     }
 }
 
+/// Reads a model.toml at `path` with `parse`; errors name the file.
+pub(super) fn read_with<T>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    parse(&text).map_err(|message| ModelError::Spec {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
 impl ModelSpec {
     pub fn read(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Self::parse(&text).map_err(|message| ModelError::Spec {
-            path: path.to_path_buf(),
-            message,
-        })
+        read_with(path, Self::parse)
     }
 
     /// Parses model.toml's text: the shared keys, then the kind's own.
