@@ -557,3 +557,38 @@ async fn filtered_recommends_return_only_passing_items_in_ranking_order() {
     .await;
     assert_eq!((s, ids_of(&only)), (200, vec![top]), "{only}");
 }
+
+/// An unknown filter attribute is refused at admission, before a request
+/// can be shed: a recommend that would miss its deadline in the queue still
+/// gets the 422 naming the attribute, not a 504.
+#[tokio::test]
+async fn an_unknown_filter_attribute_is_refused_before_queueing() {
+    // `slow`: batches wait 300 ms for company, far past a 1 ms deadline.
+    let repo = slow_repo(300_000, 1024);
+    let d = Daemon::start_with(repo.path(), &[]);
+    let c = client();
+    let a = post_json(
+        &c,
+        &d.url("/v1/models/slow/recommend"),
+        &json!({"user_id": 1, "k": 5, "timeout_ms": 1, "filter": {"colour": 1}}),
+    )
+    .await;
+    assert_http_error(
+        "unknown attribute",
+        &a,
+        422,
+        "invalid",
+        &["unknown attribute 'colour'", "has: none"],
+    );
+    let a = post_json(
+        &c,
+        &d.url("/v1/models/slow/recommend"),
+        &json!({"user_id": 1, "k": 5, "timeout_ms": 1}),
+    )
+    .await;
+    assert_eq!(
+        a.status, 504,
+        "without a filter the same request misses its deadline: {}",
+        a.text
+    );
+}

@@ -12,7 +12,7 @@ use crate::exec::{ExecutorHandle, LoadState, Note, Op, Output, ServedModel, User
 use crate::features::store::{ItemSummary, ItemWrite, StoredItem};
 use crate::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
-use crate::model::attributes::check_filter;
+use crate::model::attributes::{check_filter, unknown_attribute};
 use crate::model::OpKind;
 use rankd_client::types::CataloguesResponse;
 use rankd_client::types::*;
@@ -264,6 +264,19 @@ impl Service {
         }
         if let Some(filter) = &req.filter {
             check_filter(filter).map_err(ServeError::Invalid)?;
+            // Unknown attributes are refused here, before the request can
+            // be shed; the executor resolves the filter again against the
+            // table it runs on.
+            let catalogue = &route.resident.catalogue;
+            if let Ok((_, shape)) = self.exec.registry().catalogues().resolve(Some(catalogue)) {
+                if let Some(name) = filter.keys().find(|n| !shape.attributes.contains(n)) {
+                    return Err(ServeError::Invalid(unknown_attribute(
+                        name,
+                        catalogue,
+                        &shape.attributes,
+                    )));
+                }
+            }
         }
         let timeout = self.timeout(req.timeout_ms)?;
         let op = Op::Recommend {

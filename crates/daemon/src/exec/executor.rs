@@ -367,6 +367,7 @@ impl Executor {
                 version: f.version,
                 spec,
                 cpu_reason: self.backend.cpu_reason(id),
+                catalogue: self.slots[&id].catalogue.clone(),
             }),
             sizes,
             next: 0,

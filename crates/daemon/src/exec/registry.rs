@@ -56,6 +56,8 @@ pub struct Resident {
     /// Why this version runs on the CPU while the executor's device is
     /// another (its kind has no forward pass there).
     pub cpu_reason: Option<String>,
+    /// The catalogue it reads.
+    pub catalogue: String,
 }
 
 #[derive(Debug, Clone)]
@@ -720,6 +722,7 @@ mod tests {
             version,
             spec: spec(),
             cpu_reason: None,
+            catalogue: "i".into(),
         })
     }
 

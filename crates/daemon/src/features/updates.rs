@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Deserialize;
 
 use super::catalogues::{Catalogues, Unresolved};
+use crate::model::attributes::unknown_attribute;
 
 /// Which stream a message came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -198,14 +199,7 @@ impl Validator {
                     if let Some(name) = attributes.keys().find(|n| !shape.attributes.contains(n)) {
                         return Err(invalid(
                             "unknown_attribute",
-                            format!(
-                                "unknown attribute '{name}'; catalogue '{catalogue}' has: {}",
-                                if shape.attributes.is_empty() {
-                                    "none".to_string()
-                                } else {
-                                    shape.attributes.join(", ")
-                                }
-                            ),
+                            unknown_attribute(name, &catalogue, &shape.attributes),
                         ));
                     }
                 }

@@ -151,13 +151,19 @@ impl Attributes {
     }
 
     fn unknown(&self, name: &str, catalogue: &str) -> String {
-        let has = if self.names.is_empty() {
-            "none".to_string()
-        } else {
-            self.names.join(", ")
-        };
-        format!("unknown attribute '{name}'; catalogue '{catalogue}' has: {has}")
+        unknown_attribute(name, catalogue, &self.names)
     }
+}
+
+/// The error for an attribute name catalogue `catalogue` (whose attributes
+/// are `names`) lacks.
+pub fn unknown_attribute(name: &str, catalogue: &str, names: &[String]) -> String {
+    let has = if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    };
+    format!("unknown attribute '{name}'; catalogue '{catalogue}' has: {has}")
 }
 
 /// Checks a filter's shape before it is queued: at most
