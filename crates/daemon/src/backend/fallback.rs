@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::cpu::CpuBackend;
 use super::{
-    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId, Task,
+    Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId,
 };
 use crate::metrics::Metrics;
 use crate::model::{ItemDtype, ItemTable, ModelKind, Weights};
@@ -63,17 +63,8 @@ impl Fallback {
         items: &ItemTable,
         queries: &[Query<'_>],
     ) -> Result<Vec<Output>, BackendError> {
-        let filtered = |q: &Query<'_>| {
-            matches!(
-                q.task,
-                Task::TopK {
-                    filter: Some(_),
-                    ..
-                }
-            )
-        };
         let (on_cpu, elsewhere): (Vec<usize>, Vec<usize>) =
-            (0..queries.len()).partition(|&i| filtered(&queries[i]));
+            (0..queries.len()).partition(|&i| queries[i].is_filtered());
         if elsewhere.is_empty() {
             return self.cpu.run(id, items, queries);
         }
@@ -239,15 +230,7 @@ impl Backend for Fallback {
         items: &ItemTable,
         queries: &[Query<'_>],
     ) -> Result<Vec<Output>, BackendError> {
-        let filtered = queries.iter().any(|q| {
-            matches!(
-                q.task,
-                Task::TopK {
-                    filter: Some(_),
-                    ..
-                }
-            )
-        });
+        let filtered = queries.iter().any(Query::is_filtered);
         if self.cpu_only.contains_key(&id) {
             return self.cpu.run(id, items, queries);
         }
@@ -476,6 +459,7 @@ mod tests {
 
     use super::faulty::{Faulty, Plan};
     use super::*;
+    use crate::backend::Task;
     use crate::model::demo::Rng;
     use crate::model::kind::{RANKER, TWO_TOWER};
     use crate::model::{Layer, TowerWeights};

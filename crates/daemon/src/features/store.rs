@@ -241,11 +241,7 @@ impl State {
         if let Some(values) = attributes.filter(|v| !v.is_empty()) {
             // Names were checked against the catalogue when the write came
             // in; one gone since (a reloaded file without it) is skipped.
-            let resolved: Vec<(usize, i64)> = values
-                .iter()
-                .filter_map(|(n, &v)| Some((table.attributes().index(n)?, v)))
-                .collect();
-            table.write_attributes(row, &resolved);
+            table.write_attributes(row, values);
         }
         self.changed_rows.entry(t).or_default().push(row);
         if let Update::ItemUpsert { item_id, .. }
@@ -675,11 +671,7 @@ impl State {
 fn restore_into(table: &mut ItemTable, it: &SnapshotItem) {
     table.restore(it.id, &it.embedding, it.version, !it.deleted);
     if let (Some(values), Some(row)) = (&it.attributes, table.row_of(it.id)) {
-        let resolved: Vec<(usize, i64)> = values
-            .iter()
-            .filter_map(|(n, &v)| Some((table.attributes().index(n)?, v)))
-            .collect();
-        table.write_attributes(row, &resolved);
+        table.write_attributes(row, values);
     }
 }
 

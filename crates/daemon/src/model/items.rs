@@ -174,10 +174,13 @@ impl ItemTable {
         Ok(())
     }
 
-    /// Sets attribute values of row `row` (indices from `attributes()`).
-    pub fn write_attributes(&mut self, row: u32, values: &[(usize, i64)]) {
-        for &(a, v) in values {
-            self.attributes.set(a, row as usize, v);
+    /// Sets attribute values of row `row` by name; a name the table has no
+    /// column for (a file reloaded without it) is skipped.
+    pub fn write_attributes(&mut self, row: u32, values: &std::collections::BTreeMap<String, i64>) {
+        for (name, &v) in values {
+            if let Some(a) = self.attributes.index(name) {
+                self.attributes.set(a, row as usize, v);
+            }
         }
     }
 

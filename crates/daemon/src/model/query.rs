@@ -64,3 +64,16 @@ pub enum Task<'a> {
     /// One score per given row, in order.
     Score { rows: &'a [u32] },
 }
+
+impl Query<'_> {
+    /// Whether this is a recommend with an attribute filter.
+    pub fn is_filtered(&self) -> bool {
+        matches!(
+            self.task,
+            Task::TopK {
+                filter: Some(_),
+                ..
+            }
+        )
+    }
+}
