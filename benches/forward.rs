@@ -65,6 +65,8 @@ fn demo_forward(c: &mut Criterion) {
             .map(|i| Query {
                 history: &histories[i],
                 features: None,
+                sparse: None,
+                context: None,
                 task: Task::TopK {
                     k: 10,
                     exclude: &excludes[i],
@@ -533,6 +535,8 @@ fn anchors(dir: &Path, rounds: usize) {
         .map(|i| Query {
             history: &histories[i],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::TopK {
                 k: ANCHOR_K,
                 exclude: &excludes[i],

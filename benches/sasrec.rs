@@ -78,6 +78,8 @@ fn main() {
                     .map(|h| Query {
                         history: h,
                         features: None,
+                        sparse: None,
+                        context: None,
                         task: Task::Score { rows: &[] },
                     })
                     .collect()

@@ -74,10 +74,9 @@ fn check_one(
     let retrieve = stage(&p.spec.retrieve, "retrieve")?;
     let rank = stage(&p.spec.rank, "rank")?;
     retrieve
-        .kind
         .accepts(&p.spec.retrieve, crate::model::OpKind::Recommend)
         .map_err(|e| format!("retrieve = '{}': {e}", p.spec.retrieve))?;
-    if rank.kind.name() != crate::model::kind::RANKER.name() {
+    if !rank.ranks() {
         return Err(format!(
             "rank = '{}' is a {} model, not a ranker",
             p.spec.rank, rank.kind

@@ -243,8 +243,7 @@ impl Service {
         let route = served.route(req.user_id, req.version)?;
         let spec = route.resident.spec.clone();
         let version = route.resident.version;
-        spec.kind
-            .accepts(model, OpKind::Recommend)
+        spec.accepts(model, OpKind::Recommend)
             .map_err(ServeError::Invalid)?;
         if req.k == 0 {
             return Err(ServeError::Invalid("k must be >= 1, got 0".into()));
@@ -285,8 +284,9 @@ impl Service {
             exclude: req.exclude,
             filter: req.filter,
             online,
+            context: None,
         };
-        let rows = spec.kind.rows(&op);
+        let rows = spec.rows(&op);
         let class = class_of(req.priority);
         let answer = self.exec.infer(route, op, rows, timeout, class).await?;
         match answer.output {
@@ -339,8 +339,7 @@ impl Service {
         let route = served.route(req.user_id, req.version)?;
         let spec = route.resident.spec.clone();
         let version = route.resident.version;
-        spec.kind
-            .accepts(model, OpKind::Score)
+        spec.accepts(model, OpKind::Score)
             .map_err(ServeError::Invalid)?;
         if req.items.is_empty() {
             return Err(ServeError::Invalid("items must not be empty".into()));
@@ -356,8 +355,9 @@ impl Service {
         let op = Op::Score {
             user_id: req.user_id,
             items: req.items,
+            context: None,
         };
-        let rows = spec.kind.rows(&op);
+        let rows = spec.rows(&op);
         let class = class_of(req.priority);
         match self
             .exec

@@ -510,6 +510,8 @@ mod tests {
             .map(|h| Query {
                 history: h,
                 features: None,
+                sparse: None,
+                context: None,
                 task: Task::TopK {
                     k: 5,
                     exclude: &[],
@@ -570,6 +572,8 @@ mod tests {
             .map(|(i, h)| Query {
                 history: h,
                 features: None,
+                sparse: None,
+                context: None,
                 task: Task::TopK {
                     k: 5,
                     exclude: &[],
@@ -651,6 +655,8 @@ mod tests {
                 &[Query {
                     history: &[4],
                     features: None,
+                    sparse: None,
+                    context: None,
                     task: Task::Score { rows: &candidates },
                 }],
             )
@@ -732,6 +738,8 @@ mod tests {
             .map(|h| Query {
                 history: h,
                 features: None,
+                sparse: None,
+                context: None,
                 task: Task::TopK {
                     k: 5,
                     exclude: &[],

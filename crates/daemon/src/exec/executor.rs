@@ -390,7 +390,7 @@ impl Executor {
                 let items = &self.state.tables[slot.table];
                 let has_rows = items.rows() > 0;
                 let rows = vec![0u32; if has_rows { size } else { 0 }];
-                let queries: Vec<Query<'_>> = slot.spec.kind.warm_batch(size, &rows);
+                let queries: Vec<Query<'_>> = slot.spec.warm_batch(size, &rows);
                 self.backend.run(id, items, &queries).map(|_| ())
             }
             None => {
@@ -1093,16 +1093,17 @@ impl Executor {
         let queries: Vec<Query<'_>> = prepared
             .iter()
             .zip(&live)
-            .map(|(p, req)| Query {
+            .map(|(p, req)| {
+                let user = self.state.users.get(req.op.user_id());
+                Query {
                 history: &p.history,
-                features: match &req.op {
-                    Op::Recommend { user_id, .. } | Op::Score { user_id, .. } => self
-                        .state
-                        .users
-                        .get(*user_id)
-                        .and_then(|u| u.features.as_deref())
-                        .filter(|f| f.len() == spec.user_feature_dim),
-                },
+                features: user
+                    .and_then(|u| u.features.as_deref())
+                    .filter(|f| f.len() == spec.user_feature_dim),
+                sparse: user
+                    .and_then(|u| u.sparse.as_deref())
+                    .filter(|s| s.len() == spec.user_sparse_dim),
+                context: req.op.context(),
                 task: match &req.op {
                     Op::Recommend { k, .. } => Task::TopK {
                         k: *k,
@@ -1111,7 +1112,7 @@ impl Executor {
                     },
                     Op::Score { .. } => Task::Score { rows: &p.rows },
                 },
-            })
+            }})
             .collect();
         let rows: usize = live.iter().map(|r| r.rows).sum();
         let started = Instant::now();

@@ -347,6 +347,7 @@ mod tests {
             Arc::new(UserState {
                 history: h.iter().copied().collect(),
                 features: f,
+                sparse: None,
                 features_version: 3,
             })
         };

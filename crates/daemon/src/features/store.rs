@@ -616,6 +616,7 @@ impl State {
                 UserState {
                     history: u.history.iter().copied().collect(),
                     features: u.features.clone(),
+                    sparse: None,
                     features_version: u.features_version,
                 },
             );

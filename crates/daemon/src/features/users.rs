@@ -12,6 +12,8 @@ use std::sync::Arc;
 pub struct UserState {
     pub history: VecDeque<u64>,
     pub features: Option<Vec<f32>>,
+    /// Categorical features (ids), read by models with `user_sparse_dim`.
+    pub sparse: Option<Vec<i64>>,
     /// Version of the last features update from a versioned source.
     pub features_version: u64,
 }
@@ -32,7 +34,10 @@ pub struct UserStore {
 /// Estimated memory of one user: the map entries and the state's allocations.
 pub fn user_bytes(u: &UserState) -> usize {
     const FIXED: usize = 160;
-    FIXED + u.history.capacity() * 8 + u.features.as_ref().map_or(0, |f| f.capacity() * 4)
+    FIXED
+        + u.history.capacity() * 8
+        + u.features.as_ref().map_or(0, |f| f.capacity() * 4)
+        + u.sparse.as_ref().map_or(0, |s| s.capacity() * 8)
 }
 
 impl UserStore {
@@ -216,6 +221,7 @@ mod tests {
             UserState {
                 history: (1..=10).collect(),
                 features: Some(vec![1.0]),
+                sparse: None,
                 features_version: 4,
             },
         );

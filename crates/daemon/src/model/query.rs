@@ -14,10 +14,13 @@ pub enum Op {
         filter: Option<rankd_client::types::Filter>,
         /// Whether the answer counts as an impression for online evaluation.
         online: bool,
+        /// The request's context, `context_dim` long (checked at admission).
+        context: Option<Vec<f32>>,
     },
     Score {
         user_id: u64,
         items: Vec<u64>,
+        context: Option<Vec<f32>>,
     },
 }
 
@@ -30,6 +33,20 @@ pub enum OpKind {
 }
 
 impl Op {
+    /// The user the request is for.
+    pub fn user_id(&self) -> u64 {
+        match self {
+            Op::Recommend { user_id, .. } | Op::Score { user_id, .. } => *user_id,
+        }
+    }
+
+    /// The request's context, when it gave one.
+    pub fn context(&self) -> Option<&[f32]> {
+        match self {
+            Op::Recommend { context, .. } | Op::Score { context, .. } => context.as_deref(),
+        }
+    }
+
     pub fn kind(&self) -> OpKind {
         match self {
             Op::Recommend { .. } => OpKind::Recommend,
@@ -49,6 +66,10 @@ pub struct Query<'a> {
     pub history: &'a [u32],
     /// Dense user features, `user_feature_dim` long; `None` means zeros.
     pub features: Option<&'a [f32]>,
+    /// Categorical user features, `user_sparse_dim` long; `None` means zeros.
+    pub sparse: Option<&'a [i64]>,
+    /// The request's context, `context_dim` long; `None` means zeros.
+    pub context: Option<&'a [f32]>,
     pub task: Task<'a>,
 }
 

@@ -44,6 +44,8 @@ pub const SHARED_KEYS: &[&str] = &[
     "kind",
     "dim",
     "user_feature_dim",
+    "user_sparse_dim",
+    "context_dim",
     "history_len",
     "items",
     "catalogue",
@@ -68,6 +70,14 @@ pub struct ModelSpec {
     /// Dense user feature dimension (0 when the kind reads none).
     #[serde(default)]
     pub user_feature_dim: usize,
+    /// Categorical user features (ids) the model reads per user (0: none;
+    /// only kinds that read them accept another width).
+    #[serde(default)]
+    pub user_sparse_dim: usize,
+    /// Floats of per-request context the model reads (0: requests give
+    /// none).
+    #[serde(default)]
+    pub context_dim: usize,
     /// How many of the user's most recent items the model reads (the mean's
     /// window, or the sequence length).
     pub history_len: usize,
@@ -303,6 +313,24 @@ impl ModelSpec {
                 return Err(format!("{key} must be > 0, got 0"));
             }
         }
+        if !self.kind.reads_sparse_and_context() {
+            for (key, value) in [
+                ("user_sparse_dim", self.user_sparse_dim),
+                ("context_dim", self.context_dim),
+            ] {
+                if value != 0 {
+                    return Err(format!(
+                        "a {} model reads no {}: {key} must be 0, got {value}",
+                        self.kind,
+                        if key == "context_dim" {
+                            "request context"
+                        } else {
+                            "categorical user features"
+                        }
+                    ));
+                }
+            }
+        }
         let share = self.batching.bulk_min_share;
         if !(0.0..=1.0).contains(&share) {
             return Err(format!(
@@ -324,8 +352,27 @@ impl ModelSpec {
 
     /// The largest batch, in rows, the model must be warmed for.
     pub fn max_batch_rows(&self) -> usize {
-        self.kind
-            .max_batch_rows(self.batching.max_batch_size, self.limits.max_items)
+        self.kind.max_batch_rows(self)
+    }
+
+    /// Whether a request of route `op` may reach `model`, this model.
+    pub fn accepts(&self, model: &str, op: super::OpKind) -> Result<(), String> {
+        self.kind.accepts(self, model, op)
+    }
+
+    /// Batch rows one request of this model fills.
+    pub fn rows(&self, op: &super::query::Op) -> usize {
+        self.kind.rows(self, op)
+    }
+
+    /// Whether this model scores (user, candidate) pairs.
+    pub fn ranks(&self) -> bool {
+        self.kind.ranks(self)
+    }
+
+    /// This model's warm-up batch of `size` rows.
+    pub fn warm_batch<'a>(&self, size: usize, rows: &'a [u32]) -> Vec<super::Query<'a>> {
+        self.kind.warm_batch(self, size, rows)
     }
 }
 

@@ -55,6 +55,8 @@ fn topk_tasks(batch: usize, k: usize) -> PackedTopk {
         .map(|_| Query {
             history: &[],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::TopK {
                 k,
                 exclude: &[],

@@ -398,6 +398,8 @@ fn gpu_checks(
         .map(|(k, ex)| Query {
             history: &[],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::TopK {
                 k: *k,
                 exclude: ex,
@@ -509,6 +511,8 @@ fn scatter_check(
         .map(|i| Query {
             history: &[],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::TopK {
                 k: [10, 1000][i % 2],
                 exclude: &[],

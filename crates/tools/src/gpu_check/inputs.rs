@@ -33,6 +33,8 @@ impl QuerySpec {
         Query {
             history: &self.history,
             features: self.features.as_deref(),
+            sparse: None,
+            context: None,
             task: match &self.task {
                 TaskSpec::TopK { k, exclude } => Task::TopK {
                     k: *k,

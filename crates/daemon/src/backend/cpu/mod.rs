@@ -297,12 +297,12 @@ mod tests {
                 .unwrap();
         }
         let rows = vec![0u32; 4];
-        let out = cpu.run(0, &items, &TWO_TOWER.warm_batch(4, &rows)).unwrap();
+        let out = cpu.run(0, &items, &TWO_TOWER.warm_batch(&crate::model::kind::test_spec("two_tower"), 4, &rows)).unwrap();
         assert_eq!(out.len(), 4);
         assert!(out
             .iter()
             .all(|o| matches!(o, Output::TopK(l) if l.len() == 10)));
-        let out = cpu.run(1, &items, &RANKER.warm_batch(4, &rows)).unwrap();
+        let out = cpu.run(1, &items, &RANKER.warm_batch(&crate::model::kind::test_spec("ranker"), 4, &rows)).unwrap();
         match &out[..] {
             [Output::Scores(s)] => {
                 assert_eq!(s.len(), 4);
@@ -314,6 +314,8 @@ mod tests {
         let topk = [Query {
             history: &[],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::TopK {
                 k: 3,
                 exclude: &[],
@@ -385,6 +387,8 @@ mod tests {
                     .map(|q| Query {
                         history: &histories[q],
                         features: Some(&feats[q]),
+                        sparse: None,
+                        context: None,
                         task: if q % 7 == 6 {
                             Task::Score {
                                 rows: &histories[q],

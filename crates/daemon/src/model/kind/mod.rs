@@ -59,11 +59,24 @@ pub trait Kind: Sync {
     fn name(&self) -> &'static str;
 
     /// Whether a request of route `op` may reach `model`, a model of this
-    /// kind; a refusal is the message the client gets.
-    fn accepts(&self, model: &str, op: OpKind) -> Result<(), String>;
+    /// kind described by `spec`; a refusal is the message the client gets.
+    fn accepts(&self, spec: &ModelSpec, model: &str, op: OpKind) -> Result<(), String>;
 
     /// Batch rows one request fills: what `max_batch_size` counts.
-    fn rows(&self, op: &Op) -> usize;
+    fn rows(&self, spec: &ModelSpec, op: &Op) -> usize;
+
+    /// Whether the model scores (user, candidate) pairs, as a pipeline's
+    /// rank stage does.
+    fn ranks(&self, _spec: &ModelSpec) -> bool {
+        false
+    }
+
+    /// Whether the model reads per-user categorical features
+    /// (`user_sparse_dim`) and per-request context (`context_dim`); the
+    /// kinds that do not refuse either width but 0.
+    fn reads_sparse_and_context(&self) -> bool {
+        false
+    }
 
     /// Widths of the tower's input and output layers, for items of `dim`
     /// and `user_feature_dim` dense user features.
@@ -72,12 +85,12 @@ pub trait Kind: Sync {
     /// The largest batch, in rows, the model must be warmed (and a device
     /// sized) for: a batch closes at `max_batch_size` rows, unless one
     /// request alone brings more.
-    fn max_batch_rows(&self, max_batch_size: usize, max_items: usize) -> usize;
+    fn max_batch_rows(&self, spec: &ModelSpec) -> usize;
 
     /// The batch run once at load for warm-up size `size` (in rows), laid
     /// out as this kind's requests are. `rows` holds at least `size`
     /// item-table rows to use, or none when the table is empty.
-    fn warm_batch<'a>(&self, size: usize, rows: &'a [u32]) -> Vec<Query<'a>>;
+    fn warm_batch<'a>(&self, spec: &ModelSpec, size: usize, rows: &'a [u32]) -> Vec<Query<'a>>;
 
     /// model.toml keys this kind reads besides the shared ones.
     fn keys(&self) -> &'static [&'static str] {
@@ -120,6 +133,8 @@ pub(crate) fn recommend_batch(size: usize, rows: &[u32], k: usize) -> Vec<Query<
         .map(|_| Query {
             history,
             features: None,
+            sparse: None,
+            context: None,
             task: super::query::Task::TopK {
                 k,
                 exclude: &[],
@@ -215,6 +230,15 @@ impl fmt::Display for UnknownKind {
 }
 
 impl std::error::Error for UnknownKind {}
+
+/// A spec of `kind` with the default limits, for tests.
+#[cfg(test)]
+pub(crate) fn test_spec(kind: &str) -> ModelSpec {
+    ModelSpec::parse(&format!(
+        "kind = \"{kind}\"\ndim = 4\nhistory_len = 5\nitems = \"i.safetensors\"\n"
+    ))
+    .unwrap()
+}
 
 #[cfg(test)]
 mod tests;

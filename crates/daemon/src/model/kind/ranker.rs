@@ -4,6 +4,7 @@
 
 use super::{Kind, ModelKind};
 use crate::model::query::{Op, OpKind, Query, Task};
+use crate::model::ModelSpec;
 
 pub const RANKER: ModelKind = ModelKind::new(&Ranker);
 
@@ -14,7 +15,7 @@ impl Kind for Ranker {
         "ranker"
     }
 
-    fn accepts(&self, model: &str, op: OpKind) -> Result<(), String> {
+    fn accepts(&self, _spec: &ModelSpec, model: &str, op: OpKind) -> Result<(), String> {
         match op {
             OpKind::Score => Ok(()),
             OpKind::Recommend => Err(format!(
@@ -24,7 +25,7 @@ impl Kind for Ranker {
     }
 
     /// One row per candidate: the tower runs once per pair.
-    fn rows(&self, op: &Op) -> usize {
+    fn rows(&self, _spec: &ModelSpec, op: &Op) -> usize {
         match op {
             Op::Score { items, .. } => items.len(),
             Op::Recommend { .. } => 1,
@@ -36,18 +37,30 @@ impl Kind for Ranker {
     }
 
     /// One request may bring up to `max_items` candidates.
-    fn max_batch_rows(&self, max_batch_size: usize, max_items: usize) -> usize {
-        max_batch_size.max(max_items)
+    fn max_batch_rows(&self, spec: &ModelSpec) -> usize {
+        spec.batching.max_batch_size.max(spec.limits.max_items)
+    }
+
+    fn ranks(&self, _spec: &ModelSpec) -> bool {
+        true
     }
 
     /// One score request with `size` candidates.
-    fn warm_batch<'a>(&self, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
+    fn warm_batch<'a>(&self, _spec: &ModelSpec, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
+        score_batch(size, rows)
+    }
+}
+
+/// One score request with `size` candidates over a history of one item
+/// (none when the table is empty): the warm-up batch of a ranking kind.
+pub(crate) fn score_batch(size: usize, rows: &[u32]) -> Vec<Query<'_>> {
         vec![Query {
             history: &rows[..rows.len().min(1)],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::Score {
                 rows: &rows[..size.min(rows.len())],
             },
         }]
-    }
 }

@@ -1,6 +1,23 @@
 use super::*;
 use crate::model::query::Task;
 
+/// A model.toml of `kind` with the batch and candidate limits given.
+fn spec(kind: &str, max_batch_size: usize, max_items: usize) -> ModelSpec {
+    ModelSpec::parse(&format!(
+        "kind = \"{kind}\"\ndim = 4\nhistory_len = 5\nitems = \"i.safetensors\"\n\
+         [batching]\nmax_batch_size = {max_batch_size}\n[limits]\nmax_items = {max_items}\n"
+    ))
+    .unwrap()
+}
+
+fn tt_spec() -> ModelSpec {
+    spec("two_tower", 64, 1000)
+}
+
+fn rk_spec() -> ModelSpec {
+    spec("ranker", 64, 1000)
+}
+
 fn recommend() -> Op {
     Op::Recommend {
         user_id: 1,
@@ -8,6 +25,7 @@ fn recommend() -> Op {
         exclude: vec![7, 8],
         filter: None,
         online: true,
+        context: None,
     }
 }
 
@@ -15,6 +33,7 @@ fn score(n: u64) -> Op {
     Op::Score {
         user_id: 1,
         items: (0..n).collect(),
+        context: None,
     }
 }
 
@@ -64,11 +83,11 @@ fn kinds_serialize_as_their_names() {
 
 #[test]
 fn a_ranker_refuses_recommend_with_the_routes_message() {
-    assert_eq!(TWO_TOWER.accepts("demo", OpKind::Recommend), Ok(()));
-    assert_eq!(TWO_TOWER.accepts("demo", OpKind::Score), Ok(()));
-    assert_eq!(RANKER.accepts("demo-ranker", OpKind::Score), Ok(()));
+    assert_eq!(TWO_TOWER.accepts(&tt_spec(), "demo", OpKind::Recommend), Ok(()));
+    assert_eq!(TWO_TOWER.accepts(&tt_spec(), "demo", OpKind::Score), Ok(()));
+    assert_eq!(RANKER.accepts(&rk_spec(), "demo-ranker", OpKind::Score), Ok(()));
     assert_eq!(
-        RANKER.accepts("demo-ranker", OpKind::Recommend),
+        RANKER.accepts(&rk_spec(), "demo-ranker", OpKind::Recommend),
         Err(
             "model demo-ranker is a ranker: recommend needs a retrieval model, two_tower or sasrec (use score)"
                 .to_string()
@@ -80,10 +99,10 @@ fn a_ranker_refuses_recommend_with_the_routes_message() {
 
 #[test]
 fn rows_per_request_count_towers_run() {
-    assert_eq!(TWO_TOWER.rows(&recommend()), 1);
-    assert_eq!(TWO_TOWER.rows(&score(40)), 1);
-    assert_eq!(RANKER.rows(&score(1)), 1);
-    assert_eq!(RANKER.rows(&score(40)), 40);
+    assert_eq!(TWO_TOWER.rows(&tt_spec(), &recommend()), 1);
+    assert_eq!(TWO_TOWER.rows(&tt_spec(), &score(40)), 1);
+    assert_eq!(RANKER.rows(&rk_spec(), &score(1)), 1);
+    assert_eq!(RANKER.rows(&rk_spec(), &score(40)), 40);
 }
 
 #[test]
@@ -97,15 +116,16 @@ fn tower_dims_follow_the_inputs_each_kind_builds() {
 
 #[test]
 fn warm_up_covers_the_largest_batch_in_rows() {
-    assert_eq!(TWO_TOWER.max_batch_rows(64, 1000), 64);
-    assert_eq!(RANKER.max_batch_rows(64, 1000), 1000);
-    assert_eq!(RANKER.max_batch_rows(256, 100), 256);
+    assert_eq!(tt_spec().max_batch_rows(), 64);
+    assert_eq!(rk_spec().max_batch_rows(), 1000);
+    assert_eq!(spec("ranker", 256, 100).max_batch_rows(), 256);
+    assert!(rk_spec().ranks() && !tt_spec().ranks());
 }
 
 #[test]
 fn warm_batches_are_laid_out_as_each_kinds_requests() {
     let rows = vec![0u32; 16];
-    let tt = TWO_TOWER.warm_batch(16, &rows);
+    let tt = TWO_TOWER.warm_batch(&tt_spec(), 16, &rows);
     assert_eq!(tt.len(), 16);
     for q in &tt {
         assert_eq!(q.history, [0]);
@@ -119,16 +139,16 @@ fn warm_batches_are_laid_out_as_each_kinds_requests() {
             }
         ));
     }
-    let rk = RANKER.warm_batch(16, &rows);
+    let rk = RANKER.warm_batch(&rk_spec(), 16, &rows);
     assert_eq!(rk.len(), 1);
     assert_eq!(rk[0].history, [0]);
     assert!(matches!(rk[0].task, Task::Score { rows } if rows.len() == 16));
-    assert!(matches!(RANKER.warm_batch(4, &rows)[0].task, Task::Score { rows } if rows.len() == 4));
+    assert!(matches!(RANKER.warm_batch(&rk_spec(), 4, &rows)[0].task, Task::Score { rows } if rows.len() == 4));
     // An empty table: no history, no candidates, the same number of queries.
-    let tt = TWO_TOWER.warm_batch(8, &[]);
+    let tt = TWO_TOWER.warm_batch(&tt_spec(), 8, &[]);
     assert_eq!(tt.len(), 8);
     assert!(tt.iter().all(|q| q.history.is_empty()));
-    let rk = RANKER.warm_batch(8, &[]);
+    let rk = RANKER.warm_batch(&rk_spec(), 8, &[]);
     assert!(rk[0].history.is_empty());
     assert!(matches!(rk[0].task, Task::Score { rows: [] }));
 }

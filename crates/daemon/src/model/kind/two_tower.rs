@@ -4,6 +4,7 @@
 
 use super::{recommend_batch, Kind, ModelKind};
 use crate::model::query::{Op, OpKind, Query};
+use crate::model::ModelSpec;
 
 pub const TWO_TOWER: ModelKind = ModelKind::new(&TwoTower);
 
@@ -17,12 +18,12 @@ impl Kind for TwoTower {
         "two_tower"
     }
 
-    fn accepts(&self, _model: &str, _op: OpKind) -> Result<(), String> {
+    fn accepts(&self, _spec: &ModelSpec, _model: &str, _op: OpKind) -> Result<(), String> {
         Ok(())
     }
 
     /// The tower runs once per request, whatever it asks.
-    fn rows(&self, _op: &Op) -> usize {
+    fn rows(&self, _spec: &ModelSpec, _op: &Op) -> usize {
         1
     }
 
@@ -30,12 +31,12 @@ impl Kind for TwoTower {
         (dim + user_feature_dim, dim)
     }
 
-    fn max_batch_rows(&self, max_batch_size: usize, _max_items: usize) -> usize {
-        max_batch_size
+    fn max_batch_rows(&self, spec: &ModelSpec) -> usize {
+        spec.batching.max_batch_size
     }
 
     /// `size` recommend requests, one row each.
-    fn warm_batch<'a>(&self, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
+    fn warm_batch<'a>(&self, _spec: &ModelSpec, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
         recommend_batch(size, rows, WARM_K)
     }
 }

@@ -102,6 +102,8 @@ fn check(
         .map(|h| Query {
             history: h,
             features: None,
+            sparse: None,
+            context: None,
             task: Task::Score { rows: &all },
         })
         .collect();
@@ -184,6 +186,8 @@ fn the_window_is_the_last_history_len_items() {
                 &[Query {
                     history: h,
                     features: None,
+                    sparse: None,
+                    context: None,
                     task: Task::TopK {
                         k: 1,
                         exclude: &[],

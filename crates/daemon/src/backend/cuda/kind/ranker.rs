@@ -25,7 +25,7 @@ pub(super) const KIND: DeviceKind = DeviceKind {
 /// `max_batch` rows, unless one request alone is larger). No top-k.
 fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
     let z = desc.bounds;
-    let pairs = desc.kind.max_batch_rows(z.max_batch, z.max_items);
+    let pairs = z.max_batch.max(z.max_items);
     let (in_dim, _) = desc.tower_dims();
     BatchSizes {
         act: bucket(pairs) * max_width,

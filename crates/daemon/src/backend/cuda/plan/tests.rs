@@ -131,6 +131,8 @@ fn packing_matches_the_batch() {
         Query {
             history: &hist,
             features: Some(&feats),
+            sparse: None,
+            context: None,
             task: Task::TopK {
                 k: 5,
                 exclude: &excl,
@@ -140,11 +142,15 @@ fn packing_matches_the_batch() {
         Query {
             history: &[],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::Score { rows: &cand },
         },
         Query {
             history: &hist[..1],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::TopK {
                 k: 0,
                 exclude: &[],
@@ -349,6 +355,8 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
         let query = |task| Query {
             history: &history,
             features: Some(&feats),
+            sparse: None,
+            context: None,
             task,
         };
         let recommend = Task::TopK {
@@ -434,6 +442,8 @@ fn packing_into_reused_buffers_equals_packing_afresh() {
         .map(|i| Query {
             history: &hist[..i],
             features: Some(&feats),
+            sparse: None,
+            context: None,
             task: if i % 2 == 0 {
                 Task::TopK {
                     k: 100 + i,
@@ -449,6 +459,8 @@ fn packing_into_reused_buffers_equals_packing_afresh() {
         Query {
             history: &hist[..2],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::TopK {
                 k: 3,
                 exclude: &unsorted,
@@ -458,6 +470,8 @@ fn packing_into_reused_buffers_equals_packing_afresh() {
         Query {
             history: &[],
             features: None,
+            sparse: None,
+            context: None,
             task: Task::Score { rows: &hist[5..7] },
         },
     ];

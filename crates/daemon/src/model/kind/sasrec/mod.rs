@@ -70,12 +70,12 @@ impl Kind for Sasrec {
         "sasrec"
     }
 
-    fn accepts(&self, _model: &str, _op: OpKind) -> Result<(), String> {
+    fn accepts(&self, _spec: &ModelSpec, _model: &str, _op: OpKind) -> Result<(), String> {
         Ok(())
     }
 
     /// The sequence runs once per request, whatever it asks.
-    fn rows(&self, _op: &Op) -> usize {
+    fn rows(&self, _spec: &ModelSpec, _op: &Op) -> usize {
         1
     }
 
@@ -85,12 +85,12 @@ impl Kind for Sasrec {
         (dim, dim)
     }
 
-    fn max_batch_rows(&self, max_batch_size: usize, _max_items: usize) -> usize {
-        max_batch_size
+    fn max_batch_rows(&self, spec: &ModelSpec) -> usize {
+        spec.batching.max_batch_size
     }
 
     /// `size` recommend requests over a history of one item.
-    fn warm_batch<'a>(&self, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
+    fn warm_batch<'a>(&self, _spec: &ModelSpec, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
         recommend_batch(size, rows, WARM_K)
     }
 
