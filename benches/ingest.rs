@@ -120,9 +120,11 @@ fn validator() -> Validator {
             attributes: Vec::new(),
         }),
     );
+    let users = rankd::internals::SharedUserDims::default();
+    users.set(rankd::internals::UserDims::of([(USER_DIM, 0)]));
     Validator {
         catalogues,
-        user_feature_dim: USER_DIM,
+        users,
         event_types: rankd::Config::default().kafka.event_types,
     }
 }

@@ -76,6 +76,7 @@ async fn drain_answers_in_flight_requests_on_both_transports() {
                     version: None,
                     priority: None,
                     filter: None,
+                    context: None,
                 },
             )
             .await
@@ -161,6 +162,7 @@ async fn write_users(
                     UserRequest {
                         history,
                         features: None,
+                        sparse: None,
                     },
                 )
                 .await;
@@ -256,6 +258,7 @@ async fn max_users_evicts_the_least_recently_updated() {
                 UserRequest {
                     history: Some(spread_history(u, 4)),
                     features: None,
+                    sparse: None,
                 },
             )
         });

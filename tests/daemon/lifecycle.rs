@@ -485,6 +485,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
                         version: None,
                         priority: None,
                         filter: None,
+                        context: None,
                     };
                     uds.recommend("demo", req).await.unwrap().version
                 })
@@ -510,6 +511,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
                             version: None,
                             priority: None,
                             filter: None,
+                            context: None,
                         };
                         uds.recommend("demo", req).await.unwrap().version
                     })
@@ -581,6 +583,7 @@ async fn a_split_keeps_each_user_on_one_version_across_calls_and_restarts() {
                 version: Some(7),
                 priority: None,
                 filter: None,
+                context: None,
             },
         )
         .await

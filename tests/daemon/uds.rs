@@ -127,6 +127,7 @@ async fn socket_answers_equal_http_answers() {
             UserRequest {
                 history: Some(spread_history(user, 5)),
                 features: None,
+                sparse: None,
             },
         )
         .await
@@ -139,6 +140,7 @@ async fn socket_answers_equal_http_answers() {
             version: None,
             priority: None,
             filter: None,
+            context: None,
         };
         let a = uds.recommend("demo", req.clone()).await.unwrap();
         let b = http.recommend("demo", req).await.unwrap();
@@ -149,6 +151,7 @@ async fn socket_answers_equal_http_answers() {
             timeout_ms: None,
             version: None,
             priority: None,
+            context: None,
         };
         let a = uds.score("demo-ranker", req.clone()).await.unwrap();
         let b = http.score("demo-ranker", req).await.unwrap();
@@ -162,6 +165,7 @@ async fn socket_answers_equal_http_answers() {
         version: None,
         priority: None,
         filter: None,
+        context: None,
     };
     let e1 = uds.recommend("demo", too_many.clone()).await.unwrap_err();
     let e2 = http.recommend("demo", too_many).await.unwrap_err();
@@ -193,6 +197,7 @@ async fn many_connections_and_one_shared_pipelined_client() {
                             version: None,
                             priority: None,
                             filter: None,
+                            context: None,
                         },
                     )
                     .await

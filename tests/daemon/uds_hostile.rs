@@ -126,6 +126,7 @@ fn probe_request(user_id: u64, k: usize) -> RecommendRequest {
         version: None,
         priority: None,
         filter: None,
+        context: None,
     }
 }
 
@@ -153,6 +154,7 @@ async fn upsert_user(c: &UdsClient, user_id: u64, small: bool) {
     let req = UserRequest {
         history: Some(history),
         features: (!small).then_some(features),
+        sparse: None,
     };
     tokio::time::timeout(IO_WAIT, c.upsert_user(user_id, req))
         .await

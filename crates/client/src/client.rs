@@ -288,6 +288,7 @@ impl Client for UdsClient {
             exclude: (!req.exclude.is_empty()).then_some(req.exclude),
             timeout_ms: req.timeout_ms,
             version: req.version,
+            context: req.context,
             ..Default::default()
         })
     }
@@ -304,6 +305,7 @@ impl Client for UdsClient {
             items: Some(req.items),
             timeout_ms: req.timeout_ms,
             version: req.version,
+            context: req.context,
             ..Default::default()
         })
     }
@@ -318,6 +320,7 @@ impl Client for UdsClient {
             user_id: Some(user_id),
             history: req.history,
             features: req.features,
+            sparse: req.sparse,
             ..Default::default()
         })
     }

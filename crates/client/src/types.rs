@@ -26,6 +26,11 @@ pub struct RecommendRequest {
     /// Only items whose attributes hold every clause may be returned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Filter>,
+    /// The request's context, `context_dim` floats of the serving version
+    /// (absent: zeros). Read as f64 so that a value too large for f32 is
+    /// reported as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Vec<f64>>,
 }
 
 /// A recommend's filter: attribute name → the allowed value or values; an
@@ -73,6 +78,9 @@ pub struct ScoreRequest {
     /// `interactive` (the default) or `bulk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// The request's context, as in `RecommendRequest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Vec<f64>>,
 }
 
 /// `POST /v1/users/{user_id}`: a field given replaces that part of the state.
@@ -84,6 +92,9 @@ pub struct UserRequest {
     /// Read as f64 so that a value too large for f32 is reported as sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<Vec<f64>>,
+    /// Categorical features (ids), `user_sparse_dim` of a loaded model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<Vec<i64>>,
 }
 
 /// `POST /v1/items/{item_id}`: `{"embedding": [...], "version": 7}` writes the
@@ -136,6 +147,9 @@ pub struct UserResponse {
     pub user_id: u64,
     pub history: Vec<u64>,
     pub features: Option<Vec<f32>>,
+    /// Categorical features; absent when none are stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -29,6 +29,12 @@ pub struct WireRequest {
     pub history: Option<Vec<u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<Vec<f64>>,
+    /// `upsert_user`: categorical features.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<Vec<i64>>,
+    /// `recommend`, `score`: the request's context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Vec<f64>>,
     /// `upsert_item`, `get_item`: the item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub item_id: Option<u64>,

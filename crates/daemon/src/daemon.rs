@@ -411,7 +411,7 @@ fn start_ingest(
     exec: ExecutorHandle,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Ingest> {
-    let spec = registry
+    registry
         .models()
         .iter()
         .filter(|m| m.state() == LoadState::Ready)
@@ -419,7 +419,7 @@ fn start_ingest(
         .context("no model loaded: nothing to validate updates against")?;
     let validator = Validator {
         catalogues: registry.catalogues().clone(),
-        user_feature_dim: spec.user_feature_dim,
+        users: registry.user_dims().clone(),
         event_types: kafka.event_types.clone(),
     };
     tracing::info!(

@@ -100,6 +100,7 @@ pub mod internals {
     pub use crate::features::catalogues::{Catalogues, Shape};
     pub use crate::features::store::State;
     pub use crate::features::updates::{Coalescer, Stream, Update, UpdateBatch, Validator};
+    pub use crate::features::{SharedUserDims, UserDims};
     pub use crate::model::demo::{files as demo_files, Rng};
     pub use crate::model::items::ItemChange;
     pub use crate::model::kind::{RANKER, SASREC, TWO_TOWER};

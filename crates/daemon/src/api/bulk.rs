@@ -43,6 +43,9 @@ pub struct BulkLine {
     /// Recommend lines only: attribute → allowed value(s), as in `recommend`.
     #[serde(default)]
     pub filter: Option<rankd_client::types::Filter>,
+    /// The line's context, as in `recommend` and `score`.
+    #[serde(default)]
+    pub context: Option<Vec<f64>>,
 }
 
 /// The answer to one input line.
@@ -222,6 +225,7 @@ async fn attempt(
                     timeout_ms,
                     version: req.version,
                     priority: Some(Priority::Bulk),
+                    context: req.context.clone(),
                 },
             )
             .await
@@ -241,6 +245,7 @@ async fn attempt(
                     version: req.version,
                     priority: Some(Priority::Bulk),
                     filter: req.filter.clone(),
+                    context: req.context.clone(),
                 },
             )
             .await

@@ -175,6 +175,11 @@ impl Service {
         let timeout = self.timeout(req.timeout_ms)?;
         let deadline = Instant::now() + timeout;
         let (k, user_id, priority) = (req.k, req.user_id, req.priority);
+        // Both stages read the context, each checking it against its own
+        // context_dim; the ranker's is checked before retrieval runs, so a
+        // context it refuses is refused whether or not it gets to rank.
+        let context = req.context;
+        self.check_stage_context(&p.spec.rank, user_id, context.as_deref())?;
         let stage = Instant::now();
         // The candidates are not impressions: the final list is credited to
         // both stages' versions below.
@@ -189,6 +194,7 @@ impl Service {
                     version: None,
                     priority,
                     filter: req.filter,
+                    context: context.clone(),
                 },
                 false,
             )
@@ -238,6 +244,7 @@ impl Service {
                     timeout_ms: Some(left.as_millis() as u64),
                     version: None,
                     priority,
+                    context,
                 },
             )
             .await;

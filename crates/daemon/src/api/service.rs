@@ -13,7 +13,7 @@ use crate::features::store::{ItemSummary, ItemWrite, StoredItem};
 use crate::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
 use crate::model::attributes::{check_filter, unknown_attribute};
-use crate::model::OpKind;
+use crate::model::{ModelSpec, OpKind};
 use rankd_client::types::CataloguesResponse;
 use rankd_client::types::*;
 
@@ -277,6 +277,7 @@ impl Service {
                 }
             }
         }
+        let context = check_context(model, &spec, req.context.as_deref())?;
         let timeout = self.timeout(req.timeout_ms)?;
         let op = Op::Recommend {
             user_id: req.user_id,
@@ -284,7 +285,7 @@ impl Service {
             exclude: req.exclude,
             filter: req.filter,
             online,
-            context: None,
+            context,
         };
         let rows = spec.rows(&op);
         let class = class_of(req.priority);
@@ -306,6 +307,24 @@ impl Service {
             Output::Scores(_) => Err(ServeError::Internal(
                 "recommend answered with scores: this is a bug".into(),
             )),
+        }
+    }
+
+    /// Checks a context against the version of `model` that would serve
+    /// `user_id` (nothing to check when none is serving: the request to it
+    /// answers that).
+    pub(super) fn check_stage_context(
+        &self,
+        model: &str,
+        user_id: u64,
+        context: Option<&[f64]>,
+    ) -> Result<(), ServeError> {
+        let Some((_, served)) = self.exec.registry().get(model) else {
+            return Ok(());
+        };
+        match served.route(user_id, None) {
+            Ok(route) => check_context(model, &route.resident.spec, context).map(|_| ()),
+            Err(_) => Ok(()),
         }
     }
 
@@ -351,11 +370,12 @@ impl Service {
                 req.items.len()
             )));
         }
+        let context = check_context(model, &spec, req.context.as_deref())?;
         let timeout = self.timeout(req.timeout_ms)?;
         let op = Op::Score {
             user_id: req.user_id,
             items: req.items,
-            context: None,
+            context,
         };
         let rows = spec.rows(&op);
         let class = class_of(req.priority);
@@ -398,6 +418,7 @@ impl Service {
                 user_id: summary.user_id,
                 history: summary.history,
                 features: summary.features,
+                sparse: summary.sparse,
             });
         self.observe("", "", "get_user", "", started, &result);
         result
@@ -419,12 +440,14 @@ impl Service {
                 user_id,
                 history: req.history,
                 features,
+                sparse: req.sparse,
             })
             .await?;
         Ok(UserResponse {
             user_id: summary.user_id,
             history: summary.history,
             features: summary.features,
+            sparse: summary.sparse,
         })
     }
 
@@ -697,9 +720,89 @@ fn finite_f32(values: &[f64], field: &str) -> Result<Vec<f32>, ServeError> {
     crate::features::updates::finite_f32(values, field).map_err(ServeError::Invalid)
 }
 
+/// A request's context: `context_dim` finite values of the serving
+/// version's spec, or none (the model then reads zeros).
+fn check_context(
+    model: &str,
+    spec: &ModelSpec,
+    context: Option<&[f64]>,
+) -> Result<Option<Vec<f32>>, ServeError> {
+    let Some(context) = context else {
+        return Ok(None);
+    };
+    if spec.context_dim == 0 {
+        return Err(ServeError::Invalid(format!(
+            "model {model} reads no context (context_dim = 0), got {} values",
+            context.len()
+        )));
+    }
+    if context.len() != spec.context_dim {
+        return Err(ServeError::Invalid(format!(
+            "context must have {} values (context_dim), got {}",
+            spec.context_dim,
+            context.len()
+        )));
+    }
+    finite_f32(context, "context").map(Some)
+}
+
 pub(super) fn class_of(priority: Option<Priority>) -> Class {
     match priority.unwrap_or_default() {
         Priority::Interactive => Class::Interactive,
         Priority::Bulk => Class::Bulk,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(context_dim: usize) -> ModelSpec {
+        let mut spec =
+            ModelSpec::parse("kind = \"two_tower\"\ndim = 4\nhistory_len = 5\ncatalogue = \"c\"\n")
+                .unwrap();
+        spec.context_dim = context_dim;
+        spec
+    }
+
+    fn refused(r: Result<Option<Vec<f32>>, ServeError>) -> String {
+        match r {
+            Err(ServeError::Invalid(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// A context is `context_dim` finite values; none is always fine, and a
+    /// model that reads none refuses any.
+    #[test]
+    fn a_context_is_checked_against_the_serving_spec() {
+        assert_eq!(check_context("m", &spec(2), None).unwrap(), None);
+        assert_eq!(check_context("m", &spec(0), None).unwrap(), None);
+        assert_eq!(
+            check_context("m", &spec(2), Some(&[0.5, -2.0])).unwrap(),
+            Some(vec![0.5, -2.0])
+        );
+        assert_eq!(
+            refused(check_context("m", &spec(2), Some(&[1.0, 2.0, 3.0]))),
+            "context must have 2 values (context_dim), got 3"
+        );
+        assert_eq!(
+            refused(check_context("m", &spec(2), Some(&[]))),
+            "context must have 2 values (context_dim), got 0"
+        );
+        assert_eq!(
+            refused(check_context("shop", &spec(0), Some(&[1.0, 2.0, 3.0]))),
+            "model shop reads no context (context_dim = 0), got 3 values"
+        );
+        let m = refused(check_context("m", &spec(2), Some(&[1.0, 1e39])));
+        assert!(
+            m.starts_with("context[1] must be a finite 32-bit float"),
+            "{m}"
+        );
+        let m = refused(check_context("m", &spec(2), Some(&[f64::NAN, 1.0])));
+        assert!(
+            m.starts_with("context[0] must be a finite 32-bit float"),
+            "{m}"
+        );
     }
 }

@@ -493,6 +493,8 @@ fn fields_set(req: &WireRequest) -> Vec<&'static str> {
         ("timeout_ms", req.timeout_ms.is_some()),
         ("history", req.history.is_some()),
         ("features", req.features.is_some()),
+        ("sparse", req.sparse.is_some()),
+        ("context", req.context.is_some()),
         ("item_id", req.item_id.is_some()),
         ("catalogue", req.catalogue.is_some()),
         ("embedding", req.embedding.is_some()),
@@ -521,6 +523,7 @@ fn fields_of(op: &str) -> Option<&'static [&'static str]> {
             "version",
             "priority",
             "filter",
+            "context",
         ],
         "score" => &[
             "model",
@@ -529,10 +532,11 @@ fn fields_of(op: &str) -> Option<&'static [&'static str]> {
             "timeout_ms",
             "version",
             "priority",
+            "context",
         ],
         // Each entry carries its own `timeout_ms` and `version`.
         "bulk" => &["model", "requests"],
-        "upsert_user" => &["user_id", "history", "features"],
+        "upsert_user" => &["user_id", "history", "features", "sparse"],
         "upsert_item" => &[
             "item_id",
             "catalogue",
@@ -591,6 +595,7 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 version: req.version,
                 priority: req.priority,
                 filter: req.filter,
+                context: req.context,
             };
             service.recommend_any(&model, body).await.map(|r| match r {
                 super::pipeline::Recommended::Model(r) => WireResult::Recommend(r),
@@ -605,6 +610,7 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
                 timeout_ms: req.timeout_ms,
                 version: req.version,
                 priority: req.priority,
+                context: req.context,
             };
             service.score(&model, body).await.map(WireResult::Score)
         }
@@ -613,6 +619,7 @@ async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, Ser
             let body = UserRequest {
                 history: req.history,
                 features: req.features,
+                sparse: req.sparse,
             };
             service
                 .upsert_user(user_id, body)

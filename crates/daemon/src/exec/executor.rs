@@ -34,7 +34,7 @@ use crate::features::popularity::{self, Popularity};
 use crate::features::snapshot::Snapshot;
 use crate::features::store::State;
 use crate::features::wal::{self, Record, Wal};
-use crate::features::UserStore;
+use crate::features::{UserDims, UserStore};
 use crate::metrics::Metrics;
 use crate::model::query::RowFilter;
 use crate::model::spec::{ColdStart, Degrade};
@@ -360,6 +360,7 @@ impl Executor {
                 table_key: f.items_key,
             },
         );
+        self.registry.user_dims().set(self.user_dims());
         Ok(Warming {
             resident: Arc::new(Resident {
                 id,
@@ -505,6 +506,7 @@ impl Executor {
                 .traffic_share
                 .remove_label_values(&[&slot.name, &slot.label]);
             self.release_table(&slot.catalogue);
+            self.registry.user_dims().set(self.user_dims());
         }
     }
 
@@ -632,7 +634,7 @@ impl Executor {
             }
             Command::UpsertUser(update, reply) => {
                 let logged = update.clone();
-                let dims = self.feature_dims();
+                let dims = self.user_dims();
                 let added = self.added_to_history(&update);
                 let result = self.state.upsert_user(update, &dims);
                 if let (Ok(summary), false) = (&result, added.is_empty()) {
@@ -767,7 +769,7 @@ impl Executor {
             }
         };
         if !records.is_empty() {
-            let dims = self.feature_dims();
+            let dims = self.user_dims();
             let (mut users, mut items, mut refused) = (0usize, 0usize, 0usize);
             for r in records {
                 let ok = match r {
@@ -836,15 +838,13 @@ impl Executor {
         }
     }
 
-    fn feature_dims(&self) -> Vec<usize> {
-        let mut dims: Vec<usize> = self
-            .slots
-            .values()
-            .map(|s| s.spec.user_feature_dim)
-            .collect();
-        dims.sort_unstable();
-        dims.dedup();
-        dims
+    /// The user feature widths the resident versions read.
+    fn user_dims(&self) -> UserDims {
+        UserDims::of(
+            self.slots
+                .values()
+                .map(|s| (s.spec.user_feature_dim, s.spec.user_sparse_dim)),
+        )
     }
 
     /// The items a history write adds to the user's stored history.

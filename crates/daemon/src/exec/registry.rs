@@ -12,6 +12,7 @@
 //! restart.
 
 use crate::features::catalogues::Catalogues;
+use crate::features::SharedUserDims;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -611,6 +612,8 @@ pub struct Registry {
     health: RwLock<DeviceHealth>,
     /// Catalogues resident in the executor: name → dimension.
     catalogues: Catalogues,
+    /// The user feature widths the resident versions read.
+    user_dims: SharedUserDims,
 }
 
 impl Registry {
@@ -630,12 +633,19 @@ impl Registry {
                 reason: None,
             }),
             catalogues: Catalogues::new(),
+            user_dims: SharedUserDims::default(),
         }
     }
 
     /// The resident catalogues (the executor keeps them current).
     pub fn catalogues(&self) -> &Catalogues {
         &self.catalogues
+    }
+
+    /// The user feature widths the resident versions read (the executor
+    /// keeps them current).
+    pub fn user_dims(&self) -> &SharedUserDims {
+        &self.user_dims
     }
 
     pub fn get(&self, name: &str) -> Option<(usize, &Arc<ServedModel>)> {

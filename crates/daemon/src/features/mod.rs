@@ -1,5 +1,5 @@
-//! Per-user feature state read by the models: the recent-item history and the
-//! dense feature vector. Owned by the executor thread; changed only through
+//! Per-user feature state read by the models: the recent-item history, the
+//! dense feature vector and the categorical (sparse) features. Owned by the executor thread; changed only through
 //! update commands, so scoring and updates are ordered without locks.
 
 pub mod catalogues;
@@ -10,4 +10,4 @@ pub mod updates;
 pub mod users;
 pub mod wal;
 
-pub use users::{UserState, UserStore};
+pub use users::{SharedUserDims, UserDims, UserState, UserStore};

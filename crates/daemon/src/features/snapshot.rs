@@ -48,6 +48,10 @@ pub struct SnapshotUser {
     pub history: Vec<u64>,
     pub features: Option<Vec<f32>>,
     pub features_version: u64,
+    /// Categorical features; absent from snapshots written before rankd
+    /// stored them, and for a user without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +122,8 @@ struct UserView<'a> {
     history: &'a VecDeque<u64>,
     features: &'a Option<Vec<f32>>,
     features_version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sparse: Option<&'a Vec<i64>>,
 }
 
 impl UserView<'_> {
@@ -128,6 +134,7 @@ impl UserView<'_> {
             history: self.history.iter().copied().collect(),
             features: self.features.clone(),
             features_version: self.features_version,
+            sparse: self.sparse.cloned(),
         }
     }
 }
@@ -171,6 +178,7 @@ impl SnapshotBase {
                 history: &u.history,
                 features: &u.features,
                 features_version: u.features_version,
+                sparse: u.sparse.as_ref(),
             })
             .collect();
         users.sort_unstable_by_key(|u| u.id);
@@ -320,6 +328,7 @@ mod tests {
                 history: vec![i as u64],
                 features: None,
                 features_version: 0,
+                sparse: None,
             });
             last = Some(s.write(dir.path()).unwrap());
         }
@@ -346,8 +355,8 @@ mod tests {
         let user = |h: &[u64], f: Option<Vec<f32>>| {
             Arc::new(UserState {
                 history: h.iter().copied().collect(),
+                sparse: f.as_ref().map(|f| vec![f.len() as i64, -1]),
                 features: f,
-                sparse: None,
                 features_version: 3,
             })
         };
@@ -385,6 +394,58 @@ mod tests {
         assert_eq!(read, want);
         assert_eq!(read.users.iter().map(|u| u.id).collect::<Vec<_>>(), [2, 9]);
         assert_eq!(read.users[1].history, [4, 5, 6]);
+        assert_eq!(read.users[0].sparse, Some(vec![2, -1]));
+        assert_eq!(read.users[1].sparse, None);
         assert!(read.offsets.is_empty(), "a delta carries all offsets");
+    }
+
+    /// A snapshot written before users had categorical features (no
+    /// `sparse` key) reads with none; one written now keeps them.
+    #[test]
+    fn users_without_a_sparse_key_read_as_having_none() {
+        #[derive(Serialize)]
+        struct OldUser {
+            id: u64,
+            history: Vec<u64>,
+            features: Option<Vec<f32>>,
+            features_version: u64,
+        }
+        #[derive(Serialize)]
+        struct OldSnapshot {
+            format: u32,
+            created_ms: u64,
+            offsets: Vec<SnapshotOffset>,
+            users: Vec<OldUser>,
+            items: Vec<SnapshotItem>,
+        }
+        let old = OldSnapshot {
+            format: FORMAT,
+            created_ms: 5,
+            offsets: Vec::new(),
+            users: vec![OldUser {
+                id: 3,
+                history: vec![1, 2],
+                features: Some(vec![0.5]),
+                features_version: 2,
+            }],
+            items: Vec::new(),
+        };
+        let bytes = rmp_serde::to_vec_named(&old).unwrap();
+        let read: Snapshot = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(
+            read.users,
+            [SnapshotUser {
+                id: 3,
+                history: vec![1, 2],
+                features: Some(vec![0.5]),
+                features_version: 2,
+                sparse: None,
+            }]
+        );
+        let mut now = read.clone();
+        now.users[0].sparse = Some(vec![7, 0, 3]);
+        let bytes = rmp_serde::to_vec_named(&now).unwrap();
+        let back: Snapshot = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, now);
     }
 }

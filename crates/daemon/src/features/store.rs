@@ -10,17 +10,21 @@ use crate::features::snapshot::{
     Snapshot, SnapshotDelta, SnapshotItem, SnapshotOffset, SnapshotUser,
 };
 use crate::features::updates::{Position, Update, UpdateBatch};
-use crate::features::{UserState, UserStore};
+use crate::features::{UserDims, UserState, UserStore};
 use crate::model::items::ItemChange;
 use crate::model::ItemTable;
 pub use rankd_client::types::{CatalogueInfo, ItemSummary, StoredItem};
 
-/// A change to one user's state; a field given replaces that part.
+/// A change to one user's state; a field given replaces that part. Also a
+/// write-ahead log record, encoded by position: a field added later goes
+/// last, with a default, so older records still read.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UserUpdate {
     pub user_id: u64,
     pub history: Option<Vec<u64>>,
     pub features: Option<Vec<f32>>,
+    #[serde(default)]
+    pub sparse: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -28,6 +32,7 @@ pub struct UserSummary {
     pub user_id: u64,
     pub history: Vec<u64>,
     pub features: Option<Vec<f32>>,
+    pub sparse: Option<Vec<i64>>,
 }
 
 /// What applying an update batch did.
@@ -294,13 +299,16 @@ impl State {
             if let Update::UserFeatures {
                 user_id,
                 features,
+                sparse,
                 version,
             } = u
             {
-                if self
-                    .users
-                    .set_features_versioned(*user_id, features.clone(), *version)
-                {
+                if self.users.set_features_versioned(
+                    *user_id,
+                    features.clone(),
+                    sparse.clone(),
+                    *version,
+                ) {
                     self.touched_user(*user_id);
                     r.users += 1;
                 } else {
@@ -439,12 +447,14 @@ impl State {
         })
     }
 
-    /// Validates and applies a user change; `feature_dims` are the served models'.
+    /// Validates and applies a user change against the widths the resident
+    /// versions read.
     pub fn upsert_user(
         &mut self,
         update: UserUpdate,
-        feature_dims: &[usize],
+        dims: &UserDims,
     ) -> Result<UserSummary, ServeError> {
+        let feature_dims = &dims.features;
         if let Some(history) = &update.history {
             let cap = self.users.history_cap();
             if history.len() > cap {
@@ -468,7 +478,11 @@ impl State {
                 )));
             }
         }
-        if update.history.is_some() || update.features.is_some() {
+        if let Some(sparse) = &update.sparse {
+            dims.check_sparse(sparse.len())
+                .map_err(ServeError::Invalid)?;
+        }
+        if update.history.is_some() || update.features.is_some() || update.sparse.is_some() {
             self.changes += 1;
             self.touched_user(update.user_id);
         }
@@ -477,6 +491,9 @@ impl State {
         }
         if let Some(features) = update.features {
             self.users.set_features(update.user_id, features);
+        }
+        if let Some(sparse) = update.sparse {
+            self.users.set_sparse(update.user_id, sparse);
         }
         Ok(self.user_summary(update.user_id))
     }
@@ -488,11 +505,13 @@ impl State {
                 user_id,
                 history: u.history.iter().copied().collect(),
                 features: u.features.clone(),
+                sparse: u.sparse.clone(),
             },
             None => UserSummary {
                 user_id,
                 history: Vec::new(),
                 features: None,
+                sparse: None,
             },
         }
     }
@@ -616,7 +635,7 @@ impl State {
                 UserState {
                     history: u.history.iter().copied().collect(),
                     features: u.features.clone(),
-                    sparse: None,
+                    sparse: u.sparse.clone(),
                     features_version: u.features_version,
                 },
             );
@@ -695,6 +714,7 @@ fn snapshot_user(id: u64, u: &UserState) -> SnapshotUser {
         history: u.history.iter().copied().collect(),
         features: u.features.clone(),
         features_version: u.features_version,
+        sparse: u.sparse.clone(),
     }
 }
 
@@ -749,7 +769,8 @@ mod tests {
                     if rng.below(2) == 0 {
                         b.users.push(Update::UserFeatures {
                             user_id: rng.below(30),
-                            features: vec![step as f32; 2],
+                            features: (rng.below(3) > 0).then(|| vec![step as f32; 2]),
+                            sparse: (rng.below(2) == 0).then(|| vec![step as i64; 3]),
                             version: rng.below(8),
                         });
                     }
@@ -776,9 +797,10 @@ mod tests {
                         user_id: rng.below(30),
                         history: (rng.below(2) == 0).then(|| vec![1 + rng.below(50); 3]),
                         features: (rng.below(2) == 0).then(|| vec![0.5; 2]),
+                        sparse: (rng.below(2) == 0).then(|| vec![rng.below(9) as i64; 3]),
                     };
                     touched_users.insert(update.user_id);
-                    state.upsert_user(update, &[2]).unwrap();
+                    state.upsert_user(update, &UserDims::of([(2, 3)])).unwrap();
                 }
                 2 => {
                     let w = ItemWrite {
@@ -825,6 +847,60 @@ mod tests {
         state.capture(false);
         let idle = state.capture(false);
         assert!(idle.users.is_empty() && idle.items.is_empty());
+    }
+
+    /// Categorical features of a width a resident version reads are stored,
+    /// shown and kept by a snapshot; any other width is refused naming
+    /// both, and the refused write leaves the user as it was.
+    #[test]
+    fn sparse_features_are_checked_stored_and_restored() {
+        let dims = UserDims::of([(2, 0), (0, 3)]);
+        let mut state = two_catalogues();
+        let write = |history: Option<Vec<u64>>, sparse: Option<Vec<i64>>| UserUpdate {
+            user_id: 5,
+            history,
+            features: None,
+            sparse,
+        };
+        let s = state
+            .upsert_user(write(Some(vec![1]), Some(vec![4, 0, 9])), &dims)
+            .unwrap();
+        assert_eq!(s.sparse, Some(vec![4, 0, 9]));
+        assert_eq!(s.history, [1]);
+        let before = state.changes;
+        match state.upsert_user(write(Some(vec![7]), Some(vec![1, 2])), &dims) {
+            Err(ServeError::Invalid(m)) => {
+                assert_eq!(m, "sparse must have 3 values (user_sparse_dim), got 2")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(state.changes, before);
+        assert_eq!(state.user_summary(5).history, [1], "nothing of it stored");
+        assert_eq!(state.user_summary(5).sparse, Some(vec![4, 0, 9]));
+        match state.upsert_user(write(None, Some(vec![1, 2, 3])), &UserDims::of([(2, 0)])) {
+            Err(ServeError::Invalid(m)) => assert_eq!(
+                m,
+                "no loaded model reads sparse features (user_sparse_dim = 0), got 3 values"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Features alone keep the sparse ones.
+        state
+            .upsert_user(
+                UserUpdate {
+                    user_id: 5,
+                    features: Some(vec![1.0, 2.0]),
+                    ..Default::default()
+                },
+                &dims,
+            )
+            .unwrap();
+        let snap = state.snapshot();
+        assert_eq!(snap.users[0].sparse, Some(vec![4, 0, 9]));
+        let mut fresh = two_catalogues();
+        fresh.restore(&snap);
+        assert_eq!(fresh.user_summary(5), state.user_summary(5));
+        assert_eq!(fresh.users.get(5), state.users.get(5));
     }
 
     fn write(catalogue: Option<&str>, item_id: u64, embedding: Option<Vec<f32>>) -> ItemWrite {

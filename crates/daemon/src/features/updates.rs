@@ -6,12 +6,15 @@
 //! appended in offset order; for an item or a user's features only the update
 //! with the highest version survives (the earlier one on a tie), because an
 //! update whose version is not newer than the stored one is ignored anyway.
+//! (User updates that set different kinds of features, dense or categorical,
+//! are all kept, in order: neither replaces what the other sets.)
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
 use super::catalogues::{Catalogues, Unresolved};
+use super::users::SharedUserDims;
 use crate::model::attributes::unknown_attribute;
 
 /// Which stream a message came from.
@@ -60,10 +63,12 @@ pub enum Update {
         item_id: u64,
         version: u64,
     },
-    /// Set a user's dense features.
+    /// Set a user's dense features, categorical features, or both (at
+    /// least one is given; the other is kept).
     UserFeatures {
         user_id: u64,
-        features: Vec<f32>,
+        features: Option<Vec<f32>>,
+        sparse: Option<Vec<i64>>,
         version: u64,
     },
 }
@@ -81,11 +86,12 @@ pub enum Rejection {
 }
 
 /// What messages are checked against: the resident catalogues (an item
-/// message names one, or there is only one) and the user feature width.
+/// message names one, or there is only one) and the user feature widths the
+/// resident versions read.
 #[derive(Debug, Clone)]
 pub struct Validator {
     pub catalogues: Catalogues,
-    pub user_feature_dim: usize,
+    pub users: SharedUserDims,
     /// Event types that append to the history; others are ignored.
     pub event_types: Vec<String>,
 }
@@ -118,7 +124,10 @@ struct ItemMsg {
 #[derive(Deserialize)]
 struct UserMsg {
     user_id: u64,
-    features: Vec<f64>,
+    #[serde(default)]
+    features: Option<Vec<f64>>,
+    #[serde(default)]
+    sparse: Option<Vec<i64>>,
     version: u64,
 }
 
@@ -224,9 +233,39 @@ impl Validator {
             }
             Stream::Users => {
                 let m: UserMsg = parse(payload)?;
+                if m.features.is_none() && m.sparse.is_none() {
+                    return Err(invalid(
+                        "missing_field",
+                        "a user message needs `features`, `sparse` or both",
+                    ));
+                }
+                let dims = self.users.read();
+                let features = match &m.features {
+                    Some(f) if !dims.features.contains(&f.len()) => {
+                        let expected: Vec<String> =
+                            dims.features.iter().map(usize::to_string).collect();
+                        return Err(invalid(
+                            "wrong_length",
+                            format!(
+                                "features must have {} values, got {}",
+                                expected.join(" or "),
+                                f.len()
+                            ),
+                        ));
+                    }
+                    Some(f) => {
+                        Some(finite_f32(f, "features").map_err(|d| invalid("non_finite", d))?)
+                    }
+                    None => None,
+                };
+                if let Some(sparse) = &m.sparse {
+                    dims.check_sparse(sparse.len())
+                        .map_err(|d| invalid("wrong_length", d))?;
+                }
                 Ok(Update::UserFeatures {
                     user_id: m.user_id,
-                    features: finite_vector(&m.features, self.user_feature_dim, "features")?,
+                    features,
+                    sparse: m.sparse,
                     version: m.version,
                 })
             }
@@ -357,13 +396,30 @@ impl Coalescer {
             }
             Update::UserFeatures { user_id, .. } => {
                 let b = &mut self.batch;
-                keep_newest(
-                    &mut self.users,
-                    &mut b.users,
-                    &mut b.superseded,
-                    user_id,
-                    update,
-                )
+                // One that sets other kinds of features than the one before
+                // does not replace it: both are kept, in order.
+                let kinds = |u: &Update| match u {
+                    Update::UserFeatures {
+                        features, sparse, ..
+                    } => (features.is_some(), sparse.is_some()),
+                    _ => (false, false),
+                };
+                let same_kinds = self
+                    .users
+                    .get(&user_id)
+                    .is_none_or(|&i| kinds(&b.users[i]) == kinds(&update));
+                if same_kinds {
+                    keep_newest(
+                        &mut self.users,
+                        &mut b.users,
+                        &mut b.superseded,
+                        user_id,
+                        update,
+                    )
+                } else {
+                    self.users.insert(user_id, b.users.len());
+                    b.users.push(update);
+                }
             }
         }
     }
@@ -412,9 +468,11 @@ mod tests {
                 attributes: vec!["in_stock".into()],
             }),
         );
+        let users = SharedUserDims::default();
+        users.set(crate::features::UserDims::of([(1, 0), (1, 3)]));
         Validator {
             catalogues,
-            user_feature_dim: 1,
+            users,
             event_types: vec!["click".into()],
         }
     }
@@ -497,6 +555,104 @@ mod tests {
             )),
             "wrong_type"
         );
+    }
+
+    /// A user message sets dense features, categorical features or both,
+    /// each of a width a resident version reads; anything else is refused
+    /// naming what is wrong.
+    #[test]
+    fn user_messages_carry_features_sparse_or_both() {
+        let v = validator();
+        let user = |features: Option<Vec<f32>>, sparse: Option<Vec<i64>>| {
+            Ok(Update::UserFeatures {
+                user_id: 4,
+                features,
+                sparse,
+                version: 9,
+            })
+        };
+        assert_eq!(
+            v.decode(
+                Stream::Users,
+                br#"{"user_id": 4, "features": [0.5], "version": 9}"#
+            ),
+            user(Some(vec![0.5]), None)
+        );
+        assert_eq!(
+            v.decode(
+                Stream::Users,
+                br#"{"user_id": 4, "sparse": [3, 0, 10], "version": 9}"#
+            ),
+            user(None, Some(vec![3, 0, 10]))
+        );
+        assert_eq!(
+            v.decode(
+                Stream::Users,
+                br#"{"user_id": 4, "features": [2], "sparse": [1, 2, 3], "version": 9}"#
+            ),
+            user(Some(vec![2.0]), Some(vec![1, 2, 3]))
+        );
+        let refused = |payload: &[u8]| match v.decode(Stream::Users, payload) {
+            Err(Rejection::Invalid { reason, detail }) => (reason, detail),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(br#"{"user_id": 4, "sparse": [1, 2], "version": 9}"#),
+            (
+                "wrong_length",
+                "sparse must have 3 values (user_sparse_dim), got 2".to_string()
+            )
+        );
+        assert_eq!(
+            refused(br#"{"user_id": 4, "features": [1, 2], "sparse": [1, 2, 3], "version": 9}"#),
+            (
+                "wrong_length",
+                "features must have 1 values, got 2".to_string()
+            )
+        );
+        assert_eq!(
+            refused(br#"{"user_id": 4, "sparse": [1.5, 2, 3], "version": 9}"#).0,
+            "wrong_type"
+        );
+        assert_eq!(
+            refused(br#"{"user_id": 4, "version": 9}"#).0,
+            "missing_field"
+        );
+        // The widths read follow the resident versions.
+        v.users.set(crate::features::UserDims::of([(1, 0)]));
+        assert_eq!(
+            refused(br#"{"user_id": 4, "sparse": [1, 2, 3], "version": 9}"#),
+            (
+                "wrong_length",
+                "no loaded model reads sparse features (user_sparse_dim = 0), got 3 values"
+                    .to_string()
+            )
+        );
+    }
+
+    /// User updates setting different kinds of features are all kept, in
+    /// order; those setting the same kinds keep the newest version.
+    #[test]
+    fn user_updates_of_other_kinds_are_not_merged_away() {
+        let mut c = Coalescer::new();
+        let user = |version, dense: bool, sparse: bool| Update::UserFeatures {
+            user_id: 2,
+            features: dense.then(|| vec![version as f32]),
+            sparse: sparse.then(|| vec![version as i64; 3]),
+            version,
+        };
+        for u in [
+            user(2, true, false),
+            user(3, false, true),
+            user(5, false, true),
+            user(4, false, true),
+        ] {
+            c.consumed(None, None);
+            c.push(u);
+        }
+        let b = c.take();
+        assert_eq!(b.users, vec![user(2, true, false), user(5, false, true)]);
+        assert_eq!(b.superseded, 2);
     }
 
     /// An item message goes to the catalogue it names, or to the only one;
@@ -645,12 +801,14 @@ mod tests {
             },
             Update::UserFeatures {
                 user_id: 1,
-                features: vec![1.0],
+                features: Some(vec![1.0]),
+                sparse: None,
                 version: 2,
             },
             Update::UserFeatures {
                 user_id: 1,
-                features: vec![3.0],
+                features: Some(vec![3.0]),
+                sparse: None,
                 version: 2,
             },
             Update::ItemDelete {
@@ -690,7 +848,8 @@ mod tests {
             b.users,
             vec![Update::UserFeatures {
                 user_id: 1,
-                features: vec![1.0],
+                features: Some(vec![1.0]),
+                sparse: None,
                 version: 2
             }],
             "on equal versions the first one stays, as sequential application would"

@@ -1,5 +1,5 @@
-//! The user store: a bounded history ring (newest last) and optional dense
-//! features per user id.
+//! The user store: a bounded history ring (newest last), optional dense
+//! features and optional categorical (sparse) features per user id.
 //!
 //! Each user's state sits behind an `Arc`, so a snapshot capture shares it
 //! instead of copying it; the next change to a shared user copies that user
@@ -16,6 +16,66 @@ pub struct UserState {
     pub sparse: Option<Vec<i64>>,
     /// Version of the last features update from a versioned source.
     pub features_version: u64,
+}
+
+/// The feature widths of the resident versions: what a user write is
+/// checked against (a length some resident version reads).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserDims {
+    /// Each resident version's `user_feature_dim`, sorted, once each.
+    pub features: Vec<usize>,
+    /// Each resident version's `user_sparse_dim`, sorted, once each.
+    pub sparse: Vec<usize>,
+}
+
+impl UserDims {
+    /// From each resident version's (`user_feature_dim`, `user_sparse_dim`).
+    pub fn of(versions: impl IntoIterator<Item = (usize, usize)>) -> Self {
+        let (mut features, mut sparse): (Vec<usize>, Vec<usize>) = versions.into_iter().unzip();
+        for v in [&mut features, &mut sparse] {
+            v.sort_unstable();
+            v.dedup();
+        }
+        Self { features, sparse }
+    }
+
+    /// Categorical features of `len` ids are what a resident version reads;
+    /// otherwise the message names the widths read and the length given.
+    pub fn check_sparse(&self, len: usize) -> Result<(), String> {
+        if self.sparse.contains(&len) {
+            return Ok(());
+        }
+        let read: Vec<String> = self
+            .sparse
+            .iter()
+            .filter(|&&d| d > 0)
+            .map(usize::to_string)
+            .collect();
+        Err(if read.is_empty() {
+            format!("no loaded model reads sparse features (user_sparse_dim = 0), got {len} values")
+        } else {
+            format!(
+                "sparse must have {} values (user_sparse_dim), got {len}",
+                read.join(" or ")
+            )
+        })
+    }
+}
+
+/// The resident versions' `UserDims`, shared between threads: the executor
+/// keeps it current as versions come and go, the Kafka consumer checks
+/// user messages against it before they are batched.
+#[derive(Debug, Clone, Default)]
+pub struct SharedUserDims(Arc<std::sync::RwLock<UserDims>>);
+
+impl SharedUserDims {
+    pub fn set(&self, dims: UserDims) {
+        *self.0.write().expect("user dims lock poisoned") = dims;
+    }
+
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, UserDims> {
+        self.0.read().expect("user dims lock poisoned")
+    }
 }
 
 #[derive(Debug)]
@@ -149,21 +209,32 @@ impl UserStore {
         self.change(user_id, |u| u.features = Some(features));
     }
 
-    /// Sets features if `version` is newer than the stored one; true if applied.
+    pub fn set_sparse(&mut self, user_id: u64, sparse: Vec<i64>) {
+        self.change(user_id, |u| u.sparse = Some(sparse));
+    }
+
+    /// Sets the features given (dense, categorical or both) if `version` is
+    /// newer than the stored one; true if applied. One version covers both
+    /// kinds, as one message of the users topic carries both.
     pub fn set_features_versioned(
         &mut self,
         user_id: u64,
-        features: Vec<f32>,
+        features: Option<Vec<f32>>,
+        sparse: Option<Vec<i64>>,
         version: u64,
     ) -> bool {
-        if self
-            .get(user_id)
-            .is_some_and(|u| u.features.is_some() && u.features_version >= version)
-        {
+        if self.get(user_id).is_some_and(|u| {
+            (u.features.is_some() || u.sparse.is_some()) && u.features_version >= version
+        }) {
             return false;
         }
         self.change(user_id, |u| {
-            u.features = Some(features);
+            if features.is_some() {
+                u.features = features;
+            }
+            if sparse.is_some() {
+                u.sparse = sparse;
+            }
             u.features_version = version;
         });
         true
@@ -206,10 +277,28 @@ mod tests {
         s.set_features(2, vec![0.5]);
         assert!(s.get(2).unwrap().history.is_empty());
         assert_eq!(s.len(), 2);
-        assert!(s.set_features_versioned(3, vec![1.0], 5));
-        assert!(!s.set_features_versioned(3, vec![2.0], 5));
-        assert!(s.set_features_versioned(3, vec![3.0], 6));
+        assert!(s.set_features_versioned(3, Some(vec![1.0]), None, 5));
+        assert!(!s.set_features_versioned(3, Some(vec![2.0]), None, 5));
+        assert!(s.set_features_versioned(3, Some(vec![3.0]), None, 6));
         assert_eq!(s.get(3).unwrap().features, Some(vec![3.0]));
+    }
+
+    /// A versioned update sets the kinds of features it carries and keeps
+    /// the other; one version covers both kinds.
+    #[test]
+    fn versioned_updates_set_the_features_they_carry() {
+        let mut s = UserStore::new(3);
+        assert!(s.set_features_versioned(1, None, Some(vec![4, 0, 2]), 2));
+        assert!(!s.set_features_versioned(1, Some(vec![1.0]), None, 2));
+        assert!(s.set_features_versioned(1, Some(vec![1.0]), None, 3));
+        let u = s.get(1).unwrap();
+        assert_eq!(
+            (u.features.clone(), u.sparse.clone(), u.features_version),
+            (Some(vec![1.0]), Some(vec![4, 0, 2]), 3)
+        );
+        s.set_sparse(1, vec![1, 1, 1]);
+        assert_eq!(s.get(1).unwrap().sparse, Some(vec![1, 1, 1]));
+        assert_eq!(s.get(1).unwrap().features, Some(vec![1.0]));
     }
 
     /// A snapshot written under a larger cap restores to the newest ids.

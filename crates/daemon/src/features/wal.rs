@@ -270,7 +270,40 @@ mod tests {
             user_id: id,
             history: Some(vec![id, id + 1]),
             features: None,
+            sparse: (id % 2 == 1).then(|| vec![id as i64, -1]),
         })
+    }
+
+    /// A user record written before users had categorical features (three
+    /// fields by position) reads with none.
+    #[test]
+    fn a_user_record_without_sparse_reads_with_none() {
+        // The record types as they were, encoded as the log encodes them.
+        #[derive(Serialize)]
+        struct OldUserUpdate {
+            user_id: u64,
+            history: Option<Vec<u64>>,
+            features: Option<Vec<f32>>,
+        }
+        #[derive(Serialize)]
+        enum OldRecord {
+            User(OldUserUpdate),
+        }
+        let old = rmp_serde::to_vec(&OldRecord::User(OldUserUpdate {
+            user_id: 7,
+            history: Some(vec![1, 2]),
+            features: Some(vec![0.5]),
+        }))
+        .unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<Record>(&old).unwrap(),
+            Record::User(UserUpdate {
+                user_id: 7,
+                history: Some(vec![1, 2]),
+                features: Some(vec![0.5]),
+                sparse: None,
+            })
+        );
     }
 
     #[test]

@@ -371,6 +371,7 @@ async fn populate<C: Client>(args: &BenchArgs, client: &C, w: &Workload) -> anyh
                 UserRequest {
                     history: Some(history),
                     features: None,
+                    sparse: None,
                 },
             )
             .await

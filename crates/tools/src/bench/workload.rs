@@ -83,6 +83,7 @@ impl Workload {
                 UserRequest {
                     history: Some((0..5).map(|_| 1 + rng.below(self.items)).collect()),
                     features: None,
+                    sparse: None,
                 },
             ),
             OpKind::Recommend => Call::Recommend(RecommendRequest {
@@ -93,6 +94,7 @@ impl Workload {
                 version: None,
                 priority: None,
                 filter: self.filter.clone(),
+                context: None,
             }),
             OpKind::Score => Call::Score(ScoreRequest {
                 user_id: self.user(rng),
@@ -102,6 +104,7 @@ impl Workload {
                 timeout_ms: Some(self.timeout_ms),
                 version: None,
                 priority: None,
+                context: None,
             }),
         }
     }
