@@ -42,11 +42,16 @@ def _opt(d: Dict[str, Any], **kv: Any) -> Dict[str, Any]:
     return d
 
 
+def _floats(values: Optional[Iterable[float]]) -> Optional[List[float]]:
+    return None if values is None else [float(x) for x in values]
+
+
 def recommend(model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[int]] = None,
               timeout_ms: Optional[int] = None, version: Optional[int] = None,
-              priority: Optional[str] = None, filter: Optional[Dict[str, Any]] = None) -> Call:
+              priority: Optional[str] = None, filter: Optional[Dict[str, Any]] = None,
+              context: Optional[Iterable[float]] = None) -> Call:
     body = _opt({"user_id": user_id, "k": k}, timeout_ms=timeout_ms, version=version, priority=priority,
-                filter=filter)
+                filter=filter, context=_floats(context))
     if exclude is not None:
         body["exclude"] = list(exclude)
     return Call("recommend", "POST", f"/v1/models/{quote(model, safe='')}/recommend", body,
@@ -54,20 +59,23 @@ def recommend(model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[
 
 
 def score(model: str, user_id: int, items: Sequence[int], timeout_ms: Optional[int] = None,
-          version: Optional[int] = None, priority: Optional[str] = None) -> Call:
+          version: Optional[int] = None, priority: Optional[str] = None,
+          context: Optional[Iterable[float]] = None) -> Call:
     body = _opt({"user_id": user_id, "items": list(items)}, timeout_ms=timeout_ms, version=version,
-                priority=priority)
+                priority=priority, context=_floats(context))
     return Call("score", "POST", f"/v1/models/{quote(model, safe='')}/score", body,
                 {"model": model, **body}, t.Scores.from_wire)
 
 
 def upsert_user(user_id: int, history: Optional[Iterable[int]] = None,
-                features: Optional[Iterable[float]] = None) -> Call:
+                features: Optional[Iterable[float]] = None, sparse: Optional[Iterable[int]] = None) -> Call:
     body: Dict[str, Any] = {}
     if history is not None:
         body["history"] = list(history)
     if features is not None:
         body["features"] = [float(x) for x in features]
+    if sparse is not None:
+        body["sparse"] = [int(x) for x in sparse]
     return Call("upsert_user", "POST", f"/v1/users/{int(user_id)}", body,
                 {"user_id": user_id, **body}, t.User.from_wire)
 

@@ -235,19 +235,27 @@ class Client:
 
     def recommend(self, model: str, user_id: int, k: int = 10, exclude: Optional[Iterable[int]] = None,
                   timeout_ms: Optional[int] = None, version: Optional[int] = None,
-                  priority: Optional[str] = None, filter: Optional[Dict[str, Any]] = None) -> t.Recommendation:
+                  priority: Optional[str] = None, filter: Optional[Dict[str, Any]] = None,
+                  context: Optional[Iterable[float]] = None) -> t.Recommendation:
         """The top `k` items for `user_id`; `filter` maps attribute names to an
-        allowed value or a list of them (every attribute named must hold)."""
+        allowed value or a list of them (every attribute named must hold);
+        `context` is the request's `context_dim` floats, for models that read
+        one."""
         return self._t.call(_core.recommend(model, user_id, k, exclude, timeout_ms, version, priority,
-                                                filter))
+                                                filter, context))
 
     def score(self, model: str, user_id: int, items: Sequence[int], timeout_ms: Optional[int] = None,
-              version: Optional[int] = None, priority: Optional[str] = None) -> t.Scores:
-        return self._t.call(_core.score(model, user_id, items, timeout_ms, version, priority))
+              version: Optional[int] = None, priority: Optional[str] = None,
+              context: Optional[Iterable[float]] = None) -> t.Scores:
+        return self._t.call(_core.score(model, user_id, items, timeout_ms, version, priority, context))
 
     def upsert_user(self, user_id: int, history: Optional[Iterable[int]] = None,
-                    features: Optional[Iterable[float]] = None) -> t.User:
-        return self._t.call(_core.upsert_user(user_id, history, features))
+                    features: Optional[Iterable[float]] = None,
+                    sparse: Optional[Iterable[int]] = None) -> t.User:
+        """Replaces the parts of the user's state given: the history, dense
+        `features` (`user_feature_dim` floats) and categorical `sparse`
+        features (`user_sparse_dim` ids)."""
+        return self._t.call(_core.upsert_user(user_id, history, features, sparse))
 
     def upsert_item(self, item_id: int, embedding: Optional[Iterable[float]] = None, deleted: bool = False,
                     version: Optional[int] = None, catalogue: Optional[str] = None,

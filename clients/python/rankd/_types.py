@@ -68,14 +68,18 @@ class User:
     user_id: int
     history: List[int]
     features: Optional[List[float]]
+    # Categorical features; None when none are stored.
+    sparse: Optional[List[int]] = None
 
     @classmethod
     def from_wire(cls, r: Dict[str, Any]) -> "User":
         f = r.get("features")
+        s = r.get("sparse")
         return cls(
             int(r["user_id"]),
             [int(i) for i in r["history"]],
             None if f is None else [float(x) for x in f],
+            None if s is None else [int(x) for x in s],
         )
 
 
@@ -182,9 +186,12 @@ class ScoreRequest:
     items: Sequence[int]
     version: Optional[int] = None
     timeout_ms: Optional[int] = None
+    context: Optional[Sequence[float]] = None
 
     def to_wire(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {"user_id": self.user_id, "items": list(self.items)}
+        if self.context is not None:
+            d["context"] = [float(x) for x in self.context]
         if self.version is not None:
             d["version"] = self.version
         if self.timeout_ms is not None:
@@ -202,6 +209,7 @@ class RecommendRequest:
     version: Optional[int] = None
     timeout_ms: Optional[int] = None
     filter: Optional[Dict[str, Any]] = None
+    context: Optional[Sequence[float]] = None
 
     def to_wire(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {"user_id": self.user_id, "k": self.k}
@@ -209,6 +217,8 @@ class RecommendRequest:
             d["exclude"] = list(self.exclude)
         if self.filter is not None:
             d["filter"] = dict(self.filter)
+        if self.context is not None:
+            d["context"] = [float(x) for x in self.context]
         if self.version is not None:
             d["version"] = self.version
         if self.timeout_ms is not None:

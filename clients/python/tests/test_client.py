@@ -330,3 +330,59 @@ def test_a_pipeline_answers_with_both_stages_versions(demo_repo, tmp_path):
         assert answers[0] == answers[1]
     finally:
         d.stop()
+
+
+def onnx_repo(tmp_path):
+    """The PyTorch fixture repository's catalogue, its ranker reading
+    categorical user features and a context (dcn-legacy), and a tower that
+    reads no context (sasrec-legacy)."""
+    import json
+
+    from conftest import ROOT
+
+    fixtures = ROOT / "tests" / "fixtures" / "onnx"
+    repo = tmp_path / "models"
+    for name in ("catalogues", "dcn-legacy", "sasrec-legacy"):
+        shutil.copytree(fixtures / name, repo / name)
+    expected = json.loads((fixtures / "expected.json").read_text())
+    return repo, expected
+
+
+def test_sparse_features_and_a_context_reach_the_model(tmp_path):
+    repo, expected = onnx_repo(tmp_path)
+    d = Daemon(repo, tmp_path).start()
+    try:
+        users = [u for u in expected["users"] if u["sparse"] is not None and u["context"] is not None]
+        for target in targets(d):
+            with rankd.Client(target) as c:
+                for u in users:
+                    stored = c.upsert_user(u["user"], history=u["history"], sparse=u["sparse"])
+                    assert stored.sparse == u["sparse"], stored
+                    want = u["dcn"]["probabilities"]
+                    got = c.score("dcn-legacy", u["user"], u["dcn"]["candidates"], context=u["context"])
+                    assert got.scores == pytest.approx(want, rel=1e-5, abs=1e-5)
+                    [line] = list(c.bulk("dcn-legacy", [
+                        rankd.ScoreRequest(u["user"], u["dcn"]["candidates"], context=u["context"])]))
+                    assert line.unwrap().scores == pytest.approx(want, rel=1e-5, abs=1e-5)
+                with pytest.raises(rankd.InvalidRequest) as e:
+                    c.score("dcn-legacy", 1, [1000], context=[1.0, 2.0, 3.0])
+                assert "context must have 2 values (context_dim), got 3" in e.value.message
+                with pytest.raises(rankd.InvalidRequest) as e:
+                    c.recommend("sasrec-legacy", 1, k=2, context=[1.0])
+                assert "reads no context (context_dim = 0), got 1 values" in e.value.message
+                with pytest.raises(rankd.InvalidRequest) as e:
+                    c.upsert_user(1, sparse=[1, 2])
+                assert "sparse must have 3 values (user_sparse_dim), got 2" in e.value.message
+                assert c.upsert_user(99, history=[1003]).sparse is None
+
+        async def run():
+            async with rankd.AsyncClient(d.unix) as c:
+                u = users[0]
+                stored = await c.upsert_user(u["user"], sparse=u["sparse"])
+                assert stored.sparse == u["sparse"]
+                got = await c.score("dcn-legacy", u["user"], u["dcn"]["candidates"], context=u["context"])
+                assert got.scores == pytest.approx(u["dcn"]["probabilities"], rel=1e-5, abs=1e-5)
+
+        asyncio.run(run())
+    finally:
+        d.stop()
