@@ -8,6 +8,10 @@
 # What is pinned, and why that and no more:
 # - tansu (crates.io): the exact crate version, built with its own Cargo.lock.
 # - NVRTC (PyPI nvidia-cuda-nvrtc): the exact wheel version.
+# - ONNX Runtime (PyPI onnxruntime, without its Python dependencies): the
+#   exact wheel version; the tests load the library inside it
+#   (onnxruntime/capi/libonnxruntime.so.<version>) as a user would with
+#   --onnxruntime-lib.
 # - Prometheus and promtool (Debian's package, unpacked without installing
 #   it): the upstream version only. The archive replaces Debian revisions (a
 #   binary rebuild `+b6` became the point release `+deb12u1`), so the
@@ -18,6 +22,7 @@
 
 TANSU_VERSION=0.6.0
 NVRTC_VERSION=13.0.88
+ONNXRUNTIME_VERSION=1.32.0
 PROMETHEUS_VERSION=2.42.0
 PYTHON_TOOLS=scripts/python-tools.txt
 
@@ -27,9 +32,11 @@ nvrtc_root="$tools/nvrtc-$NVRTC_VERSION"
 prom_root="$tools/prometheus-$PROMETHEUS_VERSION"
 py_version="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo none)"
 pytools_root="$tools/python$py_version-$(sha256sum "$PYTHON_TOOLS" | cut -c1-12)"
+ort_root="$tools/onnxruntime-$ONNXRUNTIME_VERSION-py$py_version"
 
 export RANKD_TANSU="$tansu_root/bin/tansu"
 export RANKD_NVRTC_LIB="$nvrtc_root/nvidia/cu13/lib"
+export RANKD_ONNXRUNTIME_LIB="$ort_root/onnxruntime/capi/libonnxruntime.so.$ONNXRUNTIME_VERSION"
 export RANKD_PROMETHEUS="$prom_root/usr/bin/prometheus"
 export RANKD_PROMTOOL="$prom_root/usr/bin/promtool"
 
@@ -47,6 +54,7 @@ plan_error() {
 
 tansu_cached() { [ -x "$RANKD_TANSU" ]; }
 nvrtc_cached() { [ -f "$RANKD_NVRTC_LIB/libnvrtc.so.13" ]; }
+ort_cached() { [ -f "$RANKD_ONNXRUNTIME_LIB" ]; }
 prom_cached() { [ -x "$RANKD_PROMETHEUS" ] && [ -x "$RANKD_PROMTOOL" ]; }
 pytools_cached() { [ -f "$pytools_root/.complete" ]; }
 
@@ -125,6 +133,16 @@ nvrtc_available() {
   esac
 }
 
+ort_available() {
+  local rc=0 said
+  said="$(pypi_has onnxruntime "$ONNXRUNTIME_VERSION")" || rc=$?
+  case $rc in
+    0) ;;
+    1) plan_error "onnxruntime $ONNXRUNTIME_VERSION is not on the Python package index pip uses for this Python (it lists: $said): pick a listed version (ONNXRUNTIME_VERSION in scripts/tools.sh)" ;;
+    *) plan_error "pip could not list onnxruntime's versions: $said" ;;
+  esac
+}
+
 # Debian's archive: the revision it serves for the pinned upstream version.
 prom_revision=""
 prom_lookup() {
@@ -200,6 +218,9 @@ tools_plan() {
   if nvrtc_cached; then echo "   NVRTC $NVRTC_VERSION (PyPI nvidia-cuda-nvrtc): cached"; elif nvrtc_available; then
     echo "   NVRTC $NVRTC_VERSION (PyPI nvidia-cuda-nvrtc): to install, available"
   fi
+  if ort_cached; then echo "   ONNX Runtime $ONNXRUNTIME_VERSION (PyPI onnxruntime): cached"; elif ort_available; then
+    echo "   ONNX Runtime $ONNXRUNTIME_VERSION (PyPI onnxruntime): to install, available"
+  fi
   if prom_cached; then echo "   prometheus $PROMETHEUS_VERSION (Debian): cached"; elif prom_available; then
     echo "   prometheus $PROMETHEUS_VERSION (Debian): to install, available as $prom_revision"
   fi
@@ -228,6 +249,15 @@ tools_install() {
       "nvidia-cuda-nvrtc==$NVRTC_VERSION" ||
       tools_fail "pip could not install nvidia-cuda-nvrtc==$NVRTC_VERSION (above)"
     nvrtc_cached || tools_fail "nvidia-cuda-nvrtc $NVRTC_VERSION has no $RANKD_NVRTC_LIB/libnvrtc.so.13: its layout changed"
+  fi
+
+  if ! ort_cached; then
+    echo "== installing ONNX Runtime $ONNXRUNTIME_VERSION into $ort_root"
+    rm -rf "$ort_root"
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$ort_root" \
+      "onnxruntime==$ONNXRUNTIME_VERSION" ||
+      tools_fail "pip could not install onnxruntime==$ONNXRUNTIME_VERSION (above)"
+    ort_cached || tools_fail "onnxruntime $ONNXRUNTIME_VERSION has no $RANKD_ONNXRUNTIME_LIB: its layout changed"
   fi
 
   if ! prom_cached; then

@@ -184,6 +184,9 @@ impl Daemon {
             })
             .args(extra)
             .env("RANKD_LOG", "info")
+            // The test command exports ONNX Runtime's library for the tests
+            // themselves; a daemon gets it only from a test's own flag.
+            .env_remove("RANKD_ONNXRUNTIME_LIB")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).unwrap())
             .spawn()

@@ -20,6 +20,8 @@ mod kafka;
 mod lifecycle;
 mod logs;
 mod monitoring;
+mod onnx;
+mod onnx_inputs;
 mod parity;
 mod pipelines;
 mod pressure;

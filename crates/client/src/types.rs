@@ -180,8 +180,18 @@ pub struct ModelInfo {
     /// Why the GPU is not used, when it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_reason: Option<String>,
+    /// What runs an onnx model's graph: `tract`, or `onnxruntime
+    /// (CPUExecutionProvider)` / `onnxruntime (CUDAExecutionProvider)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     pub dim: Option<usize>,
     pub user_feature_dim: Option<usize>,
+    /// Categorical user features the model reads (absent when none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_sparse_dim: Option<usize>,
+    /// Floats of request context the model reads (absent when none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_dim: Option<usize>,
     pub history_len: Option<usize>,
     /// Live items in the model's catalogue.
     pub items: usize,

@@ -50,6 +50,7 @@ pub struct Daemon {
 /// snapshot, binds the listeners and starts the executor. Models load in the
 /// background (`/readyz` says when); Kafka ingestion starts once they have.
 pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+    crate::model::kind::onnx::configure(config.exec.onnx_settings());
     ingest::ensure_available(&config.kafka)?;
     let repo = Repository::scan(&config.exec.models).with_context(|| {
         format!(

@@ -97,12 +97,14 @@ pub mod internals {
     #[cfg(feature = "cuda")]
     pub use crate::backend::cuda;
     pub use crate::backend::{Backend, BatchBounds, ModelDesc, Output, Query, Scored, Task};
+    pub use crate::exec::load::load_table;
     pub use crate::features::catalogues::{Catalogues, Shape};
     pub use crate::features::store::State;
     pub use crate::features::updates::{Coalescer, Stream, Update, UpdateBatch, Validator};
     pub use crate::features::{SharedUserDims, UserDims};
     pub use crate::model::demo::{files as demo_files, Rng};
     pub use crate::model::items::ItemChange;
-    pub use crate::model::kind::{RANKER, SASREC, TWO_TOWER};
+    pub use crate::model::kind::onnx::{self, EngineKind};
+    pub use crate::model::kind::{ONNX, RANKER, SASREC, TWO_TOWER};
     pub use crate::model::{ItemTable, Layer, ModelKind, ModelSpec, TowerWeights, Weights};
 }

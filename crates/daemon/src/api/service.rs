@@ -568,8 +568,11 @@ impl Service {
                 .as_ref()
                 .map_or_else(|| self.exec.registry().device(), |r| r.device.clone()),
             device_reason: None,
+            engine: None,
             dim: retrieve.as_ref().and_then(|r| r.dim),
             user_feature_dim: None,
+            user_sparse_dim: None,
+            context_dim: None,
             history_len: None,
             items: retrieve.as_ref().map_or(0, |r| r.items),
             batching: None,
@@ -647,8 +650,11 @@ impl Service {
                 None => self.exec.registry().device(),
             },
             device_reason: cpu_reason.or_else(|| self.device_reason()),
+            engine: m.engine(),
             dim: spec.map(|s| s.dim),
             user_feature_dim: spec.map(|s| s.user_feature_dim),
+            user_sparse_dim: spec.map(|s| s.user_sparse_dim).filter(|&n| n > 0),
+            context_dim: spec.map(|s| s.context_dim).filter(|&n| n > 0),
             history_len: spec.map(|s| s.history_len),
             items: m.item_count(),
             batching: spec.map(|s| BatchingInfo {

@@ -346,6 +346,10 @@ impl Executor {
             },
         );
         let sizes = self.backend.warm_batch_sizes(spec.max_batch_rows());
+        let engine = f
+            .weights
+            .get::<crate::model::kind::onnx::Graph>()
+            .map(|g| g.engine());
         let spec = Arc::new(spec);
         self.slots.insert(
             id,
@@ -368,6 +372,7 @@ impl Executor {
                 version: f.version,
                 spec,
                 cpu_reason: self.backend.cpu_reason(id),
+                engine,
                 catalogue: self.slots[&id].catalogue.clone(),
             }),
             sizes,
@@ -1096,23 +1101,24 @@ impl Executor {
             .map(|(p, req)| {
                 let user = self.state.users.get(req.op.user_id());
                 Query {
-                history: &p.history,
-                features: user
-                    .and_then(|u| u.features.as_deref())
-                    .filter(|f| f.len() == spec.user_feature_dim),
-                sparse: user
-                    .and_then(|u| u.sparse.as_deref())
-                    .filter(|s| s.len() == spec.user_sparse_dim),
-                context: req.op.context(),
-                task: match &req.op {
-                    Op::Recommend { k, .. } => Task::TopK {
-                        k: *k,
-                        exclude: &p.rows,
-                        filter: p.filter.as_ref(),
+                    history: &p.history,
+                    features: user
+                        .and_then(|u| u.features.as_deref())
+                        .filter(|f| f.len() == spec.user_feature_dim),
+                    sparse: user
+                        .and_then(|u| u.sparse.as_deref())
+                        .filter(|s| s.len() == spec.user_sparse_dim),
+                    context: req.op.context(),
+                    task: match &req.op {
+                        Op::Recommend { k, .. } => Task::TopK {
+                            k: *k,
+                            exclude: &p.rows,
+                            filter: p.filter.as_ref(),
+                        },
+                        Op::Score { .. } => Task::Score { rows: &p.rows },
                     },
-                    Op::Score { .. } => Task::Score { rows: &p.rows },
-                },
-            }})
+                }
+            })
             .collect();
         let rows: usize = live.iter().map(|r| r.rows).sum();
         let started = Instant::now();

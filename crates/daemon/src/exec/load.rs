@@ -109,7 +109,7 @@ pub fn read(
     resident: impl Fn(&str, usize) -> bool,
 ) -> Result<VersionFiles, ModelError> {
     let spec = entry.spec.clone()?;
-    let weights_path = entry.resolve(&spec.weights);
+    let weights_path = entry.resolve(&spec.kind.weights_file(&spec));
     let weights = spec.kind.load_weights(&spec, &weights_path)?;
     let canonical = |path: &Path| {
         path.canonicalize().map_err(|e| ModelError::Io {

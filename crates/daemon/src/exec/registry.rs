@@ -57,6 +57,9 @@ pub struct Resident {
     /// Why this version runs on the CPU while the executor's device is
     /// another (its kind has no forward pass there).
     pub cpu_reason: Option<String>,
+    /// What runs an onnx model's graph (`tract`, `onnxruntime
+    /// (CPUExecutionProvider)`).
+    pub engine: Option<String>,
     /// The catalogue it reads.
     pub catalogue: String,
 }
@@ -168,6 +171,18 @@ impl ServedModel {
             .resident
             .as_ref()?
             .cpu_reason
+            .clone()
+    }
+
+    /// What runs the primary version's graph (onnx models).
+    pub fn engine(&self) -> Option<String> {
+        let primary = self.primary_version()?;
+        self.read()
+            .versions
+            .get(&primary)?
+            .resident
+            .as_ref()?
+            .engine
             .clone()
     }
 
@@ -732,6 +747,7 @@ mod tests {
             version,
             spec: spec(),
             cpu_reason: None,
+            engine: None,
             catalogue: "i".into(),
         })
     }

@@ -358,7 +358,7 @@ struct HeaderJson {
 /// Reads and checks a safetensors file's header as
 /// `SafeTensors::deserialize` does (same checks, its messages), without the
 /// rest of the file: returns where the data starts and the tensors.
-pub(super) fn read_header(
+pub(crate) fn read_header(
     path: &Path,
     file: &mut std::fs::File,
     file_len: u64,

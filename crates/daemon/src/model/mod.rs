@@ -38,6 +38,9 @@ pub enum ModelError {
     Device { path: PathBuf, message: String },
     #[error("{path}: invalid model.toml: {message}")]
     Spec { path: PathBuf, message: String },
+    /// A graph that cannot be read, bound or run (onnx models).
+    #[error("{path}: {message}")]
+    Graph { path: PathBuf, message: String },
     #[error("{path}: invalid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
     #[error("{path}: tensor `{tensor}` is missing")]

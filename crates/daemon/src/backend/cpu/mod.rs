@@ -9,6 +9,7 @@
 
 pub mod fused;
 pub mod int8;
+mod onnx;
 mod ranker;
 pub mod sasrec;
 mod two_tower;
@@ -23,7 +24,7 @@ pub use int8::score_topk_int8;
 
 use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, TableId, Task};
 use crate::model::attributes::RowFilter;
-use crate::model::kind::{RANKER, SASREC, TWO_TOWER};
+use crate::model::kind::{ONNX, RANKER, SASREC, TWO_TOWER};
 use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, TowerWeights, Weights};
 
 /// A model's forward pass on the CPU, built once at load from its weights.
@@ -39,6 +40,7 @@ const FORWARDS: &[(ModelKind, Build)] = &[
     (TWO_TOWER, two_tower::build),
     (RANKER, ranker::build),
     (SASREC, sasrec::build),
+    (ONNX, onnx::build),
 ];
 
 #[derive(Default)]
@@ -297,12 +299,24 @@ mod tests {
                 .unwrap();
         }
         let rows = vec![0u32; 4];
-        let out = cpu.run(0, &items, &TWO_TOWER.warm_batch(&crate::model::kind::test_spec("two_tower"), 4, &rows)).unwrap();
+        let out = cpu
+            .run(
+                0,
+                &items,
+                &TWO_TOWER.warm_batch(&crate::model::kind::test_spec("two_tower"), 4, &rows),
+            )
+            .unwrap();
         assert_eq!(out.len(), 4);
         assert!(out
             .iter()
             .all(|o| matches!(o, Output::TopK(l) if l.len() == 10)));
-        let out = cpu.run(1, &items, &RANKER.warm_batch(&crate::model::kind::test_spec("ranker"), 4, &rows)).unwrap();
+        let out = cpu
+            .run(
+                1,
+                &items,
+                &RANKER.warm_batch(&crate::model::kind::test_spec("ranker"), 4, &rows),
+            )
+            .unwrap();
         match &out[..] {
             [Output::Scores(s)] => {
                 assert_eq!(s.len(), 4);

@@ -5,6 +5,7 @@
 //! model's kind is resolved once, when its model.toml is read; backends keep
 //! their own table of forward passes per kind.
 
+pub mod onnx;
 mod ranker;
 pub mod sasrec;
 mod two_tower;
@@ -20,12 +21,13 @@ use super::query::{Op, OpKind, Query};
 use super::{ItemTable, ModelError, ModelSpec, TowerWeights, Weights};
 use crate::toml_doc::Doc;
 
+pub use onnx::ONNX;
 pub use ranker::RANKER;
 pub use sasrec::SASREC;
 pub use two_tower::TWO_TOWER;
 
 /// Every kind a model.toml may name. A new kind adds its folder and one entry.
-const KINDS: &[ModelKind] = &[TWO_TOWER, RANKER, SASREC];
+const KINDS: &[ModelKind] = &[TWO_TOWER, RANKER, SASREC, ONNX];
 
 /// A kind's own model.toml keys, as the kind read them (the kind reads them
 /// back with [`KindOptions::get`]).
@@ -105,6 +107,12 @@ pub trait Kind: Sync {
     /// Checks a parsed spec as a whole, past the checks every kind shares.
     fn check(&self, _spec: &ModelSpec) -> Result<(), String> {
         Ok(())
+    }
+
+    /// The file, relative to the version folder, that holds the weights
+    /// [`Kind::load_weights`] reads (`weights` in model.toml by default).
+    fn weights_file(&self, spec: &ModelSpec) -> std::path::PathBuf {
+        spec.weights.clone()
     }
 
     /// Reads and validates the version's weights from `path` (`weights` in

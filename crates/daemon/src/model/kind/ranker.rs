@@ -54,13 +54,13 @@ impl Kind for Ranker {
 /// One score request with `size` candidates over a history of one item
 /// (none when the table is empty): the warm-up batch of a ranking kind.
 pub(crate) fn score_batch(size: usize, rows: &[u32]) -> Vec<Query<'_>> {
-        vec![Query {
-            history: &rows[..rows.len().min(1)],
-            features: None,
-            sparse: None,
-            context: None,
-            task: Task::Score {
-                rows: &rows[..size.min(rows.len())],
-            },
-        }]
+    vec![Query {
+        history: &rows[..rows.len().min(1)],
+        features: None,
+        sparse: None,
+        context: None,
+        task: Task::Score {
+            rows: &rows[..size.min(rows.len())],
+        },
+    }]
 }

@@ -83,9 +83,15 @@ fn kinds_serialize_as_their_names() {
 
 #[test]
 fn a_ranker_refuses_recommend_with_the_routes_message() {
-    assert_eq!(TWO_TOWER.accepts(&tt_spec(), "demo", OpKind::Recommend), Ok(()));
+    assert_eq!(
+        TWO_TOWER.accepts(&tt_spec(), "demo", OpKind::Recommend),
+        Ok(())
+    );
     assert_eq!(TWO_TOWER.accepts(&tt_spec(), "demo", OpKind::Score), Ok(()));
-    assert_eq!(RANKER.accepts(&rk_spec(), "demo-ranker", OpKind::Score), Ok(()));
+    assert_eq!(
+        RANKER.accepts(&rk_spec(), "demo-ranker", OpKind::Score),
+        Ok(())
+    );
     assert_eq!(
         RANKER.accepts(&rk_spec(), "demo-ranker", OpKind::Recommend),
         Err(
@@ -143,7 +149,9 @@ fn warm_batches_are_laid_out_as_each_kinds_requests() {
     assert_eq!(rk.len(), 1);
     assert_eq!(rk[0].history, [0]);
     assert!(matches!(rk[0].task, Task::Score { rows } if rows.len() == 16));
-    assert!(matches!(RANKER.warm_batch(&rk_spec(), 4, &rows)[0].task, Task::Score { rows } if rows.len() == 4));
+    assert!(
+        matches!(RANKER.warm_batch(&rk_spec(), 4, &rows)[0].task, Task::Score { rows } if rows.len() == 4)
+    );
     // An empty table: no history, no candidates, the same number of queries.
     let tt = TWO_TOWER.warm_batch(&tt_spec(), 8, &[]);
     assert_eq!(tt.len(), 8);
