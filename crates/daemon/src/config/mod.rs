@@ -350,6 +350,9 @@ mod tests {
             snapshot_dir = "state"
             snapshot_interval_ms = 10
             history_max = 11
+            onnxruntime_lib = "libonnxruntime.so.1.32.0"
+            onnx_threads = 22
+            max_model_bytes = 23
             repository_poll_ms = 12
             online_eval_users = 13
             online_eval_window_ms = 14
@@ -401,6 +404,12 @@ mod tests {
         assert_eq!(c.snapshot.dir, Some(PathBuf::from("state")));
         assert_eq!(c.snapshot.interval_ms, 10);
         assert_eq!(c.exec.history_max, 11);
+        assert_eq!(
+            c.exec.onnxruntime_lib,
+            Some(PathBuf::from("libonnxruntime.so.1.32.0"))
+        );
+        assert_eq!(c.exec.onnx_threads, 22);
+        assert_eq!(c.exec.max_model_bytes, 23);
         assert_eq!(c.lifecycle.repository_poll_ms, 12);
         assert_eq!(c.lifecycle.online_eval_users, 13);
         assert_eq!(c.lifecycle.online_eval_window_ms, 14);

@@ -47,7 +47,7 @@ fn kinds_parse_from_their_names_and_print_them() {
     }
     assert_ne!(TWO_TOWER, RANKER);
     let names: Vec<&str> = ModelKind::all().iter().map(|k| k.as_str()).collect();
-    assert_eq!(names, ["two_tower", "ranker", "sasrec"]);
+    assert_eq!(names, ["two_tower", "ranker", "sasrec", "onnx"]);
 }
 
 #[test]
@@ -55,7 +55,7 @@ fn an_unknown_kind_names_the_allowed_ones() {
     let err = ModelKind::parse("three_tower").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "unknown model kind `three_tower`, expected one of: two_tower, ranker, sasrec"
+        "unknown model kind `three_tower`, expected one of: two_tower, ranker, sasrec, onnx"
     );
     #[derive(Debug, serde::Deserialize)]
     struct Spec {

@@ -111,6 +111,10 @@ mod imp {
                     .with_intra_threads(threads)
                     .map_err(|e| e.to_string())?
                     .with_inter_threads(1)
+                    .map_err(|e| e.to_string())?
+                    // Idle pool threads sleep rather than spin: the
+                    // socket and HTTP threads share these cores.
+                    .with_intra_op_spinning(false)
                     .map_err(|e| e.to_string())?;
                 if let Some(device) = cuda {
                     b = b

@@ -94,7 +94,31 @@ impl TractRunner {
                 })?;
             plans.push((size, plan));
         }
-        Ok(Self { plans, order })
+        let runner = Self { plans, order };
+        // Each plan runs once now, on zeros, so that the first batch of
+        // each size while serving finds it ready.
+        for (size, plan) in &runner.plans {
+            let zeros = Batch {
+                rows: *size,
+                values: bound
+                    .bindings
+                    .iter()
+                    .zip(widths)
+                    .map(|(b, w)| {
+                        let n = size * w.iter().product::<usize>();
+                        if b.input.is_int() {
+                            Values::I64(vec![0; n])
+                        } else {
+                            Values::F32(vec![0.0; n])
+                        }
+                    })
+                    .collect(),
+            };
+            runner
+                .run_chunk(plan, &zeros, widths, 0, *size)
+                .map_err(|e| error(format!("a batch of {size} does not run: {e}")))?;
+        }
+        Ok(runner)
     }
 
     /// Runs rows `start..start + size` of `batch` through `plan`.
