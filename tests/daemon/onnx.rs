@@ -466,3 +466,118 @@ async fn a_rankd_without_onnxruntime_says_so_for_the_models_that_ask_for_it() {
     let info = get_json(&c, &d.url("/v1/models/tower-legacy")).await;
     assert_eq!(info["state"], "ready", "{info}");
 }
+
+/// The inputs the PyTorch fixtures do not read, through graphs whose
+/// answers are plain arithmetic on what rankd feeds: `history_length` (a
+/// tower whose query is the window's length in every component) and
+/// `history_ids` with `candidate_ids` (a ranker scoring candidate id + 1000
+/// × the sum of the window's ids), on each engine; and the cold start of a
+/// graph that reads context.
+#[tokio::test]
+async fn ids_lengths_and_context_reach_the_graph_as_rankd_feeds_them() {
+    let e = expected();
+    let root = repo(false);
+    let bad = repo_root().join("tests/fixtures/onnx-bad");
+    let engines: &[&str] = if cfg!(feature = "onnxruntime") {
+        &["tract", "onnxruntime"]
+    } else {
+        &["tract"]
+    };
+    let common =
+        "dim = 8\nhistory_len = 6\ncatalogue = \"shop\"\ngraph = \"model.onnx\"\nkind = \"onnx\"\n";
+    for engine in engines {
+        for (name, toml) in [
+            ("length-tower", "role = \"tower\"\ncold_start = \"model\"\n"),
+            (
+                "ids-ranker",
+                "role = \"ranker\"\noutput = \"probability\"\n",
+            ),
+        ] {
+            let dir = root.path().join(format!("{name}-{engine}/1"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(bad.join(format!("{name}.onnx")), dir.join("model.onnx")).unwrap();
+            std::fs::write(
+                dir.join("model.toml"),
+                format!("{common}{toml}engine = \"{engine}\"\n"),
+            )
+            .unwrap();
+        }
+    }
+    // The fixture tower as it would be left by default: the popular items
+    // for a user rankd knows nothing about.
+    let popular = root.path().join("tower-popular/1");
+    copy_dir(&root.path().join("tower-legacy/1"), &popular);
+    let text = std::fs::read_to_string(popular.join("model.toml")).unwrap();
+    std::fs::write(
+        popular.join("model.toml"),
+        text.replace("cold_start = \"model\"\n", ""),
+    )
+    .unwrap();
+    #[cfg(feature = "onnxruntime")]
+    let lib = onnxruntime_lib();
+    #[cfg(feature = "onnxruntime")]
+    let flags = ["--onnxruntime-lib", lib.as_str()];
+    #[cfg(not(feature = "onnxruntime"))]
+    let flags: [&str; 0] = [];
+    let d = Daemon::start_with(root.path(), &flags);
+    let c = Daemon::client();
+    seed(&c, &d, &e).await;
+    let all: Vec<u64> = (0..64).map(|i| 1000 + 3 * i).collect();
+    for engine in engines {
+        // Users 2 and 4 have 1 and 6 items in their windows: 6× the scores.
+        let tower = format!("length-tower-{engine}");
+        let mut scores = Vec::new();
+        for user in [2, 4] {
+            let (s, answer) = post(
+                &c,
+                &d.url(&format!("/v1/models/{tower}/score")),
+                json!({"user_id": user, "items": all}),
+            )
+            .await;
+            assert_eq!(s, 200, "{answer}");
+            scores.push(floats(&answer["scores"]));
+        }
+        assert!(scores[0].iter().any(|s| s.abs() > 1e-3), "{:?}", scores[0]);
+        for (one, six) in scores[0].iter().zip(&scores[1]) {
+            assert!(close(*six, 6.0 * one), "{tower}: {six} against 6 × {one}");
+        }
+        // Every user: candidate id + 1000 × the sum of its last 6 items.
+        let ranker = format!("ids-ranker-{engine}");
+        for u in e["users"].as_array().unwrap() {
+            let history = ids_of(&u["history"]);
+            let window: u64 = history[history.len().saturating_sub(6)..].iter().sum();
+            let candidates = ids_of(&u["dcn"]["candidates"]);
+            let (s, answer) = post(
+                &c,
+                &d.url(&format!("/v1/models/{ranker}/score")),
+                json!({"user_id": u["user"], "items": candidates}),
+            )
+            .await;
+            assert_eq!(s, 200, "{answer}");
+            let want: Vec<f64> = candidates
+                .iter()
+                .map(|&c| (c + 1000 * window) as f64)
+                .collect();
+            assert_eq!(
+                floats(&answer["scores"]),
+                want,
+                "{ranker}, user {}",
+                u["user"]
+            );
+        }
+    }
+    // A user rankd knows nothing about is a cold start, unless the request
+    // brings a context the model reads.
+    let url = d.url("/v1/models/tower-popular/recommend");
+    let (s, answer) = post(&c, &url, json!({"user_id": 999, "k": 3})).await;
+    assert_eq!(s, 200, "{answer}");
+    assert_eq!(answer["cold_start"], true, "{answer}");
+    let (s, answer) = post(
+        &c,
+        &url,
+        json!({"user_id": 999, "k": 3, "context": [0.5, -1.0]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{answer}");
+    assert_eq!(answer["cold_start"], false, "{answer}");
+}

@@ -45,7 +45,8 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// The fixture catalogue and the three models, with `feed`: a pipeline
-/// retrieving 20 candidates with the tower and ranking them with dcn.
+/// retrieving 20 candidates with the tower and ranking them with dcn; and
+/// `feed-seq`: the same with the sasrec tower, which reads no context.
 fn repo() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
     for dir in ["catalogues", DCN, TOWER, SASREC] {
@@ -56,6 +57,15 @@ fn repo() -> tempfile::TempDir {
     std::fs::write(
         feed.join("model.toml"),
         format!("kind = \"pipeline\"\nretrieve = \"{TOWER}\"\ncandidates = 20\nrank = \"{DCN}\"\n"),
+    )
+    .unwrap();
+    let feed = root.path().join("feed-seq/1");
+    std::fs::create_dir_all(&feed).unwrap();
+    std::fs::write(
+        feed.join("model.toml"),
+        format!(
+            "kind = \"pipeline\"\nretrieve = \"{SASREC}\"\ncandidates = 20\nrank = \"{DCN}\"\n"
+        ),
     )
     .unwrap();
     root
@@ -717,6 +727,88 @@ async fn a_pipeline_reads_the_context_in_both_stages() {
         checked += 1;
     }
     assert!(checked >= 3, "{checked} users checked");
+}
+
+/// A pipeline whose retrieval stage reads no context hands the context to
+/// the ranker alone: the sasrec tower's candidates, ranked by dcn with the
+/// request's context.
+#[tokio::test]
+async fn a_pipeline_hands_the_context_to_the_stage_that_reads_it() {
+    let e = expected();
+    let repo = repo();
+    let d = Daemon::start_with(repo.path(), &[]);
+    let c = client();
+    for n in 1..=8 {
+        seed_user(&c, &d, user(&e, n)).await;
+    }
+    let mut checked = 0;
+    for u in e["users"].as_array().unwrap() {
+        if u["context"].is_null() || u["history"].as_array().unwrap().is_empty() {
+            continue;
+        }
+        let n = u["user"].as_u64().unwrap();
+        let context = &u["context"];
+        let (s, retrieved) = post(
+            &c,
+            &d.url(&format!("/v1/models/{SASREC}/recommend")),
+            json!({"user_id": n, "k": 20}),
+        )
+        .await;
+        assert_eq!(s, 200, "{retrieved}");
+        let candidates: Vec<u64> = retrieved["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_u64().unwrap())
+            .collect();
+        let (s, ranked) = post(
+            &c,
+            &d.url(&format!("/v1/models/{DCN}/score")),
+            json!({"user_id": n, "items": candidates, "context": context}),
+        )
+        .await;
+        assert_eq!(s, 200, "{ranked}");
+        let mut want: Vec<(u64, f64)> = candidates
+            .iter()
+            .copied()
+            .zip(floats(&ranked["scores"]))
+            .collect();
+        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        want.truncate(5);
+        let (s, answer) = post(
+            &c,
+            &d.url("/v1/models/feed-seq/recommend"),
+            json!({"user_id": n, "k": 5, "context": context}),
+        )
+        .await;
+        assert_eq!(s, 200, "{answer}");
+        assert_eq!(answer["degraded"], false, "{answer}");
+        let got: Vec<u64> = answer["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_u64().unwrap())
+            .collect();
+        let want_ids: Vec<u64> = want.iter().map(|w| w.0).collect();
+        assert_eq!(got, want_ids, "user {n}: {answer}");
+        checked += 1;
+    }
+    assert!(checked >= 3, "{checked} users checked");
+    // A context of the wrong length is refused by the stage that reads it.
+    let (s, answer) = post(
+        &c,
+        &d.url("/v1/models/feed-seq/recommend"),
+        json!({"user_id": 4, "k": 5, "context": [1.0, 2.0, 3.0]}),
+    )
+    .await;
+    assert_eq!(s, 422, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("context must have 2 values (context_dim), got 3"),
+        "{answer}"
+    );
 }
 
 #[cfg(feature = "kafka")]

@@ -175,11 +175,24 @@ impl Service {
         let timeout = self.timeout(req.timeout_ms)?;
         let deadline = Instant::now() + timeout;
         let (k, user_id, priority) = (req.k, req.user_id, req.priority);
-        // Both stages read the context, each checking it against its own
-        // context_dim; the ranker's is checked before retrieval runs, so a
-        // context it refuses is refused whether or not it gets to rank.
-        let context = req.context;
-        self.check_stage_context(&p.spec.rank, user_id, context.as_deref())?;
+        // Each stage that reads a context gets it, checked against its own
+        // context_dim before retrieval runs (a context the ranker refuses is
+        // refused whether or not it gets to rank); a stage that reads none
+        // gets none. A context no stage reads is refused.
+        let rank_context = self.stage_context(&p.spec.rank, user_id, req.context.as_deref())?;
+        let retrieve_context =
+            self.stage_context(&p.spec.retrieve, user_id, req.context.as_deref())?;
+        if let Some(given) = &req.context {
+            if rank_context.is_none() && retrieve_context.is_none() {
+                return Err(ServeError::Invalid(format!(
+                    "pipeline '{}' reads no context: neither '{}' nor '{}' has a context_dim, got {} values",
+                    p.name,
+                    p.spec.retrieve,
+                    p.spec.rank,
+                    given.len()
+                )));
+            }
+        }
         let stage = Instant::now();
         // The candidates are not impressions: the final list is credited to
         // both stages' versions below.
@@ -194,7 +207,7 @@ impl Service {
                     version: None,
                     priority,
                     filter: req.filter,
-                    context: context.clone(),
+                    context: retrieve_context,
                 },
                 false,
             )
@@ -244,7 +257,7 @@ impl Service {
                     timeout_ms: Some(left.as_millis() as u64),
                     version: None,
                     priority,
-                    context,
+                    context: rank_context,
                 },
             )
             .await;

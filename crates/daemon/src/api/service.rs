@@ -313,19 +313,31 @@ impl Service {
     /// Checks a context against the version of `model` that would serve
     /// `user_id` (nothing to check when none is serving: the request to it
     /// answers that).
-    pub(super) fn check_stage_context(
+    /// The context a pipeline stage gets: checked against the version that
+    /// serves `user_id` when it reads one, none when it reads none. A stage
+    /// that cannot be routed gets it as given (its own call answers).
+    pub(super) fn stage_context(
         &self,
         model: &str,
         user_id: u64,
         context: Option<&[f64]>,
-    ) -> Result<(), ServeError> {
-        let Some((_, served)) = self.exec.registry().get(model) else {
-            return Ok(());
+    ) -> Result<Option<Vec<f64>>, ServeError> {
+        let Some(context) = context else {
+            return Ok(None);
         };
-        match served.route(user_id, None) {
-            Ok(route) => check_context(model, &route.resident.spec, context).map(|_| ()),
-            Err(_) => Ok(()),
+        let Some(route) = self
+            .exec
+            .registry()
+            .get(model)
+            .and_then(|(_, served)| served.route(user_id, None).ok())
+        else {
+            return Ok(Some(context.to_vec()));
+        };
+        if route.resident.spec.context_dim == 0 {
+            return Ok(None);
         }
+        check_context(model, &route.resident.spec, Some(context))?;
+        Ok(Some(context.to_vec()))
     }
 
     pub async fn score(&self, model: &str, req: ScoreRequest) -> Result<ScoreResponse, ServeError> {

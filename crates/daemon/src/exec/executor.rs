@@ -935,11 +935,16 @@ impl Executor {
             return false;
         };
         // Features count only where the model reads them (set for another
-        // model, they say nothing to this one).
-        let fd = req.resident.spec.user_feature_dim;
-        req.resident.spec.cold_start == ColdStart::Popular
+        // model, they say nothing to this one); so do categorical features
+        // and the request's context.
+        let spec = &req.resident.spec;
+        let (fd, sd) = (spec.user_feature_dim, spec.user_sparse_dim);
+        spec.cold_start == ColdStart::Popular
+            && req.op.context().is_none()
             && self.state.users.get(*user_id).is_none_or(|u| {
-                u.history.is_empty() && u.features.as_ref().is_none_or(|f| fd == 0 || f.len() != fd)
+                u.history.is_empty()
+                    && u.features.as_ref().is_none_or(|f| fd == 0 || f.len() != fd)
+                    && u.sparse.as_ref().is_none_or(|s| sd == 0 || s.len() != sd)
             })
     }
 

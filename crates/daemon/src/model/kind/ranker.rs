@@ -19,7 +19,7 @@ impl Kind for Ranker {
         match op {
             OpKind::Score => Ok(()),
             OpKind::Recommend => Err(format!(
-                "model {model} is a ranker: recommend needs a retrieval model, two_tower or sasrec (use score)"
+                "model {model} is a ranker: recommend needs a retrieval model, two_tower, sasrec or an onnx tower (use score)"
             )),
         }
     }

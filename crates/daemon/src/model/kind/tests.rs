@@ -95,7 +95,7 @@ fn a_ranker_refuses_recommend_with_the_routes_message() {
     assert_eq!(
         RANKER.accepts(&rk_spec(), "demo-ranker", OpKind::Recommend),
         Err(
-            "model demo-ranker is a ranker: recommend needs a retrieval model, two_tower or sasrec (use score)"
+            "model demo-ranker is a ranker: recommend needs a retrieval model, two_tower, sasrec or an onnx tower (use score)"
                 .to_string()
         )
     );

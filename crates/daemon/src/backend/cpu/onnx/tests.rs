@@ -238,7 +238,7 @@ fn exported_towers_answer_as_pytorch() {
 
 /// The DCN-v2 fixtures' probabilities of each user's candidates equal
 /// PyTorch's, with categorical user features, candidate attributes and
-/// context, and after an item write.
+/// context (tests/daemon/onnx.rs checks them after an item write).
 #[test]
 fn exported_rankers_answer_as_pytorch() {
     let e = expected();

@@ -180,10 +180,13 @@ impl Graph {
             check_size(&file, path, &mut total, settings.max_model_bytes)?;
         }
         let bound = bind(path, graph, spec, options.role)?;
-        // The version folder: `path` is `<version>/<graph>`.
-        let version_dir = options.graph.components().fold(path.to_path_buf(), |p, _| {
-            p.parent().map(Path::to_path_buf).unwrap_or(p)
-        });
+        // The version folder: `path` is `<version>` joined with `graph`.
+        let version_dir = path
+            .to_str()
+            .zip(options.graph.to_str())
+            .and_then(|(p, g)| p.strip_suffix(g))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| dir.to_path_buf());
         let mut widths = Vec::new();
         for b in &bound.bindings {
             let mut w = Vec::new();
@@ -191,7 +194,17 @@ impl Graph {
                 w.push(match (b.input, declared) {
                     (Input::CandidateAttributes, Some(a)) => *a,
                     (Input::CandidateAttributes, None) => {
-                        catalogue_attributes(&version_dir.join(&spec.items))?
+                        let items = version_dir.join(&spec.items);
+                        match catalogue_attributes(&items)? {
+                            0 => {
+                                return Err(format(format!(
+                                    "input `candidate_attributes` reads the catalogue's attributes, and {} has no {} beside it",
+                                    items.display(),
+                                    crate::model::attributes::ATTRIBUTES_FILE
+                                )))
+                            }
+                            a => a,
+                        }
                     }
                     (input, _) => input_width(spec, input, i),
                 });
@@ -258,6 +271,12 @@ impl Graph {
         }
         let out = self.runner.run(batch, &self.widths)?;
         let name = self.path.display();
+        if let Some(at) = out.values.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "{name}: the first output holds {} at element {at} of shape {:?}",
+                out.values[at], out.shape
+            ));
+        }
         match self.role {
             Role::Tower => {
                 if out.shape != [batch.rows, self.dim] {

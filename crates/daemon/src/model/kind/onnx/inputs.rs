@@ -327,6 +327,11 @@ pub fn bind(
     let fixed_batch = match fixed_batch {
         None => None,
         Some((1, _)) if !symbolic => Some(1),
+        Some((1, name)) => {
+            return Err(error(format!(
+                "input `{name}` has a batch dimension of 1 and other inputs a symbolic one: export the graph with one dynamic batch dimension for every input (dynamic_axes or dynamic_shapes)"
+            )))
+        }
         Some((b, name)) => {
             return Err(error(format!(
                 "input `{name}` has a fixed batch dimension of {b}: export the graph with a dynamic batch dimension (dynamic_axes or dynamic_shapes), or with a batch of 1"
