@@ -17,14 +17,10 @@ mod batch;
 pub mod config;
 mod daemon;
 mod error;
-// Without the `kafka` feature nothing applies update batches from a broker,
-// so the executor's update path and the ingestion metrics have no caller.
-#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 mod exec;
 mod features;
 mod ingest;
 mod lifecycle;
-#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 mod metrics;
 mod model;
 mod toml_doc;

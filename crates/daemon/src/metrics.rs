@@ -1,5 +1,7 @@
 //! Prometheus metrics, one registry per daemon (several daemons can live in one
-//! test process). All names start with `rankd_`.
+//! test process). All names start with `rankd_`. Every series is registered
+//! in every build, so the exposition is the same; the Kafka and GPU ones are
+//! only ever set by a rankd built with `kafka` or `cuda`.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -46,28 +48,41 @@ pub struct Metrics {
     /// Socket connections closed for a protocol error, by reason.
     pub uds_errors: IntCounterVec,
     /// 1 while a Kafka broker is reachable.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub kafka_connected: prometheus::IntGauge,
     /// Updates applied from Kafka, by topic.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub ingest_applied: IntCounterVec,
     /// Invalid update messages skipped, by reason.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub ingest_rejected: IntCounterVec,
     /// Valid messages rankd does not act on, by reason.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub ingest_ignored: IntCounterVec,
     /// Updates ignored because a newer version was stored.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub ingest_stale: prometheus::IntCounter,
     /// Messages per applied update batch.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub ingest_batch_messages: prometheus::Histogram,
     /// Consumer lag per topic-partition (end offset − applied offset).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub ingest_lag: IntGaugeVec,
     /// How old an update is once applied, by `stage`: `end_to_end` from
     /// the message's timestamp, `rankd` from the consumer's fetch (rankd's
     /// own share: batching, decoding, applying).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub ingest_freshness: HistogramVec,
     /// GPU telemetry from NVML, by device.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub gpu_utilization: prometheus::GaugeVec,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub gpu_memory_used: IntGaugeVec,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub gpu_memory_total: IntGaugeVec,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub gpu_temperature: prometheus::GaugeVec,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub gpu_power: prometheus::GaugeVec,
     /// Batches re-executed on the CPU after a device error, by reason.
     pub fallbacks: IntCounterVec,

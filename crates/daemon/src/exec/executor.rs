@@ -139,6 +139,7 @@ pub fn spawn(
         tx,
         registry: registry.clone(),
         metrics: metrics.clone(),
+        #[cfg(feature = "kafka")]
         popularity: startup.popularity.clone(),
         degrade: startup.degrade,
     };
@@ -705,6 +706,7 @@ impl Executor {
             Command::Catalogues(reply) => {
                 let _ = reply.send(Ok(self.catalogues()));
             }
+            #[cfg(feature = "kafka")]
             Command::Apply(batch, reply) => {
                 if self.online.enabled() {
                     let now = Instant::now();

@@ -21,6 +21,7 @@ pub use registry::{LoadState, Registry, Resident, Route, ServedModel, Split};
 
 use crate::batch::{self, Class, Permit, QueueKey};
 use crate::error::ServeError;
+#[cfg(feature = "kafka")]
 use crate::features::popularity::Popularity;
 use crate::metrics::Metrics;
 use crate::model::spec::Degrade;
@@ -111,7 +112,9 @@ pub enum Command {
         version: u64,
         items: Vec<u64>,
     },
-    /// Applies a batch of feature updates between scoring batches.
+    /// Applies a batch of feature updates between scoring batches (from
+    /// the Kafka consumer).
+    #[cfg(feature = "kafka")]
     Apply(
         crate::features::updates::UpdateBatch,
         Reply<state::ApplyReport>,
@@ -136,6 +139,8 @@ pub struct ExecutorHandle {
     tx: flume::Sender<Command>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    /// Where the consumer's click events are counted.
+    #[cfg(feature = "kafka")]
     popularity: Arc<Popularity>,
     /// `degrade` for the models whose model.toml does not set it.
     degrade: Degrade,
@@ -315,6 +320,7 @@ impl ExecutorHandle {
     }
 
     /// Applies an update batch; blocks the calling (non-async) thread.
+    #[cfg(feature = "kafka")]
     pub fn apply_blocking(
         &self,
         batch: crate::features::updates::UpdateBatch,
