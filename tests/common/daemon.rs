@@ -357,16 +357,20 @@ pub fn slow_repo(delay_us: u64, queue: usize) -> tempfile::TempDir {
     root
 }
 
-/// Writes `tensors` (name, shape, f32 values) as a safetensors file.
-pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+/// One tensor for [`write_tensors`]: name, safetensors dtype, shape and its
+/// little-endian bytes.
+pub type RawTensor<'a> = (&'a str, &'static str, Vec<usize>, Vec<u8>);
+
+/// Writes `tensors` as a safetensors file (the header padded to 8 bytes),
+/// creating its folder.
+pub fn write_tensors(path: &Path, tensors: &[RawTensor<'_>]) {
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    for (name, shape, values) in tensors {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
-        let end = offset + 4 * values.len();
+    for (name, dtype, shape, bytes) in tensors {
+        let end = offset + bytes.len();
         header.insert(
             name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}),
         );
         offset = end;
     }
@@ -374,56 +378,61 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) 
     while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
-    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&head);
-    for (_, _, values) in tensors {
-        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&head);
+    for (_, _, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
     }
-    std::fs::write(path, bytes).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, out).unwrap();
+}
+
+/// Writes `tensors` (name, shape, f32 values) as a safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let raw: Vec<RawTensor<'_>> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (*name, "F32", shape.clone(), bytes)
+        })
+        .collect();
+    write_tensors(path, &raw);
 }
 
 /// Writes an item table (`ids` u64 [N], `embeddings` f32 [N, dim]).
 pub fn write_item_table(path: &Path, ids: &[u64], dim: usize, embeddings: &[f32]) {
     let n = ids.len();
     assert_eq!(embeddings.len(), n * dim);
-    let header = serde_json::json!({
-        "ids": {"dtype": "U64", "shape": [n], "data_offsets": [0, 8 * n]},
-        "embeddings": {"dtype": "F32", "shape": [n, dim], "data_offsets": [8 * n, 8 * n + 4 * n * dim]},
-    });
-    let mut head = header.to_string().into_bytes();
-    while !head.len().is_multiple_of(8) {
-        head.push(b' ');
-    }
-    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&head);
-    bytes.extend(ids.iter().flat_map(|id| id.to_le_bytes()));
-    bytes.extend(embeddings.iter().flat_map(|v| v.to_le_bytes()));
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, bytes).unwrap();
+    write_tensors(
+        path,
+        &[
+            (
+                "ids",
+                "U64",
+                vec![n],
+                ids.iter().flat_map(|id| id.to_le_bytes()).collect(),
+            ),
+            (
+                "embeddings",
+                "F32",
+                vec![n, dim],
+                embeddings.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+        ],
+    );
 }
 
 /// Writes integer attribute columns (`I64` [N] each) as a safetensors file.
 pub fn write_attributes(path: &Path, columns: &[(&str, Vec<i64>)]) {
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, values) in columns {
-        let end = offset + 8 * values.len();
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": "I64", "shape": [values.len()], "data_offsets": [offset, end]}),
-        );
-        offset = end;
-    }
-    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
-    while !head.len().is_multiple_of(8) {
-        head.push(b' ');
-    }
-    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&head);
-    for (_, values) in columns {
-        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-    }
-    std::fs::write(path, bytes).unwrap();
+    let raw: Vec<RawTensor<'_>> = columns
+        .iter()
+        .map(|(name, values)| {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (*name, "I64", vec![values.len()], bytes)
+        })
+        .collect();
+    write_tensors(path, &raw);
 }
 
 /// A repository with two catalogues of the demo's dimension, `videos` and
