@@ -203,3 +203,33 @@ pub fn consume_all(
     }
     out
 }
+
+/// Waits until `/v1/ingest` says `topic`'s partitions have applied `count`
+/// messages in all.
+pub async fn wait_applied(
+    c: &reqwest::Client,
+    d: &super::Daemon,
+    topic: &str,
+    count: i64,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = super::get_json(c, &d.url("/v1/ingest")).await;
+        let applied: i64 = r["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["topic"] == topic)
+            .map(|p| p["applied_offset"].as_i64().unwrap())
+            .sum();
+        if applied >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic}: {applied} of {count} applied after {within:?}: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

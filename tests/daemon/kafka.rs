@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::kafka::{consume_all, Broker};
+use crate::common::kafka::{consume_all, wait_applied, Broker};
 use crate::common::*;
 
 const EVENTS: &str = "rankd.events";
@@ -48,30 +48,6 @@ fn rankd_serving(broker: &Broker, state: &std::path::Path, models: &std::path::P
 }
 
 const HISTORY_MAX: usize = 50;
-
-/// Waits until `/v1/ingest` says `topic`'s partitions have applied `count`
-/// messages in all.
-async fn wait_applied(c: &reqwest::Client, d: &Daemon, topic: &str, count: i64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = get_json(c, &d.url("/v1/ingest")).await;
-        let applied: i64 = r["partitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["topic"] == topic)
-            .map(|p| p["applied_offset"].as_i64().unwrap())
-            .sum();
-        if applied >= count {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{topic}: {applied} of {count} applied after {within:?}: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Waits until every partition's committed offset has caught up with its
 /// applied offset (commits happen once a second, after apply).

@@ -651,6 +651,47 @@ async fn context_is_checked_and_read_on_every_route() {
     assert_eq!(done["result"]["done"], 2, "{done}");
 }
 
+/// What a pipeline retrieving 20 candidates with `retrieve` (given the
+/// context when `retrieve_reads_context`) and ranking them with dcn (given
+/// the context) answers for user `n` at k = 5, computed by hand from the two
+/// models' own answers.
+async fn pipeline_by_hand(
+    c: &reqwest::Client,
+    d: &Daemon,
+    retrieve: &str,
+    retrieve_reads_context: bool,
+    n: u64,
+    context: &Value,
+) -> Vec<(u64, f64)> {
+    let mut body = json!({"user_id": n, "k": 20});
+    if retrieve_reads_context {
+        body["context"] = context.clone();
+    }
+    let (s, retrieved) = post(c, &d.url(&format!("/v1/models/{retrieve}/recommend")), body).await;
+    assert_eq!(s, 200, "{retrieved}");
+    let candidates: Vec<u64> = retrieved["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_u64().unwrap())
+        .collect();
+    let (s, ranked) = post(
+        c,
+        &d.url(&format!("/v1/models/{DCN}/score")),
+        json!({"user_id": n, "items": candidates, "context": context}),
+    )
+    .await;
+    assert_eq!(s, 200, "{ranked}");
+    let mut want: Vec<(u64, f64)> = candidates
+        .iter()
+        .copied()
+        .zip(floats(&ranked["scores"]))
+        .collect();
+    want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    want.truncate(5);
+    want
+}
+
 /// A pipeline hands the request's context to both stages: its answer is
 /// the tower's candidates for that context ranked by dcn with it.
 #[tokio::test]
@@ -669,33 +710,7 @@ async fn a_pipeline_reads_the_context_in_both_stages() {
         }
         let n = u["user"].as_u64().unwrap();
         let context = &u["context"];
-        let (s, retrieved) = post(
-            &c,
-            &d.url(&format!("/v1/models/{TOWER}/recommend")),
-            json!({"user_id": n, "k": 20, "context": context}),
-        )
-        .await;
-        assert_eq!(s, 200, "{retrieved}");
-        let candidates: Vec<u64> = retrieved["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["id"].as_u64().unwrap())
-            .collect();
-        let (s, ranked) = post(
-            &c,
-            &d.url(&format!("/v1/models/{DCN}/score")),
-            json!({"user_id": n, "items": candidates, "context": context}),
-        )
-        .await;
-        assert_eq!(s, 200, "{ranked}");
-        let mut want: Vec<(u64, f64)> = candidates
-            .iter()
-            .copied()
-            .zip(floats(&ranked["scores"]))
-            .collect();
-        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        want.truncate(5);
+        let want = pipeline_by_hand(&c, &d, TOWER, true, n, context).await;
         let (s, answer) = post(
             &c,
             &d.url("/v1/models/feed/recommend"),
@@ -748,33 +763,7 @@ async fn a_pipeline_hands_the_context_to_the_stage_that_reads_it() {
         }
         let n = u["user"].as_u64().unwrap();
         let context = &u["context"];
-        let (s, retrieved) = post(
-            &c,
-            &d.url(&format!("/v1/models/{SASREC}/recommend")),
-            json!({"user_id": n, "k": 20}),
-        )
-        .await;
-        assert_eq!(s, 200, "{retrieved}");
-        let candidates: Vec<u64> = retrieved["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["id"].as_u64().unwrap())
-            .collect();
-        let (s, ranked) = post(
-            &c,
-            &d.url(&format!("/v1/models/{DCN}/score")),
-            json!({"user_id": n, "items": candidates, "context": context}),
-        )
-        .await;
-        assert_eq!(s, 200, "{ranked}");
-        let mut want: Vec<(u64, f64)> = candidates
-            .iter()
-            .copied()
-            .zip(floats(&ranked["scores"]))
-            .collect();
-        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        want.truncate(5);
+        let want = pipeline_by_hand(&c, &d, SASREC, false, n, context).await;
         let (s, answer) = post(
             &c,
             &d.url("/v1/models/feed-seq/recommend"),
@@ -813,36 +802,12 @@ async fn a_pipeline_hands_the_context_to_the_stage_that_reads_it() {
 
 #[cfg(feature = "kafka")]
 mod kafka {
-    use std::time::Instant;
 
     use super::*;
-    use crate::common::kafka::{consume_all, Broker};
+    use crate::common::kafka::{consume_all, wait_applied, Broker};
 
     const USERS: &str = "rankd.users";
     const DEAD: &str = "rankd.dead";
-
-    /// Waits until `/v1/ingest` says the users topic applied `count` messages.
-    async fn wait_applied(c: &reqwest::Client, d: &Daemon, count: i64) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let r = get_json(c, &d.url("/v1/ingest")).await;
-            let applied: i64 = r["partitions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|p| p["topic"] == USERS)
-                .map(|p| p["applied_offset"].as_i64().unwrap())
-                .sum();
-            if applied >= count {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{applied} of {count} applied: {r}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 
     /// A users-topic message carrying `sparse` (alone, or beside
     /// `features`) sets the user's categorical features, which the model
@@ -897,7 +862,7 @@ mod kafka {
             &json!({"user_id": 6, "sparse": [1, 2], "version": 1}).to_string(),
         );
         producer.flush();
-        wait_applied(&c, &d, 3).await;
+        wait_applied(&c, &d, USERS, 3, Duration::from_secs(20)).await;
 
         let s4 = user_state(&c, &d, 4).await;
         assert_eq!(s4["sparse"], u4["sparse"], "{s4}");
