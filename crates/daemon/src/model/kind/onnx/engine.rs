@@ -105,7 +105,8 @@ impl std::fmt::Debug for Graph {
     }
 }
 
-/// Checks `path` against `--max-model-bytes` (`what` names it).
+/// Adds `path`'s size to `total` and checks the sum against
+/// `--max-model-bytes` (the error names `graph`).
 fn check_size(path: &Path, graph: &Path, total: &mut u64, limit: u64) -> Result<(), ModelError> {
     let len = std::fs::metadata(path)
         .map_err(|e| ModelError::Io {
@@ -140,8 +141,8 @@ fn external_files(dir: &Path, graph: &pb::GraphProto) -> Vec<PathBuf> {
     files
 }
 
-/// The attribute names of the catalogue beside `items` (sorted), when it
-/// has an attributes file.
+/// How many attributes the catalogue beside `items` has (0 without an
+/// attributes file).
 fn catalogue_attributes(items: &Path) -> Result<usize, ModelError> {
     let path = items.with_file_name(crate::model::attributes::ATTRIBUTES_FILE);
     if !path.is_file() {
