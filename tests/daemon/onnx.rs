@@ -13,16 +13,16 @@ use crate::common::frame::{connect, read_frame, request_frame, send};
 use crate::common::parity::{close, floats};
 use crate::common::*;
 
-fn fixtures() -> PathBuf {
+pub(crate) fn fixtures() -> PathBuf {
     repo_root().join("tests/fixtures/onnx")
 }
 
-fn expected() -> Value {
+pub(crate) fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
         .unwrap()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
@@ -83,6 +83,18 @@ fn ids_of(v: &Value) -> Vec<u64> {
         .iter()
         .map(|x| x.as_u64().unwrap())
         .collect()
+}
+
+/// A daemon on `root`, given ONNX Runtime's library in a rankd built with
+/// it.
+fn start_with_engines(root: &Path) -> Daemon {
+    #[cfg(feature = "onnxruntime")]
+    let lib = onnxruntime_lib();
+    #[cfg(feature = "onnxruntime")]
+    let flags = ["--onnxruntime-lib", lib.as_str()];
+    #[cfg(not(feature = "onnxruntime"))]
+    let flags: [&str; 0] = [];
+    Daemon::start_with(root, &flags)
 }
 
 /// Seeds every fixture user: history, dense features, categorical features.
@@ -218,13 +230,7 @@ async fn exported_graphs_answer_as_pytorch_on_each_engine() {
     let e = expected();
     let onnxruntime = cfg!(feature = "onnxruntime");
     let root = repo(onnxruntime);
-    #[cfg(feature = "onnxruntime")]
-    let lib = onnxruntime_lib();
-    #[cfg(feature = "onnxruntime")]
-    let flags = ["--onnxruntime-lib", lib.as_str()];
-    #[cfg(not(feature = "onnxruntime"))]
-    let flags: [&str; 0] = [];
-    let d = Daemon::start_with(root.path(), &flags);
+    let d = start_with_engines(root.path());
     let c = Daemon::client();
     let mut models: Vec<String> = MODELS.iter().map(|m| m.to_string()).collect();
     if onnxruntime {
@@ -513,13 +519,7 @@ async fn ids_lengths_and_context_reach_the_graph_as_rankd_feeds_them() {
         text.replace("cold_start = \"model\"\n", ""),
     )
     .unwrap();
-    #[cfg(feature = "onnxruntime")]
-    let lib = onnxruntime_lib();
-    #[cfg(feature = "onnxruntime")]
-    let flags = ["--onnxruntime-lib", lib.as_str()];
-    #[cfg(not(feature = "onnxruntime"))]
-    let flags: [&str; 0] = [];
-    let d = Daemon::start_with(root.path(), &flags);
+    let d = start_with_engines(root.path());
     let c = Daemon::client();
     seed(&c, &d, &e).await;
     let all: Vec<u64> = (0..64).map(|i| 1000 + 3 * i).collect();

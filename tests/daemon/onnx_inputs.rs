@@ -6,7 +6,6 @@
 //! score, bulk lines and pipelines, checked against the serving version's
 //! `context_dim`. Accepted inputs give PyTorch's answers (expected.json).
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -14,6 +13,7 @@ use serde_json::{json, Value};
 use crate::common::frame::{connect, frame, read_frame, read_frames, request_frame, send};
 use crate::common::parity::{close, floats};
 use crate::common::*;
+use crate::onnx::{copy_dir, expected, fixtures};
 
 /// dcn-legacy: a ranker reading 3 categorical user features and 2 floats
 /// of context; tower-legacy: a tower reading 3 dense features and the same
@@ -21,28 +21,6 @@ use crate::common::*;
 const DCN: &str = "dcn-legacy";
 const TOWER: &str = "tower-legacy";
 const SASREC: &str = "sasrec-legacy";
-
-fn fixtures() -> PathBuf {
-    repo_root().join("tests/fixtures/onnx")
-}
-
-fn expected() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
-        .unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
 
 /// The fixture catalogue and the three models, with `feed`: a pipeline
 /// retrieving 20 candidates with the tower and ranking them with dcn; and
