@@ -357,15 +357,6 @@ fn attribute_rows() -> (Vec<u64>, std::collections::HashMap<u64, (i64, i64)>) {
     (ids, by_id)
 }
 
-fn ids_of(v: &Value) -> Vec<u64> {
-    v["items"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no items in {v}"))
-        .iter()
-        .map(|i| i["id"].as_u64().unwrap())
-        .collect()
-}
-
 /// Filtered recommends over HTTP, the socket and bulk: only items whose
 /// attributes hold every clause come back, the list is the unfiltered
 /// ranking's passing items in order (the filter runs inside the scan, not
@@ -375,8 +366,8 @@ fn ids_of(v: &Value) -> Vec<u64> {
 #[tokio::test]
 async fn filtered_recommends_return_only_passing_items_in_ranking_order() {
     let repo = two_catalogue_repo();
-    let (ids, attrs) = attribute_rows();
-    let rows = ids.len();
+    let (item_ids, attrs) = attribute_rows();
+    let rows = item_ids.len();
     write_attributes(
         &repo.path().join("catalogues/videos/attributes.safetensors"),
         &[
@@ -398,7 +389,7 @@ async fn filtered_recommends_return_only_passing_items_in_ranking_order() {
     assert_eq!(list["catalogues"][0]["attributes"], json!([]), "{list}");
 
     let user = 7u64;
-    let history: Vec<u64> = ids[..8].to_vec();
+    let history: Vec<u64> = item_ids[..8].to_vec();
     let (s, w) = post(
         &c,
         &d.url(&format!("/v1/users/{user}")),
@@ -417,7 +408,7 @@ async fn filtered_recommends_return_only_passing_items_in_ranking_order() {
         stock == 1 && (cat == 3 || cat == 7)
     };
     let filtered = recommend(json!({"user_id": user, "k": 50, "filter": filter})).await;
-    let got = ids_of(&filtered);
+    let got = ids(&filtered);
     assert_eq!(got.len(), 50, "{filtered}");
     assert!(got.iter().all(passes), "{filtered}");
     let all = recommend(json!({"user_id": user, "k": 1000})).await;
@@ -446,7 +437,7 @@ async fn filtered_recommends_return_only_passing_items_in_ranking_order() {
     let v = json!({"id": 1, "op": "recommend", "model": "videos", "user_id": user, "k": 50, "filter": filter});
     send(&mut s, &request_frame(&v), "socket recommend").await;
     let r = read_frame(&mut s, "socket recommend").await;
-    assert_eq!(ids_of(&r["result"]), got, "{r}");
+    assert_eq!(ids(&r["result"]), got, "{r}");
     let line = json!({"user_id": user, "k": 50, "filter": filter}).to_string();
     let r = c
         .post(d.url("/v1/models/videos/bulk"))
@@ -456,11 +447,11 @@ async fn filtered_recommends_return_only_passing_items_in_ranking_order() {
         .unwrap();
     let text = r.text().await.unwrap();
     let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    assert_eq!(ids_of(&first), got, "{text}");
+    assert_eq!(ids(&first), got, "{text}");
 
     // An attribute write moves an item into a filter; attributes alone
     // keep the embedding.
-    let top = ids_of(&all)[0];
+    let top = ids(&all)[0];
     let before = get_json(&c, &d.url(&format!("/v1/catalogues/videos/items/{top}"))).await;
     let (s, w) = post(
         &c,
@@ -477,12 +468,12 @@ async fn filtered_recommends_return_only_passing_items_in_ranking_order() {
         "{after}"
     );
     let only = recommend(json!({"user_id": user, "k": 10, "filter": {"category": 999}})).await;
-    assert_eq!(ids_of(&only), [top], "{only}");
+    assert_eq!(ids(&only), [top], "{only}");
 
     // A user rankd knows nothing about gets the popular items, filtered.
     let cold = recommend(json!({"user_id": 424242, "k": 20, "filter": {"in_stock": 0}})).await;
     assert_eq!(cold["cold_start"], true, "{cold}");
-    let cold_ids = ids_of(&cold);
+    let cold_ids = ids(&cold);
     assert_eq!(cold_ids.len(), 20, "{cold}");
     assert!(cold_ids.iter().all(|id| attrs[id].0 == 0), "{cold}");
 
@@ -555,7 +546,7 @@ async fn filtered_recommends_return_only_passing_items_in_ranking_order() {
         json!({"user_id": user, "k": 10, "filter": {"category": 999}}),
     )
     .await;
-    assert_eq!((s, ids_of(&only)), (200, vec![top]), "{only}");
+    assert_eq!((s, ids(&only)), (200, vec![top]), "{only}");
 }
 
 /// An unknown filter attribute is refused at admission, before a request

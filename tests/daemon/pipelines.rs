@@ -20,15 +20,6 @@ fn pipeline(root: &std::path::Path, name: &str, body: &str) {
     .unwrap();
 }
 
-fn ids(v: &Value) -> Vec<u64> {
-    v["items"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no items in {v}"))
-        .iter()
-        .map(|i| i["id"].as_u64().unwrap())
-        .collect()
-}
-
 /// What a client would do by hand: the retrieval model's top `candidates`,
 /// scored by the ranker, best first (ties by id), cut at `k`.
 async fn by_hand(
