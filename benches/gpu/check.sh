@@ -8,19 +8,28 @@
 #      binary), driven by `rankd bench` over the socket, closed and open loop;
 #   4. its answers against a CPU daemon's on the same users and requests
 #      (benches/gpu/compare.py);
-#   5. one final table; full logs and JSON under $OUT.
+#   5. the conformance suite (tests/conformance/: every kind, batch sizes,
+#      histories, item deletes and writes, unload/reload, against an f64
+#      reference of the fixture tensors) with RANKD_EXPECT_GPU=1, so a
+#      device that does not open fails it; run when its test binary is
+#      staged as .gpu/conformance;
+#   6. one final table; full logs and JSON under $OUT.
 #
-# Build and stage here (the release binary with line tables is over the
-# 64 MiB a device call carries, so it travels stripped):
+# Build and stage here (the release binaries with line tables are over the
+# 64 MiB a device call carries, so they travel stripped: about 40 MB and
+# 21 MB):
 #   cargo build --release
 #   mkdir -p .gpu && strip -o .gpu/rankd target/release/rankd
+#   strip -o .gpu/conformance "$(cargo test --release --no-run -p rankd-cli \
+#     --test conformance 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p')"
 #   grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
 # then, on the GPU machine (device call with carry [".gpu"]):
 #   benches/gpu/check.sh
 # On a machine without a GPU (CI):
 #   benches/gpu/check.sh --dry-run   # gpu-check --dry-run and a short CPU bench
 #
-# RANKD_BIN overrides the binary (default .gpu/rankd, else target/release/rankd).
+# RANKD_BIN overrides the binary (default .gpu/rankd, else target/release/rankd);
+# RANKD_CONFORMANCE_BIN the conformance test binary (default .gpu/conformance).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -176,6 +185,32 @@ import sys, urllib.request
 print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
 EOF
   grep -E '^rankd_(gpu_|device_healthy|fallback)' "$OUT/metrics.txt" || true
+fi
+
+# The conformance suite runs the staged test binary against $BIN on the
+# device; it reads the fixtures from this checkout (RANKD_REPO).
+step "conformance suite on $DEVICE"
+CONF="${RANKD_CONFORMANCE_BIN:-}"
+[ -z "$CONF" ] && [ -x .gpu/conformance ] && CONF="$PWD/.gpu/conformance"
+if [ "$DRY" = 1 ]; then
+  echo "skipped in --dry-run: it needs a GPU here; on the CPU backend it runs in cargo test (scripts/test.sh)"
+  row "conformance" "-" "skipped (--dry-run)"
+elif [ ! -x "${CONF:-}" ]; then
+  echo "skipped: no conformance test binary staged (.gpu/conformance; see the header of $0)"
+  row "conformance" "-" "not run: not staged"
+else
+  RANKD_EXPECT_GPU=1 RANKD_BIN="$BIN" RANKD_REPO="$PWD" timeout 300 "$CONF" --nocapture \
+    >"$OUT/conformance.txt" 2>&1
+  rc=$?
+  grep -E '^(test |.*: served on|.*answers in)' "$OUT/conformance.txt"
+  result=$(grep '^test result' "$OUT/conformance.txt" | tail -1)
+  if [ $rc = 0 ]; then
+    row "conformance" "RANKD_EXPECT_GPU=1" "${result:-ok}"
+  else
+    grep -A4 'panicked' "$OUT/conformance.txt" | head -40
+    row "conformance" "RANKD_EXPECT_GPU=1" "FAIL (exit $rc): ${result:-see conformance.txt}"
+    FAILED=1
+  fi
 fi
 
 step "summary"

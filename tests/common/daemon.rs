@@ -155,6 +155,11 @@ impl Daemon {
     }
 
     pub fn start_with(models: &Path, extra: &[&str]) -> Self {
+        Self::start_bin(Path::new(env!("CARGO_BIN_EXE_rankd")), models, extra)
+    }
+
+    /// As [`Daemon::start_with`], running the `rankd` binary at `bin`.
+    pub fn start_bin(bin: &Path, models: &Path, extra: &[&str]) -> Self {
         let turn = shared();
         let dir = tempfile::tempdir().unwrap();
         let stderr_log = dir.path().join("stderr.log");
@@ -162,7 +167,7 @@ impl Daemon {
             Some(i) => PathBuf::from(extra[i + 1]),
             None => dir.path().join("rankd.sock"),
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rankd"))
+        let mut child = Command::new(bin)
             .arg("serve")
             .arg("--models")
             .arg(models)
