@@ -25,6 +25,7 @@ mod onnx_inputs;
 mod parity;
 mod pipelines;
 mod pressure;
+mod query_cache;
 mod sasrec;
 mod soak;
 mod tls;

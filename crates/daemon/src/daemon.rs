@@ -133,6 +133,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         max_users: config.durability.max_users,
         popularity: popularity.clone(),
         degrade: config.pressure.degrade,
+        query_cache_bytes: usize::try_from(config.exec.query_cache_bytes).unwrap_or(usize::MAX),
     };
     let mut served = Vec::new();
     for (index, (m, latest)) in repo.models.iter().zip(latest).enumerate() {

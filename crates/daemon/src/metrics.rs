@@ -108,6 +108,12 @@ pub struct Metrics {
     pub degraded: IntCounterVec,
     /// Recommends for users with no state answered from popularity.
     pub cold_start: IntCounterVec,
+    /// Queries whose user's query vector was kept from an earlier batch
+    /// (hits) or computed by the tower (misses), by model.
+    pub query_cache_hits: IntCounterVec,
+    pub query_cache_misses: IntCounterVec,
+    /// Estimated bytes of the kept query vectors.
+    pub query_cache_bytes: prometheus::IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -469,6 +475,27 @@ impl Metrics {
                 "Recommends for users with no history and no features answered with the popular items.",
                 &["model"],
             ),
+            query_cache_hits: counter(
+                "rankd_query_cache_hits_total",
+                "Queries answered from the user's kept query vector, without the tower.",
+                &["model"],
+            ),
+            query_cache_misses: counter(
+                "rankd_query_cache_misses_total",
+                "Queries of a model with a query cache whose query vector the tower computed.",
+                &["model"],
+            ),
+            query_cache_bytes: {
+                let g = prometheus::IntGauge::new(
+                    "rankd_query_cache_bytes",
+                    "Estimated bytes of the query vectors kept by the query cache.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             registry,
         }
     }

@@ -224,6 +224,31 @@ impl Backend for Fallback {
         Ok(())
     }
 
+    /// A model the CPU copy alone serves has its tower apart from its scan
+    /// as the CPU backend does; the device's own models do not.
+    fn embeds(&self, id: ModelId) -> bool {
+        self.cpu_only.contains_key(&id) && self.cpu.embeds(id)
+    }
+
+    fn embed(
+        &mut self,
+        id: ModelId,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Result<Vec<f32>, BackendError> {
+        self.cpu.embed(id, items, queries)
+    }
+
+    fn retrieve(
+        &mut self,
+        id: ModelId,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+        q: &[f32],
+    ) -> Result<Vec<Output>, BackendError> {
+        self.cpu.retrieve(id, items, queries, q)
+    }
+
     fn run(
         &mut self,
         id: ModelId,

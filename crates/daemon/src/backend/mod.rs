@@ -194,6 +194,47 @@ pub trait Backend: Send {
         queries: &[Query<'_>],
     ) -> Result<Vec<Output>, BackendError>;
 
+    /// Whether this backend offers model `id`'s query vectors alone
+    /// ([`Backend::embed`]) and answers from given ones
+    /// ([`Backend::retrieve`]): a retrieval model whose tower runs apart
+    /// from its scan. The executor then keeps each user's query vector and
+    /// runs the tower only for users whose state changed.
+    fn embeds(&self, _id: ModelId) -> bool {
+        false
+    }
+
+    /// The query vectors of a batch of model `id` (its tower alone), `dim`
+    /// values per query in order. Only called where [`Backend::embeds`].
+    fn embed(
+        &mut self,
+        id: ModelId,
+        _items: &ItemTable,
+        _queries: &[Query<'_>],
+    ) -> Result<Vec<f32>, BackendError> {
+        Err(BackendError::new(
+            self.device(),
+            Reason::Other,
+            format!("model {id} has no tower apart from its scan here: this is a bug"),
+        ))
+    }
+
+    /// Answers a batch of model `id` from its query vectors `q` (`dim` values
+    /// per query, in order), as `run` would after the tower. Only called
+    /// where [`Backend::embeds`].
+    fn retrieve(
+        &mut self,
+        id: ModelId,
+        _items: &ItemTable,
+        _queries: &[Query<'_>],
+        _q: &[f32],
+    ) -> Result<Vec<Output>, BackendError> {
+        Err(BackendError::new(
+            self.device(),
+            Reason::Other,
+            format!("model {id} has no scan apart from its tower here: this is a bug"),
+        ))
+    }
+
     /// `rows` of a table changed on the host (upserts, deletes, new rows at
     /// the end): bring any device copy in step before the next `run`.
     fn items_changed(

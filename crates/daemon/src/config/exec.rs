@@ -26,6 +26,8 @@ pub struct ExecConfig {
     pub onnx_threads: usize,
     /// The most an onnx graph and its external data may weigh, in bytes.
     pub max_model_bytes: u64,
+    /// Bytes of users' query vectors kept between their requests (0: off).
+    pub query_cache_bytes: u64,
 }
 
 impl Default for ExecConfig {
@@ -37,6 +39,7 @@ impl Default for ExecConfig {
             onnxruntime_lib: None,
             onnx_threads: 0,
             max_model_bytes: crate::model::kind::onnx::DEFAULT_MAX_MODEL_BYTES,
+            query_cache_bytes: 64 << 20,
         }
     }
 }
@@ -50,6 +53,7 @@ impl ExecConfig {
         "onnxruntime_lib",
         "onnx_threads",
         "max_model_bytes",
+        "query_cache_bytes",
     ];
 
     /// What onnx models load with.
@@ -101,6 +105,9 @@ pub struct ExecArgs {
     /// The most an onnx model's graph and its external data may weigh, in bytes; a larger one fails that version only [default: 2147483648]
     #[arg(long, env = "RANKD_MAX_MODEL_BYTES", value_name = "BYTES")]
     pub max_model_bytes: Option<u64>,
+    /// Bytes of query vectors kept per user between requests, so that a user who asks again before their state, the item rows their history reads, or the version changed skips the tower (retrieval models on the CPU; about d × 4 + 64 bytes per user and version); 0 turns it off [default: 67108864]
+    #[arg(long, env = "RANKD_QUERY_CACHE_BYTES", value_name = "BYTES")]
+    pub query_cache_bytes: Option<u64>,
 }
 
 impl ExecArgs {
@@ -113,5 +120,6 @@ impl ExecArgs {
         }
         set(&mut c.onnx_threads, self.onnx_threads);
         set(&mut c.max_model_bytes, self.max_model_bytes);
+        set(&mut c.query_cache_bytes, self.query_cache_bytes);
     }
 }

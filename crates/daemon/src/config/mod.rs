@@ -353,6 +353,7 @@ mod tests {
             onnxruntime_lib = "libonnxruntime.so.1.32.0"
             onnx_threads = 22
             max_model_bytes = 23
+            query_cache_bytes = 24
             repository_poll_ms = 12
             online_eval_users = 13
             online_eval_window_ms = 14
@@ -410,6 +411,7 @@ mod tests {
         );
         assert_eq!(c.exec.onnx_threads, 22);
         assert_eq!(c.exec.max_model_bytes, 23);
+        assert_eq!(c.exec.query_cache_bytes, 24);
         assert_eq!(c.lifecycle.repository_poll_ms, 12);
         assert_eq!(c.lifecycle.online_eval_users, 13);
         assert_eq!(c.lifecycle.online_eval_window_ms, 14);

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use super::load::{self, VersionFiles};
 use super::online::OnlineEval;
+use super::query_cache::{self, Key as CacheKey, QueryCache};
 use super::{
     deadline_exceeded, Answer, Command, ExecutorHandle, InferRequest, LoadState, Note, Op,
     Registry, Reply, Resident, Split,
@@ -85,6 +86,8 @@ pub struct Startup {
     pub popularity: Arc<Popularity>,
     /// `degrade` for the models whose model.toml does not set it.
     pub degrade: Degrade,
+    /// Bytes of query vectors kept for users who ask again (0: off).
+    pub query_cache_bytes: usize,
 }
 
 /// A write applied this turn, acknowledged once the log is committed.
@@ -120,6 +123,8 @@ struct Executor {
     rates: HashMap<usize, Rates>,
     /// Batches executed, numbering them in spans.
     batches: u64,
+    /// Users' query vectors, kept until their state changes.
+    query_cache: QueryCache,
 }
 
 /// Starts the executor thread for `backend`. It loads the start-up versions
@@ -176,6 +181,7 @@ pub fn spawn(
                 degrade: startup.degrade,
                 rates: HashMap::new(),
                 batches: 0,
+                query_cache: QueryCache::new(startup.query_cache_bytes),
             };
             exec.load_at_start(startup.versions, startup.fallbacks, &startup.splits);
             exec.publish_health();
@@ -504,6 +510,10 @@ impl Executor {
     /// it) item table.
     fn free(&mut self, id: ModelId) {
         self.backend.unload(id);
+        self.query_cache.forget(id);
+        self.metrics
+            .query_cache_bytes
+            .set(self.query_cache.bytes() as i64);
         let removed = self.scheduler.remove_queue(QueueKey { model: id });
         debug_assert!(removed, "a freed version's queue is empty");
         if let Some(slot) = self.slots.remove(&id) {
@@ -1129,7 +1139,48 @@ impl Executor {
             .collect();
         let rows: usize = live.iter().map(|r| r.rows).sum();
         let started = Instant::now();
-        let result = self.backend.run(id, items, &queries);
+        let result = if self.query_cache.enabled() && self.backend.embeds(id) {
+            // A query the tower reads a request context for is computed
+            // every time; so is one for a user without state.
+            let keys: Vec<Option<CacheKey>> = live
+                .iter()
+                .map(|req| {
+                    let user = req.op.user_id();
+                    if req.op.context().is_some_and(|c| !c.is_empty()) {
+                        return None;
+                    }
+                    self.state
+                        .users
+                        .changed_at(user)
+                        .map(|changed_at| CacheKey { user, changed_at })
+                })
+                .collect();
+            query_cache::run(
+                &mut *self.backend,
+                &mut self.query_cache,
+                id,
+                spec.dim,
+                items,
+                &queries,
+                &keys,
+            )
+            .map(|(out, counts)| {
+                self.metrics
+                    .query_cache_hits
+                    .with_label_values(&[&name])
+                    .inc_by(counts.hits);
+                self.metrics
+                    .query_cache_misses
+                    .with_label_values(&[&name])
+                    .inc_by(counts.misses);
+                self.metrics
+                    .query_cache_bytes
+                    .set(self.query_cache.bytes() as i64);
+                out
+            })
+        } else {
+            self.backend.run(id, items, &queries)
+        };
         let elapsed = started.elapsed();
         self.batches += 1;
         self.scheduler.record(key, rows, elapsed);

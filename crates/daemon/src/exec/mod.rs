@@ -5,6 +5,7 @@
 mod executor;
 pub mod load;
 pub mod online;
+pub mod query_cache;
 pub mod registry;
 
 use std::sync::Arc;

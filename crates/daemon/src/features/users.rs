@@ -117,6 +117,12 @@ impl UserStore {
         self.users.get(&user_id).map(|u| &**u)
     }
 
+    /// A number that changes whenever the user's state does (`None`: no
+    /// state): what the executor's query cache keys a user's tower output by.
+    pub fn changed_at(&self, user_id: u64) -> Option<u64> {
+        self.ticks.get(&user_id).copied()
+    }
+
     /// The user's state, shared: it stays as it is now while the store
     /// moves on.
     pub fn shared(&self, user_id: u64) -> Option<Arc<UserState>> {

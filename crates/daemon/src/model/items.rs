@@ -22,6 +22,11 @@ pub struct ItemTable {
     embeddings: Vec<f32>,
     live: Vec<bool>,
     versions: Vec<u64>,
+    /// When each row's embedding was last written (a count of writes to
+    /// this table, 0 for rows as read from the file), and that count: what
+    /// the executor's query cache checks a kept query vector against.
+    written: Vec<u64>,
+    writes: u64,
     live_count: usize,
     /// Integer attributes per row (none unless the catalogue has them).
     attributes: Attributes,
@@ -63,6 +68,8 @@ impl ItemTable {
             embeddings,
             live: vec![true; n],
             versions: vec![0; n],
+            written: vec![0; n],
+            writes: 0,
             live_count: n,
             attributes: Attributes::default(),
             int8: OnceLock::new(),
@@ -237,6 +244,23 @@ impl ItemTable {
         &self.live
     }
 
+    /// Embedding writes this table has taken since it was read.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// The value of [`Self::writes`] right after row `row`'s embedding was
+    /// last written (0: as read from the file).
+    pub fn written_at(&self, row: u32) -> u64 {
+        self.written[row as usize]
+    }
+
+    /// Counts one embedding write to row `row`.
+    fn count_write(&mut self, row: usize) {
+        self.writes += 1;
+        self.written[row] = self.writes;
+    }
+
     pub fn embedding(&self, row: u32) -> &[f32] {
         let start = row as usize * self.dim;
         &self.embeddings[start..start + self.dim]
@@ -276,6 +300,7 @@ impl ItemTable {
                 }
                 self.embeddings[r * self.dim..(r + 1) * self.dim].copy_from_slice(embedding);
                 self.sync_int8(r);
+                self.count_write(r);
                 self.versions[r] = version;
                 if !self.live[r] {
                     self.live[r] = true;
@@ -292,6 +317,8 @@ impl ItemTable {
                 self.attributes.push_row();
                 self.live.push(true);
                 self.versions.push(version);
+                self.written.push(0);
+                self.count_write(row as usize);
                 self.live_count += 1;
                 ItemChange::Applied { row }
             }
@@ -309,6 +336,7 @@ impl ItemTable {
         };
         self.embeddings[row * self.dim..(row + 1) * self.dim].copy_from_slice(embedding);
         self.sync_int8(row);
+        self.count_write(row);
         self.versions[row] = version;
         if self.live[row] != live {
             self.live[row] = live;
@@ -508,6 +536,23 @@ mod tests {
         assert_eq!(t.live_row_of(20), None);
         assert_eq!(t.live_count(), 2);
         assert_eq!(t.delete(20, 1), ItemChange::Stale);
+    }
+
+    #[test]
+    fn embedding_writes_are_counted_per_row() {
+        let mut t = ItemTable::new(2, vec![10, 20], vec![1.0, 0.0, 0.0, 1.0]).unwrap();
+        assert_eq!((t.writes(), t.written_at(0), t.written_at(1)), (0, 0, 0));
+        t.upsert(20, &[2.0, 2.0], 1);
+        assert_eq!((t.writes(), t.written_at(0), t.written_at(1)), (1, 0, 1));
+        // A stale write and a delete leave the embeddings, and the count, as
+        // they were; a new row and a restore are writes.
+        t.upsert(20, &[3.0, 3.0], 1);
+        t.delete(10, 1);
+        assert_eq!(t.writes(), 1);
+        t.upsert(30, &[5.0, 5.0], 1);
+        assert_eq!((t.writes(), t.written_at(2)), (2, 2));
+        t.restore(10, &[4.0, 4.0], 2, true);
+        assert_eq!((t.writes(), t.written_at(0)), (3, 3));
     }
 
     #[test]

@@ -84,6 +84,13 @@ pub struct BenchArgs {
     /// Longest history written by --populate
     #[arg(long, default_value_t = 50)]
     pub history_len: usize,
+    /// Fraction of calls (0–1) that are a click instead: the drawn user
+    /// engages with one more item (a random id), their stored history gains
+    /// it (the newest --history-len kept) and is written through the API, so
+    /// the user's next answer must see it. 0.2 is a replay where a user asks
+    /// about four times between clicks
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub clicks: f64,
     /// Zipf exponent of user popularity
     #[arg(long, default_value_t = 1.1)]
     pub zipf: f64,
@@ -118,6 +125,13 @@ pub struct BenchArgs {
     /// values), e.g. '{"in_stock": 1}'
     #[arg(long, value_name = "JSON", value_parser = parse_filter)]
     pub filter: Option<rankd_client::types::Filter>,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("--clicks takes a fraction from 0 to 1, got '{s}'")),
+    }
 }
 
 fn parse_filter(s: &str) -> Result<rankd_client::types::Filter, String> {
@@ -262,6 +276,9 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<Vec<Report>> {
         items: args.items.max(1),
         timeout_ms: args.timeout_ms,
         filter: args.filter.clone(),
+        clicks: args.clicks,
+        history_len: args.history_len.max(1),
+        histories: Default::default(),
     });
     let mut reports = match args.transport {
         Transport::Uds => {
@@ -363,6 +380,9 @@ async fn populate<C: Client>(args: &BenchArgs, client: &C, w: &Workload) -> anyh
                     history.extend((0..take as u64).map(|i| 1 + (start + i * 7) % w.items));
                 }
             }
+        }
+        if w.clicks > 0.0 {
+            w.remember(user_id, &history);
         }
         let c = client.clone();
         pending.push(tokio::spawn(async move {

@@ -2,6 +2,9 @@
 //! users, a long tail), candidate lists for `score`, all from a seeded RNG so
 //! two runs offer the same sequence.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use rankd::internals::Rng;
 use rankd_client::types::{RecommendRequest, ScoreRequest, UserRequest};
 
@@ -43,7 +46,7 @@ impl Zipf {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Workload {
     pub op: OpKind,
     pub zipf: Zipf,
@@ -56,6 +59,12 @@ pub struct Workload {
     pub timeout_ms: u64,
     /// Sent with every recommend.
     pub filter: Option<rankd_client::types::Filter>,
+    /// Fraction of calls that are a click of the drawn user (`--clicks`).
+    pub clicks: f64,
+    /// Newest ids kept of a clicking user's history.
+    pub history_len: usize,
+    /// The histories written so far, by user, for clicks to extend.
+    pub histories: Mutex<HashMap<u64, Vec<u64>>>,
 }
 
 pub enum Call {
@@ -75,7 +84,37 @@ impl Workload {
         rank.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16
     }
 
+    /// Records `history` as what `user`'s history was written as.
+    pub fn remember(&self, user: u64, history: &[u64]) {
+        self.histories
+            .lock()
+            .expect("histories lock poisoned")
+            .insert(user, history.to_vec());
+    }
+
+    /// A click of `user` on a random item: the history written with it.
+    fn click(&self, user: u64, rng: &mut Rng) -> Call {
+        let item = 1 + rng.below(self.items);
+        let mut histories = self.histories.lock().expect("histories lock poisoned");
+        let h = histories.entry(user).or_default();
+        h.push(item);
+        let extra = h.len().saturating_sub(self.history_len);
+        h.drain(..extra);
+        Call::UpsertUser(
+            user,
+            UserRequest {
+                history: Some(h.clone()),
+                features: None,
+                sparse: None,
+            },
+        )
+    }
+
     pub fn next(&self, rng: &mut Rng) -> Call {
+        if self.clicks > 0.0 && rng.uniform() < self.clicks {
+            let user = self.user(rng);
+            return self.click(user, rng);
+        }
         match self.op {
             OpKind::Health => Call::Health,
             OpKind::UpsertUser => Call::UpsertUser(
@@ -113,6 +152,43 @@ impl Workload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_click_extends_the_users_history_to_its_newest_ids() {
+        let w = Workload {
+            op: OpKind::Recommend,
+            zipf: Zipf::new(3, 1.1),
+            k: 10,
+            candidates: 1,
+            items: 1000,
+            timeout_ms: 100,
+            filter: None,
+            clicks: 1.0,
+            history_len: 4,
+            histories: Default::default(),
+        };
+        let mut rng = Rng::new(5);
+        let user = w.user_of_rank(1);
+        w.remember(user, &[1, 2, 3]);
+        let mut before: Vec<u64> = vec![1, 2, 3];
+        for _ in 0..6 {
+            let Call::UpsertUser(u, r) = w.click(user, &mut rng) else {
+                panic!("a click writes the user");
+            };
+            let h = r.history.unwrap();
+            assert_eq!(u, user);
+            assert!(
+                h.len() <= 4 && (1..=1000).contains(h.last().unwrap()),
+                "{h:?}"
+            );
+            // The ids before the click are still there, oldest dropped first.
+            let kept = &before[before.len() + 1 - h.len()..];
+            assert_eq!(&h[..h.len() - 1], kept, "{before:?} then {h:?}");
+            before = h;
+        }
+        // With --clicks 1 every call is a click.
+        assert!(matches!(w.next(&mut rng), Call::UpsertUser(..)));
+    }
 
     #[test]
     fn zipf_favours_low_ranks_and_stays_in_range() {

@@ -10,6 +10,7 @@
 pub mod fused;
 pub mod int8;
 mod onnx;
+pub mod ops;
 mod ranker;
 pub mod sasrec;
 mod two_tower;
@@ -29,7 +30,35 @@ use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, TowerWeights, We
 
 /// A model's forward pass on the CPU, built once at load from its weights.
 pub trait Forward: Send {
-    fn run(&self, items: &ItemTable, queries: &[Query<'_>]) -> Result<Vec<Output>, BackendError>;
+    /// A retrieval model's query vectors (its tower alone), `dim` values per
+    /// query; `None` for a model that scores its candidates itself (a
+    /// ranker), which answers through [`Forward::score`]. A retrieval
+    /// model's batch is this, then [`retrieve`].
+    fn embed(
+        &self,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Option<Result<Vec<f32>, BackendError>>;
+
+    /// A batch of a model without query vectors.
+    fn score(
+        &self,
+        _items: &ItemTable,
+        _queries: &[Query<'_>],
+    ) -> Result<Vec<Output>, BackendError> {
+        Err(err(
+            "a retrieval model answers through its query vectors: this is a bug",
+        ))
+    }
+
+    /// Whether [`Forward::embed`] answers (a retrieval model).
+    fn retrieves(&self) -> bool;
+}
+
+/// A resident model: what it was loaded as and its forward pass.
+struct Loaded {
+    desc: ModelDesc,
+    forward: Box<dyn Forward>,
 }
 
 /// Builds a kind's forward pass from the weights its kind loaded.
@@ -45,7 +74,7 @@ const FORWARDS: &[(ModelKind, Build)] = &[
 
 #[derive(Default)]
 pub struct CpuBackend {
-    models: HashMap<ModelId, Box<dyn Forward>>,
+    models: HashMap<ModelId, Loaded>,
 }
 
 fn err(e: impl std::fmt::Display) -> BackendError {
@@ -107,7 +136,7 @@ impl Backend for CpuBackend {
                 "top-k through the int8 copy of the item table (cpu_scoring = exact-int8)"
             );
         }
-        self.models.insert(id, forward);
+        self.models.insert(id, Loaded { desc, forward });
         Ok(())
     }
 
@@ -125,11 +154,64 @@ impl Backend for CpuBackend {
         items: &ItemTable,
         queries: &[Query<'_>],
     ) -> Result<Vec<Output>, BackendError> {
-        let model = self
-            .models
+        let m = self.loaded(id)?;
+        match m.forward.embed(items, queries) {
+            Some(q) => Ok(retrieve(
+                m.desc.cpu_scoring,
+                m.desc.dim,
+                items,
+                queries,
+                &q?,
+            )),
+            None => m.forward.score(items, queries),
+        }
+    }
+
+    fn embeds(&self, id: ModelId) -> bool {
+        self.models.get(&id).is_some_and(|m| m.forward.retrieves())
+    }
+
+    fn embed(
+        &mut self,
+        id: ModelId,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Result<Vec<f32>, BackendError> {
+        self.loaded(id)?
+            .forward
+            .embed(items, queries)
+            .unwrap_or_else(|| {
+                Err(err(format!(
+                    "model {id} has no query vectors: this is a bug"
+                )))
+            })
+    }
+
+    fn retrieve(
+        &mut self,
+        id: ModelId,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+        q: &[f32],
+    ) -> Result<Vec<Output>, BackendError> {
+        let m = self.loaded(id)?;
+        if q.len() != queries.len() * m.desc.dim {
+            return Err(err(format!(
+                "{} query values for {} queries of dim {}: this is a bug",
+                q.len(),
+                queries.len(),
+                m.desc.dim
+            )));
+        }
+        Ok(retrieve(m.desc.cpu_scoring, m.desc.dim, items, queries, q))
+    }
+}
+
+impl CpuBackend {
+    fn loaded(&self, id: ModelId) -> Result<&Loaded, BackendError> {
+        self.models
             .get(&id)
-            .ok_or_else(|| err(format!("model {id} is not loaded: this is a bug")))?;
-        model.run(items, queries)
+            .ok_or_else(|| err(format!("model {id} is not loaded: this is a bug")))
     }
 }
 

@@ -19,7 +19,19 @@ pub(super) fn build(desc: ModelDesc, weights: &Weights) -> Result<Box<dyn Forwar
 }
 
 impl Forward for Ranker {
-    fn run(&self, items: &ItemTable, queries: &[Query<'_>]) -> Result<Vec<Output>, BackendError> {
+    fn embed(
+        &self,
+        _items: &ItemTable,
+        _queries: &[Query<'_>],
+    ) -> Option<Result<Vec<f32>, BackendError>> {
+        None
+    }
+
+    fn retrieves(&self) -> bool {
+        false
+    }
+
+    fn score(&self, items: &ItemTable, queries: &[Query<'_>]) -> Result<Vec<Output>, BackendError> {
         run(self, items, queries)
     }
 }

@@ -1,8 +1,9 @@
 //! A two-tower batch on the CPU: [history mean ‖ features] per query through
-//! the tower, then retrieval from the query vectors (`super::retrieve`).
+//! the tower: the query vectors, which retrieval (`super::retrieve`) answers
+//! from.
 
-use super::{history_mean, retrieve, Forward, Tower};
-use crate::backend::{BackendError, ModelDesc, Output, Query};
+use super::{history_mean, Forward, Tower};
+use crate::backend::{BackendError, ModelDesc, Query};
 use crate::model::{ItemTable, Weights};
 
 struct TwoTower {
@@ -34,15 +35,16 @@ impl TwoTower {
 }
 
 impl Forward for TwoTower {
-    fn run(&self, items: &ItemTable, queries: &[Query<'_>]) -> Result<Vec<Output>, BackendError> {
+    fn embed(
+        &self,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Option<Result<Vec<f32>, BackendError>> {
         let x = self.user_inputs(items, queries);
-        let q = self.tower.forward(x, queries.len())?;
-        Ok(retrieve(
-            self.desc.cpu_scoring,
-            self.desc.dim,
-            items,
-            queries,
-            &q,
-        ))
+        Some(self.tower.forward(x, queries.len()))
+    }
+
+    fn retrieves(&self) -> bool {
+        true
     }
 }

@@ -4,23 +4,21 @@
 //! its query vectors exactly as a two-tower model's; for a ranker, one
 //! score per candidate.
 
-use super::{err, retrieve, Forward};
+use super::{err, Forward};
 use crate::backend::{BackendError, ModelDesc, Output, Query, Task};
 use crate::model::kind::onnx::{Batch, Graph, Input, Role, Values};
 use crate::model::{ItemTable, Weights};
 
 struct Onnx {
-    desc: ModelDesc,
     graph: Weights,
     history_len: usize,
 }
 
-pub(super) fn build(desc: ModelDesc, weights: &Weights) -> Result<Box<dyn Forward>, BackendError> {
+pub(super) fn build(_desc: ModelDesc, weights: &Weights) -> Result<Box<dyn Forward>, BackendError> {
     let graph = weights
         .get::<Graph>()
         .ok_or_else(|| err("onnx weights are not a graph: this is a bug"))?;
     Ok(Box::new(Onnx {
-        desc,
         history_len: graph.history_len(),
         graph: weights.clone(),
     }))
@@ -159,27 +157,38 @@ fn candidate(r: &Row<'_, '_>) -> Result<u32, BackendError> {
 }
 
 impl Forward for Onnx {
-    fn run(&self, items: &ItemTable, queries: &[Query<'_>]) -> Result<Vec<Output>, BackendError> {
+    fn embed(
+        &self,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Option<Result<Vec<f32>, BackendError>> {
+        let graph = self.graph();
+        if graph.role() != Role::Tower {
+            return None;
+        }
+        let rows: Vec<Row<'_, '_>> = queries
+            .iter()
+            .map(|query| Row {
+                query,
+                candidate: None,
+            })
+            .collect();
+        Some(
+            inputs(graph, self.history_len, items, &rows)
+                .and_then(|batch| graph.run(&batch).map_err(err)),
+        )
+    }
+
+    fn retrieves(&self) -> bool {
+        self.graph().role() == Role::Tower
+    }
+
+    fn score(&self, items: &ItemTable, queries: &[Query<'_>]) -> Result<Vec<Output>, BackendError> {
         let graph = self.graph();
         match graph.role() {
-            Role::Tower => {
-                let rows: Vec<Row<'_, '_>> = queries
-                    .iter()
-                    .map(|query| Row {
-                        query,
-                        candidate: None,
-                    })
-                    .collect();
-                let batch = inputs(graph, self.history_len, items, &rows)?;
-                let q = graph.run(&batch).map_err(err)?;
-                Ok(retrieve(
-                    self.desc.cpu_scoring,
-                    self.desc.dim,
-                    items,
-                    queries,
-                    &q,
-                ))
-            }
+            Role::Tower => Err(err(
+                "an onnx tower answers through its query vectors: this is a bug",
+            )),
             Role::Ranker => {
                 let mut rows = Vec::new();
                 for query in queries {

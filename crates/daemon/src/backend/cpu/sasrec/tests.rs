@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::*;
-use crate::backend::{BatchBounds, Task};
+use crate::backend::{BatchBounds, Output, Task};
 use crate::model::kind::SASREC;
 use crate::model::{CpuScoring, ModelSpec};
 
@@ -63,7 +63,7 @@ fn load(block: &str) -> Loaded {
         bounds: BatchBounds::default(),
         cpu_scoring: CpuScoring::F32,
     };
-    let net = Sasrec::new(desc, weights.get::<SasrecWeights>().unwrap()).unwrap();
+    let net = Sasrec::new(desc, weights.get::<SasrecWeights>().unwrap());
     Loaded {
         net,
         items,
