@@ -59,8 +59,8 @@ fn cpu(reason: String) -> Selected {
 
 /// `spec`: `auto` (GPU 0 if usable, else CPU), `cpu`, `cuda` / `cuda:N`
 /// (that GPU, else CPU with a warning), or `faulty-cpu[:N]`: a CPU backend
-/// behind the fallback that fails every Nth batch (default 3) and, like the
-/// CUDA backend, has no forward pass for sasrec models, to exercise and
+/// behind the fallback that fails every Nth batch (default 3) and has no
+/// forward pass for sasrec models (a kind the device lacks), to exercise and
 /// alert on the fallback paths without a GPU.
 pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, DeviceSpecError> {
     let wrap = |b: Box<dyn Backend>| -> Box<dyn Backend> {

@@ -8,6 +8,12 @@
 //! A model whose kind has no forward pass on the device is served by the CPU
 //! copy alone, for good: that says nothing about the device, which stays in
 //! service for every other model.
+//!
+//! Before a model serves from the device, its forward pass there is checked
+//! against the CPU copy's on a small synthetic batch (its own weights, a
+//! random table of its width, recommends and scores): a device whose answers
+//! disagree serves that model from the CPU, says why, and stays in service
+//! for the others. Wrong answers are worse than slow ones.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -44,6 +50,9 @@ pub struct Fallback {
     /// Loaded before that model's next batch on the device.
     stale_tables: BTreeSet<TableId>,
     stale_models: BTreeSet<ModelId>,
+    /// Models whose check batch the device failed to run: checked before
+    /// their load in `resync`.
+    unchecked: BTreeSet<ModelId>,
     models: HashMap<ModelId, (ModelDesc, TableId, Weights)>,
     /// Models whose kind the device has no forward pass for, and why: they
     /// run on the CPU copy alone.
@@ -104,6 +113,7 @@ impl Fallback {
             pending_rows: BTreeMap::new(),
             stale_tables: BTreeSet::new(),
             stale_models: BTreeSet::new(),
+            unchecked: BTreeSet::new(),
             models: HashMap::new(),
             cpu_only: HashMap::new(),
             table_dtypes: HashMap::new(),
@@ -119,6 +129,51 @@ impl Fallback {
         self.max_backoff = max.max(min);
         self.backoff = min;
         self
+    }
+
+    /// From now on model `id` runs on the CPU copy alone, because its
+    /// answers on the device were wrong.
+    fn serve_from_cpu(&mut self, id: ModelId, desc: ModelDesc, why: &str) {
+        let reason = format!(
+            "its answers on {} disagree with the CPU's on a check batch ({why})",
+            self.device
+        );
+        tracing::error!(model = id, device = %self.device, kind = %desc.kind, "serving this model from the CPU: {reason}");
+        self.cpu_only.insert(id, reason);
+        self.models.remove(&id);
+        self.stale_models.remove(&id);
+        self.unchecked.remove(&id);
+        self.primary.unload(id);
+    }
+
+    /// Runs model `id` on the device and on the CPU over a synthetic batch
+    /// and compares the answers (see the module's doc).
+    fn check_on_device(
+        &mut self,
+        id: ModelId,
+        desc: ModelDesc,
+        weights: &Weights,
+    ) -> Result<(), Check> {
+        let (items, histories, features) = check::inputs(&desc);
+        let queries = check::queries(&desc, &histories, &features);
+        let mut cpu = CpuBackend::new();
+        let dtype = ItemDtype::default();
+        let want = cpu
+            .load_table(check::TABLE, &items, dtype)
+            .and_then(|()| cpu.load(check::MODEL, desc, check::TABLE, weights))
+            .and_then(|()| cpu.run(check::MODEL, &items, &queries))
+            .map_err(|e| Check::Disagrees(format!("the CPU could not run the check batch: {e}")))?;
+        let got = self
+            .primary
+            .load_table(check::TABLE, &items, dtype)
+            .and_then(|()| self.primary.load(check::MODEL, desc, check::TABLE, weights))
+            .and_then(|()| self.primary.run(check::MODEL, &items, &queries));
+        self.primary.unload(check::MODEL);
+        self.primary.unload_table(check::TABLE);
+        let got = got.map_err(Check::Failed)?;
+        check::agree(&got, &want).map_err(Check::Disagrees)?;
+        tracing::debug!(model = id, device = %self.device, "the device's answers match the CPU's on the check batch");
+        Ok(())
     }
 
     fn mark_unhealthy(&mut self, e: &BackendError) {
@@ -169,8 +224,24 @@ impl Fallback {
             self.pending_rows.remove(&table);
         }
         if self.stale_models.contains(&id) {
-            let (desc, t, weights) = self.models.get(&id).expect("a loaded model is remembered");
-            self.primary.load(id, *desc, *t, weights)?;
+            let (desc, t, weights) = self
+                .models
+                .get(&id)
+                .cloned()
+                .expect("a loaded model is remembered");
+            if self.unchecked.contains(&id) {
+                match self.check_on_device(id, desc, &weights) {
+                    Ok(()) => {
+                        self.unchecked.remove(&id);
+                    }
+                    Err(Check::Failed(e)) => return Err(e),
+                    Err(Check::Disagrees(why)) => {
+                        self.serve_from_cpu(id, desc, &why);
+                        return Ok(());
+                    }
+                }
+            }
+            self.primary.load(id, desc, t, &weights)?;
             self.stale_models.remove(&id);
         }
         Ok(())
@@ -213,8 +284,26 @@ impl Backend for Fallback {
             self.cpu_only.insert(id, reason);
             return Ok(());
         }
+        let checked = match self.check_on_device(id, desc, weights) {
+            Ok(()) => true,
+            Err(Check::Disagrees(why)) => {
+                self.serve_from_cpu(id, desc, &why);
+                return Ok(());
+            }
+            // The device failed: the model is checked, then loaded there,
+            // once the device is back (`resync`), as after any failed load.
+            Err(Check::Failed(e)) => {
+                self.mark_unhealthy(&e);
+                false
+            }
+        };
+        if !checked {
+            self.unchecked.insert(id);
+        }
         self.models.insert(id, (desc, table, weights.clone()));
-        if self.stale_tables.contains(&table) {
+        if !checked {
+            self.stale_models.insert(id);
+        } else if self.stale_tables.contains(&table) {
             // Loaded with its table, before its first batch (`resync`).
             self.stale_models.insert(id);
         } else if let Err(e) = self.primary.load(id, desc, table, weights) {
@@ -266,9 +355,14 @@ impl Backend for Fallback {
         if self.healthy || probing {
             let table = self.models.get(&id).map(|m| m.1);
             let attempt = match table {
-                Some(t) => self
-                    .resync(id, t, items)
-                    .and_then(|()| self.primary.run(id, items, queries)),
+                Some(t) => match self.resync(id, t, items) {
+                    // The check before its load moved it to the CPU.
+                    Ok(()) if self.cpu_only.contains_key(&id) => {
+                        return self.cpu.run(id, items, queries);
+                    }
+                    Ok(()) => self.primary.run(id, items, queries),
+                    Err(e) => Err(e),
+                },
                 None => self.primary.run(id, items, queries),
             };
             match attempt {
@@ -355,6 +449,139 @@ impl Backend for Fallback {
 
 /// A backend that computes on the CPU and fails on command: for testing the
 /// fallback path (and alerting on it) on hosts without a GPU.
+/// How a device's check batch went.
+enum Check {
+    /// The device answered, differently from the CPU.
+    Disagrees(String),
+    /// The device failed to run it.
+    Failed(BackendError),
+}
+
+/// The synthetic batch a model's device forward pass is checked with.
+mod check {
+    use super::*;
+    use crate::backend::{Scored, Task};
+    use crate::model::demo::Rng;
+    use crate::model::kind::RANKER;
+
+    /// Ids the check uses on the device, never the executor's (which count
+    /// up from 0).
+    pub const TABLE: TableId = TableId::MAX;
+    pub const MODEL: ModelId = ModelId::MAX;
+    const ROWS: usize = 512;
+    const USERS: usize = 6;
+
+    /// A random table of the model's width, histories from empty to the
+    /// model's window (and past it), and features.
+    pub fn inputs(desc: &ModelDesc) -> (ItemTable, Vec<Vec<u32>>, Vec<f32>) {
+        let mut rng = Rng::new(0xc0ffee ^ desc.dim as u64);
+        let d = desc.dim;
+        let emb: Vec<f32> = (0..ROWS * d).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let items = ItemTable::new(d, (1..=ROWS as u64).collect(), emb)
+            .expect("ids are distinct and the embeddings fill the rows");
+        let window = desc.bounds.history_len.max(1);
+        let lens = [0, 1, 3, window.min(20), window, window + 2];
+        let histories = lens
+            .iter()
+            .map(|&n| (0..n).map(|_| rng.below(ROWS as u64) as u32).collect())
+            .collect();
+        let features = (0..USERS * desc.user_feature_dim)
+            .map(|_| rng.uniform() as f32 - 0.5)
+            .collect();
+        (items, histories, features)
+    }
+
+    /// One query per history: a ranker scores 8 candidates, a retrieval
+    /// model alternates a top 10 (some with exclusions) and a score.
+    pub fn queries<'a>(
+        desc: &ModelDesc,
+        histories: &'a [Vec<u32>],
+        features: &'a [f32],
+    ) -> Vec<Query<'a>> {
+        const CANDIDATES: &[u32] = &[0, 3, 17, 64, 128, 255, 300, 511];
+        const EXCLUDE: &[u32] = &[2, 5, 7, 11];
+        let fd = desc.user_feature_dim;
+        histories
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Query {
+                history: &h[h.len().saturating_sub(desc.bounds.history_len.max(1))..],
+                features: (fd > 0).then(|| &features[i * fd..(i + 1) * fd]),
+                sparse: None,
+                context: None,
+                task: if desc.kind == RANKER || i % 2 == 1 {
+                    Task::Score { rows: CANDIDATES }
+                } else {
+                    Task::TopK {
+                        k: 10,
+                        exclude: if i % 4 == 2 { EXCLUDE } else { &[] },
+                        filter: None,
+                    }
+                },
+            })
+            .collect()
+    }
+
+    /// Whether the device's answers are the CPU's: the same number of
+    /// items and scores, each score within 1e-3 of the batch's largest
+    /// (f32 sums in another order differ by far less; a wrong layout or
+    /// kernel by far more), and a top-k list whose ids differ only where
+    /// scores tie within that.
+    pub fn agree(got: &[Output], want: &[Output]) -> Result<(), String> {
+        if got.len() != want.len() {
+            return Err(format!("{} answers for {} queries", got.len(), want.len()));
+        }
+        let scale = want
+            .iter()
+            .flat_map(|o| match o {
+                Output::TopK(l) => l.iter().map(|s| s.score).collect::<Vec<_>>(),
+                Output::Scores(s) => s.clone(),
+            })
+            .fold(0f32, |m, s| m.max(s.abs()))
+            .max(1e-6);
+        let tol = 1e-3 * scale;
+        for (q, (g, w)) in got.iter().zip(want).enumerate() {
+            let (gs, ws): (Vec<f32>, Vec<f32>) = match (g, w) {
+                (Output::TopK(g), Output::TopK(w)) => {
+                    if g.len() != w.len() {
+                        return Err(format!(
+                            "query {q}: {} items on the device, {} on the CPU",
+                            g.len(),
+                            w.len()
+                        ));
+                    }
+                    let ids = |l: &[Scored]| l.iter().map(|s| s.id).collect::<Vec<_>>();
+                    for (r, (a, b)) in g.iter().zip(w).enumerate() {
+                        if a.id != b.id && (a.score - b.score).abs() > tol {
+                            return Err(format!(
+                                "query {q}: top-k {:?} on the device, {:?} on the CPU (rank {r})",
+                                ids(g),
+                                ids(w)
+                            ));
+                        }
+                    }
+                    (
+                        g.iter().map(|s| s.score).collect(),
+                        w.iter().map(|s| s.score).collect(),
+                    )
+                }
+                (Output::Scores(g), Output::Scores(w)) if g.len() == w.len() => {
+                    (g.clone(), w.clone())
+                }
+                _ => return Err(format!("query {q}: {g:?} on the device, {w:?} on the CPU")),
+            };
+            for (i, (a, b)) in gs.iter().zip(&ws).enumerate() {
+                if a.is_nan() || b.is_nan() || (a - b).abs() > tol {
+                    return Err(format!(
+                        "query {q}, item {i}: score {a} on the device, {b} on the CPU"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 pub mod faulty {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
@@ -372,6 +599,8 @@ pub mod faulty {
         pub fail_updates: AtomicUsize,
         /// A kind this backend has no forward pass for.
         pub lacks: Mutex<Option<ModelKind>>,
+        /// Answer wrongly (every score off by one) instead of failing.
+        pub wrong: std::sync::atomic::AtomicBool,
         pub runs: AtomicUsize,
         pub runs_ok: AtomicUsize,
         /// Queries the successful runs were handed.
@@ -438,8 +667,15 @@ pub mod faulty {
             items: &ItemTable,
             queries: &[Query<'_>],
         ) -> Result<Vec<Output>, BackendError> {
+            // Every Nth batch the executor runs fails; the fallback's own
+            // check batches are not counted (the explicit `fail_runs` still
+            // reaches them).
+            let every = if id == super::check::MODEL {
+                0
+            } else {
+                self.plan.fail_every.load(Ordering::Acquire)
+            };
             let n = self.plan.runs.fetch_add(1, Ordering::AcqRel) + 1;
-            let every = self.plan.fail_every.load(Ordering::Acquire);
             if take_one(&self.plan.fail_runs) || (every > 0 && n.is_multiple_of(every)) {
                 return Err(BackendError::new(
                     "faulty-cpu",
@@ -447,7 +683,15 @@ pub mod faulty {
                     "injected launch failure",
                 ));
             }
-            let out = self.inner.run(id, items, queries)?;
+            let mut out = self.inner.run(id, items, queries)?;
+            if self.plan.wrong.load(Ordering::Acquire) {
+                for o in &mut out {
+                    match o {
+                        Output::TopK(l) => l.iter_mut().for_each(|s| s.score += 1.0),
+                        Output::Scores(v) => v.iter_mut().for_each(|s| *s += 1.0),
+                    }
+                }
+            }
             self.plan.runs_ok.fetch_add(1, Ordering::AcqRel);
             self.plan
                 .queries_run
@@ -552,10 +796,129 @@ mod tests {
     }
 
     #[test]
+    fn a_device_whose_answers_disagree_serves_that_model_from_the_cpu_and_says_why() {
+        let (mut fb, plan, _clock, items) = setup();
+        // Model 0 passed its check at load: the device serves it.
+        assert_eq!(fb.cpu_reason(0), None);
+        let ran = plan.runs_ok.load(Ordering::Acquire);
+        let reference = batch(&mut fb, &items);
+        assert_eq!(plan.runs_ok.load(Ordering::Acquire), ran + 1);
+        // The same model loaded again on a device that now answers wrongly.
+        plan.wrong.store(true, Ordering::Release);
+        let (desc, table, weights) = fb.models[&0].clone();
+        fb.load(1, desc, table, &weights).unwrap();
+        let why = fb.cpu_reason(1).expect("served from the CPU");
+        assert!(
+            why.contains("disagree with the CPU's on a check batch") && why.contains("score"),
+            "{why}"
+        );
+        // It answers right, from the CPU; the device stays in service.
+        let runs = plan.runs.load(Ordering::Acquire);
+        let hist: Vec<Vec<u32>> = (0..5u32).map(|i| vec![i, i * 7, i * 13 + 1]).collect();
+        let queries: Vec<Query<'_>> = hist
+            .iter()
+            .map(|h| Query {
+                history: h,
+                features: None,
+                sparse: None,
+                context: None,
+                task: Task::TopK {
+                    k: 5,
+                    exclude: &[],
+                    filter: None,
+                },
+            })
+            .collect();
+        plan.wrong.store(false, Ordering::Release);
+        assert_eq!(fb.run(1, &items, &queries).unwrap(), reference);
+        assert_eq!(
+            plan.runs.load(Ordering::Acquire),
+            runs,
+            "not run on the device"
+        );
+        assert!(fb.health().healthy);
+    }
+
+    #[test]
+    fn a_model_whose_check_the_device_could_not_run_is_checked_when_it_is_back() {
+        let (mut fb, plan, clock, items) = setup();
+        let (desc, table, weights) = fb.models[&0].clone();
+        plan.fail_runs.store(1, Ordering::Release);
+        fb.load(1, desc, table, &weights).unwrap();
+        assert!(!fb.health().healthy);
+        assert_eq!(fb.cpu_reason(1), None, "a failure is not a disagreement");
+        // Back after the back-off, wrong: the check before its load catches it.
+        plan.wrong.store(true, Ordering::Release);
+        advance(&clock, Duration::from_secs(2));
+        let hist = [1u32, 2, 3];
+        let q = [Query {
+            history: &hist,
+            features: None,
+            sparse: None,
+            context: None,
+            task: Task::Score { rows: &[4, 5] },
+        }];
+        let got = fb.run(1, &items, &q).unwrap();
+        plan.wrong.store(false, Ordering::Release);
+        let mut cpu = CpuBackend::new();
+        cpu.load_table(0, &items, ItemDtype::F32).unwrap();
+        cpu.load(0, desc, 0, &weights).unwrap();
+        assert_eq!(got, cpu.run(0, &items, &q).unwrap());
+        assert!(fb.cpu_reason(1).is_some_and(|r| r.contains("disagree")));
+    }
+
+    #[test]
+    fn the_check_compares_scores_to_the_batch_scale_and_ids_up_to_ties() {
+        use crate::backend::Scored;
+        let list = |v: &[(u64, f32)]| {
+            Output::TopK(v.iter().map(|&(id, score)| Scored { id, score }).collect())
+        };
+        let want = [
+            list(&[(1, 10.0), (2, 5.0)]),
+            Output::Scores(vec![0.5, -3.0]),
+        ];
+        assert_eq!(check::agree(&want, &want), Ok(()));
+        // Float noise, and two ids swapped on a tie, agree.
+        let noisy = [
+            list(&[(1, 10.001), (2, 5.0)]),
+            Output::Scores(vec![0.5004, -3.0]),
+        ];
+        assert_eq!(check::agree(&noisy, &want), Ok(()));
+        let swapped = [
+            list(&[(2, 10.0), (1, 10.0)]),
+            Output::Scores(vec![0.5, -3.0]),
+        ];
+        let tied = [
+            list(&[(1, 10.0), (2, 10.0)]),
+            Output::Scores(vec![0.5, -3.0]),
+        ];
+        assert_eq!(check::agree(&swapped, &tied), Ok(()));
+        // A wrong score, a wrong id, a missing item or a NaN do not.
+        let off = [
+            list(&[(1, 10.0), (2, 5.1)]),
+            Output::Scores(vec![0.5, -3.0]),
+        ];
+        assert!(check::agree(&off, &want).unwrap_err().contains("score 5.1"));
+        let other = [
+            list(&[(1, 10.0), (3, 4.0)]),
+            Output::Scores(vec![0.5, -3.0]),
+        ];
+        assert!(check::agree(&other, &want).unwrap_err().contains("top-k"));
+        let short = [list(&[(1, 10.0)]), Output::Scores(vec![0.5, -3.0])];
+        assert!(check::agree(&short, &want).is_err());
+        let nan = [
+            list(&[(1, 10.0), (2, 5.0)]),
+            Output::Scores(vec![f32::NAN, -3.0]),
+        ];
+        assert!(check::agree(&nan, &want).is_err());
+    }
+
+    #[test]
     fn a_failed_batch_is_re_executed_on_the_cpu_and_the_device_is_probed_later() {
         let (mut fb, plan, clock, items) = setup();
+        let ran = plan.runs_ok.load(Ordering::Acquire);
         let reference = batch(&mut fb, &items);
-        assert_eq!(plan.runs_ok.load(Ordering::Acquire), 1);
+        assert_eq!(plan.runs_ok.load(Ordering::Acquire), ran + 1);
         plan.fail_runs.store(1, Ordering::Release);
         // The failing batch still gets the same answers, from the CPU.
         assert_eq!(batch(&mut fb, &items), reference);
@@ -702,10 +1065,18 @@ mod tests {
             "the device serves the two-tower model"
         );
         assert!(fb.health().healthy);
+        let uploaded: Vec<TableId> = plan
+            .tables_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|&t| t != check::TABLE)
+            .collect();
         assert_eq!(
-            *plan.tables_seen.lock().unwrap(),
+            uploaded,
             vec![0],
-            "only the device model's table"
+            "only the device model's table, besides the check batch's"
         );
         assert!(plan.rows_seen.lock().unwrap().is_empty());
         fb.unload(1);

@@ -100,6 +100,20 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../../../../kernels/bias_act.cu"),
         entries: &["bias_act"],
     },
+    KernelSource {
+        file: "sequence.cu",
+        source: include_str!("../../../../../kernels/sequence.cu"),
+        entries: &[
+            "sasrec_inputs_f32",
+            "sasrec_inputs_f16",
+            "sasrec_inputs_bf16",
+            "layer_norm",
+            "attention",
+            "add_f32",
+            "copy_f32",
+            "last_rows",
+        ],
+    },
 ];
 
 impl KernelSource {
@@ -273,6 +287,12 @@ pub struct Kernels {
     pub fill_u8: CudaFunction,
     pub iota_u64: CudaFunction,
     pub bias_act: CudaFunction,
+    pub sasrec_inputs: [CudaFunction; 3],
+    pub layer_norm: CudaFunction,
+    pub attention: CudaFunction,
+    pub add: CudaFunction,
+    pub copy: CudaFunction,
+    pub last_rows: CudaFunction,
 }
 
 impl Kernels {
@@ -340,6 +360,12 @@ impl Kernels {
             fill_u8: get("fill_u8")?,
             iota_u64: get("iota_u64")?,
             bias_act: get("bias_act")?,
+            sasrec_inputs: per_dtype("sasrec_inputs")?,
+            layer_norm: get("layer_norm")?,
+            attention: get("attention")?,
+            add: get("add_f32")?,
+            copy: get("copy_f32")?,
+            last_rows: get("last_rows")?,
         };
         // Above 48 KiB of dynamic shared memory a kernel must opt in; static
         // shared memory counts against the same limit.

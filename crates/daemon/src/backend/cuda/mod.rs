@@ -51,8 +51,8 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use self::error::{GpuError, OpenError, SelfTestError};
 use self::kernels::{CacheKey, Kernels};
-use self::kind::DeviceKind;
-use self::mlp::DeviceMlp;
+use self::kind::{DeviceKind, DeviceWeights};
+
 use self::ops::{Dev, Scratch};
 use self::plan::DeviceLimits;
 use self::tables::DeviceTable;
@@ -60,7 +60,7 @@ pub use self::tables::ItemDtype;
 use super::{
     Backend, BackendError, DeviceHealth, ModelDesc, ModelId, Output, Query, Reason, TableId,
 };
-use crate::model::{ItemTable, ModelKind, TowerWeights, Weights};
+use crate::model::{ItemTable, ModelKind, Weights};
 
 /// What rankd reads about the device once, at start.
 #[derive(Debug, Clone)]
@@ -127,7 +127,7 @@ impl DeviceInfo {
 struct GpuModel {
     desc: ModelDesc,
     table: TableId,
-    mlp: DeviceMlp,
+    weights: DeviceWeights,
     /// The kind's buffer sizes and forward pass, looked up once at load.
     kind: &'static DeviceKind,
 }
@@ -445,12 +445,6 @@ impl Backend for CudaBackend {
         let invalid = |m: String| BackendError::new(device.clone(), Reason::Other, m);
         let kind = kind::find(desc.kind)
             .ok_or_else(|| invalid(format!("no CUDA forward pass for {} models", desc.kind)))?;
-        let weights = weights.get::<TowerWeights>().ok_or_else(|| {
-            invalid(format!(
-                "{} weights are not a tower: this is a bug",
-                desc.kind
-            ))
-        })?;
         let t = self
             .tables
             .get(&table)
@@ -461,19 +455,10 @@ impl Backend for CudaBackend {
                 desc.dim, t.dim
             )));
         }
-        let mlp = DeviceMlp::upload(&self.gpu.stream, weights).map_err(|e| self.fail(e))?;
-        let (want_in, want_out) = desc.tower_dims();
-        if (mlp.in_dim(), mlp.out_dim()) != (want_in, want_out) {
-            return Err(invalid(format!(
-                "tower maps {} -> {}, a {} model needs {want_in} -> {want_out}",
-                mlp.in_dim(),
-                mlp.out_dim(),
-                desc.kind.as_str()
-            )));
-        }
+        let uploaded = (kind.upload)(&self.gpu.stream, &desc, weights).map_err(invalid)?;
         let dev = self.gpu.dev();
         let t = &self.tables[&table];
-        let sizes = (kind.batch_sizes)(&desc, mlp.max_width());
+        let sizes = (kind.batch_sizes)(&desc, uploaded.max_width());
         let sized = ops::reserve_for(&dev, t, &desc, &sizes, &mut self.scratch);
         sized.map_err(|e| self.fail(e))?;
         self.models.insert(
@@ -481,7 +466,7 @@ impl Backend for CudaBackend {
             GpuModel {
                 desc,
                 table,
-                mlp,
+                weights: uploaded,
                 kind,
             },
         );
@@ -524,7 +509,7 @@ impl Backend for CudaBackend {
             (model.kind.run)(
                 &dev,
                 &model.desc,
-                &model.mlp,
+                &model.weights,
                 table,
                 &mut self.scratch,
                 items,

@@ -91,6 +91,8 @@ pub struct Scratch {
     pub act: [Buf<f32>; 2],
     pub topk: TopkBufs,
     pub pairs: PairBufs,
+    /// A sequence tower's buffers (sasrec).
+    pub seq: super::kind::sasrec::SeqBufs,
     pub(super) packed: Packed,
 }
 
@@ -120,6 +122,7 @@ pub fn reserve_for(
         pk.topk.excl_off.reserve(z.queries + 1);
         pk.topk.excl_rows.reserve(z.excl_rows);
     }
+    s.seq.reserve(st, z.seq, z.seq_rows)?;
     let u = &mut s.users;
     u.hist_off.reserve(st, z.queries + 1)?;
     u.hist_rows.reserve(st, z.hist_rows)?;

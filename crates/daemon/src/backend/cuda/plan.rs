@@ -254,12 +254,17 @@ pub struct BatchSizes {
     pub rank_x: usize,
     /// Merged top-k entries, [queries, max_k] (zero for a ranker).
     pub topk_out: usize,
+    /// Each buffer of a sequence tower, [queries · window, 2d] (zero for
+    /// the towers of linear layers), and the window positions.
+    pub seq: usize,
+    pub seq_rows: usize,
 }
 
 /// The buffers every kind sizes alike, from `desc.bounds`: `max_batch`
 /// users with their histories, features and exclusions, and the embedding
 /// bag's [h ‖ f] output at the bucketed row count. The rest (the tower's
-/// activations, pairs, ranker inputs, top-k output) are zero: each kind's
+/// activations, pairs, ranker inputs, top-k output, a sequence tower's
+/// buffers) are zero: each kind's
 /// `batch_sizes` (in `kind/`) fills them in.
 pub fn user_sizes(desc: &ModelDesc) -> BatchSizes {
     let z = desc.bounds;
@@ -274,6 +279,8 @@ pub fn user_sizes(desc: &ModelDesc) -> BatchSizes {
         pairs: 0,
         rank_x: 0,
         topk_out: 0,
+        seq: 0,
+        seq_rows: 0,
     }
 }
 

@@ -3,9 +3,9 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::DeviceKind;
+use super::{DeviceKind, DeviceWeights};
 use crate::backend::cuda::error::{Ctx, GpuError};
-use crate::backend::cuda::mlp::{DeviceMlp, ACT_SIGMOID};
+use crate::backend::cuda::mlp::ACT_SIGMOID;
 use crate::backend::cuda::ops::{embedding_bag, grid, Dev, Scratch};
 use crate::backend::cuda::plan::{self, bucket, BatchSizes};
 use crate::backend::cuda::tables::DeviceTable;
@@ -15,6 +15,7 @@ use crate::model::ItemTable;
 
 pub(super) const KIND: DeviceKind = DeviceKind {
     kind: RANKER,
+    upload: super::upload_mlp,
     batch_sizes,
     run,
 };
@@ -38,12 +39,13 @@ fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
 fn run(
     dev: &Dev<'_>,
     desc: &ModelDesc,
-    mlp: &DeviceMlp,
+    weights: &DeviceWeights,
     table: &DeviceTable,
     s: &mut Scratch,
     _items: &ItemTable,
     queries: &[Query<'_>],
 ) -> Result<Vec<Output>, GpuError> {
+    let mlp = weights.mlp()?;
     if queries.iter().any(|q| matches!(q.task, Task::TopK { .. })) {
         return Err(GpuError::Invalid(
             "a ranker model cannot answer recommend: this is a bug".into(),

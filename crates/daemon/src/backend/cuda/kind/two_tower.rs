@@ -2,9 +2,9 @@
 //! the recommend queries and pair scores for the score queries, with one
 //! wait for the whole batch. A request is one batch row.
 
-use super::DeviceKind;
+use super::{DeviceKind, DeviceWeights};
 use crate::backend::cuda::error::{Ctx, GpuError};
-use crate::backend::cuda::mlp::{DeviceMlp, ACT_NONE};
+use crate::backend::cuda::mlp::ACT_NONE;
 use crate::backend::cuda::ops::{
     embedding_bag, score_pairs_launch, topk_decode, topk_fetch, topk_launch, Dev, Scratch,
 };
@@ -16,6 +16,7 @@ use crate::model::ItemTable;
 
 pub(super) const KIND: DeviceKind = DeviceKind {
     kind: TWO_TOWER,
+    upload: super::upload_mlp,
     batch_sizes,
     run,
 };
@@ -37,12 +38,13 @@ fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
 fn run(
     dev: &Dev<'_>,
     desc: &ModelDesc,
-    mlp: &DeviceMlp,
+    weights: &DeviceWeights,
     table: &DeviceTable,
     s: &mut Scratch,
     items: &ItemTable,
     queries: &[Query<'_>],
 ) -> Result<Vec<Output>, GpuError> {
+    let mlp = weights.mlp()?;
     let (d, fd) = (desc.dim, desc.user_feature_dim);
     let pk = &mut s.packed;
     plan::pack_users_into(&mut pk.users, queries, fd);

@@ -412,6 +412,8 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
             pairs: 0,
             rank_x: 0,
             topk_out: 0,
+            seq: 0,
+            seq_rows: 0,
         };
         let tt = BatchSizes {
             act: bucket(b) * width,
@@ -428,6 +430,16 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
             ..common
         };
         assert_eq!(r, rk);
+        // A sasrec model: its window buffers (B·L positions of 2d), no
+        // tower activations.
+        let sq = BatchSizes {
+            pairs: b * max_items,
+            topk_out: b * 1000,
+            seq: b * 50 * 2 * d,
+            seq_rows: b * 50,
+            ..common
+        };
+        assert_eq!(batch_sizes(&desc(crate::model::kind::SASREC), 0), sq);
     }
 }
 
