@@ -773,6 +773,11 @@ mod tests {
     }
 
     fn batch(fb: &mut Fallback, items: &ItemTable) -> Vec<Output> {
+        batch_of(fb, 0, items)
+    }
+
+    /// Five top-5 recommends of model `id`.
+    fn batch_of(fb: &mut Fallback, id: ModelId, items: &ItemTable) -> Vec<Output> {
         let hist: Vec<Vec<u32>> = (0..5u32).map(|i| vec![i, i * 7, i * 13 + 1]).collect();
         let queries: Vec<Query<'_>> = hist
             .iter()
@@ -788,7 +793,7 @@ mod tests {
                 },
             })
             .collect();
-        fb.run(0, items, &queries).unwrap()
+        fb.run(id, items, &queries).unwrap()
     }
 
     fn advance(clock: &ManualClock, by: Duration) {
@@ -814,23 +819,8 @@ mod tests {
         );
         // It answers right, from the CPU; the device stays in service.
         let runs = plan.runs.load(Ordering::Acquire);
-        let hist: Vec<Vec<u32>> = (0..5u32).map(|i| vec![i, i * 7, i * 13 + 1]).collect();
-        let queries: Vec<Query<'_>> = hist
-            .iter()
-            .map(|h| Query {
-                history: h,
-                features: None,
-                sparse: None,
-                context: None,
-                task: Task::TopK {
-                    k: 5,
-                    exclude: &[],
-                    filter: None,
-                },
-            })
-            .collect();
         plan.wrong.store(false, Ordering::Release);
-        assert_eq!(fb.run(1, &items, &queries).unwrap(), reference);
+        assert_eq!(batch_of(&mut fb, 1, &items), reference);
         assert_eq!(
             plan.runs.load(Ordering::Acquire),
             runs,

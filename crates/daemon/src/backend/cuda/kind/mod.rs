@@ -10,9 +10,13 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
+use super::error::Ctx;
 use super::error::GpuError;
 use super::mlp::DeviceMlp;
-use super::ops::{Dev, Scratch};
+use super::ops::{
+    score_pairs_launch, topk_decode, topk_fetch, topk_launch, Dev, Packed, PairBufs, Scratch,
+    TopkBufs,
+};
 use super::plan::BatchSizes;
 use super::tables::DeviceTable;
 use crate::backend::{ModelDesc, Output, Query};
@@ -100,4 +104,39 @@ fn upload_mlp(
 /// The device side of `kind`, when the CUDA backend runs that kind.
 pub fn find(kind: ModelKind) -> Option<&'static DeviceKind> {
     KINDS.iter().copied().find(|k| k.kind == kind)
+}
+
+/// The answers of a retrieval model's batch from its query vectors `qv`
+/// (`d` values per query, on the device): the fused top-k of the recommend
+/// queries and the pair scores of the score queries, queued, then one wait.
+pub(super) fn answer(
+    dev: &Dev<'_>,
+    table: &DeviceTable,
+    topk_bufs: &mut TopkBufs,
+    pair_bufs: &mut PairBufs,
+    packed: &Packed,
+    qv: &cudarc::driver::CudaSlice<f32>,
+    d: usize,
+    items: &ItemTable,
+    queries: &[Query<'_>],
+) -> Result<Vec<Output>, GpuError> {
+    let (t, pairs) = (&packed.topk, &packed.pairs);
+    let topk = if t.qsel.is_empty() || t.kmax == 0 {
+        None
+    } else {
+        let p = topk_launch(dev, table, topk_bufs, qv, d, t)?;
+        topk_fetch(dev, topk_bufs, &p)?;
+        Some(p)
+    };
+    score_pairs_launch(dev, table, pair_bufs, qv, pairs)?;
+    dev.stream.synchronize().ctx("waiting for the batch")?;
+    let lists = match &topk {
+        Some(p) => topk_decode(topk_bufs, p, t, items.ids())?,
+        None => vec![Vec::new(); t.qsel.len()],
+    };
+    Ok(super::plan::assemble(
+        queries,
+        lists,
+        pair_bufs.scores.read()?,
+    ))
 }

@@ -17,9 +17,7 @@ use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use super::{DeviceKind, DeviceWeights};
 use crate::backend::cuda::error::{Ctx, GpuError};
 use crate::backend::cuda::mlp::{launch_bias_act, ACT_NONE, ACT_RELU};
-use crate::backend::cuda::ops::{
-    grid, score_pairs_launch, topk_decode, topk_fetch, topk_launch, Dev, Scratch,
-};
+use crate::backend::cuda::ops::{grid, Dev, Scratch};
 use crate::backend::cuda::plan::{self, BatchSizes};
 use crate::backend::cuda::tables::{Buf, DeviceTable};
 use crate::backend::{ModelDesc, Output, Query};
@@ -255,21 +253,7 @@ impl DeviceSasrec {
         out: &mut Buf<f32>,
     ) -> Result<(), GpuError> {
         let out = out.reserve(dev.stream, rows * self.d)?;
-        let (d, eps) = (self.d as u32, self.eps);
-        // SAFETY: matches layer_norm in sequence.cu; x and out hold rows·d.
-        unsafe {
-            dev.stream
-                .launch_builder(&dev.k.layer_norm)
-                .arg(x)
-                .arg(out)
-                .arg(&d)
-                .arg(&n.w)
-                .arg(&n.b)
-                .arg(&eps)
-                .launch(rows_cfg(rows))
-        }
-        .ctx("layer_norm launch")?;
-        Ok(())
+        self.launch_layer_norm(dev, n, x, out, rows)
     }
 
     /// The same norm over `buf` in place.
@@ -280,15 +264,26 @@ impl DeviceSasrec {
         buf: &Buf<f32>,
         rows: usize,
     ) -> Result<(), GpuError> {
-        let x = buf.get();
+        self.launch_layer_norm(dev, n, buf.get(), buf.get(), rows)
+    }
+
+    fn launch_layer_norm(
+        &self,
+        dev: &Dev<'_>,
+        n: &DevNorm,
+        x: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        rows: usize,
+    ) -> Result<(), GpuError> {
         let (d, eps) = (self.d as u32, self.eps);
-        // SAFETY: matches layer_norm in sequence.cu with `out` = `x` (rows·d
-        // floats), which it allows: each block reads its row before writing it.
+        // SAFETY: matches layer_norm in sequence.cu; x and out hold rows·d
+        // floats and may be the same buffer (each block reads its row before
+        // writing it).
         unsafe {
             dev.stream
                 .launch_builder(&dev.k.layer_norm)
                 .arg(x)
-                .arg(x)
+                .arg(out)
                 .arg(&d)
                 .arg(&n.w)
                 .arg(&n.b)
@@ -554,20 +549,16 @@ fn run(
     plan::pack_topk_into(&mut pk.topk, queries);
     plan::pack_pairs_into(&mut pk.pairs, queries);
     m.forward(dev, table, &mut s.seq, queries)?;
-    let (t, pairs) = (&s.packed.topk, &s.packed.pairs);
     let qv = s.seq.o.get();
-    let topk = if t.qsel.is_empty() || t.kmax == 0 {
-        None
-    } else {
-        let p = topk_launch(dev, table, &mut s.topk, qv, m.d, t)?;
-        topk_fetch(dev, &mut s.topk, &p)?;
-        Some(p)
-    };
-    score_pairs_launch(dev, table, &mut s.pairs, qv, pairs)?;
-    dev.stream.synchronize().ctx("waiting for the batch")?;
-    let lists = match &topk {
-        Some(p) => topk_decode(&s.topk, p, t, items.ids())?,
-        None => vec![Vec::new(); t.qsel.len()],
-    };
-    Ok(plan::assemble(queries, lists, s.pairs.scores.read()?))
+    super::answer(
+        dev,
+        table,
+        &mut s.topk,
+        &mut s.pairs,
+        &s.packed,
+        qv,
+        m.d,
+        items,
+        queries,
+    )
 }

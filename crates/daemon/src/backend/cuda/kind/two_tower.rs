@@ -3,11 +3,9 @@
 //! wait for the whole batch. A request is one batch row.
 
 use super::{DeviceKind, DeviceWeights};
-use crate::backend::cuda::error::{Ctx, GpuError};
+use crate::backend::cuda::error::GpuError;
 use crate::backend::cuda::mlp::ACT_NONE;
-use crate::backend::cuda::ops::{
-    embedding_bag, score_pairs_launch, topk_decode, topk_fetch, topk_launch, Dev, Scratch,
-};
+use crate::backend::cuda::ops::{embedding_bag, Dev, Scratch};
 use crate::backend::cuda::plan::{self, bucket, BatchSizes};
 use crate::backend::cuda::tables::DeviceTable;
 use crate::backend::{ModelDesc, Output, Query};
@@ -50,8 +48,7 @@ fn run(
     plan::pack_users_into(&mut pk.users, queries, fd);
     plan::pack_topk_into(&mut pk.topk, queries);
     plan::pack_pairs_into(&mut pk.pairs, queries);
-    let (users, t, pairs) = (&pk.users, &pk.topk, &pk.pairs);
-    embedding_bag(dev, table, &mut s.users, users, fd)?;
+    embedding_bag(dev, table, &mut s.users, &pk.users, fd)?;
     let which = mlp.forward(
         dev.stream,
         dev.blas,
@@ -62,19 +59,15 @@ fn run(
         ACT_NONE,
     )?;
     let qv = s.act[which].get();
-    // Everything is queued before the one wait for the batch.
-    let topk = if t.qsel.is_empty() || t.kmax == 0 {
-        None
-    } else {
-        let p = topk_launch(dev, table, &mut s.topk, qv, d, t)?;
-        topk_fetch(dev, &mut s.topk, &p)?;
-        Some(p)
-    };
-    score_pairs_launch(dev, table, &mut s.pairs, qv, pairs)?;
-    dev.stream.synchronize().ctx("waiting for the batch")?;
-    let lists = match &topk {
-        Some(p) => topk_decode(&s.topk, p, t, items.ids())?,
-        None => vec![Vec::new(); t.qsel.len()],
-    };
-    Ok(plan::assemble(queries, lists, s.pairs.scores.read()?))
+    super::answer(
+        dev,
+        table,
+        &mut s.topk,
+        &mut s.pairs,
+        &s.packed,
+        qv,
+        d,
+        items,
+        queries,
+    )
 }
