@@ -14,7 +14,14 @@
 //! raises it to at least the window's throughput, so a wrong estimate that
 //! sheds requests (which then never run to correct it) recovers within a
 //! window of load.
+//!
+//! `Meters` keeps every model's `Rates` on the executor thread; each window's
+//! figures go to the model's `Gauges`, which admission reads on any thread:
+//! the expected wait of an arriving request and the `Retry-After` of a
+//! refused one.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often the rates are published.
@@ -108,6 +115,110 @@ impl Rates {
 /// second (`None` without an estimate, or with nobody ahead).
 pub fn expected_wait(service_rate: f64, ahead: usize) -> Option<Duration> {
     (service_rate > 0.0 && ahead > 0).then(|| Duration::from_secs_f64(ahead as f64 / service_rate))
+}
+
+/// The longest `Retry-After` given, however deep the queue.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// How long a refused caller should wait: the time `throughput` requests per
+/// second need to answer `waiting` requests, at least a second (the header
+/// counts whole seconds), at most [`MAX_RETRY_AFTER`]; a second while no
+/// throughput is measured.
+pub fn retry_after(throughput: f64, waiting: usize) -> Duration {
+    let secs = if throughput > 0.0 {
+        (waiting as f64 / throughput).ceil()
+    } else {
+        1.0
+    };
+    Duration::from_secs_f64(secs.max(1.0)).min(MAX_RETRY_AFTER)
+}
+
+/// A model's rates as last published, read by admission on any thread.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    /// Requests answered per second lately (f64 bits), for `Retry-After`.
+    throughput: AtomicU64,
+    /// Requests answered per second lately while a backlog waited (f64
+    /// bits): how fast the queue drains.
+    service_rate: AtomicU64,
+}
+
+impl Gauges {
+    /// Publishes a window's figures; a window without a service rate keeps
+    /// the previous one.
+    pub fn publish(&self, p: &Published) {
+        self.set_throughput(p.throughput);
+        if let Some(rate) = p.service_rate {
+            self.set_service_rate(rate);
+        }
+    }
+
+    /// Publishes the requests answered per second lately.
+    pub fn set_throughput(&self, per_second: f64) {
+        self.throughput
+            .store(per_second.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Publishes how fast a backlog drained lately, in requests per second.
+    pub fn set_service_rate(&self, per_second: f64) {
+        self.service_rate
+            .store(per_second.to_bits(), Ordering::Relaxed);
+    }
+
+    /// How long `ahead` waiting requests take to be answered at the recent
+    /// service rate (`None` before a backlog was measured).
+    pub fn expected_wait(&self, ahead: usize) -> Option<Duration> {
+        expected_wait(
+            f64::from_bits(self.service_rate.load(Ordering::Relaxed)),
+            ahead,
+        )
+    }
+
+    /// How long a caller refused with `waiting` requests in the queue should
+    /// wait ([`retry_after`] at the recent throughput).
+    pub fn retry_after(&self, waiting: usize) -> Duration {
+        retry_after(
+            f64::from_bits(self.throughput.load(Ordering::Relaxed)),
+            waiting,
+        )
+    }
+}
+
+/// Every model's `Rates`, by model index, fed by the executor as it answers
+/// batches; each window's figures go to the model's `Gauges`.
+#[derive(Debug, Default)]
+pub struct Meters(HashMap<usize, Rates>);
+
+impl Meters {
+    /// `model` answered a batch of `n` requests that started at `started`;
+    /// `queued` of its requests wait now. Once per window (checked at `now`)
+    /// the window's figures are published to `gauges`.
+    pub fn answered(
+        &mut self,
+        model: usize,
+        started: Instant,
+        n: u64,
+        queued: usize,
+        now: Instant,
+        gauges: &Gauges,
+    ) {
+        let r = self.0.entry(model).or_insert_with(|| Rates::new(started));
+        r.batch(started, n, queued > 0);
+        if let Some(p) = r.publish(now) {
+            gauges.publish(&p);
+        }
+    }
+
+    /// A model with none of its requests waiting (`queued(model)` is 0) is
+    /// not draining a backlog: the time until its next batch is not its
+    /// service time ([`Rates::idle`]).
+    pub fn idle(&mut self, queued: impl Fn(usize) -> usize) {
+        for (&model, rates) in self.0.iter_mut() {
+            if queued(model) == 0 {
+                rates.idle();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -205,5 +316,77 @@ mod tests {
         r.batch(t, 10, false);
         let p = r.publish(t + MS).unwrap();
         assert_eq!(p.service_rate, None, "{p:?}");
+    }
+
+    #[test]
+    fn retry_after_is_the_time_the_throughput_needs_for_the_queue_within_1_to_60_s() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_after(0.0, 500), s(1), "no throughput yet");
+        assert_eq!(retry_after(100.0, 50), s(1), "at least a second");
+        assert_eq!(retry_after(100.0, 1024), s(11), "whole seconds, rounded up");
+        assert_eq!(retry_after(1.0, 1_000_000), MAX_RETRY_AFTER);
+        assert_eq!(MAX_RETRY_AFTER, s(60));
+    }
+
+    #[test]
+    fn gauges_keep_the_last_service_rate_through_windows_without_a_backlog() {
+        let g = Gauges::default();
+        assert_eq!(g.retry_after(500), Duration::from_secs(1));
+        assert_eq!(g.expected_wait(10), None, "nothing measured");
+        g.publish(&Published {
+            throughput: 100.0,
+            service_rate: None,
+        });
+        assert_eq!(g.retry_after(1024), Duration::from_secs(11));
+        assert_eq!(g.expected_wait(10), None, "no backlog measured");
+        g.publish(&Published {
+            throughput: 100.0,
+            service_rate: Some(1000.0),
+        });
+        assert_eq!(g.expected_wait(250), Some(250 * MS));
+        assert_eq!(g.expected_wait(0), None, "nobody ahead");
+        g.publish(&Published {
+            throughput: 10.0,
+            service_rate: None,
+        });
+        assert_eq!(g.expected_wait(250), Some(250 * MS), "kept");
+        assert_eq!(g.retry_after(1024), Duration::from_secs(60));
+    }
+
+    /// Two models: one drains a backlog for a second and publishes its rates
+    /// then, not before; the other, found with nothing waiting between its
+    /// two batches, is not charged the gap between them.
+    #[test]
+    fn meters_publish_each_model_once_a_window_and_forget_idle_gaps() {
+        let t0 = Instant::now();
+        let mut m = Meters::default();
+        let (a, b) = (Gauges::default(), Gauges::default());
+        let mut t = t0;
+        for _ in 0..100 {
+            m.answered(0, t, 10, 5, t, &a);
+            t += 10 * MS;
+        }
+        assert_eq!(a.expected_wait(1000), None, "not a window yet");
+        m.answered(0, t, 10, 5, t, &a);
+        let wait = a.expected_wait(1000).unwrap();
+        assert!(
+            (980 * MS..=1000 * MS).contains(&wait),
+            "about 1,000 requests a second: {wait:?}"
+        );
+        // Model 1 answers a batch with requests still waiting, then is found
+        // with none (model 0 still has some), then answers again 10 s later.
+        m.answered(1, t, 4, 3, t, &b);
+        m.idle(|model| if model == 1 { 0 } else { 5 });
+        let later = t + Duration::from_secs(10);
+        m.answered(1, later, 4, 0, later, &b);
+        assert_eq!(
+            b.expected_wait(100),
+            None,
+            "the idle gap is no service time"
+        );
+        assert_eq!(b.retry_after(8), Duration::from_secs(10), "0.8 requests/s");
+        // Model 0 was not idle: its interval still counts.
+        m.answered(0, later, 10, 5, later, &a);
+        assert!(a.expected_wait(1000).unwrap() > wait, "a 10 s interval");
     }
 }

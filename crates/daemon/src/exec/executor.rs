@@ -27,8 +27,8 @@ use super::{
     Registry, Reply, Resident, Split,
 };
 use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Output, Query, Scored, Task};
-use crate::batch::rate::Rates;
-use crate::batch::{BatchPolicy, Class, DropReason, Poll, QueueKey, Run, Scheduler};
+use crate::batch::rate::Meters;
+use crate::batch::{shed, BatchPolicy, Class, DropReason, Poll, QueueKey, Run, Scheduler};
 use crate::error::ServeError;
 use crate::features::catalogues::Shape;
 use crate::features::popularity::{self, Popularity};
@@ -117,10 +117,8 @@ struct Executor {
     acks: Vec<Ack>,
     popularity: Arc<Popularity>,
     degrade: Degrade,
-    /// Requests answered per model since the window started and the
-    /// execution time they took, for the throughput behind `Retry-After`
-    /// and the service rate behind shedding at admission.
-    rates: HashMap<usize, Rates>,
+    /// Each model's throughput and service rate (`batch::rate`).
+    meters: Meters,
     /// Batches executed, numbering them in spans.
     batches: u64,
     /// Users' query vectors, kept until their state changes.
@@ -179,7 +177,7 @@ pub fn spawn(
                 acks: Vec::new(),
                 popularity: startup.popularity.clone(),
                 degrade: startup.degrade,
-                rates: HashMap::new(),
+                meters: Meters::default(),
                 batches: 0,
                 query_cache: QueryCache::new(startup.query_cache_bytes),
             };
@@ -565,13 +563,8 @@ impl Executor {
             // The turn's writes are logged (one sync) before any is answered.
             self.commit();
             self.collect_retired();
-            // A model with nothing waiting is not draining a backlog: the
-            // time until its next batch is not its service time.
-            for (&model, rates) in self.rates.iter_mut() {
-                if self.registry.by_index(model).queued() == 0 {
-                    rates.idle();
-                }
-            }
+            let registry = &self.registry;
+            self.meters.idle(|model| registry.by_index(model).queued());
             let cmd = match self.scheduler.poll(Instant::now()) {
                 Poll::Run(run) => {
                     self.execute(run);
@@ -629,7 +622,7 @@ impl Executor {
                 let name = &self.registry.by_index(req.resident.model).name;
                 self.metrics
                     .degraded
-                    .with_label_values(&[name, reason])
+                    .with_label_values(&[name, reason.as_str()])
                     .inc();
                 self.answer_popular(req, Note::Degraded);
             }
@@ -922,24 +915,6 @@ impl Executor {
         }
     }
 
-    /// Counts a batch's answered requests, and publishes the model's
-    /// throughput and service rate once per window (`batch::rate`).
-    fn count_answered(&mut self, model: usize, n: u64, started: Instant) {
-        let backlog = self.registry.by_index(model).queued() > 0;
-        let r = self
-            .rates
-            .entry(model)
-            .or_insert_with(|| Rates::new(started));
-        r.batch(started, n, backlog);
-        if let Some(p) = r.publish(Instant::now()) {
-            let served = self.registry.by_index(model);
-            served.set_rate(p.throughput);
-            if let Some(rate) = p.service_rate {
-                served.set_service_rate(rate);
-            }
-        }
-    }
-
     /// A recommend for a user with no history and no features, of a model
     /// that answers those from popularity.
     fn is_cold_start(&self, req: &InferRequest) -> bool {
@@ -1051,7 +1026,6 @@ impl Executor {
         let name = slot.name.clone();
         let label = slot.label.clone();
         let (model, version) = (slot.model, slot.version);
-        let degrades = slot.spec.degrade.unwrap_or(self.degrade) == Degrade::Popular;
         for d in dropped {
             let req = d.request;
             self.metrics
@@ -1061,10 +1035,10 @@ impl Executor {
             match d.reason {
                 // Its deadline cannot be met: the popular items, where the
                 // model degrades, else the 504 now rather than at the deadline.
-                DropReason::Predicted if degrades && req.degradable() => {
+                reason if shed::degrades_drop(reason, req.class, req.popular(self.degrade)) => {
                     self.metrics
                         .degraded
-                        .with_label_values(&[&name, "deadline"])
+                        .with_label_values(&[&name, shed::Shed::Deadline.as_str()])
                         .inc();
                     self.answer_popular(req, Note::Degraded);
                 }
@@ -1237,7 +1211,9 @@ impl Executor {
                         batch: trace.clone(),
                     }));
                 }
-                self.count_answered(model, n_live, started);
+                let m = self.registry.by_index(model);
+                let (queued, rates) = (m.queued(), m.intake().rates());
+                (self.meters).answered(model, started, n_live, queued, Instant::now(), rates);
                 if served > 0 {
                     self.metrics
                         .online_impressions

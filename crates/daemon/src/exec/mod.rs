@@ -20,7 +20,7 @@ pub use crate::model::Op;
 pub use executor::{spawn, Startup};
 pub use registry::{LoadState, Registry, Resident, Route, ServedModel, Split};
 
-use crate::batch::{self, Class, Permit, QueueKey};
+use crate::batch::{self, Class, DropReason, Permit, QueueKey, Shed, Verdict};
 use crate::error::ServeError;
 #[cfg(feature = "kafka")]
 use crate::features::popularity::Popularity;
@@ -62,9 +62,13 @@ pub enum Note {
 }
 
 impl InferRequest {
-    /// An interactive recommend, the only request a popular list can answer.
-    fn degradable(&self) -> bool {
-        self.class == Class::Interactive && matches!(self.op, Op::Recommend { .. })
+    /// Whether a popular list can stand in for this request when it is
+    /// shed: a recommend of a model that degrades (`default`: `degrade` for
+    /// the models whose model.toml does not set it). Whether it does is
+    /// `batch::shed`'s call.
+    fn popular(&self, default: Degrade) -> bool {
+        matches!(self.op, Op::Recommend { .. })
+            && self.resident.spec.degrade.unwrap_or(default) == Degrade::Popular
     }
 }
 
@@ -95,8 +99,8 @@ pub enum Command {
     /// A scoring request with the permit it was admitted with.
     Infer(InferRequest, Permit),
     /// A recommend that could not be queued, answered from the popular
-    /// items; `reason` labels `rankd_degraded_total`.
-    Degraded(InferRequest, &'static str),
+    /// items; the reason labels `rankd_degraded_total`.
+    Degraded(InferRequest, Shed),
     UpsertUser(UserUpdate, Reply<UserSummary>),
     /// A user's stored state; changes nothing.
     GetUser(u64, Reply<UserSummary>),
@@ -154,8 +158,10 @@ impl ExecutorHandle {
 
     /// Admits, queues and awaits one scoring request of `class` for the
     /// version `route` picked. A full queue is a 429 with a `Retry-After`
-    /// from the queue's depth and recent throughput, or, for an interactive
-    /// recommend of a model that degrades, the popular items.
+    /// from the queue's depth and recent throughput, a request the queue
+    /// ahead surely keeps past its deadline a 504 at once, or, for an
+    /// interactive recommend of a model that degrades, either is answered
+    /// from the popular items (`batch::shed`).
     pub async fn infer(
         &self,
         route: Route,
@@ -168,7 +174,6 @@ impl ExecutorHandle {
         let deadline = enqueued + timeout;
         crate::trace::record_version(route.resident.version);
         let served = self.registry.by_index(route.resident.model);
-        let admission = served.admission(class);
         let (reply, rx) = oneshot::channel();
         let req = InferRequest {
             resident: route.resident,
@@ -179,39 +184,35 @@ impl ExecutorHandle {
             deadline,
             reply,
         };
-        // An interactive request that the queue ahead of it surely keeps
-        // past its deadline is shed now, not when its deadline comes.
-        let hopeless = class == Class::Interactive
-            && served
-                .expected_wait(admission.depth())
-                .is_some_and(|wait| wait >= timeout);
-        let command = match admission.try_admit() {
-            Ok(permit) if hopeless => {
-                let ahead = admission.depth().saturating_sub(1);
-                drop(permit);
+        let degrades = batch::shed::degrades(class, req.popular(self.degrade));
+        let command = match served.intake().admit(class, timeout) {
+            Verdict::Queued(permit) => {
+                self.metrics
+                    .queue_depth
+                    .with_label_values(&[&served.name, class.as_str()])
+                    .set(served.admission(class).depth() as i64);
+                Command::Infer(req, permit)
+            }
+            // Shed now, not when its deadline comes.
+            Verdict::Late { ahead } => {
                 self.metrics
                     .dropped
-                    .with_label_values(&[&served.name, "predicted", class.as_str()])
+                    .with_label_values(&[
+                        &served.name,
+                        DropReason::Predicted.as_str(),
+                        class.as_str(),
+                    ])
                     .inc();
-                if !(req.degradable() && self.degrades(&req.resident)) {
+                if !degrades {
                     return Err(ServeError::DeadlineExceeded(format!(
                         "no answer possible within timeout_ms = {}: {ahead} requests wait ahead",
                         timeout.as_millis(),
                     )));
                 }
-                Command::Degraded(req, "deadline")
+                Command::Degraded(req, Shed::Deadline)
             }
-            Ok(permit) => {
-                self.metrics
-                    .queue_depth
-                    .with_label_values(&[&served.name, class.as_str()])
-                    .set(admission.depth() as i64);
-                Command::Infer(req, permit)
-            }
-            Err(_) if req.degradable() && self.degrades(&req.resident) => {
-                Command::Degraded(req, "queue_full")
-            }
-            Err(full) => {
+            Verdict::Full { .. } if degrades => Command::Degraded(req, Shed::QueueFull),
+            Verdict::Full { full, retry_after } => {
                 let queue = match class {
                     Class::Interactive => "max_queue_size",
                     Class::Bulk => "max_bulk_queue_size",
@@ -224,7 +225,7 @@ impl ExecutorHandle {
                         full.waiting,
                         full.limit
                     ),
-                    retry_after_ms: served.retry_after(full.waiting).as_millis() as u64,
+                    retry_after_ms: retry_after.as_millis() as u64,
                 });
             }
         };
@@ -244,11 +245,6 @@ impl ExecutorHandle {
             crate::trace::batch_spans(class.as_str(), enqueued, batch);
         }
         result
-    }
-
-    /// Whether `resident`'s model answers shed recommends from popularity.
-    fn degrades(&self, resident: &Resident) -> bool {
-        resident.spec.degrade.unwrap_or(self.degrade) == Degrade::Popular
     }
 
     fn command<T>(

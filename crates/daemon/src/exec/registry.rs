@@ -16,10 +16,9 @@ use crate::features::SharedUserDims;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use crate::backend::{DeviceHealth, ModelId};
-use crate::batch::{Admission, Class};
+use crate::batch::{Admission, Class, ModelAdmission};
 use crate::error::ServeError;
 use crate::model::ModelSpec;
 
@@ -134,30 +133,18 @@ pub struct ServedModel {
     inner: RwLock<Versions>,
     /// Slots of the model's interactive and bulk queues (`max_queue_size`
     /// and `max_bulk_queue_size` of its first readable version), shared by
-    /// its versions.
-    admission: Admission,
-    bulk_admission: Admission,
+    /// its versions, and the rates admission reads (`batch::shed`).
+    admission: ModelAdmission,
     items: AtomicUsize,
-    /// Requests answered per second lately (f64 bits), for `Retry-After`.
-    rate: std::sync::atomic::AtomicU64,
-    /// Requests answered per second lately while a backlog waited (f64
-    /// bits): how fast the queue drains.
-    service_rate: std::sync::atomic::AtomicU64,
 }
-
-/// The longest `Retry-After` given, however deep the queue.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl ServedModel {
     pub fn new(name: String, max_queue_size: usize, max_bulk_queue_size: usize) -> Self {
         Self {
             name,
             inner: RwLock::new(Versions::default()),
-            admission: Admission::new(max_queue_size),
-            bulk_admission: Admission::new(max_bulk_queue_size),
+            admission: ModelAdmission::new(max_queue_size, max_bulk_queue_size),
             items: AtomicUsize::new(0),
-            rate: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
-            service_rate: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
         }
     }
 
@@ -518,49 +505,19 @@ impl ServedModel {
         }
     }
 
+    /// The model's admission: its queues' slots and the rates behind
+    /// shedding and `Retry-After`.
+    pub fn intake(&self) -> &ModelAdmission {
+        &self.admission
+    }
+
     pub fn admission(&self, class: Class) -> &Admission {
-        match class {
-            Class::Interactive => &self.admission,
-            Class::Bulk => &self.bulk_admission,
-        }
+        self.admission.of(class)
     }
 
     /// Requests admitted and still waiting, both classes.
     pub fn queued(&self) -> usize {
-        self.admission.depth() + self.bulk_admission.depth()
-    }
-
-    /// Publishes the requests answered per second lately.
-    pub fn set_rate(&self, per_second: f64) {
-        self.rate.store(per_second.to_bits(), Ordering::Relaxed);
-    }
-
-    /// Publishes how fast a backlog drained lately, in requests per second.
-    pub fn set_service_rate(&self, per_second: f64) {
-        self.service_rate
-            .store(per_second.to_bits(), Ordering::Relaxed);
-    }
-
-    /// How long `ahead` waiting requests take to be answered at the recent
-    /// service rate (`None` before a backlog was measured).
-    pub fn expected_wait(&self, ahead: usize) -> Option<Duration> {
-        crate::batch::rate::expected_wait(
-            f64::from_bits(self.service_rate.load(Ordering::Relaxed)),
-            ahead,
-        )
-    }
-
-    /// How long a refused caller should wait: the time the recent
-    /// throughput needs to answer `waiting` requests, at least a second
-    /// (the header counts whole seconds), at most a minute.
-    pub fn retry_after(&self, waiting: usize) -> Duration {
-        let rate = f64::from_bits(self.rate.load(Ordering::Relaxed));
-        let secs = if rate > 0.0 {
-            (waiting as f64 / rate).ceil()
-        } else {
-            1.0
-        };
-        Duration::from_secs_f64(secs.max(1.0)).min(MAX_RETRY_AFTER)
+        self.admission.queued()
     }
 
     pub fn item_count(&self) -> usize {
@@ -730,6 +687,26 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    /// A model's rates, as admission reads them (`batch::rate::Gauges`).
+    impl ServedModel {
+        fn set_rate(&self, per_second: f64) {
+            self.intake().rates().set_throughput(per_second);
+        }
+
+        fn set_service_rate(&self, per_second: f64) {
+            self.intake().rates().set_service_rate(per_second);
+        }
+
+        fn expected_wait(&self, ahead: usize) -> Option<Duration> {
+            self.intake().rates().expected_wait(ahead)
+        }
+
+        fn retry_after(&self, waiting: usize) -> Duration {
+            self.intake().rates().retry_after(waiting)
+        }
+    }
 
     fn spec() -> Arc<ModelSpec> {
         Arc::new(
