@@ -31,10 +31,10 @@ use crate::batch::rate::Meters;
 use crate::batch::{shed, BatchPolicy, Class, DropReason, Poll, QueueKey, Run, Scheduler};
 use crate::error::ServeError;
 use crate::features::catalogues::Shape;
+use crate::features::durable::Durable;
 use crate::features::popularity::{self, Popularity};
 use crate::features::snapshot::Snapshot;
 use crate::features::store::State;
-use crate::features::wal::{self, Record, Wal};
 use crate::features::{UserDims, UserStore};
 use crate::metrics::Metrics;
 use crate::model::query::RowFilter;
@@ -90,15 +90,6 @@ pub struct Startup {
     pub query_cache_bytes: usize,
 }
 
-/// A write applied this turn, acknowledged once the log is committed.
-enum Ack {
-    User(Reply<super::UserSummary>, super::UserSummary),
-    Item(
-        Reply<crate::features::store::ItemSummary>,
-        crate::features::store::ItemSummary,
-    ),
-}
-
 struct Executor {
     backend: Box<dyn Backend>,
     device: String,
@@ -113,8 +104,8 @@ struct Executor {
     online: OnlineEval,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    wal: Option<Wal>,
-    acks: Vec<Ack>,
+    /// The write-ahead log and the writes waiting for it.
+    durable: Durable,
     popularity: Arc<Popularity>,
     degrade: Degrade,
     /// Each model's throughput and service rate (`batch::rate`).
@@ -173,8 +164,7 @@ pub fn spawn(
                 online: OnlineEval::new(startup.online_users, startup.online_window),
                 registry,
                 metrics,
-                wal: None,
-                acks: Vec::new(),
+                durable: Durable::default(),
                 popularity: startup.popularity.clone(),
                 degrade: startup.degrade,
                 meters: Meters::default(),
@@ -195,7 +185,14 @@ pub fn spawn(
                 );
             }
             if let Some((dir, sync)) = startup.wal {
-                exec.open_wal(&dir, wal_from, sync);
+                let dims = exec.user_dims();
+                if exec
+                    .durable
+                    .open(&dir, wal_from, sync, &mut exec.state, &dims)
+                {
+                    exec.sync_backend_tables();
+                    exec.publish_item_counts();
+                }
             }
             exec.evict_users();
             let _ = loaded_tx.send(());
@@ -561,7 +558,7 @@ impl Executor {
             // the user count and evictions it caused.
             self.evict_users();
             // The turn's writes are logged (one sync) before any is answered.
-            self.commit();
+            self.durable.commit();
             self.collect_retired();
             let registry = &self.registry;
             self.meters.idle(|model| registry.by_index(model).queued());
@@ -590,7 +587,7 @@ impl Executor {
 
     /// Every handle is gone: answer what is still queued, then stop.
     fn finish(mut self) {
-        self.commit();
+        self.durable.commit();
         while let Some(run) = self.scheduler.drain(Instant::now()) {
             self.execute(run);
         }
@@ -657,10 +654,7 @@ impl Executor {
                 match result {
                     Ok(summary) => {
                         self.metrics.user_updates.with_label_values(&["api"]).inc();
-                        if let Some(wal) = &mut self.wal {
-                            wal.append(&Record::User(logged));
-                        }
-                        self.acks.push(Ack::User(reply, summary));
+                        self.durable.user(logged, reply, summary);
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -668,20 +662,12 @@ impl Executor {
                 }
             }
             Command::WriteItem(write, reply) => {
-                let mut logged = write.clone();
+                let logged = write.clone();
                 let result = self.state.write_item_request(write);
                 self.sync_backend_tables();
                 self.publish_item_counts();
                 match result {
-                    Ok(summary) => {
-                        if let Some(wal) = &mut self.wal {
-                            // Replayed with the version and catalogue it was given.
-                            logged.version = Some(summary.version);
-                            logged.catalogue = summary.catalogue.clone();
-                            wal.append(&Record::Item(logged));
-                        }
-                        self.acks.push(Ack::Item(reply, summary));
-                    }
+                    Ok(summary) => self.durable.item(logged, reply, summary),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -726,16 +712,10 @@ impl Executor {
             }
             Command::Capture { full, reply } => {
                 // The new segment starts where the captured state ends.
-                self.commit();
+                self.durable.commit();
                 let mut delta = self.state.capture(full);
-                if let Some(wal) = &mut self.wal {
-                    match wal.rotate() {
-                        Ok(next) => delta.wal_next = next,
-                        Err(e) => {
-                            tracing::error!(error = %e, "write-ahead log: cannot start a new segment");
-                            delta.wal_next = wal.seq();
-                        }
-                    }
+                if let Some(next) = self.durable.rotate() {
+                    delta.wal_next = next;
                 }
                 let _ = reply.send(Ok(delta));
             }
@@ -768,44 +748,6 @@ impl Executor {
             .collect()
     }
 
-    /// Replays the log from segment `from` on (after the snapshot) and
-    /// starts a new segment.
-    fn open_wal(&mut self, dir: &std::path::Path, from: u64, sync: bool) {
-        let (records, next) = match wal::replay(dir, from) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot read the write-ahead log");
-                (Vec::new(), from)
-            }
-        };
-        if !records.is_empty() {
-            let dims = self.user_dims();
-            let (mut users, mut items, mut refused) = (0usize, 0usize, 0usize);
-            for r in records {
-                let ok = match r {
-                    Record::User(u) => {
-                        users += 1;
-                        self.state.upsert_user(u, &dims).is_ok()
-                    }
-                    Record::Item(w) => {
-                        items += 1;
-                        self.state.replay_item(w).is_ok()
-                    }
-                };
-                refused += usize::from(!ok);
-            }
-            self.sync_backend_tables();
-            self.publish_item_counts();
-            tracing::info!(users, items, refused, "write-ahead log replayed");
-        }
-        match Wal::open(dir, next, sync) {
-            Ok(w) => self.wal = Some(w),
-            Err(e) => {
-                tracing::error!(dir = %dir.display(), error = %e, "write-ahead log is off: cannot open it")
-            }
-        }
-    }
-
     /// Holds at most `max_users` users and publishes the user gauges.
     fn evict_users(&mut self) {
         let before = self.state.evicted;
@@ -817,35 +759,6 @@ impl Executor {
         self.metrics
             .users_bytes
             .set(self.state.users.bytes() as i64);
-    }
-
-    /// Hands the turn's log records to the log's writer, which acknowledges
-    /// them once they are written (and synced); without a log, at once.
-    fn commit(&mut self) {
-        if self.acks.is_empty() {
-            return;
-        }
-        let acks = std::mem::take(&mut self.acks);
-        let acknowledge = move |result: Result<(), String>| {
-            let failed = result.err().map(|e| {
-                tracing::error!(error = %e, "write-ahead log write failed");
-                ServeError::Internal(format!("the write-ahead log could not be written: {e}"))
-            });
-            for ack in acks {
-                match ack {
-                    Ack::User(r, s) => {
-                        let _ = r.send(failed.clone().map_or(Ok(s), Err));
-                    }
-                    Ack::Item(r, s) => {
-                        let _ = r.send(failed.clone().map_or(Ok(s), Err));
-                    }
-                }
-            }
-        };
-        match &mut self.wal {
-            Some(w) => w.commit(Box::new(acknowledge)),
-            None => acknowledge(Ok(())),
-        }
     }
 
     /// The user feature widths the resident versions read.

@@ -3,6 +3,7 @@
 //! update commands, so scoring and updates are ordered without locks.
 
 pub mod catalogues;
+pub mod durable;
 pub mod popularity;
 pub mod snapshot;
 pub mod store;
