@@ -234,7 +234,7 @@ async fn a_cached_two_tower_answers_as_an_uncached_one_through_clicks_writes_and
 async fn the_cache_stays_within_its_bytes_and_still_answers_right() {
     let root = tempfile::tempdir().unwrap();
     derived_model(root.path(), "demo", "demo", |t| t);
-    // Room for about three users' vectors (64 floats and the bookkeeping).
+    // Room for two users' vectors (64 floats and the bookkeeping).
     let (cached, plain) = pair(root.path(), Some("1000"), &[]);
     let c = Daemon::client();
     let users: Vec<u64> = (1..=10).collect();
@@ -257,7 +257,7 @@ async fn the_cache_stays_within_its_bytes_and_still_answers_right() {
         let bytes = sample(&m, "rankd_query_cache_bytes").unwrap();
         assert!(bytes > 0.0 && bytes <= 1000.0, "{bytes} bytes");
     }
-    // Ten users cycling through room for three: each recommend misses (its
+    // Ten users cycling through room for two: each recommend misses (its
     // vector was evicted by the users after it), each score right after it
     // hits.
     assert_eq!(hits_misses(&c, &cached, "demo").await, (20.0, 20.0));

@@ -132,18 +132,22 @@ impl Fallback {
     }
 
     /// From now on model `id` runs on the CPU copy alone, because its
-    /// answers on the device were wrong.
-    fn serve_from_cpu(&mut self, id: ModelId, desc: ModelDesc, why: &str) {
-        let reason = format!(
-            "its answers on {} disagree with the CPU's on a check batch ({why})",
-            self.device
-        );
+    /// device forward pass could not be checked or gave wrong answers.
+    fn serve_from_cpu(&mut self, id: ModelId, desc: ModelDesc, reason: String) {
         tracing::error!(model = id, device = %self.device, kind = %desc.kind, "serving this model from the CPU: {reason}");
         self.cpu_only.insert(id, reason);
-        self.models.remove(&id);
         self.stale_models.remove(&id);
         self.unchecked.remove(&id);
         self.primary.unload(id);
+        if let Some((_, table, _)) = self.models.remove(&id) {
+            // A table no device model reads any more leaves the device
+            // (and comes back with the next model that reads it).
+            if !self.models.values().any(|m| m.1 == table) && !self.stale_tables.contains(&table) {
+                self.primary.unload_table(table);
+                self.pending_rows.remove(&table);
+                self.stale_tables.insert(table);
+            }
+        }
     }
 
     /// Runs model `id` on the device and on the CPU over a synthetic batch
@@ -152,17 +156,21 @@ impl Fallback {
         &mut self,
         id: ModelId,
         desc: ModelDesc,
+        table: TableId,
         weights: &Weights,
     ) -> Result<(), Check> {
         let (items, histories, features) = check::inputs(&desc);
         let queries = check::queries(&desc, &histories, &features);
         let mut cpu = CpuBackend::new();
-        let dtype = ItemDtype::default();
+        // The device stores the check's table as it stores the model's.
+        let dtype = self.table_dtypes.get(&table).copied().unwrap_or_default();
         let want = cpu
-            .load_table(check::TABLE, &items, dtype)
+            .load_table(check::TABLE, &items, ItemDtype::F32)
             .and_then(|()| cpu.load(check::MODEL, desc, check::TABLE, weights))
             .and_then(|()| cpu.run(check::MODEL, &items, &queries))
-            .map_err(|e| Check::Disagrees(format!("the CPU could not run the check batch: {e}")))?;
+            .map_err(|e| {
+                Check::Unchecked(format!("the CPU could not run the check batch ({e})"))
+            })?;
         let got = self
             .primary
             .load_table(check::TABLE, &items, dtype)
@@ -170,8 +178,22 @@ impl Fallback {
             .and_then(|()| self.primary.run(check::MODEL, &items, &queries));
         self.primary.unload(check::MODEL);
         self.primary.unload_table(check::TABLE);
-        let got = got.map_err(Check::Failed)?;
-        check::agree(&got, &want).map_err(Check::Disagrees)?;
+        let got = got.map_err(|e| {
+            if e.reason == Reason::Hardware {
+                Check::Failed(e)
+            } else {
+                Check::Unchecked(format!(
+                    "{} could not run the check batch ({e})",
+                    self.device
+                ))
+            }
+        })?;
+        check::agree(&got, &want, dtype).map_err(|why| {
+            Check::Unchecked(format!(
+                "its answers on {} disagree with the CPU's on a check batch ({why})",
+                self.device
+            ))
+        })?;
         tracing::debug!(model = id, device = %self.device, "the device's answers match the CPU's on the check batch");
         Ok(())
     }
@@ -230,13 +252,13 @@ impl Fallback {
                 .cloned()
                 .expect("a loaded model is remembered");
             if self.unchecked.contains(&id) {
-                match self.check_on_device(id, desc, &weights) {
+                match self.check_on_device(id, desc, t, &weights) {
                     Ok(()) => {
                         self.unchecked.remove(&id);
                     }
                     Err(Check::Failed(e)) => return Err(e),
-                    Err(Check::Disagrees(why)) => {
-                        self.serve_from_cpu(id, desc, &why);
+                    Err(Check::Unchecked(reason)) => {
+                        self.serve_from_cpu(id, desc, reason);
                         return Ok(());
                     }
                 }
@@ -284,24 +306,25 @@ impl Backend for Fallback {
             self.cpu_only.insert(id, reason);
             return Ok(());
         }
-        let checked = match self.check_on_device(id, desc, weights) {
-            Ok(()) => true,
-            Err(Check::Disagrees(why)) => {
-                self.serve_from_cpu(id, desc, &why);
-                return Ok(());
-            }
-            // The device failed: the model is checked, then loaded there,
-            // once the device is back (`resync`), as after any failed load.
-            Err(Check::Failed(e)) => {
-                self.mark_unhealthy(&e);
-                false
-            }
-        };
-        if !checked {
-            self.unchecked.insert(id);
-        }
+        // While the device is out, the check waits for its return (`resync`).
+        let checked = self.healthy
+            && match self.check_on_device(id, desc, table, weights) {
+                Ok(()) => true,
+                Err(Check::Unchecked(reason)) => {
+                    self.models.insert(id, (desc, table, weights.clone()));
+                    self.serve_from_cpu(id, desc, reason);
+                    return Ok(());
+                }
+                // The device itself failed: the version is checked, then
+                // loaded there, once it is back, as after any failed load.
+                Err(Check::Failed(e)) => {
+                    self.mark_unhealthy(&e);
+                    false
+                }
+            };
         self.models.insert(id, (desc, table, weights.clone()));
         if !checked {
+            self.unchecked.insert(id);
             self.stale_models.insert(id);
         } else if self.stale_tables.contains(&table) {
             // Loaded with its table, before its first batch (`resync`).
@@ -406,6 +429,7 @@ impl Backend for Fallback {
 
     fn unload(&mut self, id: ModelId) {
         self.cpu.unload(id);
+        self.unchecked.remove(&id);
         if self.cpu_only.remove(&id).is_none() {
             self.primary.unload(id);
         }
@@ -449,11 +473,12 @@ impl Backend for Fallback {
 
 /// A backend that computes on the CPU and fails on command: for testing the
 /// fallback path (and alerting on it) on hosts without a GPU.
-/// How a device's check batch went.
+/// Why a device's check batch did not pass.
 enum Check {
-    /// The device answered, differently from the CPU.
-    Disagrees(String),
-    /// The device failed to run it.
+    /// The version's device forward pass is wrong or cannot run: it serves
+    /// from the CPU, for this reason.
+    Unchecked(String),
+    /// The device itself failed (a hardware fault): it is out of service.
     Failed(BackendError),
 }
 
@@ -523,11 +548,11 @@ mod check {
     }
 
     /// Whether the device's answers are the CPU's: the same number of
-    /// items and scores, each score within 1e-3 of the batch's largest
-    /// (f32 sums in another order differ by far less; a wrong layout or
-    /// kernel by far more), and a top-k list whose ids differ only where
-    /// scores tie within that.
-    pub fn agree(got: &[Output], want: &[Output]) -> Result<(), String> {
+    /// items and scores, each score within 1e-3 of the batch's largest for
+    /// an f32 table (f32 sums in another order differ by far less; a wrong
+    /// layout or kernel by far more; 1e-2 for f16, 4e-2 for bf16), and a
+    /// top-k list whose ids differ only where scores tie within that.
+    pub fn agree(got: &[Output], want: &[Output], dtype: ItemDtype) -> Result<(), String> {
         if got.len() != want.len() {
             return Err(format!("{} answers for {} queries", got.len(), want.len()));
         }
@@ -539,7 +564,13 @@ mod check {
             })
             .fold(0f32, |m, s| m.max(s.abs()))
             .max(1e-6);
-        let tol = 1e-3 * scale;
+        // 16-bit tables round every embedding the model reads.
+        let tol = scale
+            * match dtype {
+                ItemDtype::F32 => 1e-3,
+                ItemDtype::F16 => 1e-2,
+                ItemDtype::Bf16 => 4e-2,
+            };
         for (q, (g, w)) in got.iter().zip(want).enumerate() {
             let (gs, ws): (Vec<f32>, Vec<f32>) = match (g, w) {
                 (Output::TopK(g), Output::TopK(w)) => {
@@ -830,30 +861,47 @@ mod tests {
     }
 
     #[test]
-    fn a_model_whose_check_the_device_could_not_run_is_checked_when_it_is_back() {
-        let (mut fb, plan, clock, items) = setup();
+    fn a_check_the_device_cannot_run_serves_that_model_from_the_cpu_alone() {
+        let (mut fb, plan, _clock, items) = setup();
         let (desc, table, weights) = fb.models[&0].clone();
         plan.fail_runs.store(1, Ordering::Release);
         fb.load(1, desc, table, &weights).unwrap();
+        let why = fb.cpu_reason(1).expect("served from the CPU");
+        assert!(why.contains("could not run the check batch"), "{why}");
+        // One version's failure says nothing about the device.
+        assert!(fb.health().healthy, "{:?}", fb.health());
+        let runs = plan.runs.load(Ordering::Acquire);
+        assert_eq!(batch_of(&mut fb, 1, &items), batch(&mut fb, &items));
+        assert_eq!(
+            plan.runs.load(Ordering::Acquire),
+            runs + 1,
+            "model 0 alone ran on the device"
+        );
+    }
+
+    #[test]
+    fn a_version_loaded_while_the_device_is_out_is_checked_when_it_is_back() {
+        let (mut fb, plan, clock, items) = setup();
+        let reference = batch(&mut fb, &items);
+        plan.fail_runs.store(1, Ordering::Release);
+        batch(&mut fb, &items);
         assert!(!fb.health().healthy);
-        assert_eq!(fb.cpu_reason(1), None, "a failure is not a disagreement");
-        // Back after the back-off, wrong: the check before its load catches it.
+        let (desc, table, weights) = fb.models[&0].clone();
+        let runs = plan.runs.load(Ordering::Acquire);
+        fb.load(1, desc, table, &weights).unwrap();
+        assert_eq!(
+            plan.runs.load(Ordering::Acquire),
+            runs,
+            "no check while it is out"
+        );
+        assert_eq!(fb.cpu_reason(1), None);
+        // Back after the back-off, and wrong: the check before the load there
+        // catches it, and the batch is answered right, from the CPU.
         plan.wrong.store(true, Ordering::Release);
         advance(&clock, Duration::from_secs(2));
-        let hist = [1u32, 2, 3];
-        let q = [Query {
-            history: &hist,
-            features: None,
-            sparse: None,
-            context: None,
-            task: Task::Score { rows: &[4, 5] },
-        }];
-        let got = fb.run(1, &items, &q).unwrap();
+        let got = batch_of(&mut fb, 1, &items);
         plan.wrong.store(false, Ordering::Release);
-        let mut cpu = CpuBackend::new();
-        cpu.load_table(0, &items, ItemDtype::F32).unwrap();
-        cpu.load(0, desc, 0, &weights).unwrap();
-        assert_eq!(got, cpu.run(0, &items, &q).unwrap());
+        assert_eq!(got, reference);
         assert!(fb.cpu_reason(1).is_some_and(|r| r.contains("disagree")));
     }
 
@@ -867,13 +915,13 @@ mod tests {
             list(&[(1, 10.0), (2, 5.0)]),
             Output::Scores(vec![0.5, -3.0]),
         ];
-        assert_eq!(check::agree(&want, &want), Ok(()));
+        assert_eq!(check::agree(&want, &want, ItemDtype::F32), Ok(()));
         // Float noise, and two ids swapped on a tie, agree.
         let noisy = [
             list(&[(1, 10.001), (2, 5.0)]),
             Output::Scores(vec![0.5004, -3.0]),
         ];
-        assert_eq!(check::agree(&noisy, &want), Ok(()));
+        assert_eq!(check::agree(&noisy, &want, ItemDtype::F32), Ok(()));
         let swapped = [
             list(&[(2, 10.0), (1, 10.0)]),
             Output::Scores(vec![0.5, -3.0]),
@@ -882,25 +930,29 @@ mod tests {
             list(&[(1, 10.0), (2, 10.0)]),
             Output::Scores(vec![0.5, -3.0]),
         ];
-        assert_eq!(check::agree(&swapped, &tied), Ok(()));
+        assert_eq!(check::agree(&swapped, &tied, ItemDtype::F32), Ok(()));
         // A wrong score, a wrong id, a missing item or a NaN do not.
         let off = [
             list(&[(1, 10.0), (2, 5.1)]),
             Output::Scores(vec![0.5, -3.0]),
         ];
-        assert!(check::agree(&off, &want).unwrap_err().contains("score 5.1"));
+        assert!(check::agree(&off, &want, ItemDtype::F32)
+            .unwrap_err()
+            .contains("score 5.1"));
         let other = [
             list(&[(1, 10.0), (3, 4.0)]),
             Output::Scores(vec![0.5, -3.0]),
         ];
-        assert!(check::agree(&other, &want).unwrap_err().contains("top-k"));
+        assert!(check::agree(&other, &want, ItemDtype::F32)
+            .unwrap_err()
+            .contains("top-k"));
         let short = [list(&[(1, 10.0)]), Output::Scores(vec![0.5, -3.0])];
-        assert!(check::agree(&short, &want).is_err());
+        assert!(check::agree(&short, &want, ItemDtype::F32).is_err());
         let nan = [
             list(&[(1, 10.0), (2, 5.0)]),
             Output::Scores(vec![f32::NAN, -3.0]),
         ];
-        assert!(check::agree(&nan, &want).is_err());
+        assert!(check::agree(&nan, &want, ItemDtype::F32).is_err());
     }
 
     #[test]

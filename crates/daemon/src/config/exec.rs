@@ -105,7 +105,7 @@ pub struct ExecArgs {
     /// The most an onnx model's graph and its external data may weigh, in bytes; a larger one fails that version only [default: 2147483648]
     #[arg(long, env = "RANKD_MAX_MODEL_BYTES", value_name = "BYTES")]
     pub max_model_bytes: Option<u64>,
-    /// Bytes of query vectors kept per user between requests, so that a user who asks again before their state, the item rows their history reads, or the version changed skips the tower (retrieval models on the CPU; about d × 4 + 64 bytes per user and version); 0 turns it off [default: 67108864]
+    /// Bytes of query vectors kept per user between requests, so that a user who asks again before their state, the item rows their history reads, or the version changed skips the tower (retrieval models on the CPU; about d × 4 + 160 bytes per user and version); 0 turns it off [default: 67108864]
     #[arg(long, env = "RANKD_QUERY_CACHE_BYTES", value_name = "BYTES")]
     pub query_cache_bytes: Option<u64>,
 }

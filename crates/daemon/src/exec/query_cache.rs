@@ -17,8 +17,9 @@ use std::collections::{HashMap, VecDeque};
 use crate::backend::{Backend, BackendError, ModelId, Output, Query};
 use crate::model::ItemTable;
 
-/// Bytes one kept vector costs besides its values (map slot, eviction record).
-const ENTRY_OVERHEAD: usize = 64;
+/// Bytes one kept vector costs besides its values: its map slot at the
+/// map's load factor, the allocation's header, and eviction records.
+const ENTRY_OVERHEAD: usize = 160;
 
 /// Who a query is for and the state it was asked in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -45,7 +45,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: &[f32], bias: &[f32], out: usize, input: usize) -> Self {
-        debug_assert_eq!((weight.len(), bias.len()), (out * input, out));
+        assert_eq!((weight.len(), bias.len()), (out * input, out));
         Self {
             weight: weight.to_vec(),
             bias: bias.to_vec(),
@@ -69,8 +69,10 @@ impl Linear {
     /// a bias, a residual).
     pub fn accumulate(&self, x: &[f32], y: &mut [f32]) {
         let rows = x.len() / self.input;
-        debug_assert_eq!(x.len(), rows * self.input);
-        debug_assert_eq!(y.len(), rows * self.out);
+        // The product below reads and writes through raw pointers: these
+        // bounds are its safety.
+        assert_eq!(x.len(), rows * self.input);
+        assert_eq!(y.len(), rows * self.out);
         if rows == 0 {
             return;
         }
@@ -181,7 +183,8 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
+    // Not `max`: a NaN logit stays NaN, as it does in PyTorch.
+    let x = if x < -87.0 { -87.0 } else { x };
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r

@@ -35,6 +35,11 @@ pub(super) const KIND: DeviceKind = DeviceKind {
 /// Row index of a padded window position (`RANKD_NONE` in the kernels).
 const NONE: u32 = u32::MAX;
 
+/// The longest window the attention kernel takes: its logits live in 48 KiB
+/// of shared memory (less the kernel's own 128 bytes). A longer one is served
+/// from the CPU (the fallback's check says why).
+const MAX_WINDOW: usize = 12_000;
+
 struct DevLinear {
     w: CudaSlice<f32>,
     b: CudaSlice<f32>,
@@ -152,6 +157,12 @@ fn upload(
         .get::<SasrecWeights>()
         .ok_or("sasrec weights are not a SASRec checkpoint: this is a bug")?;
     let d = w.dim;
+    if w.history_len > MAX_WINDOW {
+        return Err(format!(
+            "the device's attention kernel holds a window of at most {MAX_WINDOW} positions in shared memory, history_len is {}",
+            w.history_len
+        ));
+    }
     let e = |e: GpuError| e.to_string();
     let blocks = w
         .blocks
