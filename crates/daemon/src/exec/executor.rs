@@ -11,7 +11,7 @@
 //! was answered, so requests finish on the version they started on and at
 //! most the old and the new version of a model are resident at once.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,51 +19,25 @@ use std::time::{Duration, Instant};
 use flume::{Receiver, RecvTimeoutError, TryRecvError};
 use tokio::sync::oneshot;
 
-use super::load::{self, VersionFiles};
 use super::online::OnlineEval;
 use super::query_cache::{self, Key as CacheKey, QueryCache};
+use super::residency::{Parts, Residency};
 use super::{
-    deadline_exceeded, Answer, Command, ExecutorHandle, InferRequest, LoadState, Note, Op,
-    Registry, Reply, Resident, Split,
+    deadline_exceeded, Answer, Command, ExecutorHandle, InferRequest, Note, Op, Registry, Split,
 };
-use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Output, Query, Scored, Task};
+use crate::backend::{Backend, Output, Query, Scored, Task};
 use crate::batch::rate::Meters;
-use crate::batch::{shed, BatchPolicy, Class, DropReason, Poll, QueueKey, Run, Scheduler};
+use crate::batch::{shed, Class, DropReason, Poll, Run, Scheduler};
 use crate::error::ServeError;
-use crate::features::catalogues::Shape;
 use crate::features::durable::Durable;
 use crate::features::popularity::{self, Popularity};
 use crate::features::snapshot::Snapshot;
 use crate::features::store::State;
-use crate::features::{UserDims, UserStore};
+use crate::features::UserStore;
 use crate::metrics::Metrics;
 use crate::model::query::RowFilter;
 use crate::model::spec::{ColdStart, Degrade};
-use crate::model::{ItemTable, ModelEntry, ModelError, ModelSpec};
-
-/// A resident model version.
-struct Slot {
-    /// The model's index in the registry.
-    model: usize,
-    name: String,
-    version: u64,
-    /// `version` as a metric label.
-    label: String,
-    spec: Arc<ModelSpec>,
-    table: usize,
-    catalogue: String,
-    /// Where the table was read from.
-    table_key: PathBuf,
-}
-
-/// A version made resident and not yet warmed: one warm-up batch per turn.
-struct Warming {
-    resident: Arc<Resident>,
-    sizes: Vec<usize>,
-    next: usize,
-    started: Instant,
-    reply: Option<Reply<()>>,
-}
+use crate::model::{ItemTable, ModelEntry, ModelSpec};
 
 /// What the executor is started with.
 pub struct Startup {
@@ -93,12 +67,7 @@ pub struct Startup {
 struct Executor {
     backend: Box<dyn Backend>,
     device: String,
-    slots: HashMap<ModelId, Slot>,
-    next_id: ModelId,
-    /// Resident catalogues by name: table id and the versions using it.
-    tables: HashMap<String, (usize, usize)>,
-    warming: VecDeque<Warming>,
-    retiring: Vec<Arc<Resident>>,
+    residency: Residency,
     scheduler: Scheduler<InferRequest>,
     state: State,
     online: OnlineEval,
@@ -149,12 +118,8 @@ pub fn spawn(
                 .fold(history_max, usize::max);
             let mut exec = Executor {
                 backend,
+                residency: Residency::new(registry.clone(), metrics.clone(), device.clone()),
                 device,
-                slots: HashMap::new(),
-                next_id: 0,
-                tables: HashMap::new(),
-                warming: VecDeque::new(),
-                retiring: Vec::new(),
                 scheduler: Scheduler::new(),
                 state: {
                     let mut s = State::new(history_cap);
@@ -171,13 +136,14 @@ pub fn spawn(
                 batches: 0,
                 query_cache: QueryCache::new(startup.query_cache_bytes),
             };
-            exec.load_at_start(startup.versions, startup.fallbacks, &startup.splits);
+            let (residency, mut parts) = exec.residency();
+            let (versions, fallbacks) = (startup.versions, startup.fallbacks);
+            residency.load_at_start(&mut parts, versions, fallbacks, &startup.splits);
             exec.publish_health();
             let wal_from = startup.snapshot.as_ref().map_or(0, |s| s.wal_next);
             if let Some(s) = startup.snapshot {
                 exec.state.restore(&s);
-                exec.sync_backend_tables();
-                exec.publish_item_counts();
+                exec.items_changed();
                 tracing::info!(
                     users = s.users.len(),
                     items = s.items.len(),
@@ -185,13 +151,12 @@ pub fn spawn(
                 );
             }
             if let Some((dir, sync)) = startup.wal {
-                let dims = exec.user_dims();
+                let dims = exec.residency.user_dims();
                 if exec
                     .durable
                     .open(&dir, wal_from, sync, &mut exec.state, &dims)
                 {
-                    exec.sync_backend_tables();
-                    exec.publish_item_counts();
+                    exec.items_changed();
                 }
             }
             exec.evict_users();
@@ -203,343 +168,25 @@ pub fn spawn(
 }
 
 impl Executor {
-    /// Loads and warms the start-up versions one after the other (nothing is
-    /// served yet), then sets the restored splits.
-    fn load_at_start(
-        &mut self,
-        versions: Vec<(usize, ModelEntry)>,
-        fallbacks: Vec<(usize, ModelEntry)>,
-        splits: &BTreeMap<usize, Split>,
-    ) {
-        for (model, entry) in versions {
-            self.load_now(model, &entry);
-        }
-        for (model, entry) in fallbacks {
-            let served = self.registry.by_index(model).clone();
-            if served.state() == LoadState::Ready || !served.begin_load(entry.version) {
-                continue;
-            }
-            tracing::warn!(model = %served.name, version = entry.version, "the newest version failed to load; trying an older one");
-            self.load_now(model, &entry);
-        }
-        for (&model, split) in splits {
-            let served = self.registry.by_index(model).clone();
-            match served.set_split(Some(split.clone())) {
-                Ok(effective) => {
-                    tracing::info!(model = %served.name, split = ?effective, "traffic split restored");
-                }
-                Err(e) => {
-                    tracing::error!(
-                        model = %served.name,
-                        error = %e,
-                        "the saved traffic split cannot be restored; serving the latest version"
-                    );
-                    let _ = served.set_split(None);
-                }
-            }
-            self.publish_traffic(model);
-        }
-    }
-
-    /// Reads, loads and warms one version at once (nothing is served yet).
-    fn load_now(&mut self, model: usize, entry: &ModelEntry) {
-        let files = load::read(model, entry, |name, dim| {
-            self.registry.catalogues().resident(name, dim)
-        });
-        self.begin((model, entry.version), files, None);
-        while self.warm_step() {}
-    }
-
-    /// Starts making a read version resident; its warm-up follows in
-    /// `warm_step`. A failure is reported at once.
-    fn begin(
-        &mut self,
-        (model, version): (usize, u64),
-        files: Result<VersionFiles, ModelError>,
-        reply: Option<Reply<()>>,
-    ) {
-        match files.and_then(|f| self.make_resident(f)) {
-            Ok(mut w) => {
-                w.reply = reply;
-                self.warming.push_back(w);
-            }
-            Err(e) => self.failed(model, version, &e, reply),
-        }
-    }
-
-    /// Uploads the version's table (unless resident) and weights, and queues
-    /// its warm-up.
-    fn make_resident(&mut self, f: VersionFiles) -> Result<Warming, ModelError> {
-        let started = Instant::now();
-        let spec = f.spec;
-        let table = match self.tables.get_mut(&f.catalogue) {
-            Some((t, users)) if self.state.tables[*t].dim() == spec.dim => {
-                *users += 1;
-                *t
-            }
-            Some(&mut (t, _)) => {
-                return Err(ModelError::Shape {
-                    path: f.items_key.clone(),
-                    tensor: "embeddings".into(),
-                    expected: format!("[N, {}]", spec.dim),
-                    actual: vec![self.state.tables[t].rows(), self.state.tables[t].dim()],
-                })
-            }
-            None => {
-                let table = match f.items {
-                    Some(t) => t,
-                    // Resident when the file was read, freed since: read it now.
-                    None => load::load_table(&f.items_key, spec.dim)?,
-                };
-                let t = self.state.add_table(&f.catalogue, table);
-                if let Err(e) = self
-                    .backend
-                    .load_table(t, &self.state.tables[t], spec.item_dtype)
-                {
-                    self.state.retire_table(t);
-                    return Err(ModelError::Device {
-                        path: f.items_key.clone(),
-                        message: e.to_string(),
-                    });
-                }
-                self.tables.insert(f.catalogue.clone(), (t, 1));
-                self.registry.catalogues().set(
-                    &f.catalogue,
-                    Some(Shape {
-                        dim: spec.dim,
-                        attributes: self.state.tables[t].attributes().names().to_vec(),
-                    }),
-                );
-                t
-            }
+    /// The residency records, and the parts of the executor they change.
+    fn residency(&mut self) -> (&mut Residency, Parts<'_>) {
+        let parts = Parts {
+            backend: &mut *self.backend,
+            state: &mut self.state,
+            scheduler: &mut self.scheduler,
+            query_cache: &mut self.query_cache,
         };
-        let id = self.next_id;
-        self.next_id += 1;
-        if spec.history_len > self.state.users.history_cap() {
-            tracing::info!(
-                model = %f.name,
-                version = f.version,
-                from = self.state.users.history_cap(),
-                to = spec.history_len,
-                "stored histories grow to this version's window"
-            );
-            self.state.users.raise_history_cap(spec.history_len);
-        }
-        let desc = ModelDesc {
-            kind: spec.kind,
-            dim: spec.dim,
-            user_feature_dim: spec.user_feature_dim,
-            bounds: BatchBounds::of(&spec, self.state.users.history_cap()),
-            cpu_scoring: spec.cpu_scoring,
-        };
-        if let Err(e) = self.backend.load(id, desc, table, &f.weights) {
-            self.release_table(&f.catalogue);
-            return Err(ModelError::Device {
-                path: f.dir.clone(),
-                message: e.to_string(),
-            });
-        }
-        self.scheduler.add_queue(
-            QueueKey { model: id },
-            BatchPolicy {
-                max_rows: spec.batching.max_batch_size,
-                max_delay: Duration::from_micros(spec.batching.max_queue_delay_us),
-                bulk_min_share: spec.batching.bulk_min_share,
-            },
-        );
-        let sizes = self.backend.warm_batch_sizes(spec.max_batch_rows());
-        let engine = f
-            .weights
-            .get::<crate::model::kind::onnx::Graph>()
-            .map(|g| g.engine());
-        let spec = Arc::new(spec);
-        self.slots.insert(
-            id,
-            Slot {
-                model: f.model,
-                name: f.name,
-                version: f.version,
-                label: f.version.to_string(),
-                spec: spec.clone(),
-                table,
-                catalogue: f.catalogue,
-                table_key: f.items_key,
-            },
-        );
-        self.registry.user_dims().set(self.user_dims());
-        Ok(Warming {
-            resident: Arc::new(Resident {
-                id,
-                model: f.model,
-                version: f.version,
-                spec,
-                cpu_reason: self.backend.cpu_reason(id),
-                engine,
-                catalogue: self.slots[&id].catalogue.clone(),
-            }),
-            sizes,
-            next: 0,
-            started,
-            reply: None,
-        })
+        (&mut self.residency, parts)
     }
 
-    /// Runs the next warm-up batch of the version being loaded; `false` when
-    /// none is being loaded. The last one puts the version in service.
     fn warm_step(&mut self) -> bool {
-        let Some(w) = self.warming.front_mut() else {
-            return false;
-        };
-        let id = w.resident.id;
-        let result = match w.sizes.get(w.next).copied() {
-            Some(size) => {
-                w.next += 1;
-                let slot = &self.slots[&id];
-                let items = &self.state.tables[slot.table];
-                let has_rows = items.rows() > 0;
-                let rows = vec![0u32; if has_rows { size } else { 0 }];
-                let queries: Vec<Query<'_>> = slot.spec.warm_batch(size, &rows);
-                self.backend.run(id, items, &queries).map(|_| ())
-            }
-            None => {
-                let w = self.warming.pop_front().expect("front exists");
-                self.in_service(w);
-                return true;
-            }
-        };
-        if let Err(e) = result {
-            let w = self.warming.pop_front().expect("front exists");
-            let (model, version) = (w.resident.model, w.resident.version);
-            let path = self.slots[&id].table_key.clone();
-            self.free(id);
-            self.failed(
-                model,
-                version,
-                &ModelError::Device {
-                    path,
-                    message: e.to_string(),
-                },
-                w.reply,
-            );
-        }
-        true
+        let (residency, mut parts) = self.residency();
+        residency.warm_step(&mut parts)
     }
 
-    fn in_service(&mut self, w: Warming) {
-        let Warming {
-            resident,
-            started,
-            reply,
-            ..
-        } = w;
-        let (model, version) = (resident.model, resident.version);
-        let served = self.registry.by_index(model).clone();
-        self.registry
-            .by_index(model)
-            .set_item_count(self.state.tables[self.slots[&resident.id].table].live_count());
-        let on_cpu = resident.cpu_reason.is_some();
-        let retired = match served.version_ready(resident) {
-            Ok(retired) => retired,
-            Err(resident) => {
-                tracing::info!(model = %served.name, version, "version unloaded or removed while it loaded: freed");
-                self.metrics
-                    .set_model_state(&served.name, version, "unloaded");
-                self.retiring.push(resident);
-                if let Some(r) = reply {
-                    let _ = r.send(Err(ServeError::NotFound(format!(
-                        "version {version} of model {} was unloaded or removed while it loaded",
-                        served.name
-                    ))));
-                }
-                return;
-            }
-        };
-        self.metrics.set_model_state(&served.name, version, "ready");
-        tracing::info!(
-            model = %served.name,
-            version,
-            device = %if on_cpu { "cpu" } else { &self.device },
-            ms = started.elapsed().as_millis() as u64,
-            traffic = ?served.traffic(),
-            "model loaded and warmed"
-        );
-        for old in retired {
-            tracing::info!(model = %served.name, version = old.version, now = version, "version retired: the new one replaces it");
-            self.metrics
-                .set_model_state(&served.name, old.version, "unloaded");
-            self.retiring.push(old);
-        }
-        self.publish_traffic(model);
-        if let Some(r) = reply {
-            let _ = r.send(Ok(()));
-        }
-    }
-
-    fn failed(&mut self, model: usize, version: u64, e: &ModelError, reply: Option<Reply<()>>) {
-        let served = self.registry.by_index(model).clone();
-        let err = super::load_failed(&served, &self.metrics, version, e);
-        if let Some(r) = reply {
-            let _ = r.send(Err(err));
-        }
-    }
-
-    /// Frees retired versions that no request holds any more.
     fn collect_retired(&mut self) {
-        if self.retiring.is_empty() {
-            return;
-        }
-        let mut i = 0;
-        while i < self.retiring.len() {
-            if Arc::strong_count(&self.retiring[i]) == 1 {
-                let r = self.retiring.swap_remove(i);
-                let slot = &self.slots[&r.id];
-                tracing::info!(model = %slot.name, version = slot.version, "model version unloaded");
-                self.free(r.id);
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    /// Frees a version's backend state, queue and (when no other version uses
-    /// it) item table.
-    fn free(&mut self, id: ModelId) {
-        self.backend.unload(id);
-        self.query_cache.forget(id);
-        self.metrics
-            .query_cache_bytes
-            .set(self.query_cache.bytes() as i64);
-        let removed = self.scheduler.remove_queue(QueueKey { model: id });
-        debug_assert!(removed, "a freed version's queue is empty");
-        if let Some(slot) = self.slots.remove(&id) {
-            let _ = self
-                .metrics
-                .traffic_share
-                .remove_label_values(&[&slot.name, &slot.label]);
-            self.release_table(&slot.catalogue);
-            self.registry.user_dims().set(self.user_dims());
-        }
-    }
-
-    fn release_table(&mut self, catalogue: &str) {
-        let Some((t, users)) = self.tables.get_mut(catalogue) else {
-            return;
-        };
-        *users -= 1;
-        if *users == 0 {
-            let t = *t;
-            self.tables.remove(catalogue);
-            self.registry.catalogues().set(catalogue, None);
-            self.backend.unload_table(t);
-            self.state.retire_table(t);
-        }
-    }
-
-    fn publish_traffic(&self, model: usize) {
-        let served = self.registry.by_index(model);
-        let versions: Vec<u64> = served.versions().iter().map(|(v, _, _)| *v).collect();
-        self.metrics
-            .set_traffic(&served.name, &versions, &served.traffic());
+        let (residency, mut parts) = self.residency();
+        residency.collect_retired(&mut parts);
     }
 
     fn run(mut self, rx: Receiver<Command>) {
@@ -591,11 +238,7 @@ impl Executor {
         while let Some(run) = self.scheduler.drain(Instant::now()) {
             self.execute(run);
         }
-        for w in std::mem::take(&mut self.warming) {
-            if let Some(r) = w.reply {
-                let _ = r.send(Err(ServeError::NotReady("the executor has stopped".into())));
-            }
-        }
+        self.residency.stop();
         tracing::debug!(device = %self.device, "executor stopped");
     }
 
@@ -624,23 +267,16 @@ impl Executor {
                 self.answer_popular(req, Note::Degraded);
             }
             Command::Install(files, reply) => {
-                let at = (files.model, files.version);
-                self.begin(at, Ok(*files), Some(reply))
+                let (residency, mut parts) = self.residency();
+                residency.install(&mut parts, *files, reply);
             }
-            Command::Retire(resident) => {
-                self.metrics.set_model_state(
-                    &self.registry.by_index(resident.model).name,
-                    resident.version,
-                    "unloaded",
-                );
-                self.retiring.push(resident);
-            }
+            Command::Retire(resident) => self.residency.retire(resident),
             Command::GetUser(user_id, reply) => {
                 let _ = reply.send(Ok(self.state.user_summary(user_id)));
             }
             Command::UpsertUser(update, reply) => {
                 let logged = update.clone();
-                let dims = self.user_dims();
+                let dims = self.residency.user_dims();
                 let added = self.added_to_history(&update);
                 let result = self.state.upsert_user(update, &dims);
                 if let (Ok(summary), false) = (&result, added.is_empty()) {
@@ -664,8 +300,7 @@ impl Executor {
             Command::WriteItem(write, reply) => {
                 let logged = write.clone();
                 let result = self.state.write_item_request(write);
-                self.sync_backend_tables();
-                self.publish_item_counts();
+                self.items_changed();
                 match result {
                     Ok(summary) => self.durable.item(logged, reply, summary),
                     Err(e) => {
@@ -693,7 +328,7 @@ impl Executor {
                 }
             }
             Command::Catalogues(reply) => {
-                let _ = reply.send(Ok(self.catalogues()));
+                let _ = reply.send(Ok(self.residency.catalogues(&self.state)));
             }
             #[cfg(feature = "kafka")]
             Command::Apply(batch, reply) => {
@@ -705,8 +340,7 @@ impl Executor {
                 }
                 let report = self.state.apply(&batch);
                 if report.items > 0 {
-                    self.sync_backend_tables();
-                    self.publish_item_counts();
+                    self.items_changed();
                 }
                 let _ = reply.send(Ok(report));
             }
@@ -722,32 +356,6 @@ impl Executor {
         }
     }
 
-    /// The resident catalogues with the versions reading each.
-    fn catalogues(&self) -> Vec<crate::features::store::CatalogueInfo> {
-        self.state
-            .catalogues()
-            .into_iter()
-            .map(|(name, t)| {
-                let table = &self.state.tables[t];
-                let mut models: Vec<String> = self
-                    .slots
-                    .values()
-                    .filter(|s| s.table == t)
-                    .map(|s| format!("{}@{}", s.name, s.version))
-                    .collect();
-                models.sort_unstable();
-                crate::features::store::CatalogueInfo {
-                    name: name.to_string(),
-                    dim: table.dim(),
-                    live_rows: table.live_count(),
-                    rows: table.rows(),
-                    attributes: table.attributes().names().to_vec(),
-                    models,
-                }
-            })
-            .collect()
-    }
-
     /// Holds at most `max_users` users and publishes the user gauges.
     fn evict_users(&mut self) {
         let before = self.state.evicted;
@@ -759,15 +367,6 @@ impl Executor {
         self.metrics
             .users_bytes
             .set(self.state.users.bytes() as i64);
-    }
-
-    /// The user feature widths the resident versions read.
-    fn user_dims(&self) -> UserDims {
-        UserDims::of(
-            self.slots
-                .values()
-                .map(|s| (s.spec.user_feature_dim, s.spec.user_sparse_dim)),
-        )
     }
 
     /// The items a history write adds to the user's stored history.
@@ -800,25 +399,10 @@ impl Executor {
         }
     }
 
-    /// Hands the rows written on the host to the backend's device copy.
-    fn sync_backend_tables(&mut self) {
-        for (table, rows) in self.state.take_changed_rows() {
-            if let Err(e) = self
-                .backend
-                .items_changed(table, &self.state.tables[table], &rows)
-            {
-                tracing::error!(table, error = %e, "device copy of the item table not updated");
-            }
-        }
-    }
-
-    /// Tells the registry how many live items each model's table holds.
-    fn publish_item_counts(&self) {
-        for slot in self.slots.values() {
-            self.registry
-                .by_index(slot.model)
-                .set_item_count(self.state.tables[slot.table].live_count());
-        }
+    /// Item rows were written on the host (`Residency::items_changed`).
+    fn items_changed(&mut self) {
+        let state = &mut self.state;
+        self.residency.items_changed(&mut *self.backend, state);
     }
 
     fn publish_health(&self) {
@@ -865,7 +449,7 @@ impl Executor {
             )));
             return;
         };
-        let Some(slot) = self.slots.get(&req.resident.id) else {
+        let Some(slot) = self.residency.slot(req.resident.id) else {
             let _ = req.reply.send(Err(ServeError::Internal(format!(
                 "version {} of model {} is not resident: this is a bug",
                 req.resident.version, req.resident.model
@@ -927,7 +511,7 @@ impl Executor {
         } = run;
         let id = key.model;
         let taken = Instant::now();
-        let Some(slot) = self.slots.get(&id) else {
+        let Some(slot) = self.residency.slot(id) else {
             for req in batch {
                 let _ = req.reply.send(Err(ServeError::Internal(format!(
                     "version {} of model {} is not resident: this is a bug",

@@ -7,6 +7,7 @@ pub mod load;
 pub mod online;
 pub mod query_cache;
 pub mod registry;
+mod residency;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
