@@ -87,22 +87,15 @@ impl DeviceMlp {
             } else {
                 (a[0].get(), b[0].get_mut())
             };
-            // Row-major Y[rows, out] = X[rows, in] · W[out, in]ᵀ is, in
-            // cuBLAS's column-major terms, Yᶜ[out, rows] = Wᶜ[in, out]ᵀ · Xᶜ[in, rows].
-            let cfg = GemmConfig {
-                transa: cublasOperation_t::CUBLAS_OP_T,
-                transb: cublasOperation_t::CUBLAS_OP_N,
-                m: layer.out_dim as i32,
-                n: rows as i32,
-                k: layer.in_dim as i32,
-                alpha: 1.0f32,
-                lda: layer.in_dim as i32,
-                ldb: layer.in_dim as i32,
-                beta: 0.0f32,
-                ldc: layer.out_dim as i32,
-            };
-            // SAFETY: W holds out·in, X at least rows·in and Y rows·out floats.
-            unsafe { blas.gemm(cfg, &layer.w, input, output) }.ctx("tower GEMM")?;
+            linear_gemm(
+                blas,
+                &layer.w,
+                input,
+                output,
+                rows,
+                layer.in_dim,
+                layer.out_dim,
+            )?;
             let mode = if i + 1 < self.layers.len() {
                 ACT_RELU
             } else {
@@ -120,6 +113,44 @@ impl DeviceMlp {
         }
         Ok((self.layers.len() - 1) % 2)
     }
+}
+
+/// Y[rows, out] = X[rows, in] · W[out, in]ᵀ, all row-major, in f32 on
+/// cuBLAS. `w` must hold out·in floats, `x` at least rows·in, `y` rows·out.
+pub fn linear_gemm(
+    blas: &CudaBlas,
+    w: &CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<(), GpuError> {
+    if w.len() < out_dim * in_dim || x.len() < rows * in_dim || y.len() < rows * out_dim {
+        return Err(GpuError::Invalid(format!(
+            "a {rows} × {in_dim} → {out_dim} product over buffers of {}, {} and {} floats: this is a bug",
+            w.len(),
+            x.len(),
+            y.len()
+        )));
+    }
+    // Row-major Y[rows, out] = X[rows, in] · W[out, in]ᵀ is, in cuBLAS's
+    // column-major terms, Yᶜ[out, rows] = Wᶜ[in, out]ᵀ · Xᶜ[in, rows].
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: out_dim as i32,
+        n: rows as i32,
+        k: in_dim as i32,
+        alpha: 1.0f32,
+        lda: in_dim as i32,
+        ldb: in_dim as i32,
+        beta: 0.0f32,
+        ldc: out_dim as i32,
+    };
+    // SAFETY: the sizes were checked above.
+    unsafe { blas.gemm(cfg, w, x, y) }.ctx("tower GEMM")?;
+    Ok(())
 }
 
 pub fn launch_bias_act(

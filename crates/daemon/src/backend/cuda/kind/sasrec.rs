@@ -10,13 +10,11 @@
 
 use std::sync::Arc;
 
-use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::{DeviceKind, DeviceWeights};
 use crate::backend::cuda::error::{Ctx, GpuError};
-use crate::backend::cuda::mlp::{launch_bias_act, ACT_NONE, ACT_RELU};
+use crate::backend::cuda::mlp::{launch_bias_act, linear_gemm, ACT_NONE, ACT_RELU};
 use crate::backend::cuda::ops::{grid, Dev, Scratch};
 use crate::backend::cuda::plan::{self, BatchSizes};
 use crate::backend::cuda::tables::{Buf, DeviceTable};
@@ -236,22 +234,7 @@ impl DeviceSasrec {
         act: u32,
     ) -> Result<(), GpuError> {
         let y = y.reserve(dev.stream, rows * l.out)?;
-        // Row-major Y = X·Wᵀ is, in cuBLAS's column-major terms,
-        // Yᶜ[out, rows] = Wᶜ[in, out]ᵀ · Xᶜ[in, rows] (as in mlp.rs).
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: l.out as i32,
-            n: rows as i32,
-            k: l.input as i32,
-            alpha: 1.0f32,
-            lda: l.input as i32,
-            ldb: l.input as i32,
-            beta: 0.0f32,
-            ldc: l.out as i32,
-        };
-        // SAFETY: W holds out·in floats, X at least rows·in, Y rows·out.
-        unsafe { dev.blas.gemm(cfg, &l.w, x, y) }.ctx("sasrec GEMM")?;
+        linear_gemm(dev.blas, &l.w, x, y, rows, l.input, l.out)?;
         launch_bias_act(dev.stream, &dev.k.bias_act, y, rows, l.out, &l.b, act)
     }
 
