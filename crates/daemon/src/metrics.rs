@@ -524,6 +524,47 @@ impl Metrics {
         }
     }
 
+    /// Requests of `class` (its `priority` label) waiting for `model`.
+    pub fn set_queue_depth(&self, model: &str, class: &str, depth: usize) {
+        self.queue_depth
+            .with_label_values(&[model, class])
+            .set(depth as i64);
+    }
+
+    /// A batch of `requests` requests, `rows` rows, of `model`'s `version`
+    /// ran on `device` for `elapsed`.
+    pub fn batch_ran(
+        &self,
+        model: &str,
+        version: &str,
+        device: &str,
+        elapsed: std::time::Duration,
+        rows: usize,
+        requests: usize,
+    ) {
+        self.exec_seconds
+            .with_label_values(&[model, version, device])
+            .observe(elapsed.as_secs_f64());
+        self.batch_rows
+            .with_label_values(&[model])
+            .observe(rows as f64);
+        self.batch_requests
+            .with_label_values(&[model])
+            .observe(requests as f64);
+    }
+
+    /// What a batch of `model` found in the query cache, and the bytes the
+    /// cache holds now.
+    pub fn query_cache_used(&self, model: &str, hits: u64, misses: u64, bytes: usize) {
+        self.query_cache_hits
+            .with_label_values(&[model])
+            .inc_by(hits);
+        self.query_cache_misses
+            .with_label_values(&[model])
+            .inc_by(misses);
+        self.query_cache_bytes.set(bytes as i64);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

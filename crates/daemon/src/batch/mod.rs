@@ -18,5 +18,5 @@ mod tests;
 
 pub use admission::{Admission, Permit};
 pub use queue::BatchPolicy;
-pub use scheduler::{Class, DropReason, Poll, QueueKey, Request, Run, Scheduler};
+pub use scheduler::{Class, DropReason, Dropped, Poll, QueueKey, Request, Run, Scheduler};
 pub use shed::{ModelAdmission, Shed, Verdict};

@@ -6,78 +6,42 @@
 //! seen by that request. The thread blocks on the channel, never on a tokio
 //! worker.
 //!
-//! Each resident model version has its own backend id and queue. A version
-//! the registry stops routing to is freed once the last request holding it
-//! was answered, so requests finish on the version they started on and at
-//! most the old and the new version of a model are resident at once.
+//! Which versions and tables are resident, and when they go, is
+//! `residency`; the user and item state and its writes, `feature_state`; how a
+//! batch's requests become queries, `prepare`; answers from the popular
+//! items, `popular`; who is shed and how fast a model answers, `batch`.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use flume::{Receiver, RecvTimeoutError, TryRecvError};
 use tokio::sync::oneshot;
 
+use super::feature_state::FeatureState;
 use super::online::OnlineEval;
-use super::query_cache::{self, Key as CacheKey, QueryCache};
+use super::query_cache::{self, QueryCache};
 use super::residency::{Parts, Residency};
 use super::{
-    deadline_exceeded, Answer, Command, ExecutorHandle, InferRequest, Note, Op, Registry, Split,
+    popular, prepare, Answer, Command, ExecutorHandle, InferRequest, Note, Registry, Startup,
 };
-use crate::backend::{Backend, Output, Query, Scored, Task};
+use crate::backend::Backend;
 use crate::batch::rate::Meters;
-use crate::batch::{shed, Class, DropReason, Poll, Run, Scheduler};
+use crate::batch::{Class, Poll, Run, Scheduler};
 use crate::error::ServeError;
-use crate::features::durable::Durable;
-use crate::features::popularity::{self, Popularity};
-use crate::features::snapshot::Snapshot;
 use crate::features::store::State;
-use crate::features::UserStore;
 use crate::metrics::Metrics;
-use crate::model::query::RowFilter;
-use crate::model::spec::{ColdStart, Degrade};
-use crate::model::{ItemTable, ModelEntry, ModelSpec};
-
-/// What the executor is started with.
-pub struct Startup {
-    /// The versions to load before serving, with their model's index.
-    pub versions: Vec<(usize, ModelEntry)>,
-    /// Splits restored from the last run, per model index.
-    pub splits: BTreeMap<usize, Split>,
-    /// Older versions, newest first, tried in turn for a model whose start-up
-    /// versions all failed.
-    pub fallbacks: Vec<(usize, ModelEntry)>,
-    pub snapshot: Option<Snapshot>,
-    /// Users remembered for online evaluation (0: off) and the window.
-    pub online_users: usize,
-    pub online_window: Duration,
-    /// The write-ahead log's folder and whether it is synced; `None`: no log.
-    pub wal: Option<(PathBuf, bool)>,
-    /// Most users held (0: unlimited).
-    pub max_users: usize,
-    /// Event counts that degraded and cold-start answers come from.
-    pub popularity: Arc<Popularity>,
-    /// `degrade` for the models whose model.toml does not set it.
-    pub degrade: Degrade,
-    /// Bytes of query vectors kept for users who ask again (0: off).
-    pub query_cache_bytes: usize,
-}
+use crate::model::spec::Degrade;
 
 struct Executor {
     backend: Box<dyn Backend>,
     device: String,
     residency: Residency,
     scheduler: Scheduler<InferRequest>,
-    state: State,
-    online: OnlineEval,
+    features: FeatureState,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    /// The write-ahead log and the writes waiting for it.
-    durable: Durable,
-    popularity: Arc<Popularity>,
     degrade: Degrade,
-    /// Each model's throughput and service rate (`batch::rate`).
+    /// Each model's throughput and service rate.
     meters: Meters,
     /// Batches executed, numbering them in spans.
     batches: u64,
@@ -116,21 +80,18 @@ pub fn spawn(
                 .iter()
                 .filter_map(|(_, e)| e.spec.as_ref().ok().map(|s| s.history_len))
                 .fold(history_max, usize::max);
+            let mut state = State::new(history_cap);
+            state.max_users = startup.max_users;
+            let online = OnlineEval::new(startup.online_users, startup.online_window);
+            let (popularity, r, m) = (startup.popularity, registry.clone(), metrics.clone());
             let mut exec = Executor {
                 backend,
-                residency: Residency::new(registry.clone(), metrics.clone(), device.clone()),
+                residency: Residency::new(r.clone(), m.clone(), device.clone()),
                 device,
                 scheduler: Scheduler::new(),
-                state: {
-                    let mut s = State::new(history_cap);
-                    s.max_users = startup.max_users;
-                    s
-                },
-                online: OnlineEval::new(startup.online_users, startup.online_window),
+                features: FeatureState::new(state, online, popularity, r, m),
                 registry,
                 metrics,
-                durable: Durable::default(),
-                popularity: startup.popularity.clone(),
                 degrade: startup.degrade,
                 meters: Meters::default(),
                 batches: 0,
@@ -142,24 +103,16 @@ pub fn spawn(
             exec.publish_health();
             let wal_from = startup.snapshot.as_ref().map_or(0, |s| s.wal_next);
             if let Some(s) = startup.snapshot {
-                exec.state.restore(&s);
+                exec.features.restore(&s);
                 exec.items_changed();
-                tracing::info!(
-                    users = s.users.len(),
-                    items = s.items.len(),
-                    "feature state restored from the snapshot"
-                );
             }
             if let Some((dir, sync)) = startup.wal {
                 let dims = exec.residency.user_dims();
-                if exec
-                    .durable
-                    .open(&dir, wal_from, sync, &mut exec.state, &dims)
-                {
+                if exec.features.open_log(&dir, wal_from, sync, &dims) {
                     exec.items_changed();
                 }
             }
-            exec.evict_users();
+            exec.features.evict_users();
             let _ = loaded_tx.send(());
             exec.run(rx);
         })
@@ -172,7 +125,7 @@ impl Executor {
     fn residency(&mut self) -> (&mut Residency, Parts<'_>) {
         let parts = Parts {
             backend: &mut *self.backend,
-            state: &mut self.state,
+            state: &mut self.features.state,
             scheduler: &mut self.scheduler,
             query_cache: &mut self.query_cache,
         };
@@ -182,11 +135,6 @@ impl Executor {
     fn warm_step(&mut self) -> bool {
         let (residency, mut parts) = self.residency();
         residency.warm_step(&mut parts)
-    }
-
-    fn collect_retired(&mut self) {
-        let (residency, mut parts) = self.residency();
-        residency.collect_retired(&mut parts);
     }
 
     fn run(mut self, rx: Receiver<Command>) {
@@ -203,10 +151,11 @@ impl Executor {
             // Users beyond --max-users go before the turn's writes are
             // answered, so a caller that saw its write acknowledged also sees
             // the user count and evictions it caused.
-            self.evict_users();
+            self.features.evict_users();
             // The turn's writes are logged (one sync) before any is answered.
-            self.durable.commit();
-            self.collect_retired();
+            self.features.commit();
+            let (residency, mut parts) = self.residency();
+            residency.collect_retired(&mut parts);
             let registry = &self.registry;
             self.meters.idle(|model| registry.by_index(model).queued());
             let cmd = match self.scheduler.poll(Instant::now()) {
@@ -234,7 +183,7 @@ impl Executor {
 
     /// Every handle is gone: answer what is still queued, then stop.
     fn finish(mut self) {
-        self.durable.commit();
+        self.features.commit();
         while let Some(run) = self.scheduler.drain(Instant::now()) {
             self.execute(run);
         }
@@ -245,7 +194,7 @@ impl Executor {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Infer(req, permit) => {
-                if self.is_cold_start(&req) {
+                if popular::is_cold_start(&req, &self.features.state.users) {
                     drop(permit);
                     let name = &self.registry.by_index(req.resident.model).name;
                     self.metrics.cold_start.with_label_values(&[name]).inc();
@@ -260,10 +209,8 @@ impl Executor {
             }
             Command::Degraded(req, reason) => {
                 let name = &self.registry.by_index(req.resident.model).name;
-                self.metrics
-                    .degraded
-                    .with_label_values(&[name, reason.as_str()])
-                    .inc();
+                let labels = [name.as_str(), reason.as_str()];
+                self.metrics.degraded.with_label_values(&labels).inc();
                 self.answer_popular(req, Note::Degraded);
             }
             Command::Install(files, reply) => {
@@ -272,44 +219,18 @@ impl Executor {
             }
             Command::Retire(resident) => self.residency.retire(resident),
             Command::GetUser(user_id, reply) => {
-                let _ = reply.send(Ok(self.state.user_summary(user_id)));
+                let _ = reply.send(Ok(self.features.state.user_summary(user_id)));
             }
             Command::UpsertUser(update, reply) => {
-                let logged = update.clone();
                 let dims = self.residency.user_dims();
-                let added = self.added_to_history(&update);
-                let result = self.state.upsert_user(update, &dims);
-                if let (Ok(summary), false) = (&result, added.is_empty()) {
-                    self.popularity
-                        .record(added.iter().copied(), popularity::now_s());
-                    let now = Instant::now();
-                    for item in added {
-                        self.clicked(summary.user_id, item, now);
-                    }
-                }
-                match result {
-                    Ok(summary) => {
-                        self.metrics.user_updates.with_label_values(&["api"]).inc();
-                        self.durable.user(logged, reply, summary);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
+                self.features.upsert_user(update, reply, &dims);
             }
             Command::WriteItem(write, reply) => {
-                let logged = write.clone();
-                let result = self.state.write_item_request(write);
+                self.features.write_item(write, reply);
                 self.items_changed();
-                match result {
-                    Ok(summary) => self.durable.item(logged, reply, summary),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
             }
             Command::GetItem(catalogue, item_id, reply) => {
-                let _ = reply.send(self.state.item(&catalogue, item_id));
+                let _ = reply.send(self.features.state.item(&catalogue, item_id));
             }
             Command::Served {
                 user,
@@ -317,92 +238,35 @@ impl Executor {
                 version,
                 items,
             } => {
-                if self.online.enabled() && !items.is_empty() {
-                    self.online
-                        .served(user, model, version, &items, Instant::now());
+                if self
+                    .features
+                    .served(user, model, version, &items, Instant::now())
+                {
                     let name = &self.registry.by_index(model).name;
-                    self.metrics
-                        .online_impressions
-                        .with_label_values(&[name, &version.to_string()])
-                        .inc();
+                    self.features.impressions(name, &version.to_string(), 1);
                 }
             }
             Command::Catalogues(reply) => {
-                let _ = reply.send(Ok(self.residency.catalogues(&self.state)));
+                let _ = reply.send(Ok(self.residency.catalogues(&self.features.state)));
             }
             #[cfg(feature = "kafka")]
             Command::Apply(batch, reply) => {
-                if self.online.enabled() {
-                    let now = Instant::now();
-                    for &(user, item) in &batch.events {
-                        self.clicked(user, item, now);
-                    }
-                }
-                let report = self.state.apply(&batch);
+                let report = self.features.apply(&batch);
                 if report.items > 0 {
                     self.items_changed();
                 }
                 let _ = reply.send(Ok(report));
             }
             Command::Capture { full, reply } => {
-                // The new segment starts where the captured state ends.
-                self.durable.commit();
-                let mut delta = self.state.capture(full);
-                if let Some(next) = self.durable.rotate() {
-                    delta.wal_next = next;
-                }
-                let _ = reply.send(Ok(delta));
+                let _ = reply.send(Ok(self.features.capture(full)));
             }
-        }
-    }
-
-    /// Holds at most `max_users` users and publishes the user gauges.
-    fn evict_users(&mut self) {
-        let before = self.state.evicted;
-        self.state.evict();
-        self.metrics
-            .users_evicted
-            .inc_by(self.state.evicted - before);
-        self.metrics.users.set(self.state.users.len() as i64);
-        self.metrics
-            .users_bytes
-            .set(self.state.users.bytes() as i64);
-    }
-
-    /// The items a history write adds to the user's stored history.
-    fn added_to_history(&self, update: &super::UserUpdate) -> Vec<u64> {
-        let Some(new) = update.history.as_ref() else {
-            return Vec::new();
-        };
-        let old: std::collections::HashSet<u64> = self
-            .state
-            .users
-            .get(update.user_id)
-            .map(|u| u.history.iter().copied().collect())
-            .unwrap_or_default();
-        new.iter().copied().filter(|i| !old.contains(i)).collect()
-    }
-
-    /// An event of `user` on `item`, for online evaluation.
-    fn clicked(&mut self, user: u64, item: u64, now: Instant) {
-        if let Some(hit) = self.online.clicked(user, item, now) {
-            let name = &self.registry.by_index(hit.model).name;
-            let version = hit.version.to_string();
-            self.metrics
-                .online_hits
-                .with_label_values(&[name, &version])
-                .inc();
-            self.metrics
-                .online_hit_rank
-                .with_label_values(&[name, &version])
-                .observe(hit.rank as f64);
         }
     }
 
     /// Item rows were written on the host (`Residency::items_changed`).
     fn items_changed(&mut self) {
-        let state = &mut self.state;
-        self.residency.items_changed(&mut *self.backend, state);
+        self.residency
+            .items_changed(&mut *self.backend, &mut self.features.state);
     }
 
     fn publish_health(&self) {
@@ -412,97 +276,8 @@ impl Executor {
         }
     }
 
-    /// A recommend for a user with no history and no features, of a model
-    /// that answers those from popularity.
-    fn is_cold_start(&self, req: &InferRequest) -> bool {
-        let Op::Recommend { user_id, .. } = &req.op else {
-            return false;
-        };
-        // Features count only where the model reads them (set for another
-        // model, they say nothing to this one); so do categorical features
-        // and the request's context.
-        let spec = &req.resident.spec;
-        let (fd, sd) = (spec.user_feature_dim, spec.user_sparse_dim);
-        spec.cold_start == ColdStart::Popular
-            && req.op.context().is_none()
-            && self.state.users.get(*user_id).is_none_or(|u| {
-                u.history.is_empty()
-                    && u.features.as_ref().is_none_or(|f| fd == 0 || f.len() != fd)
-                    && u.sparse.as_ref().is_none_or(|s| sd == 0 || s.len() != sd)
-            })
-    }
-
-    /// Answers a recommend with the most popular live items of its table,
-    /// then the catalogue in table order, leaving out the user's history
-    /// and `exclude`.
-    fn answer_popular(&self, req: InferRequest, note: Note) {
-        let Op::Recommend {
-            user_id,
-            k,
-            exclude,
-            filter,
-            ..
-        } = &req.op
-        else {
-            let _ = req.reply.send(Err(ServeError::Internal(
-                "only a recommend has a popular answer: this is a bug".into(),
-            )));
-            return;
-        };
-        let Some(slot) = self.residency.slot(req.resident.id) else {
-            let _ = req.reply.send(Err(ServeError::Internal(format!(
-                "version {} of model {} is not resident: this is a bug",
-                req.resident.version, req.resident.model
-            ))));
-            return;
-        };
-        let items = &self.state.tables[slot.table];
-        let attributes = items.attributes();
-        let filter = match filter
-            .as_ref()
-            .map(|f| RowFilter::resolve(f, attributes, self.state.name_of(slot.table)))
-            .transpose()
-        {
-            Ok(f) => f,
-            Err(m) => {
-                let _ = req.reply.send(Err(ServeError::Invalid(m)));
-                return;
-            }
-        };
-        let allowed = |row: u32| {
-            filter
-                .as_ref()
-                .is_none_or(|f| f.allows(attributes, row as usize))
-        };
-        let mut skip: std::collections::HashSet<u64> = exclude.iter().copied().collect();
-        if let Some(u) = self.state.users.get(*user_id) {
-            skip.extend(u.history.iter().copied());
-        }
-        let mut answer: Vec<Scored> = Vec::with_capacity(*k);
-        for &(id, score) in self.popularity.top().iter() {
-            if answer.len() == *k {
-                break;
-            }
-            if items.live_row_of(id).is_some_and(allowed) && skip.insert(id) {
-                answer.push(Scored { id, score });
-            }
-        }
-        for row in 0..items.rows() as u32 {
-            if answer.len() == *k {
-                break;
-            }
-            let id = items.id(row);
-            if items.is_live(row) && allowed(row) && skip.insert(id) {
-                answer.push(Scored { id, score: 0.0 });
-            }
-        }
-        let _ = req.reply.send(Ok(Answer {
-            output: Output::TopK(answer),
-            note,
-            batch: None,
-        }));
-    }
-
+    /// Runs a batch the scheduler handed over: answers the requests dropped
+    /// as it was taken, prepares the others, runs them and replies.
     fn execute(&mut self, run: Run<InferRequest>) {
         let Run {
             key,
@@ -512,141 +287,48 @@ impl Executor {
         let id = key.model;
         let taken = Instant::now();
         let Some(slot) = self.residency.slot(id) else {
-            for req in batch {
-                let _ = req.reply.send(Err(ServeError::Internal(format!(
-                    "version {} of model {} is not resident: this is a bug",
-                    req.resident.version, req.resident.model
-                ))));
-            }
-            return;
+            return batch.into_iter().for_each(InferRequest::not_resident);
         };
-        let name = slot.name.clone();
-        let label = slot.label.clone();
-        let (model, version) = (slot.model, slot.version);
-        for d in dropped {
-            let req = d.request;
-            self.metrics
-                .dropped
-                .with_label_values(&[&name, d.reason.as_str(), req.class.as_str()])
-                .inc();
-            match d.reason {
-                // Its deadline cannot be met: the popular items, where the
-                // model degrades, else the 504 now rather than at the deadline.
-                reason if shed::degrades_drop(reason, req.class, req.popular(self.degrade)) => {
-                    self.metrics
-                        .degraded
-                        .with_label_values(&[&name, shed::Shed::Deadline.as_str()])
-                        .inc();
-                    self.answer_popular(req, Note::Degraded);
-                }
-                DropReason::Predicted | DropReason::Deadline => {
-                    let _ = req
-                        .reply
-                        .send(Err(deadline_exceeded(req.deadline - req.enqueued)));
-                }
-                DropReason::Cancelled => {}
-            }
-        }
-        let served_model = self.registry.by_index(model);
+        let (name, label, spec) = (slot.name.clone(), slot.label.clone(), slot.spec.clone());
+        let (model, version, table) = (slot.model, slot.version, slot.table);
+        let degraded = |req| self.answer_popular(req, Note::Degraded);
+        popular::answer_dropped(dropped, &name, self.degrade, &self.metrics, degraded);
+        let served = self.registry.by_index(model);
         for class in [Class::Interactive, Class::Bulk] {
-            self.metrics
-                .queue_depth
-                .with_label_values(&[&name, class.as_str()])
-                .set(served_model.admission(class).depth() as i64);
+            let depth = served.admission(class).depth();
+            self.metrics.set_queue_depth(&name, class.as_str(), depth);
         }
         if batch.is_empty() {
             return;
         }
-        let spec = slot.spec.clone();
-        let spec = spec.as_ref();
-        let table = slot.table;
-        let items = &self.state.tables[table];
+        let state = &self.features.state;
+        let (items, users) = (&state.tables[table], &state.users);
         let now = Instant::now();
-        let mut live = Vec::with_capacity(batch.len());
-        let mut prepared = Vec::with_capacity(batch.len());
-        let catalogue = self.state.name_of(table);
-        for req in batch {
-            match prepare(&req.op, spec, items, catalogue, &self.state.users) {
-                Ok(p) => {
-                    self.metrics
-                        .queue_seconds
-                        .with_label_values(&[&name, req.class.as_str()])
-                        .observe((now - req.enqueued).as_secs_f64());
-                    prepared.push(p);
-                    live.push(req);
-                }
-                Err(e) => {
-                    let _ = req.reply.send(Err(e));
-                }
-            }
+        let (live, prepared) = prepare::batch(batch, &spec, items, state.name_of(table), users);
+        for req in &live {
+            let waited = self
+                .metrics
+                .queue_seconds
+                .with_label_values(&[&name, req.class.as_str()]);
+            waited.observe((now - req.enqueued).as_secs_f64());
         }
         if live.is_empty() {
             return;
         }
-        let queries: Vec<Query<'_>> = prepared
-            .iter()
-            .zip(&live)
-            .map(|(p, req)| {
-                let user = self.state.users.get(req.op.user_id());
-                Query {
-                    history: &p.history,
-                    features: user
-                        .and_then(|u| u.features.as_deref())
-                        .filter(|f| f.len() == spec.user_feature_dim),
-                    sparse: user
-                        .and_then(|u| u.sparse.as_deref())
-                        .filter(|s| s.len() == spec.user_sparse_dim),
-                    context: req.op.context(),
-                    task: match &req.op {
-                        Op::Recommend { k, .. } => Task::TopK {
-                            k: *k,
-                            exclude: &p.rows,
-                            filter: p.filter.as_ref(),
-                        },
-                        Op::Score { .. } => Task::Score { rows: &p.rows },
-                    },
-                }
-            })
-            .collect();
+        let queries = prepare::queries(&live, &prepared, &spec, users);
         let rows: usize = live.iter().map(|r| r.rows).sum();
         let started = Instant::now();
+        // Through the query cache where the backend computes the query
+        // vectors apart from the scan.
         let result = if self.query_cache.enabled() && self.backend.embeds(id) {
-            // A query the tower reads a request context for is computed
-            // every time; so is one for a user without state.
-            let keys: Vec<Option<CacheKey>> = live
-                .iter()
-                .map(|req| {
-                    let user = req.op.user_id();
-                    if req.op.context().is_some_and(|c| !c.is_empty()) {
-                        return None;
-                    }
-                    self.state
-                        .users
-                        .changed_at(user)
-                        .map(|changed_at| CacheKey { user, changed_at })
-                })
-                .collect();
-            query_cache::run(
-                &mut *self.backend,
-                &mut self.query_cache,
-                id,
-                spec.dim,
-                items,
-                &queries,
-                &keys,
-            )
-            .map(|(out, counts)| {
+            let keys = prepare::cache_keys(&live, users);
+            let (backend, cache) = (&mut *self.backend, &mut self.query_cache);
+            let dim = spec.dim;
+            let result = query_cache::run(backend, cache, id, dim, items, &queries, &keys);
+            result.map(|(out, n)| {
+                let bytes = self.query_cache.bytes();
                 self.metrics
-                    .query_cache_hits
-                    .with_label_values(&[&name])
-                    .inc_by(counts.hits);
-                self.metrics
-                    .query_cache_misses
-                    .with_label_values(&[&name])
-                    .inc_by(counts.misses);
-                self.metrics
-                    .query_cache_bytes
-                    .set(self.query_cache.bytes() as i64);
+                    .query_cache_used(&name, n.hits, n.misses, bytes);
                 out
             })
         } else {
@@ -655,140 +337,58 @@ impl Executor {
         let elapsed = started.elapsed();
         self.batches += 1;
         self.scheduler.record(key, rows, elapsed);
-        self.metrics
-            .exec_seconds
-            .with_label_values(&[&name, &label, &self.device])
-            .observe(elapsed.as_secs_f64());
         drop(queries);
+        let (device, requests) = (&self.device, live.len());
         self.metrics
-            .batch_rows
-            .with_label_values(&[&name])
-            .observe(rows as f64);
-        self.metrics
-            .batch_requests
-            .with_label_values(&[&name])
-            .observe(live.len() as f64);
+            .batch_ran(&name, &label, device, elapsed, rows, requests);
         self.publish_health();
-        match result {
-            Ok(outputs) => {
-                debug_assert_eq!(outputs.len(), live.len());
-                let n_live = live.len() as u64;
-                let now = Instant::now();
-                let trace = crate::trace::enabled().then(|| {
-                    Arc::new(crate::trace::BatchTrace {
-                        id: self.batches,
-                        requests: live.len(),
-                        rows,
-                        device: self.device.clone(),
-                        taken,
-                        started,
-                        finished: started + elapsed,
-                    })
-                });
-                let mut served = 0u64;
-                for (req, out) in live.into_iter().zip(outputs) {
-                    if let (
-                        Op::Recommend {
-                            user_id,
-                            online: true,
-                            ..
-                        },
-                        Output::TopK(items),
-                    ) = (&req.op, &out)
-                    {
-                        if self.online.enabled() && !items.is_empty() {
-                            let ids: Vec<u64> = items.iter().map(|s| s.id).collect();
-                            self.online.served(*user_id, model, version, &ids, now);
-                            served += 1;
-                        }
-                    }
-                    let _ = req.reply.send(Ok(Answer {
-                        output: out,
-                        note: Note::Model,
-                        batch: trace.clone(),
-                    }));
-                }
-                let m = self.registry.by_index(model);
-                let (queued, rates) = (m.queued(), m.intake().rates());
-                (self.meters).answered(model, started, n_live, queued, Instant::now(), rates);
-                if served > 0 {
-                    self.metrics
-                        .online_impressions
-                        .with_label_values(&[&name, &label])
-                        .inc_by(served);
-                }
-            }
+        let outputs = match result {
+            Ok(outputs) => outputs,
             Err(e) => {
                 tracing::error!(model = %name, error = %e, "batch failed");
                 for req in live {
                     let _ = req.reply.send(Err(ServeError::Backend(e.clone())));
                 }
+                return;
             }
-        }
-    }
-}
-
-/// Per-request inputs resolved against the item table and the user store.
-struct Prepared {
-    /// History rows used for pooling (the newest `history_len`).
-    history: Vec<u32>,
-    /// Sorted excluded rows (recommend) or candidate rows (score).
-    rows: Vec<u32>,
-    /// A recommend's filter, resolved against the catalogue's attributes.
-    filter: Option<RowFilter>,
-}
-
-fn prepare(
-    op: &Op,
-    spec: &ModelSpec,
-    items: &ItemTable,
-    catalogue: &str,
-    users: &UserStore,
-) -> Result<Prepared, ServeError> {
-    let user_id = match op {
-        Op::Recommend { user_id, .. } | Op::Score { user_id, .. } => *user_id,
-    };
-    let full_history = users.get(user_id).map(|u| &u.history);
-    let history: Vec<u32> = full_history
-        .map(|h| {
-            h.iter()
-                .skip(h.len().saturating_sub(spec.history_len))
-                .filter_map(|&id| items.row_of(id))
-                .collect()
-        })
-        .unwrap_or_default();
-    let rows = match op {
-        Op::Recommend { exclude, .. } => {
-            let mut rows: Vec<u32> = full_history
-                .into_iter()
-                .flatten()
-                .chain(exclude)
-                .filter_map(|&id| items.row_of(id))
-                .collect();
-            rows.sort_unstable();
-            rows.dedup();
-            rows
-        }
-        Op::Score { items: ids, .. } => ids
-            .iter()
-            .map(|&id| {
-                items
-                    .live_row_of(id)
-                    .ok_or_else(|| ServeError::Invalid(format!("unknown item id {id} in items")))
+        };
+        debug_assert_eq!(outputs.len(), live.len());
+        let n_live = live.len() as u64;
+        let now = Instant::now();
+        let trace = crate::trace::enabled().then(|| {
+            Arc::new(crate::trace::BatchTrace {
+                id: self.batches,
+                requests: live.len(),
+                rows,
+                device: self.device.clone(),
+                taken,
+                started,
+                finished: started + elapsed,
             })
-            .collect::<Result<_, _>>()?,
-    };
-    let filter = match op {
-        Op::Recommend {
-            filter: Some(f), ..
-        } => Some(
-            RowFilter::resolve(f, items.attributes(), catalogue).map_err(ServeError::Invalid)?,
-        ),
-        _ => None,
-    };
-    Ok(Prepared {
-        history,
-        rows,
-        filter,
-    })
+        });
+        let mut impressions = 0u64;
+        for (req, output) in live.into_iter().zip(outputs) {
+            let counted = self
+                .features
+                .answered(&req.op, &output, model, version, now);
+            impressions += u64::from(counted);
+            let batch = trace.clone();
+            let _ = req.reply.send(Ok(Answer {
+                output,
+                note: Note::Model,
+                batch,
+            }));
+        }
+        let served = self.registry.by_index(model);
+        let (queued, rates) = (served.queued(), served.intake().rates());
+        self.meters
+            .answered(model, started, n_live, queued, Instant::now(), rates);
+        self.features.impressions(&name, &label, impressions);
+    }
+
+    fn answer_popular(&self, req: InferRequest, note: Note) {
+        let table = self.residency.slot(req.resident.id).map(|s| s.table);
+        let top = self.features.popular();
+        popular::answer(req, note, &self.features.state, table, &top);
+    }
 }

@@ -3,12 +3,17 @@
 //! replies come back on a oneshot carried in each command.
 
 mod executor;
+mod feature_state;
 pub mod load;
 pub mod online;
+mod popular;
+mod prepare;
 pub mod query_cache;
 pub mod registry;
 mod residency;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,17 +23,43 @@ pub use crate::backend::Output;
 use crate::features::store as state;
 pub use crate::features::store::{UserSummary, UserUpdate};
 pub use crate::model::Op;
-pub use executor::{spawn, Startup};
+pub use executor::spawn;
 pub use registry::{LoadState, Registry, Resident, Route, ServedModel, Split};
 
 use crate::batch::{self, Class, DropReason, Permit, QueueKey, Shed, Verdict};
 use crate::error::ServeError;
-#[cfg(feature = "kafka")]
 use crate::features::popularity::Popularity;
+use crate::features::snapshot::Snapshot;
 use crate::metrics::Metrics;
 use crate::model::spec::Degrade;
+use crate::model::ModelEntry;
 
 pub type Reply<T> = oneshot::Sender<Result<T, ServeError>>;
+
+/// What the executor is started with.
+pub struct Startup {
+    /// The versions to load before serving, with their model's index.
+    pub versions: Vec<(usize, ModelEntry)>,
+    /// Splits restored from the last run, per model index.
+    pub splits: BTreeMap<usize, Split>,
+    /// Older versions, newest first, tried in turn for a model whose start-up
+    /// versions all failed.
+    pub fallbacks: Vec<(usize, ModelEntry)>,
+    pub snapshot: Option<Snapshot>,
+    /// Users remembered for online evaluation (0: off) and the window.
+    pub online_users: usize,
+    pub online_window: Duration,
+    /// The write-ahead log's folder and whether it is synced; `None`: no log.
+    pub wal: Option<(PathBuf, bool)>,
+    /// Most users held (0: unlimited).
+    pub max_users: usize,
+    /// Event counts that degraded and cold-start answers come from.
+    pub popularity: Arc<Popularity>,
+    /// `degrade` for the models whose model.toml does not set it.
+    pub degrade: Degrade,
+    /// Bytes of query vectors kept for users who ask again (0: off).
+    pub query_cache_bytes: usize,
+}
 
 pub struct InferRequest {
     /// The model version that serves the request, held until it is answered.
@@ -70,6 +101,14 @@ impl InferRequest {
     fn popular(&self, default: Degrade) -> bool {
         matches!(self.op, Op::Recommend { .. })
             && self.resident.spec.degrade.unwrap_or(default) == Degrade::Popular
+    }
+
+    /// Answers a request whose version is not resident (a bug).
+    fn not_resident(self) {
+        let _ = self.reply.send(Err(ServeError::Internal(format!(
+            "version {} of model {} is not resident: this is a bug",
+            self.resident.version, self.resident.model
+        ))));
     }
 }
 
@@ -188,10 +227,9 @@ impl ExecutorHandle {
         let degrades = batch::shed::degrades(class, req.popular(self.degrade));
         let command = match served.intake().admit(class, timeout) {
             Verdict::Queued(permit) => {
+                let depth = served.admission(class).depth();
                 self.metrics
-                    .queue_depth
-                    .with_label_values(&[&served.name, class.as_str()])
-                    .set(served.admission(class).depth() as i64);
+                    .set_queue_depth(&served.name, class.as_str(), depth);
                 Command::Infer(req, permit)
             }
             // Shed now, not when its deadline comes.
