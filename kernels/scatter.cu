@@ -4,6 +4,8 @@
 //   appended rows): row r of the batch sets table row rows[r] to src[r]
 //   (converted to the table dtype, padding columns zeroed), its live flag and
 //   its id. Rows in one batch are distinct (the host dedups them).
+// scatter_attrs: the same batch's integer attributes: row r sets
+//   attrs[a][rows[r]] to vals[r][a] for each of the catalogue's attributes.
 // fill_uniform_*, fill_u8, iota_u64: device-side filling of synthetic tables
 //   for `rankd gpu-check`, so a 10M-row benchmark table needs no host upload.
 
@@ -78,5 +80,17 @@ extern "C" __global__ void iota_u64(u64* __restrict__ p, u64 n, u64 start) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x) {
         p[i] = start + i;
+    }
+}
+
+extern "C" __global__ void scatter_attrs(long long* __restrict__ attrs, u64 attr_ld, u32 n_attrs,
+                                         const u32* __restrict__ rows,
+                                         const long long* __restrict__ vals, u32 m) {
+    const u64 n = (u64)m * n_attrs;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / n_attrs;
+        const u64 a = i % n_attrs;
+        attrs[a * attr_ld + rows[r]] = vals[i];
     }
 }

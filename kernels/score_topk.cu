@@ -26,6 +26,13 @@
 //   `rankd gpu-check` uses it, as the "GEMM, then top-k" baseline.
 // score_rows_*: one dot product per (query, row) pair, for score requests.
 //
+// Filters: a recommend's filter arrives as clauses (attribute, values) over
+//   the catalogue's integer attribute columns resident beside the table
+//   ([attribute][attr_ld] i64); a row that fails a clause never enters its
+//   query's candidates, exactly like an excluded row. Attribute columns are
+//   read only for rows that would otherwise enter (score at or above the
+//   threshold, not excluded).
+//
 // Order: scores compare by their IEEE total order (the CPU's f32::total_cmp)
 // through an order-preserving map to i32 keys, and equal keys by the smaller
 // item id (ids[] on the device). NaN scores never enter, as on the CPU.
@@ -132,6 +139,35 @@ __device__ __forceinline__ bool excluded(const u32* __restrict__ ex, u32 lo, u32
     return false;
 }
 
+// Whether row `row` passes clauses [lo, hi) of `clauses` (attribute,
+// first value, end value as u32 triples): its value of each clause's
+// attribute is one of that clause's sorted values in `vals`.
+__device__ __forceinline__ bool passes(const long long* __restrict__ attrs, u64 attr_ld,
+                                       const u32* __restrict__ clauses,
+                                       const long long* __restrict__ vals, u32 lo, u32 hi,
+                                       u32 row) {
+    for (u32 c = lo; c < hi; ++c) {
+        const long long v = attrs[(size_t)clauses[3 * c] * attr_ld + row];
+        u32 a = clauses[3 * c + 1], b = clauses[3 * c + 2];
+        bool found = false;
+        while (a < b) {
+            const u32 mid = (a + b) >> 1;
+            const long long x = vals[mid];
+            if (x == v) {
+                found = true;
+                break;
+            }
+            if (x < v) {
+                a = mid + 1;
+            } else {
+                b = mid;
+            }
+        }
+        if (!found) return false;
+    }
+    return true;
+}
+
 // Asynchronous global → shared copies (sm_80+), so several steps of the
 // table are in flight while one is scored; older GPUs copy synchronously
 // through the same code path. A copy of 0 bytes zero-fills its 16 bytes.
@@ -186,6 +222,8 @@ __device__ void score_topk_partial(
     const float* __restrict__ queries, u32 qdim, const u32* __restrict__ qsel, u32 nq,
     const u32* __restrict__ ks, u32 kps,
     const u32* __restrict__ excl_off, const u32* __restrict__ excl_rows,
+    const long long* __restrict__ attrs, u64 attr_ld, const u32* __restrict__ filt_off,
+    const u32* __restrict__ clauses, const long long* __restrict__ fvals,
     u32 group, u32 chunk_rows, u32 kmax,
     int* __restrict__ out_key, u32* __restrict__ out_row) {
     typedef typename D::T T;
@@ -207,6 +245,8 @@ __device__ void score_topk_partial(
     u32* kq = (u32*)(cnt + group);
     u32* exlo = kq + group;
     u32* exhi = exlo + group;
+    u32* flo = exhi + group;
+    u32* fhi = flo + group;
 
     const u32 tid = threadIdx.x;
     const u32 q0 = blockIdx.x * group;
@@ -265,6 +305,8 @@ __device__ void score_topk_partial(
         thresh[tid] = k == 0 ? RANKD_KEY_MAX : RANKD_KEY_MIN;
         exlo[tid] = excl_off[q0 + tid];
         exhi[tid] = excl_off[q0 + tid + 1];
+        flo[tid] = filt_off[q0 + tid];
+        fhi[tid] = filt_off[q0 + tid + 1];
     }
     __syncthreads();
 
@@ -397,7 +439,8 @@ __device__ void score_topk_partial(
                     const float sc = acc[i];
                     const int key = order_key(sc);
                     if (sc == sc && key >= thresh[q] &&
-                        !excluded(excl_rows, exlo[q], exhi[q], row)) {
+                        !excluded(excl_rows, exlo[q], exhi[q], row) &&
+                        passes(attrs, attr_ld, clauses, fvals, flo[q], fhi[q], row)) {
                         const int pos = atomicAdd(&cnt[q], 1);
                         keys[(size_t)q * 2 * kps + kps + pos] = key;
                         rows[(size_t)q * 2 * kps + kps + pos] = row;
@@ -453,11 +496,13 @@ __device__ void score_rows(const typename D::T* __restrict__ table, u32 ld, u32 
     extern "C" __global__ void __launch_bounds__(THREADS, 2) score_topk_partial_##NAME(   \
         const D::T* table, u32 ld, u32 n_rows, const u64* ids, const u8* live,            \
         const float* queries, u32 qdim, const u32* qsel, u32 nq, const u32* ks, u32 kps,  \
-        const u32* excl_off, const u32* excl_rows, u32 group, u32 chunk_rows, u32 kmax,   \
-        int* out_key, u32* out_row) {                                                     \
+        const u32* excl_off, const u32* excl_rows, const long long* attrs, u64 attr_ld,   \
+        const u32* filt_off, const u32* clauses, const long long* fvals, u32 group,       \
+        u32 chunk_rows, u32 kmax, int* out_key, u32* out_row) {                           \
         score_topk_partial<D, false>(table, ld, n_rows, ids, live, queries, qdim, qsel, nq, \
-                                     ks, kps, excl_off, excl_rows, group, chunk_rows,     \
-                                     kmax, out_key, out_row);                             \
+                                     ks, kps, excl_off, excl_rows, attrs, attr_ld,        \
+                                     filt_off, clauses, fvals, group, chunk_rows, kmax,   \
+                                     out_key, out_row);                                   \
     }                                                                                     \
     extern "C" __global__ void score_rows_##NAME(const D::T* table, u32 ld, u32 d,        \
                                                  const float* q, const u32* pair_q,       \
@@ -473,10 +518,12 @@ RANKD_SCORE(bf16, DtBf16)
 extern "C" __global__ void __launch_bounds__(THREADS, 2) score_topk_partial_tc_bf16(
     const u16* table, u32 ld, u32 n_rows, const u64* ids, const u8* live, const float* queries,
     u32 qdim, const u32* qsel, u32 nq, const u32* ks, u32 kps, const u32* excl_off,
-    const u32* excl_rows, u32 group, u32 chunk_rows, u32 kmax, int* out_key, u32* out_row) {
+    const u32* excl_rows, const long long* attrs, u64 attr_ld, const u32* filt_off,
+    const u32* clauses, const long long* fvals, u32 group, u32 chunk_rows, u32 kmax,
+    int* out_key, u32* out_row) {
     score_topk_partial<DtBf16, true>(table, ld, n_rows, ids, live, queries, qdim, qsel, nq, ks,
-                                     kps, excl_off, excl_rows, group, chunk_rows, kmax, out_key,
-                                     out_row);
+                                     kps, excl_off, excl_rows, attrs, attr_ld, filt_off, clauses,
+                                     fvals, group, chunk_rows, kmax, out_key, out_row);
 }
 
 // Shared layout of the two single-query-per-block kernels below: key/row

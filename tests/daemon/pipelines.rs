@@ -346,3 +346,134 @@ async fn a_pipeline_over_two_catalogues_is_refused() {
     .await;
     assert_eq!(s, 200);
 }
+
+/// The version folder `version` of pipeline `name`, holding `text`.
+fn pipeline_version(root: &std::path::Path, name: &str, version: u64, text: &str) {
+    let dir = root.join(name).join(version.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.toml"), text).unwrap();
+}
+
+/// `/v1/models/{name}` once `done` holds for it (status, body), or a panic
+/// with the last answer after ten seconds of repository polls.
+async fn model_info_when(
+    c: &reqwest::Client,
+    d: &Daemon,
+    name: &str,
+    done: impl Fn(u16, &Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, body) = get(c, &d.url(&format!("/v1/models/{name}"))).await;
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if done(s, &v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "'{name}' never reached the expected state: {s} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Pipelines are read again on every repository poll: a new version takes
+/// over (its `candidates` bound the next request), a version that cannot be
+/// read leaves the one serving in place, and a pipeline folder added or
+/// removed appears or vanishes, with no restart.
+#[tokio::test]
+async fn pipelines_are_hot_reloaded_from_the_repository() {
+    let root = tempfile::tempdir().unwrap();
+    derived_model(root.path(), "demo", "demo", |t| t);
+    derived_model(root.path(), "demo-ranker", "demo-ranker", |t| t);
+    let stages = "kind = \"pipeline\"\nretrieve = \"demo\"\nrank = \"demo-ranker\"\n";
+    pipeline_version(
+        root.path(),
+        "feed",
+        1,
+        &format!("{stages}candidates = 50\n"),
+    );
+    let d = Daemon::start_with(root.path(), &["--repository-poll-ms", "100"]);
+    let c = client();
+    let user = 7u64;
+    let (s, w) = post(
+        &c,
+        &d.url(&format!("/v1/users/{user}")),
+        json!({"history": spread_history(user, 20)}),
+    )
+    .await;
+    assert_eq!(s, 200, "{w}");
+    let url = d.url("/v1/models/feed/recommend");
+    let recommend = |k: usize| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { post_json(&c, &url, &json!({"user_id": user, "k": k})).await }
+    };
+    let a = recommend(30).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+
+    // Version 2 takes 20 candidates: k = 30 is now over them.
+    pipeline_version(
+        root.path(),
+        "feed",
+        2,
+        &format!("{stages}candidates = 20\n"),
+    );
+    let info = model_info_when(&c, &d, "feed", |s, v| s == 200 && v["version"] == 2).await;
+    assert_eq!(info["pipeline"]["candidates"], 20, "{info}");
+    assert_eq!(info["state"], "ready", "{info}");
+    let a = recommend(30).await;
+    assert_http_error(
+        "k over version 2's candidates",
+        &a,
+        422,
+        "invalid",
+        &["k must be <= 20", "got 30"],
+    );
+    let (s, r) = post(
+        &c,
+        &d.url("/v1/models/feed/recommend"),
+        json!({"user_id": user, "k": 10}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(triples(&r), by_hand(&c, &d, user, 20, 10).await, "{r}");
+
+    // Version 3 cannot be read: version 2 serves on, through many polls.
+    pipeline_version(
+        root.path(),
+        "feed",
+        3,
+        "kind = \"pipeline\"\nretrieve = \"demo\"\nrank = \"demo-ranker\"\ncandidates = 0\n",
+    );
+    // A new folder written after version 3 shows that polls have run since.
+    pipeline_version(
+        root.path(),
+        "feed-b",
+        1,
+        &format!("{stages}candidates = 40\n"),
+    );
+    model_info_when(&c, &d, "feed-b", |s, v| s == 200 && v["state"] == "ready").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = get_json(&c, &d.url("/v1/models/feed")).await;
+    assert_eq!(
+        (&info["version"], &info["state"]),
+        (&json!(2), &json!("ready")),
+        "{info}"
+    );
+    let a = recommend(10).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let (s, r) = post(
+        &c,
+        &d.url("/v1/models/feed-b/recommend"),
+        json!({"user_id": user, "k": 10}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(triples(&r), by_hand(&c, &d, user, 40, 10).await, "{r}");
+
+    // The folder removed: the pipeline is gone, the other serves on.
+    std::fs::remove_dir_all(root.path().join("feed-b")).unwrap();
+    model_info_when(&c, &d, "feed-b", |s, _| s == 404).await;
+    let a = recommend(10).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}

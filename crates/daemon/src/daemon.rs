@@ -241,7 +241,8 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             max_timeout: config.requests.max_timeout(),
         },
     ));
-    service.set_pipelines(load_pipelines(&repo, &service, &exec).await);
+    let mut pipelines = api::pipeline::Refresher::default();
+    pipelines.refresh(&repo.root, &service).await;
     let app = api::http::router(api::http::HttpState {
         service: service.clone(),
         max_body_bytes: config.http.max_body_bytes,
@@ -290,10 +291,23 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             config.kafka.clone(),
         );
         let (watcher, poll) = (lifecycle.clone(), config.lifecycle.poll_interval());
+        let root = repo.root.clone();
         tokio::spawn(async move {
             let _ = executor_loaded.await;
             if let Some(interval) = poll {
                 watcher.spawn_watcher(interval);
+                // Pipelines have no weights to load: each poll reads them
+                // again and checks their stages as they are by then.
+                let (service, root) = (service.clone(), root.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        pipelines.refresh(&root, &service).await;
+                    }
+                });
             }
             if kafka.brokers.is_some() {
                 let started = tokio::task::spawn_blocking(move || {
@@ -342,68 +356,6 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         shutdown_delay: config.durability.shutdown_delay(),
         grace: config.durability.grace(),
     })
-}
-
-/// Reads the repository's pipelines and checks their stages against the
-/// models loaded; one that cannot serve keeps the reason (and answers 503
-/// with it).
-async fn load_pipelines(
-    repo: &Repository,
-    service: &api::Service,
-    exec: &ExecutorHandle,
-) -> Vec<api::pipeline::Pipeline> {
-    let mut pipelines = Vec::new();
-    for dir in &repo.pipelines {
-        let Some((version, path)) = dir.latest() else {
-            continue;
-        };
-        let file = path.join("model.toml");
-        let (spec, error) = match model::pipeline::PipelineSpec::read(&file) {
-            Ok(spec) => (spec, None),
-            Err(e) => (
-                model::pipeline::PipelineSpec {
-                    retrieve: String::new(),
-                    candidates: 0,
-                    rank: String::new(),
-                    limits: Default::default(),
-                },
-                Some(e.to_string()),
-            ),
-        };
-        pipelines.push(api::pipeline::Pipeline {
-            name: dir.name.clone(),
-            version: *version,
-            spec,
-            error,
-        });
-    }
-    if pipelines.is_empty() {
-        return pipelines;
-    }
-    let mut catalogue_of = std::collections::HashMap::new();
-    for c in exec.catalogues().await.unwrap_or_default() {
-        for m in c.models {
-            let name = m.rsplit_once('@').map_or(m.as_str(), |(n, _)| n);
-            catalogue_of.insert(name.to_string(), c.name.clone());
-        }
-    }
-    api::pipeline::check(&mut pipelines, service, &catalogue_of);
-    for p in &pipelines {
-        match &p.error {
-            None => tracing::info!(
-                pipeline = %p.name,
-                version = p.version,
-                retrieve = %p.spec.retrieve,
-                candidates = p.spec.candidates,
-                rank = %p.spec.rank,
-                "pipeline serving"
-            ),
-            Some(why) => {
-                tracing::error!(pipeline = %p.name, version = p.version, error = %why, "pipeline cannot serve")
-            }
-        }
-    }
-    pipelines
 }
 
 fn start_ingest(

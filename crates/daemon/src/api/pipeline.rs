@@ -8,7 +8,8 @@
 //! shed, the answer is the retrieval order, flagged `degraded` with
 //! `degraded_reason: "rank_stage"`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::Instant;
 
 use rankd_client::types::*;
@@ -18,6 +19,7 @@ use super::service::Service;
 use crate::error::ServeError;
 use crate::exec::registry::LoadState;
 use crate::model::pipeline::PipelineSpec;
+use crate::model::Repository;
 
 /// A pipeline as the daemon serves it.
 #[derive(Debug, Clone)]
@@ -108,6 +110,106 @@ fn check_one(
     Ok(())
 }
 
+/// Reads the repository's pipelines, checks their stages and serves the
+/// result: at start, and again on every repository poll, so a new pipeline
+/// folder, a new version of one, a removed one, or a stage that loaded or
+/// failed since shows in the next answer.
+#[derive(Debug, Default)]
+pub struct Refresher {
+    /// Versions that could not be read, logged once each.
+    unreadable: HashSet<(String, u64)>,
+}
+
+impl Refresher {
+    pub async fn refresh(&mut self, root: &Path, service: &Service) {
+        let repo = match Repository::scan(root) {
+            Ok(repo) => repo,
+            Err(e) => {
+                tracing::warn!(error = %e, "pipelines: the model repository cannot be read; the pipelines served stay");
+                return;
+            }
+        };
+        let mut pipelines: Vec<Pipeline> = repo
+            .pipelines
+            .iter()
+            .map(|dir| self.read(&dir.name, &dir.versions))
+            .collect();
+        if !pipelines.is_empty() {
+            let mut catalogue_of = HashMap::new();
+            for c in service.exec().catalogues().await.unwrap_or_default() {
+                for m in c.models {
+                    let name = m.rsplit_once('@').map_or(m.as_str(), |(n, _)| n);
+                    catalogue_of.insert(name.to_string(), c.name.clone());
+                }
+            }
+            check(&mut pipelines, service, &catalogue_of);
+        }
+        let before = service.pipelines();
+        for p in &pipelines {
+            let was = before.get(&p.name);
+            if was.is_some_and(|w| w.version == p.version && w.error == p.error) {
+                continue;
+            }
+            match &p.error {
+                None => tracing::info!(
+                    pipeline = %p.name,
+                    version = p.version,
+                    retrieve = %p.spec.retrieve,
+                    candidates = p.spec.candidates,
+                    rank = %p.spec.rank,
+                    "pipeline serving"
+                ),
+                Some(why) => {
+                    tracing::error!(pipeline = %p.name, version = p.version, error = %why, "pipeline cannot serve")
+                }
+            }
+        }
+        for name in before.keys() {
+            if !pipelines.iter().any(|p| &p.name == name) {
+                tracing::info!(pipeline = %name, "pipeline removed from the repository");
+            }
+        }
+        service.set_pipelines(pipelines);
+    }
+
+    /// The newest version of a pipeline folder whose model.toml reads (a
+    /// newer one being copied or broken leaves the older one serving, with
+    /// one warning); when none reads, the newest with its error.
+    fn read(&mut self, name: &str, versions: &[(u64, std::path::PathBuf)]) -> Pipeline {
+        let mut newest_error = None;
+        for (version, path) in versions.iter().rev() {
+            match PipelineSpec::read(&path.join("model.toml")) {
+                Ok(spec) => {
+                    return Pipeline {
+                        name: name.to_string(),
+                        version: *version,
+                        spec,
+                        error: None,
+                    }
+                }
+                Err(e) => {
+                    if self.unreadable.insert((name.to_string(), *version)) {
+                        tracing::warn!(pipeline = %name, version, error = %e, "pipeline version cannot be read; an older version, if any, serves");
+                    }
+                    newest_error.get_or_insert((*version, e.to_string()));
+                }
+            }
+        }
+        let (version, error) = newest_error.unwrap_or((0, "it has no version folder".into()));
+        Pipeline {
+            name: name.to_string(),
+            version,
+            spec: PipelineSpec {
+                retrieve: String::new(),
+                candidates: 0,
+                rank: String::new(),
+                limits: Default::default(),
+            },
+            error: Some(error),
+        }
+    }
+}
+
 impl Service {
     /// A recommend on a model or on a pipeline.
     pub async fn recommend_any(
@@ -123,7 +225,7 @@ impl Service {
                         p.name, p.version
                     )));
                 }
-                self.recommend_pipeline(p, req)
+                self.recommend_pipeline(&p, req)
                     .await
                     .map(Recommended::Pipeline)
             }

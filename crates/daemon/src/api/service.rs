@@ -35,8 +35,9 @@ pub struct Service {
     /// Turns true at the end of the shutdown grace period: streaming calls
     /// still running end with a final error.
     cut: tokio::sync::watch::Sender<bool>,
-    /// Pipelines by name, set once at start.
-    pipelines: std::sync::OnceLock<HashMap<String, super::pipeline::Pipeline>>,
+    /// Pipelines by name: read at start, then again on every repository
+    /// poll (a request takes the map as it was when it arrived).
+    pipelines: std::sync::RwLock<Arc<HashMap<String, super::pipeline::Pipeline>>>,
 }
 
 impl Service {
@@ -48,7 +49,7 @@ impl Service {
             ingest: std::sync::OnceLock::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
             cut: tokio::sync::watch::Sender::new(false),
-            pipelines: std::sync::OnceLock::new(),
+            pipelines: Default::default(),
         }
     }
 
@@ -97,15 +98,22 @@ impl Service {
         &self.metrics
     }
 
-    /// Sets the pipelines served (once, at start).
+    /// Replaces the pipelines served.
     pub fn set_pipelines(&self, pipelines: Vec<super::pipeline::Pipeline>) {
-        let _ = self
-            .pipelines
-            .set(pipelines.into_iter().map(|p| (p.name.clone(), p)).collect());
+        let map = pipelines.into_iter().map(|p| (p.name.clone(), p)).collect();
+        *self.pipelines.write().expect("pipelines lock poisoned") = Arc::new(map);
     }
 
-    pub(super) fn pipeline(&self, name: &str) -> Option<&super::pipeline::Pipeline> {
-        self.pipelines.get()?.get(name)
+    /// The pipelines served now, by name.
+    pub fn pipelines(&self) -> Arc<HashMap<String, super::pipeline::Pipeline>> {
+        self.pipelines
+            .read()
+            .expect("pipelines lock poisoned")
+            .clone()
+    }
+
+    pub(super) fn pipeline(&self, name: &str) -> Option<super::pipeline::Pipeline> {
+        self.pipelines().get(name).cloned()
     }
 
     /// The target of a bulk call: a model or a pipeline.
@@ -543,12 +551,8 @@ impl Service {
             .iter()
             .map(|m| self.info(m))
             .collect();
-        let mut pipelines: Vec<&super::pipeline::Pipeline> = self
-            .pipelines
-            .get()
-            .into_iter()
-            .flat_map(|p| p.values())
-            .collect();
+        let served = self.pipelines();
+        let mut pipelines: Vec<&super::pipeline::Pipeline> = served.values().collect();
         pipelines.sort_by(|a, b| a.name.cmp(&b.name));
         models.extend(pipelines.into_iter().map(|p| self.pipeline_info(p)));
         ModelsResponse { models }
@@ -556,7 +560,7 @@ impl Service {
 
     pub fn model(&self, name: &str) -> Result<ModelInfo, ServeError> {
         if let Some(p) = self.pipeline(name) {
-            return Ok(self.pipeline_info(p));
+            return Ok(self.pipeline_info(&p));
         }
         let (_, served) = self.lookup(name)?;
         Ok(self.info(served))

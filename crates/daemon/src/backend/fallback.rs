@@ -160,7 +160,10 @@ impl Fallback {
         weights: &Weights,
     ) -> Result<(), Check> {
         let (items, histories, features) = check::inputs(&desc);
-        let queries = check::queries(&desc, &histories, &features);
+        let filter = check::filter(&items);
+        // A device that does not filter is never handed a filtered query.
+        let filter = self.primary.filters().then_some(&filter);
+        let queries = check::queries(&desc, &histories, &features, filter);
         let mut cpu = CpuBackend::new();
         // The device stores the check's table as it stores the model's.
         let dtype = self.table_dtypes.get(&table).copied().unwrap_or_default();
@@ -486,8 +489,10 @@ enum Check {
 mod check {
     use super::*;
     use crate::backend::{Scored, Task};
+    use crate::model::attributes::RowFilter;
     use crate::model::demo::Rng;
     use crate::model::kind::RANKER;
+    use rankd_client::types::FilterValues;
 
     /// Ids the check uses on the device, never the executor's (which count
     /// up from 0).
@@ -496,14 +501,23 @@ mod check {
     const ROWS: usize = 512;
     const USERS: usize = 6;
 
-    /// A random table of the model's width, histories from empty to the
-    /// model's window (and past it), and features.
+    /// A random table of the model's width with two attribute columns,
+    /// histories from empty to the model's window (and past it), and
+    /// features.
     pub fn inputs(desc: &ModelDesc) -> (ItemTable, Vec<Vec<u32>>, Vec<f32>) {
         let mut rng = Rng::new(0xc0ffee ^ desc.dim as u64);
         let d = desc.dim;
         let emb: Vec<f32> = (0..ROWS * d).map(|_| rng.uniform() as f32 - 0.5).collect();
-        let items = ItemTable::new(d, (1..=ROWS as u64).collect(), emb)
+        let mut items = ItemTable::new(d, (1..=ROWS as u64).collect(), emb)
             .expect("ids are distinct and the embeddings fill the rows");
+        let attributes = crate::model::attributes::Attributes::new(vec![
+            ("market".into(), (0..ROWS as i64).map(|r| r % 3).collect()),
+            ("shelf".into(), (0..ROWS as i64).map(|r| r % 7 - 3).collect()),
+        ])
+        .expect("two columns of ROWS values");
+        items
+            .set_attributes(attributes)
+            .expect("one value per row");
         let window = desc.bounds.history_len.max(1);
         let lens = [0, 1, 3, window.min(20), window, window + 2];
         let histories = lens
@@ -516,12 +530,27 @@ mod check {
         (items, histories, features)
     }
 
+    /// A filter that keeps about a tenth of the check table: market 1, shelf
+    /// -3, 0 or 2.
+    pub fn filter(items: &ItemTable) -> RowFilter {
+        let filter: rankd_client::types::Filter = [
+            ("market".to_string(), FilterValues::One(1)),
+            ("shelf".to_string(), FilterValues::Any(vec![2, -3, 0])),
+        ]
+        .into_iter()
+        .collect();
+        RowFilter::resolve(&filter, items.attributes(), "check")
+            .expect("the check table has both attributes")
+    }
+
     /// One query per history: a ranker scores 8 candidates, a retrieval
-    /// model alternates a top 10 (some with exclusions) and a score.
+    /// model alternates a top 10 (some with exclusions, some with `filter`)
+    /// and a score.
     pub fn queries<'a>(
         desc: &ModelDesc,
         histories: &'a [Vec<u32>],
         features: &'a [f32],
+        filter: Option<&'a RowFilter>,
     ) -> Vec<Query<'a>> {
         const CANDIDATES: &[u32] = &[0, 3, 17, 64, 128, 255, 300, 511];
         const EXCLUDE: &[u32] = &[2, 5, 7, 11];
@@ -540,7 +569,7 @@ mod check {
                     Task::TopK {
                         k: 10,
                         exclude: if i % 4 == 2 { EXCLUDE } else { &[] },
-                        filter: None,
+                        filter: filter.filter(|_| i % 4 == 0),
                     }
                 },
             })

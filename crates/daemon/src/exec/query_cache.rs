@@ -10,7 +10,8 @@
 //! table's write count when it was computed; it is used only while the user
 //! has not changed and no row of the user's history window was written
 //! since ([`ItemTable::written_at`]). A version's vectors go with it.
-//! Memory is bounded by `--query-cache-bytes`: the oldest vectors go first.
+//! Memory is bounded by `--query-cache-bytes`: the vectors used least
+//! recently go first (a hit counts as a use).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -48,8 +49,8 @@ pub struct QueryCache {
     budget: usize,
     bytes: usize,
     models: HashMap<ModelId, HashMap<u64, Entry>>,
-    /// Kept vectors, oldest first: (model, user, seq). A record whose entry
-    /// was replaced or dropped since is skipped.
+    /// Kept vectors, least recently used first: (model, user, seq). A
+    /// record whose entry was replaced, used or dropped since is skipped.
     order: VecDeque<(ModelId, u64, u64)>,
     seq: u64,
 }
@@ -89,21 +90,30 @@ impl QueryCache {
 
     /// Model `model`'s kept vector for `key`, if the user has not changed
     /// since and no row of `history` (the rows the tower reads) was written
-    /// after it was computed.
+    /// after it was computed. A hit makes it the most recently used.
     pub fn get(
-        &self,
+        &mut self,
         model: ModelId,
         key: Key,
         items: &ItemTable,
         history: &[u32],
     ) -> Option<&[f32]> {
-        let e = self.models.get(&model)?.get(&key.user)?;
-        (e.changed_at == key.changed_at && history.iter().all(|&r| items.written_at(r) <= e.writes))
-            .then_some(&*e.q)
+        self.compact();
+        let e = self.models.get_mut(&model)?.get_mut(&key.user)?;
+        if e.changed_at != key.changed_at
+            || history.iter().any(|&r| items.written_at(r) > e.writes)
+        {
+            return None;
+        }
+        self.seq += 1;
+        e.seq = self.seq;
+        self.order.push_back((model, key.user, self.seq));
+        Some(&*e.q)
     }
 
     /// Keeps `q` as model `model`'s vector for `key`, computed with the
-    /// table at write count `writes`; the oldest vectors go beyond the budget.
+    /// table at write count `writes`; the least recently used vectors go
+    /// beyond the budget.
     pub fn put(&mut self, model: ModelId, key: Key, writes: u64, q: &[f32]) {
         if !self.enabled() {
             return;
@@ -131,8 +141,12 @@ impl QueryCache {
             };
             self.remove_if(m, user, seq);
         }
-        // Replaced vectors leave records behind: drop them before they
-        // outnumber the vectors.
+        self.compact();
+    }
+
+    /// Replaced and used vectors leave records behind: drops them before
+    /// they outnumber the vectors.
+    fn compact(&mut self) {
         if self.order.len() > 2 * self.len() + 1024 {
             let models = &self.models;
             self.order.retain(|(m, user, seq)| {
@@ -280,6 +294,31 @@ mod tests {
         assert!(c.order.len() <= 2 * c.len() + 1024 + 1, "{}", c.order.len());
         c.forget(0);
         assert_eq!((c.len(), c.bytes(), c.order.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_hit_keeps_a_vector_over_one_asked_for_less_recently() {
+        let items = table();
+        let per = 2 * 4 + ENTRY_OVERHEAD;
+        let mut c = QueryCache::new(2 * per);
+        c.put(0, key(1, 1), 0, &[1.0, 0.0]);
+        c.put(0, key(2, 1), 0, &[2.0, 0.0]);
+        // User 1 was kept first but asked for since: user 2 goes.
+        assert!(c.get(0, key(1, 1), &items, &[]).is_some());
+        c.put(0, key(3, 1), 0, &[3.0, 0.0]);
+        assert_eq!(c.get(0, key(2, 1), &items, &[]), None);
+        assert_eq!(c.get(0, key(1, 1), &items, &[]), Some(&[1.0, 0.0][..]));
+        assert!(c.get(0, key(3, 1), &items, &[]).is_some());
+        // Hits alone keep the eviction records bounded.
+        for _ in 0..5000 {
+            assert!(c.get(0, key(1, 1), &items, &[]).is_some());
+        }
+        assert!(c.order.len() <= 2 * c.len() + 1024 + 1, "{}", c.order.len());
+        // A miss (the user changed) refreshes nothing.
+        assert_eq!(c.get(0, key(3, 2), &items, &[]), None);
+        c.put(0, key(4, 1), 0, &[4.0, 0.0]);
+        assert_eq!(c.get(0, key(3, 1), &items, &[]), None, "user 3 was the least recent");
+        assert!(c.get(0, key(1, 1), &items, &[]).is_some());
     }
 
     #[test]

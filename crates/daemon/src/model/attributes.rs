@@ -111,6 +111,11 @@ impl Attributes {
         self.columns.first().map(Vec::len)
     }
 
+    /// One attribute's values, one per row.
+    pub fn column(&self, attribute: usize) -> &[i64] {
+        &self.columns[attribute]
+    }
+
     pub fn value(&self, attribute: usize, row: usize) -> i64 {
         self.columns[attribute][row]
     }
@@ -218,6 +223,12 @@ impl RowFilter {
             })
             .collect::<Result<_, String>>()?;
         Ok(Self { clauses })
+    }
+
+    /// The clauses: (attribute index, its allowed values sorted and
+    /// distinct); a row passes when it holds one of each clause's values.
+    pub fn clauses(&self) -> &[(usize, Vec<i64>)] {
+        &self.clauses
     }
 
     /// Whether row `row` passes.

@@ -344,8 +344,9 @@ fn gpu_checks(
         qsel: (0..29).collect(),
         ks: (0..29u32).map(|q| 1 + (q * 7) % 64).collect(),
         excl_off: vec![0; 30],
-        excl_rows: Vec::new(),
+        filt_off: vec![0; 30],
         kmax: 64,
+        ..Default::default()
     };
     let wide_specs: Vec<(usize, &[u32])> = wide.ks.iter().map(|&k| (k as usize, &[][..])).collect();
     let want = cpu::score_topk(&items_q, &qv[..29 * D], &wide_specs);

@@ -93,6 +93,7 @@ pub const SOURCES: &[KernelSource] = &[
             "fill_uniform_bf16",
             "fill_u8",
             "iota_u64",
+            "scatter_attrs",
         ],
     },
     KernelSource {
@@ -281,6 +282,7 @@ pub struct Kernels {
     pub topk_partial_tc: CudaFunction,
     pub score_rows: [CudaFunction; 3],
     pub scatter_rows: [CudaFunction; 3],
+    pub scatter_attrs: CudaFunction,
     pub fill_uniform: [CudaFunction; 3],
     pub topk_merge: CudaFunction,
     pub topk_dense_partial: CudaFunction,
@@ -354,6 +356,7 @@ impl Kernels {
             topk_partial_tc: get("score_topk_partial_tc_bf16")?,
             score_rows: per_dtype("score_rows")?,
             scatter_rows: per_dtype("scatter_rows")?,
+            scatter_attrs: get("scatter_attrs")?,
             fill_uniform: per_dtype("fill_uniform")?,
             topk_merge: get("topk_merge")?,
             topk_dense_partial: get("topk_dense_partial")?,

@@ -485,6 +485,12 @@ impl Backend for CudaBackend {
         plan::warm_sizes(max_batch)
     }
 
+    /// Filters are tested inside the fused scan, against the catalogue's
+    /// attribute columns mirrored on the device.
+    fn filters(&self) -> bool {
+        true
+    }
+
     /// The kinds `kind/` has a device forward pass for.
     fn runs(&self, kind: ModelKind) -> bool {
         kind::find(kind).is_some()
@@ -504,7 +510,12 @@ impl Backend for CudaBackend {
             let table = self.tables.get(&model.table).ok_or_else(|| {
                 GpuError::Invalid("the model's table is not loaded: this is a bug".into())
             })?;
-            plan::check_rows(queries, table.rows, model.desc.user_feature_dim)?;
+            plan::check_rows(
+                queries,
+                table.rows,
+                table.n_attrs,
+                model.desc.user_feature_dim,
+            )?;
             let dev = self.gpu.dev();
             (model.kind.run)(
                 &dev,

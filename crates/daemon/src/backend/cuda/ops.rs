@@ -57,6 +57,9 @@ pub struct TopkBufs {
     ks: Staged<u32>,
     excl_off: Staged<u32>,
     excl_rows: Staged<u32>,
+    filt_off: Staged<u32>,
+    clauses: Staged<u32>,
+    filt_vals: Staged<i64>,
     pub part_key: Buf<i32>,
     pub part_row: Buf<u32>,
     pub top_key: Buf<i32>,
@@ -264,12 +267,22 @@ pub fn topk_launch(
     t: &PackedTopk,
 ) -> Result<TopkPlan, GpuError> {
     let nq = t.qsel.len();
+    if t.excl_off.len() != nq + 1 || t.filt_off.len() != nq + 1 {
+        return Err(GpuError::Invalid(format!(
+            "a top-k batch of {nq} queries has {} exclusion and {} filter offsets: this is a bug",
+            t.excl_off.len(),
+            t.filt_off.len()
+        )));
+    }
     let f = dev.topk_kernel(table);
     let p = topk_plan(dev, table, nq, t.kmax)?;
     b.qsel.upload(dev.stream, &t.qsel)?;
     b.ks.upload(dev.stream, &t.ks)?;
     b.excl_off.upload(dev.stream, &t.excl_off)?;
     b.excl_rows.upload(dev.stream, &t.excl_rows)?;
+    b.filt_off.upload(dev.stream, &t.filt_off)?;
+    b.clauses.upload(dev.stream, &t.clauses)?;
+    b.filt_vals.upload(dev.stream, &t.filt_vals)?;
     b.part_key.reserve(dev.stream, p.partial_len())?;
     b.part_row.reserve(dev.stream, p.partial_len())?;
     b.top_key.reserve(dev.stream, nq * p.kmax)?;
@@ -288,9 +301,12 @@ pub fn topk_launch(
         block_dim: (plan::THREADS as u32, 1, 1),
         shared_mem_bytes: u(p.partial_smem),
     };
+    let attr_ld = table.cap as u64;
     // SAFETY: matches score_topk_partial_* in score_topk.cu; the plan sized
     // the shared memory and the output ([nq][chunks][kmax]); qsel indexes
-    // rows of `queries`; exclusions are CSR over nq queries.
+    // rows of `queries`; exclusions and filter clauses are CSR over nq
+    // queries, and every clause's attribute is < table.n_attrs (checked by
+    // `plan::check_rows`).
     unsafe {
         dev.stream
             .launch_builder(f)
@@ -307,6 +323,11 @@ pub fn topk_launch(
             .arg(&kps)
             .arg(b.excl_off.get())
             .arg(b.excl_rows.get())
+            .arg(&table.attrs)
+            .arg(&attr_ld)
+            .arg(b.filt_off.get())
+            .arg(b.clauses.get())
+            .arg(b.filt_vals.get())
             .arg(&group)
             .arg(&chunk_rows)
             .arg(&kmax)

@@ -74,10 +74,8 @@ pub enum BatchError {
     },
     #[error("user features have {got} values, the model takes {want}")]
     FeatureWidth { got: usize, want: usize },
-    /// The fused kernel does not filter: a filtered recommend is answered
-    /// by the CPU scan (`Backend::filters`), never here.
-    #[error("a filtered recommend reached the device scan, which does not filter")]
-    Filtered,
+    #[error("a filter names attribute {attribute}, the device table has {attributes}")]
+    FilterAttribute { attribute: usize, attributes: usize },
 }
 
 /// What the fused kernel's launch shape depends on.
@@ -127,7 +125,7 @@ pub fn partial_smem_bytes(
     let tile = STAGES * TILE * (DK * elem_bytes + 16);
     let qld = ld.div_ceil(DK) * DK;
     let gq = if tc { group.div_ceil(8) * 8 } else { group };
-    tile + gq * qld * 4 + group * 2 * kps * 8 + 5 * group * 4
+    tile + gq * qld * 4 + group * 2 * kps * 8 + 7 * group * 4
 }
 
 /// `resident(smem)` is how many blocks of the fused kernel with that much
@@ -293,14 +291,18 @@ pub struct PackedUsers {
     pub feats: Vec<f32>,
 }
 
-/// Top-k tasks of a batch: which query vector each uses, its k and its
-/// sorted exclusions (CSR).
+/// Top-k tasks of a batch: which query vector each uses, its k, its
+/// sorted exclusions (CSR) and its filter's clauses (CSR: each clause is
+/// (attribute, first value, end value) into `filt_vals`, values sorted).
 #[derive(Debug, Default, PartialEq)]
 pub struct PackedTopk {
     pub qsel: Vec<u32>,
     pub ks: Vec<u32>,
     pub excl_off: Vec<u32>,
     pub excl_rows: Vec<u32>,
+    pub filt_off: Vec<u32>,
+    pub clauses: Vec<u32>,
+    pub filt_vals: Vec<i64>,
     pub kmax: usize,
 }
 
@@ -311,9 +313,15 @@ pub struct PackedPairs {
     pub pair_row: Vec<u32>,
 }
 
-/// Checks every row a batch names against the table size: an out-of-range
-/// row on the device is an illegal address that poisons the context.
-pub fn check_rows(queries: &[Query<'_>], n_rows: usize, fd: usize) -> Result<(), BatchError> {
+/// Checks every row and attribute a batch names against the table (`n_rows`
+/// rows, `n_attrs` attribute columns): an out-of-range read on the device
+/// is an illegal address that poisons the context.
+pub fn check_rows(
+    queries: &[Query<'_>],
+    n_rows: usize,
+    n_attrs: usize,
+    fd: usize,
+) -> Result<(), BatchError> {
     let bad = |what: &'static str, row: u32| BatchError::RowOutOfRange {
         what,
         row,
@@ -333,9 +341,17 @@ pub fn check_rows(queries: &[Query<'_>], n_rows: usize, fd: usize) -> Result<(),
         }
         let rows = match q.task {
             Task::TopK {
-                filter: Some(_), ..
-            } => return Err(BatchError::Filtered),
-            Task::TopK { exclude, .. } => exclude,
+                exclude, filter, ..
+            } => {
+                let clauses = filter.map_or(&[][..], |f| f.clauses());
+                if let Some(&(a, _)) = clauses.iter().find(|(a, _)| *a >= n_attrs) {
+                    return Err(BatchError::FilterAttribute {
+                        attribute: a,
+                        attributes: n_attrs,
+                    });
+                }
+                exclude
+            }
             Task::Score { rows } => rows,
         };
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
@@ -380,9 +396,25 @@ pub fn pack_topk_into(p: &mut PackedTopk, queries: &[Query<'_>]) {
     p.excl_rows.clear();
     p.excl_off.clear();
     p.excl_off.push(0);
+    p.filt_off.clear();
+    p.filt_off.push(0);
+    p.clauses.clear();
+    p.filt_vals.clear();
     p.kmax = 0;
     for (i, q) in queries.iter().enumerate() {
-        if let Task::TopK { k, exclude, .. } = q.task {
+        if let Task::TopK {
+            k, exclude, filter, ..
+        } = q.task
+        {
+            // The resolved filter's values are sorted and distinct, as the
+            // kernel's binary search needs.
+            for (a, values) in filter.map_or(&[][..], |f| f.clauses()) {
+                let start = p.filt_vals.len() as u32;
+                p.filt_vals.extend_from_slice(values);
+                p.clauses
+                    .extend([*a as u32, start, p.filt_vals.len() as u32]);
+            }
+            p.filt_off.push((p.clauses.len() / 3) as u32);
             p.qsel.push(i as u32);
             p.ks.push(k as u32);
             p.kmax = p.kmax.max(k);

@@ -69,6 +69,7 @@ pub fn fused_topk(dev: &Dev<'_>, bufs: &mut TopkBufs, dtype: ItemDtype) -> Resul
             .collect();
         let mut t = PackedTopk {
             excl_off: vec![0],
+            filt_off: vec![0; nq + 1],
             ..Default::default()
         };
         for (q, &(k, excl)) in spec.iter().enumerate() {

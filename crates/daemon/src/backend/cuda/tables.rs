@@ -1,5 +1,6 @@
 //! The device mirror of an item table (ids, embeddings in the table dtype,
-//! live mask) and the grow-only device buffers batches are staged in.
+//! live mask, integer attribute columns for filters) and the grow-only
+//! device buffers batches are staged in.
 //! Embeddings are stored row-padded to `padded_dim(d)` elements so every row
 //! is 16-byte aligned for the fused kernel's vector loads.
 
@@ -162,6 +163,10 @@ pub struct DeviceTable {
     pub live: CudaSlice<u8>,
     /// [cap, ld] elements of `dtype`, as raw bytes.
     pub emb: CudaSlice<u8>,
+    /// The catalogue's attribute columns, [n_attrs][cap] (one element when
+    /// it has none, so the fused kernel always gets a valid pointer).
+    pub attrs: CudaSlice<i64>,
+    pub n_attrs: usize,
     scatter: ScatterBufs,
 }
 
@@ -172,6 +177,8 @@ struct ScatterBufs {
     src: Staged<f32>,
     live: Staged<u8>,
     ids: Staged<u64>,
+    /// [rows, n_attrs] attribute values of the batch's rows.
+    attrs: Staged<i64>,
 }
 
 impl DeviceTable {
@@ -222,6 +229,18 @@ impl DeviceTable {
                 .memcpy_htod(&mask, &mut live.slice_mut(..n))
                 .ctx("uploading the live mask")?;
         }
+        let n_attrs = items.attributes().names().len();
+        let mut attrs = stream
+            .alloc_zeros::<i64>((n_attrs * cap).max(1))
+            .ctx("allocating the attribute columns")?;
+        for a in (0..n_attrs).filter(|_| n > 0) {
+            stream
+                .memcpy_htod(
+                    items.attributes().column(a),
+                    &mut attrs.slice_mut(a * cap..a * cap + n),
+                )
+                .ctx("uploading the attribute columns")?;
+        }
         stream.synchronize().ctx("uploading the item table")?;
         Ok(Self {
             dtype,
@@ -232,6 +251,8 @@ impl DeviceTable {
             ids,
             live,
             emb,
+            attrs,
+            n_attrs,
             scatter: ScatterBufs::default(),
         })
     }
@@ -297,6 +318,9 @@ impl DeviceTable {
                 .launch(blocks(cap))
                 .ctx("fill_u8 launch")?;
         }
+        let attrs = stream
+            .alloc_zeros::<i64>(1)
+            .ctx("allocating a benchmark table")?;
         stream.synchronize().ctx("building a benchmark table")?;
         Ok(Self {
             dtype,
@@ -307,6 +331,8 @@ impl DeviceTable {
             ids,
             live,
             emb,
+            attrs,
+            n_attrs: 0,
             scatter: ScatterBufs::default(),
         })
     }
@@ -336,7 +362,19 @@ impl DeviceTable {
         let mut live = stream
             .alloc_zeros::<u8>(cap)
             .ctx("growing the item table")?;
+        let mut attrs = stream
+            .alloc_zeros::<i64>((self.n_attrs * cap).max(1))
+            .ctx("growing the attribute columns")?;
         if self.rows > 0 {
+            for a in 0..self.n_attrs {
+                let (from, to) = (a * self.cap, a * cap);
+                stream
+                    .memcpy_dtod(
+                        &self.attrs.slice(from..from + self.rows),
+                        &mut attrs.slice_mut(to..to + self.rows),
+                    )
+                    .ctx("growing the attribute columns")?;
+            }
             stream
                 .memcpy_dtod(
                     &self.emb.slice(..self.rows * rb),
@@ -357,7 +395,7 @@ impl DeviceTable {
                 .ctx("growing the item table")?;
         }
         tracing::info!(from = self.cap, to = cap, "device item table grown");
-        (self.emb, self.ids, self.live, self.cap) = (emb, ids, live, cap);
+        (self.emb, self.ids, self.live, self.attrs, self.cap) = (emb, ids, live, attrs, cap);
         Ok(())
     }
 
@@ -375,6 +413,13 @@ impl DeviceTable {
                 "item table dim changed from {} to {}",
                 self.dim,
                 items.dim()
+            )));
+        }
+        let n_attrs = items.attributes().names().len();
+        if n_attrs != self.n_attrs {
+            return Err(GpuError::Invalid(format!(
+                "the catalogue's attributes changed from {} to {n_attrs}",
+                self.n_attrs
             )));
         }
         let n = items.rows();
@@ -422,6 +467,34 @@ impl DeviceTable {
                     .launch(cfg)
             }
             .ctx("scatter_rows launch")?;
+            if n_attrs > 0 {
+                let vals: Vec<i64> = part
+                    .iter()
+                    .flat_map(|&r| (0..n_attrs).map(move |a| (a, r)))
+                    .map(|(a, r)| items.attributes().value(a, r as usize))
+                    .collect();
+                b.attrs.upload(stream, &vals)?;
+                let (cap, na) = (self.cap as u64, n_attrs as u32);
+                let cfg = LaunchConfig {
+                    grid_dim: (vals.len().div_ceil(256).min(65_535) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: argument list matches scatter_attrs in scatter.cu;
+                // rows are < cap and `vals` holds m × n_attrs values.
+                unsafe {
+                    stream
+                        .launch_builder(&kernels.scatter_attrs)
+                        .arg(&mut self.attrs)
+                        .arg(&cap)
+                        .arg(&na)
+                        .arg(b.rows.get())
+                        .arg(b.attrs.get())
+                        .arg(&m)
+                        .launch(cfg)
+                }
+                .ctx("scatter_attrs launch")?;
+            }
         }
         self.rows = n;
         Ok(())

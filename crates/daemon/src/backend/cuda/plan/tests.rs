@@ -127,6 +127,20 @@ fn packing_matches_the_batch() {
     let feats = [0.5f32, -1.0];
     let excl = [9u32, 2];
     let cand = [5u32, 6, 7];
+    // Attributes "a" (index 0) and "b" (index 1); the filter lists b's
+    // values unsorted and repeated, a's as one value.
+    let attrs = crate::model::attributes::Attributes::new(vec![
+        ("b".into(), vec![0; 10]),
+        ("a".into(), vec![0; 10]),
+    ])
+    .unwrap();
+    let filter: rankd_client::types::Filter = [
+        ("b".to_string(), rankd_client::types::FilterValues::Any(vec![7, 3, 7])),
+        ("a".to_string(), rankd_client::types::FilterValues::One(-1)),
+    ]
+    .into_iter()
+    .collect();
+    let rf = crate::model::attributes::RowFilter::resolve(&filter, &attrs, "c").unwrap();
     let queries = vec![
         Query {
             history: &hist,
@@ -154,7 +168,7 @@ fn packing_matches_the_batch() {
             task: Task::TopK {
                 k: 0,
                 exclude: &[],
-                filter: None,
+                filter: Some(&rf),
             },
         },
     ];
@@ -172,16 +186,28 @@ fn packing_matches_the_batch() {
         "exclusions are sorted for the binary search"
     );
     assert_eq!(t.kmax, 5);
+    assert_eq!(t.filt_off, vec![0, 0, 2], "the second top-k has two clauses");
+    assert_eq!(
+        t.clauses,
+        vec![0, 0, 1, 1, 1, 3],
+        "(attribute, first, end) per clause"
+    );
+    assert_eq!(t.filt_vals, vec![-1, 3, 7], "each clause's values sorted, once");
     let p = pack_pairs(&queries);
     assert_eq!(p.pair_q, vec![1, 1, 1]);
     assert_eq!(p.pair_row, vec![5, 6, 7]);
-    assert!(check_rows(&queries, 10, 2).is_ok());
-    let err = check_rows(&queries, 8, 2).unwrap_err().to_string();
+    assert!(check_rows(&queries, 10, 2, 2).is_ok());
+    let err = check_rows(&queries, 10, 1, 2).unwrap_err().to_string();
+    assert!(
+        err.contains("names attribute 1, the device table has 1"),
+        "{err}"
+    );
+    let err = check_rows(&queries, 8, 2, 2).unwrap_err().to_string();
     assert!(
         err.contains("row 9 is outside the item table of 8 rows"),
         "{err}"
     );
-    let err = check_rows(&queries, 10, 3).unwrap_err().to_string();
+    let err = check_rows(&queries, 10, 2, 3).unwrap_err().to_string();
     assert!(
         err.contains("user features have 2 values, the model takes 3"),
         "{err}"
@@ -328,8 +354,8 @@ fn the_largest_allowed_batch_fits_the_buffers_reserved_at_load() {
     use crate::model::ModelKind;
     // The sizes the CUDA backend reserves at load: the kind's own.
     let batch_sizes = |desc: &ModelDesc, width: usize| {
-        let kind = crate::backend::cuda::kind::find(desc.kind).expect("a CUDA kind");
-        (kind.batch_sizes)(desc, width)
+        let kind = desc.kind.device().expect("a CUDA kind");
+        kind.batch_sizes(desc, width)
     };
     let (d, fd, width) = (64, 16, 256);
     let history: Vec<u32> = (0..50).collect();
