@@ -4,16 +4,14 @@
 //! materialised (or, for `cpu_scoring = "exact-int8"` models, `int8`: the
 //! same answer from the table's int8 copy and an f32 re-score of the few rows
 //! that can reach the top-k). This file holds the `Backend` impl and the
-//! parts kinds share (a tower of linear layers, retrieval from query
-//! vectors); each kind's forward pass has a file.
+//! parts kinds share (the `Forward` trait, a tower of linear layers,
+//! retrieval from query vectors); each kind's forward pass lives in its own
+//! folder, `model/kind/<name>/cpu.rs`, and is found through the kind
+//! ([`crate::model::kind::Kind::cpu`]).
 
 pub mod fused;
 pub mod int8;
-mod onnx;
 pub mod ops;
-mod ranker;
-pub mod sasrec;
-mod two_tower;
 
 use std::collections::HashMap;
 
@@ -25,7 +23,6 @@ pub use int8::score_topk_int8;
 
 use super::{Backend, BackendError, ModelDesc, ModelId, Output, Query, Reason, TableId, Task};
 use crate::model::attributes::RowFilter;
-use crate::model::kind::{ONNX, RANKER, SASREC, TWO_TOWER};
 use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, TowerWeights, Weights};
 
 /// A model's forward pass on the CPU, built once at load from its weights.
@@ -61,23 +58,16 @@ struct Loaded {
     forward: Box<dyn Forward>,
 }
 
-/// Builds a kind's forward pass from the weights its kind loaded.
-type Build = fn(ModelDesc, &Weights) -> Result<Box<dyn Forward>, BackendError>;
-
-/// The forward pass of each model kind. A new kind adds its file and one line.
-const FORWARDS: &[(ModelKind, Build)] = &[
-    (TWO_TOWER, two_tower::build),
-    (RANKER, ranker::build),
-    (SASREC, sasrec::build),
-    (ONNX, onnx::build),
-];
+/// Builds a kind's forward pass from the weights its kind loaded: what
+/// [`crate::model::kind::Kind::cpu`] answers.
+pub type CpuBuild = fn(ModelDesc, &Weights) -> Result<Box<dyn Forward>, BackendError>;
 
 #[derive(Default)]
 pub struct CpuBackend {
     models: HashMap<ModelId, Loaded>,
 }
 
-fn err(e: impl std::fmt::Display) -> BackendError {
+pub(crate) fn err(e: impl std::fmt::Display) -> BackendError {
     BackendError::new("cpu", Reason::Other, e.to_string())
 }
 
@@ -124,13 +114,8 @@ impl Backend for CpuBackend {
         _table: TableId,
         weights: &Weights,
     ) -> Result<(), BackendError> {
-        let build = FORWARDS
-            .iter()
-            .find(|(kind, _)| *kind == desc.kind)
-            .map(|(_, b)| *b)
-            .ok_or_else(|| err(format!("no CPU forward pass for {} models", desc.kind)))?;
-        let forward = build(desc, weights)?;
-        if desc.cpu_scoring == CpuScoring::ExactInt8 && desc.kind != RANKER {
+        let forward = (desc.kind.cpu())(desc, weights)?;
+        if desc.cpu_scoring == CpuScoring::ExactInt8 && forward.retrieves() {
             tracing::info!(
                 model = id,
                 "top-k through the int8 copy of the item table (cpu_scoring = exact-int8)"
@@ -144,8 +129,9 @@ impl Backend for CpuBackend {
         true
     }
 
-    fn runs(&self, kind: ModelKind) -> bool {
-        FORWARDS.iter().any(|(k, _)| *k == kind)
+    /// Every kind has a CPU forward pass.
+    fn runs(&self, _kind: ModelKind) -> bool {
+        true
     }
 
     fn run(
@@ -231,16 +217,16 @@ pub fn history_mean(items: &ItemTable, history: &[u32], out: &mut [f32]) {
 }
 
 /// Linear layers with ReLU between them and none after the last.
-struct Tower {
+pub(crate) struct Tower {
     layers: Vec<Linear>,
     /// Width of the input rows.
-    in_dim: usize,
+    pub(crate) in_dim: usize,
 }
 
 impl Tower {
     /// The tower of `weights`, which must be a `TowerWeights` of the widths
     /// `desc` says.
-    fn new(desc: &ModelDesc, weights: &Weights) -> Result<Self, BackendError> {
+    pub(crate) fn new(desc: &ModelDesc, weights: &Weights) -> Result<Self, BackendError> {
         let weights = weights.get::<TowerWeights>().ok_or_else(|| {
             err(format!(
                 "{} weights are not a tower: this is a bug",
@@ -264,7 +250,7 @@ impl Tower {
     }
 
     /// The tower over `rows` input rows of `in_dim` values.
-    fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>, BackendError> {
+    pub(crate) fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>, BackendError> {
         let mut t = Tensor::from_vec(x, (rows, self.in_dim), &Device::Cpu).map_err(err)?;
         for (i, layer) in self.layers.iter().enumerate() {
             t = layer.forward(&t).map_err(err)?;
@@ -281,7 +267,7 @@ impl Tower {
 /// Answers each query of a retrieval model from its query vector (`q`,
 /// `dim` values per query): one streamed top-k over the item table for the
 /// recommend queries, dot products for the score queries.
-fn retrieve(
+pub(crate) fn retrieve(
     cpu_scoring: CpuScoring,
     dim: usize,
     items: &ItemTable,
@@ -341,6 +327,7 @@ mod tests {
     use crate::backend::Scored;
     use crate::backend::Task;
     use crate::model::demo::Rng;
+    use crate::model::kind::{RANKER, TWO_TOWER};
     use crate::model::Layer;
 
     fn tower(rng: &mut Rng, widths: &[usize]) -> TowerWeights {

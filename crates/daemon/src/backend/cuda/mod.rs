@@ -129,7 +129,7 @@ struct GpuModel {
     table: TableId,
     weights: DeviceWeights,
     /// The kind's buffer sizes and forward pass, looked up once at load.
-    kind: &'static DeviceKind,
+    kind: &'static dyn DeviceKind,
 }
 
 /// The device parts every launch needs, kept apart from the backend's
@@ -443,7 +443,9 @@ impl Backend for CudaBackend {
         self.guard()?;
         let device = self.device.clone();
         let invalid = |m: String| BackendError::new(device.clone(), Reason::Other, m);
-        let kind = kind::find(desc.kind)
+        let kind = desc
+            .kind
+            .device()
             .ok_or_else(|| invalid(format!("no CUDA forward pass for {} models", desc.kind)))?;
         let t = self
             .tables
@@ -455,10 +457,12 @@ impl Backend for CudaBackend {
                 desc.dim, t.dim
             )));
         }
-        let uploaded = (kind.upload)(&self.gpu.stream, &desc, weights).map_err(invalid)?;
+        let uploaded = kind
+            .upload(&self.gpu.stream, &desc, weights)
+            .map_err(invalid)?;
         let dev = self.gpu.dev();
         let t = &self.tables[&table];
-        let sizes = (kind.batch_sizes)(&desc, uploaded.max_width());
+        let sizes = kind.batch_sizes(&desc, uploaded.max_width());
         let sized = ops::reserve_for(&dev, t, &desc, &sizes, &mut self.scratch);
         sized.map_err(|e| self.fail(e))?;
         self.models.insert(
@@ -491,9 +495,9 @@ impl Backend for CudaBackend {
         true
     }
 
-    /// The kinds `kind/` has a device forward pass for.
+    /// The kinds with a device forward pass (`Kind::device`).
     fn runs(&self, kind: ModelKind) -> bool {
-        kind::find(kind).is_some()
+        kind.device().is_some()
     }
 
     fn run(
@@ -517,7 +521,7 @@ impl Backend for CudaBackend {
                 model.desc.user_feature_dim,
             )?;
             let dev = self.gpu.dev();
-            (model.kind.run)(
+            model.kind.run(
                 &dev,
                 &model.desc,
                 &model.weights,

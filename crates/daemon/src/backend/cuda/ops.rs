@@ -1,7 +1,7 @@
 //! The launches a batch on the device is made of (each kind's forward pass in
-//! `kind/` strings them together), as free functions over borrowed device
-//! parts so `rankd gpu-check` can drive each kernel alone against the CPU
-//! reference.
+//! `model/kind/<name>/cuda.rs` strings them together), as free functions
+//! over borrowed device parts so `rankd gpu-check` can drive each kernel
+//! alone against the CPU reference.
 
 use std::sync::Arc;
 
@@ -70,12 +70,59 @@ pub struct TopkBufs {
 
 #[derive(Default)]
 pub struct PairBufs {
-    pub(super) pair_q: Staged<u32>,
-    pub(super) pair_row: Staged<u32>,
+    pub(crate) pair_q: Staged<u32>,
+    pub(crate) pair_row: Staged<u32>,
     out: Buf<f32>,
     /// [P, 3d + fd] ranker inputs.
-    pub(super) rank_x: Buf<f32>,
-    pub(super) scores: Readback<f32>,
+    pub(crate) rank_x: Buf<f32>,
+    pub(crate) scores: Readback<f32>,
+}
+
+/// Batch buffers of a sequence tower (sasrec), each up to B·L·2d floats.
+#[derive(Default)]
+pub struct SeqBufs {
+    pub(crate) rows: Staged<u32>,
+    pub(crate) x: Buf<f32>,
+    pub(crate) n: Buf<f32>,
+    pub(crate) last: Buf<f32>,
+    pub(crate) q: Buf<f32>,
+    pub(crate) kv: Buf<f32>,
+    pub(crate) att: Buf<f32>,
+    pub(crate) y: Buf<f32>,
+    pub(crate) h: Buf<f32>,
+    pub(crate) o: Buf<f32>,
+    pub(crate) packed: Vec<u32>,
+}
+
+impl SeqBufs {
+    /// Room for a batch of `rows` window positions, each buffer `floats`
+    /// wide in all (B·L·2d), so serving allocates nothing.
+    pub fn reserve(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        floats: usize,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        if floats == 0 {
+            return Ok(());
+        }
+        self.rows.reserve(stream, rows)?;
+        self.packed.reserve(rows);
+        for b in [
+            &mut self.x,
+            &mut self.n,
+            &mut self.last,
+            &mut self.q,
+            &mut self.kv,
+            &mut self.att,
+            &mut self.y,
+            &mut self.h,
+            &mut self.o,
+        ] {
+            b.reserve(stream, floats)?;
+        }
+        Ok(())
+    }
 }
 
 /// A batch's inputs packed on the host, before staging.
@@ -95,8 +142,8 @@ pub struct Scratch {
     pub topk: TopkBufs,
     pub pairs: PairBufs,
     /// A sequence tower's buffers (sasrec).
-    pub seq: super::kind::sasrec::SeqBufs,
-    pub(super) packed: Packed,
+    pub seq: SeqBufs,
+    pub(crate) packed: Packed,
 }
 
 /// Sizes every batch buffer for `z`, the largest batch `desc` allows (as
@@ -193,7 +240,7 @@ fn topk_plan(
     .map_err(GpuError::from)
 }
 
-pub(super) fn grid(blocks: usize) -> (u32, u32, u32) {
+pub(crate) fn grid(blocks: usize) -> (u32, u32, u32) {
     (blocks.max(1) as u32, 1, 1)
 }
 

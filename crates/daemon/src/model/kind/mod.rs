@@ -1,9 +1,13 @@
-//! Model kinds: everything particular to one kind of model (its `kind` name,
-//! its own model.toml keys, its weights and how they are validated, an item
-//! table its weights may carry, the requests it takes, batch rows per
-//! request, warm-up batches) lives in the kind's own file or folder. A
-//! model's kind is resolved once, when its model.toml is read; backends keep
-//! their own table of forward passes per kind.
+//! Model kinds: everything particular to one kind of model lives in the
+//! kind's own folder, `<name>/`: in `mod.rs`, its `kind` name, its own
+//! model.toml keys, its weights and how they are validated, an item table its
+//! weights may carry, the requests it takes, batch rows per request, warm-up
+//! batches; in `cpu.rs`, its forward pass on the CPU; in `cuda.rs`, when it
+//! has one, its forward pass on the device. The forward passes are written on
+//! the backends' shared parts (`backend::cpu`, `backend::cuda::kind`), and
+//! the backends find a model's through its kind ([`Kind::cpu`],
+//! [`Kind::device`]). A model's kind is resolved once, when its model.toml is
+//! read. [`KINDS`] is the one list of kinds.
 
 pub mod onnx;
 mod ranker;
@@ -19,6 +23,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::query::{Op, OpKind, Query};
 use super::{ItemTable, ModelError, ModelSpec, TowerWeights, Weights};
+use crate::backend::cpu::CpuBuild;
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::kind::DeviceKind;
 use crate::toml_doc::Doc;
 
 pub use onnx::ONNX;
@@ -26,7 +33,9 @@ pub use ranker::RANKER;
 pub use sasrec::SASREC;
 pub use two_tower::TWO_TOWER;
 
-/// Every kind a model.toml may name. A new kind adds its folder and one entry.
+/// Every kind a model.toml may name, and the only list of them: the backends
+/// find a kind's forward passes through the kind. A new kind adds its folder,
+/// its module line above and one entry here.
 const KINDS: &[ModelKind] = &[TWO_TOWER, RANKER, SASREC, ONNX];
 
 /// A kind's own model.toml keys, as the kind read them (the kind reads them
@@ -54,8 +63,7 @@ impl fmt::Debug for KindOptions {
     }
 }
 
-/// What one kind of model is, apart from its forward pass (that lives with
-/// each backend).
+/// What one kind of model is, and where its forward passes are.
 pub trait Kind: Sync {
     /// The `kind` value in model.toml and `/v1/models`.
     fn name(&self) -> &'static str;
@@ -129,6 +137,19 @@ pub trait Kind: Sync {
         _spec: &ModelSpec,
         _weights: &Weights,
     ) -> Option<Result<ItemTable, ModelError>> {
+        None
+    }
+
+    /// Builds the kind's forward pass on the CPU (its `cpu.rs`) from the
+    /// weights [`Kind::load_weights`] read. Every kind has one: the CPU
+    /// serves whatever a device does not.
+    fn cpu(&self) -> CpuBuild;
+
+    /// The kind's forward pass on the device (its `cuda.rs`); `None`: the
+    /// CUDA backend does not run this kind, and its models are served from
+    /// the CPU, saying so in `device_reason`.
+    #[cfg(feature = "cuda")]
+    fn device(&self) -> Option<&'static dyn DeviceKind> {
         None
     }
 }

@@ -160,3 +160,22 @@ fn warm_batches_are_laid_out_as_each_kinds_requests() {
     assert!(rk[0].history.is_empty());
     assert!(matches!(rk[0].task, Task::Score { rows: [] }));
 }
+
+/// The backends find a kind's forward passes through the kind: every kind
+/// has one on the CPU, and the device runs every kind but onnx (whose
+/// models are served from the CPU on a GPU host).
+#[test]
+fn each_kind_names_its_forward_passes() {
+    for kind in ModelKind::all() {
+        let _build: crate::backend::cpu::CpuBuild = kind.cpu();
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let on_device: Vec<&str> = ModelKind::all()
+            .iter()
+            .filter(|k| k.device().is_some())
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(on_device, ["two_tower", "ranker", "sasrec"]);
+    }
+}

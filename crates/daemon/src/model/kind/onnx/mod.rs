@@ -12,11 +12,15 @@
 //! `--onnxruntime-lib`). Both are loaded off the executor thread, as other
 //! weights are, and warmed like every model.
 //!
+//! Its forward pass runs on the CPU (`cpu.rs`); it has none on the device,
+//! where its models are served from the CPU.
+//!
 //! Its own model.toml keys: `role` (`"tower"` or `"ranker"`), `graph` (the
 //! .onnx file; external-data files beside it are read), `engine`
 //! (`"tract"`, the default, or `"onnxruntime"`), `output` (rankers:
 //! `"logit"`, the default, or `"probability"`).
 
+mod cpu;
 mod engine;
 mod inputs;
 mod ort_engine;
@@ -28,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ranker::score_batch;
 use super::{recommend_batch, Kind, KindOptions, ModelKind};
+use crate::backend::cpu::CpuBuild;
 use crate::model::query::{Op, OpKind, Query};
 use crate::model::{ModelError, ModelSpec, Weights};
 use crate::toml_doc::Doc;
@@ -171,6 +176,10 @@ impl Kind for Onnx {
 
     fn load_weights(&self, spec: &ModelSpec, path: &Path) -> Result<Weights, ModelError> {
         Graph::load(spec, options(spec), path).map(Weights::new)
+    }
+
+    fn cpu(&self) -> CpuBuild {
+        cpu::build
     }
 }
 

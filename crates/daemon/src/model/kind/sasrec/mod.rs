@@ -9,6 +9,9 @@
 //! `"pre_ln"`, `"post_ln"`), `layer_norm_eps`; `items = "item_emb"` serves the
 //! checkpoint's own item embeddings (rows 1..N, ids 1..N) as the catalogue.
 
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod weights;
 
 use std::path::Path;
@@ -16,6 +19,9 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::{recommend_batch, Kind, KindOptions, ModelKind};
+use crate::backend::cpu::CpuBuild;
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::kind::DeviceKind;
 use crate::model::query::{Op, OpKind, Query};
 use crate::model::{ItemTable, ModelError, ModelSpec, Weights};
 use crate::toml_doc::Doc;
@@ -146,6 +152,15 @@ impl Kind for Sasrec {
             .get::<SasrecWeights>()
             .expect("sasrec weights are loaded by the sasrec kind");
         Some(w.take_item_table())
+    }
+
+    fn cpu(&self) -> CpuBuild {
+        cpu::build
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device(&self) -> Option<&'static dyn DeviceKind> {
+        Some(&cuda::Device)
     }
 }
 

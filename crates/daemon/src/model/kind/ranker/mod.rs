@@ -2,7 +2,14 @@
 //! [history mean ‖ features ‖ e ‖ history mean ⊙ e], through a sigmoid. It
 //! answers score only, and each candidate is a batch row.
 
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
 use super::{Kind, ModelKind};
+use crate::backend::cpu::CpuBuild;
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::kind::DeviceKind;
 use crate::model::query::{Op, OpKind, Query, Task};
 use crate::model::ModelSpec;
 
@@ -48,6 +55,15 @@ impl Kind for Ranker {
     /// One score request with `size` candidates.
     fn warm_batch<'a>(&self, _spec: &ModelSpec, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
         score_batch(size, rows)
+    }
+
+    fn cpu(&self) -> CpuBuild {
+        cpu::build
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device(&self) -> Option<&'static dyn DeviceKind> {
+        Some(&cuda::Device)
     }
 }
 

@@ -1,11 +1,13 @@
-//! The device side of each model kind, in a file per kind: how large its
-//! batch buffers must be and its forward pass (the launches of `ops` strung
-//! together). The backend looks a model's entry up once, when it is loaded.
+//! The device side every model kind shares. Each kind with a device forward
+//! pass implements [`DeviceKind`] in its own folder
+//! (`model/kind/<name>/cuda.rs`: how large its batch buffers must be, its
+//! weights on the device, and its forward pass, the launches of `ops` strung
+//! together), and the backend finds it through the kind
+//! ([`crate::model::kind::Kind::device`]) once, when a model is loaded. Here:
+//! that trait, the weights' holder, the upload of a tower of linear layers,
+//! and the retrieval tail of a kind with query vectors ([`answer`]).
 
-mod ranker;
-pub mod sasrec;
-mod two_tower;
-
+use std::any::Any;
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
@@ -20,67 +22,92 @@ use super::ops::{
 use super::plan::BatchSizes;
 use super::tables::DeviceTable;
 use crate::backend::{ModelDesc, Output, Query};
-use crate::model::{ItemTable, ModelKind, Weights};
+use crate::model::{ItemTable, Weights};
 
-/// A model's weights on the device, as its kind uploaded them.
-pub enum DeviceWeights {
-    /// A tower of linear layers (two_tower, ranker).
-    Mlp(DeviceMlp),
-    Sasrec(Box<sasrec::DeviceSasrec>),
+/// A model's weights on the device, as its kind uploaded them: the kind's
+/// own type, which the kind reads back in its forward pass
+/// ([`DeviceWeights::get`]).
+pub struct DeviceWeights {
+    weights: Box<dyn Any + Send>,
+    /// The widest layer output of a tower; 0 for weights that are not one.
+    max_width: usize,
 }
 
 impl DeviceWeights {
+    /// A kind's own weights on the device.
+    pub fn new<T: Any + Send>(weights: T) -> Self {
+        Self {
+            weights: Box::new(weights),
+            max_width: 0,
+        }
+    }
+
+    /// A tower of linear layers (two_tower, ranker).
+    pub fn tower(mlp: DeviceMlp) -> Self {
+        Self {
+            max_width: mlp.max_width(),
+            weights: Box::new(mlp),
+        }
+    }
+
+    /// The weights as the kind's own type `T`; `what` names them in the
+    /// error when they are not (a bug).
+    pub fn get<T: Any>(&self, what: &str) -> Result<&T, GpuError> {
+        self.weights.downcast_ref().ok_or_else(|| {
+            GpuError::Invalid(format!("{what} are not on the device: this is a bug"))
+        })
+    }
+
     /// The widest layer output of a tower (what each activation buffer
     /// holds per row); 0 for weights that are not one.
     pub fn max_width(&self) -> usize {
-        match self {
-            DeviceWeights::Mlp(m) => m.max_width(),
-            DeviceWeights::Sasrec(_) => 0,
-        }
+        self.max_width
     }
 
     /// The tower of a kind whose weights are one.
     pub fn mlp(&self) -> Result<&DeviceMlp, GpuError> {
-        match self {
-            DeviceWeights::Mlp(m) => Ok(m),
-            _ => Err(GpuError::Invalid(
+        self.weights.downcast_ref().ok_or_else(|| {
+            GpuError::Invalid(
                 "the model's weights on the device are not a tower: this is a bug".into(),
-            )),
-        }
+            )
+        })
     }
 }
 
-/// One batch of a model on the device. `items` is the host copy of the
-/// model's table (ids for decoding top-k rows).
-pub type Run = fn(
-    &Dev<'_>,
-    &ModelDesc,
-    &DeviceWeights,
-    &DeviceTable,
-    &mut Scratch,
-    &ItemTable,
-    &[Query<'_>],
-) -> Result<Vec<Output>, GpuError>;
-
-/// A model kind as the CUDA backend runs it.
-pub struct DeviceKind {
-    pub kind: ModelKind,
+/// A model kind as the CUDA backend runs it: what a kind's
+/// [`crate::model::kind::Kind::device`] answers.
+pub trait DeviceKind: Sync {
     /// Puts the weights (as the kind loaded them) on the device, checking
     /// they fit `desc`; the error says why not.
-    pub upload: fn(&Arc<CudaStream>, &ModelDesc, &Weights) -> Result<DeviceWeights, String>,
+    fn upload(
+        &self,
+        stream: &Arc<CudaStream>,
+        desc: &ModelDesc,
+        weights: &Weights,
+    ) -> Result<DeviceWeights, String>;
+
     /// Element counts of the batch buffers for the largest batch
     /// `desc.bounds` allows; `max_width` is the widest layer output of the
     /// model's tower ([`DeviceWeights::max_width`]).
-    pub batch_sizes: fn(desc: &ModelDesc, max_width: usize) -> BatchSizes,
-    pub run: Run,
-}
+    fn batch_sizes(&self, desc: &ModelDesc, max_width: usize) -> BatchSizes;
 
-/// The device side of every kind. A new kind adds its file and one entry.
-const KINDS: &[&DeviceKind] = &[&two_tower::KIND, &ranker::KIND, &sasrec::KIND];
+    /// One batch of a model on the device. `items` is the host copy of the
+    /// model's table (ids for decoding top-k rows).
+    fn run(
+        &self,
+        dev: &Dev<'_>,
+        desc: &ModelDesc,
+        weights: &DeviceWeights,
+        table: &DeviceTable,
+        scratch: &mut Scratch,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Result<Vec<Output>, GpuError>;
+}
 
 /// The upload of a kind whose weights are a tower of linear layers of the
 /// widths `desc` says.
-fn upload_mlp(
+pub fn upload_mlp(
     stream: &Arc<CudaStream>,
     desc: &ModelDesc,
     weights: &Weights,
@@ -98,18 +125,13 @@ fn upload_mlp(
             desc.kind.as_str()
         ));
     }
-    Ok(DeviceWeights::Mlp(mlp))
-}
-
-/// The device side of `kind`, when the CUDA backend runs that kind.
-pub fn find(kind: ModelKind) -> Option<&'static DeviceKind> {
-    KINDS.iter().copied().find(|k| k.kind == kind)
+    Ok(DeviceWeights::tower(mlp))
 }
 
 /// The answers of a retrieval model's batch from its query vectors `qv`
 /// (`d` values per query, on the device): the fused top-k of the recommend
 /// queries and the pair scores of the score queries, queued, then one wait.
-pub(super) fn answer(
+pub fn answer(
     dev: &Dev<'_>,
     table: &DeviceTable,
     topk_bufs: &mut TopkBufs,

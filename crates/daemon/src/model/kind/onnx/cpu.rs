@@ -4,9 +4,9 @@
 //! its query vectors exactly as a two-tower model's; for a ranker, one
 //! score per candidate.
 
-use super::{err, Forward};
+use super::{Batch, Graph, Input, Role, Values};
+use crate::backend::cpu::{err, Forward};
 use crate::backend::{BackendError, ModelDesc, Output, Query, Task};
-use crate::model::kind::onnx::{Batch, Graph, Input, Role, Values};
 use crate::model::{ItemTable, Weights};
 
 struct Onnx {

@@ -1,4 +1,4 @@
-//! A sasrec batch on the device, as the CPU computes it (`backend/cpu/sasrec.rs`):
+//! A sasrec batch on the device, as the CPU computes it (`cpu.rs` beside it):
 //! each user's window of the last L items gathered from the resident table
 //! (`sasrec_inputs`), then per block cuBLAS SGEMMs for the projections and
 //! the feed-forward layers (bias and ReLU by `bias_act`), `layer_norm`, and
@@ -12,23 +12,45 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{DeviceKind, DeviceWeights};
+use super::{Block, Norm, SasrecWeights};
 use crate::backend::cuda::error::{Ctx, GpuError};
+use crate::backend::cuda::kind::{self, DeviceKind, DeviceWeights};
 use crate::backend::cuda::mlp::{launch_bias_act, linear_gemm, ACT_NONE, ACT_RELU};
-use crate::backend::cuda::ops::{grid, Dev, Scratch};
+use crate::backend::cuda::ops::{grid, Dev, Scratch, SeqBufs};
 use crate::backend::cuda::plan::{self, BatchSizes};
 use crate::backend::cuda::tables::{Buf, DeviceTable};
 use crate::backend::{ModelDesc, Output, Query};
-use crate::model::kind::sasrec::{Block, Norm, SasrecWeights};
-use crate::model::kind::SASREC;
 use crate::model::{ItemTable, Weights};
 
-pub(super) const KIND: DeviceKind = DeviceKind {
-    kind: SASREC,
-    upload,
-    batch_sizes,
-    run,
-};
+pub(super) struct Device;
+
+impl DeviceKind for Device {
+    fn upload(
+        &self,
+        stream: &Arc<CudaStream>,
+        desc: &ModelDesc,
+        weights: &Weights,
+    ) -> Result<DeviceWeights, String> {
+        upload(stream, desc, weights)
+    }
+
+    fn batch_sizes(&self, desc: &ModelDesc, max_width: usize) -> BatchSizes {
+        batch_sizes(desc, max_width)
+    }
+
+    fn run(
+        &self,
+        dev: &Dev<'_>,
+        desc: &ModelDesc,
+        weights: &DeviceWeights,
+        table: &DeviceTable,
+        s: &mut Scratch,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Result<Vec<Output>, GpuError> {
+        run(dev, desc, weights, table, s, items, queries)
+    }
+}
 
 /// Row index of a padded window position (`RANKD_NONE` in the kernels).
 const NONE: u32 = u32::MAX;
@@ -61,7 +83,7 @@ struct DevBlock {
 }
 
 /// A sasrec checkpoint on the device.
-pub struct DeviceSasrec {
+struct DeviceSasrec {
     d: usize,
     len: usize,
     heads: usize,
@@ -71,53 +93,6 @@ pub struct DeviceSasrec {
     pos: CudaSlice<f32>,
     blocks: Vec<DevBlock>,
     last_norm: DevNorm,
-}
-
-/// Batch buffers of the sequence tower, each up to B·L·2d floats.
-#[derive(Default)]
-pub struct SeqBufs {
-    rows: crate::backend::cuda::staging::Staged<u32>,
-    x: Buf<f32>,
-    n: Buf<f32>,
-    last: Buf<f32>,
-    q: Buf<f32>,
-    kv: Buf<f32>,
-    att: Buf<f32>,
-    y: Buf<f32>,
-    h: Buf<f32>,
-    o: Buf<f32>,
-    packed: Vec<u32>,
-}
-
-impl SeqBufs {
-    /// Room for a batch of `rows` window positions, each buffer `floats`
-    /// wide in all (B·L·2d), so serving allocates nothing.
-    pub fn reserve(
-        &mut self,
-        stream: &Arc<CudaStream>,
-        floats: usize,
-        rows: usize,
-    ) -> Result<(), GpuError> {
-        if floats == 0 {
-            return Ok(());
-        }
-        self.rows.reserve(stream, rows)?;
-        self.packed.reserve(rows);
-        for b in [
-            &mut self.x,
-            &mut self.n,
-            &mut self.last,
-            &mut self.q,
-            &mut self.kv,
-            &mut self.att,
-            &mut self.y,
-            &mut self.h,
-            &mut self.o,
-        ] {
-            b.reserve(stream, floats)?;
-        }
-        Ok(())
-    }
 }
 
 fn up(stream: &Arc<CudaStream>, v: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
@@ -180,7 +155,7 @@ fn upload(
         })
         .collect::<Result<Vec<_>, GpuError>>()
         .map_err(e)?;
-    Ok(DeviceWeights::Sasrec(Box::new(DeviceSasrec {
+    Ok(DeviceWeights::new(DeviceSasrec {
         d,
         len: w.history_len,
         heads: w.options.heads,
@@ -190,7 +165,7 @@ fn upload(
         pos: up(stream, &w.pos_emb).map_err(e)?,
         blocks,
         last_norm: norm(stream, &w.last_norm).map_err(e)?,
-    })))
+    }))
 }
 
 /// A request is one batch row; the window holds `history_len` positions.
@@ -534,17 +509,13 @@ fn run(
     items: &ItemTable,
     queries: &[Query<'_>],
 ) -> Result<Vec<Output>, GpuError> {
-    let DeviceWeights::Sasrec(m) = weights else {
-        return Err(GpuError::Invalid(
-            "sasrec weights are not on the device: this is a bug".into(),
-        ));
-    };
+    let m = weights.get::<DeviceSasrec>("sasrec weights")?;
     let pk = &mut s.packed;
     plan::pack_topk_into(&mut pk.topk, queries);
     plan::pack_pairs_into(&mut pk.pairs, queries);
     m.forward(dev, table, &mut s.seq, queries)?;
     let qv = s.seq.o.get();
-    super::answer(
+    kind::answer(
         dev,
         table,
         &mut s.topk,

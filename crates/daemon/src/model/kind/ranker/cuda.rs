@@ -1,38 +1,58 @@
 //! A ranker batch on the device: embedding bag → [h ‖ f ‖ e ‖ h⊙e] per
 //! (user, candidate) pair → tower → sigmoid. Each candidate is a batch row.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
-use super::{DeviceKind, DeviceWeights};
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+
 use crate::backend::cuda::error::{Ctx, GpuError};
+use crate::backend::cuda::kind::{self, DeviceKind, DeviceWeights};
 use crate::backend::cuda::mlp::ACT_SIGMOID;
 use crate::backend::cuda::ops::{embedding_bag, grid, Dev, Scratch};
 use crate::backend::cuda::plan::{self, bucket, BatchSizes};
 use crate::backend::cuda::tables::DeviceTable;
 use crate::backend::{ModelDesc, Output, Query, Task};
-use crate::model::kind::RANKER;
-use crate::model::ItemTable;
+use crate::model::{ItemTable, Weights};
 
-pub(super) const KIND: DeviceKind = DeviceKind {
-    kind: RANKER,
-    upload: super::upload_mlp,
-    batch_sizes,
-    run,
-};
+pub(super) struct Device;
 
-/// A ranker is only asked score, and each candidate counts a row, so its
-/// batch holds at most the kind's largest batch in rows of pairs
-/// (`max(max_batch, max_items)`: a batch is closed before it passes
-/// `max_batch` rows, unless one request alone is larger). No top-k.
-fn batch_sizes(desc: &ModelDesc, max_width: usize) -> BatchSizes {
-    let z = desc.bounds;
-    let pairs = z.max_batch.max(z.max_items);
-    let (in_dim, _) = desc.tower_dims();
-    BatchSizes {
-        act: bucket(pairs) * max_width,
-        pairs,
-        rank_x: bucket(pairs) * in_dim,
-        ..plan::user_sizes(desc)
+impl DeviceKind for Device {
+    fn upload(
+        &self,
+        stream: &Arc<CudaStream>,
+        desc: &ModelDesc,
+        weights: &Weights,
+    ) -> Result<DeviceWeights, String> {
+        kind::upload_mlp(stream, desc, weights)
+    }
+
+    /// A ranker is only asked score, and each candidate counts a row, so its
+    /// batch holds at most the kind's largest batch in rows of pairs
+    /// (`max(max_batch, max_items)`: a batch is closed before it passes
+    /// `max_batch` rows, unless one request alone is larger). No top-k.
+    fn batch_sizes(&self, desc: &ModelDesc, max_width: usize) -> BatchSizes {
+        let z = desc.bounds;
+        let pairs = z.max_batch.max(z.max_items);
+        let (in_dim, _) = desc.tower_dims();
+        BatchSizes {
+            act: bucket(pairs) * max_width,
+            pairs,
+            rank_x: bucket(pairs) * in_dim,
+            ..plan::user_sizes(desc)
+        }
+    }
+
+    fn run(
+        &self,
+        dev: &Dev<'_>,
+        desc: &ModelDesc,
+        weights: &DeviceWeights,
+        table: &DeviceTable,
+        s: &mut Scratch,
+        items: &ItemTable,
+        queries: &[Query<'_>],
+    ) -> Result<Vec<Output>, GpuError> {
+        run(dev, desc, weights, table, s, items, queries)
     }
 }
 

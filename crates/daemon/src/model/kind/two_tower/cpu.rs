@@ -1,8 +1,8 @@
 //! A two-tower batch on the CPU: [history mean ‖ features] per query through
-//! the tower: the query vectors, which retrieval (`super::retrieve`) answers
-//! from.
+//! the tower: the query vectors, which the CPU backend's shared retrieval
+//! (`backend::cpu::retrieve`) answers from.
 
-use super::{history_mean, Forward, Tower};
+use crate::backend::cpu::{history_mean, Forward, Tower};
 use crate::backend::{BackendError, ModelDesc, Query};
 use crate::model::{ItemTable, Weights};
 

@@ -3,14 +3,14 @@
 //! ones take part in attention as keys and values, as in the reference),
 //! except the last block, which computes only the last position, the one
 //! the query vector is read from; then retrieval from the query vectors.
-//! Written on the backend's operations (`super::ops`): every projection is
+//! Written on the CPU backend's operations (`backend::cpu::ops`): every projection is
 //! one GEMM over all B·L rows of the batch, attention computes only the
 //! positions the causal mask lets through.
 
-use super::ops::{self, Attend, Linear};
-use super::Forward;
+use super::{Block, BlockWeights, Norm, SasrecWeights};
+use crate::backend::cpu::ops::{self, Attend, Linear};
+use crate::backend::cpu::{err, Forward};
 use crate::backend::{BackendError, ModelDesc, Query};
-use crate::model::kind::sasrec::{Block, BlockWeights, Norm, SasrecWeights};
 use crate::model::{ItemTable, Weights};
 
 type Result<T> = std::result::Result<T, BackendError>;
@@ -44,7 +44,7 @@ pub struct Sasrec {
 pub(super) fn build(desc: ModelDesc, weights: &Weights) -> Result<Box<dyn Forward>> {
     let w = weights
         .get::<SasrecWeights>()
-        .ok_or_else(|| super::err("sasrec weights are not a SASRec checkpoint: this is a bug"))?;
+        .ok_or_else(|| err("sasrec weights are not a SASRec checkpoint: this is a bug"))?;
     Ok(Box::new(Sasrec::new(desc, w)))
 }
 
@@ -218,7 +218,7 @@ impl Sasrec {
     /// retrieval.
     fn run(&self, items: &ItemTable, queries: &[Query<'_>]) -> Result<Vec<crate::backend::Output>> {
         let q = self.queries(items, queries)?;
-        Ok(super::retrieve(
+        Ok(crate::backend::cpu::retrieve(
             self.desc.cpu_scoring,
             self.d,
             items,

@@ -2,7 +2,14 @@
 //! to a query vector in the item space. Recommend takes the top k items by
 //! dot product with it, score the dot products with the given items.
 
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
 use super::{recommend_batch, Kind, ModelKind};
+use crate::backend::cpu::CpuBuild;
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::kind::DeviceKind;
 use crate::model::query::{Op, OpKind, Query};
 use crate::model::ModelSpec;
 
@@ -38,5 +45,14 @@ impl Kind for TwoTower {
     /// `size` recommend requests, one row each.
     fn warm_batch<'a>(&self, _spec: &ModelSpec, size: usize, rows: &'a [u32]) -> Vec<Query<'a>> {
         recommend_batch(size, rows, WARM_K)
+    }
+
+    fn cpu(&self) -> CpuBuild {
+        cpu::build
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device(&self) -> Option<&'static dyn DeviceKind> {
+        Some(&cuda::Device)
     }
 }

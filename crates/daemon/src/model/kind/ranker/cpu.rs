@@ -2,7 +2,7 @@
 //! (user, candidate) pair, the tower over all pairs of the batch at once,
 //! and a sigmoid per logit.
 
-use super::{err, history_mean, Forward, Tower};
+use crate::backend::cpu::{err, history_mean, Forward, Tower};
 use crate::backend::{BackendError, ModelDesc, Output, Query, Task};
 use crate::model::{ItemTable, Weights};
 
