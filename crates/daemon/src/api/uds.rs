@@ -21,6 +21,9 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+mod request;
+
+use self::request::{Op, SocketOp};
 use super::conn::{Limits, Open, Timeout};
 use super::{bulk, Service};
 use crate::error::ServeError;
@@ -217,8 +220,10 @@ async fn connection(
                         }
                     };
                     // Calls that never wait on the executor are answered here,
-                    // without a task hand-off.
-                    if matches!(req.op.as_str(), "health" | "models" | "ingest") {
+                    // without a task hand-off; an unknown op gets its refusal
+                    // from a task, as the other ops do.
+                    let op = Op::parse(&req.op);
+                    if op.is_some_and(Op::answered_in_place) {
                         if tx.send(answer(&service, req).await).await.is_err() {
                             break 'conn;
                         }
@@ -231,7 +236,7 @@ async fn connection(
                     let (service, tx) = (service.clone(), tx.clone());
                     while tasks.try_join_next().is_some() {}
                     tasks.spawn(async move {
-                        if req.op == "bulk" {
+                        if op == Some(Op::Bulk) {
                             bulk(service, req, &tx).await;
                         } else {
                             let _ = tx.send(answer(&service, req).await).await;
@@ -408,12 +413,22 @@ struct BulkFrame<'a> {
 /// read its frames stops the call (the writer's timeout cuts it off).
 async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>>) {
     let id = req.id;
-    let checked = refuse_other_fields(&req)
-        .and_then(|()| required(req.model, "model", "bulk"))
-        .and_then(|model| {
-            service.bulk_target(&model)?;
-            Ok((model, required(req.requests, "requests", "bulk")?))
-        });
+    // Named only when `requests` is missing: the model is looked up before
+    // the entries are required, so an unknown model is `not_found` either way.
+    let named = req.requests.is_none().then(|| req.model.clone()).flatten();
+    let checked = match SocketOp::try_from(req) {
+        Ok(SocketOp::Bulk { model, requests }) => {
+            service.bulk_target(&model).map(|()| (model, requests))
+        }
+        Ok(_) => unreachable!("the connection hands only bulk calls to `bulk`"),
+        Err(r) => Err(match named {
+            Some(model) if r.is_missing("requests") => service
+                .bulk_target(&model)
+                .err()
+                .unwrap_or_else(|| r.into()),
+            _ => r.into(),
+        }),
+    };
     let (model, requests) = match checked {
         Ok(c) => c,
         Err(e) => {
@@ -466,7 +481,9 @@ async fn bulk(service: Arc<Service>, req: WireRequest, tx: &mpsc::Sender<Vec<u8>
 async fn answer(service: &Service, req: WireRequest) -> Vec<u8> {
     let id = req.id;
     let span = crate::trace::request_span(&req.op, &req.op, req.model.as_deref().unwrap_or(""));
-    let result = dispatch(service, req).instrument(span.clone()).await;
+    let result = async { dispatch(service, SocketOp::try_from(req)?).await }
+        .instrument(span.clone())
+        .await;
     match &result {
         Ok(_) => crate::trace::finish(&span, 200, None),
         Err(e) => crate::trace::finish(&span, e.status(), Some(e.kind())),
@@ -482,181 +499,101 @@ async fn answer(service: &Service, req: WireRequest) -> Vec<u8> {
     }
 }
 
-/// The fields a request sets beyond `id` and `op`.
-fn fields_set(req: &WireRequest) -> Vec<&'static str> {
-    let set = [
-        ("model", req.model.is_some()),
-        ("user_id", req.user_id.is_some()),
-        ("k", req.k.is_some()),
-        ("exclude", req.exclude.is_some()),
-        ("items", req.items.is_some()),
-        ("timeout_ms", req.timeout_ms.is_some()),
-        ("history", req.history.is_some()),
-        ("features", req.features.is_some()),
-        ("sparse", req.sparse.is_some()),
-        ("context", req.context.is_some()),
-        ("item_id", req.item_id.is_some()),
-        ("catalogue", req.catalogue.is_some()),
-        ("embedding", req.embedding.is_some()),
-        ("deleted", req.deleted.is_some()),
-        ("attributes", req.attributes.is_some()),
-        ("filter", req.filter.is_some()),
-        ("version", req.version.is_some()),
-        ("priority", req.priority.is_some()),
-        ("requests", req.requests.is_some()),
-    ];
-    set.into_iter()
-        .filter(|(_, on)| *on)
-        .map(|(f, _)| f)
-        .collect()
-}
-
-/// The fields each op reads, as its HTTP call's path and body hold them.
-fn fields_of(op: &str) -> Option<&'static [&'static str]> {
-    Some(match op {
-        "recommend" => &[
-            "model",
-            "user_id",
-            "k",
-            "exclude",
-            "timeout_ms",
-            "version",
-            "priority",
-            "filter",
-            "context",
-        ],
-        "score" => &[
-            "model",
-            "user_id",
-            "items",
-            "timeout_ms",
-            "version",
-            "priority",
-            "context",
-        ],
-        // Each entry carries its own `timeout_ms` and `version`.
-        "bulk" => &["model", "requests"],
-        "upsert_user" => &["user_id", "history", "features", "sparse"],
-        "upsert_item" => &[
-            "item_id",
-            "catalogue",
-            "embedding",
-            "deleted",
-            "version",
-            "attributes",
-        ],
-        "get_item" => &["catalogue", "item_id"],
-        "models" => &["model"],
-        "health" | "ingest" | "catalogues" => &[],
-        _ => return None,
-    })
-}
-
-/// A field another op reads but this one does not is refused, as HTTP
-/// refuses a body field its route does not take: it would otherwise be
-/// silently ignored.
-fn refuse_other_fields(req: &WireRequest) -> Result<(), ServeError> {
-    let Some(allowed) = fields_of(&req.op) else {
-        return Ok(());
-    };
-    match fields_set(req).into_iter().find(|f| !allowed.contains(f)) {
-        Some(f) => Err(ServeError::Invalid(format!(
-            "op {} does not take `{f}`; it takes {}",
-            req.op,
-            if allowed.is_empty() {
-                "no other field".to_string()
-            } else {
-                allowed
-                    .iter()
-                    .map(|a| format!("`{a}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        ))),
-        None => Ok(()),
-    }
-}
-
-fn required<T>(value: Option<T>, field: &str, op: &str) -> Result<T, ServeError> {
-    value.ok_or_else(|| ServeError::Invalid(format!("`{field}` is required for op {op}")))
-}
-
-async fn dispatch(service: &Service, req: WireRequest) -> Result<WireResult, ServeError> {
-    refuse_other_fields(&req)?;
-    let op = req.op.as_str();
+/// Serves one request. A `bulk` call never comes here: it streams its
+/// answers (`bulk`).
+async fn dispatch(service: &Service, op: SocketOp) -> Result<WireResult, ServeError> {
     match op {
-        "recommend" => {
-            let model = required(req.model, "model", op)?;
+        SocketOp::Recommend {
+            model,
+            user_id,
+            k,
+            exclude,
+            timeout_ms,
+            version,
+            priority,
+            filter,
+            context,
+        } => {
             let body = RecommendRequest {
-                user_id: required(req.user_id, "user_id", op)?,
-                k: req.k.unwrap_or(10),
-                exclude: req.exclude.unwrap_or_default(),
-                timeout_ms: req.timeout_ms,
-                version: req.version,
-                priority: req.priority,
-                filter: req.filter,
-                context: req.context,
+                user_id,
+                k: k.unwrap_or(10),
+                exclude: exclude.unwrap_or_default(),
+                timeout_ms,
+                version,
+                priority,
+                filter,
+                context,
             };
             service.recommend_any(&model, body).await.map(|r| match r {
                 super::pipeline::Recommended::Model(r) => WireResult::Recommend(r),
                 super::pipeline::Recommended::Pipeline(p) => WireResult::Pipeline(p),
             })
         }
-        "score" => {
-            let model = required(req.model, "model", op)?;
+        SocketOp::Score {
+            model,
+            user_id,
+            items,
+            timeout_ms,
+            version,
+            priority,
+            context,
+        } => {
             let body = ScoreRequest {
-                user_id: required(req.user_id, "user_id", op)?,
-                items: required(req.items, "items", op)?,
-                timeout_ms: req.timeout_ms,
-                version: req.version,
-                priority: req.priority,
-                context: req.context,
+                user_id,
+                items,
+                timeout_ms,
+                version,
+                priority,
+                context,
             };
             service.score(&model, body).await.map(WireResult::Score)
         }
-        "upsert_user" => {
-            let user_id = required(req.user_id, "user_id", op)?;
+        SocketOp::UpsertUser {
+            user_id,
+            history,
+            features,
+            sparse,
+        } => {
             let body = UserRequest {
-                history: req.history,
-                features: req.features,
-                sparse: req.sparse,
+                history,
+                features,
+                sparse,
             };
             service
                 .upsert_user(user_id, body)
                 .await
                 .map(WireResult::User)
         }
-        "upsert_item" => {
-            let item_id = required(req.item_id, "item_id", op)?;
+        SocketOp::UpsertItem {
+            item_id,
+            catalogue,
+            embedding,
+            deleted,
+            version,
+            attributes,
+        } => {
             let body = ItemRequest {
-                embedding: req.embedding,
-                deleted: req.deleted.unwrap_or(false),
-                version: req.version,
-                attributes: req.attributes,
+                embedding,
+                deleted: deleted.unwrap_or(false),
+                version,
+                attributes,
             };
             service
-                .write_item(req.catalogue, item_id, body)
+                .write_item(catalogue, item_id, body)
                 .await
                 .map(WireResult::Item)
         }
-        "get_item" => {
-            let item_id = required(req.item_id, "item_id", op)?;
-            let catalogue = required(req.catalogue, "catalogue", op)?;
-            service
-                .get_item(catalogue, item_id)
-                .await
-                .map(WireResult::StoredItem)
+        SocketOp::GetItem { item_id, catalogue } => service
+            .get_item(catalogue, item_id)
+            .await
+            .map(WireResult::StoredItem),
+        SocketOp::Catalogues => service.catalogues().await.map(WireResult::Catalogues),
+        SocketOp::Ingest => Ok(WireResult::Ingest(service.ingest())),
+        SocketOp::Models { model: Some(m) } => {
+            service.model(&m).map(|m| WireResult::Model(Box::new(m)))
         }
-        "catalogues" => service.catalogues().await.map(WireResult::Catalogues),
-        "ingest" => Ok(WireResult::Ingest(service.ingest())),
-        "models" => match req.model {
-            Some(m) => service.model(&m).map(|m| WireResult::Model(Box::new(m))),
-            None => Ok(WireResult::Models(service.models())),
-        },
-        "health" => Ok(WireResult::Health(service.readiness())),
-        other => Err(ServeError::Invalid(format!(
-            "unknown op '{other}'; expected one of {}",
-            OPS.join(", ")
-        ))),
+        SocketOp::Models { model: None } => Ok(WireResult::Models(service.models())),
+        SocketOp::Health => Ok(WireResult::Health(service.readiness())),
+        SocketOp::Bulk { .. } => unreachable!("the connection hands a bulk call to `bulk`"),
     }
 }
