@@ -790,3 +790,96 @@ async fn an_unreadable_popularity_file_is_logged_not_fatal() {
         d.log()
     );
 }
+
+/// Closed-loop scores of 5 candidates on `heavy` from `callers` callers
+/// for `for_`: (answers, 504s).
+async fn closed_loop(c: &reqwest::Client, d: &Daemon, callers: u64, for_: Duration) -> (u64, u64) {
+    let until = Instant::now() + for_;
+    let tasks: Vec<_> = (0..callers)
+        .map(|i| {
+            let (c, url) = (c.clone(), d.url("/v1/models/heavy/score"));
+            tokio::spawn(async move {
+                let (mut answered, mut refused) = (0u64, 0u64);
+                while Instant::now() < until {
+                    let items: Vec<u64> = (1..=5).map(|j| 1 + (i * 5 + j) % 4000).collect();
+                    let (s, body) = post(&c, &url, json!({"user_id": 1, "items": items})).await;
+                    match s {
+                        200 => answered += 1,
+                        504 => refused += 1,
+                        _ => panic!("{s}: {body}"),
+                    }
+                }
+                (answered, refused)
+            })
+        })
+        .collect();
+    let mut total = (0, 0);
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        total = (total.0 + a, total.1 + r);
+    }
+    total
+}
+
+/// An idle gap after a backlog is not service time. Load, then a slow
+/// batch with requests queued behind it that expire without running (so
+/// the executor last saw a backlog), then a pause, then the same load
+/// again: no request of the second load is refused as unable to meet its
+/// deadline. Counted as service time, the pause would make a queue of a
+/// few requests look seconds long.
+#[tokio::test]
+async fn a_pause_after_a_backlog_does_not_make_the_daemon_shed_the_next_load() {
+    let _alone = alone();
+    let root = heavy_ranker_repo(4096);
+    let d = Daemon::start_with(root.path(), &[]);
+    let c = Daemon::client();
+    let batch = heavy_batch_time(&c, &d).await;
+    let dropped = "rankd_requests_dropped_total{model=\"heavy\",priority=\"interactive\",reason=\"predicted\"}";
+    // Load with a queue, so the daemon measures how fast it drains one
+    // (over two rate windows: the first may still carry the estimate made
+    // on the 1,000-candidate batches above).
+    let (answered, _) = closed_loop(&c, &d, 16, Duration::from_millis(2500)).await;
+    assert!(answered > 100, "{answered} answers");
+    // A quiet second, so that the rates are published as the next batch
+    // ends and the pause below is alone in the following window.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // One slow batch; while it runs, requests queue behind it whose
+    // deadline passes before it ends.
+    let slow = {
+        let (c, url) = (c.clone(), d.url("/v1/models/heavy/score"));
+        let items: Vec<u64> = (1..=1000).collect();
+        tokio::spawn(async move { post(&c, &url, json!({"user_id": 1, "items": items})).await })
+    };
+    tokio::time::sleep(batch / 4).await;
+    let budget = (batch.as_millis() as u64 / 4).max(1);
+    let expiring: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, url) = (c.clone(), d.url("/v1/models/heavy/score"));
+            tokio::spawn(async move {
+                post(
+                    &c,
+                    &url,
+                    json!({"user_id": 1, "items": [1, 2], "timeout_ms": budget}),
+                )
+                .await
+            })
+        })
+        .collect();
+    let (s, body) = slow.await.unwrap();
+    assert_eq!(s, 200, "{body}");
+    for t in expiring {
+        let (s, body) = t.await.unwrap();
+        assert_eq!(s, 504, "{body}");
+    }
+    let before = sample(&metrics(&c, &d).await, dropped).unwrap_or(0.0);
+    // The pause, then the same load again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (answered, refused) = closed_loop(&c, &d, 16, Duration::from_secs(2)).await;
+    let after = sample(&metrics(&c, &d).await, dropped).unwrap_or(0.0);
+    assert!(answered > 100, "{answered} answers");
+    assert_eq!(
+        (refused, after - before),
+        (0, 0.0),
+        "load after a pause was refused ({answered} answered)"
+    );
+}
