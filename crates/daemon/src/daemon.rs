@@ -5,12 +5,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::api;
 use crate::config::{Config, KafkaConfig};
@@ -24,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::model::repository::Eligibility;
 use crate::model::spec::BatchingSpec;
 use crate::model::{self, ModelEntry, Repository};
+use crate::shutdown::{CancellationToken, Stops, Wake};
 
 /// A started daemon: listening, loading or loaded.
 pub struct Daemon {
@@ -34,14 +34,15 @@ pub struct Daemon {
     pub uds_path: Option<PathBuf>,
     registry: Arc<Registry>,
     loaded: watch::Receiver<bool>,
-    stop: Option<oneshot::Sender<()>>,
-    uds_stop: watch::Sender<bool>,
+    /// How every part learns it must stop (`shutdown` cancels them in turn).
+    stops: Stops,
     uds_task: Option<tokio::task::JoinHandle<()>>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    ingest: Arc<Mutex<Option<Ingest>>>,
+    /// Waits for the models, starts the repository polls and Kafka
+    /// ingestion, and owns the ingestion until `stops.ingest`.
+    background: tokio::task::JoinHandle<()>,
     snapshots: Option<Snapshotter>,
     popularity: Option<Refresher>,
-    service: Arc<api::Service>,
     shutdown_delay: Duration,
     grace: Duration,
 }
@@ -233,6 +234,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             .transpose()?
             .map(Arc::new),
     };
+    let stops = Stops::new();
     let service = Arc::new(api::Service::new(
         exec.clone(),
         metrics.clone(),
@@ -240,6 +242,7 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             default_timeout: config.requests.default_timeout(),
             max_timeout: config.requests.max_timeout(),
         },
+        &stops,
     ));
     let mut pipelines = api::pipeline::Refresher::default();
     pipelines.refresh(&repo.root, &service).await;
@@ -250,7 +253,6 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         tokens,
         config: Arc::new(config.redacted()),
     });
-    let (stop, stopped) = oneshot::channel::<()>();
     let tls = match config.tls.files() {
         Some((cert, key)) => Some(api::tls::acceptor(cert, key)?),
         None => None,
@@ -263,9 +265,8 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         app,
         limits,
         metrics.clone(),
-        stopped,
+        stops.http.clone(),
     ));
-    let (uds_stop, uds_stopped) = watch::channel(false);
     let uds_path = uds_listener.as_ref().map(|(_, path)| path.clone());
     let uds_task = uds_listener.map(|(l, path)| {
         let uds_config = api::uds::UdsConfig {
@@ -275,15 +276,18 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             write_timeout: config.socket.write_timeout(),
             limits,
         };
-        tokio::spawn(api::uds::serve(l, service.clone(), uds_config, uds_stopped))
+        tokio::spawn(api::uds::serve(
+            l,
+            service.clone(),
+            uds_config,
+            stops.socket.clone(),
+        ))
     });
 
     // Once the models are in, their dimensions validate updates: start Kafka.
-    let ingest = Arc::new(Mutex::new(None));
     let (loaded_tx, loaded) = watch::channel(false);
-    {
-        let (ingest, registry, exec, metrics, service, kafka) = (
-            ingest.clone(),
+    let background = {
+        let (registry, exec, metrics, service, kafka) = (
             registry.clone(),
             exec.clone(),
             metrics.clone(),
@@ -292,10 +296,19 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         );
         let (watcher, poll) = (lifecycle.clone(), config.lifecycle.poll_interval());
         let root = repo.root.clone();
+        let (serving, repository, ingest) = (
+            stops.serving.clone(),
+            stops.repository.clone(),
+            stops.ingest.clone(),
+        );
         tokio::spawn(async move {
-            let _ = executor_loaded.await;
+            tokio::select! {
+                _ = executor_loaded => {}
+                // Stopped while loading: nothing more to start.
+                _ = serving.cancelled() => return,
+            }
             if let Some(interval) = poll {
-                watcher.spawn_watcher(interval);
+                watcher.spawn_watcher(interval, repository.clone());
                 // Pipelines have no weights to load: each poll reads them
                 // again and checks their stages as they are by then.
                 let (service, root) = (service.clone(), root.clone());
@@ -304,40 +317,52 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     tick.tick().await;
                     loop {
-                        tick.tick().await;
+                        tokio::select! {
+                            _ = repository.cancelled() => return,
+                            _ = tick.tick() => {}
+                        }
                         pipelines.refresh(&root, &service).await;
                     }
                 });
             }
+            let mut running = None;
             if kafka.brokers.is_some() {
+                let stop = ingest.clone();
                 let started = tokio::task::spawn_blocking(move || {
-                    start_ingest(kafka, &registry, resume, exec, metrics)
+                    start_ingest(kafka, &registry, resume, exec, metrics, stop)
                 })
                 .await
                 .expect("starting ingestion does not panic");
                 match started {
                     Ok(i) => {
                         service.set_ingest(i.status().clone());
-                        *ingest.lock().expect("ingest lock") = Some(i);
+                        running = Some(i);
                     }
                     Err(e) => tracing::error!(error = %e, "Kafka ingestion is off"),
                 }
             }
             let _ = loaded_tx.send(true);
-        });
-    }
+            if let Some(i) = running {
+                ingest.cancelled().await;
+                // Applies what it holds and commits before it ends.
+                let _ = tokio::task::spawn_blocking(move || i.stop()).await;
+            }
+        })
+    };
     let snapshots = config.snapshot.dir.clone().map(|dir| {
         Snapshotter::start(
             dir,
             config.snapshot.interval(),
             exec.clone(),
             metrics.clone(),
+            stops.part(),
         )
     });
     let popularity = Refresher::start(
         popularity,
         config.snapshot.dir.clone(),
         config.snapshot.interval(),
+        stops.part(),
     );
     Ok(Daemon {
         popularity: Some(popularity),
@@ -346,13 +371,11 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         uds_path,
         registry,
         loaded,
-        stop: Some(stop),
-        uds_stop,
+        stops,
         uds_task,
         server,
-        ingest,
+        background,
         snapshots,
-        service,
         shutdown_delay: config.durability.shutdown_delay(),
         grace: config.durability.grace(),
     })
@@ -364,6 +387,7 @@ fn start_ingest(
     resume: BTreeMap<(String, i32), i64>,
     exec: ExecutorHandle,
     metrics: Arc<Metrics>,
+    stop: CancellationToken,
 ) -> anyhow::Result<Ingest> {
     registry
         .models()
@@ -382,7 +406,7 @@ fn start_ingest(
         "starting Kafka ingestion"
     );
     metrics.ingest_enabled.set(1);
-    Ingest::start(kafka, validator, resume, exec, metrics)
+    Ingest::start(kafka, validator, resume, exec, metrics, stop)
 }
 
 /// Writes a snapshot every `interval` when the state changed, and a final one
@@ -391,7 +415,7 @@ fn start_ingest(
 /// so the executor pauses for the changes alone and the copy is serialised
 /// and written here.
 struct Snapshotter {
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -401,22 +425,16 @@ impl Snapshotter {
         interval: Duration,
         exec: ExecutorHandle,
         metrics: Arc<Metrics>,
+        stop: CancellationToken,
     ) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let wake = Wake::new(stop.clone());
         let thread = std::thread::Builder::new()
             .name("rankd-snapshot".into())
             .spawn(move || {
                 let mut written = 0u64;
                 let mut base = SnapshotBase::default();
                 loop {
-                    let mut waited = Duration::ZERO;
-                    while waited < interval && !flag.load(Ordering::Relaxed) {
-                        let step = Duration::from_millis(20).min(interval - waited);
-                        std::thread::sleep(step);
-                        waited += step;
-                    }
-                    let last = flag.load(Ordering::Relaxed);
+                    let last = wake.sleep(interval);
                     match exec.capture_blocking(!base.is_complete()) {
                         Ok(delta) => {
                             let changes = delta.changes;
@@ -452,8 +470,9 @@ impl Snapshotter {
         Self { stop, thread }
     }
 
+    /// Writes the final snapshot and stops; blocking.
     fn finish(self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         let _ = self.thread.join();
     }
 }
@@ -487,12 +506,15 @@ impl Daemon {
     }
 
     /// Drains and stops: `/readyz` answers 503 `draining` at once; accepting
-    /// goes on for the shutdown delay, then stops on both transports; the
-    /// requests in flight get the grace period to finish (connections still
-    /// open then are closed); pending updates are applied and committed, a
-    /// final snapshot written and the socket file removed.
+    /// goes on for the shutdown delay, then stops on both transports (and
+    /// the repository polls stop); the requests in flight get the grace
+    /// period to finish (streaming calls are cut just before its end,
+    /// connections still open at its end are closed); pending updates are
+    /// applied and committed, the popularity counts saved, a final snapshot
+    /// written and the socket file removed. Each step cancels its part of
+    /// the daemon's stop tree (`crate::shutdown`).
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        self.service.set_draining();
+        self.stops.draining.cancel();
         if !self.shutdown_delay.is_zero() {
             tracing::info!(
                 delay_ms = self.shutdown_delay.as_millis() as u64,
@@ -504,56 +526,55 @@ impl Daemon {
         let deadline = tokio::time::Instant::now() + self.grace;
         // Streaming calls still running just before the deadline end with
         // a final error, which then has time to reach their callers.
-        let cutter = {
-            let service = self.service.clone();
-            let cut_at = deadline - (self.grace / 10).min(Duration::from_millis(200));
-            tokio::spawn(async move {
-                tokio::time::sleep_until(cut_at).await;
-                service.set_cut();
-            })
-        };
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = self.uds_stop.send(true);
+        let cut_at = deadline - (self.grace / 10).min(Duration::from_millis(200));
+        self.stops.serving.cancel();
+
+        // The drain, bounded once by the grace deadline: both transports'
+        // connections finish what they read, then close.
         let grace_ms = self.grace.as_millis() as u64;
+        let (server, cut_token) = (&mut self.server, &self.stops.cut);
         let mut uds_task = self.uds_task.take();
-        let server = &mut self.server;
-        let uds = async {
-            if let Some(task) = uds_task.as_mut() {
-                let _ = task.await;
-            }
+        let drain = async {
+            let uds = async {
+                if let Some(task) = uds_task.as_mut() {
+                    let _ = task.await;
+                }
+            };
+            let (served, ()) = tokio::join!(server, uds);
+            served.unwrap_or_else(|e| Err(std::io::Error::other(e)))
         };
-        let http = async {
-            match server.await {
-                Ok(r) => r,
-                Err(e) => Err(std::io::Error::other(e)),
-            }
+        let cut = async {
+            tokio::time::sleep_until(cut_at).await;
+            cut_token.cancel();
+            std::future::pending::<()>().await;
         };
-        let (_, served) = tokio::join!(
-            async {
-                if tokio::time::timeout_at(deadline, uds).await.is_err() {
+        let drained = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                served = drain => served,
+                () = cut => unreachable!("the cut never ends"),
+            }
+        })
+        .await;
+        // Whatever is still running is cut: nothing outlives the grace period.
+        self.stops.cut.cancel();
+        let served = match drained {
+            Ok(served) => served,
+            Err(_) => {
+                if uds_task.as_ref().is_some_and(|t| !t.is_finished()) {
                     tracing::warn!(
                         grace_ms,
                         "socket connections still open at the end of the grace period: closed"
                     );
                 }
-            },
-            async {
-                match tokio::time::timeout_at(deadline, http).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::warn!(
-                            grace_ms,
-                            "HTTP connections still open at the end of the grace period: closed"
-                        );
-                        Ok(())
-                    }
+                if !self.server.is_finished() {
+                    tracing::warn!(
+                        grace_ms,
+                        "HTTP connections still open at the end of the grace period: closed"
+                    );
                 }
+                Ok(())
             }
-        );
-        // Whatever is still running is cut: nothing outlives the grace period.
-        cutter.abort();
+        };
         self.server.abort();
         if let Some(task) = uds_task {
             task.abort();
@@ -566,13 +587,13 @@ impl Daemon {
             drained_ms = started.elapsed().as_millis() as u64,
             "connections drained"
         );
-        let ingest = self.ingest.lock().expect("ingest lock").take();
+        // Ingestion applies and commits what it holds, then the counts and
+        // the final snapshot include it.
+        self.stops.ingest.cancel();
+        let _ = (&mut self.background).await;
         let snapshots = self.snapshots.take();
         let popularity = self.popularity.take();
         tokio::task::spawn_blocking(move || {
-            if let Some(i) = ingest {
-                i.stop();
-            }
             if let Some(p) = popularity {
                 p.finish();
             }
@@ -581,6 +602,7 @@ impl Daemon {
             }
         })
         .await?;
+        self.stops.all();
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ mod ingest;
 mod lifecycle;
 mod metrics;
 mod model;
+mod shutdown;
 mod toml_doc;
 pub mod trace;
 

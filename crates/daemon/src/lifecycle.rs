@@ -18,6 +18,7 @@ use crate::exec::{ExecutorHandle, LoadState, Registry, Split};
 use crate::metrics::Metrics;
 use crate::model::repository::{version_folders, Eligibility, Signature};
 use crate::model::ModelEntry;
+use crate::shutdown::CancellationToken;
 
 /// The file under `--snapshot-dir` that keeps the splits.
 pub const TRAFFIC_FILE: &str = "traffic.json";
@@ -131,20 +132,32 @@ impl Lifecycle {
             .ok_or_else(|| ServeError::NotFound(format!("model '{name}' not found")))
     }
 
-    /// Polls the repository every `interval` until the daemon stops.
-    pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    /// Polls the repository every `interval` until `stop` is cancelled. A
+    /// load under way then runs to its end (a load is never left half
+    /// done); the poll's later loads are not started.
+    pub fn spawn_watcher(
+        self: &Arc<Self>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
                 let me2 = me.clone();
                 let todo = tokio::task::spawn_blocking(move || me2.scan())
                     .await
                     .unwrap_or_default();
                 for (model, version) in todo {
+                    if stop.is_cancelled() {
+                        return;
+                    }
                     let me = me.clone();
                     // Loads run one at a time per poll, in version order.
                     if let Err(e) = me.load_version(model, version).await {

@@ -27,12 +27,13 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ConnectionsConfig;
 use crate::metrics::Metrics;
+use crate::shutdown::CancellationToken;
 use rankd_client::types::{ErrorBody, ErrorDetail};
 
 /// After a 413, at most this much of the rest of the body is read and
@@ -111,8 +112,8 @@ pub(super) fn refusal_error(limit: usize) -> ErrorBody {
 }
 
 /// Serves `app` on `listener` (over TLS when `tls` is given) until `stop`
-/// fires; then stops accepting and lets each open connection finish the
-/// request in flight and close. Returns once all have closed (the caller
+/// is cancelled; then stops accepting and lets each open connection finish
+/// the request in flight and close. Returns once all have closed (the caller
 /// bounds the wait; dropping this future closes what is left).
 pub async fn serve(
     listener: TcpListener,
@@ -120,16 +121,15 @@ pub async fn serve(
     app: Router,
     limits: Limits,
     metrics: Arc<Metrics>,
-    mut stop: oneshot::Receiver<()>,
+    stop: CancellationToken,
 ) -> io::Result<()> {
-    let (closing_tx, closing) = watch::channel(false);
     let admitted = Arc::new(Semaphore::new(limits.max_connections));
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
     let refusal = Arc::new(refusal_answer(limits.max_connections));
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = &mut stop => break,
+            _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -162,7 +162,7 @@ pub async fn serve(
             app: app.clone(),
             limits,
             metrics: metrics.clone(),
-            closing: closing.clone(),
+            closing: stop.clone(),
             _permit: permit,
         };
         let tls = tls.clone();
@@ -185,7 +185,6 @@ pub async fn serve(
         });
     }
     drop(listener);
-    let _ = closing_tx.send(true);
     while conns.join_next().await.is_some() {}
     Ok(())
 }
@@ -231,7 +230,8 @@ struct Connection {
     app: Router,
     limits: Limits,
     metrics: Arc<Metrics>,
-    closing: watch::Receiver<bool>,
+    /// The listener's stop: the connection drains.
+    closing: CancellationToken,
     /// The connection's place under `max_connections`.
     _permit: OwnedSemaphorePermit,
 }
@@ -246,7 +246,7 @@ impl Connection {
 
     /// HTTP/1.1 on `io` until the client leaves, a timeout closes it, or the
     /// drain ends it after its request in flight.
-    async fn serve<I>(mut self, io: I)
+    async fn serve<I>(self, io: I)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -265,14 +265,14 @@ impl Connection {
         let mut conn = http1::Builder::new()
             .header_read_timeout(None::<Duration>)
             .serve_connection(io, service);
-        let mut draining = *self.closing.borrow();
+        let mut draining = self.closing.is_cancelled();
         if draining {
             Pin::new(&mut conn).graceful_shutdown();
         }
         let ended = loop {
             tokio::select! {
                 r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
-                _ = self.closing.changed(), if !draining => {
+                _ = self.closing.cancelled(), if !draining => {
                     draining = true;
                     Pin::new(&mut conn).graceful_shutdown();
                 }

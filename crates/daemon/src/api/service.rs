@@ -14,6 +14,7 @@ use crate::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
 use crate::model::attributes::{check_filter, unknown_attribute};
 use crate::model::{ModelSpec, OpKind};
+use crate::shutdown::{CancellationToken, Stops};
 use rankd_client::types::CataloguesResponse;
 use rankd_client::types::*;
 
@@ -30,51 +31,45 @@ pub struct Service {
     metrics: Arc<Metrics>,
     limits: ServiceLimits,
     ingest: std::sync::OnceLock<Arc<IngestStatus>>,
-    /// Set by a shutdown signal: `/readyz` answers 503 `draining` from then on.
-    draining: std::sync::atomic::AtomicBool,
-    /// Turns true at the end of the shutdown grace period: streaming calls
+    /// Cancelled by a shutdown signal: `/readyz` answers 503 `draining`
+    /// from then on.
+    draining: CancellationToken,
+    /// Cancelled at the end of the shutdown grace period: streaming calls
     /// still running end with a final error.
-    cut: tokio::sync::watch::Sender<bool>,
+    cut: CancellationToken,
     /// Pipelines by name: read at start, then again on every repository
     /// poll (a request takes the map as it was when it arrived).
     pipelines: std::sync::RwLock<Arc<HashMap<String, super::pipeline::Pipeline>>>,
 }
 
 impl Service {
-    pub fn new(exec: ExecutorHandle, metrics: Arc<Metrics>, limits: ServiceLimits) -> Self {
+    /// `stops.draining` turns `/readyz` to 503 `draining`, `stops.cut` ends
+    /// the streaming calls still running.
+    pub fn new(
+        exec: ExecutorHandle,
+        metrics: Arc<Metrics>,
+        limits: ServiceLimits,
+        stops: &Stops,
+    ) -> Self {
         Self {
             exec,
             metrics,
             limits,
             ingest: std::sync::OnceLock::new(),
-            draining: std::sync::atomic::AtomicBool::new(false),
-            cut: tokio::sync::watch::Sender::new(false),
+            draining: stops.draining.clone(),
+            cut: stops.cut.clone(),
             pipelines: Default::default(),
         }
     }
 
-    /// Ends the streaming calls still running (the grace period is over).
-    pub fn set_cut(&self) {
-        self.cut.send_replace(true);
-    }
-
     /// Resolves when the streaming calls must end.
     pub fn cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.cut.subscribe();
-        async move {
-            let _ = rx.wait_for(|c| *c).await;
-        }
+        self.cut.clone().cancelled_owned()
     }
 
     /// The largest `timeout_ms`; a bulk line without one gets it.
     pub fn max_timeout(&self) -> Duration {
         self.limits.max_timeout
-    }
-
-    /// From now on `/readyz` says `draining`, so load balancers move away.
-    pub fn set_draining(&self) {
-        self.draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Reports Kafka ingestion in `/readyz` and `/v1/ingest` from now on.
@@ -710,7 +705,7 @@ impl Service {
 
     pub fn readiness(&self) -> Readiness {
         let registry = self.exec.registry();
-        let reason = if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        let reason = if self.draining.is_cancelled() {
             Some("draining".to_string())
         } else {
             registry.not_ready_reason()

@@ -17,7 +17,7 @@ use anyhow::Context;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -27,6 +27,7 @@ use self::request::{Op, SocketOp};
 use super::conn::{Limits, Open, Timeout};
 use super::{bulk, Service};
 use crate::error::ServeError;
+use crate::shutdown::CancellationToken;
 use rankd_client::frame::{encode_frame, FrameDecoder, FrameError};
 use rankd_client::types::*;
 use rankd_client::wire::*;
@@ -100,7 +101,7 @@ fn resolve_group(group: &str) -> anyhow::Result<u32> {
         .ok_or_else(|| anyhow::anyhow!("uds_group: no group named '{group}' in /etc/group"))
 }
 
-/// Accepts connections until `stop` turns true, then stops accepting, removes
+/// Accepts connections until `stop` is cancelled, then stops accepting, removes
 /// the socket file and drains: every connection stops reading new frames,
 /// answers the requests it has read and closes. Returns once all are closed
 /// (the caller bounds the wait; dropping this future closes what is left).
@@ -108,11 +109,10 @@ pub async fn serve(
     listener: UnixListener,
     service: Arc<Service>,
     config: UdsConfig,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let config = Arc::new(config);
     let mut connections = tokio::task::JoinSet::new();
-    let drain = stop.clone();
     let admitted = Arc::new(Semaphore::new(config.limits.max_connections));
     let limit = config.limits.max_connections;
     let refusal = error_frame(
@@ -135,14 +135,14 @@ pub async fn serve(
                         let _ = stream.try_write(&refusal);
                         continue;
                     };
-                    connections.spawn(connection(stream, service.clone(), config.clone(), drain.clone(), permit));
+                    connections.spawn(connection(stream, service.clone(), config.clone(), stop.clone(), permit));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "socket accept failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
-            _ = stopped(&mut stop) => break,
+            _ = stop.cancelled() => break,
         }
     }
     drop(listener);
@@ -154,11 +154,6 @@ pub async fn serve(
         );
     }
     while connections.join_next().await.is_some() {}
-}
-
-/// Resolves once `stop` is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 fn encode<R: serde::Serialize>(resp: &WireResponse<R>) -> Vec<u8> {
@@ -188,7 +183,7 @@ async fn connection(
     stream: UnixStream,
     service: Arc<Service>,
     config: Arc<UdsConfig>,
-    mut drain: watch::Receiver<bool>,
+    drain: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
     let metrics = service.metrics();
@@ -281,7 +276,7 @@ async fn connection(
             r = rd.read_buf(&mut buf) => r,
             _ = tx.closed() => break,
             // Draining: no new requests; those read are answered below.
-            _ = stopped(&mut drain) => break,
+            _ = drain.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {
                 last_activity = Instant::now();
                 continue;

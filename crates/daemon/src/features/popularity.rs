@@ -16,6 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::shutdown::{CancellationToken, Wake};
+
 /// Items kept in the published list: enough for the largest `k` after the
 /// exclusions of a typical request; the catalogue fills the rest.
 pub const LIST_LEN: usize = 4096;
@@ -180,19 +182,22 @@ impl Popularity {
 const REFRESH_EVERY: Duration = Duration::from_millis(200);
 
 /// The thread that rebuilds the list and saves the counts: every
-/// `save_every` when a folder is given, and once more when finished.
+/// `save_every` when a folder is given, and once more when stopped.
 pub struct Refresher {
-    stop: std::sync::mpsc::Sender<()>,
+    stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Refresher {
+    /// Starts the thread; it rebuilds and saves one last time once `stop` is
+    /// cancelled. Called within the runtime, which wakes the thread then.
     pub fn start(
         popularity: Arc<Popularity>,
         dir: Option<std::path::PathBuf>,
         save_every: Duration,
+        stop: CancellationToken,
     ) -> Self {
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let wake = Wake::new(stop.clone());
         let thread = std::thread::Builder::new()
             .name("rankd-popularity".into())
             .spawn(move || {
@@ -206,10 +211,7 @@ impl Refresher {
                 let mut saved_at = std::time::Instant::now();
                 let mut unsaved = false;
                 loop {
-                    let done = !matches!(
-                        stopped.recv_timeout(REFRESH_EVERY),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    );
+                    let done = wake.sleep(REFRESH_EVERY);
                     unsaved |= popularity.refresh(now_s(), false);
                     if done {
                         if unsaved {
@@ -233,7 +235,7 @@ impl Refresher {
 
     /// Rebuilds and saves one last time, then stops; blocking.
     pub fn finish(mut self) {
-        let _ = self.stop.send(());
+        self.stop.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

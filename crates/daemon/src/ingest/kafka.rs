@@ -10,7 +10,7 @@
 //! includes always move together.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use crate::config::KafkaConfig;
 use crate::exec::ExecutorHandle;
 use crate::features::updates::{Coalescer, Position, Rejection, Stream, Validator};
 use crate::metrics::Metrics;
+use crate::shutdown::CancellationToken;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -126,20 +127,23 @@ impl RateLimitedLog {
 }
 
 pub struct Ingest {
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
     status: Arc<IngestStatus>,
 }
 
 impl Ingest {
     /// Starts the consumer thread on `config.brokers`. `resume` maps
-    /// topic-partitions to the next offset the restored state lacks.
+    /// topic-partitions to the next offset the restored state lacks; once
+    /// `stop` is cancelled the thread applies what it holds, commits and
+    /// ends.
     pub fn start(
         config: KafkaConfig,
         validator: Validator,
         resume: BTreeMap<Position, i64>,
         exec: ExecutorHandle,
         metrics: Arc<Metrics>,
+        stop: CancellationToken,
     ) -> anyhow::Result<Self> {
         let brokers = config
             .brokers
@@ -184,7 +188,6 @@ impl Ingest {
             }
             None => None,
         };
-        let stop = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             consumer,
             producer,
@@ -214,9 +217,9 @@ impl Ingest {
         &self.status
     }
 
-    /// Applies what is pending, commits, and stops the consumer.
+    /// Applies what is pending, commits, and stops the consumer; blocking.
     pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -232,7 +235,9 @@ struct Worker {
     exec: ExecutorHandle,
     metrics: Arc<Metrics>,
     status: Arc<IngestStatus>,
-    stop: Arc<AtomicBool>,
+    /// Checked once a round: a round waits on the broker for at most
+    /// 100 ms, or what is left of the batch wait while a batch is open.
+    stop: CancellationToken,
     log: RateLimitedLog,
     /// Applied positions not yet committed to the group.
     uncommitted: BTreeMap<Position, i64>,
@@ -324,7 +329,7 @@ impl Worker {
         let mut assigned: Vec<String> = Vec::new();
         let mut next_assign = Instant::now();
         loop {
-            let stopping = self.stop.load(Ordering::Relaxed);
+            let stopping = self.stop.is_cancelled();
             if !stopping && assigned.len() < 3 && Instant::now() >= next_assign {
                 let missing = self.assign(&mut assigned);
                 if !missing.is_empty() {
@@ -440,9 +445,10 @@ impl Worker {
             Ok(r) => r,
             Err(e) => {
                 // The executor is gone (shutdown): nothing is committed, the
-                // snapshot offsets stay where the state is.
+                // snapshot offsets stay where the state is. Ingestion alone
+                // stops (its own token).
                 tracing::warn!(error = %e, "update batch not applied");
-                self.stop.store(true, Ordering::Relaxed);
+                self.stop.cancel();
                 return;
             }
         };

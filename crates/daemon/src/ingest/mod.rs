@@ -50,6 +50,7 @@ mod disabled {
             _resume: BTreeMap<Position, i64>,
             _exec: ExecutorHandle,
             _metrics: Arc<Metrics>,
+            _stop: crate::shutdown::CancellationToken,
         ) -> anyhow::Result<Self> {
             super::ensure_available(&config)?;
             anyhow::bail!("Kafka ingestion: this rankd was built without the `kafka` feature")
