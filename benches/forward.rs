@@ -8,7 +8,9 @@
 //! (the item-table product), the matmul 2·n³; the reads in bytes/s.
 //! `-- --roofline` times the scan against both roofs; `-- --anchors DIR`
 //! writes the table and tower queries for benches/anchors.sh (FAISS, numpy)
-//! and times rankd's side of it.
+//! and times rankd's side of it; `-- --crossover [ROUNDS]` times the
+//! scan's kernels at batch 1–16 on each instruction set (behind
+//! `Isa::kernel`).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -16,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use rankd::internals::cpu::fused::{score_topk_with, Isa};
+use rankd::internals::cpu::fused::{score_topk_with, score_topk_with_kernel, Isa, Kernel};
 use rankd::internals::cpu::int8::{score_topk_int8_with, Int8Kernel};
 use rankd::internals::cpu::{score_topk, score_topk_int8};
 use rankd::internals::CpuBackend;
@@ -772,8 +774,68 @@ fn int8_scan() {
 
 criterion_group!(benches, matmul, stream_read, fused_scan, demo_forward, ties);
 
+/// The scan's three kernels at every batch size up to 16, on each
+/// instruction set this CPU has, on every thread; the kernels alternate
+/// within each round, and each keeps its best time over all rounds. Prints a
+/// table per ISA with the kernel `Isa::kernel` picks and the fastest.
+fn crossover(rounds: usize) {
+    let items = demo_items();
+    let (n, d) = (items.rows(), items.dim());
+    let threads = rayon::current_num_threads();
+    let mut rng = Rng::new(9);
+    let qs: Vec<f32> = (0..16 * d).map(|_| rng.uniform() as f32 - 0.5).collect();
+    let specs: Vec<(usize, &[u32])> = (0..16).map(|_| (10, &[][..])).collect();
+    let isas = Isa::available();
+    let kernels = [Kernel::Dots, Kernel::FourRows, Kernel::Blocked];
+    // t[isa][b - 1][kernel]
+    let mut t = vec![vec![[f64::INFINITY; 3]; 16]; isas.len()];
+    for _ in 0..rounds {
+        for (x, &isa) in isas.iter().enumerate() {
+            for b in 1..=16 {
+                for (k, &kernel) in kernels.iter().enumerate() {
+                    let run = || {
+                        score_topk_with_kernel(
+                            isa,
+                            kernel,
+                            threads,
+                            &items,
+                            &qs[..b * d],
+                            &specs[..b],
+                            &[],
+                        )
+                    };
+                    t[x][b - 1][k] = t[x][b - 1][k].min(best(3, run));
+                }
+            }
+        }
+    }
+    println!("kernels: N = {n}, d = {d}, k = 10, {threads} threads, best of {rounds} rounds of 3");
+    for (x, isa) in isas.iter().enumerate() {
+        println!("{isa:?}:");
+        println!("| batch | dots | four rows | blocked | picked | fastest |");
+        println!("|---|---|---|---|---|---|");
+        for b in 1..=16 {
+            let row = t[x][b - 1];
+            let fastest = (0..3).min_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap();
+            println!(
+                "| {b} | {:.3} ms | {:.3} ms | {:.3} ms | {:?} | {:?} |",
+                row[0] * 1e3,
+                row[1] * 1e3,
+                row[2] * 1e3,
+                isa.kernel(b),
+                kernels[fastest]
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--crossover") {
+        let rounds = args.get(i + 1).and_then(|r| r.parse().ok()).unwrap_or(10);
+        crossover(rounds);
+        return;
+    }
     if args.iter().any(|a| a == "--roofline") {
         roofline();
         return;

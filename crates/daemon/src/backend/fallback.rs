@@ -512,12 +512,13 @@ mod check {
             .expect("ids are distinct and the embeddings fill the rows");
         let attributes = crate::model::attributes::Attributes::new(vec![
             ("market".into(), (0..ROWS as i64).map(|r| r % 3).collect()),
-            ("shelf".into(), (0..ROWS as i64).map(|r| r % 7 - 3).collect()),
+            (
+                "shelf".into(),
+                (0..ROWS as i64).map(|r| r % 7 - 3).collect(),
+            ),
         ])
         .expect("two columns of ROWS values");
-        items
-            .set_attributes(attributes)
-            .expect("one value per row");
+        items.set_attributes(attributes).expect("one value per row");
         let window = desc.bounds.history_len.max(1);
         let lens = [0, 1, 3, window.min(20), window, window + 2];
         let histories = lens

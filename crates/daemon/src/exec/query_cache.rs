@@ -100,8 +100,7 @@ impl QueryCache {
     ) -> Option<&[f32]> {
         self.compact();
         let e = self.models.get_mut(&model)?.get_mut(&key.user)?;
-        if e.changed_at != key.changed_at
-            || history.iter().any(|&r| items.written_at(r) > e.writes)
+        if e.changed_at != key.changed_at || history.iter().any(|&r| items.written_at(r) > e.writes)
         {
             return None;
         }
@@ -317,7 +316,11 @@ mod tests {
         // A miss (the user changed) refreshes nothing.
         assert_eq!(c.get(0, key(3, 2), &items, &[]), None);
         c.put(0, key(4, 1), 0, &[4.0, 0.0]);
-        assert_eq!(c.get(0, key(3, 1), &items, &[]), None, "user 3 was the least recent");
+        assert_eq!(
+            c.get(0, key(3, 1), &items, &[]),
+            None,
+            "user 3 was the least recent"
+        );
         assert!(c.get(0, key(1, 1), &items, &[]).is_some());
     }
 

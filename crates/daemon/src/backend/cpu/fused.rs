@@ -14,11 +14,6 @@ use crate::backend::Scored;
 use crate::model::attributes::{Attributes, RowFilter};
 use crate::model::ItemTable;
 
-/// Batches up to this size score row by row (one row read, dotted with every
-/// query): table bandwidth bounds them. Larger ones run the register-blocked
-/// kernel, which the FMA units bound.
-const ROW_DOT_MAX: usize = 8;
-
 /// Rows per cache block of the blocked kernel: 480 × 64 f32 is 120 KiB, in
 /// L2 while every query panel passes over it. A multiple of each kernel's
 /// tile height (24, 12, 8, 6, 4), so only a thread's last block has a
@@ -56,6 +51,30 @@ impl Isa {
         }
         v.push(Isa::Portable);
         v
+    }
+
+    /// The kernel a batch of `b` queries runs: the smallest batches one
+    /// dot product per (row, query), then tiles of four rows whose dot
+    /// products are summed together, then the register-blocked kernel the
+    /// FMA units bound. Chosen by measurement: `cargo bench --bench forward
+    /// -- --crossover` times the three at every batch size up to 16
+    /// (benches/RESULTS.md, "The scan's kernel by batch size").
+    pub fn kernel(self, b: usize) -> Kernel {
+        // (largest batch of Dots, largest of FourRows): on x86 the blocked
+        // kernel is the faster from batch 3, even with most of its lanes
+        // idle; the portable build's horizontal sums are dear enough for
+        // FourRows to pay from batch 2.
+        let (dots, four_rows) = match self {
+            Isa::Avx512 | Isa::Avx2Fma => (2, 2),
+            Isa::Portable => (1, 6),
+        };
+        if b <= dots {
+            Kernel::Dots
+        } else if b <= four_rows {
+            Kernel::FourRows
+        } else {
+            Kernel::Blocked
+        }
     }
 
     /// Queries per panel of the blocked kernel: two vectors, or one when
@@ -115,12 +134,43 @@ pub fn score_topk_with_filters(
     specs: &[(usize, &[u32])],
     filters: &[Option<&RowFilter>],
 ) -> Vec<Vec<Scored>> {
+    let kernel = isa.kernel(specs.len());
+    score_topk_with_kernel(isa, kernel, threads, items, qs, specs, filters)
+}
+
+/// The scan's kernels (see [`Isa::kernel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Each row read once and dotted with every query: a vector of partial
+    /// sums, then a horizontal sum, per (row, query).
+    Dots,
+    /// The same dot products, four rows × W/4 queries at a time, their
+    /// horizontal sums done together (the same bits as `Dots`); `Dots`
+    /// where `d` is not a multiple of the vector width.
+    FourRows,
+    /// Register tiles of rows × panels of packed queries.
+    Blocked,
+}
+
+/// [`score_topk_with_filters`] with a chosen kernel, whatever the batch size
+/// (the benchmark behind [`Isa::kernel`] times each). The scores' last bits
+/// differ between `Blocked` and the other two, so [`rescore`] matches the
+/// kernel the batch size picks.
+pub fn score_topk_with_kernel(
+    isa: Isa,
+    kernel: Kernel,
+    threads: usize,
+    items: &ItemTable,
+    qs: &[f32],
+    specs: &[(usize, &[u32])],
+    filters: &[Option<&RowFilter>],
+) -> Vec<Vec<Scored>> {
     let (d, b, n) = (items.dim(), specs.len(), items.rows());
     assert_eq!(qs.len(), b * d, "one query row per spec: this is a bug");
     if b == 0 {
         return Vec::new();
     }
-    let blocked = b > ROW_DOT_MAX;
+    let blocked = kernel == Kernel::Blocked;
     let nr = isa.panel(b);
     let job = Job {
         emb: items.embeddings(),
@@ -138,6 +188,7 @@ pub fn score_topk_with_filters(
         },
         padded: if blocked { b.div_ceil(nr) * nr } else { b },
         nr,
+        four_rows: kernel == Kernel::FourRows,
     };
     // Whole blocks per thread, so tiles never straddle two threads.
     let per = n.div_ceil(BLOCK_ROWS).div_ceil(threads.max(1)) * BLOCK_ROWS;
@@ -177,7 +228,7 @@ pub fn rescore(
 ) {
     let (emb, d) = (items.embeddings(), items.dim());
     assert!(q.len() == d && rows.iter().all(|&r| (r as usize) < items.rows()));
-    let row_dot = batch <= ROW_DOT_MAX;
+    let row_dot = isa.kernel(batch) != Kernel::Blocked;
     out.reserve(rows.len());
     match isa {
         // SAFETY: `available` lists an ISA only when the CPU has it; the rows
@@ -245,8 +296,10 @@ struct Job<'a> {
     d: usize,
     qs: &'a [f32],
     specs: &'a [(usize, &'a [u32])],
-    /// The queries packed for the blocked kernel; empty for row-by-row.
+    /// The queries packed for the blocked kernel; empty for the others.
     packed: Vec<f32>,
+    /// Whether row-by-row batches run in tiles of four rows.
+    four_rows: bool,
     /// Queries rounded up to whole panels.
     padded: usize,
     /// Queries per panel.
@@ -348,6 +401,11 @@ trait Simd {
     /// gets the bits a lane would.
     unsafe fn fma1(a: f32, b: f32, c: f32) -> f32;
     unsafe fn hsum(v: Self::V) -> f32;
+    /// The sums of W vectors at once: for r < 4 and j < W/4, lane 4·j + r
+    /// holds `hsum(v[r·W/4 + j])`, with hsum's own additions in hsum's own
+    /// order, so each lane has the bits `hsum` gives. `v` points at W
+    /// vectors.
+    unsafe fn hsums(v: *const Self::V) -> Self::V;
     /// Bit l set where a[l] >= b[l].
     unsafe fn ge(a: Self::V, b: Self::V) -> u32;
     /// Bit l set where a[l] > b[l].
@@ -369,7 +427,9 @@ unsafe fn scan_rows<S: Simd, const MR: usize, const MR1: usize>(
     // ids.len()·d values (checked in `Job::run`); qs holds specs.len()·d and
     // packed padded·d; bar and bar_id hold padded entries.
     unsafe {
-        if job.packed.is_empty() {
+        if job.packed.is_empty() && job.four_rows && job.d.is_multiple_of(S::W) {
+            four_rows::<S>(job, scan, rows)
+        } else if job.packed.is_empty() {
             row_by_row::<S>(job, scan, rows)
         } else if job.nr == S::W {
             blocked::<S, MR1, 1>(job, scan, rows)
@@ -411,6 +471,86 @@ unsafe fn row_by_row<S: Simd>(job: &Job, scan: &mut Scan, rows: Range<usize>) {
             }
         }
     }
+}
+
+/// Row by row in tiles of four rows × W/4 queries: the W dot products of a
+/// tile accumulate lane-wise as `dot`'s do and are summed together
+/// (`Simd::hsums`), so a score costs about one vector addition instead of a
+/// horizontal sum, keeps `dot`'s bits, and the tile's W scores meet their
+/// bars in one comparison. For batches the blocked kernel's panels would
+/// leave mostly empty; `d` a multiple of W.
+#[inline(always)]
+unsafe fn four_rows<S: Simd>(job: &Job, scan: &mut Scan, rows: Range<usize>) {
+    let (d, b, w) = (job.d, job.specs.len(), S::W);
+    let per = w / 4;
+    let groups = b.div_ceil(per);
+    let (emb, qs) = (job.emb.as_ptr(), job.qs.as_ptr());
+    // Each group's bars as its tile lays them out: lane 4·j + r holds query
+    // j's bar (NaN past the last query: nothing clears it).
+    let lay = |scan: &Scan, g: usize| -> [f32; 16] {
+        let mut l = [f32::NAN; 16];
+        for j in 0..per {
+            if let Some(&bar) = scan.bar.get(g * per + j).filter(|_| g * per + j < b) {
+                l[4 * j..4 * j + 4].fill(bar);
+            }
+        }
+        l
+    };
+    let mut bars: Vec<[f32; 16]> = (0..groups).map(|g| lay(scan, g)).collect();
+    let zero = [0f32; 16];
+    let mut row = rows.start;
+    while row + 4 <= rows.end {
+        for g in 0..groups {
+            // SAFETY: see `scan_rows`; rows row..row + 4 are in the table,
+            // queries past the batch read zeros.
+            unsafe {
+                let q: [*const f32; 4] = std::array::from_fn(|j| {
+                    let i = g * per + j;
+                    if j < per && i < b {
+                        qs.add(i * d)
+                    } else {
+                        zero.as_ptr()
+                    }
+                });
+                let mut acc = [S::zero(); 16];
+                for t in (0..d).step_by(w) {
+                    let qv: [S::V; 4] = std::array::from_fn(|j| {
+                        S::load(if q[j] == zero.as_ptr() {
+                            q[j]
+                        } else {
+                            q[j].add(t)
+                        })
+                    });
+                    for r in 0..4 {
+                        let x = S::load(emb.add((row + r) * d + t));
+                        for j in 0..per {
+                            acc[r * per + j] = S::fma(x, qv[j], acc[r * per + j]);
+                        }
+                    }
+                }
+                let sums = S::hsums(acc.as_ptr());
+                let mut hits = S::ge(sums, S::load(bars[g].as_ptr()));
+                if hits == 0 {
+                    continue;
+                }
+                let mut lanes = [0f32; 16];
+                S::store(lanes.as_mut_ptr(), sums);
+                while hits != 0 {
+                    let l = hits.trailing_zeros() as usize;
+                    hits &= hits - 1;
+                    let (qi, r) = (g * per + l / 4, l % 4);
+                    // The bar may have risen since the mask.
+                    if scan.clears(qi, row + r, lanes[l]) {
+                        scan.enter(qi, row + r, lanes[l]);
+                    }
+                }
+                bars[g] = lay(scan, g);
+            }
+        }
+        row += 4;
+    }
+    // SAFETY: see `scan_rows`.
+    unsafe { row_by_row::<S>(job, scan, row..rows.end) }
 }
 
 /// Tiles of MR rows × one panel of H·W queries held in H·MR accumulators:
@@ -537,6 +677,11 @@ impl Simd for Portable {
         ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
     }
     #[inline(always)]
+    unsafe fn hsums(v: *const Self::V) -> Self::V {
+        // SAFETY: the caller passes 8 vectors.
+        std::array::from_fn(|l| unsafe { Self::hsum(*v.add((l % 4) * 2 + l / 4)) })
+    }
+    #[inline(always)]
     unsafe fn ge(a: Self::V, b: Self::V) -> u32 {
         (0..8).fold(0, |m, l| m | (((a[l] >= b[l]) as u32) << l))
     }
@@ -633,9 +778,60 @@ mod x86 {
         unsafe fn fma1(a: f32, b: f32, c: f32) -> f32 {
             a.mul_add(b, c)
         }
+        /// The halves added, then Avx2Fma's order on the 8 sums:
+        /// ((p0 + p2) + (p1 + p3)) with p_i = (a_i + a_{i+8}) + (a_{i+4} +
+        /// a_{i+12}).
         #[inline(always)]
         unsafe fn hsum(v: __m512) -> f32 {
-            unsafe { _mm512_reduce_add_ps(v) }
+            unsafe {
+                let h = _mm256_add_ps(
+                    _mm512_castps512_ps256(v),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+                );
+                let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                _mm_cvtss_f32(s)
+            }
+        }
+        /// Each step adds the halves `hsum` adds, for all 16 vectors at
+        /// once: 256-bit halves (16 vectors to 8), 128-bit quarters (to 4),
+        /// then pairs and neighbours within each quarter.
+        #[inline(always)]
+        unsafe fn hsums(v: *const __m512) -> __m512 {
+            unsafe {
+                let v = |i: usize| *v.add(i);
+                // u[m]: lanes 0..8 are v[2m]'s a_i + a_{i+8}, 8..16 v[2m+1]'s.
+                let u: [__m512; 8] = std::array::from_fn(|m| {
+                    let (a, b) = (v(2 * m), v(2 * m + 1));
+                    _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                        _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+                    )
+                });
+                // w[p]: quarter c holds v[4p + c]'s four sums p_i + p_{i+4}.
+                let w: [__m512; 4] = std::array::from_fn(|p| {
+                    let (a, b) = (u[2 * p], u[2 * p + 1]);
+                    _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                        _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+                    )
+                });
+                // z[s]: quarter c holds (q0 + q2, q1 + q3) of v[8s + c], then
+                // of v[8s + 4 + c].
+                let z: [__m512; 2] = std::array::from_fn(|s| {
+                    let (a, b) = (w[2 * s], w[2 * s + 1]);
+                    _mm512_add_ps(
+                        _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                        _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+                    )
+                });
+                // Quarter c: the sums of v[c], v[4 + c], v[8 + c], v[12 + c].
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0b10_00_10_00>(z[0], z[1]),
+                    _mm512_shuffle_ps::<0b11_01_11_01>(z[0], z[1]),
+                )
+            }
         }
         #[inline(always)]
         unsafe fn ge(a: __m512, b: __m512) -> u32 {
@@ -694,6 +890,36 @@ mod x86 {
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
                 let s = _mm_add_ss(s, _mm_movehdup_ps(s));
                 _mm_cvtss_f32(s)
+            }
+        }
+        /// `hsum`'s three steps for 8 vectors at once: 128-bit halves (8
+        /// vectors to 4), then pairs and neighbours within each half.
+        #[inline(always)]
+        unsafe fn hsums(v: *const __m256) -> __m256 {
+            unsafe {
+                let v = |i: usize| *v.add(i);
+                // u[m]: half 0 is v[2m]'s a_i + a_{i+4}, half 1 v[2m+1]'s.
+                let u: [__m256; 4] = std::array::from_fn(|m| {
+                    let (a, b) = (v(2 * m), v(2 * m + 1));
+                    _mm256_add_ps(
+                        _mm256_permute2f128_ps::<0x20>(a, b),
+                        _mm256_permute2f128_ps::<0x31>(a, b),
+                    )
+                });
+                // z[s]: half h holds (p0 + p2, p1 + p3) of v[4s + h], then of
+                // v[4s + 2 + h].
+                let z: [__m256; 2] = std::array::from_fn(|s| {
+                    let (a, b) = (u[2 * s], u[2 * s + 1]);
+                    _mm256_add_ps(
+                        _mm256_shuffle_ps::<0b01_00_01_00>(a, b),
+                        _mm256_shuffle_ps::<0b11_10_11_10>(a, b),
+                    )
+                });
+                // Half h: the sums of v[h], v[2 + h], v[4 + h], v[6 + h].
+                _mm256_add_ps(
+                    _mm256_shuffle_ps::<0b10_00_10_00>(z[0], z[1]),
+                    _mm256_shuffle_ps::<0b11_01_11_01>(z[0], z[1]),
+                )
             }
         }
         #[inline(always)]

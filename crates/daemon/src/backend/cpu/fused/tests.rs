@@ -55,8 +55,9 @@ fn excludes(rng: &mut Rng, b: usize, n: usize) -> Vec<Vec<u32>> {
 /// small integers, never -0), so the answer must equal the reference bit for
 /// bit: ids, order and scores, with ties everywhere (zero queries tie every
 /// row; duplicated rows; coarse values). Every ISA this CPU has, both
-/// kernels (batch ≤ 8 row by row, larger blocked with padded panels), one to
-/// three row ranges, k from 1 to past N, N not a multiple of the block.
+/// kernels at every batch size (dot products row by row, alone or in tiles
+/// of four rows, and blocked with padded panels), one to three row ranges,
+/// k from 1 to past N, N not a multiple of the block.
 #[test]
 fn exact_on_integer_tables_with_ties_exclusions_and_deleted_rows() {
     let mut rng = Rng::new(11);
@@ -77,8 +78,11 @@ fn exact_on_integer_tables_with_ties_exclusions_and_deleted_rows() {
                     let ex = excludes(&mut rng, b, n);
                     let specs: Vec<(usize, &[u32])> =
                         ex.iter().map(|e| (k, e.as_slice())).collect();
-                    for threads in [1, 3] {
-                        let got = score_topk_with(isa, threads, &items, &qs, &specs);
+                    for (threads, kernel) in [1, 3].into_iter().flat_map(|t| {
+                        [Kernel::Dots, Kernel::FourRows, Kernel::Blocked].map(|k| (t, k))
+                    }) {
+                        let got =
+                            score_topk_with_kernel(isa, kernel, threads, &items, &qs, &specs, &[]);
                         for (qi, q) in queries.iter().enumerate() {
                             let want: Vec<Scored> = reference(&items, q, &ex[qi], k)
                                 .into_iter()
@@ -89,7 +93,7 @@ fn exact_on_integer_tables_with_ties_exclusions_and_deleted_rows() {
                                 .collect();
                             assert_eq!(
                                 got[qi], want,
-                                "{isa:?}, n {n}, d {d}, b {b}, k {k}, {threads} ranges, query {qi}"
+                                "{isa:?} {kernel:?}, n {n}, d {d}, b {b}, k {k}, {threads} ranges, query {qi}"
                             );
                         }
                     }

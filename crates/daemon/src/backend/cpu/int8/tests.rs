@@ -82,8 +82,8 @@ fn check(
 
 /// The two modes on thousands of random queries: identical ids and
 /// bit-identical scores, for every f32 instruction set (whose bits the int8
-/// mode must reproduce) and every int8 kernel this CPU has, both f32 kernels
-/// (batch ≤ 8 row by row, larger blocked), k from 1 to past N, N not a
+/// mode must reproduce) and every int8 kernel this CPU has, every f32
+/// kernel (by batch size, `Isa::kernel`), k from 1 to past N, N not a
 /// multiple of 16, one and three row ranges, deleted rows, exclusions,
 /// duplicated rows, zero queries, and row norms from 0 and 1e-3 to 1e3.
 #[test]

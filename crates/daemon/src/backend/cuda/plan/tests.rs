@@ -135,7 +135,10 @@ fn packing_matches_the_batch() {
     ])
     .unwrap();
     let filter: rankd_client::types::Filter = [
-        ("b".to_string(), rankd_client::types::FilterValues::Any(vec![7, 3, 7])),
+        (
+            "b".to_string(),
+            rankd_client::types::FilterValues::Any(vec![7, 3, 7]),
+        ),
         ("a".to_string(), rankd_client::types::FilterValues::One(-1)),
     ]
     .into_iter()
@@ -186,13 +189,21 @@ fn packing_matches_the_batch() {
         "exclusions are sorted for the binary search"
     );
     assert_eq!(t.kmax, 5);
-    assert_eq!(t.filt_off, vec![0, 0, 2], "the second top-k has two clauses");
+    assert_eq!(
+        t.filt_off,
+        vec![0, 0, 2],
+        "the second top-k has two clauses"
+    );
     assert_eq!(
         t.clauses,
         vec![0, 0, 1, 1, 1, 3],
         "(attribute, first, end) per clause"
     );
-    assert_eq!(t.filt_vals, vec![-1, 3, 7], "each clause's values sorted, once");
+    assert_eq!(
+        t.filt_vals,
+        vec![-1, 3, 7],
+        "each clause's values sorted, once"
+    );
     let p = pack_pairs(&queries);
     assert_eq!(p.pair_q, vec![1, 1, 1]);
     assert_eq!(p.pair_row, vec![5, 6, 7]);
