@@ -10,6 +10,10 @@
 //! and too many clients (`connections`) and span export (`tracing`). The file stays flat: every
 //! key is at the top level (plus the `[kafka_properties]` table), named like
 //! its flag, and a key no section knows is an error.
+//!
+//! Each setting is defined once, as an entry of its section's
+//! [`settings!`](setting::settings): its field, default, file key, flag,
+//! variable and help all come from that entry ([`setting`]).
 
 mod access;
 mod connections;
@@ -20,6 +24,7 @@ mod kafka;
 mod lifecycle;
 mod pressure;
 mod requests;
+mod setting;
 mod snapshot;
 mod socket;
 mod tls;
@@ -38,6 +43,7 @@ pub use kafka::{KafkaArgs, KafkaConfig};
 pub use lifecycle::{LifecycleArgs, LifecycleConfig};
 pub use pressure::{PressureArgs, PressureConfig};
 pub use requests::{RequestArgs, RequestConfig};
+pub use setting::Setting;
 pub use snapshot::{SnapshotArgs, SnapshotConfig};
 pub use socket::{SocketArgs, SocketConfig};
 pub use tls::{TlsArgs, TlsConfig};
@@ -76,37 +82,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// Every setting, section by section, in the order of the help.
+    pub fn settings() -> impl Iterator<Item = &'static Setting> {
+        SECTIONS.iter().copied().flatten()
+    }
+
     /// Every key of the config file, section by section.
     pub fn keys() -> impl Iterator<Item = &'static str> {
-        [
-            ExecConfig::KEYS,
-            HttpConfig::KEYS,
-            RequestConfig::KEYS,
-            SocketConfig::KEYS,
-            KafkaConfig::KEYS,
-            SnapshotConfig::KEYS,
-            LifecycleConfig::KEYS,
-            AccessConfig::KEYS,
-            TlsConfig::KEYS,
-            DurabilityConfig::KEYS,
-            PressureConfig::KEYS,
-            ConnectionsConfig::KEYS,
-            TracingConfig::KEYS,
-        ]
-        .into_iter()
-        .flatten()
-        .copied()
+        Self::settings().map(|s| s.key)
     }
 
     /// The key of the config file that flag `--LONG` sets: its name with `_`
     /// for `-`, `kafka_properties` for the repeatable `--kafka-property`;
     /// `None` for a flag the file has no key for (`--config`).
     pub fn file_key(long: &str) -> Option<&'static str> {
-        let key = match long {
-            "kafka-property" => "kafka_properties".to_string(),
-            _ => long.replace('-', "_"),
-        };
-        Self::keys().find(|k| *k == key)
+        Self::settings()
+            .find(|s| s.flag == Some(long))
+            .map(|s| s.key)
     }
 
     /// A key's default as TOML (`1000`, `"./models"`, `["click", ...]`);
@@ -117,10 +109,7 @@ impl Config {
     }
 
     fn default_value(key: &str) -> Option<toml::Value> {
-        let mut defaults = toml::Table::try_from(Self::default()).expect("the defaults serialize");
-        defaults
-            .remove(key)
-            .filter(|v| v.as_table().is_none_or(|t| !t.is_empty()))
+        setting::default_value(&Self::default(), key)
     }
 
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
@@ -177,13 +166,61 @@ impl Config {
     }
 }
 
+/// Each section's settings, in the order of the file's keys and the help.
+const SECTIONS: &[&[Setting]] = &[
+    ExecConfig::SETTINGS,
+    HttpConfig::SETTINGS,
+    RequestConfig::SETTINGS,
+    SocketConfig::SETTINGS,
+    KafkaConfig::SETTINGS,
+    SnapshotConfig::SETTINGS,
+    LifecycleConfig::SETTINGS,
+    AccessConfig::SETTINGS,
+    TlsConfig::SETTINGS,
+    DurabilityConfig::SETTINGS,
+    PressureConfig::SETTINGS,
+    ConnectionsConfig::SETTINGS,
+    TracingConfig::SETTINGS,
+];
+
 /// The keys of the config file that no flag sets, each with its help heading
-/// and meaning, for `rankd config-reference`.
-pub const FILE_ONLY_KEYS: &[(&str, &str, &str)] = &[(
-    "kafka_event_types",
-    "Kafka ingestion",
-    "Event types that append to a user's history; events of other types are ignored and counted (file only)",
-)];
+/// and meaning, for `rankd config-reference`: the settings without a flag.
+pub const FILE_ONLY_KEYS: &[(&str, &str, &str)] = &file_only::<{ file_only_count() }>();
+
+const fn file_only_count() -> usize {
+    let mut n = 0;
+    let mut i = 0;
+    while i < SECTIONS.len() {
+        let mut j = 0;
+        while j < SECTIONS[i].len() {
+            if SECTIONS[i][j].flag.is_none() {
+                n += 1;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
+const fn file_only<const N: usize>() -> [(&'static str, &'static str, &'static str); N] {
+    let mut out = [("", "", ""); N];
+    let mut n = 0;
+    let mut i = 0;
+    while i < SECTIONS.len() {
+        let mut j = 0;
+        while j < SECTIONS[i].len() {
+            let s = &SECTIONS[i][j];
+            if s.flag.is_none() {
+                out[n] = (s.key, s.heading, s.doc);
+                n += 1;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    out
+}
 
 /// `rankd serve` flags, a group per section. Each is optional so that an
 /// unset flag leaves the config file's value (or the default) in place.
@@ -229,34 +266,27 @@ impl ServeArgs {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
-        self.exec.apply(&mut c.exec);
-        self.http.apply(&mut c.http);
-        self.requests.apply(&mut c.requests);
-        self.socket.apply(&mut c.socket);
+        self.exec.apply(&mut c.exec)?;
+        self.http.apply(&mut c.http)?;
+        self.requests.apply(&mut c.requests)?;
+        self.socket.apply(&mut c.socket)?;
         self.kafka.apply(&mut c.kafka)?;
-        self.snapshot.apply(&mut c.snapshot);
-        self.lifecycle.apply(&mut c.lifecycle);
-        self.access.apply(&mut c.access);
-        self.tls.apply(&mut c.tls);
-        self.durability.apply(&mut c.durability);
-        self.pressure.apply(&mut c.pressure);
-        self.connections.apply(&mut c.connections);
-        self.tracing.apply(&mut c.tracing);
+        self.snapshot.apply(&mut c.snapshot)?;
+        self.lifecycle.apply(&mut c.lifecycle)?;
+        self.access.apply(&mut c.access)?;
+        self.tls.apply(&mut c.tls)?;
+        self.durability.apply(&mut c.durability)?;
+        self.pressure.apply(&mut c.pressure)?;
+        self.connections.apply(&mut c.connections)?;
+        self.tracing.apply(&mut c.tracing)?;
         c.validate()?;
         Ok(c)
     }
 }
 
-/// A flag or variable that was given replaces the file's value or the default.
-fn set<T>(slot: &mut T, flag: Option<T>) {
-    if let Some(v) = flag {
-        *slot = v;
-    }
-}
-
-/// `''` turns an optional path off.
-fn off_if_empty(path: String) -> Option<PathBuf> {
-    (!path.is_empty()).then(|| PathBuf::from(path))
+/// `''` turns an optional path (or URL) off.
+fn off_if_empty<T: From<String>>(value: String) -> Option<T> {
+    (!value.is_empty()).then(|| T::from(value))
 }
 
 /// A path in the file that `""` turns off (`None`), written back as `""`.
@@ -521,6 +551,122 @@ mod tests {
             Config::default_toml("kafka_event_types").as_deref(),
             Some(r#"["click", "add_to_cart", "purchase"]"#)
         );
+    }
+
+    /// Each setting's flag, variable and stated default follow from its key
+    /// by the rule of [`setting`] (the one repeatable flag aside), clap and
+    /// the file agree with them, and the configuration reference in
+    /// docs/configuration.md has exactly one row for each.
+    #[test]
+    fn every_setting_is_named_by_its_key_and_listed_once() {
+        use clap::Args;
+        let serve = ServeArgs::augment_args(clap::Command::new("serve"));
+        let reference = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/configuration.md"
+        ))
+        .unwrap();
+        // flag, env, file key and default of each row.
+        let rows: Vec<Vec<&str>> = reference
+            .lines()
+            .skip_while(|l| !l.starts_with("<!-- config-reference:begin"))
+            .skip(3)
+            .take_while(|l| !l.starts_with("<!-- config-reference:end"))
+            .map(|l| l.split('|').skip(1).take(4).map(str::trim).collect())
+            .collect();
+        assert!(rows.len() > 40, "no reference in docs/configuration.md");
+
+        let mut not_by_the_rule = Vec::new();
+        for s in Config::settings() {
+            let key = s.key;
+            assert_eq!(Config::keys().filter(|k| *k == key).count(), 1, "{key}");
+            assert!(
+                !s.doc.is_empty() && !s.doc.contains("[default:") && !s.doc.starts_with(' '),
+                "{key}: {:?}",
+                s.doc
+            );
+            let default = Config::default_value(key).map(|v| match v {
+                toml::Value::String(s) => s,
+                v => v.to_string(),
+            });
+            assert!(
+                default.is_none() || s.unset.is_none(),
+                "{key}: a default and words for none"
+            );
+            let stated = default.clone().or(s.unset.map(str::to_string));
+
+            let row: Vec<&Vec<&str>> = rows
+                .iter()
+                .filter(|r| r[2] == format!("`{key}`") || r[2] == format!("`[{key}]`"))
+                .collect();
+            assert_eq!(row.len(), 1, "{key}: rows of the reference {row:?}");
+            let row = row[0];
+            let in_reference = match (&default, s.unset) {
+                (Some(d), _) => format!("`{d}`"),
+                (None, Some(words)) => words.to_string(),
+                (None, None) => String::new(),
+            };
+            assert_eq!(row[3], in_reference, "{key}: the reference's default");
+
+            let Some(long) = s.flag else {
+                assert_eq!(s.env, None, "{key}");
+                let listed: Vec<_> = FILE_ONLY_KEYS.iter().filter(|k| k.0 == key).collect();
+                assert_eq!(listed, [&(key, s.heading, s.doc)], "{key}");
+                assert_eq!(row[..2], ["", ""], "{key}: the reference's flag");
+                continue;
+            };
+            match s.env {
+                Some(env) => {
+                    assert_eq!(long, key.replace('_', "-"), "{key}: the flag");
+                    assert_eq!(env, format!("RANKD_{}", key.to_uppercase()), "{key}");
+                }
+                None => not_by_the_rule.push((key, long)),
+            }
+            let args: Vec<&clap::Arg> = serve
+                .get_arguments()
+                .filter(|a| a.get_long() == Some(long))
+                .collect();
+            assert_eq!(args.len(), 1, "--{long}");
+            let arg = args[0];
+            assert_eq!(arg.get_id(), key, "--{long}");
+            assert_eq!(arg.get_help_heading(), Some(s.heading), "--{long}");
+            assert_eq!(
+                arg.get_env().map(|e| e.to_str().unwrap()),
+                s.env,
+                "--{long}"
+            );
+            let help = arg.get_help().unwrap().to_string();
+            let want = match &stated {
+                Some(d) => format!("{} [default: {d}]", s.doc),
+                None => s.doc.to_string(),
+            };
+            assert_eq!(help, want, "--{long}");
+            let value = arg.get_value_names().unwrap()[0].to_string();
+            assert_eq!(row[0], format!("`--{long} {value}`"), "{key}");
+            assert_eq!(
+                row[1],
+                s.env.map(|e| format!("`{e}`")).unwrap_or_default(),
+                "{key}"
+            );
+        }
+        assert_eq!(not_by_the_rule, [("kafka_properties", "kafka-property")]);
+
+        // Every flag but --config is a setting's, and every row of the
+        // reference but those of --config and --log-format is a setting's.
+        for a in serve.get_arguments() {
+            let long = a.get_long().unwrap();
+            assert!(
+                long == "config" || Config::file_key(long).is_some(),
+                "--{long}"
+            );
+        }
+        let others: Vec<&str> = rows
+            .iter()
+            .filter(|r| r[2].is_empty())
+            .map(|r| r[0])
+            .collect();
+        assert_eq!(others, ["`--config FILE`", "`--log-format LOG_FORMAT`"]);
+        assert_eq!(rows.len(), Config::settings().count() + others.len());
     }
 
     #[test]

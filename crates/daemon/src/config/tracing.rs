@@ -4,13 +4,19 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TracingConfig {
-    /// The collector's OTLP/HTTP address, e.g. `http://collector:4318`
-    /// (spans go to its `/v1/traces`), or a full URL ending in a path.
-    pub otlp_endpoint: Option<String>,
-    pub otlp_protocol: OtlpProtocol,
+use super::off_if_empty;
+use super::setting::settings;
+
+settings! {
+    pub struct TracingConfig, flags TracingArgs under "Tracing" {
+        // A URL that names a path is posted to as it is.
+        /// Export request, batch and update spans to this OpenTelemetry
+        /// collector (OTLP over HTTP, e.g. http://collector:4318; spans go to
+        /// its /v1/traces)
+        otlp_endpoint: Option<String> = None, unset "off", flag "URL": String => off_if_empty;
+        /// Encoding of the exported spans: http/protobuf or http/json
+        otlp_protocol: OtlpProtocol = OtlpProtocol::HttpProtobuf, flag "PROTOCOL";
+    }
 }
 
 /// How spans are encoded on the wire (OTLP's own names).
@@ -26,9 +32,6 @@ pub enum OtlpProtocol {
 }
 
 impl TracingConfig {
-    /// This section's keys in the config file.
-    pub(super) const KEYS: &[&str] = &["otlp_endpoint", "otlp_protocol"];
-
     /// The URL spans are posted to: the endpoint as given when it names a
     /// path, else its `/v1/traces`.
     pub fn traces_url(&self) -> Option<String> {
@@ -58,27 +61,6 @@ impl TracingConfig {
             "otlp_endpoint must name a host, got '{endpoint}'"
         );
         Ok(())
-    }
-}
-
-/// The flags of [`TracingConfig`].
-#[derive(Debug, Clone, Default, clap::Args)]
-#[command(next_help_heading = "Tracing")]
-pub struct TracingArgs {
-    /// Export request, batch and update spans to this OpenTelemetry collector (OTLP over HTTP, e.g. http://collector:4318; spans go to its /v1/traces) [default: off]
-    #[arg(long, env = "RANKD_OTLP_ENDPOINT", value_name = "URL")]
-    pub otlp_endpoint: Option<String>,
-    /// Encoding of the exported spans: http/protobuf or http/json [default: http/protobuf]
-    #[arg(long, env = "RANKD_OTLP_PROTOCOL", value_name = "PROTOCOL")]
-    pub otlp_protocol: Option<OtlpProtocol>,
-}
-
-impl TracingArgs {
-    pub(super) fn apply(self, c: &mut TracingConfig) {
-        if self.otlp_endpoint.is_some() {
-            c.otlp_endpoint = self.otlp_endpoint.filter(|e| !e.is_empty());
-        }
-        super::set(&mut c.otlp_protocol, self.otlp_protocol);
     }
 }
 
