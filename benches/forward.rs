@@ -23,9 +23,13 @@ use rankd::internals::cpu::int8::{score_topk_int8_with, Int8Kernel};
 use rankd::internals::cpu::{score_topk, score_topk_int8};
 use rankd::internals::CpuBackend;
 use rankd::internals::Rng;
-use rankd::internals::{Backend, BatchBounds, ModelDesc, Query, Task};
+use rankd::internals::{Backend, BatchBounds, ModelDesc, ModelId, Query, TableId, Task};
 use rankd::internals::{ItemTable, ModelSpec, TowerWeights, Weights};
 use rayon::prelude::*;
+
+/// The ids of the one model (and its table) each CPU backend here holds.
+const MODEL: ModelId = ModelId::new(0);
+const TABLE: TableId = TableId::new(0);
 
 fn demo_forward(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
@@ -42,7 +46,7 @@ fn demo_forward(c: &mut Criterion) {
         bounds: BatchBounds::of(&spec, spec.history_len),
         cpu_scoring: spec.cpu_scoring,
     };
-    backend.load(0, desc, 0, &weights).unwrap();
+    backend.load(MODEL, desc, TABLE, &weights).unwrap();
     let mut rng = Rng::new(1);
     let histories: Vec<Vec<u32>> = (0..256)
         .map(|_| {
@@ -80,7 +84,7 @@ fn demo_forward(c: &mut Criterion) {
             (2 * items.rows() * spec.dim * batch) as u64,
         ));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &queries, |b, q| {
-            b.iter(|| backend.run(0, &items, q).unwrap())
+            b.iter(|| backend.run(MODEL, &items, q).unwrap())
         });
     }
     group.finish();
@@ -532,7 +536,9 @@ fn anchors(dir: &Path, rounds: usize) {
     // The same users through the whole CPU backend (tower and scan) must get
     // the same answers: these are the queries rankd serves.
     let mut backend = CpuBackend::new();
-    backend.load(0, desc, 0, &Weights::new(tower)).unwrap();
+    backend
+        .load(MODEL, desc, TABLE, &Weights::new(tower))
+        .unwrap();
     let batch: Vec<Query<'_>> = (0..ANCHOR_USERS)
         .map(|i| Query {
             history: &histories[i],
@@ -546,7 +552,7 @@ fn anchors(dir: &Path, rounds: usize) {
             },
         })
         .collect();
-    let served = backend.run(0, &items, &batch).unwrap();
+    let served = backend.run(MODEL, &items, &batch).unwrap();
     for (i, out) in served.iter().enumerate() {
         match out {
             rankd::internals::Output::TopK(top) => assert_eq!(top, &ours[i], "user {i}"),

@@ -15,9 +15,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rankd::internals::{
-    load_table, onnx, Backend, BatchBounds, CpuBackend, EngineKind, ItemTable, ModelDesc,
-    ModelSpec, Query, Rng, Task, ONNX,
+    load_table, onnx, Backend, BatchBounds, CpuBackend, EngineKind, ItemTable, ModelDesc, ModelId,
+    ModelSpec, Query, Rng, TableId, Task, ONNX,
 };
+
+/// The ids of the one model (and its table) each CPU backend here holds.
+const MODEL: ModelId = ModelId::new(0);
+const TABLE: TableId = TableId::new(0);
 
 const BATCHES: [usize; 3] = [1, 16, 64];
 
@@ -51,7 +55,7 @@ fn load(dir: &Path, engine: Option<EngineKind>) -> Variant {
         bounds: BatchBounds::of(&spec, spec.history_len),
         cpu_scoring: spec.cpu_scoring,
     };
-    cpu.load(0, desc, 0, &weights).expect("loading");
+    cpu.load(MODEL, desc, TABLE, &weights).expect("loading");
     let name = dir
         .parent()
         .and_then(Path::file_name)
@@ -166,12 +170,14 @@ fn main() {
             for (i, v) in variants.iter_mut().enumerate() {
                 let u = &inputs[i];
                 for r in 0..3 {
-                    v.cpu.run(0, &v.items, &batch(&v.spec, u, b, r)).unwrap();
+                    v.cpu
+                        .run(MODEL, &v.items, &batch(&v.spec, u, b, r))
+                        .unwrap();
                 }
                 let started = Instant::now();
                 for r in 0..rounds {
                     let q = batch(&v.spec, u, b, r + pair);
-                    std::hint::black_box(v.cpu.run(0, &v.items, &q).unwrap());
+                    std::hint::black_box(v.cpu.run(MODEL, &v.items, &q).unwrap());
                 }
                 let ms = started.elapsed().as_secs_f64() * 1e3 / rounds as f64;
                 times.entry((i, b)).or_default().push(ms);

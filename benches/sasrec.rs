@@ -12,7 +12,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rankd::internals::{Backend, BatchBounds, CpuBackend, ModelDesc, ModelSpec, Query, Task};
+use rankd::internals::{
+    Backend, BatchBounds, CpuBackend, ModelDesc, ModelId, ModelSpec, Query, TableId, Task,
+};
+
+/// The ids of the one model (and its table) each CPU backend here holds.
+const MODEL: ModelId = ModelId::new(0);
+const TABLE: TableId = TableId::new(0);
 
 const BATCHES: [usize; 3] = [1, 16, 64];
 
@@ -59,7 +65,7 @@ fn main() {
         bounds: BatchBounds::of(&spec, spec.history_len),
         cpu_scoring: spec.cpu_scoring,
     };
-    cpu.load(0, desc, 0, &weights).unwrap();
+    cpu.load(MODEL, desc, TABLE, &weights).unwrap();
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     eprintln!(
         "sasrec d={} L={} on {} items, {} users, threads {threads}",
@@ -86,13 +92,13 @@ fn main() {
             })
             .collect();
         for q in batches.iter().take(3) {
-            cpu.run(0, &items, q).unwrap();
+            cpu.run(MODEL, &items, q).unwrap();
         }
         let mut times = Vec::with_capacity(rounds);
         for r in 0..rounds {
             let q = &batches[r % batches.len()];
             let t = Instant::now();
-            std::hint::black_box(cpu.run(0, &items, q).unwrap());
+            std::hint::black_box(cpu.run(MODEL, &items, q).unwrap());
             times.push(t.elapsed());
         }
         let mean = times.iter().sum::<Duration>() / rounds as u32;

@@ -138,6 +138,8 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     };
     let mut served = Vec::new();
     for (index, (m, latest)) in repo.models.iter().zip(latest).enumerate() {
+        // `served` is in the repository's order, as the registry will be.
+        let index = exec::ModelIndex::new(index);
         let batching = latest
             .spec
             .as_ref()

@@ -93,7 +93,9 @@ pub mod internals {
     pub use crate::backend::cpu::{self, CpuBackend};
     #[cfg(feature = "cuda")]
     pub use crate::backend::cuda;
-    pub use crate::backend::{Backend, BatchBounds, ModelDesc, Output, Query, Scored, Task};
+    pub use crate::backend::{
+        Backend, BatchBounds, ModelDesc, ModelId, Output, Query, Scored, TableId, Task,
+    };
     pub use crate::exec::load::load_table;
     pub use crate::features::catalogues::{Catalogues, Shape};
     pub use crate::features::store::State;

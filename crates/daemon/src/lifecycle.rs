@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ServeError;
 use crate::exec::load;
-use crate::exec::{ExecutorHandle, LoadState, Registry, Split};
+use crate::exec::{ExecutorHandle, LoadState, ModelIndex, Registry, Split};
 use crate::metrics::Metrics;
 use crate::model::repository::{version_folders, Eligibility, Signature};
 use crate::model::ModelEntry;
@@ -125,7 +125,7 @@ impl Lifecycle {
         }
     }
 
-    fn model(&self, name: &str) -> Result<usize, ServeError> {
+    fn model(&self, name: &str) -> Result<ModelIndex, ServeError> {
         self.registry
             .get(name)
             .map(|(i, _)| i)
@@ -171,10 +171,10 @@ impl Lifecycle {
     /// One poll: registers new and vanished versions; returns the versions
     /// to load now (the newly eligible versions newer than any known one,
     /// and failed versions whose files changed).
-    fn scan(&self) -> Vec<(usize, u64)> {
+    fn scan(&self) -> Vec<(ModelIndex, u64)> {
         let mut todo = Vec::new();
         let mut watch = self.watch.lock().expect("watch lock poisoned");
-        for (index, served) in self.registry.models().iter().enumerate() {
+        for (index, served) in self.registry.indexed() {
             let dir = self.root.join(&served.name);
             let on_disk = version_folders(&dir);
             let known = served.versions();
@@ -227,7 +227,7 @@ impl Lifecycle {
 
     /// Reads, loads and warms `version` of model `index`, unless it is
     /// loading or ready already. Returns once it serves or failed.
-    pub async fn load_version(&self, index: usize, version: u64) -> Result<(), ServeError> {
+    pub async fn load_version(&self, index: ModelIndex, version: u64) -> Result<(), ServeError> {
         let served = self.registry.by_index(index).clone();
         let dir = self.root.join(&served.name).join(version.to_string());
         if !dir.join("model.toml").is_file() {
@@ -350,7 +350,7 @@ impl Lifecycle {
         Ok(effective)
     }
 
-    fn publish_traffic(&self, index: usize) {
+    fn publish_traffic(&self, index: ModelIndex) {
         let served = self.registry.by_index(index);
         let versions: Vec<u64> = served.versions().iter().map(|(v, _, _)| *v).collect();
         self.metrics

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::batch::Class;
 use crate::error::ServeError;
-use crate::exec::{ExecutorHandle, LoadState, Note, Op, Output, ServedModel, UserUpdate};
+use crate::exec::{
+    ExecutorHandle, LoadState, ModelIndex, Note, Op, Output, ServedModel, UserUpdate,
+};
 use crate::features::store::{ItemSummary, ItemWrite, StoredItem};
 use crate::ingest::{IngestReport, IngestStatus};
 use crate::metrics::Metrics;
@@ -123,7 +125,7 @@ impl Service {
         &self.exec
     }
 
-    fn lookup(&self, name: &str) -> Result<(usize, &Arc<ServedModel>), ServeError> {
+    fn lookup(&self, name: &str) -> Result<(ModelIndex, &Arc<ServedModel>), ServeError> {
         self.exec.registry().get(name).ok_or_else(|| {
             let known: Vec<&str> = self
                 .exec

@@ -134,7 +134,7 @@ impl Fallback {
     /// From now on model `id` runs on the CPU copy alone, because its
     /// device forward pass could not be checked or gave wrong answers.
     fn serve_from_cpu(&mut self, id: ModelId, desc: ModelDesc, reason: String) {
-        tracing::error!(model = id, device = %self.device, kind = %desc.kind, "serving this model from the CPU: {reason}");
+        tracing::error!(model = id.get(), device = %self.device, kind = %desc.kind, "serving this model from the CPU: {reason}");
         self.cpu_only.insert(id, reason);
         self.stale_models.remove(&id);
         self.unchecked.remove(&id);
@@ -197,7 +197,7 @@ impl Fallback {
                 self.device
             ))
         })?;
-        tracing::debug!(model = id, device = %self.device, "the device's answers match the CPU's on the check batch");
+        tracing::debug!(model = id.get(), device = %self.device, "the device's answers match the CPU's on the check batch");
         Ok(())
     }
 
@@ -305,7 +305,7 @@ impl Backend for Fallback {
                 "{} has no forward pass for {} models",
                 self.device, desc.kind
             );
-            tracing::info!(model = id, device = %self.device, kind = %desc.kind, "serving this model from the CPU: {reason}");
+            tracing::info!(model = id.get(), device = %self.device, kind = %desc.kind, "serving this model from the CPU: {reason}");
             self.cpu_only.insert(id, reason);
             return Ok(());
         }
@@ -789,6 +789,11 @@ mod tests {
 
     use super::faulty::{Faulty, Plan};
     use super::*;
+
+    const M0: ModelId = ModelId::new(0);
+    const M1: ModelId = ModelId::new(1);
+    const T0: TableId = TableId::new(0);
+    const T1: TableId = TableId::new(1);
     use crate::backend::Task;
     use crate::model::demo::Rng;
     use crate::model::kind::{RANKER, TWO_TOWER};
@@ -828,13 +833,13 @@ mod tests {
             bounds: Default::default(),
             cpu_scoring: Default::default(),
         };
-        fb.load_table(0, &items, ItemDtype::F32).unwrap();
-        fb.load(0, desc, 0, &weights).unwrap();
+        fb.load_table(T0, &items, ItemDtype::F32).unwrap();
+        fb.load(M0, desc, T0, &weights).unwrap();
         (fb, plan, clock, items)
     }
 
     fn batch(fb: &mut Fallback, items: &ItemTable) -> Vec<Output> {
-        batch_of(fb, 0, items)
+        batch_of(fb, M0, items)
     }
 
     /// Five top-5 recommends of model `id`.
@@ -865,15 +870,15 @@ mod tests {
     fn a_device_whose_answers_disagree_serves_that_model_from_the_cpu_and_says_why() {
         let (mut fb, plan, _clock, items) = setup();
         // Model 0 passed its check at load: the device serves it.
-        assert_eq!(fb.cpu_reason(0), None);
+        assert_eq!(fb.cpu_reason(M0), None);
         let ran = plan.runs_ok.load(Ordering::Acquire);
         let reference = batch(&mut fb, &items);
         assert_eq!(plan.runs_ok.load(Ordering::Acquire), ran + 1);
         // The same model loaded again on a device that now answers wrongly.
         plan.wrong.store(true, Ordering::Release);
-        let (desc, table, weights) = fb.models[&0].clone();
-        fb.load(1, desc, table, &weights).unwrap();
-        let why = fb.cpu_reason(1).expect("served from the CPU");
+        let (desc, table, weights) = fb.models[&M0].clone();
+        fb.load(M1, desc, table, &weights).unwrap();
+        let why = fb.cpu_reason(M1).expect("served from the CPU");
         assert!(
             why.contains("disagree with the CPU's on a check batch") && why.contains("score"),
             "{why}"
@@ -881,7 +886,7 @@ mod tests {
         // It answers right, from the CPU; the device stays in service.
         let runs = plan.runs.load(Ordering::Acquire);
         plan.wrong.store(false, Ordering::Release);
-        assert_eq!(batch_of(&mut fb, 1, &items), reference);
+        assert_eq!(batch_of(&mut fb, M1, &items), reference);
         assert_eq!(
             plan.runs.load(Ordering::Acquire),
             runs,
@@ -893,15 +898,15 @@ mod tests {
     #[test]
     fn a_check_the_device_cannot_run_serves_that_model_from_the_cpu_alone() {
         let (mut fb, plan, _clock, items) = setup();
-        let (desc, table, weights) = fb.models[&0].clone();
+        let (desc, table, weights) = fb.models[&M0].clone();
         plan.fail_runs.store(1, Ordering::Release);
-        fb.load(1, desc, table, &weights).unwrap();
-        let why = fb.cpu_reason(1).expect("served from the CPU");
+        fb.load(M1, desc, table, &weights).unwrap();
+        let why = fb.cpu_reason(M1).expect("served from the CPU");
         assert!(why.contains("could not run the check batch"), "{why}");
         // One version's failure says nothing about the device.
         assert!(fb.health().healthy, "{:?}", fb.health());
         let runs = plan.runs.load(Ordering::Acquire);
-        assert_eq!(batch_of(&mut fb, 1, &items), batch(&mut fb, &items));
+        assert_eq!(batch_of(&mut fb, M1, &items), batch(&mut fb, &items));
         assert_eq!(
             plan.runs.load(Ordering::Acquire),
             runs + 1,
@@ -916,23 +921,23 @@ mod tests {
         plan.fail_runs.store(1, Ordering::Release);
         batch(&mut fb, &items);
         assert!(!fb.health().healthy);
-        let (desc, table, weights) = fb.models[&0].clone();
+        let (desc, table, weights) = fb.models[&M0].clone();
         let runs = plan.runs.load(Ordering::Acquire);
-        fb.load(1, desc, table, &weights).unwrap();
+        fb.load(M1, desc, table, &weights).unwrap();
         assert_eq!(
             plan.runs.load(Ordering::Acquire),
             runs,
             "no check while it is out"
         );
-        assert_eq!(fb.cpu_reason(1), None);
+        assert_eq!(fb.cpu_reason(M1), None);
         // Back after the back-off, and wrong: the check before the load there
         // catches it, and the batch is answered right, from the CPU.
         plan.wrong.store(true, Ordering::Release);
         advance(&clock, Duration::from_secs(2));
-        let got = batch_of(&mut fb, 1, &items);
+        let got = batch_of(&mut fb, M1, &items);
         plan.wrong.store(false, Ordering::Release);
         assert_eq!(got, reference);
-        assert!(fb.cpu_reason(1).is_some_and(|r| r.contains("disagree")));
+        assert!(fb.cpu_reason(M1).is_some_and(|r| r.contains("disagree")));
     }
 
     #[test]
@@ -1049,12 +1054,12 @@ mod tests {
             bounds: Default::default(),
             cpu_scoring: Default::default(),
         };
-        cpu.load_table(0, &items, ItemDtype::F32).unwrap();
-        let (_, _, weights) = fb.models[&0].clone();
-        cpu.load(0, desc, 0, &weights).unwrap();
-        let want = cpu.run(0, &items, &queries).unwrap();
+        cpu.load_table(T0, &items, ItemDtype::F32).unwrap();
+        let (_, _, weights) = fb.models[&M0].clone();
+        cpu.load(M0, desc, T0, &weights).unwrap();
+        let want = cpu.run(M0, &items, &queries).unwrap();
         let before = plan.queries_run.load(Ordering::Acquire);
-        let got = fb.run(0, &items, &queries).unwrap();
+        let got = fb.run(M0, &items, &queries).unwrap();
         assert_eq!(got, want);
         assert_eq!(
             plan.queries_run.load(Ordering::Acquire) - before,
@@ -1096,12 +1101,12 @@ mod tests {
         };
         // Its own table (as a sasrec model's `item_emb` is): never uploaded,
         // and writes to it never reach the device.
-        fb.load_table(1, &items, ItemDtype::F32).unwrap();
-        fb.load(1, desc, 1, &weights).unwrap();
-        fb.items_changed(1, &items, &[2, 3]).unwrap();
+        fb.load_table(T1, &items, ItemDtype::F32).unwrap();
+        fb.load(M1, desc, T1, &weights).unwrap();
+        fb.items_changed(T1, &items, &[2, 3]).unwrap();
         assert!(fb.health().healthy, "{:?}", fb.health());
-        assert_eq!(fb.cpu_reason(0), None);
-        let why = fb.cpu_reason(1).unwrap();
+        assert_eq!(fb.cpu_reason(M0), None);
+        let why = fb.cpu_reason(M1).unwrap();
         assert!(
             why.contains("faulty-cpu has no forward pass for ranker models"),
             "{why}"
@@ -1110,7 +1115,7 @@ mod tests {
         let candidates = [1u32, 2, 3];
         let scored = fb
             .run(
-                1,
+                M1,
                 &items,
                 &[Query {
                     history: &[4],
@@ -1147,12 +1152,12 @@ mod tests {
             .collect();
         assert_eq!(
             uploaded,
-            vec![0],
+            vec![T0],
             "only the device model's table, besides the check batch's"
         );
         assert!(plan.rows_seen.lock().unwrap().is_empty());
-        fb.unload(1);
-        assert_eq!(fb.cpu_reason(1), None);
+        fb.unload(M1);
+        assert_eq!(fb.cpu_reason(M1), None);
     }
 
     #[test]
@@ -1185,8 +1190,8 @@ mod tests {
             crate::model::items::ItemChange::Applied { row } => row,
             other => panic!("{other:?}"),
         };
-        fb.items_changed(0, &items, &[3, new_row]).unwrap();
-        fb.items_changed(0, &items, &[3]).unwrap();
+        fb.items_changed(T0, &items, &[3, new_row]).unwrap();
+        fb.items_changed(T0, &items, &[3]).unwrap();
         assert!(plan.rows_seen.lock().unwrap().is_empty());
         advance(&clock, Duration::from_secs(2));
         let out = batch(&mut fb, &items);
@@ -1198,8 +1203,8 @@ mod tests {
         );
         // And the answers match a CPU-only computation of the updated table.
         let mut cpu = CpuBackend::new();
-        let (desc, table, weights) = fb.models[&0].clone();
-        cpu.load(0, desc, table, &weights).unwrap();
+        let (desc, table, weights) = fb.models[&M0].clone();
+        cpu.load(M0, desc, table, &weights).unwrap();
         let hist: Vec<Vec<u32>> = (0..5u32).map(|i| vec![i, i * 7, i * 13 + 1]).collect();
         let queries: Vec<Query<'_>> = hist
             .iter()
@@ -1215,7 +1220,7 @@ mod tests {
                 },
             })
             .collect();
-        assert_eq!(out, cpu.run(0, &items, &queries).unwrap());
+        assert_eq!(out, cpu.run(M0, &items, &queries).unwrap());
     }
 
     #[test]
@@ -1224,7 +1229,7 @@ mod tests {
         // The table goes to the device with the model's first batch there.
         batch(&mut fb, &items);
         plan.fail_updates.store(1, Ordering::Release);
-        fb.items_changed(0, &items, &[7, 8]).unwrap();
+        fb.items_changed(T0, &items, &[7, 8]).unwrap();
         assert!(!fb.health().healthy);
         advance(&clock, Duration::from_secs(1));
         batch(&mut fb, &items);

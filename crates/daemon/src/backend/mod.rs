@@ -12,11 +12,54 @@ pub mod topk;
 use crate::model::{CpuScoring, ItemDtype, ItemTable, ModelKind, ModelSpec, Weights};
 pub use crate::model::{Query, Task};
 
-/// Index of a loaded model in the executor.
-pub type ModelId = usize;
+/// An id the executor gives a backend: a plain number, printed as one, of
+/// its own type so that ids of different things cannot be swapped.
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(usize);
 
-/// Index of an item table in the executor (models may share one).
-pub type TableId = usize;
+        impl $name {
+            /// The largest id, which the executor's count never reaches.
+            pub const MAX: Self = Self(usize::MAX);
+
+            pub const fn new(n: usize) -> Self {
+                Self(n)
+            }
+
+            /// The number.
+            pub const fn get(self) -> usize {
+                self.0
+            }
+
+            /// The id after this one.
+            pub const fn next(self) -> Self {
+                Self(self.0 + 1)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                std::fmt::Display::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+id_type! {
+    /// A resident model version in the backend, and the key of its queue:
+    /// the executor counts them up from 0 as versions are made resident. Not
+    /// a model's index in the registry (`exec::ModelIndex`), which names a
+    /// model, not one of its versions.
+    ModelId
+}
+
+id_type! {
+    /// An item table in the executor and the backend (models may share
+    /// one): its index in the feature state, kept while it is resident.
+    TableId
+}
 
 /// What a backend needs to know about a model besides its weights.
 #[derive(Debug, Clone, Copy)]
@@ -284,5 +327,14 @@ mod tests {
         let e = BackendError::new("cuda:0", Reason::OutOfMemory, "allocating 2 GiB");
         assert_eq!(e.clone().to_string(), "cuda:0: allocating 2 GiB");
         assert_eq!(e.reason, Reason::OutOfMemory);
+    }
+
+    /// Ids print as the plain numbers they were, in logs and error texts.
+    #[test]
+    fn ids_print_as_numbers() {
+        assert_eq!(ModelId::new(7).to_string(), "7");
+        assert_eq!(format!("table {}", TableId::new(12)), "table 12");
+        assert_eq!(ModelId::new(3).next(), ModelId::new(4));
+        assert_eq!(TableId::MAX.to_string(), usize::MAX.to_string());
     }
 }

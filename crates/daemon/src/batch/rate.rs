@@ -184,18 +184,25 @@ impl Gauges {
     }
 }
 
-/// Every model's `Rates`, by model index, fed by the executor as it answers
-/// batches; each window's figures go to the model's `Gauges`.
-#[derive(Debug, Default)]
-pub struct Meters(HashMap<usize, Rates>);
+/// Every model's `Rates`, by model (`M`: the executor's model index), fed by
+/// the executor as it answers batches; each window's figures go to the
+/// model's `Gauges`.
+#[derive(Debug)]
+pub struct Meters<M>(HashMap<M, Rates>);
 
-impl Meters {
+impl<M> Default for Meters<M> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<M: Copy + Eq + std::hash::Hash> Meters<M> {
     /// `model` answered a batch of `n` requests that started at `started`;
     /// `queued` of its requests wait now. Once per window (checked at `now`)
     /// the window's figures are published to `gauges`.
     pub fn answered(
         &mut self,
-        model: usize,
+        model: M,
         started: Instant,
         n: u64,
         queued: usize,
@@ -212,7 +219,7 @@ impl Meters {
     /// A model with none of its requests waiting (`queued(model)` is 0) is
     /// not draining a backlog: the time until its next batch is not its
     /// service time ([`Rates::idle`]).
-    pub fn idle(&mut self, queued: impl Fn(usize) -> usize) {
+    pub fn idle(&mut self, queued: impl Fn(M) -> usize) {
         for (&model, rates) in self.0.iter_mut() {
             if queued(model) == 0 {
                 rates.idle();

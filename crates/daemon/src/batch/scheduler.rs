@@ -22,13 +22,14 @@ use std::time::{Duration, Instant};
 
 use super::admission::Permit;
 use super::queue::{BatchPolicy, Queue};
+use crate::backend::ModelId;
 
 /// Which queue a request waits in. A struct, so that a version and a priority
 /// class can join the model without changing how queues are looked up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueKey {
-    /// Index of the model in the executor.
-    pub model: usize,
+    /// The model version's id in the executor and its backend.
+    pub model: ModelId,
 }
 
 /// A request's priority class.

@@ -5,6 +5,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::backend::ModelId;
 
 #[derive(Debug)]
 struct R {
@@ -38,8 +39,12 @@ impl Request for R {
     }
 }
 
-const A: QueueKey = QueueKey { model: 0 };
-const B: QueueKey = QueueKey { model: 1 };
+const A: QueueKey = QueueKey {
+    model: ModelId::new(0),
+};
+const B: QueueKey = QueueKey {
+    model: ModelId::new(1),
+};
 
 fn us(n: u64) -> Duration {
     Duration::from_micros(n)
@@ -292,7 +297,9 @@ fn depth_is_exact_whatever_happens_to_the_requests() {
     let stray = R {
         class: Class::Interactive,
         id: 99,
-        key: QueueKey { model: 7 },
+        key: QueueKey {
+            model: ModelId::new(7),
+        },
         rows: 1,
         enqueued: f.at(0),
         deadline: f.at(LONG),
@@ -324,7 +331,7 @@ fn drain_takes_every_queue_oldest_first_ready_or_not() {
     assert!(matches!(f.s.poll(f.at(4)), Poll::Run(_)), "A is full");
     let mut order = Vec::new();
     while let Some(run) = f.s.drain(f.at(5)) {
-        order.push((run.key.model, ids(&run.batch)));
+        order.push((run.key.model.get(), ids(&run.batch)));
     }
     assert_eq!(order, vec![(1, vec![0]), (0, vec![3])]);
     assert!(matches!(f.s.poll(f.at(5)), Poll::Idle));
@@ -332,7 +339,9 @@ fn drain_takes_every_queue_oldest_first_ready_or_not() {
 
 #[test]
 fn a_removed_queue_takes_no_requests_and_the_others_keep_their_order() {
-    const C: QueueKey = QueueKey { model: 2 };
+    const C: QueueKey = QueueKey {
+        model: ModelId::new(2),
+    };
     let mut f = Fixture::new(&[(A, 4, 1_000), (B, 4, 1_000), (C, 4, 1_000)]);
     f.push(A, 1, 0, LONG);
     assert!(!f.s.remove_queue(A), "not empty: kept");

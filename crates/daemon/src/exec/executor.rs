@@ -22,7 +22,8 @@ use super::online::OnlineEval;
 use super::query_cache::{self, QueryCache};
 use super::residency::{Parts, Residency};
 use super::{
-    popular, prepare, Answer, Command, ExecutorHandle, InferRequest, Note, Registry, Startup,
+    popular, prepare, Answer, Command, ExecutorHandle, InferRequest, ModelIndex, Note, Registry,
+    Startup,
 };
 use crate::backend::Backend;
 use crate::batch::rate::Meters;
@@ -42,7 +43,7 @@ struct Executor {
     metrics: Arc<Metrics>,
     degrade: Degrade,
     /// Each model's throughput and service rate.
-    meters: Meters,
+    meters: Meters<ModelIndex>,
     /// Batches executed, numbering them in spans.
     batches: u64,
     /// Users' query vectors, kept until their state changes.

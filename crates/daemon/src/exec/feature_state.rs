@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::online::OnlineEval;
-use super::{Op, Output, Registry, Reply, UserSummary, UserUpdate};
+use super::{ModelIndex, Op, Output, Registry, Reply, UserSummary, UserUpdate};
 use crate::features::durable::Durable;
 use crate::features::popularity::{self, Popularity};
 use crate::features::snapshot::{Snapshot, SnapshotDelta};
@@ -153,7 +153,7 @@ impl FeatureState {
         &mut self,
         op: &Op,
         output: &Output,
-        model: usize,
+        model: ModelIndex,
         version: u64,
         now: Instant,
     ) -> bool {
@@ -180,7 +180,7 @@ impl FeatureState {
     pub fn served(
         &mut self,
         user: u64,
-        model: usize,
+        model: ModelIndex,
         version: u64,
         items: &[u64],
         now: Instant,
@@ -294,7 +294,7 @@ mod tests {
             online: true,
             context: None,
         };
-        assert!(f.answered(&asked, &served, 0, 1, Instant::now()));
+        assert!(f.answered(&asked, &served, ModelIndex::new(0), 1, Instant::now()));
         f.impressions("a", "1", 1);
         assert_eq!(write(&mut f, 7, &[1]).history, [1]);
         assert_eq!(write(&mut f, 7, &[1, 4]).history, [1, 4]);
@@ -325,6 +325,6 @@ mod tests {
             online: false,
             context: None,
         };
-        assert!(!f.answered(&quiet, &served, 0, 1, Instant::now()));
+        assert!(!f.answered(&quiet, &served, ModelIndex::new(0), 1, Instant::now()));
     }
 }

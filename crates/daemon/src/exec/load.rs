@@ -6,13 +6,14 @@
 
 use std::path::{Path, PathBuf};
 
+use super::ModelIndex;
 use crate::model::attributes::{Attributes, ATTRIBUTES_FILE};
 use crate::model::{ItemTable, ModelEntry, ModelError, ModelSpec, Weights};
 
 /// A version read and validated, ready to be made resident.
 pub struct VersionFiles {
     /// The model's index in the registry.
-    pub model: usize,
+    pub model: ModelIndex,
     pub name: String,
     pub version: u64,
     pub dir: PathBuf,
@@ -104,7 +105,7 @@ pub fn load_table(items_path: &Path, dim: usize) -> Result<ItemTable, ModelError
 /// Reads `entry`. `resident(catalogue, dim)` tells whether that catalogue
 /// is already resident with that dimension (then it is not read again).
 pub fn read(
-    model: usize,
+    model: ModelIndex,
     entry: &ModelEntry,
     resident: impl Fn(&str, usize) -> bool,
 ) -> Result<VersionFiles, ModelError> {
@@ -236,7 +237,7 @@ mod tests {
         )
         .unwrap();
         let entry = crate::model::ModelEntry::read("m", 1, dir);
-        let f = read(0, &entry, |_, _| false).unwrap_or_else(|e| panic!("{e}"));
+        let f = read(ModelIndex::new(0), &entry, |_, _| false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(f.catalogue, "videos");
         assert_eq!(f.items.unwrap().rows(), 100_000);
     }

@@ -24,7 +24,7 @@ use crate::features::store as state;
 pub use crate::features::store::{UserSummary, UserUpdate};
 pub use crate::model::Op;
 pub use executor::spawn;
-pub use registry::{LoadState, Registry, Resident, Route, ServedModel, Split};
+pub use registry::{LoadState, ModelIndex, Registry, Resident, Route, ServedModel, Split};
 
 use crate::batch::{self, Class, DropReason, Permit, QueueKey, Shed, Verdict};
 use crate::error::ServeError;
@@ -39,12 +39,12 @@ pub type Reply<T> = oneshot::Sender<Result<T, ServeError>>;
 /// What the executor is started with.
 pub struct Startup {
     /// The versions to load before serving, with their model's index.
-    pub versions: Vec<(usize, ModelEntry)>,
+    pub versions: Vec<(ModelIndex, ModelEntry)>,
     /// Splits restored from the last run, per model index.
-    pub splits: BTreeMap<usize, Split>,
+    pub splits: BTreeMap<ModelIndex, Split>,
     /// Older versions, newest first, tried in turn for a model whose start-up
     /// versions all failed.
-    pub fallbacks: Vec<(usize, ModelEntry)>,
+    pub fallbacks: Vec<(ModelIndex, ModelEntry)>,
     pub snapshot: Option<Snapshot>,
     /// Users remembered for online evaluation (0: off) and the window.
     pub online_users: usize,
@@ -153,7 +153,7 @@ pub enum Command {
     /// version (a pipeline's answer, credited to each stage).
     Served {
         user: u64,
-        model: usize,
+        model: ModelIndex,
         version: u64,
         items: Vec<u64>,
     },
@@ -342,7 +342,7 @@ impl ExecutorHandle {
     }
 
     /// Counts `items` as an impression of `model`'s `version` for `user`.
-    pub fn served(&self, user: u64, model: usize, version: u64, items: Vec<u64>) {
+    pub fn served(&self, user: u64, model: ModelIndex, version: u64, items: Vec<u64>) {
         let _ = self.tx.send(Command::Served {
             user,
             model,

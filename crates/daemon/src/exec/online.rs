@@ -12,13 +12,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use super::ModelIndex;
+
 /// Lists remembered per user, newest kept.
 pub const LISTS_PER_USER: usize = 4;
 /// Items remembered per list (clicks deeper than this are not counted).
 pub const MAX_RANK: usize = 200;
 
 struct Served {
-    model: usize,
+    model: ModelIndex,
     version: u64,
     items: Box<[u64]>,
     at: Instant,
@@ -33,7 +35,7 @@ struct UserLists {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hit {
-    pub model: usize,
+    pub model: ModelIndex,
     pub version: u64,
     /// 1-based.
     pub rank: usize,
@@ -71,7 +73,14 @@ impl OnlineEval {
     }
 
     /// Remembers a list served to `user` by (`model`, `version`).
-    pub fn served(&mut self, user: u64, model: usize, version: u64, items: &[u64], now: Instant) {
+    pub fn served(
+        &mut self,
+        user: u64,
+        model: ModelIndex,
+        version: u64,
+        items: &[u64],
+        now: Instant,
+    ) {
         if !self.enabled() || items.is_empty() {
             return;
         }
@@ -135,17 +144,19 @@ impl OnlineEval {
 mod tests {
     use super::*;
 
+    const M: ModelIndex = ModelIndex::new(0);
+
     #[test]
     fn a_click_on_a_served_item_is_a_hit_for_the_version_that_served_it() {
         let t0 = Instant::now();
         let mut e = OnlineEval::new(10, Duration::from_secs(60));
-        e.served(1, 0, 2, &[10, 11, 12], t0);
-        e.served(2, 0, 1, &[10, 20], t0);
+        e.served(1, M, 2, &[10, 11, 12], t0);
+        e.served(2, M, 1, &[10, 20], t0);
         assert_eq!(e.clicked(1, 99, t0), None, "not in the list");
         assert_eq!(
             e.clicked(1, 12, t0),
             Some(Hit {
-                model: 0,
+                model: M,
                 version: 2,
                 rank: 3
             })
@@ -159,9 +170,9 @@ mod tests {
     fn clicks_after_the_window_do_not_count() {
         let t0 = Instant::now();
         let mut e = OnlineEval::new(10, Duration::from_secs(60));
-        e.served(1, 0, 1, &[5], t0);
+        e.served(1, M, 1, &[5], t0);
         assert_eq!(e.clicked(1, 5, t0 + Duration::from_secs(61)), None);
-        e.served(1, 0, 1, &[5], t0 + Duration::from_secs(61));
+        e.served(1, M, 1, &[5], t0 + Duration::from_secs(61));
         assert!(e.clicked(1, 5, t0 + Duration::from_secs(62)).is_some());
     }
 
@@ -170,8 +181,8 @@ mod tests {
         let t0 = Instant::now();
         let mut e = OnlineEval::new(100, Duration::from_secs(60));
         for u in 0..1000u64 {
-            e.served(u, 0, 1, &[u], t0);
-            e.served(u % 7, 0, 1, &[u], t0);
+            e.served(u, M, 1, &[u], t0);
+            e.served(u % 7, M, 1, &[u], t0);
         }
         assert_eq!(e.users(), 100);
         assert!(e.order.len() <= 2 * 1024 + 1);
@@ -180,7 +191,7 @@ mod tests {
         assert!(e.clicked(10, 10, t0).is_none());
         // A user keeps the newest LISTS_PER_USER lists.
         for i in 0..10u64 {
-            e.served(5000, 0, i, &[i], t0);
+            e.served(5000, M, i, &[i], t0);
         }
         assert!(e.clicked(5000, 0, t0).is_none());
         assert_eq!(e.clicked(5000, 9, t0).map(|h| h.version), Some(9));
@@ -191,7 +202,7 @@ mod tests {
     fn off_remembers_nothing() {
         let t0 = Instant::now();
         let mut e = OnlineEval::new(0, Duration::from_secs(60));
-        e.served(1, 0, 1, &[5], t0);
+        e.served(1, M, 1, &[5], t0);
         assert_eq!(e.clicked(1, 5, t0), None);
         assert_eq!(e.users(), 0);
     }

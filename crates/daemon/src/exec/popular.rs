@@ -4,7 +4,7 @@
 //! says so), and the 504 of a request dropped before it ran.
 
 use super::{deadline_exceeded, Answer, InferRequest, Note};
-use crate::backend::{Output, Scored};
+use crate::backend::{Output, Scored, TableId};
 use crate::batch::shed::{self, Shed};
 use crate::batch::{DropReason, Dropped};
 use crate::error::ServeError;
@@ -80,7 +80,7 @@ pub(super) fn answer(
     req: InferRequest,
     note: Note,
     state: &State,
-    table: Option<usize>,
+    table: Option<TableId>,
     top: &[(u64, f32)],
 ) {
     let Op::Recommend {
@@ -154,8 +154,9 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::backend::ModelId;
     use crate::batch::Class;
-    use crate::exec::{Resident, UserUpdate};
+    use crate::exec::{ModelIndex, Resident, UserUpdate};
     use crate::features::store::ItemWrite;
     use crate::features::UserDims;
     use crate::model::{ItemTable, ModelSpec};
@@ -168,8 +169,8 @@ mod tests {
         ))
         .unwrap();
         Arc::new(Resident {
-            id: 0,
-            model: 0,
+            id: ModelId::new(0),
+            model: ModelIndex::new(0),
             version: 1,
             spec: Arc::new(spec),
             cpu_reason: None,
@@ -204,6 +205,9 @@ mod tests {
         }
     }
 
+    /// The table `state()` adds.
+    const VIDEOS: TableId = TableId::new(0);
+
     /// Items 1 to 6, and users that read them.
     fn state() -> State {
         let mut s = State::new(10);
@@ -231,7 +235,7 @@ mod tests {
         // 5 is in the user's history, 99 not in the catalogue, 1 excluded.
         let top = [(5, 9.0), (3, 4.0), (99, 3.0), (1, 2.0)];
         let (req, rx) = request(resident(""), recommend(7, 4, vec![1], None));
-        answer(req, Note::Degraded, &s, Some(0), &top);
+        answer(req, Note::Degraded, &s, Some(VIDEOS), &top);
         let a = rx.blocking_recv().unwrap().unwrap();
         assert_eq!(a.note, Note::Degraded);
         let Output::TopK(list) = a.output else {
@@ -242,7 +246,7 @@ mod tests {
         assert_eq!(got, [(3, 4.0), (4, 0.0), (6, 0.0)]);
         // k bounds the answer.
         let (req, rx) = request(resident(""), recommend(8, 2, vec![], None));
-        answer(req, Note::ColdStart, &s, Some(0), &top);
+        answer(req, Note::ColdStart, &s, Some(VIDEOS), &top);
         let Output::TopK(list) = rx.blocking_recv().unwrap().unwrap().output else {
             panic!()
         };

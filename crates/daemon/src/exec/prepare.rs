@@ -163,8 +163,9 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::backend::ModelId;
     use crate::batch::Class;
-    use crate::exec::Resident;
+    use crate::exec::{ModelIndex, Resident};
     use crate::features::store::{State, UserUpdate};
     use crate::features::UserDims;
 
@@ -184,8 +185,8 @@ mod tests {
         let (reply, rx) = oneshot::channel();
         let now = Instant::now();
         let resident = Arc::new(Resident {
-            id: 0,
-            model: 0,
+            id: ModelId::new(0),
+            model: ModelIndex::new(0),
             version: 1,
             spec: Arc::new(spec()),
             cpu_reason: None,
@@ -208,7 +209,7 @@ mod tests {
     fn requests_are_resolved_to_rows_and_one_that_cannot_be_leaves_the_batch() {
         let mut s = State::new(10);
         let ids: Vec<u64> = (10..20).collect();
-        s.add_table("videos", ItemTable::new(2, ids, vec![0.5; 20]).unwrap());
+        let videos = s.add_table("videos", ItemTable::new(2, ids, vec![0.5; 20]).unwrap());
         let update = UserUpdate {
             user_id: 7,
             history: Some(vec![15, 12, 11]),
@@ -232,7 +233,7 @@ mod tests {
         let (a, _) = request(recommend);
         let (b, mut refused) = request(score(vec![13, 404]));
         let (c, _) = request(score(vec![18, 10]));
-        let (spec, items) = (spec(), &s.tables[0]);
+        let (spec, items) = (spec(), &s.tables[videos]);
         let (live, prepared) = batch(vec![a, b, c], &spec, items, "videos", &s.users);
         assert_eq!(live.len(), 2);
         let e = refused.try_recv().unwrap().unwrap_err();

@@ -236,6 +236,9 @@ pub fn run(
 mod tests {
     use super::*;
 
+    const M0: ModelId = ModelId::new(0);
+    const M1: ModelId = ModelId::new(1);
+
     fn table() -> ItemTable {
         ItemTable::new(2, vec![1, 2, 3], vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0]).unwrap()
     }
@@ -248,24 +251,27 @@ mod tests {
     fn a_kept_vector_serves_until_the_user_or_a_history_row_changes() {
         let mut items = table();
         let mut c = QueryCache::new(1 << 20);
-        c.put(0, key(7, 1), items.writes(), &[0.5, 0.25]);
-        assert_eq!(c.get(0, key(7, 1), &items, &[0, 1]), Some(&[0.5, 0.25][..]));
+        c.put(M0, key(7, 1), items.writes(), &[0.5, 0.25]);
+        assert_eq!(
+            c.get(M0, key(7, 1), &items, &[0, 1]),
+            Some(&[0.5, 0.25][..])
+        );
         // Another version, another user, or the same user changed since.
-        assert_eq!(c.get(1, key(7, 1), &items, &[0, 1]), None);
-        assert_eq!(c.get(0, key(8, 1), &items, &[0, 1]), None);
-        assert_eq!(c.get(0, key(7, 2), &items, &[0, 1]), None);
+        assert_eq!(c.get(M1, key(7, 1), &items, &[0, 1]), None);
+        assert_eq!(c.get(M0, key(8, 1), &items, &[0, 1]), None);
+        assert_eq!(c.get(M0, key(7, 2), &items, &[0, 1]), None);
         // A write to a row the history does not read changes nothing; one
         // to a row it reads does.
         items.upsert(3, &[2.0, 2.0], 1);
-        assert!(c.get(0, key(7, 1), &items, &[0, 1]).is_some());
+        assert!(c.get(M0, key(7, 1), &items, &[0, 1]).is_some());
         items.upsert(2, &[2.0, 2.0], 1);
-        assert_eq!(c.get(0, key(7, 1), &items, &[0, 1]), None);
+        assert_eq!(c.get(M0, key(7, 1), &items, &[0, 1]), None);
         // Kept again after the write, it serves again.
-        c.put(0, key(7, 1), items.writes(), &[1.0, 1.0]);
-        assert_eq!(c.get(0, key(7, 1), &items, &[0, 1]), Some(&[1.0, 1.0][..]));
+        c.put(M0, key(7, 1), items.writes(), &[1.0, 1.0]);
+        assert_eq!(c.get(M0, key(7, 1), &items, &[0, 1]), Some(&[1.0, 1.0][..]));
         // A history id that gains a row (a new item) is a write too.
         items.upsert(4, &[3.0, 3.0], 1);
-        assert_eq!(c.get(0, key(7, 1), &items, &[0, 1, 3]), None);
+        assert_eq!(c.get(M0, key(7, 1), &items, &[0, 1, 3]), None);
     }
 
     #[test]
@@ -274,24 +280,27 @@ mod tests {
         let per = 2 * 4 + ENTRY_OVERHEAD;
         let mut c = QueryCache::new(3 * per);
         for user in 0..5 {
-            c.put(0, key(user, 1), 0, &[user as f32, 0.0]);
+            c.put(M0, key(user, 1), 0, &[user as f32, 0.0]);
             assert!(c.bytes() <= 3 * per, "{} bytes", c.bytes());
         }
         assert_eq!(c.len(), 3);
         for user in 0..2 {
-            assert_eq!(c.get(0, key(user, 1), &items, &[]), None, "user {user}");
+            assert_eq!(c.get(M0, key(user, 1), &items, &[]), None, "user {user}");
         }
         for user in 2..5 {
-            assert!(c.get(0, key(user, 1), &items, &[]).is_some(), "user {user}");
+            assert!(
+                c.get(M0, key(user, 1), &items, &[]).is_some(),
+                "user {user}"
+            );
         }
         // Replacing a user's vector does not grow the cache, and keeps the
         // records of replaced vectors bounded.
         for round in 0..5000 {
-            c.put(0, key(4, round + 2), 0, &[1.0, 2.0]);
+            c.put(M0, key(4, round + 2), 0, &[1.0, 2.0]);
         }
         assert_eq!((c.len(), c.bytes()), (3, 3 * per));
         assert!(c.order.len() <= 2 * c.len() + 1024 + 1, "{}", c.order.len());
-        c.forget(0);
+        c.forget(M0);
         assert_eq!((c.len(), c.bytes(), c.order.len()), (0, 0, 0));
     }
 
@@ -300,28 +309,28 @@ mod tests {
         let items = table();
         let per = 2 * 4 + ENTRY_OVERHEAD;
         let mut c = QueryCache::new(2 * per);
-        c.put(0, key(1, 1), 0, &[1.0, 0.0]);
-        c.put(0, key(2, 1), 0, &[2.0, 0.0]);
+        c.put(M0, key(1, 1), 0, &[1.0, 0.0]);
+        c.put(M0, key(2, 1), 0, &[2.0, 0.0]);
         // User 1 was kept first but asked for since: user 2 goes.
-        assert!(c.get(0, key(1, 1), &items, &[]).is_some());
-        c.put(0, key(3, 1), 0, &[3.0, 0.0]);
-        assert_eq!(c.get(0, key(2, 1), &items, &[]), None);
-        assert_eq!(c.get(0, key(1, 1), &items, &[]), Some(&[1.0, 0.0][..]));
-        assert!(c.get(0, key(3, 1), &items, &[]).is_some());
+        assert!(c.get(M0, key(1, 1), &items, &[]).is_some());
+        c.put(M0, key(3, 1), 0, &[3.0, 0.0]);
+        assert_eq!(c.get(M0, key(2, 1), &items, &[]), None);
+        assert_eq!(c.get(M0, key(1, 1), &items, &[]), Some(&[1.0, 0.0][..]));
+        assert!(c.get(M0, key(3, 1), &items, &[]).is_some());
         // Hits alone keep the eviction records bounded.
         for _ in 0..5000 {
-            assert!(c.get(0, key(1, 1), &items, &[]).is_some());
+            assert!(c.get(M0, key(1, 1), &items, &[]).is_some());
         }
         assert!(c.order.len() <= 2 * c.len() + 1024 + 1, "{}", c.order.len());
         // A miss (the user changed) refreshes nothing.
-        assert_eq!(c.get(0, key(3, 2), &items, &[]), None);
-        c.put(0, key(4, 1), 0, &[4.0, 0.0]);
+        assert_eq!(c.get(M0, key(3, 2), &items, &[]), None);
+        c.put(M0, key(4, 1), 0, &[4.0, 0.0]);
         assert_eq!(
-            c.get(0, key(3, 1), &items, &[]),
+            c.get(M0, key(3, 1), &items, &[]),
             None,
             "user 3 was the least recent"
         );
-        assert!(c.get(0, key(1, 1), &items, &[]).is_some());
+        assert!(c.get(M0, key(1, 1), &items, &[]).is_some());
     }
 
     #[test]
@@ -329,8 +338,8 @@ mod tests {
         let items = table();
         let mut c = QueryCache::new(0);
         assert!(!c.enabled());
-        c.put(0, key(1, 1), 0, &[1.0, 2.0]);
-        assert_eq!(c.get(0, key(1, 1), &items, &[]), None);
+        c.put(M0, key(1, 1), 0, &[1.0, 2.0]);
+        assert_eq!(c.get(M0, key(1, 1), &items, &[]), None);
         assert_eq!(c.bytes(), 0);
     }
 }

@@ -42,6 +42,25 @@ impl LoadState {
     }
 }
 
+/// A model's place in the registry, fixed for the daemon's life: it names a
+/// model, not a version (a resident version's id in the backend is a
+/// `ModelId`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelIndex(usize);
+
+impl ModelIndex {
+    /// The `n`th model given to [`Registry::new`].
+    pub const fn new(n: usize) -> Self {
+        Self(n)
+    }
+}
+
+impl std::fmt::Display for ModelIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
 /// A version resident in the executor. Requests routed to it hold a clone
 /// until they are answered, so the executor frees the version only once the
 /// registry and every request have let go of it.
@@ -50,7 +69,7 @@ pub struct Resident {
     /// The version's id in the backend and its queue's key.
     pub id: ModelId,
     /// The model's index in the registry.
-    pub model: usize,
+    pub model: ModelIndex,
     pub version: u64,
     pub spec: Arc<ModelSpec>,
     /// Why this version runs on the CPU while the executor's device is
@@ -577,7 +596,7 @@ fn validate_split(
 #[derive(Debug)]
 pub struct Registry {
     models: Vec<Arc<ServedModel>>,
-    by_name: HashMap<String, usize>,
+    by_name: HashMap<String, ModelIndex>,
     device: RwLock<String>,
     /// Why the GPU is not used, when it is not.
     device_reason: RwLock<Option<String>>,
@@ -593,7 +612,7 @@ impl Registry {
         let by_name = models
             .iter()
             .enumerate()
-            .map(|(i, m)| (m.name.clone(), i))
+            .map(|(i, m)| (m.name.clone(), ModelIndex(i)))
             .collect();
         Self {
             models: models.into_iter().map(Arc::new).collect(),
@@ -620,12 +639,20 @@ impl Registry {
         &self.user_dims
     }
 
-    pub fn get(&self, name: &str) -> Option<(usize, &Arc<ServedModel>)> {
-        self.by_name.get(name).map(|&i| (i, &self.models[i]))
+    pub fn get(&self, name: &str) -> Option<(ModelIndex, &Arc<ServedModel>)> {
+        self.by_name.get(name).map(|&i| (i, self.by_index(i)))
     }
 
-    pub fn by_index(&self, index: usize) -> &Arc<ServedModel> {
-        &self.models[index]
+    pub fn by_index(&self, index: ModelIndex) -> &Arc<ServedModel> {
+        &self.models[index.0]
+    }
+
+    /// Every model with its index, in order.
+    pub fn indexed(&self) -> impl Iterator<Item = (ModelIndex, &Arc<ServedModel>)> {
+        self.models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (ModelIndex(i), m))
     }
 
     pub fn models(&self) -> &[Arc<ServedModel>] {
@@ -717,10 +744,10 @@ mod tests {
         )
     }
 
-    fn resident(id: ModelId, version: u64) -> Arc<Resident> {
+    fn resident(id: usize, version: u64) -> Arc<Resident> {
         Arc::new(Resident {
-            id,
-            model: 0,
+            id: ModelId::new(id),
+            model: ModelIndex::new(0),
             version,
             spec: spec(),
             cpu_reason: None,

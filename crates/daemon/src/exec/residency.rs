@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use super::load::{self, VersionFiles};
 use super::query_cache::QueryCache;
-use super::{InferRequest, LoadState, Registry, Reply, Resident, Split};
-use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Query};
+use super::{InferRequest, LoadState, ModelIndex, Registry, Reply, Resident, Split};
+use crate::backend::{Backend, BatchBounds, ModelDesc, ModelId, Query, TableId};
 use crate::batch::{BatchPolicy, QueueKey, Scheduler};
 use crate::error::ServeError;
 use crate::features::catalogues::Shape;
@@ -35,14 +35,14 @@ use crate::model::{ModelEntry, ModelError, ModelSpec};
 /// A resident model version.
 pub(super) struct Slot {
     /// The model's index in the registry.
-    pub model: usize,
+    pub model: ModelIndex,
     pub name: String,
     pub version: u64,
     /// `version` as a metric label.
     pub label: String,
     pub spec: Arc<ModelSpec>,
     /// Its catalogue's table in the feature state.
-    pub table: usize,
+    pub table: TableId,
     catalogue: String,
     /// Where the table was read from.
     table_key: PathBuf,
@@ -50,7 +50,7 @@ pub(super) struct Slot {
 
 /// A resident catalogue: its table, and how many resident versions read it.
 struct Table {
-    id: usize,
+    id: TableId,
     users: usize,
 }
 
@@ -90,7 +90,7 @@ impl Residency {
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, device: String) -> Self {
         Self {
             slots: HashMap::new(),
-            next_id: 0,
+            next_id: ModelId::new(0),
             tables: HashMap::new(),
             warming: VecDeque::new(),
             retiring: Vec::new(),
@@ -110,9 +110,9 @@ impl Residency {
     pub fn load_at_start(
         &mut self,
         p: &mut Parts<'_>,
-        versions: Vec<(usize, ModelEntry)>,
-        fallbacks: Vec<(usize, ModelEntry)>,
-        splits: &BTreeMap<usize, Split>,
+        versions: Vec<(ModelIndex, ModelEntry)>,
+        fallbacks: Vec<(ModelIndex, ModelEntry)>,
+        splits: &BTreeMap<ModelIndex, Split>,
     ) {
         for (model, entry) in versions {
             self.load_now(p, model, &entry);
@@ -145,7 +145,7 @@ impl Residency {
     }
 
     /// Reads, loads and warms one version at once (nothing is served yet).
-    fn load_now(&mut self, p: &mut Parts<'_>, model: usize, entry: &ModelEntry) {
+    fn load_now(&mut self, p: &mut Parts<'_>, model: ModelIndex, entry: &ModelEntry) {
         let files = load::read(model, entry, |name, dim| {
             self.registry.catalogues().resident(name, dim)
         });
@@ -166,7 +166,7 @@ impl Residency {
     fn begin(
         &mut self,
         p: &mut Parts<'_>,
-        (model, version): (usize, u64),
+        (model, version): (ModelIndex, u64),
         files: Result<VersionFiles, ModelError>,
         reply: Option<Reply<()>>,
     ) {
@@ -225,7 +225,7 @@ impl Residency {
             }
         };
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = id.next();
         if spec.history_len > p.state.users.history_cap() {
             tracing::info!(
                 model = %f.name,
@@ -385,7 +385,7 @@ impl Residency {
         }
     }
 
-    fn failed(&self, model: usize, version: u64, e: &ModelError, reply: Option<Reply<()>>) {
+    fn failed(&self, model: ModelIndex, version: u64, e: &ModelError, reply: Option<Reply<()>>) {
         let served = self.registry.by_index(model);
         let err = super::load_failed(served, &self.metrics, version, e);
         if let Some(r) = reply {
@@ -467,7 +467,7 @@ impl Residency {
         }
     }
 
-    fn publish_traffic(&self, model: usize) {
+    fn publish_traffic(&self, model: ModelIndex) {
         let served = self.registry.by_index(model);
         let versions: Vec<u64> = served.versions().iter().map(|(v, _, _)| *v).collect();
         self.metrics
@@ -514,7 +514,7 @@ impl Residency {
     pub fn items_changed(&self, backend: &mut dyn Backend, state: &mut State) {
         for (table, rows) in state.take_changed_rows() {
             if let Err(e) = backend.items_changed(table, &state.tables[table], &rows) {
-                tracing::error!(table, error = %e, "device copy of the item table not updated");
+                tracing::error!(table = table.get(), error = %e, "device copy of the item table not updated");
             }
         }
         self.publish_item_counts(state);
@@ -541,6 +541,9 @@ mod tests {
     use crate::model::{ItemTable, Layer, TowerWeights, Weights};
 
     type Loaded = oneshot::Receiver<Result<(), ServeError>>;
+
+    const A: ModelIndex = ModelIndex::new(0);
+    const B: ModelIndex = ModelIndex::new(1);
 
     /// The executor's parts residency works on, with a CPU backend and two
     /// models, `a` (index 0) and `b` (index 1).
@@ -610,7 +613,7 @@ mod tests {
         /// resident at that width), with `weights`.
         fn install_with(
             &mut self,
-            model: usize,
+            model: ModelIndex,
             version: u64,
             catalogue: &str,
             dim: usize,
@@ -636,7 +639,7 @@ mod tests {
             rx
         }
 
-        fn install(&mut self, model: usize, version: u64, catalogue: &str) -> Loaded {
+        fn install(&mut self, model: ModelIndex, version: u64, catalogue: &str) -> Loaded {
             self.install_with(model, version, catalogue, 4, tower(4))
         }
 
@@ -653,7 +656,7 @@ mod tests {
 
         /// The version of `model` a request is routed to now, held as a
         /// request holds it.
-        fn route(&self, model: usize) -> Arc<Resident> {
+        fn route(&self, model: ModelIndex) -> Arc<Resident> {
             self.registry
                 .by_index(model)
                 .route(7, None)
@@ -687,29 +690,29 @@ mod tests {
     #[test]
     fn a_catalogue_is_shared_by_the_versions_reading_it_and_freed_with_the_last() {
         let mut f = Fixture::new();
-        let a1 = f.install(0, 1, "videos");
-        assert_eq!(f.registry.by_index(0).state(), LoadState::Loading);
+        let a1 = f.install(A, 1, "videos");
+        assert_eq!(f.registry.by_index(A).state(), LoadState::Loading);
         // One warm-up batch (the CPU warms its largest batch), then service.
         assert_eq!(f.warm(), 2);
         ready(a1);
-        assert_eq!(f.registry.by_index(0).state(), LoadState::Ready);
+        assert_eq!(f.registry.by_index(A).state(), LoadState::Ready);
         assert!(f.registry.catalogues().resident("videos", 4));
-        assert_eq!(f.registry.by_index(0).item_count(), 10);
-        let b1 = f.install(1, 1, "videos");
+        assert_eq!(f.registry.by_index(A).item_count(), 10);
+        let b1 = f.install(B, 1, "videos");
         f.warm();
         ready(b1);
         assert_eq!(f.readers("videos"), 2);
         assert_eq!(f.catalogue_models("videos"), ["a@1", "b@1"]);
-        let (a1, b1) = (f.route(0), f.route(1));
+        let (a1, b1) = (f.route(A), f.route(B));
         let table = f.residency.slot(a1.id).unwrap().table;
         assert_eq!(f.residency.slot(b1.id).unwrap().table, table, "one table");
 
         // a's version 2 takes over; a request still holds version 1, which
         // stays resident until it lets go.
-        let a2 = f.install(0, 2, "videos");
+        let a2 = f.install(A, 2, "videos");
         f.warm();
         ready(a2);
-        assert_eq!(f.route(0).version, 2);
+        assert_eq!(f.route(A).version, 2);
         f.collect();
         assert!(f.residency.slot(a1.id).is_some(), "held by a request");
         assert_eq!(f.readers("videos"), 3);
@@ -723,12 +726,12 @@ mod tests {
         // b moves to another catalogue, then a: the first one goes with
         // its last reader.
         drop(b1);
-        let b2 = f.install(1, 2, "music");
+        let b2 = f.install(B, 2, "music");
         f.warm();
         ready(b2);
         f.collect();
         assert_eq!((f.readers("videos"), f.readers("music")), (1, 1));
-        let a3 = f.install(0, 3, "music");
+        let a3 = f.install(A, 3, "music");
         f.warm();
         ready(a3);
         f.collect();
@@ -741,15 +744,15 @@ mod tests {
     #[test]
     fn item_writes_reach_the_device_copy_and_the_models_item_counts() {
         let mut f = Fixture::new();
-        let a1 = f.install(0, 1, "videos");
+        let a1 = f.install(A, 1, "videos");
         f.warm();
         ready(a1);
         let write: crate::features::store::ItemWrite =
             serde_json::from_str(r#"{"item_id": 11, "embedding": [1, 0, 0, 0]}"#).unwrap();
         f.state.write_item_request(write).unwrap();
-        assert_eq!(f.registry.by_index(0).item_count(), 10);
+        assert_eq!(f.registry.by_index(A).item_count(), 10);
         f.residency.items_changed(&mut f.backend, &mut f.state);
-        assert_eq!(f.registry.by_index(0).item_count(), 11);
+        assert_eq!(f.registry.by_index(A).item_count(), 11);
         assert!(
             f.state.take_changed_rows().is_empty(),
             "handed to the device"
@@ -759,15 +762,15 @@ mod tests {
     #[test]
     fn a_version_of_another_width_for_a_resident_catalogue_is_refused() {
         let mut f = Fixture::new();
-        let a1 = f.install(0, 1, "videos");
+        let a1 = f.install(A, 1, "videos");
         f.warm();
         ready(a1);
-        let b1 = f.install_with(1, 1, "videos", 8, tower(8));
+        let b1 = f.install_with(B, 1, "videos", 8, tower(8));
         let e = failed(b1);
         assert_eq!(e.status(), 422, "{e}");
         assert!(e.to_string().contains("[N, 8]"), "{e}");
         assert!(matches!(
-            f.registry.by_index(1).state(),
+            f.registry.by_index(B).state(),
             LoadState::Failed(_)
         ));
         assert_eq!(f.warm(), 0, "nothing to warm");
@@ -778,7 +781,7 @@ mod tests {
     #[test]
     fn a_version_the_device_refuses_gives_back_the_table_it_took() {
         let mut f = Fixture::new();
-        let a1 = f.install_with(0, 1, "videos", 4, Weights::new(0u8));
+        let a1 = f.install_with(A, 1, "videos", 4, Weights::new(0u8));
         let e = failed(a1);
         assert!(e.to_string().contains("not a tower"), "{e}");
         assert_eq!(f.readers("videos"), 0);
@@ -786,7 +789,7 @@ mod tests {
         assert_eq!(f.state.table_of("videos"), None);
         assert!(f.residency.slots.is_empty());
         // The catalogue loads again for the next version.
-        let a2 = f.install(0, 2, "videos");
+        let a2 = f.install(A, 2, "videos");
         f.warm();
         ready(a2);
         assert_eq!(f.readers("videos"), 1);
@@ -795,8 +798,8 @@ mod tests {
     #[test]
     fn a_version_unloaded_while_it_warms_is_freed_and_its_loader_told() {
         let mut f = Fixture::new();
-        let a1 = f.install(0, 1, "videos");
-        f.registry.by_index(0).unload(1).unwrap();
+        let a1 = f.install(A, 1, "videos");
+        f.registry.by_index(A).unload(1).unwrap();
         f.warm();
         let e = failed(a1);
         assert_eq!(e.status(), 404, "{e}");
@@ -812,15 +815,15 @@ mod tests {
     #[test]
     fn warming_takes_one_batch_per_step_and_a_stop_answers_the_loaders_waiting() {
         let mut f = Fixture::new();
-        let a1 = f.install(0, 1, "videos");
-        let b1 = f.install(1, 1, "videos");
+        let a1 = f.install(A, 1, "videos");
+        let b1 = f.install(B, 1, "videos");
         {
             let (r, mut p) = f.parts();
             assert!(r.warm_step(&mut p), "a's warm-up batch");
             assert!(r.warm_step(&mut p), "a in service");
         }
         ready(a1);
-        assert_eq!(f.registry.by_index(1).state(), LoadState::Loading);
+        assert_eq!(f.registry.by_index(B).state(), LoadState::Loading);
         f.residency.stop();
         assert_eq!(failed(b1).status(), 503);
     }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::backend::TableId;
 use crate::error::ServeError;
 use crate::features::catalogues::Unresolved;
 use crate::features::snapshot::{
@@ -65,15 +66,41 @@ pub struct ItemWrite {
     pub attributes: Option<BTreeMap<String, i64>>,
 }
 
+/// Item tables by id: the id is the table's place here, and the id the
+/// backend knows it by.
+#[derive(Default)]
+pub struct Tables(Vec<ItemTable>);
+
+impl Tables {
+    fn push(&mut self, table: ItemTable) -> TableId {
+        self.0.push(table);
+        TableId::new(self.0.len() - 1)
+    }
+}
+
+impl std::ops::Index<TableId> for Tables {
+    type Output = ItemTable;
+
+    fn index(&self, t: TableId) -> &ItemTable {
+        &self.0[t.get()]
+    }
+}
+
+impl std::ops::IndexMut<TableId> for Tables {
+    fn index_mut(&mut self, t: TableId) -> &mut ItemTable {
+        &mut self.0[t.get()]
+    }
+}
+
 pub struct State {
     /// Item tables by id; a catalogue's table keeps its id while resident.
-    pub tables: Vec<ItemTable>,
-    /// The catalogue name of each table ("" for a retired one).
+    pub tables: Tables,
+    /// The catalogue name of each table by id ("" for a retired one).
     names: Vec<String>,
-    by_name: HashMap<String, usize>,
+    by_name: HashMap<String, TableId>,
     /// Tables no model uses any more: emptied, skipped by writes, and reused
     /// by the next table added.
-    retired: std::collections::BTreeSet<usize>,
+    retired: std::collections::BTreeSet<TableId>,
     pub users: UserStore,
     /// Next offset per topic-partition that the state includes.
     pub applied: BTreeMap<Position, i64>,
@@ -89,7 +116,7 @@ pub struct State {
     items_since: HashSet<(String, u64)>,
     tracking: bool,
     /// Rows written since the backend last heard of them, per table.
-    changed_rows: BTreeMap<usize, Vec<u32>>,
+    changed_rows: BTreeMap<TableId, Vec<u32>>,
     /// Bumped on every change, so a snapshot is only written when needed.
     pub changes: u64,
     /// Most users held (0: unlimited).
@@ -101,7 +128,7 @@ pub struct State {
 impl State {
     pub fn new(history_cap: usize) -> Self {
         Self {
-            tables: Vec::new(),
+            tables: Tables::default(),
             names: Vec::new(),
             by_name: HashMap::new(),
             retired: std::collections::BTreeSet::new(),
@@ -122,7 +149,7 @@ impl State {
     /// Adds catalogue `name`'s table, loaded from its file, and puts back
     /// the items written to that catalogue before it was last unloaded (or
     /// restored from the snapshot for it). Returns the table's id.
-    pub fn add_table(&mut self, name: &str, mut table: ItemTable) -> usize {
+    pub fn add_table(&mut self, name: &str, mut table: ItemTable) -> TableId {
         debug_assert!(
             !self.by_name.contains_key(name),
             "catalogue {name} added twice"
@@ -149,13 +176,12 @@ impl State {
         let t = match self.retired.pop_first() {
             Some(t) => {
                 self.tables[t] = table;
-                self.names[t] = name.to_string();
+                self.names[t.get()] = name.to_string();
                 t
             }
             None => {
-                self.tables.push(table);
                 self.names.push(name.to_string());
-                self.tables.len() - 1
+                self.tables.push(table)
             }
         };
         self.by_name.insert(name.to_string(), t);
@@ -164,8 +190,8 @@ impl State {
 
     /// Frees a table no model uses any more; the items written to its
     /// catalogue are kept aside.
-    pub fn retire_table(&mut self, t: usize) {
-        let name = std::mem::take(&mut self.names[t]);
+    pub fn retire_table(&mut self, t: TableId) {
+        let name = std::mem::take(&mut self.names[t.get()]);
         if let Some(ids) = self.written.get(&name) {
             let parked: HashMap<u64, SnapshotItem> = ids
                 .iter()
@@ -181,25 +207,25 @@ impl State {
     }
 
     /// The table of catalogue `name`, when resident.
-    pub fn table_of(&self, name: &str) -> Option<usize> {
+    pub fn table_of(&self, name: &str) -> Option<TableId> {
         self.by_name.get(name).copied()
     }
 
     /// The catalogue name of table `t`.
-    pub fn name_of(&self, t: usize) -> &str {
-        &self.names[t]
+    pub fn name_of(&self, t: TableId) -> &str {
+        &self.names[t.get()]
     }
 
     /// Resident catalogues: (name, table id), by name.
-    pub fn catalogues(&self) -> Vec<(&str, usize)> {
-        let mut v: Vec<(&str, usize)> =
+    pub fn catalogues(&self) -> Vec<(&str, TableId)> {
+        let mut v: Vec<(&str, TableId)> =
             self.by_name.iter().map(|(n, &t)| (n.as_str(), t)).collect();
         v.sort_unstable();
         v
     }
 
     /// The table a write names (or the only one).
-    fn resolve(&self, named: Option<&str>) -> Result<usize, ServeError> {
+    fn resolve(&self, named: Option<&str>) -> Result<TableId, ServeError> {
         let loaded = self.catalogues();
         let dims = loaded.iter().map(|&(n, t)| (n, self.tables[t].dim()));
         match crate::features::catalogues::resolve(named, dims) {
@@ -216,7 +242,7 @@ impl State {
     }
 
     /// Applies an item update to table `t`; true when it changed the row.
-    fn write_item(&mut self, t: usize, update: &Update) -> bool {
+    fn write_item(&mut self, t: TableId, update: &Update) -> bool {
         let table = &mut self.tables[t];
         let (change, attributes) = match update {
             Update::ItemUpsert {
@@ -253,7 +279,7 @@ impl State {
         | Update::ItemAttributes { item_id, .. }
         | Update::ItemDelete { item_id, .. } = update
         {
-            let name = &self.names[t];
+            let name = &self.names[t.get()];
             self.written
                 .entry(name.clone())
                 .or_default()
@@ -337,7 +363,7 @@ impl State {
         if w.catalogue.is_some() || self.by_name.len() <= 1 {
             return self.write_item_request(w);
         }
-        let tables: Vec<usize> = self
+        let tables: Vec<TableId> = self
             .catalogues()
             .into_iter()
             .map(|(_, t)| t)
@@ -360,8 +386,8 @@ impl State {
         last
     }
 
-    fn write_item_at(&mut self, t: usize, w: ItemWrite) -> Result<ItemSummary, ServeError> {
-        let catalogue = self.names[t].clone();
+    fn write_item_at(&mut self, t: TableId, w: ItemWrite) -> Result<ItemSummary, ServeError> {
+        let catalogue = self.names[t.get()].clone();
         let table = &self.tables[t];
         let stored = table.version_of(w.item_id);
         let version = match w.version {
@@ -618,7 +644,7 @@ impl State {
     }
 
     /// Rows written since the last call, per table, for the backend's mirror.
-    pub fn take_changed_rows(&mut self) -> BTreeMap<usize, Vec<u32>> {
+    pub fn take_changed_rows(&mut self) -> BTreeMap<TableId, Vec<u32>> {
         let mut m = std::mem::take(&mut self.changed_rows);
         m.values_mut().for_each(|rows| {
             rows.sort_unstable();
@@ -658,7 +684,7 @@ impl State {
                 // Written before catalogues had names, when a write reached
                 // every table of its dimension: restored the same way.
                 None => {
-                    let tables: Vec<usize> = self
+                    let tables: Vec<TableId> = self
                         .by_name
                         .values()
                         .copied()
@@ -673,7 +699,7 @@ impl State {
                     }
                     for t in tables {
                         restore_into(&mut self.tables[t], it);
-                        let name = self.names[t].clone();
+                        let name = self.names[t.get()].clone();
                         self.written.entry(name).or_default().insert(it.id);
                     }
                 }

@@ -18,7 +18,7 @@ use rankd::internals::cuda::plan::{PackedTopk, TopkPlan};
 use rankd::internals::cuda::tables::{Buf, DeviceTable};
 use rankd::internals::cuda::{ops, plan, CudaBackend, ItemDtype};
 use rankd::internals::Rng;
-use rankd::internals::{Backend, Output, Query, Scored, Task};
+use rankd::internals::{Backend, ModelId, Output, Query, Scored, TableId, Task};
 use rankd::internals::{ItemTable, Weights, RANKER, TWO_TOWER};
 
 const S: &str = "(a) kernels";
@@ -166,8 +166,8 @@ fn host_only(report: &mut Report, inp: &Inputs) -> anyhow::Result<()> {
     for dtype in ItemDtype::ALL {
         let t = Instant::now();
         let items_q = quantized(&inp.items, dtype);
-        cpu.run(0, &items_q, &queries(&inp.tt_queries))?;
-        cpu.run(1, &items_q, &queries(&inp.rk_queries))?;
+        cpu.run(CPU_TWO_TOWER, &items_q, &queries(&inp.tt_queries))?;
+        cpu.run(CPU_RANKER, &items_q, &queries(&inp.rk_queries))?;
         let ms = t.elapsed().as_millis();
         for check in [
             "embedding bag",
@@ -204,18 +204,20 @@ fn gpu_checks(
     dtype: ItemDtype,
 ) -> anyhow::Result<()> {
     let name = dtype.name();
+    // Ids of this dtype's tables and models on the device.
     let base = 10 * dtype.index();
-    let (t_items, t_ties, t_scatter) = (base, base + 1, base + 2);
+    let [t_items, t_ties, t_scatter] = [0, 1, 2].map(|i| TableId::new(base + i));
+    let models = (ModelId::new(base), ModelId::new(base + 1));
     b.load_table(t_items, &inp.items, dtype)?;
     b.load_table(t_ties, &inp.ties, dtype)?;
     b.load(
-        base,
+        models.0,
         desc(TWO_TOWER),
         t_items,
         &Weights::new(inp.two_tower.clone()),
     )?;
     b.load(
-        base + 1,
+        models.1,
         desc(RANKER),
         t_items,
         &Weights::new(inp.ranker.clone()),
@@ -427,7 +429,7 @@ fn gpu_checks(
     )?;
 
     scatter_check(report, b, inp, dtype, t_scatter)?;
-    batch_checks(report, b, inp, dtype, base, &items_q)?;
+    batch_checks(report, b, inp, dtype, models, &items_q)?;
     Ok(())
 }
 
@@ -439,7 +441,7 @@ fn scatter_check(
     b: &mut CudaBackend,
     inp: &Inputs,
     dtype: ItemDtype,
-    id: usize,
+    id: TableId,
 ) -> anyhow::Result<()> {
     let mut rng = Rng::new(inp.items.rows() as u64 ^ dtype.index() as u64);
     let mut host = inp.items.clone();
@@ -537,25 +539,26 @@ fn scatter_check(
     Ok(())
 }
 
-/// Whole batches through `Backend::run` against the CPU backend: on the
-/// rounded table (the kernels' agreement), and for 16-bit dtypes on the f32
-/// original (what the dtype costs, against the documented tolerance).
+/// Whole batches of the device's two-tower and ranker models through
+/// `Backend::run` against the CPU backend: on the rounded table (the
+/// kernels' agreement), and for 16-bit dtypes on the f32 original (what the
+/// dtype costs, against the documented tolerance).
 fn batch_checks(
     report: &mut Report,
     b: &mut CudaBackend,
     inp: &Inputs,
     dtype: ItemDtype,
-    base: usize,
+    (tt_model, rk_model): (ModelId, ModelId),
     items_q: &ItemTable,
 ) -> anyhow::Result<()> {
     let name = dtype.name();
     let mut cpu = cpu_backend(inp)?;
     let tt = queries(&inp.tt_queries);
     let rk = queries(&inp.rk_queries);
-    let got_tt = b.run(base, &inp.items, &tt)?;
-    let got_rk = b.run(base + 1, &inp.items, &rk)?;
-    let want_tt = cpu.run(0, items_q, &tt)?;
-    let want_rk = cpu.run(1, items_q, &rk)?;
+    let got_tt = b.run(tt_model, &inp.items, &tt)?;
+    let got_rk = b.run(rk_model, &inp.items, &rk)?;
+    let want_tt = cpu.run(CPU_TWO_TOWER, items_q, &tt)?;
+    let want_rk = cpu.run(CPU_RANKER, items_q, &rk)?;
     let (lists_g, scores_g) = split(&got_tt);
     let (lists_c, scores_c) = split(&want_tt);
     judge_topk(
@@ -585,7 +588,7 @@ fn batch_checks(
         1e-4,
     );
     if dtype != ItemDtype::F32 {
-        let orig = cpu.run(0, &inp.items, &tt)?;
+        let orig = cpu.run(CPU_TWO_TOWER, &inp.items, &tt)?;
         let (_, c) = split(&orig);
         let want: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
         let tol = if dtype == ItemDtype::F16 { 1e-3 } else { 1e-2 };

@@ -7,7 +7,7 @@
 use rankd::internals::cuda::ItemDtype;
 use rankd::internals::Rng;
 use rankd::internals::{cpu, CpuBackend};
-use rankd::internals::{Backend, ModelDesc, Query, Scored, Task};
+use rankd::internals::{Backend, ModelDesc, ModelId, Query, Scored, TableId, Task};
 use rankd::internals::{ItemTable, Layer, ModelKind, TowerWeights, Weights, RANKER, TWO_TOWER};
 
 pub(super) const N: usize = 300_000;
@@ -265,10 +265,26 @@ pub(super) fn desc(kind: ModelKind) -> ModelDesc {
     }
 }
 
+/// The models of [`cpu_backend`], and the table they read.
+pub(super) const CPU_TWO_TOWER: ModelId = ModelId::new(0);
+pub(super) const CPU_RANKER: ModelId = ModelId::new(1);
+const CPU_TABLE: TableId = TableId::new(0);
+
 pub(super) fn cpu_backend(inp: &Inputs) -> anyhow::Result<CpuBackend> {
     let mut cpu = CpuBackend::new();
-    cpu.load(0, desc(TWO_TOWER), 0, &Weights::new(inp.two_tower.clone()))?;
-    cpu.load(1, desc(RANKER), 0, &Weights::new(inp.ranker.clone()))?;
+    let (tt, rk) = (&inp.two_tower, &inp.ranker);
+    cpu.load(
+        CPU_TWO_TOWER,
+        desc(TWO_TOWER),
+        CPU_TABLE,
+        &Weights::new(tt.clone()),
+    )?;
+    cpu.load(
+        CPU_RANKER,
+        desc(RANKER),
+        CPU_TABLE,
+        &Weights::new(rk.clone()),
+    )?;
     Ok(cpu)
 }
 

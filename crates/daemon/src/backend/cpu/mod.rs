@@ -117,7 +117,7 @@ impl Backend for CpuBackend {
         let forward = (desc.kind.cpu())(desc, weights)?;
         if desc.cpu_scoring == CpuScoring::ExactInt8 && forward.retrieves() {
             tracing::info!(
-                model = id,
+                model = id.get(),
                 "top-k through the int8 copy of the item table (cpu_scoring = exact-int8)"
             );
         }
@@ -324,6 +324,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const M0: ModelId = ModelId::new(0);
+    const M1: ModelId = ModelId::new(1);
+    const T0: TableId = TableId::new(0);
     use crate::backend::Scored;
     use crate::backend::Task;
     use crate::model::demo::Rng;
@@ -364,13 +368,18 @@ mod tests {
                 bounds: Default::default(),
                 cpu_scoring: Default::default(),
             };
-            cpu.load(id, desc, 0, &Weights::new(tower(&mut rng, &[i, 16, o])))
-                .unwrap();
+            cpu.load(
+                ModelId::new(id),
+                desc,
+                T0,
+                &Weights::new(tower(&mut rng, &[i, 16, o])),
+            )
+            .unwrap();
         }
         let rows = vec![0u32; 4];
         let out = cpu
             .run(
-                0,
+                M0,
                 &items,
                 &TWO_TOWER.warm_batch(&crate::model::kind::test_spec("two_tower"), 4, &rows),
             )
@@ -381,7 +390,7 @@ mod tests {
             .all(|o| matches!(o, Output::TopK(l) if l.len() == 10)));
         let out = cpu
             .run(
-                1,
+                M1,
                 &items,
                 &RANKER.warm_batch(&crate::model::kind::test_spec("ranker"), 4, &rows),
             )
@@ -405,7 +414,7 @@ mod tests {
                 filter: None,
             },
         }];
-        let e = cpu.run(1, &items, &topk).unwrap_err();
+        let e = cpu.run(M1, &items, &topk).unwrap_err();
         assert_eq!(e.reason, Reason::Other);
         assert!(e.message.contains("cannot answer recommend"), "{e}");
     }
@@ -427,7 +436,7 @@ mod tests {
         let mut cpu = CpuBackend::new();
         let (i, o) = TWO_TOWER.tower_dims(d, fd);
         let weights = Weights::new(tower(&mut rng, &[i, 32, o]));
-        for (id, cpu_scoring) in [(0, CpuScoring::F32), (1, CpuScoring::ExactInt8)] {
+        for (id, cpu_scoring) in [(M0, CpuScoring::F32), (M1, CpuScoring::ExactInt8)] {
             let desc = ModelDesc {
                 kind: TWO_TOWER,
                 dim: d,
@@ -435,7 +444,7 @@ mod tests {
                 bounds: Default::default(),
                 cpu_scoring,
             };
-            cpu.load(id, desc, 0, &weights).unwrap();
+            cpu.load(id, desc, T0, &weights).unwrap();
         }
         let histories: Vec<Vec<u32>> = (0..40)
             .map(|_| {
@@ -485,8 +494,8 @@ mod tests {
                         },
                     })
                     .collect();
-                let want = bits(cpu.run(0, &items, &queries).unwrap());
-                let got = bits(cpu.run(1, &items, &queries).unwrap());
+                let want = bits(cpu.run(M0, &items, &queries).unwrap());
+                let got = bits(cpu.run(M1, &items, &queries).unwrap());
                 assert_eq!(got, want, "round {round}, batch {b}");
             }
             // Rewrite a quarter of the rows and append some: the int8 copy

@@ -423,7 +423,7 @@ impl Backend for CudaBackend {
         let t = DeviceTable::upload(&self.gpu.stream, items, dtype).map_err(|e| self.fail(e))?;
         tracing::info!(
             device = %self.device,
-            table,
+            table = table.get(),
             rows = t.rows,
             dtype = t.dtype.name(),
             mib = (t.cap * t.row_bytes()) >> 20,

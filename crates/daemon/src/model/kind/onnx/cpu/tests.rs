@@ -9,9 +9,13 @@ use serde_json::Value;
 use super::*;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Scored;
-use crate::backend::{Backend, ModelDesc};
+use crate::backend::{Backend, ModelDesc, ModelId, TableId};
 use crate::model::kind::onnx::EngineKind;
 use crate::model::ModelSpec;
+
+/// The one model each test loads, and its table.
+const MODEL: ModelId = ModelId::new(0);
+const TABLE: TableId = TableId::new(0);
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/onnx")
@@ -52,7 +56,7 @@ fn load(name: &str, engine: EngineKind) -> (CpuBackend, ModelSpec) {
         cpu_scoring: spec.cpu_scoring,
     };
     let mut cpu = CpuBackend::new();
-    cpu.load(0, desc, 0, &weights).unwrap();
+    cpu.load(MODEL, desc, TABLE, &weights).unwrap();
     (cpu, spec)
 }
 
@@ -196,10 +200,10 @@ fn exported_towers_answer_as_pytorch() {
                     .iter()
                     .flat_map(|u| [query(u, true), query(u, false)])
                     .collect();
-                let whole = cpu.run(0, &items, &batch).unwrap();
+                let whole = cpu.run(MODEL, &items, &batch).unwrap();
                 for (i, (u, a)) in us.iter().zip(&answers).enumerate() {
                     let alone = cpu
-                        .run(0, &items, &[query(u, true), query(u, false)])
+                        .run(MODEL, &items, &[query(u, true), query(u, false)])
                         .unwrap();
                     let want = &a[key];
                     for out in [&whole[2 * i..2 * i + 2], &alone[..]] {
@@ -251,10 +255,10 @@ fn exported_rankers_answer_as_pytorch() {
             let us = users(&e, &items, spec.history_len);
             let query = ranker_query;
             let batch: Vec<Query<'_>> = us.iter().map(query).collect();
-            let whole = cpu.run(0, &items, &batch).unwrap();
+            let whole = cpu.run(MODEL, &items, &batch).unwrap();
             for (i, (u, a)) in us.iter().zip(e["users"].as_array().unwrap()).enumerate() {
                 let want = floats(&a["dcn"]["probabilities"]).unwrap();
-                let alone = cpu.run(0, &items, &[query(u)]).unwrap();
+                let alone = cpu.run(MODEL, &items, &[query(u)]).unwrap();
                 for out in [&whole[i], &alone[0]] {
                     let Output::Scores(got) = out else {
                         panic!("{out:?}")
