@@ -1,7 +1,7 @@
 //! Prometheus metrics, one registry per daemon (several daemons can live in one
-//! test process). All names start with `rankd_`. Every series is registered
-//! in every build, so the exposition is the same; the Kafka and GPU ones are
-//! only ever set by a rankd built with `kafka` or `cuda`.
+//! test process). All names start with `rankd_`. The Kafka ingestion and GPU
+//! series exist only in a rankd built with `kafka` or `cuda` (both default
+//! features), the only builds that can set them.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -48,41 +48,41 @@ pub struct Metrics {
     /// Socket connections closed for a protocol error, by reason.
     pub uds_errors: IntCounterVec,
     /// 1 while a Kafka broker is reachable.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    #[cfg(feature = "kafka")]
     pub kafka_connected: prometheus::IntGauge,
     /// Updates applied from Kafka, by topic.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    #[cfg(feature = "kafka")]
     pub ingest_applied: IntCounterVec,
     /// Invalid update messages skipped, by reason.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    #[cfg(feature = "kafka")]
     pub ingest_rejected: IntCounterVec,
     /// Valid messages rankd does not act on, by reason.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    #[cfg(feature = "kafka")]
     pub ingest_ignored: IntCounterVec,
     /// Updates ignored because a newer version was stored.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    #[cfg(feature = "kafka")]
     pub ingest_stale: prometheus::IntCounter,
     /// Messages per applied update batch.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    #[cfg(feature = "kafka")]
     pub ingest_batch_messages: prometheus::Histogram,
     /// Consumer lag per topic-partition (end offset − applied offset).
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    #[cfg(feature = "kafka")]
     pub ingest_lag: IntGaugeVec,
     /// How old an update is once applied, by `stage`: `end_to_end` from
     /// the message's timestamp, `rankd` from the consumer's fetch (rankd's
     /// own share: batching, decoding, applying).
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    #[cfg(feature = "kafka")]
     pub ingest_freshness: HistogramVec,
     /// GPU telemetry from NVML, by device.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[cfg(feature = "cuda")]
     pub gpu_utilization: prometheus::GaugeVec,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[cfg(feature = "cuda")]
     pub gpu_memory_used: IntGaugeVec,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[cfg(feature = "cuda")]
     pub gpu_memory_total: IntGaugeVec,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[cfg(feature = "cuda")]
     pub gpu_temperature: prometheus::GaugeVec,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[cfg(feature = "cuda")]
     pub gpu_power: prometheus::GaugeVec,
     /// Batches re-executed on the CPU after a device error, by reason.
     pub fallbacks: IntCounterVec,
@@ -275,6 +275,7 @@ impl Metrics {
                 "Socket connections closed for a protocol error, by reason.",
                 &["reason"],
             ),
+            #[cfg(feature = "kafka")]
             kafka_connected: {
                 let g = prometheus::IntGauge::new(
                     "rankd_kafka_connected",
@@ -286,21 +287,25 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
+            #[cfg(feature = "kafka")]
             ingest_applied: counter(
                 "rankd_ingest_updates_applied_total",
                 "Updates applied from Kafka, by topic.",
                 &["topic"],
             ),
+            #[cfg(feature = "kafka")]
             ingest_rejected: counter(
                 "rankd_ingest_rejected_total",
                 "Invalid update messages skipped, by reason.",
                 &["reason"],
             ),
+            #[cfg(feature = "kafka")]
             ingest_ignored: counter(
                 "rankd_ingest_ignored_total",
                 "Valid update messages rankd does not act on, by reason.",
                 &["reason"],
             ),
+            #[cfg(feature = "kafka")]
             ingest_stale: {
                 let c = prometheus::IntCounter::new(
                     "rankd_ingest_stale_total",
@@ -312,6 +317,7 @@ impl Metrics {
                     .expect("unique metric");
                 c
             },
+            #[cfg(feature = "kafka")]
             ingest_batch_messages: {
                 let h = prometheus::Histogram::with_opts(
                     HistogramOpts::new(
@@ -326,11 +332,13 @@ impl Metrics {
                     .expect("unique metric");
                 h
             },
+            #[cfg(feature = "kafka")]
             ingest_lag: gauge(
                 "rankd_ingest_lag",
                 "Consumer lag per topic-partition: end offset minus applied offset.",
                 &["topic", "partition"],
             ),
+            #[cfg(feature = "kafka")]
             ingest_freshness: {
                 let h = HistogramVec::new(
                     HistogramOpts::new(
@@ -352,6 +360,7 @@ impl Metrics {
                     .expect("unique metric");
                 h
             },
+            #[cfg(feature = "cuda")]
             gpu_utilization: {
                 let g = prometheus::GaugeVec::new(
                     Opts::new(
@@ -366,16 +375,19 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
+            #[cfg(feature = "cuda")]
             gpu_memory_used: gauge(
                 "rankd_gpu_memory_used_bytes",
                 "GPU memory in use (NVML).",
                 &["device"],
             ),
+            #[cfg(feature = "cuda")]
             gpu_memory_total: gauge(
                 "rankd_gpu_memory_total_bytes",
                 "GPU memory in all (NVML).",
                 &["device"],
             ),
+            #[cfg(feature = "cuda")]
             gpu_temperature: {
                 let g = prometheus::GaugeVec::new(
                     Opts::new("rankd_gpu_temperature_celsius", "GPU temperature (NVML)."),
@@ -387,6 +399,7 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
+            #[cfg(feature = "cuda")]
             gpu_power: {
                 let g = prometheus::GaugeVec::new(
                     Opts::new("rankd_gpu_power_watts", "GPU power draw (NVML)."),

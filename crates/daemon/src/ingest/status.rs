@@ -42,7 +42,7 @@ impl IngestStatus {
 }
 
 /// The consumer's side.
-#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+#[cfg(feature = "kafka")]
 impl IngestStatus {
     pub(super) fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
