@@ -60,13 +60,14 @@ impl Isa {
     /// -- --crossover` times the three at every batch size up to 16
     /// (benches/RESULTS.md, "The scan's kernel by batch size").
     pub fn kernel(self, b: usize) -> Kernel {
-        // (largest batch of Dots, largest of FourRows): on x86 the blocked
-        // kernel is the faster from batch 3, even with most of its lanes
-        // idle; the portable build's horizontal sums are dear enough for
-        // FourRows to pay from batch 2.
+        // (largest batch of Dots, largest of FourRows): four rows pay once
+        // a row meets several queries, until the blocked kernel's panels
+        // are full enough; the portable build's four-row tiles are slower
+        // than its dot products.
         let (dots, four_rows) = match self {
-            Isa::Avx512 | Isa::Avx2Fma => (2, 2),
-            Isa::Portable => (1, 6),
+            Isa::Avx512 => (1, 8),
+            Isa::Avx2Fma => (1, 4),
+            Isa::Portable => (6, 6),
         };
         if b <= dots {
             Kernel::Dots
@@ -317,7 +318,7 @@ impl Job<'_> {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => unsafe { x86::scan_avx2(self, scan, rows) },
             // SAFETY: as above; portable code needs no CPU feature.
-            _ => unsafe { scan_rows::<Portable, 4, 8>(self, scan, rows) },
+            _ => unsafe { scan_rows::<Portable, 4, 8, 2>(self, scan, rows) },
         }
     }
 }
@@ -418,7 +419,7 @@ trait Simd {
 /// kernel with `MR`-row tiles of two-vector panels, or `MR1`-row tiles when
 /// one vector holds the batch.
 #[inline(always)]
-unsafe fn scan_rows<S: Simd, const MR: usize, const MR1: usize>(
+unsafe fn scan_rows<S: Simd, const MR: usize, const MR1: usize, const PER: usize>(
     job: &Job,
     scan: &mut Scan,
     rows: Range<usize>,
@@ -428,7 +429,7 @@ unsafe fn scan_rows<S: Simd, const MR: usize, const MR1: usize>(
     // packed padded·d; bar and bar_id hold padded entries.
     unsafe {
         if job.packed.is_empty() && job.four_rows && job.d.is_multiple_of(S::W) {
-            four_rows::<S>(job, scan, rows)
+            four_rows::<S, PER>(job, scan, rows)
         } else if job.packed.is_empty() {
             row_by_row::<S>(job, scan, rows)
         } else if job.nr == S::W {
@@ -480,55 +481,61 @@ unsafe fn row_by_row<S: Simd>(job: &Job, scan: &mut Scan, rows: Range<usize>) {
 /// bars in one comparison. For batches the blocked kernel's panels would
 /// leave mostly empty; `d` a multiple of W.
 #[inline(always)]
-unsafe fn four_rows<S: Simd>(job: &Job, scan: &mut Scan, rows: Range<usize>) {
+unsafe fn four_rows<S: Simd, const PER: usize>(job: &Job, scan: &mut Scan, rows: Range<usize>) {
     let (d, b, w) = (job.d, job.specs.len(), S::W);
-    let per = w / 4;
-    let groups = b.div_ceil(per);
-    let (emb, qs) = (job.emb.as_ptr(), job.qs.as_ptr());
+    debug_assert_eq!(4 * PER, w);
+    let groups = b.div_ceil(PER);
+    let emb = job.emb.as_ptr();
+    // The last group's missing queries read zeros.
+    let zeros = vec![0f32; d];
+    let query = |i: usize| {
+        if i < b {
+            // SAFETY: qs holds b·d values.
+            unsafe { job.qs.as_ptr().add(i * d) }
+        } else {
+            zeros.as_ptr()
+        }
+    };
     // Each group's bars as its tile lays them out: lane 4·j + r holds query
     // j's bar (NaN past the last query: nothing clears it).
     let lay = |scan: &Scan, g: usize| -> [f32; 16] {
         let mut l = [f32::NAN; 16];
-        for j in 0..per {
-            if let Some(&bar) = scan.bar.get(g * per + j).filter(|_| g * per + j < b) {
-                l[4 * j..4 * j + 4].fill(bar);
+        for j in 0..PER {
+            if g * PER + j < b {
+                l[4 * j..4 * j + 4].fill(scan.bar[g * PER + j]);
             }
         }
         l
     };
     let mut bars: Vec<[f32; 16]> = (0..groups).map(|g| lay(scan, g)).collect();
-    let zero = [0f32; 16];
     let mut row = rows.start;
     while row + 4 <= rows.end {
         for g in 0..groups {
+            let q: [*const f32; PER] = std::array::from_fn(|j| query(g * PER + j));
             // SAFETY: see `scan_rows`; rows row..row + 4 are in the table,
-            // queries past the batch read zeros.
+            // every query pointer holds d values.
             unsafe {
-                let q: [*const f32; 4] = std::array::from_fn(|j| {
-                    let i = g * per + j;
-                    if j < per && i < b {
-                        qs.add(i * d)
-                    } else {
-                        zero.as_ptr()
-                    }
-                });
-                let mut acc = [S::zero(); 16];
-                for t in (0..d).step_by(w) {
-                    let qv: [S::V; 4] = std::array::from_fn(|j| {
-                        S::load(if q[j] == zero.as_ptr() {
-                            q[j]
-                        } else {
-                            q[j].add(t)
-                        })
-                    });
-                    for r in 0..4 {
-                        let x = S::load(emb.add((row + r) * d + t));
-                        for j in 0..per {
-                            acc[r * per + j] = S::fma(x, qv[j], acc[r * per + j]);
+                let e = emb.add(row * d);
+                let mut acc = [[S::zero(); PER]; 4];
+                let mut t = 0;
+                while t < d {
+                    let qv: [S::V; PER] = std::array::from_fn(|j| S::load(q[j].add(t)));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = S::load(e.add(r * d + t));
+                        for j in 0..PER {
+                            acc[j] = S::fma(x, qv[j], acc[j]);
                         }
                     }
+                    t += w;
                 }
-                let sums = S::hsums(acc.as_ptr());
+                let flat: [S::V; 16] = std::array::from_fn(|i| {
+                    if i < 4 * PER {
+                        acc[i / PER][i % PER]
+                    } else {
+                        S::zero()
+                    }
+                });
+                let sums = S::hsums(flat.as_ptr());
                 let mut hits = S::ge(sums, S::load(bars[g].as_ptr()));
                 if hits == 0 {
                     continue;
@@ -538,7 +545,7 @@ unsafe fn four_rows<S: Simd>(job: &Job, scan: &mut Scan, rows: Range<usize>) {
                 while hits != 0 {
                     let l = hits.trailing_zeros() as usize;
                     hits &= hits - 1;
-                    let (qi, r) = (g * per + l / 4, l % 4);
+                    let (qi, r) = (g * PER + l / 4, l % 4);
                     // The bar may have risen since the mask.
                     if scan.clears(qi, row + r, lanes[l]) {
                         scan.enter(qi, row + r, lanes[l]);
@@ -735,7 +742,7 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scan_avx512(job: &Job, scan: &mut Scan, rows: Range<usize>) {
         // SAFETY: forwarded from the caller.
-        unsafe { scan_rows::<Avx512, 12, 24>(job, scan, rows) }
+        unsafe { scan_rows::<Avx512, 12, 24, 4>(job, scan, rows) }
     }
 
     /// 6-row tiles: 12 accumulators, two panel vectors and a broadcast in
@@ -743,7 +750,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scan_avx2(job: &Job, scan: &mut Scan, rows: Range<usize>) {
         // SAFETY: forwarded from the caller.
-        unsafe { scan_rows::<Avx2Fma, 6, 12>(job, scan, rows) }
+        unsafe { scan_rows::<Avx2Fma, 6, 12, 2>(job, scan, rows) }
     }
 
     struct Avx512;
