@@ -201,7 +201,8 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         )),
         None => None,
     };
-    let selected = crate::backend::device::select(&config.exec.device, &metrics)
+    let stops = Stops::new();
+    let selected = crate::backend::device::select(&config.exec.device, &metrics, stops.part())
         .map_err(anyhow::Error::msg)?;
     registry.set_device_reason(selected.reason);
     startup.snapshot = snapshot;
@@ -236,7 +237,6 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             .transpose()?
             .map(Arc::new),
     };
-    let stops = Stops::new();
     let service = Arc::new(api::Service::new(
         exec.clone(),
         metrics.clone(),

@@ -1,11 +1,12 @@
 //! How each part of a running daemon learns that it must stop: one tree of
 //! cancellation tokens. The daemon holds the root; every part that runs on
 //! its own (the HTTP and socket listeners, the repository polls, streaming
-//! calls, Kafka ingestion, the popularity and snapshot threads) holds a
-//! child, and `Daemon::shutdown` cancels them in its order: draining, then
-//! accepting, the cut of the streaming calls, ingestion, the popularity
-//! counts and the snapshots, and last the root, which also stops whatever a
-//! daemon dropped without a shutdown left running.
+//! calls, Kafka ingestion, the popularity, snapshot and GPU telemetry
+//! threads) holds a child, and `Daemon::shutdown` cancels them in its
+//! order: draining, then accepting, the cut of the streaming calls,
+//! ingestion, the popularity counts and the snapshots, and last the root,
+//! which also stops the GPU telemetry and whatever a daemon dropped without
+//! a shutdown left running.
 //!
 //! Async parts wait on `cancelled()`; a thread checks `is_cancelled()` where
 //! it would poll, or sleeps on `Wake::sleep`, which a cancellation ends at

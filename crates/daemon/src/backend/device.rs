@@ -8,6 +8,7 @@ use super::cpu::CpuBackend;
 use super::fallback::{faulty, system_clock, Fallback};
 use super::Backend;
 use crate::metrics::Metrics;
+use crate::shutdown::CancellationToken;
 
 #[cfg(feature = "cuda")]
 pub use super::cuda::error::OpenError;
@@ -38,14 +39,22 @@ pub struct Selected {
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(ordinal: usize, metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, OpenError> {
+fn open_cuda(
+    ordinal: usize,
+    metrics: &Arc<Metrics>,
+    stop: CancellationToken,
+) -> Result<Box<dyn Backend>, OpenError> {
     let backend = super::cuda::CudaBackend::new(ordinal)?;
-    super::cuda::telemetry::start(ordinal, metrics.clone());
+    super::cuda::telemetry::start(ordinal, metrics.clone(), stop);
     Ok(Box::new(backend))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_ordinal: usize, _metrics: &Arc<Metrics>) -> Result<Box<dyn Backend>, OpenError> {
+fn open_cuda(
+    _ordinal: usize,
+    _metrics: &Arc<Metrics>,
+    _stop: CancellationToken,
+) -> Result<Box<dyn Backend>, OpenError> {
     Err(OpenError::NotBuilt)
 }
 
@@ -61,8 +70,13 @@ fn cpu(reason: String) -> Selected {
 /// (that GPU, else CPU with a warning), or `faulty-cpu[:N]`: a CPU backend
 /// behind the fallback that fails every Nth batch (default 3) and has no
 /// forward pass for sasrec models (a kind the device lacks), to exercise and
-/// alert on the fallback paths without a GPU.
-pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, DeviceSpecError> {
+/// alert on the fallback paths without a GPU. `stop` ends what a GPU backend
+/// runs beside it (its NVML telemetry thread).
+pub fn select(
+    spec: &str,
+    metrics: &Arc<Metrics>,
+    stop: CancellationToken,
+) -> Result<Selected, DeviceSpecError> {
     let wrap = |b: Box<dyn Backend>| -> Box<dyn Backend> {
         Box::new(Fallback::new(b, Some(metrics.clone()), system_clock()))
     };
@@ -103,7 +117,7 @@ pub fn select(spec: &str, metrics: &Arc<Metrics>) -> Result<Selected, DeviceSpec
             _ => return Err(DeviceSpecError::Unknown(spec.to_string())),
         },
     };
-    match open_cuda(ordinal, metrics) {
+    match open_cuda(ordinal, metrics, stop) {
         Ok(b) => {
             tracing::info!(device = %b.device(), "serving on the GPU, with the CPU as fallback");
             Ok(Selected {
@@ -120,7 +134,7 @@ mod tests {
     use super::*;
 
     fn refused(spec: &str) -> DeviceSpecError {
-        select(spec, &Arc::new(Metrics::new()))
+        select(spec, &Arc::new(Metrics::new()), CancellationToken::new())
             .err()
             .expect("refused")
     }
@@ -143,7 +157,7 @@ mod tests {
             refused("faulty-cpux").to_string(),
             "unknown device 'faulty-cpux'"
         );
-        let cpu = select(" cpu ", &Arc::new(Metrics::new())).unwrap();
+        let cpu = select(" cpu ", &Arc::new(Metrics::new()), CancellationToken::new()).unwrap();
         assert_eq!(cpu.backend.device(), "cpu");
         assert_eq!(cpu.reason.as_deref(), Some("--device cpu"));
     }

@@ -1,6 +1,7 @@
 //! GPU telemetry: a thread samples NVML once a second into the `rankd_gpu_*`
-//! gauges, labelled `cuda:N`. NVML (libnvidia-ml) is loaded at run time; on
-//! a host without it `start` returns `None` and logs at debug level only.
+//! gauges, labelled `cuda:N`, until the daemon stops it. NVML (libnvidia-ml)
+//! is loaded at run time; on a host without it `start` returns `None` and
+//! logs at debug level only.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,6 +11,7 @@ use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::{Device, Nvml};
 
 use crate::metrics::Metrics;
+use crate::shutdown::{CancellationToken, Wake};
 
 const PERIOD: Duration = Duration::from_secs(1);
 
@@ -115,10 +117,14 @@ fn init_nvml() -> Result<Nvml, nvml_wrapper::error::NvmlError> {
     })
 }
 
-/// Starts sampling device `ordinal` into `metrics`, or returns `None` when
-/// NVML or the device is not there. The thread ends once it holds the last
-/// reference to `metrics`.
-pub fn start(ordinal: usize, metrics: Arc<Metrics>) -> Option<JoinHandle<()>> {
+/// Starts sampling device `ordinal` into `metrics` until `stop` is
+/// cancelled, or returns `None` when NVML or the device is not there. Called
+/// on the daemon's runtime, which wakes the thread when `stop` is.
+pub fn start(
+    ordinal: usize,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> Option<JoinHandle<()>> {
     let nvml = match init_nvml() {
         Ok(n) => n,
         Err(e) => {
@@ -137,13 +143,16 @@ pub fn start(ordinal: usize, metrics: Arc<Metrics>) -> Option<JoinHandle<()>> {
         return None;
     }
     let label = format!("cuda:{ordinal}");
+    let wake = Wake::new(stop);
     std::thread::Builder::new()
         .name(format!("rankd-nvml-{ordinal}"))
         .spawn(move || {
             let Ok(dev) = open(&nvml, &which) else { return };
-            while Arc::strong_count(&metrics) > 1 {
+            loop {
                 sample(&dev, &metrics, &label);
-                std::thread::sleep(PERIOD);
+                if wake.sleep(PERIOD) {
+                    break;
+                }
             }
         })
         .map_err(|e| tracing::warn!(error = %e, "GPU telemetry thread not started"))
@@ -168,24 +177,29 @@ mod tests {
         assert_eq!(nvml_device_for(2, Some("0")), NvmlDevice::Index(2));
     }
 
-    #[test]
-    fn start_samples_when_nvml_is_there_and_returns_none_when_not() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn start_samples_when_nvml_is_there_and_returns_none_when_not() {
         let metrics = Arc::new(Metrics::new());
-        let handle = start(0, metrics.clone());
+        let stop = CancellationToken::new();
+        let handle = start(0, metrics.clone(), stop.clone());
         if init_nvml().is_err() {
             assert!(handle.is_none());
             return;
         }
         let handle = handle.expect("NVML present: telemetry starts");
-        std::thread::sleep(Duration::from_millis(1500));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let total = metrics
             .gpu_memory_total
             .with_label_values(&["cuda:0"])
             .get();
         assert!(total > 0, "memory total sampled: {total}");
-        drop(metrics);
+        // Stopped, it ends at once, not at the end of its period; the
+        // metrics are still held here.
+        let asked = std::time::Instant::now();
+        stop.cancel();
         handle
             .join()
-            .expect("the telemetry thread ends with the last metrics handle");
+            .expect("the telemetry thread ends when stopped");
+        assert!(asked.elapsed() < PERIOD / 2, "{:?}", asked.elapsed());
     }
 }
