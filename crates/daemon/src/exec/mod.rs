@@ -72,6 +72,32 @@ pub struct InferRequest {
     pub reply: Reply<Answer>,
 }
 
+#[cfg(test)]
+impl InferRequest {
+    /// An interactive one-row request for `op` on `resident`, queued now with
+    /// a second to run, and the receiver of its answer.
+    pub(crate) fn for_test(
+        resident: Arc<Resident>,
+        op: Op,
+    ) -> (
+        Self,
+        tokio::sync::oneshot::Receiver<Result<Answer, crate::error::ServeError>>,
+    ) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let now = Instant::now();
+        let req = Self {
+            resident,
+            op,
+            rows: 1,
+            class: Class::Interactive,
+            enqueued: now,
+            deadline: now + std::time::Duration::from_secs(1),
+            reply,
+        };
+        (req, rx)
+    }
+}
+
 /// A scoring answer and how it was made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {

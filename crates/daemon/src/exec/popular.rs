@@ -149,13 +149,11 @@ pub(super) fn answer(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
 
     use tokio::sync::oneshot;
 
     use super::*;
     use crate::backend::ModelId;
-    use crate::batch::Class;
     use crate::exec::{ModelIndex, Resident, UserUpdate};
     use crate::features::store::ItemWrite;
     use crate::features::UserDims;
@@ -180,18 +178,7 @@ mod tests {
     }
 
     fn request(resident: Arc<Resident>, op: Op) -> (InferRequest, Answered) {
-        let (reply, rx) = oneshot::channel();
-        let now = Instant::now();
-        let req = InferRequest {
-            resident,
-            op,
-            rows: 1,
-            class: Class::Interactive,
-            enqueued: now,
-            deadline: now + Duration::from_secs(1),
-            reply,
-        };
-        (req, rx)
+        InferRequest::for_test(resident, op)
     }
 
     fn recommend(user_id: u64, k: usize, exclude: Vec<u64>, context: Option<Vec<f32>>) -> Op {

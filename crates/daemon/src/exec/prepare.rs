@@ -158,13 +158,11 @@ fn prepare(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
 
     use tokio::sync::oneshot;
 
     use super::*;
     use crate::backend::ModelId;
-    use crate::batch::Class;
     use crate::exec::{ModelIndex, Resident};
     use crate::features::store::{State, UserUpdate};
     use crate::features::UserDims;
@@ -182,8 +180,6 @@ mod tests {
         InferRequest,
         oneshot::Receiver<Result<super::super::Answer, ServeError>>,
     ) {
-        let (reply, rx) = oneshot::channel();
-        let now = Instant::now();
         let resident = Arc::new(Resident {
             id: ModelId::new(0),
             model: ModelIndex::new(0),
@@ -193,16 +189,7 @@ mod tests {
             engine: None,
             catalogue: "videos".into(),
         });
-        let req = InferRequest {
-            resident,
-            op,
-            rows: 1,
-            class: Class::Interactive,
-            enqueued: now,
-            deadline: now + Duration::from_secs(1),
-            reply,
-        };
-        (req, rx)
+        InferRequest::for_test(resident, op)
     }
 
     #[test]
